@@ -1,0 +1,168 @@
+"""``LtriCache``: the transformers ``Cache`` that holds sinks, local windows and span memory per layer.
+
+The model's attention modules call ``cache.update(k, v, layer_idx)`` (both the transformers 5.17 and 5.24 call
+shapes are accepted); it returns the chunk's own K/V untouched. The real work happens in the attention function
+registered by :mod:`ltri_rag.hook`, which receives this cache through the ``ltri_cache`` keyword argument and calls
+:meth:`LtriCache.attend`. The engine brackets every forward pass with :meth:`begin_step` / :meth:`end_step`, so all
+layers follow one :class:`~ltri_rag.layer.StepPlan` (same sinks, same evictions, same pool slots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from ltri_rag.config import LtriConfig
+from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan
+from ltri_rag.pool import PagedKVPool
+from ltri_rag.rope import find_inv_freq
+
+__all__ = ["LtriCache", "layer_sliding_windows"]
+
+
+def layer_sliding_windows(model: nn.Module) -> list[int | None]:
+    """Per decoder layer: its sliding window (tokens), or None for a global-attention layer."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types[:num_layers]]
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return [window] * num_layers
+    return [None] * num_layers
+
+
+class _LayerSlot:
+    """What transformers' ``Cache`` helpers inspect on a layer."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, state: GlobalLayerState | SlidingLayerState) -> None:
+        self.state = state
+        self.is_sliding = isinstance(state, SlidingLayerState)
+
+
+class LtriCache(Cache):
+    """Streaming K/V state of one batch of sequences.
+
+    Args:
+        model: The Hugging Face causal LM (used for its layer layout and rotary frequencies).
+        config: Engine configuration (mode ``streaming``, ``infllm`` or ``ltri``).
+        batch_size: Number of sequences fed together.
+        device: Device of the model's activations (defaults to the model's).
+    """
+
+    def __init__(self, model: nn.Module, config: LtriConfig, batch_size: int = 1,
+                 device: torch.device | None = None) -> None:
+        if config.mode == "full":
+            raise ValueError("mode 'full' runs the unmodified model and needs no LtriCache")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.config = config
+        self.num_sequences = batch_size
+        device = device or next(model.parameters()).device
+        self.device = device
+        store_device = torch.device("cpu") if config.kv_offload else device
+        self.pool = (PagedKVPool(batch_size, config.page_size, store_device,
+                                 pin_memory=torch.cuda.is_available() and device.type == "cuda")
+                     if config.retrieves else None)
+        windows = layer_sliding_windows(model)
+        states: list[GlobalLayerState | SlidingLayerState] = []
+        for idx, window in enumerate(windows):
+            if window is not None:
+                states.append(SlidingLayerState(window))
+            else:
+                states.append(GlobalLayerState(idx, config, self.pool, find_inv_freq(model, idx).to(device),
+                                               batch_size))
+        super().__init__(layers=[_LayerSlot(s) for s in states])
+        self.states = states
+        self.seen_tokens = 0
+        self.num_sinks = 0
+        self.window_len = 0
+        self.plan: StepPlan | None = None
+
+    # --------------------------------------------------------------------------------------- transformers API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the chunk's K/V unchanged; :meth:`attend` consumes them."""
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens processed so far (the position of the next token)."""
+        return self.seen_tokens
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """Only the chunk itself is ever masked by transformers (the engine builds its own masks)."""
+        query = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
+        length = query if isinstance(query, int) else int(query.shape[0])
+        return length, 0
+
+    # ------------------------------------------------------------------------------------------- stepping
+    def begin_step(self, num_tokens: int) -> StepPlan:
+        """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer)."""
+        if self.plan is not None:
+            raise RuntimeError("begin_step called twice without end_step")
+        cfg = self.config
+        to_sinks = min(num_tokens, cfg.num_sink_tokens - self.num_sinks)
+        window = self.window_len + num_tokens - to_sinks
+        over = window - cfg.local_window
+        evict = 0
+        if over >= cfg.evict_stride or (over > 0 and num_tokens > 1):
+            evict = over if cfg.segmentation == "triangle" else (over // cfg.block_size) * cfg.block_size
+        first_slot = self.pool.reserve(evict) if (self.pool is not None and evict) else (
+            self.pool.num_slots[0] if self.pool is not None else 0)
+        self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=to_sinks, num_evict=evict,
+                             first_slot=first_slot)
+        return self.plan
+
+    def end_step(self) -> None:
+        """Commit the planned pass."""
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("end_step called without begin_step")
+        self.seen_tokens += plan.q_len
+        self.num_sinks += plan.num_to_sinks
+        self.window_len += plan.q_len - plan.num_to_sinks - plan.num_evict
+        self.plan = None
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+               scaling: float, softcap: float | None = None) -> torch.Tensor:
+        """Attention of one layer for the planned pass.
+
+        Args:
+            layer_idx: Decoder layer index.
+            query: ``[B, H, C, D]``.
+            key: ``[B, Hkv, C, D]``.
+            value: ``[B, Hkv, C, D]``.
+            scaling: Score multiplier.
+            softcap: Optional score soft-capping.
+
+        Returns:
+            ``[B, C, H, D]`` in the query's dtype (the layout transformers' attention functions return).
+        """
+        if self.plan is None:
+            raise RuntimeError("LtriCache.attend outside a step: drive the model through ltri_rag's engine")
+        if query.shape[0] != self.num_sequences or query.shape[2] != self.plan.q_len:
+            raise ValueError(f"query {tuple(query.shape)} does not match batch {self.num_sequences} / "
+                             f"step of {self.plan.q_len} tokens")
+        state = self.states[layer_idx]
+        if isinstance(state, SlidingLayerState):
+            out = state.attend(query, key, value, scaling=scaling, softcap=softcap)
+        else:
+            out = state.attend(query, key, value, self.plan, scaling=scaling, softcap=softcap)
+        return out.transpose(1, 2).to(query.dtype).contiguous()
+
+    # ------------------------------------------------------------------------------------------- reporting
+    def memory_tokens(self) -> int:
+        """Evicted tokens held in the pool per sequence."""
+        return self.pool.num_slots[0] if self.pool is not None else 0
+
+    def retrieved_tokens(self) -> int:
+        """Largest number of tokens any global layer retrieved at the last step."""
+        return max((s.last_selected_tokens for s in self.states if isinstance(s, GlobalLayerState)), default=0)

@@ -1,0 +1,180 @@
+"""One frozen configuration object for every mode of the engine.
+
+Modes:
+    ``full``       the unmodified Hugging Face model (the accuracy reference).
+    ``streaming``  StreamingLLM: sink tokens + a local window; evicted tokens are dropped.
+    ``infllm``     InfLLM: fixed blocks, a few representative keys each, top blocks per layer.
+    ``ltri``       Ltri-LLM: semantic spans cut on the model's own attention map (triangle score + NMS),
+                   dynamic index vectors, collaborative (voting) and persistent retrieval.
+
+Fields left at ``None`` take the mode's default when the config is built (see ``_MODE_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Mode = Literal["full", "streaming", "infllm", "ltri"]
+PositionScheme = Literal["fixed", "contiguous", "absolute"]
+Segmentation = Literal["triangle", "fixed"]
+IndexVectors = Literal["static", "dynamic"]
+RetrievalScope = Literal["shared", "per_kv_head"]
+
+_MODES = ("full", "streaming", "infllm", "ltri")
+_POSITION_SCHEMES = ("fixed", "contiguous", "absolute")
+_SEGMENTATIONS = ("triangle", "fixed")
+_INDEX_VECTORS = ("static", "dynamic")
+_SCOPES = ("shared", "per_kv_head")
+
+# Per-mode defaults for the fields declared ``None`` below.
+_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": dict(position_scheme="absolute", segmentation="fixed", index_vectors="static",
+                 voting=False, persistence=False),
+    "streaming": dict(position_scheme="contiguous", segmentation="fixed", index_vectors="static",
+                      voting=False, persistence=False),
+    "infllm": dict(position_scheme="fixed", segmentation="fixed", index_vectors="static",
+                   voting=False, persistence=False),
+    "ltri": dict(position_scheme="contiguous", segmentation="triangle", index_vectors="dynamic",
+                 voting=True, persistence=True),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LtriConfig:
+    """Configuration of the streaming long-context engine.
+
+    Attributes:
+        mode: Which attention scheme runs: ``full``, ``streaming``, ``infllm`` or ``ltri``.
+        num_sink_tokens: Tokens at the start of the stream that every query always sees (InfLLM: 128).
+        local_window: Most recent tokens each query sees with their true relative positions (InfLLM: 4096).
+        chunk_size: Tokens fed to the model per forward pass during prefill (InfLLM: 512).
+        budget: Tokens of retrieved spans each layer may load per chunk / decoded token (InfLLM: 16 x 128).
+        evict_stride: Window overflow (tokens) that triggers an eviction; the window is cut back to
+            ``local_window``. Keeps decode from cutting one-token spans.
+        page_size: Tokens per page of the paged K/V pool that holds evicted tokens.
+        kv_offload: Keep the paged K/V pool in (pinned) host memory instead of on the model's device.
+        segmentation: ``triangle`` (semantic spans, Ltri) or ``fixed`` (blocks of ``block_size``, InfLLM).
+        block_size: Length of a fixed block (InfLLM: 128).
+        span_min_len: Shortest semantic span a candidate may have.
+        span_max_len: Longest span; gaps between accepted spans are filled with pieces no longer than this.
+        triangle_alpha: Threshold of the triangle score relative to uniform attention:
+            theta_i = triangle_alpha / (number of keys query i sees).
+        nms_min_score: A candidate span is kept by NMS only if its length-normalised score exceeds this.
+        index_vectors: ``static`` (``num_index_vectors`` per span) or ``dynamic`` (more for low-confidence spans).
+        num_index_vectors: Index vectors per span (static), or the base count r0 (dynamic). InfLLM: 4.
+        min_index_vectors: Lower clip of the dynamic count.
+        max_index_vectors: Upper clip of the dynamic count.
+        retrieval_scope: ``shared`` (one selection per layer for all heads) or ``per_kv_head``.
+        voting: Each query head votes for its own top spans; spans are ranked by votes, then score.
+        persistence: Spans recalled recently keep a decaying bonus in later selections.
+        persistence_bonus: Size of that bonus, in units of the score's standard deviation.
+        persistence_decay: Factor by which the bonus decays at each retrieval step.
+        position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
+            ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
+            exact inside the trained window).
+    """
+
+    mode: Mode = "ltri"
+    num_sink_tokens: int = 128
+    local_window: int = 4096
+    chunk_size: int = 512
+    budget: int = 2048
+    evict_stride: int = 64
+    page_size: int = 64
+    kv_offload: bool = True
+    segmentation: Segmentation | None = None
+    block_size: int = 128
+    span_min_len: int = 8
+    span_max_len: int = 256
+    triangle_alpha: float = 1.0
+    nms_min_score: float = 0.0
+    index_vectors: IndexVectors | None = None
+    num_index_vectors: int = 4
+    min_index_vectors: int = 1
+    max_index_vectors: int = 8
+    retrieval_scope: RetrievalScope = "shared"
+    voting: bool | None = None
+    persistence: bool | None = None
+    persistence_bonus: float = 0.5
+    persistence_decay: float = 0.5
+    position_scheme: PositionScheme | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        for name, value in _MODE_DEFAULTS[self.mode].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        self._check_choice("position_scheme", _POSITION_SCHEMES)
+        self._check_choice("segmentation", _SEGMENTATIONS)
+        self._check_choice("index_vectors", _INDEX_VECTORS)
+        self._check_choice("retrieval_scope", _SCOPES)
+        for name in ("num_sink_tokens", "budget"):
+            self._check_int(name, minimum=0)
+        for name in ("local_window", "chunk_size", "evict_stride", "page_size", "block_size", "span_min_len",
+                     "num_index_vectors", "min_index_vectors"):
+            self._check_int(name, minimum=1)
+        self._check_int("span_max_len", minimum=self.span_min_len)
+        self._check_int("max_index_vectors", minimum=self.min_index_vectors)
+        for name in ("voting", "persistence", "kv_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("triangle_alpha", "persistence_bonus"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.nms_min_score, (int, float)) or isinstance(self.nms_min_score, bool):
+            raise TypeError(f"nms_min_score must be a number, got {self.nms_min_score!r}")
+        if not isinstance(self.persistence_decay, (int, float)) or not 0.0 <= self.persistence_decay < 1.0:
+            raise ValueError(f"persistence_decay must be in [0, 1), got {self.persistence_decay!r}")
+        if self.mode == "infllm" and self.segmentation != "fixed":
+            raise ValueError(f"mode 'infllm' uses fixed blocks; segmentation={self.segmentation!r} is not allowed")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+    def _check_int(self, name: str, *, minimum: int) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+    @property
+    def max_unit_len(self) -> int:
+        """Longest unit (span or block) the segmentation can produce."""
+        return self.block_size if self.segmentation == "fixed" else self.span_max_len
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether evicted tokens are kept and retrieved (``infllm``, ``ltri``)."""
+        return self.mode in ("infllm", "ltri")
+
+    def replace(self, **changes: Any) -> LtriConfig:
+        """Return a copy with some fields changed (validated again).
+
+        When ``mode`` changes, fields still at the old mode's default take the new mode's default.
+        """
+        new_mode = changes.get("mode", self.mode)
+        if new_mode != self.mode and new_mode in _MODE_DEFAULTS:
+            for name, value in _MODE_DEFAULTS[self.mode].items():
+                if name not in changes and getattr(self, name) == value:
+                    changes[name] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LtriConfig:
+        """Build a config from ``to_dict`` output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LtriConfig fields: {unknown}")
+        return cls(**data)

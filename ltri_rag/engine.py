@@ -1,0 +1,115 @@
+"""Driving a model through a long stream: chunked prefill and token-by-token decode.
+
+:class:`LtriSession` is the low-level object: feed it token ids of any length (it splits them into chunks), then
+step it one token at a time. Mode ``full`` runs the unmodified model with transformers' own ``DynamicCache``;
+the other modes run through :class:`~ltri_rag.cache.LtriCache` and the ``ltri`` attention function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ltri_rag.cache import LtriCache
+from ltri_rag.config import LtriConfig
+from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
+
+__all__ = ["LtriSession"]
+
+
+class LtriSession:
+    """Streaming state of one batch of sequences on one model.
+
+    Args:
+        model: A Hugging Face causal LM.
+        config: Engine configuration.
+        batch_size: Sequences fed together (all of equal length).
+        progress: Show a progress bar while prefilling many chunks.
+
+    Example:
+        >>> session = LtriSession(model, LtriConfig(mode="ltri"))
+        >>> logits = session.feed(input_ids)          # [1, vocab] for the last token
+        >>> logits = session.step(logits.argmax(-1))  # one decoded token
+    """
+
+    def __init__(self, model: nn.Module, config: LtriConfig, batch_size: int = 1, progress: bool = False) -> None:
+        if not isinstance(config, LtriConfig):
+            raise TypeError(f"config must be an LtriConfig, got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self._cache_kw = cache_kwarg_name(model)
+        if config.mode == "full":
+            self.cache: LtriCache | DynamicCache = DynamicCache(config=model.config)
+        else:
+            self.cache = LtriCache(model, config, batch_size=batch_size, device=self.device)
+        self.num_tokens = 0
+
+    def _forward(self, input_ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        length = input_ids.shape[1]
+        position_ids = torch.arange(self.num_tokens, self.num_tokens + length, device=self.device)
+        kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 0 if keep_all else 1,
+                  "position_ids": position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)}
+        if isinstance(self.cache, LtriCache):
+            self.cache.begin_step(length)
+            try:
+                with ltri_attention_enabled(self.model):
+                    out = self.model(input_ids=input_ids, ltri_cache=self.cache, **kwargs)
+            except BaseException:
+                self.cache.plan = None
+                raise
+            self.cache.end_step()
+        else:
+            out = self.model(input_ids=input_ids, **kwargs)
+        self.num_tokens += length
+        return out.logits
+
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {type(input_ids).__name__} "
+                            f"{getattr(input_ids, 'dtype', '')}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
+            raise ValueError(f"input_ids must be [batch={self.batch_size}, seq_len], got {tuple(input_ids.shape)}")
+        return input_ids.to(self.device, torch.int64)
+
+    @torch.inference_mode()
+    def feed(self, input_ids: torch.Tensor, return_all_logits: bool = False) -> torch.Tensor:
+        """Read ``input_ids: [batch, seq_len]`` (or ``[seq_len]``) in chunks of ``config.chunk_size``.
+
+        Mode ``full`` reads them in one pass, as the unmodified model would.
+
+        Returns:
+            ``[batch, vocab]`` logits of the last token, or ``[batch, seq_len, vocab]`` with ``return_all_logits``.
+        """
+        input_ids = self._check_ids(input_ids)
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty")
+        step = input_ids.shape[1] if self.config.mode == "full" else self.config.chunk_size
+        starts = range(0, input_ids.shape[1], step)
+        pieces = []
+        bar = tqdm(starts, desc=f"prefill ({self.config.mode})", unit="chunk", disable=not self.progress or
+                   len(starts) < 2, leave=False)
+        for start in bar:
+            logits = self._forward(input_ids[:, start:start + step], keep_all=return_all_logits)
+            if return_all_logits or start + step >= input_ids.shape[1]:
+                pieces.append(logits)
+        return torch.cat(pieces, dim=1) if return_all_logits else pieces[-1][:, -1]
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Decode one token per sequence: ``token_ids: [batch]`` -> next-token logits ``[batch, vocab]``."""
+        token_ids = self._check_ids(token_ids.reshape(-1, 1))
+        return self._forward(token_ids, keep_all=False)[:, -1]
+
+    def usage(self) -> dict[str, int]:
+        """Token accounting: tokens read, tokens held in the span memory, tokens retrieved at the last step."""
+        if isinstance(self.cache, LtriCache):
+            return {"tokens": self.num_tokens, "memory_tokens": self.cache.memory_tokens(),
+                    "retrieved_tokens": self.cache.retrieved_tokens()}
+        return {"tokens": self.num_tokens, "memory_tokens": 0, "retrieved_tokens": 0}

@@ -1,0 +1,275 @@
+"""Per-layer state and the attention step of the streaming engine.
+
+A global-attention layer's working set for a chunk of queries is
+
+    memory part: [ sink tokens | spans retrieved from the paged pool ]      (positions per the scheme)
+    local part:  [ local window | the chunk itself, causal ]                 (true relative positions)
+
+Both parts are attended separately, each returning ``(out, lse)``, and merged exactly. The local pass also yields
+the statistics span detection needs (per-key attention mass, a diagonal band of the attention map), so the tokens
+leaving the window can be cut into spans without recomputing anything. Sliding-window layers (Gemma 3) keep their
+own window and are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltri_rag.config import LtriConfig
+from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, static_counts
+from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
+from ltri_rag.pool import PagedKVPool
+from ltri_rag.retrieval import query_summary, select_spans, update_recency
+from ltri_rag.rope import rotate
+from ltri_rag.span_memory import SpanTable
+from ltri_rag.spans import segment_fixed, segment_triangle
+
+__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one forward pass does, identical for every global layer.
+
+    Attributes:
+        pos0: Position of the first token of the pass.
+        q_len: Tokens in the pass.
+        num_to_sinks: Leading tokens of the pass that become sink tokens.
+        num_evict: Oldest window tokens evicted after the pass.
+        first_slot: Pool slot of the first evicted token.
+    """
+
+    pos0: int
+    q_len: int
+    num_to_sinks: int
+    num_evict: int
+    first_slot: int
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=dim)
+
+
+class SlidingLayerState:
+    """A sliding-window layer: keeps the last ``sliding_window - 1`` keys; exact."""
+
+    def __init__(self, sliding_window: int) -> None:
+        self.sliding_window = sliding_window
+        self.k: torch.Tensor | None = None  # [B, Hkv, w, D]
+        self.v: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        """``q: [B, H, C, D]``, ``k, v: [B, Hkv, C, D]`` -> ``[B, H, C, D]`` float32."""
+        keys, values = _cat(self.k, k, 2), _cat(self.v, v, 2)
+        offset = keys.shape[2] - q.shape[2]
+        out, _ = attention_with_lse(q, keys, values, scaling=scaling, causal_offset=offset,
+                                    sliding_window=self.sliding_window, softcap=softcap)
+        keep = self.sliding_window - 1
+        self.k, self.v = keys[:, :, -keep:] if keep else keys[:, :, :0], values[:, :, -keep:] if keep else values[:, :, :0]
+        return out
+
+
+class GlobalLayerState:
+    """Sinks, local window, and (retrieving modes) span memory of one global-attention layer.
+
+    Args:
+        layer_idx: Index of the layer in the model.
+        config: Engine configuration.
+        pool: Shared paged pool for evicted K/V (None for modes that drop evicted tokens).
+        inv_freq: ``[rot_dim / 2]`` rotary inverse frequencies of this layer.
+        batch_size: Sequences in the batch.
+    """
+
+    def __init__(self, layer_idx: int, config: LtriConfig, pool: PagedKVPool | None, inv_freq: torch.Tensor,
+                 batch_size: int) -> None:
+        self.layer_idx = layer_idx
+        self.cfg = config
+        self.pool = pool
+        self.inv_freq = inv_freq
+        self.batch_size = batch_size
+        self.sink_k: torch.Tensor | None = None  # [B, Hkv, s, D]
+        self.sink_v: torch.Tensor | None = None
+        self.win_k: torch.Tensor | None = None  # [B, Hkv, w, D]
+        self.win_v: torch.Tensor | None = None
+        self.win_start = 0  # position of the window's first token
+        self.win_mass: torch.Tensor | None = None  # [B, Hkv, w] attention received (retrieving modes)
+        self.win_band: torch.Tensor | None = None  # [B, w, band] attention-map band (triangle segmentation)
+        self.tables: list[SpanTable] = []
+        self.band_width = config.span_max_len if config.segmentation == "triangle" and config.retrieves else 0
+        self.last_selected_tokens = 0  # for reporting: tokens retrieved at the last step (max over sequences)
+
+    # ----------------------------------------------------------------------------------------------- memory part
+    def _retrieved(self, q: torch.Tensor, plan: StepPlan) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots, CPU)."""
+        out = []
+        num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
+        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        for seq, table in enumerate(self.tables):
+            if len(table) == 0 or self.pool is None:
+                out.append((None, None, None))
+                continue
+            summary = query_summary(rotate(q[seq], -q_pos, self.inv_freq))  # [H, D]
+            scores = table.scores(summary)
+            selected = select_spans(scores, table.lengths, self.cfg.budget, num_kv_heads=num_kv_heads,
+                                    scope=self.cfg.retrieval_scope, voting=self.cfg.voting,
+                                    recency=table.recency if self.cfg.persistence else None,
+                                    bonus=self.cfg.persistence_bonus)
+            if self.cfg.persistence:
+                table.recency = update_recency(table.recency, selected, self.cfg.persistence_decay)
+            rows = table.slots(selected)
+            width = max(r.numel() for r in rows)
+            slots = torch.full((num_kv_heads, width), -1, dtype=torch.int64)
+            for h in range(num_kv_heads):
+                r = rows[0] if len(rows) == 1 else rows[h]
+                slots[h, : r.numel()] = r
+            valid = slots >= 0
+            k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
+            slots[~valid] = -1
+            out.append((k, v, slots))
+        return out
+
+    def _memory(self, q: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, ...] | None:
+        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]``, positions ``[B, Hkv, M]``, or None if empty."""
+        if self.sink_k is None and not any(len(t) for t in self.tables):
+            return None
+        batch = q.shape[0]
+        parts = self._retrieved(q, plan) if self.tables else [(None, None, None)] * batch
+        num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
+        ref = self.sink_k if self.sink_k is not None else self.win_k
+        num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
+        width = num_sinks + max((p[0].shape[1] if p[0] is not None else 0) for p in parts)
+        if width == 0:
+            return None
+        mem_k = ref.new_zeros(batch, num_kv_heads, width, head_dim)
+        mem_v = ref.new_zeros(batch, num_kv_heads, width, head_dim)
+        mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool, device=q.device)
+        pos = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64)
+        if num_sinks:
+            mem_k[:, :, :num_sinks] = self.sink_k
+            mem_v[:, :, :num_sinks] = self.sink_v
+            mask[:, :, :num_sinks] = True
+            pos[:, :, :num_sinks] = torch.arange(num_sinks)
+        for seq, (k, v, slots) in enumerate(parts):
+            if k is None:
+                continue
+            n = k.shape[1]
+            mem_k[seq, :, num_sinks:num_sinks + n] = k
+            mem_v[seq, :, num_sinks:num_sinks + n] = v
+            mask[seq, :, num_sinks:num_sinks + n] = (slots >= 0).to(q.device)
+            pos[seq, :, num_sinks:num_sinks + n] = slots + self.cfg.num_sink_tokens
+        self.last_selected_tokens = max((int((p[2] >= 0).sum(dim=1).max()) if p[2] is not None else 0)
+                                        for p in parts)
+        return mem_k, mem_v, mask, pos
+
+    def _place(self, q: torch.Tensor, mem_k: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+               plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the position scheme: returns (queries for the memory part, memory keys)."""
+        scheme = self.cfg.position_scheme
+        if scheme == "absolute":
+            return q, mem_k
+        if scheme == "fixed":  # every memory key at distance local_window from every query
+            q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+            q_mem = rotate(q, self.cfg.local_window - q_pos, self.inv_freq)
+            return q_mem, rotate(mem_k, -pos, self.inv_freq)
+        # contiguous: memory tokens laid in order right before the local window
+        cpu_mask = mask.cpu()
+        count = cpu_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
+        rank = torch.cumsum(cpu_mask.long(), dim=2) - 1
+        new_pos = self.win_start - count + rank
+        delta = torch.where(cpu_mask, new_pos - pos, torch.zeros_like(pos))
+        return q, rotate(mem_k, delta, self.inv_freq)
+
+    # ------------------------------------------------------------------------------------------------------ step
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, *, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        """One forward pass of this layer.
+
+        Args:
+            q: ``[B, H, C, D]`` queries with RoPE at positions ``pos0 .. pos0 + C - 1``.
+            k: ``[B, Hkv, C, D]`` keys of the chunk (RoPE applied).
+            v: ``[B, Hkv, C, D]``.
+            plan: The step's plan.
+            scaling: Score multiplier.
+            softcap: Optional score soft-capping.
+
+        Returns:
+            ``[B, H, C, D]`` float32 attention output.
+        """
+        memory = self._memory(q, plan)
+        if memory is None:
+            out_m = lse_m = None
+        else:
+            mem_k, mem_v, mask, pos = memory
+            q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
+            out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask, softcap=softcap)
+        win_len = 0 if self.win_k is None else self.win_k.shape[2]
+        local = local_attention(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+                                causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
+                                want_key_mass=self.cfg.retrieves, softcap=softcap)
+        out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
+        self._absorb(k, v, local.key_mass, local.band, plan)
+        if plan.num_evict:
+            self._evict(plan)
+        return out
+
+    def _absorb(self, k: torch.Tensor, v: torch.Tensor, key_mass: torch.Tensor | None, band: torch.Tensor | None,
+                plan: StepPlan) -> None:
+        """Move the chunk into sinks / window and accumulate the window statistics."""
+        win_len = 0 if self.win_k is None else self.win_k.shape[2]
+        if key_mass is not None and self.win_mass is not None:
+            self.win_mass = self.win_mass + key_mass[:, :, :win_len]
+        n_s = plan.num_to_sinks
+        if n_s:
+            self.sink_k = _cat(self.sink_k, k[:, :, :n_s], 2)
+            self.sink_v = _cat(self.sink_v, v[:, :, :n_s], 2)
+            if self.win_k is None:
+                self.win_start = plan.pos0 + n_s
+        self.win_k = _cat(self.win_k, k[:, :, n_s:], 2)
+        self.win_v = _cat(self.win_v, v[:, :, n_s:], 2)
+        if key_mass is not None:
+            self.win_mass = _cat(self.win_mass, key_mass[:, :, win_len + n_s:], 2)
+        if band is not None:
+            self.win_band = _cat(self.win_band, band[:, n_s:], 1)
+
+    def _evict(self, plan: StepPlan) -> None:
+        """Cut the oldest ``num_evict`` window tokens into spans, store them, and drop them from the window."""
+        n = plan.num_evict
+        if self.pool is not None:
+            if not self.tables:
+                ref = self.win_k
+                self.tables = [SpanTable(ref.shape[1], ref.shape[3], ref.dtype, ref.device)
+                               for _ in range(self.batch_size)]
+            for seq in range(self.batch_size):
+                self._store_segment(seq, n, plan.first_slot)
+        self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
+        if self.win_mass is not None:
+            self.win_mass = self.win_mass[:, :, n:]
+        if self.win_band is not None:
+            self.win_band = self.win_band[:, n:]
+        self.win_start += n
+
+    def _store_segment(self, seq: int, n: int, first_slot: int) -> None:
+        cfg = self.cfg
+        seg_k, seg_v = self.win_k[seq, :, :n], self.win_v[seq, :, :n]  # [Hkv, n, D]
+        self.pool.write(self.layer_idx, seq, first_slot, seg_k.transpose(0, 1), seg_v.transpose(0, 1))
+        if cfg.segmentation == "triangle":
+            rows = min(self.win_band.shape[1], n + self.band_width - 1)
+            spans = segment_triangle(self.win_band[seq, :rows], n, alpha=cfg.triangle_alpha,
+                                     min_len=cfg.span_min_len, max_len=cfg.span_max_len,
+                                     min_score=cfg.nms_min_score, first_row_pos=self.win_start)
+        else:
+            spans = segment_fixed(n, cfg.block_size)
+        if cfg.index_vectors == "dynamic":
+            counts = dynamic_counts(spans.lengths, spans.rank, base=cfg.num_index_vectors,
+                                    minimum=cfg.min_index_vectors, maximum=cfg.max_index_vectors)
+        else:
+            counts = static_counts(spans.lengths, cfg.num_index_vectors)
+        token_idx, owner = select_index_tokens(self.win_mass[seq, :, :n], spans.starts, spans.ends, counts)
+        heads = torch.arange(seg_k.shape[0], device=seg_k.device)[None, :]
+        idx_dev = token_idx.to(seg_k.device)
+        vectors = seg_k[heads, idx_dev]  # [num_vectors, Hkv, D]
+        vectors = rotate(vectors, -(token_idx.cpu() + self.win_start), self.inv_freq)  # position-free
+        self.tables[seq].append(spans.starts + first_slot, spans.ends + first_slot, vectors, owner)

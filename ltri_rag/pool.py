@@ -1,0 +1,98 @@
+"""A paged pool for the K/V of evicted tokens.
+
+Layout per layer: ``k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]`` (token-major pages, heads
+inside, as in paged-attention engines). Each sequence has one page table, shared by every layer (all layers evict
+the same tokens at the same time); a sequence's evicted tokens get consecutive *slots* ``0, 1, 2, ...``, and slot
+``s`` lives at ``page_table[s // page_size]``, offset ``s % page_size``. Spans of any length are slot ranges, so
+variable-length spans, a device cache, kernels and persistence all read the same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PagedKVPool"]
+
+
+class PagedKVPool:
+    """Per-layer paged K/V storage with one page table per sequence.
+
+    Args:
+        batch_size: Number of sequences.
+        page_size: Tokens per page.
+        device: Where pages live (``cpu`` for offload).
+        pin_memory: Pin host pages (faster, asynchronous copies to a GPU).
+    """
+
+    def __init__(self, batch_size: int, page_size: int, device: torch.device, pin_memory: bool = False) -> None:
+        self.page_size = page_size
+        self.device = device
+        self.pin_memory = pin_memory and device.type == "cpu"
+        self.page_tables: list[list[int]] = [[] for _ in range(batch_size)]
+        self.num_slots: list[int] = [0] * batch_size
+        self._next_page = 0
+        self._capacity = 0
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+
+    @property
+    def num_pages(self) -> int:
+        """Pages handed out so far."""
+        return self._next_page
+
+    def reserve(self, num_new: int) -> int:
+        """Give every sequence room for ``num_new`` more slots; return the first new slot (same for all)."""
+        first = self.num_slots[0]
+        if any(n != first for n in self.num_slots):
+            raise RuntimeError(f"sequences are out of step: slots {self.num_slots}")
+        for seq, table in enumerate(self.page_tables):
+            needed = -(-(first + num_new) // self.page_size)
+            while len(table) < needed:
+                table.append(self._next_page)
+                self._next_page += 1
+            self.num_slots[seq] = first + num_new
+        self._grow(self._next_page)
+        return first
+
+    def _grow(self, pages: int) -> None:
+        if pages <= self._capacity:
+            return
+        new_capacity = max(pages, 2 * self._capacity, 16)
+        for store in (self._k, self._v):
+            for layer, old in store.items():
+                new = self._empty(new_capacity, old.shape[2], old.shape[3], old.dtype)
+                new[: old.shape[0]].copy_(old)
+                store[layer] = new
+        self._capacity = new_capacity
+
+    def _empty(self, pages: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(pages, self.page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device,
+                           pin_memory=self.pin_memory)
+
+    def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(self.page_tables[seq], dtype=torch.int64)
+        slots = slots.to("cpu", torch.int64)
+        if slots.numel() and int(slots.max()) >= self.num_slots[seq]:
+            raise IndexError(f"slot {int(slots.max())} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        return table[slots // self.page_size] * self.page_size + slots % self.page_size
+
+    def write(self, layer: int, seq: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v: [num_tokens, num_kv_heads, head_dim]`` at slots ``first_slot, first_slot + 1, ...``."""
+        if layer not in self._k:
+            self._k[layer] = self._empty(self._capacity, k.shape[1], k.shape[2], k.dtype)
+            self._v[layer] = self._empty(self._capacity, k.shape[1], k.shape[2], k.dtype)
+        flat = self._flat_index(seq, torch.arange(first_slot, first_slot + k.shape[0]))
+        hk = self._k[layer].view(-1, k.shape[1], k.shape[2])
+        hv = self._v[layer].view(-1, k.shape[1], k.shape[2])
+        hk[flat.to(self.device)] = k.to(self.device, hk.dtype)
+        hv[flat.to(self.device)] = v.to(self.device, hv.dtype)
+
+    def gather(self, layer: int, seq: int, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """K/V of ``slots: [num_kv_heads, n]`` (per head) as ``[num_kv_heads, n, head_dim]`` tensors on ``device``."""
+        num_kv_heads, n = slots.shape
+        flat = self._flat_index(seq, slots.reshape(-1)).view(num_kv_heads, n).to(self.device)
+        heads = torch.arange(num_kv_heads, device=self.device)[:, None].expand(-1, n)
+        pk, pv = self._k[layer], self._v[layer]
+        k = pk.view(-1, pk.shape[2], pk.shape[3])[flat, heads]
+        v = pv.view(-1, pv.shape[2], pv.shape[3])[flat, heads]
+        return k.to(device), v.to(device)

@@ -1,0 +1,99 @@
+"""Choosing which spans a layer loads for the current chunk (pure functions).
+
+Inputs are per-query-head span scores (from :func:`ltri_rag.kernels.span_scores`). Options:
+    scope ``shared``: one selection for all heads (mean score over heads);
+    scope ``per_kv_head``: one selection per KV head (mean over its query group);
+    voting: each query head votes for its own top spans; spans rank by votes, ties broken by score;
+    persistence: a decaying bonus for spans recalled in recent steps (in units of the score's std).
+Selection fills the token budget greedily in rank order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["query_summary", "select_spans", "update_recency"]
+
+
+def query_summary(query: torch.Tensor) -> torch.Tensor:
+    """Mean over the chunk of position-free queries.
+
+    Args:
+        query: ``[num_heads, q_len, head_dim]`` queries with rotary positions removed.
+
+    Returns:
+        ``[num_heads, head_dim]`` float32.
+    """
+    return query.float().mean(dim=1)
+
+
+def _rank_keys(
+    scores: torch.Tensor, rows: int, recency: torch.Tensor | None, bonus: float, voting: bool, top_k: int
+) -> torch.Tensor:
+    """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores."""
+    num_heads, num_spans = scores.shape
+    grouped = scores.view(rows, num_heads // rows, num_spans)  # [R, G, S]
+    base = grouped.mean(dim=1)  # [R, S]
+    z = (base - base.mean(dim=1, keepdim=True)) / (base.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
+    if recency is not None and bonus > 0:
+        z = z + bonus * recency.to(z.device)[None, :]
+    if not voting:
+        return z
+    k = min(top_k, num_spans)
+    top = grouped.topk(k, dim=2).indices  # [R, G, k]
+    votes = torch.zeros(rows, num_spans, device=scores.device)
+    votes.scatter_add_(1, top.reshape(rows, -1), torch.ones(top.reshape(rows, -1).shape, device=scores.device))
+    return votes + torch.sigmoid(z)
+
+
+def select_spans(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    budget: int,
+    *,
+    num_kv_heads: int,
+    scope: str = "shared",
+    voting: bool = False,
+    recency: torch.Tensor | None = None,
+    bonus: float = 0.0,
+) -> torch.Tensor:
+    """Spans to load, filling ``budget`` tokens in rank order.
+
+    Args:
+        scores: ``[num_heads, num_spans]`` per-query-head span scores.
+        lengths: ``[num_spans]`` span lengths in tokens.
+        budget: Token budget.
+        num_kv_heads: KV heads of the layer (for ``per_kv_head`` scope).
+        scope: ``shared`` or ``per_kv_head``.
+        voting: Rank by per-head votes first.
+        recency: ``[num_spans]`` persistence state (see :func:`update_recency`) or None.
+        bonus: Weight of ``recency``.
+
+    Returns:
+        ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``.
+    """
+    if scope not in ("shared", "per_kv_head"):
+        raise ValueError(f"scope must be 'shared' or 'per_kv_head', got {scope!r}")
+    num_heads, num_spans = scores.shape
+    rows = 1 if scope == "shared" else num_kv_heads
+    if num_spans == 0:
+        return torch.zeros(rows, 0, dtype=torch.bool, device=scores.device)
+    lengths = lengths.to(scores.device)
+    mean_len = float(lengths.float().mean())
+    top_k = max(1, int(budget / max(mean_len, 1.0)))
+    keys = _rank_keys(scores, rows, recency, bonus, voting, top_k)  # [R, S]
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    fits = torch.cumsum(lengths[order], dim=1) <= budget  # [R, S] prefix of the ranking
+    selected = torch.zeros(rows, num_spans, dtype=torch.bool, device=scores.device)
+    return selected.scatter(1, order, fits)
+
+
+def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:
+    """Persistence state after a selection: ``recency * decay + (selected by any row)``.
+
+    Args:
+        recency: ``[num_spans]`` float32.
+        selected: ``[rows, num_spans]`` bool.
+        decay: In ``[0, 1)``.
+    """
+    return recency * decay + selected.any(dim=0).float().to(recency.device)

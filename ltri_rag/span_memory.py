@@ -1,0 +1,68 @@
+"""The span table of one sequence in one layer: spans over pool slots, their index vectors, persistence."""
+
+from __future__ import annotations
+
+import torch
+
+from ltri_rag.kernels.scoring import span_scores
+
+__all__ = ["SpanTable"]
+
+
+class SpanTable:
+    """Spans of one (layer, sequence), as ranges of pool slots, with their index vectors.
+
+    Attributes:
+        starts: ``[num_spans]`` int64 first slot of each span (CPU), increasing.
+        ends: ``[num_spans]`` int64 end slot (exclusive).
+        vectors: ``[num_vectors, num_kv_heads, head_dim]`` position-free index vectors (compute device).
+        owner: ``[num_vectors]`` int64 span id of each vector (compute device).
+        recency: ``[num_spans]`` float32 persistence state (compute device).
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.starts = torch.zeros(0, dtype=torch.int64)
+        self.ends = torch.zeros(0, dtype=torch.int64)
+        self.vectors = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.owner = torch.zeros(0, dtype=torch.int64, device=device)
+        self.recency = torch.zeros(0, dtype=torch.float32, device=device)
+
+    def __len__(self) -> int:
+        return int(self.starts.numel())
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.ends - self.starts
+
+    def append(self, starts: torch.Tensor, ends: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor) -> None:
+        """Add spans (slot ranges) with vectors whose ``owner`` counts from 0 within the new spans."""
+        offset = len(self)
+        self.starts = torch.cat([self.starts, starts.cpu()])
+        self.ends = torch.cat([self.ends, ends.cpu()])
+        self.vectors = torch.cat([self.vectors, vectors.to(self.vectors.device, self.vectors.dtype)])
+        self.owner = torch.cat([self.owner, owner.to(self.owner.device) + offset])
+        self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """``[num_heads, num_spans]`` scores of a position-free query summary ``[num_heads, head_dim]``."""
+        return span_scores(query, self.vectors, self.owner, len(self))
+
+    def slots(self, selected: torch.Tensor) -> list[torch.Tensor]:
+        """Slots of the selected spans in text order, per selection row.
+
+        Args:
+            selected: ``[rows, num_spans]`` bool.
+
+        Returns:
+            ``rows`` int64 tensors of slots (CPU).
+        """
+        out = []
+        for row in selected.cpu():
+            idx = torch.nonzero(row).flatten()
+            if idx.numel() == 0:
+                out.append(torch.zeros(0, dtype=torch.int64))
+                continue
+            starts, lengths = self.starts[idx], self.lengths[idx]
+            first = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+            out.append(first + torch.arange(int(lengths.sum())))
+        return out

@@ -1,0 +1,260 @@
+"""Semantic span segmentation on the model's own local attention map (pure functions, no state).
+
+The engine keeps, for every token in the local window, one row of the attention map restricted to a band of
+``band_width`` keys before it (``band[i, o]`` = head-mean probability of query ``i`` on key ``i - o``). When tokens
+leave the window, those rows are turned into a dense block covering the evicted segment plus the rows after it
+(never the whole context), and spans are cut there:
+
+* triangle score ``S(x, y) = sum_{x <= j <= i <= y} (A[i, j] - theta_i)``, with ``theta_i = alpha * m_i / w_i``
+  (``m_i`` the row's mass in its band, ``w_i`` the band's width: alpha times uniform attention over the band);
+* cut ``C(x, y) = sum_{i > y} sum_{x <= j <= y} A[i, j]``: attention that later tokens still pay into the span,
+  i.e. what cutting the text after ``y`` breaks;
+* a candidate's rank is ``(S - C) / (y - x + 1)``; both terms are O(1) per candidate from 2-D prefix sums;
+* greedy non-maximum suppression keeps high-ranked, non-overlapping spans; gaps are filled with pieces no longer
+  than ``max_len``, so the spans partition the segment.
+
+A causal map is zero above the diagonal, so the triangle sum equals the square sum ``A[x:y+1, x:y+1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Spans",
+    "band_to_dense",
+    "row_thresholds",
+    "span_rank",
+    "triangle_scores",
+    "nms_spans",
+    "fill_gaps",
+    "segment_triangle",
+    "segment_fixed",
+]
+
+
+@dataclass
+class Spans:
+    """A partition of a segment into spans.
+
+    Attributes:
+        starts: ``[num_spans]`` int64 start offsets (inclusive), relative to the segment start, increasing.
+        ends: ``[num_spans]`` int64 end offsets (exclusive); ``starts[k+1] == ends[k]``.
+        rank: ``[num_spans]`` float32 length-normalised score ``(S - C) / len`` of each span (0 for fixed blocks).
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    rank: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return int(self.starts.numel())
+
+
+def band_to_dense(band: torch.Tensor) -> torch.Tensor:
+    """Dense causal map of a run of rows from their bands.
+
+    Args:
+        band: ``[num_rows, band_width]``; ``band[i, o]`` = probability of row ``i`` on key ``i - o``.
+
+    Returns:
+        ``[num_rows, num_rows]`` map ``A[i, j]``; keys before the first row are dropped.
+    """
+    num_rows, band_width = band.shape
+    rows = torch.arange(num_rows, device=band.device)[:, None].expand(-1, band_width)
+    cols = rows - torch.arange(band_width, device=band.device)[None, :]
+    valid = cols >= 0
+    dense = torch.zeros(num_rows, num_rows, dtype=band.dtype, device=band.device)
+    dense[rows[valid], cols[valid]] = band[valid]
+    return dense
+
+
+def row_thresholds(band: torch.Tensor, alpha: float, first_row_pos: int = 0) -> torch.Tensor:
+    """``theta_i = alpha * (row mass in band) / (keys in band)`` for each row.
+
+    Args:
+        band: ``[num_rows, band_width]``.
+        alpha: Multiple of uniform attention over the band.
+        first_row_pos: Absolute key index of row 0 (bounds the band's width for the first tokens).
+
+    Returns:
+        ``[num_rows]`` thresholds.
+    """
+    num_rows, band_width = band.shape
+    pos = torch.arange(num_rows, device=band.device, dtype=band.dtype) + first_row_pos
+    width = torch.clamp(pos + 1, max=band_width)
+    return alpha * band.sum(dim=1) / width
+
+
+def _prefix2d(dense: torch.Tensor) -> torch.Tensor:
+    p = torch.zeros(dense.shape[0] + 1, dense.shape[1] + 1, dtype=torch.float64, device=dense.device)
+    p[1:, 1:] = dense.double().cumsum(0).cumsum(1)
+    return p
+
+
+def _rect(p: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """Sum of ``dense[r0:r1, c0:c1]`` (half-open) from its 2-D prefix sums, elementwise over index tensors."""
+    return p[r1, c1] - p[r0, c1] - p[r1, c0] + p[r0, c0]
+
+
+def _candidates(num_starts: int, min_len: int, max_len: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    x = torch.arange(num_starts, device=device)[:, None]  # [N, 1]
+    n = torch.arange(min_len, max_len + 1, device=device)[None, :]  # [1, L']
+    y1 = x + n  # exclusive end, [N, L']
+    valid = y1 <= num_starts
+    return x.expand_as(y1), n.expand_as(y1), y1.clamp(max=num_starts), valid
+
+
+def triangle_scores(dense: torch.Tensor, theta: torch.Tensor, min_len: int, max_len: int) -> torch.Tensor:
+    """Triangle scores ``S(x, x + n - 1)`` of every candidate inside the map.
+
+    Args:
+        dense: ``[num_rows, num_rows]`` causal attention map.
+        theta: ``[num_rows]`` per-row threshold.
+        min_len: Shortest candidate length.
+        max_len: Longest candidate length.
+
+    Returns:
+        ``[num_rows, max_len - min_len + 1]`` float64; entry ``[x, n - min_len]`` scores ``[x, x + n)``;
+        ``-inf`` where the span runs past the map.
+    """
+    p = _prefix2d(dense)
+    x, n, y1, valid = _candidates(dense.shape[0], min_len, max_len, dense.device)
+    mass = _rect(p, x, y1, x, y1)
+    # sum_{i=x}^{y} theta_i * (i - x + 1) from prefix sums of theta and theta * i
+    th = theta.double()
+    idx = torch.arange(th.numel(), device=th.device, dtype=torch.float64)
+    c0 = torch.zeros(th.numel() + 1, dtype=torch.float64, device=th.device)
+    c1 = torch.zeros_like(c0)
+    c0[1:] = th.cumsum(0)
+    c1[1:] = (th * idx).cumsum(0)
+    area = (c1[y1] - c1[x]) - (x.double() - 1.0) * (c0[y1] - c0[x])
+    return torch.where(valid, mass - area, torch.full_like(mass, -float("inf")))
+
+
+def span_rank(dense: torch.Tensor, theta: torch.Tensor, num_rows: int, min_len: int, max_len: int) -> torch.Tensor:
+    """Length-normalised rank ``(S - C) / len`` of every candidate span inside the first ``num_rows`` rows.
+
+    Args:
+        dense: ``[total_rows, total_rows]`` map of the segment followed by the rows after it (which supply ``C``).
+        theta: ``[num_rows]`` thresholds of the segment's rows.
+        num_rows: Length of the segment (spans must end inside it).
+        min_len: Shortest candidate length.
+        max_len: Longest candidate length.
+
+    Returns:
+        ``[num_rows, max_len - min_len + 1]`` float64 ranks, ``-inf`` for candidates past the segment.
+    """
+    s = triangle_scores(dense[:num_rows, :num_rows], theta, min_len, max_len)
+    p = _prefix2d(dense)
+    x, n, y1, _ = _candidates(num_rows, min_len, max_len, dense.device)
+    total = torch.full_like(y1, dense.shape[0])
+    cut = _rect(p, y1, total, x, y1)
+    return (s - cut) / n.double()
+
+
+def nms_spans(rank: torch.Tensor, min_len: int, min_score: float) -> list[tuple[int, int]]:
+    """Greedy non-maximum suppression: best non-overlapping spans, best rank first.
+
+    Each start keeps only its best length; candidates are then accepted in decreasing rank if they overlap no
+    accepted span and rank above ``min_score``.
+
+    Args:
+        rank: ``[num_rows, num_lengths]`` from :func:`span_rank` (length = column + ``min_len``).
+        min_len: Length of column 0.
+        min_score: Acceptance threshold on the rank.
+
+    Returns:
+        Accepted ``(start, end_exclusive)`` pairs, sorted by start.
+    """
+    best, arg = rank.max(dim=1)
+    best_np = best.cpu().numpy()
+    len_np = arg.cpu().numpy() + min_len
+    order = np.argsort(-best_np, kind="stable")
+    taken = np.zeros(rank.shape[0], dtype=bool)
+    accepted: list[tuple[int, int]] = []
+    for x in order:
+        if not best_np[x] > min_score:
+            break
+        y1 = int(x + len_np[x])
+        if not taken[x:y1].any():
+            taken[x:y1] = True
+            accepted.append((int(x), y1))
+    accepted.sort()
+    return accepted
+
+
+def fill_gaps(spans: list[tuple[int, int]], num_rows: int, max_len: int) -> list[tuple[int, int]]:
+    """Complete sorted, non-overlapping spans to a partition of ``[0, num_rows)``.
+
+    Each gap is cut into the fewest near-equal pieces no longer than ``max_len``.
+    """
+    out: list[tuple[int, int]] = []
+    cursor = 0
+    for start, end in [*spans, (num_rows, num_rows)]:
+        gap = start - cursor
+        if gap > 0:
+            pieces = -(-gap // max_len)
+            bounds = [cursor + (gap * k) // pieces for k in range(pieces + 1)]
+            out.extend(zip(bounds[:-1], bounds[1:]))
+        if end > start:
+            out.append((start, end))
+        cursor = end
+    return out
+
+
+def segment_triangle(
+    band: torch.Tensor,
+    num_rows: int,
+    *,
+    alpha: float,
+    min_len: int,
+    max_len: int,
+    min_score: float,
+    first_row_pos: int = 0,
+) -> Spans:
+    """Cut the first ``num_rows`` rows of a band into semantic spans.
+
+    Args:
+        band: ``[total_rows, band_width]`` bands of the segment's rows followed by any later rows.
+        num_rows: Length of the segment to partition.
+        alpha: Threshold multiple (see module docstring).
+        min_len: Shortest NMS candidate.
+        max_len: Longest span.
+        min_score: NMS acceptance threshold on the rank.
+        first_row_pos: Absolute key index of row 0.
+
+    Returns:
+        :class:`Spans` partitioning ``[0, num_rows)``.
+    """
+    if not 0 < num_rows <= band.shape[0]:
+        raise ValueError(f"num_rows must be in [1, {band.shape[0]}], got {num_rows}")
+    dense = band_to_dense(band.float())
+    theta = row_thresholds(band[:num_rows].float(), alpha, first_row_pos)
+    lo = min(min_len, num_rows)
+    hi = min(max_len, num_rows)
+    rank = span_rank(dense, theta, num_rows, lo, hi)
+    pairs = fill_gaps(nms_spans(rank, lo, min_score), num_rows, max_len)
+    starts = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
+    ends = torch.tensor([b for _, b in pairs], dtype=torch.int64)
+    # rank of each final span (gap pieces included), for dynamic index vectors
+    lengths = ends - starts
+    col = (lengths - lo).clamp(0, rank.shape[1] - 1)
+    in_range = (lengths >= lo) & (lengths <= hi)
+    r = rank.cpu()[starts, col].float()
+    r = torch.where(in_range, r, torch.zeros_like(r))
+    return Spans(starts=starts, ends=ends, rank=r)
+
+
+def segment_fixed(num_rows: int, block_size: int) -> Spans:
+    """Fixed blocks of ``block_size`` (the last one shorter) partitioning ``[0, num_rows)``."""
+    starts = torch.arange(0, num_rows, block_size, dtype=torch.int64)
+    ends = torch.clamp(starts + block_size, max=num_rows)
+    return Spans(starts=starts, ends=ends, rank=torch.zeros(starts.numel()))
