@@ -178,7 +178,8 @@ class GlobalLayerState:
         cpu_mask = mask.cpu()
         count = cpu_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
         rank = torch.cumsum(cpu_mask.long(), dim=2) - 1
-        new_pos = self.win_start - count + rank
+        win_len = 0 if self.win_k is None else self.win_k.shape[2]
+        new_pos = (plan.pos0 - win_len) - count + rank  # the local part starts at pos0 - win_len
         delta = torch.where(cpu_mask, new_pos - pos, torch.zeros_like(pos))
         return q, rotate(mem_k, delta, self.inv_freq)
 
@@ -225,10 +226,9 @@ class GlobalLayerState:
         if n_s:
             self.sink_k = _cat(self.sink_k, k[:, :, :n_s], 2)
             self.sink_v = _cat(self.sink_v, v[:, :, :n_s], 2)
-            if self.win_k is None:
-                self.win_start = plan.pos0 + n_s
         self.win_k = _cat(self.win_k, k[:, :, n_s:], 2)
         self.win_v = _cat(self.win_v, v[:, :, n_s:], 2)
+        self.win_start = plan.pos0 + plan.q_len - self.win_k.shape[2]  # the window holds the latest tokens
         if key_mass is not None:
             self.win_mass = _cat(self.win_mass, key_mass[:, :, win_len + n_s:], 2)
         if band is not None:
