@@ -13,6 +13,7 @@ Fields left at ``None`` take the mode's default when the config is built (see ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -121,13 +122,14 @@ class LtriConfig:
         for name in ("voting", "persistence", "kv_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("triangle_alpha", "persistence_bonus"):
+        for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.nms_min_score, (int, float)) or isinstance(self.nms_min_score, bool):
-            raise TypeError(f"nms_min_score must be a number, got {self.nms_min_score!r}")
-        if not isinstance(self.persistence_decay, (int, float)) or not 0.0 <= self.persistence_decay < 1.0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
+        for name in ("triangle_alpha", "persistence_bonus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.persistence_decay < 1.0:
             raise ValueError(f"persistence_decay must be in [0, 1), got {self.persistence_decay!r}")
         if self.mode == "infllm" and self.segmentation != "fixed":
             raise ValueError(f"mode 'infllm' uses fixed blocks; segmentation={self.segmentation!r} is not allowed")

@@ -72,8 +72,9 @@ class PagedKVPool:
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(self.page_tables[seq], dtype=torch.int64)
         slots = slots.to("cpu", torch.int64)
-        if slots.numel() and int(slots.max()) >= self.num_slots[seq]:
-            raise IndexError(f"slot {int(slots.max())} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        if slots.numel() and (int(slots.max()) >= self.num_slots[seq] or int(slots.min()) < 0):
+            bad = int(slots.max()) if int(slots.max()) >= self.num_slots[seq] else int(slots.min())
+            raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
         return table[slots // self.page_size] * self.page_size + slots % self.page_size
 
     def write(self, layer: int, seq: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -32,6 +32,10 @@ def _rank_keys(
 ) -> torch.Tensor:
     """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores."""
     num_heads, num_spans = scores.shape
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):  # spans without vectors (-inf) rank below every scored span
+        floor = scores[finite].min() - 1.0 if bool(finite.any()) else scores.new_tensor(0.0)
+        scores = torch.where(finite, scores, floor)
     grouped = scores.view(rows, num_heads // rows, num_spans)  # [R, G, S]
     base = grouped.mean(dim=1)  # [R, S]
     z = (base - base.mean(dim=1, keepdim=True)) / (base.std(dim=1, keepdim=True, unbiased=False) + 1e-6)

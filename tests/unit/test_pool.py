@@ -1,0 +1,188 @@
+"""Unit tests for ``ltri_rag.pool.PagedKVPool`` (paged K/V storage of evicted tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltri_rag.pool import PagedKVPool
+
+CPU = torch.device("cpu")
+
+
+class Mirror:
+    """Reference copy of what was written: ``data[(layer, seq)] = (k, v)`` as ``[slots, Hkv, D]`` tensors."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write(self, layer, seq, first, k, v):
+        if (layer, seq) not in self.data:
+            shape = (0, *k.shape[1:])
+            self.data[(layer, seq)] = (torch.zeros(shape, dtype=k.dtype), torch.zeros(shape, dtype=v.dtype))
+        old_k, old_v = self.data[(layer, seq)]
+        need = first + k.shape[0]
+        if old_k.shape[0] < need:
+            pad = (need - old_k.shape[0], *k.shape[1:])
+            old_k = torch.cat([old_k, torch.full(pad, float("nan"), dtype=k.dtype)])
+            old_v = torch.cat([old_v, torch.full(pad, float("nan"), dtype=v.dtype)])
+        old_k[first:need] = k
+        old_v[first:need] = v
+        self.data[(layer, seq)] = (old_k, old_v)
+
+    def gather(self, layer, seq, slots):
+        k, v = self.data[(layer, seq)]
+        heads = torch.arange(slots.shape[0])[:, None].expand_as(slots)
+        return k[slots, heads], v[slots, heads]
+
+
+def check_all(pool: PagedKVPool, mirror: Mirror, gen: torch.Generator, n: int = 37) -> None:
+    for (layer, seq), (k_ref, _) in mirror.data.items():
+        num_slots, num_kv_heads = k_ref.shape[0], k_ref.shape[1]
+        # every slot, same for every head
+        every = torch.arange(num_slots)[None, :].expand(num_kv_heads, -1)
+        k, v = pool.gather(layer, seq, every, CPU)
+        rk, rv = mirror.gather(layer, seq, every)
+        assert torch.equal(k, rk) and torch.equal(v, rv), (layer, seq)
+        # random slots, different per head
+        slots = torch.randint(0, num_slots, (num_kv_heads, n), generator=gen)
+        k, v = pool.gather(layer, seq, slots, CPU)
+        rk, rv = mirror.gather(layer, seq, slots)
+        assert k.shape == (num_kv_heads, n, k_ref.shape[2])
+        assert torch.equal(k, rk) and torch.equal(v, rv), (layer, seq)
+
+
+def test_reserve_returns_first_new_slot_and_builds_page_tables():
+    pool = PagedKVPool(batch_size=2, page_size=4, device=CPU)
+    assert pool.reserve(3) == 0
+    assert pool.num_slots == [3, 3]
+    assert pool.reserve(6) == 3
+    assert pool.num_slots == [9, 9]
+    assert pool.reserve(0) == 9
+    # 9 slots need 3 pages per sequence; pages are distinct across sequences
+    assert [len(t) for t in pool.page_tables] == [3, 3]
+    all_pages = [p for t in pool.page_tables for p in t]
+    assert len(set(all_pages)) == len(all_pages) == pool.num_pages == 6
+    assert pool.reserve(4) == 9
+    assert [len(t) for t in pool.page_tables] == [4, 4]
+    assert pool.num_pages == 8
+
+
+def test_reserve_rejects_sequences_out_of_step():
+    pool = PagedKVPool(batch_size=2, page_size=4, device=CPU)
+    pool.reserve(2)
+    pool.num_slots[1] = 5
+    with pytest.raises(RuntimeError):
+        pool.reserve(1)
+
+
+def test_round_trip_across_pages_sequences_and_layers():
+    gen = torch.Generator().manual_seed(0)
+    batch, page_size = 3, 4
+    pool = PagedKVPool(batch_size=batch, page_size=page_size, device=CPU)
+    mirror = Mirror()
+    layer_shapes = {0: (2, 8), 1: (2, 8), 5: (1, 4)}  # layers may differ in heads / head_dim
+    for step, num_new in enumerate([3, 1, 6, 9, 2, 4]):  # chunks straddle page boundaries
+        first = pool.reserve(num_new)
+        for layer, (num_kv_heads, head_dim) in layer_shapes.items():
+            for seq in range(batch):
+                k = torch.randn(num_new, num_kv_heads, head_dim, generator=gen)
+                v = torch.randn(num_new, num_kv_heads, head_dim, generator=gen)
+                pool.write(layer, seq, first, k, v)
+                mirror.write(layer, seq, first, k, v)
+        check_all(pool, mirror, gen)
+    assert pool.num_slots == [25] * batch
+    assert pool.num_pages == batch * 7  # ceil(25 / 4) pages per sequence
+
+
+def test_write_in_pieces_and_overwrite():
+    gen = torch.Generator().manual_seed(1)
+    pool = PagedKVPool(batch_size=1, page_size=5, device=CPU)
+    mirror = Mirror()
+    pool.reserve(12)
+    for first, n in [(0, 4), (4, 5), (9, 3), (2, 6)]:  # the last write overwrites slots 2..7
+        k = torch.randn(n, 2, 3, generator=gen)
+        v = torch.randn(n, 2, 3, generator=gen)
+        pool.write(0, 0, first, k, v)
+        mirror.write(0, 0, first, k, v)
+    check_all(pool, mirror, gen)
+
+
+def test_per_head_slots_pick_per_head_values():
+    # k[slot, head, :] = 100 * slot + head: gathered values identify (slot, head)
+    pool = PagedKVPool(batch_size=1, page_size=3, device=CPU)
+    num_slots, num_kv_heads = 10, 4
+    pool.reserve(num_slots)
+    ids = 100 * torch.arange(num_slots)[:, None] + torch.arange(num_kv_heads)[None, :]
+    k = ids[:, :, None].float().expand(-1, -1, 2).clone()
+    pool.write(0, 0, 0, k, -k)
+    slots = torch.tensor([[0, 9, 3], [5, 5, 1], [2, 8, 7], [9, 0, 4]])
+    gk, gv = pool.gather(0, 0, slots, CPU)
+    assert gk.shape == (num_kv_heads, 3, 2)
+    expected = 100 * slots + torch.arange(num_kv_heads)[:, None]
+    assert torch.equal(gk[..., 0], expected.float())
+    assert torch.equal(gv[..., 1], -expected.float())
+
+
+def test_growth_past_initial_capacity_keeps_earlier_data():
+    gen = torch.Generator().manual_seed(2)
+    page_size = 2
+    pool = PagedKVPool(batch_size=2, page_size=page_size, device=CPU)
+    mirror = Mirror()
+    first = pool.reserve(5)
+    for layer in (0, 1):
+        for seq in (0, 1):
+            k = torch.randn(5, 2, 4, generator=gen, dtype=torch.float64)
+            v = torch.randn(5, 2, 4, generator=gen, dtype=torch.float64)
+            pool.write(layer, seq, first, k, v)
+            mirror.write(layer, seq, first, k, v)
+    # grow to ~150 pages, many times any reasonable initial capacity, one chunk at a time
+    total = 5
+    while pool.num_pages < 150:
+        n = 7
+        first = pool.reserve(n)
+        total += n
+        for layer in (0, 1):
+            for seq in (0, 1):
+                k = torch.randn(n, 2, 4, generator=gen, dtype=torch.float64)
+                v = torch.randn(n, 2, 4, generator=gen, dtype=torch.float64)
+                pool.write(layer, seq, first, k, v)
+                mirror.write(layer, seq, first, k, v)
+    # a layer first written after growth
+    k = torch.randn(total, 1, 2, generator=gen, dtype=torch.float64)
+    pool.write(3, 1, 0, k, k + 1)
+    mirror.write(3, 1, 0, k, k + 1)
+    check_all(pool, mirror, gen)
+    assert pool.num_slots == [total, total]
+
+
+def test_gather_and_write_unreserved_slot_raise_index_error():
+    pool = PagedKVPool(batch_size=2, page_size=4, device=CPU)
+    pool.reserve(6)
+    k = torch.randn(6, 2, 3)
+    pool.write(0, 0, 0, k, k)
+    pool.write(0, 1, 0, k, k)
+    with pytest.raises(IndexError, match="6"):
+        pool.gather(0, 0, torch.tensor([[0, 6], [1, 2]]), CPU)
+    # slot 7 is still inside the last page, but not reserved
+    with pytest.raises(IndexError):
+        pool.gather(0, 1, torch.tensor([[7], [0]]), CPU)
+    with pytest.raises(IndexError):
+        pool.write(0, 0, 4, torch.randn(3, 2, 3), torch.randn(3, 2, 3))  # slots 4, 5, 6
+    # the last reserved slot is fine
+    gk, _ = pool.gather(0, 0, torch.tensor([[5], [5]]), CPU)
+    assert torch.equal(gk[:, 0], k[5])
+
+
+def test_gather_empty_and_dtype_cast():
+    pool = PagedKVPool(batch_size=1, page_size=4, device=CPU)
+    pool.reserve(3)
+    k = torch.randn(3, 2, 4, dtype=torch.float32)
+    pool.write(0, 0, 0, k, k)
+    gk, gv = pool.gather(0, 0, torch.zeros(2, 0, dtype=torch.int64), CPU)
+    assert gk.shape == (2, 0, 4) and gv.shape == (2, 0, 4)
+    # storage dtype is fixed by the first write of the layer; later writes are cast to it
+    pool.write(0, 0, 1, k[:1].double(), k[:1].double())
+    gk, _ = pool.gather(0, 0, torch.tensor([[1], [1]]), CPU)
+    assert gk.dtype == torch.float32
+    assert torch.equal(gk[:, 0], k[0])
