@@ -5,6 +5,7 @@ same signatures. Only torch (and triton) are imported here.
 """
 
 from ltri_rag.kernels.attention import LocalAttention, attention_with_lse, local_attention, merge_attention
-from ltri_rag.kernels.scoring import span_scores
+from ltri_rag.kernels.scoring import span_probabilities, span_scores
 
-__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "merge_attention", "span_scores"]
+__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "merge_attention", "span_probabilities",
+           "span_scores"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["span_scores"]
+__all__ = ["span_probabilities", "span_scores"]
 
 
 def span_scores(
@@ -43,3 +43,50 @@ def span_scores(
     out = torch.full((num_heads, num_spans), -float("inf"), dtype=torch.float32, device=query.device)
     index = owner.to(query.device).view(1, -1).expand(num_heads, -1)
     return out.scatter_reduce(1, index, dots, reduce="amax", include_self=True)
+
+
+def span_probabilities(
+    queries: torch.Tensor,
+    vectors: torch.Tensor,
+    owner: torch.Tensor,
+    num_spans: int,
+    scaling: float,
+    query_block: int = 128,
+) -> torch.Tensor:
+    """Attention-like distribution of each query head over spans, averaged over the chunk's queries.
+
+    For query ``c`` of head ``h``: ``s[h, c, span] = scaling * max_{v in span} q_{h,c} . v``, turned into a
+    distribution over spans by a softmax, then averaged over ``c``. Heads whose queries point sharply at a few
+    spans (retrieval heads) contribute peaked distributions; diffuse heads contribute nearly uniform ones.
+
+    Args:
+        queries: ``[num_heads, q_len, head_dim]`` position-free queries.
+        vectors: ``[num_vectors, num_kv_heads, head_dim]`` index vectors.
+        owner: ``[num_vectors]`` int64 span id of each vector.
+        num_spans: Number of spans.
+        scaling: Score multiplier (the layer's attention scaling).
+        query_block: Queries processed at once (bounds memory to ``heads x block x vectors``).
+
+    Returns:
+        ``[num_heads, num_spans]`` float32, each row summing to 1 (0 rows if there are no spans).
+    """
+    if queries.dim() != 3:
+        raise ValueError(f"queries must be [num_heads, q_len, head_dim], got {tuple(queries.shape)}")
+    num_heads, q_len, _ = queries.shape
+    total = torch.zeros(num_heads, num_spans, dtype=torch.float32, device=queries.device)
+    if num_spans == 0:
+        return total
+    num_kv_heads, head_dim = vectors.shape[1], vectors.shape[2]
+    group = num_heads // num_kv_heads
+    vec = vectors.float()
+    for start in range(0, q_len, query_block):
+        block = queries[:, start:start + query_block].float()  # [H, c, D]
+        c = block.shape[1]
+        qg = block.reshape(num_kv_heads, group, c, head_dim)
+        dots = torch.einsum("hgcd,nhd->hgcn", qg, vec).reshape(num_heads * c, -1)  # [H*c, N]
+        scores = torch.full((num_heads * c, num_spans), -float("inf"), device=queries.device)
+        index = owner.to(queries.device).view(1, -1).expand(num_heads * c, -1)
+        scores = scores.scatter_reduce(1, index, dots, reduce="amax", include_self=True)
+        probs = torch.softmax(scores * scaling, dim=-1).view(num_heads, c, num_spans)
+        total += probs.sum(dim=1)
+    return total / q_len

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import Cache
 
 from ltri_rag.config import LtriConfig
+from ltri_rag.consensus import LayerConsensus
 from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import find_inv_freq
@@ -72,6 +73,7 @@ class LtriCache(Cache):
         self.pool = (PagedKVPool(batch_size, config.page_size, store_device,
                                  pin_memory=torch.cuda.is_available() and device.type == "cuda")
                      if config.retrieves else None)
+        self.consensus = LayerConsensus(batch_size) if config.retrieves else None
         windows = layer_sliding_windows(model)
         states: list[GlobalLayerState | SlidingLayerState] = []
         for idx, window in enumerate(windows):
@@ -79,7 +81,7 @@ class LtriCache(Cache):
                 states.append(SlidingLayerState(window))
             else:
                 states.append(GlobalLayerState(idx, config, self.pool, find_inv_freq(model, idx).to(device),
-                                               batch_size))
+                                               batch_size, self.consensus))
         super().__init__(layers=[_LayerSlot(s) for s in states])
         self.states = states
         self.seen_tokens = 0
@@ -104,10 +106,17 @@ class LtriCache(Cache):
         return length, 0
 
     # ------------------------------------------------------------------------------------------- stepping
-    def begin_step(self, num_tokens: int) -> StepPlan:
-        """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer)."""
+    def begin_step(self, num_tokens: int, dry: bool = False) -> StepPlan:
+        """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer).
+
+        A ``dry`` pass (look-ahead) attends and gathers cross-layer evidence but changes no state.
+        """
         if self.plan is not None:
             raise RuntimeError("begin_step called twice without end_step")
+        if dry:
+            self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=0, num_evict=0,
+                                 first_slot=0, dry=True)
+            return self.plan
         cfg = self.config
         to_sinks = min(num_tokens, cfg.num_sink_tokens - self.num_sinks)
         window = self.window_len + num_tokens - to_sinks
@@ -126,6 +135,11 @@ class LtriCache(Cache):
         plan = self.plan
         if plan is None:
             raise RuntimeError("end_step called without begin_step")
+        if self.consensus is not None:
+            self.consensus.commit()
+        if plan.dry:
+            self.plan = None
+            return
         self.seen_tokens += plan.q_len
         self.num_sinks += plan.num_to_sinks
         self.window_len += plan.q_len - plan.num_to_sinks - plan.num_evict
@@ -153,7 +167,7 @@ class LtriCache(Cache):
                              f"step of {self.plan.q_len} tokens")
         state = self.states[layer_idx]
         if isinstance(state, SlidingLayerState):
-            out = state.attend(query, key, value, scaling=scaling, softcap=softcap)
+            out = state.attend(query, key, value, scaling=scaling, softcap=softcap, dry=self.plan.dry)
         else:
             out = state.attend(query, key, value, self.plan, scaling=scaling, softcap=softcap)
         return out.transpose(1, 2).to(query.dtype).contiguous()

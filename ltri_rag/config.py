@@ -22,23 +22,25 @@ PositionScheme = Literal["fixed", "contiguous", "absolute"]
 Segmentation = Literal["triangle", "fixed"]
 IndexVectors = Literal["static", "dynamic"]
 RetrievalScope = Literal["shared", "per_kv_head"]
+SpanScoring = Literal["dot", "softmax"]
 
 _MODES = ("full", "streaming", "infllm", "ltri")
 _POSITION_SCHEMES = ("fixed", "contiguous", "absolute")
 _SEGMENTATIONS = ("triangle", "fixed")
 _INDEX_VECTORS = ("static", "dynamic")
 _SCOPES = ("shared", "per_kv_head")
+_SCORINGS = ("dot", "softmax")
 
 # Per-mode defaults for the fields declared ``None`` below.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": dict(position_scheme="absolute", segmentation="fixed", index_vectors="static",
-                 voting=False, persistence=False),
+                 voting=False, persistence=False, span_scoring="dot", consensus_weight=0.0, lookahead=False),
     "streaming": dict(position_scheme="contiguous", segmentation="fixed", index_vectors="static",
-                      voting=False, persistence=False),
+                      voting=False, persistence=False, span_scoring="dot", consensus_weight=0.0, lookahead=False),
     "infllm": dict(position_scheme="fixed", segmentation="fixed", index_vectors="static",
-                   voting=False, persistence=False),
+                   voting=False, persistence=False, span_scoring="dot", consensus_weight=0.0, lookahead=False),
     "ltri": dict(position_scheme="contiguous", segmentation="triangle", index_vectors="dynamic",
-                 voting=True, persistence=True),
+                 voting=False, persistence=True, span_scoring="softmax", consensus_weight=0.5, lookahead=True),
 }
 
 
@@ -51,6 +53,8 @@ class LtriConfig:
         num_sink_tokens: Tokens at the start of the stream that every query always sees (InfLLM: 128).
         local_window: Most recent tokens each query sees with their true relative positions (InfLLM: 4096).
         chunk_size: Tokens fed to the model per forward pass during prefill (InfLLM: 512).
+        final_chunk_size: The last tokens of each prompt are read as a chunk of their own (at most this long), so
+            that retrieval for the answer is driven by them (typically the question), not by a chunk of context.
         budget: Tokens of retrieved spans each layer may load per chunk / decoded token (InfLLM: 16 x 128).
         evict_stride: Window overflow (tokens) that triggers an eviction; the window is cut back to
             ``local_window``. Keeps decode from cutting one-token spans.
@@ -68,6 +72,12 @@ class LtriConfig:
         min_index_vectors: Lower clip of the dynamic count.
         max_index_vectors: Upper clip of the dynamic count.
         retrieval_scope: ``shared`` (one selection per layer for all heads) or ``per_kv_head``.
+        span_scoring: ``dot`` (InfLLM: mean query . best index vector) or ``softmax`` (each query's softmax over
+            spans of its best-vector scores, averaged: sharp retrieval heads outweigh diffuse ones).
+        consensus_weight: Weight in [0, 1] of the cross-layer evidence (all layers' span distributions, spread
+            over tokens) against the layer's own span distribution when ranking spans.
+        lookahead: Read the last chunk of each prompt twice: a first pass only gathers every layer's evidence,
+            so that the real pass ranks spans with all layers' votes (one extra chunk of compute per prompt).
         voting: Each query head votes for its own top spans; spans are ranked by votes, then score.
         persistence: Spans recalled recently keep a decaying bonus in later selections.
         persistence_bonus: Size of that bonus, in units of the score's standard deviation.
@@ -81,6 +91,7 @@ class LtriConfig:
     num_sink_tokens: int = 128
     local_window: int = 4096
     chunk_size: int = 512
+    final_chunk_size: int = 16
     budget: int = 2048
     evict_stride: int = 64
     page_size: int = 64
@@ -88,14 +99,17 @@ class LtriConfig:
     segmentation: Segmentation | None = None
     block_size: int = 128
     span_min_len: int = 8
-    span_max_len: int = 256
+    span_max_len: int = 64
     triangle_alpha: float = 1.0
     nms_min_score: float = 0.0
     index_vectors: IndexVectors | None = None
     num_index_vectors: int = 4
-    min_index_vectors: int = 1
+    min_index_vectors: int = 4
     max_index_vectors: int = 8
     retrieval_scope: RetrievalScope = "shared"
+    span_scoring: SpanScoring | None = None
+    consensus_weight: float | None = None
+    lookahead: bool | None = None
     voting: bool | None = None
     persistence: bool | None = None
     persistence_bonus: float = 0.5
@@ -112,23 +126,27 @@ class LtriConfig:
         self._check_choice("segmentation", _SEGMENTATIONS)
         self._check_choice("index_vectors", _INDEX_VECTORS)
         self._check_choice("retrieval_scope", _SCOPES)
+        self._check_choice("span_scoring", _SCORINGS)
         for name in ("num_sink_tokens", "budget"):
             self._check_int(name, minimum=0)
-        for name in ("local_window", "chunk_size", "evict_stride", "page_size", "block_size", "span_min_len",
+        for name in ("local_window", "chunk_size", "final_chunk_size", "evict_stride", "page_size", "block_size", "span_min_len",
                      "num_index_vectors", "min_index_vectors"):
             self._check_int(name, minimum=1)
         self._check_int("span_max_len", minimum=self.span_min_len)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
-        for name in ("voting", "persistence", "kv_offload"):
+        for name in ("voting", "persistence", "kv_offload", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay"):
+        for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",
+                     "consensus_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
         for name in ("triangle_alpha", "persistence_bonus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.consensus_weight <= 1.0:
+            raise ValueError(f"consensus_weight must be in [0, 1], got {self.consensus_weight!r}")
         if not 0.0 <= self.persistence_decay < 1.0:
             raise ValueError(f"persistence_decay must be in [0, 1), got {self.persistence_decay!r}")
         if self.mode == "infllm" and self.segmentation != "fixed":

@@ -49,13 +49,13 @@ class LtriSession:
             self.cache = LtriCache(model, config, batch_size=batch_size, device=self.device)
         self.num_tokens = 0
 
-    def _forward(self, input_ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, keep_all: bool, dry: bool = False) -> torch.Tensor:
         length = input_ids.shape[1]
         position_ids = torch.arange(self.num_tokens, self.num_tokens + length, device=self.device)
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 0 if keep_all else 1,
                   "position_ids": position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)}
         if isinstance(self.cache, LtriCache):
-            self.cache.begin_step(length)
+            self.cache.begin_step(length, dry=dry)
             try:
                 with ltri_attention_enabled(self.model):
                     out = self.model(input_ids=input_ids, ltri_cache=self.cache, **kwargs)
@@ -63,6 +63,8 @@ class LtriSession:
                 self.cache.plan = None
                 raise
             self.cache.end_step()
+            if dry:
+                return out.logits
         else:
             out = self.model(input_ids=input_ids, **kwargs)
         self.num_tokens += length
@@ -82,7 +84,9 @@ class LtriSession:
     def feed(self, input_ids: torch.Tensor, return_all_logits: bool = False) -> torch.Tensor:
         """Read ``input_ids: [batch, seq_len]`` (or ``[seq_len]``) in chunks of ``config.chunk_size``.
 
-        Mode ``full`` reads them in one pass, as the unmodified model would.
+        Mode ``full`` reads them in one pass, as the unmodified model would. With ``config.lookahead`` the last
+        chunk is first read once without keeping state, so that every layer's retrieval for it (and for the
+        tokens generated next) can use all layers' evidence.
 
         Returns:
             ``[batch, vocab]`` logits of the last token, or ``[batch, seq_len, vocab]`` with ``return_all_logits``.
@@ -90,16 +94,31 @@ class LtriSession:
         input_ids = self._check_ids(input_ids)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
-        step = input_ids.shape[1] if self.config.mode == "full" else self.config.chunk_size
-        starts = range(0, input_ids.shape[1], step)
+        bounds = self._chunk_bounds(input_ids.shape[1])
         pieces = []
-        bar = tqdm(starts, desc=f"prefill ({self.config.mode})", unit="chunk", disable=not self.progress or
-                   len(starts) < 2, leave=False)
-        for start in bar:
-            logits = self._forward(input_ids[:, start:start + step], keep_all=return_all_logits)
-            if return_all_logits or start + step >= input_ids.shape[1]:
+        bar = tqdm(bounds, desc=f"prefill ({self.config.mode})", unit="chunk", disable=not self.progress or
+                   len(bounds) < 2, leave=False)
+        for start, end in bar:
+            if end == input_ids.shape[1] and self._lookahead_useful():
+                self._forward(input_ids[:, start:end], keep_all=False, dry=True)
+            logits = self._forward(input_ids[:, start:end], keep_all=return_all_logits)
+            if return_all_logits or end == input_ids.shape[1]:
                 pieces.append(logits)
         return torch.cat(pieces, dim=1) if return_all_logits else pieces[-1][:, -1]
+
+    def _chunk_bounds(self, length: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of each chunk: ``chunk_size`` pieces, the last ``final_chunk_size`` tokens apart."""
+        if self.config.mode == "full":
+            return [(0, length)]
+        tail = min(self.config.final_chunk_size, length)
+        body = length - tail
+        bounds = [(s, min(s + self.config.chunk_size, body)) for s in range(0, body, self.config.chunk_size)]
+        return bounds + [(body, length)]
+
+    def _lookahead_useful(self) -> bool:
+        """A look-ahead pass helps only when enabled and there are spans to vote on."""
+        return (isinstance(self.cache, LtriCache) and bool(self.config.lookahead)
+                and self.config.consensus_weight > 0 and self.cache.memory_tokens() > 0)
 
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from ltri_rag.config import LtriConfig
+from ltri_rag.consensus import LayerConsensus
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, static_counts
 from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
+from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
 from ltri_rag.rope import rotate
@@ -39,6 +41,7 @@ class StepPlan:
         num_to_sinks: Leading tokens of the pass that become sink tokens.
         num_evict: Oldest window tokens evicted after the pass.
         first_slot: Pool slot of the first evicted token.
+        dry: A look-ahead pass: attend and gather cross-layer evidence, change no state.
     """
 
     pos0: int
@@ -46,6 +49,7 @@ class StepPlan:
     num_to_sinks: int
     num_evict: int
     first_slot: int
+    dry: bool = False
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,12 +65,14 @@ class SlidingLayerState:
         self.v: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
-               softcap: float | None) -> torch.Tensor:
-        """``q: [B, H, C, D]``, ``k, v: [B, Hkv, C, D]`` -> ``[B, H, C, D]`` float32."""
+               softcap: float | None, dry: bool = False) -> torch.Tensor:
+        """``q: [B, H, C, D]``, ``k, v: [B, Hkv, C, D]`` -> ``[B, H, C, D]`` float32 (``dry``: keep no state)."""
         keys, values = _cat(self.k, k, 2), _cat(self.v, v, 2)
         offset = keys.shape[2] - q.shape[2]
         out, _ = attention_with_lse(q, keys, values, scaling=scaling, causal_offset=offset,
                                     sliding_window=self.sliding_window, softcap=softcap)
+        if dry:
+            return out
         keep = self.sliding_window - 1
         self.k, self.v = keys[:, :, -keep:] if keep else keys[:, :, :0], values[:, :, -keep:] if keep else values[:, :, :0]
         return out
@@ -81,15 +87,17 @@ class GlobalLayerState:
         pool: Shared paged pool for evicted K/V (None for modes that drop evicted tokens).
         inv_freq: ``[rot_dim / 2]`` rotary inverse frequencies of this layer.
         batch_size: Sequences in the batch.
+        consensus: Shared cross-layer evidence (None: layers select alone).
     """
 
     def __init__(self, layer_idx: int, config: LtriConfig, pool: PagedKVPool | None, inv_freq: torch.Tensor,
-                 batch_size: int) -> None:
+                 batch_size: int, consensus: LayerConsensus | None = None) -> None:
         self.layer_idx = layer_idx
         self.cfg = config
         self.pool = pool
         self.inv_freq = inv_freq
         self.batch_size = batch_size
+        self.consensus = consensus
         self.sink_k: torch.Tensor | None = None  # [B, Hkv, s, D]
         self.sink_v: torch.Tensor | None = None
         self.win_k: torch.Tensor | None = None  # [B, Hkv, w, D]
@@ -102,7 +110,31 @@ class GlobalLayerState:
         self.last_selected_tokens = 0  # for reporting: tokens retrieved at the last step (max over sequences)
 
     # ----------------------------------------------------------------------------------------------- memory part
-    def _retrieved(self, q: torch.Tensor, plan: StepPlan) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``[H, S]`` per-query-head span scores of this layer."""
+        if self.cfg.span_scoring == "softmax":
+            return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling)
+        return table.scores(query_summary(q_free))
+
+    def _select(self, seq: int, table: SpanTable, q_free: torch.Tensor, scaling: float, dry: bool) -> torch.Tensor:
+        """``[rows, S]`` bool selection of one sequence's spans for this step."""
+        cfg = self.cfg
+        scores = self._own_scores(table, q_free, scaling)
+        kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
+                      recency=table.recency if cfg.persistence else None, bonus=cfg.persistence_bonus)
+        selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
+        if self.consensus is not None and cfg.consensus_weight > 0:
+            prior = self.consensus.span_prior(seq, table.lengths)
+            self.consensus.deposit(seq, table.lengths, selected.any(dim=0))
+            if prior is not None:
+                selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
+                                        prior_weight=cfg.consensus_weight, **kwargs)
+        if cfg.persistence and not dry:
+            table.recency = update_recency(table.recency, selected, cfg.persistence_decay)
+        return selected
+
+    def _retrieved(self, q: torch.Tensor, plan: StepPlan,
+                   scaling: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots, CPU)."""
         out = []
         num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
@@ -111,14 +143,8 @@ class GlobalLayerState:
             if len(table) == 0 or self.pool is None:
                 out.append((None, None, None))
                 continue
-            summary = query_summary(rotate(q[seq], -q_pos, self.inv_freq))  # [H, D]
-            scores = table.scores(summary)
-            selected = select_spans(scores, table.lengths, self.cfg.budget, num_kv_heads=num_kv_heads,
-                                    scope=self.cfg.retrieval_scope, voting=self.cfg.voting,
-                                    recency=table.recency if self.cfg.persistence else None,
-                                    bonus=self.cfg.persistence_bonus)
-            if self.cfg.persistence:
-                table.recency = update_recency(table.recency, selected, self.cfg.persistence_decay)
+            q_free = rotate(q[seq], -q_pos, self.inv_freq)  # [H, C, D] position-free queries
+            selected = self._select(seq, table, q_free, scaling, plan.dry)
             rows = table.slots(selected)
             width = max(r.numel() for r in rows)
             slots = torch.full((num_kv_heads, width), -1, dtype=torch.int64)
@@ -131,12 +157,12 @@ class GlobalLayerState:
             out.append((k, v, slots))
         return out
 
-    def _memory(self, q: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, ...] | None:
+    def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float) -> tuple[torch.Tensor, ...] | None:
         """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]``, positions ``[B, Hkv, M]``, or None if empty."""
         if self.sink_k is None and not any(len(t) for t in self.tables):
             return None
         batch = q.shape[0]
-        parts = self._retrieved(q, plan) if self.tables else [(None, None, None)] * batch
+        parts = self._retrieved(q, plan, scaling) if self.tables else [(None, None, None)] * batch
         num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         ref = self.sink_k if self.sink_k is not None else self.win_k
         num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
@@ -199,7 +225,7 @@ class GlobalLayerState:
         Returns:
             ``[B, H, C, D]`` float32 attention output.
         """
-        memory = self._memory(q, plan)
+        memory = self._memory(q, plan, scaling)
         if memory is None:
             out_m = lse_m = None
         else:
@@ -211,6 +237,8 @@ class GlobalLayerState:
                                 causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
                                 want_key_mass=self.cfg.retrieves, softcap=softcap)
         out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
+        if plan.dry:
+            return out
         self._absorb(k, v, local.key_mass, local.band, plan)
         if plan.num_evict:
             self._evict(plan)

@@ -4,7 +4,8 @@ Inputs are per-query-head span scores (from :func:`ltri_rag.kernels.span_scores`
     scope ``shared``: one selection for all heads (mean score over heads);
     scope ``per_kv_head``: one selection per KV head (mean over its query group);
     voting: each query head votes for its own top spans; spans rank by votes, ties broken by score;
-    persistence: a decaying bonus for spans recalled in recent steps (in units of the score's std).
+    persistence: a decaying bonus for spans recalled in recent steps (in units of the score's std);
+    prior: cross-layer evidence mixed into the (z-normalised) score.
 Selection fills the token budget greedily in rank order.
 """
 
@@ -27,8 +28,13 @@ def query_summary(query: torch.Tensor) -> torch.Tensor:
     return query.float().mean(dim=1)
 
 
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True, unbiased=False) + 1e-6)
+
+
 def _rank_keys(
-    scores: torch.Tensor, rows: int, recency: torch.Tensor | None, bonus: float, voting: bool, top_k: int
+    scores: torch.Tensor, rows: int, recency: torch.Tensor | None, bonus: float, voting: bool, top_k: int,
+    prior: torch.Tensor | None, prior_weight: float,
 ) -> torch.Tensor:
     """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores."""
     num_heads, num_spans = scores.shape
@@ -38,7 +44,9 @@ def _rank_keys(
         scores = torch.where(finite, scores, floor)
     grouped = scores.view(rows, num_heads // rows, num_spans)  # [R, G, S]
     base = grouped.mean(dim=1)  # [R, S]
-    z = (base - base.mean(dim=1, keepdim=True)) / (base.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
+    z = _zscore(base)
+    if prior is not None and prior_weight > 0:
+        z = (1.0 - prior_weight) * z + prior_weight * _zscore(prior.to(z.device).float())[None, :]
     if recency is not None and bonus > 0:
         z = z + bonus * recency.to(z.device)[None, :]
     if not voting:
@@ -60,6 +68,8 @@ def select_spans(
     voting: bool = False,
     recency: torch.Tensor | None = None,
     bonus: float = 0.0,
+    prior: torch.Tensor | None = None,
+    prior_weight: float = 0.0,
 ) -> torch.Tensor:
     """Spans to load, filling ``budget`` tokens in rank order.
 
@@ -72,6 +82,8 @@ def select_spans(
         voting: Rank by per-head votes first.
         recency: ``[num_spans]`` persistence state (see :func:`update_recency`) or None.
         bonus: Weight of ``recency``.
+        prior: ``[num_spans]`` cross-layer evidence (see :mod:`ltri_rag.consensus`) or None.
+        prior_weight: Weight in [0, 1] of ``prior`` against the layer's own scores (both z-normalised).
 
     Returns:
         ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``.
@@ -85,11 +97,28 @@ def select_spans(
     lengths = lengths.to(scores.device)
     mean_len = float(lengths.float().mean())
     top_k = max(1, int(budget / max(mean_len, 1.0)))
-    keys = _rank_keys(scores, rows, recency, bonus, voting, top_k)  # [R, S]
-    order = torch.argsort(keys, dim=1, descending=True, stable=True)
-    fits = torch.cumsum(lengths[order], dim=1) <= budget  # [R, S] prefix of the ranking
-    selected = torch.zeros(rows, num_spans, dtype=torch.bool, device=scores.device)
-    return selected.scatter(1, order, fits)
+    keys = _rank_keys(scores, rows, recency, bonus, voting, top_k, prior, prior_weight)
+    return _fill_budget(keys, lengths, budget)
+
+
+def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+    """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits."""
+    order = torch.argsort(keys, dim=1, descending=True, stable=True).cpu()
+    lens = lengths.cpu()
+    selected = torch.zeros(keys.shape, dtype=torch.bool)
+    for row in range(keys.shape[0]):
+        ranked_lens = lens[order[row]]
+        fits = torch.cumsum(ranked_lens, 0) <= budget  # the prefix that fits
+        n = int(fits.sum())
+        selected[row, order[row, :n]] = True
+        left = budget - int(ranked_lens[:n].sum())
+        for pos in range(n, ranked_lens.numel()):  # then anything smaller that still fits
+            if left < int(lens.min()):
+                break
+            if int(ranked_lens[pos]) <= left:
+                selected[row, order[row, pos]] = True
+                left -= int(ranked_lens[pos])
+    return selected.to(keys.device)
 
 
 def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:

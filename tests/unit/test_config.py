@@ -15,9 +15,9 @@ MODE_DEFAULTS = {
     "streaming": dict(position_scheme="contiguous", segmentation="fixed", index_vectors="static", voting=False,
                       persistence=False),
     "infllm": dict(position_scheme="fixed", segmentation="fixed", index_vectors="static", voting=False,
-                   persistence=False),
-    "ltri": dict(position_scheme="contiguous", segmentation="triangle", index_vectors="dynamic", voting=True,
-                 persistence=True),
+                   persistence=False, span_scoring="dot", consensus_weight=0.0, lookahead=False),
+    "ltri": dict(position_scheme="contiguous", segmentation="triangle", index_vectors="dynamic", voting=False,
+                 persistence=True, span_scoring="softmax", lookahead=True),
 }
 
 

@@ -1,0 +1,70 @@
+"""Cross-layer evidence: layers vote on which evicted tokens matter, and every layer sees the votes.
+
+Each layer votes for the spans it would load on its own evidence; a vote covers every token of the span, so
+votes are comparable between layers although each layer cuts its own spans. The fraction of layers voting for
+each pool *slot* becomes the *prior* of the next step (or of the real pass, after a look-ahead pass over the same
+chunk), and each layer reads it back as the mean vote over each of its own spans. A needle that only some layers
+find on their own is then loaded by all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LayerConsensus"]
+
+
+class LayerConsensus:
+    """Slot-level evidence of one batch, per sequence.
+
+    Args:
+        batch_size: Number of sequences.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.prior: list[torch.Tensor | None] = [None] * batch_size  # [num_slots] sums to 1
+        self._acc: list[torch.Tensor | None] = [None] * batch_size
+        self._count = [0] * batch_size
+
+    def span_prior(self, seq: int, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Mean prior vote over each span of a partition of slots ``[0, lengths.sum())``, or None without evidence.
+
+        Args:
+            seq: Sequence index.
+            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0.
+
+        Returns:
+            ``[num_spans]`` float32 on the prior's device, in [0, 1].
+        """
+        prior = self.prior[seq]
+        if prior is None or lengths.numel() == 0:
+            return None
+        total = int(lengths.sum())
+        cs = torch.zeros(total + 1, device=prior.device)
+        n = min(total, prior.numel())
+        cs[1:n + 1] = torch.cumsum(prior[:n], 0)
+        cs[n + 1:] = cs[n]
+        ends = torch.cumsum(lengths.to(prior.device), 0)
+        lengths = lengths.to(prior.device)
+        return (cs[ends] - cs[ends - lengths]) / lengths
+
+    def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor) -> None:
+        """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths."""
+        density = torch.repeat_interleave(votes.float(), lengths.to(votes.device))
+        acc = self._acc[seq]
+        if acc is None or acc.numel() < density.numel():
+            grown = torch.zeros(density.numel(), device=votes.device)
+            if acc is not None:
+                grown[: acc.numel()] = acc
+            acc = grown
+        acc[: density.numel()] += density
+        self._acc[seq] = acc
+        self._count[seq] += 1
+
+    def commit(self) -> None:
+        """Make the evidence gathered since the last commit the prior (sequences without new evidence keep theirs)."""
+        for seq, acc in enumerate(self._acc):
+            if acc is not None and self._count[seq]:
+                self.prior[seq] = acc / self._count[seq]
+        self._acc = [None] * len(self._acc)
+        self._count = [0] * len(self._count)
