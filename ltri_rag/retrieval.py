@@ -112,7 +112,7 @@ def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torc
         n = int(fits.sum())
         selected[row, order[row, :n]] = True
         left = budget - int(ranked_lens[:n].sum())
-        for pos in range(n, ranked_lens.numel()):  # then anything smaller that still fits
+        for pos in range(n, min(ranked_lens.numel(), n + 64)):  # then smaller spans that still fit (bounded)
             if left < int(lens.min()):
                 break
             if int(ranked_lens[pos]) <= left:
