@@ -1,11 +1,31 @@
 """Attention and scoring kernels (installed as ``ltri_rag.kernels``).
 
 Each function validates its inputs and runs a plain-torch reference path; Triton backends plug in behind the
-same signatures. Only torch (and triton) are imported here.
+same signatures. Only torch (and triton) are imported by the kernel modules.
+
+Exports are resolved lazily: in a source checkout the folder ``kernels/`` is also visible as a top-level name,
+and transformers probes a top-level ``kernels`` package on import; an eager import here would then pull in
+``ltri_rag`` (and transformers) in the middle of that probe.
 """
 
-from ltri_rag.kernels.attention import LocalAttention, attention_with_lse, local_attention, merge_attention
-from ltri_rag.kernels.scoring import span_probabilities, span_scores
+from __future__ import annotations
 
-__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "merge_attention", "span_probabilities",
-           "span_scores"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LocalAttention": "attention",
+    "attention_with_lse": "attention",
+    "local_attention": "attention",
+    "merge_attention": "attention",
+    "span_probabilities": "scoring",
+    "span_scores": "scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ltri_rag.kernels.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ltri_rag.kernels' has no attribute {name!r}")

@@ -172,12 +172,12 @@ def test_folders_are_not_top_level_packages_when_installed(tmp_path: Path) -> No
         assert out[name] is None or str(REPO) not in out[name], (name, out[name])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (layout): the repo-root folder kernels/ is importable as the top-level "
-                   "name 'kernels' whenever the repo root is on sys.path (python -c / python -m / pytest from the "
-                   "root). transformers probes for the Hub 'kernels' package with importlib.import_module, gets this "
-                   "folder, whose __init__ imports ltri_rag, which imports transformers again: circular ImportError")
 def test_transformers_imports_from_the_repo_root() -> None:
-    code = "from transformers import LlamaForCausalLM; import sys; print('kernels' in sys.modules)"
+    """From the repo root, transformers' probe for the Hub ``kernels`` package may find the folder ``kernels/``;
+    its lazy ``__init__`` must neither break the import nor pass for that package."""
+    code = ("from transformers import LlamaForCausalLM\n"
+            "from transformers.utils import is_kernels_available\n"
+            "print(is_kernels_available())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
+    assert proc.stdout.strip().splitlines()[-1] == "False"
