@@ -130,6 +130,17 @@ class LtriCache(Cache):
                              first_slot=first_slot)
         return self.plan
 
+    def abort_step(self) -> None:
+        """Forget the planned pass after a failed forward: give back its pool slots.
+
+        Layers that already attended in the failed pass may hold its tokens; a pass that failed before the first
+        layer (e.g. a bad token id) leaves no trace.
+        """
+        plan = self.plan
+        if plan is not None and not plan.dry and plan.num_evict and self.pool is not None:
+            self.pool.unreserve(plan.first_slot)
+        self.plan = None
+
     def end_step(self) -> None:
         """Commit the planned pass."""
         plan = self.plan

@@ -60,7 +60,7 @@ class LtriSession:
                 with ltri_attention_enabled(self.model):
                     out = self.model(input_ids=input_ids, ltri_cache=self.cache, **kwargs)
             except BaseException:
-                self.cache.plan = None
+                self.cache.abort_step()
                 raise
             self.cache.end_step()
             if dry:

@@ -54,6 +54,12 @@ class PagedKVPool:
         self._grow(self._next_page)
         return first
 
+    def unreserve(self, first_slot: int) -> None:
+        """Give back slots from ``first_slot`` on (a step that reserved them failed); their pages stay for reuse."""
+        if any(n < first_slot for n in self.num_slots):
+            raise ValueError(f"cannot unreserve from slot {first_slot}: sequences hold {self.num_slots}")
+        self.num_slots = [first_slot] * len(self.num_slots)
+
     def _grow(self, pages: int) -> None:
         if pages <= self._capacity:
             return
