@@ -7,21 +7,11 @@ import torch
 
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.layer import GlobalLayerState, SlidingLayerState
-from tests.unit.tiny_models import VOCAB, reference_logits, tiny_model
+from tests.unit.tiny_models import VOCAB, exact_config, reference_logits, tiny_model
+from tests.unit.tiny_models import random_ids as _ids
 
 ATOL = 1e-4
 
-
-def exact_config(mode: str, chunk_size: int, **overrides: object) -> LtriConfig:
-    """As in test_exactness: every evicted span retrieved at its true position (exact), tiny window."""
-    base = dict(mode=mode, num_sink_tokens=3, local_window=16, chunk_size=chunk_size, budget=100_000, page_size=5,
-                evict_stride=4, block_size=8, span_min_len=2, span_max_len=12, position_scheme="absolute")
-    base.update(overrides)
-    return LtriConfig(**base)  # type: ignore[arg-type]
-
-
-def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,18 @@ def reference_greedy(model: nn.Module, input_ids: torch.Tensor, num_tokens: int)
             nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
     return ids[:, input_ids.shape[1]:]
+
+
+def exact_config(mode: str, chunk_size: int, **overrides: object) -> "LtriConfig":
+    """Every evicted span retrieved at its true position (so the engine must be exact), with a tiny window."""
+    from ltri_rag import LtriConfig
+
+    base = dict(mode=mode, num_sink_tokens=3, local_window=16, chunk_size=chunk_size, budget=100_000, page_size=5,
+                evict_stride=4, block_size=8, span_min_len=2, span_max_len=12, position_scheme="absolute")
+    base.update(overrides)
+    return LtriConfig(**base)  # type: ignore[arg-type]
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """``[batch, length]`` seeded random token ids."""
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
