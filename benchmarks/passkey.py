@@ -80,11 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--sinks", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--indices", type=int, nargs="+", default=None,
+                        help="run only these sample indices (0 .. samples-1), e.g. to split a grid over calls")
     parser.add_argument("--seed-offset", type=int, default=1000, help="test split: seeds differ from tuning")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop cleanly after this long")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
+    bad = [i for i in args.indices or [] if not 0 <= i < args.samples]
+    if bad:
+        parser.error(f"--indices {bad} outside 0..{args.samples - 1}")
 
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with open(args.out / "samples.jsonl", "a", encoding="utf-8") as sink:
         for length in args.lengths:
-            for i in range(args.samples):
+            for i in (args.indices if args.indices is not None else range(args.samples)):
                 depth = 0.05 + 0.9 * i / max(args.samples - 1, 1)
                 sample = passkey_sample(tokenizer, length, depth, seed=args.seed_offset + i, haystack=haystack)
                 for mode in args.modes:
