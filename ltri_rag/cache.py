@@ -131,18 +131,22 @@ class LtriCache(Cache):
         return self.plan
 
     def abort_step(self) -> None:
-        """Forget the planned pass after a failed forward: give back its pool slots.
+        """Forget the planned pass after a failed forward: it leaves no trace.
 
-        Layers that already attended in the failed pass may hold its tokens; a pass that failed before the first
-        layer (e.g. a bad token id) leaves no trace.
+        Layers only stage their changes while attending (applied by :meth:`end_step`), so dropping the staged
+        changes, the cross-layer evidence of the pass and its reserved pool slots restores the state before it.
         """
         plan = self.plan
+        for state in self.states:
+            state.discard()
+        if self.consensus is not None:
+            self.consensus.discard()
         if plan is not None and not plan.dry and plan.num_evict and self.pool is not None:
             self.pool.unreserve(plan.first_slot)
         self.plan = None
 
     def end_step(self) -> None:
-        """Commit the planned pass."""
+        """Commit the planned pass: every layer applies what it staged while attending."""
         plan = self.plan
         if plan is None:
             raise RuntimeError("end_step called without begin_step")
@@ -151,6 +155,8 @@ class LtriCache(Cache):
         if plan.dry:
             self.plan = None
             return
+        for state in self.states:
+            state.commit(plan)
         self.seen_tokens += plan.q_len
         self.num_sinks += plan.num_to_sinks
         self.window_len += plan.q_len - plan.num_to_sinks - plan.num_evict

@@ -68,3 +68,8 @@ class LayerConsensus:
                 self.prior[seq] = acc / self._count[seq]
         self._acc = [None] * len(self._acc)
         self._count = [0] * len(self._count)
+
+    def discard(self) -> None:
+        """Drop the evidence gathered since the last commit (the pass that gathered it failed)."""
+        self._acc = [None] * len(self._acc)
+        self._count = [0] * len(self._count)

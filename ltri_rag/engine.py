@@ -88,6 +88,9 @@ class LtriSession:
         chunk is first read once without keeping state, so that every layer's retrieval for it (and for the
         tokens generated next) can use all layers' evidence.
 
+        If a pass fails (any exception, KeyboardInterrupt included), the chunks before it stay read (``num_tokens``
+        says how many tokens are) and the failed chunk leaves no trace, so feeding the rest from there is exact.
+
         Returns:
             ``[batch, vocab]`` logits of the last token, or ``[batch, seq_len, vocab]`` with ``return_all_logits``.
         """
@@ -100,8 +103,16 @@ class LtriSession:
                    len(bounds) < 2, leave=False)
         for start, end in bar:
             if end == input_ids.shape[1] and self._lookahead_useful():
+                consensus = self.cache.consensus
+                prior = list(consensus.prior)  # the look-ahead replaces it; put it back if the real pass fails
                 self._forward(input_ids[:, start:end], keep_all=False, dry=True)
-            logits = self._forward(input_ids[:, start:end], keep_all=return_all_logits)
+                try:
+                    logits = self._forward(input_ids[:, start:end], keep_all=return_all_logits)
+                except BaseException:
+                    consensus.prior = prior
+                    raise
+            else:
+                logits = self._forward(input_ids[:, start:end], keep_all=return_all_logits)
             if return_all_logits or end == input_ids.shape[1]:
                 pieces.append(logits)
         return torch.cat(pieces, dim=1) if return_all_logits else pieces[-1][:, -1]

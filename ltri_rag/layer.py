@@ -57,12 +57,16 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class SlidingLayerState:
-    """A sliding-window layer: keeps the last ``sliding_window - 1`` keys; exact."""
+    """A sliding-window layer: keeps the last ``sliding_window - 1`` keys; exact.
+
+    Like :class:`GlobalLayerState`, :meth:`attend` changes no state: the new window is kept by :meth:`commit`.
+    """
 
     def __init__(self, sliding_window: int) -> None:
         self.sliding_window = sliding_window
         self.k: torch.Tensor | None = None  # [B, Hkv, w, D]
         self.v: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # window after the pass being run
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
                softcap: float | None, dry: bool = False) -> torch.Tensor:
@@ -71,11 +75,20 @@ class SlidingLayerState:
         offset = keys.shape[2] - q.shape[2]
         out, _ = attention_with_lse(q, keys, values, scaling=scaling, causal_offset=offset,
                                     sliding_window=self.sliding_window, softcap=softcap)
-        if dry:
-            return out
-        keep = self.sliding_window - 1
-        self.k, self.v = keys[:, :, -keep:] if keep else keys[:, :, :0], values[:, :, -keep:] if keep else values[:, :, :0]
+        if not dry:
+            keep = self.sliding_window - 1
+            self._pending = (keys[:, :, -keep:], values[:, :, -keep:]) if keep else (keys[:, :, :0], values[:, :, :0])
         return out
+
+    def commit(self, plan: StepPlan) -> None:
+        """Keep the window of the pass just attended (called once every layer has attended)."""
+        if self._pending is not None:
+            self.k, self.v = self._pending
+        self._pending = None
+
+    def discard(self) -> None:
+        """Forget the pass just attended (the forward failed)."""
+        self._pending = None
 
 
 class GlobalLayerState:
@@ -108,6 +121,9 @@ class GlobalLayerState:
         self.tables: list[SpanTable] = []
         self.band_width = config.span_max_len if config.segmentation == "triangle" and config.retrieves else 0
         self.last_selected_tokens = 0  # for reporting: tokens retrieved at the last step (max over sequences)
+        # What the pass being run will change, applied by commit() once every layer has attended:
+        self._pending: tuple[torch.Tensor, ...] | None = None  # (k, v, key_mass, band) of the chunk
+        self._pending_recency: dict[int, torch.Tensor] = {}  # sequence -> persistence state after this pass
 
     # ----------------------------------------------------------------------------------------------- memory part
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -130,7 +146,7 @@ class GlobalLayerState:
                 selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
                                         prior_weight=cfg.consensus_weight, **kwargs)
         if cfg.persistence and not dry:
-            table.recency = update_recency(table.recency, selected, cfg.persistence_decay)
+            self._pending_recency[seq] = update_recency(table.recency, selected, cfg.persistence_decay)
         return selected
 
     def _retrieved(self, q: torch.Tensor, plan: StepPlan,
@@ -237,12 +253,31 @@ class GlobalLayerState:
                                 causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
                                 want_key_mass=self.cfg.retrieves, softcap=softcap)
         out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
-        if plan.dry:
-            return out
-        self._absorb(k, v, local.key_mass, local.band, plan)
+        if not plan.dry:
+            self._pending = (k, v, local.key_mass, local.band)
+        return out
+
+    def commit(self, plan: StepPlan) -> None:
+        """Apply the pass just attended: absorb the chunk, evict and segment, update persistence.
+
+        Called by the cache once every layer has attended, so that a forward pass that fails part-way changes no
+        layer (see :meth:`discard`).
+        """
+        for seq, recency in self._pending_recency.items():
+            self.tables[seq].recency = recency
+        self._pending_recency = {}
+        if self._pending is None:
+            return
+        k, v, key_mass, band = self._pending
+        self._pending = None
+        self._absorb(k, v, key_mass, band, plan)
         if plan.num_evict:
             self._evict(plan)
-        return out
+
+    def discard(self) -> None:
+        """Forget the pass just attended (the forward failed)."""
+        self._pending = None
+        self._pending_recency = {}
 
     def _absorb(self, k: torch.Tensor, v: torch.Tensor, key_mass: torch.Tensor | None, band: torch.Tensor | None,
                 plan: StepPlan) -> None:
