@@ -1,0 +1,302 @@
+"""Long-context quality grid: models x tasks x lengths x systems, every sample written to JSONL.
+
+Systems are the engine's modes (``full``, ``streaming``, ``infllm``, ``ltri``), ltri ablations, and text-chunk RAG
+(the same model answering from the top chunks of a standard splitter + all-MiniLM-L6-v2 + FAISS). The run resumes:
+rows already in ``samples.jsonl`` are skipped, so a grid larger than one GPU call is finished by calling again.
+
+Example (the lent GPU, several calls until done)::
+
+    python -m benchmarks.evaluate --model qwen=/tmp/m/qwen.gguf --model gemma=/tmp/m/gemma.gguf \\
+        --tasks niah_single niah_multikey vt qa_squad --lengths 4096 8192 16384 32768 --samples 20 \\
+        --out benchmarks/results/quality_h200 --max-seconds 560
+    python -m benchmarks.report benchmarks/results/quality_h200
+
+Seeds: split ``dev`` uses seeds 0.., ``test`` 100000.. (defaults are tuned on dev, reported on test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ltri_rag
+from benchmarks.long_tasks import TASKS, TaskSample, make_sample, max_new_tokens, score
+from ltri_rag import LtriConfig, LtriSession
+
+SPLIT_SEEDS = {"dev": 0, "test": 100_000}
+
+
+@dataclass(frozen=True)
+class System:
+    """One column of the grid.
+
+    Attributes:
+        name: Column name.
+        mode: Engine mode (``rag`` systems answer in ``full`` mode from retrieved chunks).
+        overrides: LtriConfig fields changed from the run's base settings.
+        rag_tokens: For RAG: ``budget`` (the retrieval budget) or ``working_set`` (sinks + budget + window).
+    """
+
+    name: str
+    mode: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    rag_tokens: str | None = None
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in [
+    System("full", "full"),
+    System("streaming", "streaming"),
+    System("infllm", "infllm"),
+    System("ltri", "ltri"),
+    System("rag", "full", rag_tokens="budget"),
+    System("rag_ws", "full", rag_tokens="working_set"),
+    # ablations of ltri, one knob at a time
+    System("ltri_static_iv", "ltri", {"index_vectors": "static"}),
+    System("ltri_no_consensus", "ltri", {"consensus_weight": 0.0, "lookahead": False}),
+    System("ltri_no_persistence", "ltri", {"persistence": False}),
+    System("ltri_head_voting", "ltri", {"voting": True}),
+    System("ltri_pos_fixed", "ltri", {"position_scheme": "fixed"}),
+    System("ltri_pos_absolute", "ltri", {"position_scheme": "absolute"}),
+    System("ltri_span_32", "ltri", {"span_max_len": 32}),
+    System("ltri_span_128", "ltri", {"span_max_len": 128}),
+    System("ltri_dot_scoring", "ltri", {"span_scoring": "dot"}),
+]}
+DEFAULT_SYSTEMS = ("full", "streaming", "infllm", "ltri", "rag")
+
+
+def parse_system(text: str) -> System:
+    """A system by name, or ``NAME=JSON`` with ``{"mode": ..., other LtriConfig fields}`` for a new one."""
+    if "=" not in text:
+        if text not in SYSTEMS:
+            raise argparse.ArgumentTypeError(f"unknown system {text!r}; known: {', '.join(SYSTEMS)} "
+                                             "(or NAME={json overrides})")
+        return SYSTEMS[text]
+    name, spec = text.split("=", 1)
+    try:
+        fields = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"system {name!r}: bad JSON {spec!r} ({err})") from err
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"system {name!r}: expected a JSON object, got {spec!r}")
+    mode = fields.pop("mode", "ltri")
+    rag = fields.pop("rag_tokens", None)
+    return System(name, mode, fields, rag)
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every system shares (window, budget, chunk, sinks)."""
+    return dict(local_window=args.window, budget=args.budget, chunk_size=args.chunk, num_sink_tokens=args.sinks)
+
+
+def system_config(system: System, args: argparse.Namespace) -> LtriConfig:
+    """The LtriConfig a system runs with (validated: a bad override fails before any model runs)."""
+    return LtriConfig(mode=system.mode, **{**base_config(args), **system.overrides})  # type: ignore[arg-type]
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a model file (None for Hub ids and directories)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_prompt(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new: int) -> dict[str, Any]:
+    """Greedy answer to ``prompt``: prediction, prefill/decode seconds, peak GPU bytes, token counts."""
+    device = next(model.parameters()).device
+    ids = ltri_rag.encode_prompt(tokenizer, prompt)
+    eos = {i for i in (getattr(tokenizer, "eos_token_id", None),) if isinstance(i, int)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    session = LtriSession(model, config)
+    logits = session.feed(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - start
+    out: list[int] = []
+    for _ in range(max_new):
+        token = int(logits[0].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        logits = session.step(torch.tensor([token]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total_s = time.perf_counter() - start
+    return {"prediction": tokenizer.decode(out, skip_special_tokens=True), "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s, "prompt_tokens": int(ids.numel()),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+            "usage": session.usage()}
+
+
+class Runner:
+    """Runs systems on samples of one model, with a lazily built text-RAG retriever.
+
+    Args:
+        model, tokenizer: The loaded model.
+        args: Parsed command line (window, budget, chunk, sinks, rag chunking).
+        rag_factory: Builds the RAG retriever from the tokenizer (tests inject a fake embedder here).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, args: argparse.Namespace,
+                 rag_factory: Callable[[Any], Any] | None = None) -> None:
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self._rag_factory = rag_factory
+        self._rag: Any = None
+
+    def rag(self) -> Any:
+        if self._rag is None:
+            if self._rag_factory is not None:
+                self._rag = self._rag_factory(self.tokenizer)
+            else:
+                from benchmarks.rag import TextRAG
+                self._rag = TextRAG(self.tokenizer, chunk_tokens=self.args.rag_chunk_tokens,
+                                    overlap_tokens=self.args.rag_overlap_tokens)
+        return self._rag
+
+    def run(self, system: System, sample: TaskSample) -> dict[str, Any]:
+        """One (system, sample) cell: the answer, its score and its costs."""
+        config = system_config(system, self.args)
+        prompt, extra = sample.prompt, {}
+        if system.rag_tokens is not None:
+            args = self.args
+            budget = args.budget if system.rag_tokens == "budget" else args.budget + args.window + args.sinks
+            began = time.perf_counter()
+            chunks = self.rag().retrieve(sample.context, sample.query or sample.question, budget)
+            prompt = sample.render(self.rag().build_context(chunks))
+            extra = {"rag_s": time.perf_counter() - began, "rag_chunks": len(chunks),
+                     "rag_tokens": sum(c.num_tokens for c in chunks)}
+        result = run_prompt(self.model, self.tokenizer, prompt, config, max_new_tokens(sample.task))
+        return {**result, **extra, "score": score(result["prediction"], sample)}
+
+
+def sample_plan(samples: int, split: str) -> list[tuple[int, float, int]]:
+    """``(index, depth, seed)`` of each sample: depths spread over 5-95%, seeds from the split."""
+    base = SPLIT_SEEDS[split]
+    return [(i, round(0.05 + 0.9 * i / max(samples - 1, 1), 3), base + i) for i in range(samples)]
+
+
+def load_done(path: Path) -> set[tuple[Any, ...]]:
+    """Keys of the rows already in ``samples.jsonl`` (a truncated last line is ignored)."""
+    done: set[tuple[Any, ...]] = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done.add((row["model"], row["system"], row["task"], row["length"], row["seed"]))
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="model to evaluate (Hub id, directory or .gguf); repeat for several")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--systems", nargs="+", type=parse_system,
+                        default=[SYSTEMS[s] for s in DEFAULT_SYSTEMS])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--split", choices=tuple(SPLIT_SEEDS), default="test")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--sinks", type=int, default=128)
+    parser.add_argument("--rag-chunk-tokens", type=int, default=256)
+    parser.add_argument("--rag-overlap-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop cleanly after this long")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    models = []
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--model must be NAME=PATH, got {spec!r}")
+        models.append((name, path))
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, got {args.samples}")
+    for system in args.systems:  # fail on a bad override now, not after an hour
+        try:
+            system_config(system, args)
+        except (TypeError, ValueError) as err:
+            parser.error(f"system {system.name!r}: {err}")
+    run_grid(models, args)
+
+
+def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
+             loader: Callable[[str], tuple[Any, Any]] | None = None,
+             rag_factory: Callable[[Any], Any] | None = None) -> list[dict[str, Any]]:
+    """Run every missing cell of the grid; append rows to ``args.out / samples.jsonl``; return the new rows."""
+    began = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / "samples.jsonl"
+    done = load_done(rows_path)
+    new_rows: list[dict[str, Any]] = []
+    plan = sample_plan(args.samples, args.split)
+    meta_path = args.out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": []}
+    for name, path in models:
+        todo = [(length, task, item, system) for length in args.lengths for task in args.tasks for item in plan
+                for system in args.systems if (name, system.name, task, length, item[2]) not in done]
+        if not todo:
+            continue
+        if time.perf_counter() - began > args.max_seconds:
+            break
+        model, tokenizer = (loader or (lambda p: ltri_rag.load_model(p, dtype=args.dtype, device=args.device)))(path)
+        device = next(model.parameters()).device
+        meta["runs"].append({"model": name, "path": path, "sha256": file_sha256(path),
+                             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                             "base_config": base_config(args), "split": args.split,
+                             "systems": {s.name: {"mode": s.mode, **s.overrides, "rag_tokens": s.rag_tokens}
+                                         for s in args.systems},
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        meta_path.write_text(json.dumps(meta, indent=2))
+        runner = Runner(model, tokenizer, args, rag_factory)
+        current: tuple[Any, ...] | None = None
+        sample: TaskSample | None = None
+        with open(rows_path, "a", encoding="utf-8") as sink:
+            for length, task, (index, depth, seed), system in todo:
+                if time.perf_counter() - began > args.max_seconds:
+                    print(f"time budget reached; {len(new_rows)} new rows; call again to resume", flush=True)
+                    return new_rows
+                if current != (task, length, seed):
+                    sample = make_sample(task, tokenizer, length, depth, seed)
+                    current = (task, length, seed)
+                result = runner.run(system, sample)
+                row = {"model": name, "system": system.name, "task": task, "length": length, "depth": depth,
+                       "seed": seed, "index": index, "split": args.split, "answers": list(sample.answers),
+                       "tokens": sample.num_tokens, **result}
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                new_rows.append(row)
+                print(f"{name} {task:<16} {length:>7} d={depth:.2f} {system.name:<18} score={row['score']:.2f} "
+                      f"prefill={row['prefill_s']:.2f}s pred={row['prediction'][:40]!r}", flush=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return new_rows
+
+
+if __name__ == "__main__":
+    main()
