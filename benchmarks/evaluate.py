@@ -17,7 +17,6 @@ Seeds: split ``dev`` uses seeds 0.., ``test`` 100000.. (defaults are tuned on de
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -29,7 +28,8 @@ import torch
 
 import ltri_rag
 from benchmarks.long_tasks import TASKS, TaskSample, make_sample, max_new_tokens, score
-from ltri_rag import LtriConfig, LtriSession
+from benchmarks.measure import file_sha256, run_prompt
+from ltri_rag import LtriConfig
 
 SPLIT_SEEDS = {"dev": 0, "test": 100_000}
 
@@ -101,51 +101,6 @@ def system_config(system: System, args: argparse.Namespace) -> LtriConfig:
     return LtriConfig(mode=system.mode, **{**base_config(args), **system.overrides})  # type: ignore[arg-type]
 
 
-def file_sha256(path: str) -> str | None:
-    """sha256 of a model file (None for Hub ids and directories)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def run_prompt(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new: int) -> dict[str, Any]:
-    """Greedy answer to ``prompt``: prediction, prefill/decode seconds, peak GPU bytes, token counts."""
-    device = next(model.parameters()).device
-    ids = ltri_rag.encode_prompt(tokenizer, prompt)
-    eos = {i for i in (getattr(tokenizer, "eos_token_id", None),) if isinstance(i, int)}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    session = LtriSession(model, config)
-    logits = session.feed(ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    prefill_s = time.perf_counter() - start
-    out: list[int] = []
-    for _ in range(max_new):
-        token = int(logits[0].argmax())
-        if token in eos:
-            break
-        out.append(token)
-        logits = session.step(torch.tensor([token]))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    total_s = time.perf_counter() - start
-    return {"prediction": tokenizer.decode(out, skip_special_tokens=True), "prefill_s": prefill_s,
-            "decode_s": total_s - prefill_s, "prompt_tokens": int(ids.numel()),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
-            "usage": session.usage()}
-
-
 class Runner:
     """Runs systems on samples of one model, with a lazily built text-RAG retriever.
 
@@ -206,16 +161,8 @@ def load_done(path: Path) -> set[tuple[Any, ...]]:
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                        help="model to evaluate (Hub id, directory or .gguf); repeat for several")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--systems", nargs="+", type=parse_system,
-                        default=[SYSTEMS[s] for s in DEFAULT_SYSTEMS])
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--split", choices=tuple(SPLIT_SEEDS), default="test")
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Options every grid command shares: engine sizes, RAG chunking, device, time budget, output."""
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=2048)
@@ -226,13 +173,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop cleanly after this long")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+
+
+def parse_models(parser: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, str]]:
+    """``NAME=PATH`` specs as pairs (a malformed one is a usage error naming it)."""
     models = []
-    for spec in args.model:
+    for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             parser.error(f"--model must be NAME=PATH, got {spec!r}")
         models.append((name, path))
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="model to evaluate (Hub id, directory or .gguf); repeat for several")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--systems", nargs="+", type=parse_system,
+                        default=[SYSTEMS[s] for s in DEFAULT_SYSTEMS])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--split", choices=tuple(SPLIT_SEEDS), default="test")
+    add_run_args(parser)
+    args = parser.parse_args(argv)
+    models = parse_models(parser, args.model)
     if args.samples < 1:
         parser.error(f"--samples must be >= 1, got {args.samples}")
     for system in args.systems:  # fail on a bad override now, not after an hour

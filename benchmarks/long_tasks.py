@@ -29,10 +29,11 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.tasks import data_dir
 
@@ -543,15 +544,8 @@ def _build_niah(task: str) -> Callable[..., _Spec]:
             question = _NIAH_Q_TWO.format(key1=keys[0], key2=keys[other])
             prefix = _NIAH_P_TWO.format(key1=keys[0], key2=keys[other])
             answers = (values[0], values[other])
-        source = _essay_source(rng, root_s)
-        fixed = (_count(tokenizer, _NIAH_INSTRUCTION + question + prefix) + _num_special(tokenizer)
-                 + _needle_tokens(tokenizer, needles))
-
-        def context(budget: int) -> str:
-            body = _essay_haystack(tokenizer, source, budget, target)
-            return _plant(body, list(zip(depths, needles)))[0]
-
-        return _Spec(_NIAH_INSTRUCTION, question, prefix, answers, fixed, context)
+        return _essay_spec(rng, tokenizer, root_s, target, _NIAH_INSTRUCTION, question, prefix, answers,
+                           list(zip(depths, needles)))
 
     return build
 
@@ -571,15 +565,22 @@ def _build_vt(rng: random.Random, tokenizer: Any, target: int, depth: float, roo
     depths = [depth] + sorted(rng.random() for _ in range(_VT_HOPS))
     question = _VT_QUESTION.format(value=value)
     prefix = _VT_PREFIX.format(n=len(names), value=value)
+    return _essay_spec(rng, tokenizer, root_s, target, _VT_INSTRUCTION, question, prefix, tuple(names),
+                       list(zip(depths, statements)))
+
+
+def _essay_spec(rng: random.Random, tokenizer: Any, root_s: str, target: int, instruction: str, question: str,
+                prefix: str, answers: tuple[str, ...], placed: list[tuple[float, str]]) -> _Spec:
+    """A task whose context is the essays with ``placed`` ``(depth, sentence)`` needles planted in them."""
     source = _essay_source(rng, root_s)
-    fixed = (_count(tokenizer, _VT_INSTRUCTION + question + prefix) + _num_special(tokenizer)
-             + _needle_tokens(tokenizer, statements))
+    fixed = (_count(tokenizer, instruction + question + prefix) + _num_special(tokenizer)
+             + _needle_tokens(tokenizer, [sentence for _, sentence in placed]))
 
     def context(budget: int) -> str:
         body = _essay_haystack(tokenizer, source, budget, target)
-        return _plant(body, list(zip(depths, statements)))[0]
+        return _plant(body, placed)[0]
 
-    return _Spec(_VT_INSTRUCTION, question, prefix, tuple(names), fixed, context)
+    return _Spec(instruction, question, prefix, answers, fixed, context)
 
 
 def _build_qa(rng: random.Random, tokenizer: Any, target: int, depth: float, root: Path) -> _Spec:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 import ltri_rag
+from benchmarks.measure import run_prompt
 from benchmarks.tasks import haystack_text, passkey_correct, passkey_sample
-from ltri_rag import LtriConfig, LtriSession
+from ltri_rag import LtriConfig
 
 MODES = ("full", "streaming", "infllm", "ltri")
 
@@ -33,26 +34,7 @@ def _config(mode: str, args: argparse.Namespace) -> LtriConfig:
 
 def run_sample(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new_tokens: int) -> dict[str, Any]:
     """Prefill (timed, peak memory) then greedy decode; returns prediction and measurements."""
-    device = next(model.parameters()).device
-    ids = ltri_rag.encode_prompt(tokenizer, prompt)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    session = LtriSession(model, config)
-    logits = session.feed(ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    prefill_s = time.perf_counter() - start
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits[0].argmax())
-        out.append(token)
-        logits = session.step(torch.tensor([token]))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return {"prediction": tokenizer.decode(out, skip_special_tokens=True), "prefill_s": prefill_s,
-            "peak_gpu_bytes": peak, "tokens": int(ids.numel()), "usage": session.usage()}
+    return run_prompt(model, tokenizer, prompt, config, max_new_tokens)
 
 
 def summarise(rows: list[dict[str, Any]]) -> str:

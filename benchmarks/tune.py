@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
-from benchmarks.evaluate import SYSTEMS, System, run_grid, system_config
+from benchmarks.evaluate import SYSTEMS, System, add_run_args, parse_models, run_grid, system_config
 from benchmarks.long_tasks import TASKS
 from benchmarks.report import fmt_cell, load_rows
 
@@ -60,21 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["niah_multikey", "vt", "qa_squad"], choices=TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--chunk", type=int, default=2048)
-    parser.add_argument("--sinks", type=int, default=128)
-    parser.add_argument("--rag-chunk-tokens", type=int, default=256)
-    parser.add_argument("--rag-overlap-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--max-seconds", type=float, default=float("inf"))
     parser.add_argument("--test", action="store_true", help="after dev is complete, run winner + default on test")
-    parser.add_argument("--out", type=Path, required=True)
+    add_run_args(parser)
     args = parser.parse_args(argv)
-    models = [tuple(m.split("=", 1)) for m in args.model]
-    if any(len(m) != 2 for m in models):
-        parser.error(f"--model must be NAME=PATH, got {args.model}")
+    models = parse_models(parser, args.model)
     systems = candidates(args.window, args.budget)
     for system in systems:
         system_config(system, args)

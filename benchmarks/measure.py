@@ -1,0 +1,60 @@
+"""Measuring one prompt: greedy answer, prefill / decode time, peak GPU memory (shared by the benchmarks)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ltri_rag
+from ltri_rag import LtriConfig, LtriSession
+
+__all__ = ["file_sha256", "run_prompt"]
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a model file (None for Hub ids and directories)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_prompt(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new: int) -> dict[str, Any]:
+    """Greedy answer to ``prompt``: prediction, prefill/decode seconds, peak GPU bytes, token counts."""
+    device = next(model.parameters()).device
+    ids = ltri_rag.encode_prompt(tokenizer, prompt)
+    eos = {i for i in (getattr(tokenizer, "eos_token_id", None),) if isinstance(i, int)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    session = LtriSession(model, config)
+    logits = session.feed(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - start
+    out: list[int] = []
+    for _ in range(max_new):
+        token = int(logits[0].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        logits = session.step(torch.tensor([token]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total_s = time.perf_counter() - start
+    return {"prediction": tokenizer.decode(out, skip_special_tokens=True), "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s, "prompt_tokens": int(ids.numel()),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+            "usage": session.usage()}
