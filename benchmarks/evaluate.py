@@ -101,6 +101,24 @@ def system_config(system: System, args: argparse.Namespace) -> LtriConfig:
     return LtriConfig(mode=system.mode, **{**base_config(args), **system.overrides})  # type: ignore[arg-type]
 
 
+def format_prompt(tokenizer: Any, sample: TaskSample, context: str, prompt_format: str) -> str | torch.Tensor:
+    """The sample around ``context`` as raw text, or (``chat``) as token ids of a user turn through the tokenizer's
+    chat template with the answer prefix opening the assistant turn (as RULER prompts instruct models).
+    ``auto`` is ``chat`` when the tokenizer has a chat template."""
+    if prompt_format not in ("raw", "chat", "auto"):
+        raise ValueError(f"prompt_format must be 'raw', 'chat' or 'auto', got {prompt_format!r}")
+    template = getattr(tokenizer, "chat_template", None)
+    if prompt_format == "raw" or (prompt_format == "auto" and not template):
+        return sample.render(context)
+    if not template:
+        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template")
+    user = sample.instruction + context + sample.question
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
+                                         add_generation_prompt=True)
+    text += sample.answer_prefix.lstrip()
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
 class Runner:
     """Runs systems on samples of one model, with a lazily built text-RAG retriever.
 
@@ -129,15 +147,16 @@ class Runner:
     def run(self, system: System, sample: TaskSample) -> dict[str, Any]:
         """One (system, sample) cell: the answer, its score and its costs."""
         config = system_config(system, self.args)
-        prompt, extra = sample.prompt, {}
+        context, extra = sample.context, {}
         if system.rag_tokens is not None:
             args = self.args
             budget = args.budget if system.rag_tokens == "budget" else args.budget + args.window + args.sinks
             began = time.perf_counter()
             chunks = self.rag().retrieve(sample.context, sample.query or sample.question, budget)
-            prompt = sample.render(self.rag().build_context(chunks))
+            context = self.rag().build_context(chunks)
             extra = {"rag_s": time.perf_counter() - began, "rag_chunks": len(chunks),
                      "rag_tokens": sum(c.num_tokens for c in chunks)}
+        prompt = format_prompt(self.tokenizer, sample, context, self.args.prompt_format)
         result = run_prompt(self.model, self.tokenizer, prompt, config, max_new_tokens(sample.task))
         return {**result, **extra, "score": score(result["prediction"], sample)}
 
@@ -169,6 +188,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinks", type=int, default=128)
     parser.add_argument("--rag-chunk-tokens", type=int, default=256)
     parser.add_argument("--rag-overlap-tokens", type=int, default=32)
+    parser.add_argument("--prompt-format", choices=("auto", "raw", "chat"), default="auto",
+                        help="chat: through the tokenizer's chat template (auto: when it has one)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop cleanly after this long")
@@ -234,6 +255,7 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
                              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                              "base_config": base_config(args), "split": args.split,
+                             "prompt_format": args.prompt_format,
                              "systems": {s.name: {"mode": s.mode, **s.overrides, "rag_tokens": s.rag_tokens}
                                          for s in args.systems},
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")})

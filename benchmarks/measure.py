@@ -27,10 +27,12 @@ def file_sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def run_prompt(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new: int) -> dict[str, Any]:
-    """Greedy answer to ``prompt``: prediction, prefill/decode seconds, peak GPU bytes, token counts."""
+def run_prompt(model: Any, tokenizer: Any, prompt: str | torch.Tensor, config: LtriConfig,
+               max_new: int) -> dict[str, Any]:
+    """Greedy answer to ``prompt`` (text, or token ids ``[seq_len]``): prediction, prefill/decode seconds, peak GPU
+    bytes, token counts. Decoding stops at an end-of-sequence token."""
     device = next(model.parameters()).device
-    ids = ltri_rag.encode_prompt(tokenizer, prompt)
+    ids = prompt if isinstance(prompt, torch.Tensor) else ltri_rag.encode_prompt(tokenizer, prompt)
     eos = {i for i in (getattr(tokenizer, "eos_token_id", None),) if isinstance(i, int)}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))

@@ -23,6 +23,7 @@ if not os.environ.get("CI"):  # CI installs the bench extra: there a missing pac
 def _args(out: Path, **over: object) -> argparse.Namespace:
     base = dict(tasks=["niah_single", "qa_squad"], lengths=[1500], samples=2, split="dev", window=64, budget=64,
                 chunk=128, sinks=8, rag_chunk_tokens=64, rag_overlap_tokens=8, dtype="float32", device="cpu",
+                prompt_format="auto",
                 max_seconds=float("inf"), out=out,
                 systems=[SYSTEMS[s] for s in ("full", "streaming", "infllm", "ltri", "rag")])
     base.update(over)
@@ -115,3 +116,22 @@ def test_cli_rejects_bad_model_spec(tmp_path: Path, capsys) -> None:
         evaluate.main(["--model", "a=b", "--systems", 'x={"span_max_len": -1}', "--out", str(tmp_path)])
     assert "system 'x'" in capsys.readouterr().err
 
+
+
+def test_chat_format_wraps_the_sample_in_the_template(loaded) -> None:
+    from benchmarks.evaluate import format_prompt
+    from benchmarks.long_tasks import make_sample
+
+    _, tokenizer = loaded
+    sample = make_sample("niah_single", tokenizer, 1500, 0.5, 0)
+    assert format_prompt(tokenizer, sample, sample.context, "raw") == sample.prompt
+    ids = format_prompt(tokenizer, sample, "CTX", "auto")  # the tiny tokenizer has a chat template
+    text = tokenizer.decode(ids)
+    assert text.startswith("<s><|user|>") and "CTX" in text and "<|assistant|>" in text
+    assert text.endswith(sample.answer_prefix.lstrip())
+    with pytest.raises(ValueError, match="prompt_format"):
+        format_prompt(tokenizer, sample, "CTX", "xml")
+    plain = tiny_tokenizer(chat_template=None)
+    assert format_prompt(plain, sample, "CTX", "auto") == sample.render("CTX")
+    with pytest.raises(ValueError, match="chat template"):
+        format_prompt(plain, sample, "CTX", "chat")
