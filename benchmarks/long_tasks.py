@@ -23,18 +23,30 @@ outside ``[target - 4%, target + 48]`` is rebuilt with a corrected budget, which
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import json
 import math
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from benchmarks.haystack import (
+    CHAPTER,
+    Tokenized,
+    books_lower,
+    count_tokens,
+    cut_at_sentence,
+    essays_lower,
+    load_books,
+    load_essays,
+    load_squad,
+    normalise,
+    num_special_tokens,
+    plant,
+    squad_lengths,
+    tokenize_prefix,
+)
 from benchmarks.tasks import data_dir
 
 __all__ = ["TASKS", "TaskSample", "make_sample", "max_new_tokens", "score"]
@@ -50,7 +62,6 @@ _NUM_NEEDLES = 4  # needles of the multi-needle NIAH tasks
 _VT_HOPS = 4
 _MIN_HAYSTACK = 64  # fewer haystack tokens than this left after the needles: num_tokens is too small
 _LOW, _HIGH = 0.04, 48  # accepted prompt length: [target * (1 - _LOW), target + _HIGH]
-_BOOKS = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice", "sense_and_sensibility")
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,8 @@ def score(prediction: str, sample: TaskSample) -> float:
 
     ``"all"``: the fraction of answers found; ``"any"``: 1.0 if any answer is found, else 0.0.
     """
-    pred = _norm(prediction)
-    found = [_norm(a) in pred for a in sample.answers]
+    pred = normalise(prediction)
+    found = [normalise(a) in pred for a in sample.answers]
     if not found:
         return 0.0
     if sample.metric == "all":
@@ -225,227 +236,9 @@ _BOOK_QUESTION = ("\n\nIn the passage above, what number was marked on the {cont
 _BOOK_PREFIX = " Answer: The {container} in which Mrs. {surname} kept her {item} was marked with the number"
 
 
-# ---------------------------------------------------------------------------------------------------- text helpers
-# A sentence ends at . ! or ? (plus closing quotes/brackets) followed by whitespace and a capital letter, digit or
-# opening quote, or directly by a capital (the essays lost some paragraph breaks: "accelerating.We"). Titles such as
-# "Mr." or "Mrs." are not ends.
-_SENTENCE_END = re.compile(
-    r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bEsq)(?<!\bCol)(?<!\bCapt)(?<!\bNo)(?<!\b[A-Z])"
-    r"[.!?][\"'\u201d\u2019)\]]*(?=\s+[\"'\u201c\u2018(]?[A-Z0-9]|[A-Z])")
-# A paragraph ends at a sentence end followed by a blank line.
-_PARAGRAPH_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=[ \t]*\n[ \t]*\n)")
-_CHAPTER = re.compile(r"^[ \t]*chapter\s+[ivxlcdm\d]+\.?[ \t]*$", re.IGNORECASE | re.MULTILINE)
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-
-
-def _sentence_ends(text: str) -> list[int]:
-    return [m.end() for m in _SENTENCE_END.finditer(text)]
-
-
-def _paragraph_ends(text: str) -> list[int]:
-    return [m.end() for m in _PARAGRAPH_END.finditer(text)]
-
-
-def _nearest(points: list[int], target: float) -> int:
-    """The element of sorted ``points`` nearest to ``target``."""
-    i = bisect.bisect_left(points, target)
-    best = [points[j] for j in (i - 1, i) if 0 <= j < len(points)]
-    return min(best, key=lambda p: (abs(p - target), p))
-
-
-def _count(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _num_special(tokenizer: Any) -> int:
-    """Tokens the tokenizer adds to every string by default (BOS/EOS)."""
-    return len(tokenizer("")["input_ids"])
-
-
-class _Tokenized:
-    """A long text and, for each prefix length in tokens, the character where it ends."""
-
-    def __init__(self, tokenizer: Any, text: str) -> None:
-        self.text = text
-        try:
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            self.ends: list[int] | None = [end for _, end in enc["offset_mapping"]]
-            self.ids = enc["input_ids"]
-        except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizer: no offsets
-            self.ends = None
-            self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        self._tokenizer = tokenizer
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def char_at(self, n: int) -> int:
-        """Character offset where the first ``n`` tokens end."""
-        n = max(0, min(n, len(self.ids)))
-        if n == 0:
-            return 0
-        if self.ends is not None:
-            return self.ends[n - 1]
-        return min(len(self._tokenizer.decode(self.ids[:n])), len(self.text))
-
-
-def _tokenize_prefix(tokenizer: Any, text: str, tokens: int) -> _Tokenized:
-    """Tokenize a prefix of ``text`` that holds at least ``tokens`` tokens (or all of it), without tokenizing much
-    more than needed."""
-    probe = text[:20000]
-    ratio = max(len(probe) / max(_count(tokenizer, probe), 1), 0.5)  # characters per token
-    n_chars = int(tokens * ratio * 1.1) + 2000
-    while True:
-        tok = _Tokenized(tokenizer, text[:n_chars])
-        if len(tok) >= tokens or n_chars >= len(text):
-            return tok
-        n_chars = int(n_chars * 1.5) + 1000
-
-
-def _cut(tok: _Tokenized, tokens: int, total: int) -> str:
-    """About ``tokens`` tokens of ``tok``'s text, ending at a sentence end.
-
-    Prefers the last sentence end within ``[tokens - slack, tokens + 24]`` (``slack`` is 3% of the prompt's target
-    ``total``); with none there (very long sentences), cuts at the last space before ``tokens``.
-    """
-    if tokens >= len(tok):
-        return tok.text
-    lo = tok.char_at(tokens - max(int(0.03 * total), 8))
-    hi = tok.char_at(tokens + 24)
-    window = tok.text[lo:hi + 64] + (" X" if hi + 64 >= len(tok.text) else "")  # sentinel: the text end is an end
-    ends = [e for e in _sentence_ends(window) if e <= hi - lo]
-    if ends:
-        return tok.text[:lo + ends[-1]]
-    at = tok.char_at(tokens)
-    space = tok.text.rfind(" ", lo, at)
-    return tok.text[:space if space > 0 else at]
-
-
-def _plant(body: str, needles: list[tuple[float, str]], sep: str = " ", paragraphs: bool = False
-           ) -> tuple[str, list[int]]:
-    """Insert each ``(depth, text)`` at the boundary of ``body`` nearest to ``depth * len(body)``.
-
-    Boundaries are sentence ends (``paragraphs``: paragraph ends where one is within 5% of the target), plus the
-    start and end of ``body``. Returns the new text and each needle's character offset in it.
-    """
-    sentences = sorted({0, len(body), *_sentence_ends(body)})
-    par = sorted({0, len(body), *_paragraph_ends(body)}) if paragraphs else []
-    placed = []
-    for order, (depth, text) in enumerate(needles):
-        target = depth * len(body)
-        at = _nearest(sentences, target)
-        if par:
-            p = _nearest(par, target)
-            if abs(p - target) <= 0.05 * len(body):
-                at = p
-        placed.append((at, order, text))
-    placed.sort()
-    out, last, offsets = [], 0, [0] * len(needles)
-    length, prev_at = 0, None
-    for k, (at, order, text) in enumerate(placed):
-        chunk = body[last:at]
-        out.append(chunk)
-        length += len(chunk)
-        lead = sep if at > 0 or prev_at == at else ""
-        offsets[order] = length + len(lead)
-        piece = lead + text
-        last_here = k + 1 == len(placed) or placed[k + 1][0] != at
-        if last_here and at < len(body) and not body[at:at + len(sep)].isspace():
-            piece += sep
-        out.append(piece)
-        length += len(piece)
-        last, prev_at = at, at
-    out.append(body[last:])
-    return "".join(out), offsets
-
-
-# ---------------------------------------------------------------------------------------------------- data loading
-@lru_cache(maxsize=4)
-def _essays(root: str) -> tuple[str, ...]:
-    folder = Path(root) / "paul_graham_essays"
-    essays = tuple(p.read_text(encoding="utf-8").strip() for p in sorted(folder.glob("*.txt")))
-    if not essays:
-        raise FileNotFoundError(f"no essays in {folder}")
-    return essays
-
-
-@lru_cache(maxsize=4)
-def _books(root: str) -> tuple[str, ...]:
-    folder = Path(root) / "austen"
-    paths = [folder / f"{name}.txt" for name in _BOOKS]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"missing Austen novels: {', '.join(missing)}")
-    return tuple(p.read_text(encoding="utf-8").strip() for p in paths)
-
-
-@lru_cache(maxsize=4)
-def _books_lower(root: str) -> str:
-    return "\n".join(_books(root)).lower()
-
-
-@lru_cache(maxsize=4)
-def _essays_lower(root: str) -> str:
-    return "\n".join(_essays(root)).lower()
-
-
-@dataclass(frozen=True)
-class _Squad:
-    paragraphs: tuple[str, ...]  # every paragraph
-    article_of: tuple[int, ...]  # article index of each paragraph
-    questions: tuple[tuple[int, str, tuple[str, ...]], ...]  # (paragraph index, question, answers)
-
-
-@lru_cache(maxsize=2)
-def _squad(root: str) -> _Squad:
-    path = Path(root) / "squad" / "squaddev_v1.1.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no SQuAD dev set at {path}")
-    data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    paragraphs, article_of, questions = [], [], []
-    for a, article in enumerate(data):
-        for para in article["paragraphs"]:
-            p = len(paragraphs)
-            paragraphs.append(" ".join(para["context"].split()))
-            article_of.append(a)
-            for qa in para["qas"]:
-                question = " ".join(qa["question"].split())
-                answers = tuple(dict.fromkeys(" ".join(x["text"].split()) for x in qa["answers"]))
-                answers = tuple(x for x in answers if x)
-                # Keep questions whose answers are all non-empty and none is given away by the question itself.
-                if answers and not any(_norm(x) in _norm(question) for x in answers):
-                    questions.append((p, question, answers))
-    return _Squad(tuple(paragraphs), tuple(article_of), tuple(questions))
-
-
-_TOKEN_CACHE: dict[tuple[int, str], tuple[Any, Any]] = {}
-
-
-def _per_tokenizer(tokenizer: Any, key: str, compute: Callable[[], Any]) -> Any:
-    """Memoize ``compute()`` per (tokenizer object, key); a few entries only."""
-    hit = _TOKEN_CACHE.get((id(tokenizer), key))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    if len(_TOKEN_CACHE) >= 8:
-        _TOKEN_CACHE.clear()
-    value = compute()
-    _TOKEN_CACHE[(id(tokenizer), key)] = (tokenizer, value)
-    return value
-
-
-def _squad_lengths(tokenizer: Any, root: str) -> list[int]:
-    def compute() -> list[int]:
-        squad = _squad(root)
-        return [len(ids) for ids in tokenizer(list(squad.paragraphs), add_special_tokens=False)["input_ids"]]
-    return _per_tokenizer(tokenizer, f"squad:{root}", compute)
 
 
 # --------------------------------------------------------------------------------------------------------- builders
@@ -500,7 +293,7 @@ def _fresh_number(rng: random.Random, digits: int, taken: set[str], corpus: str)
 
 def _essay_source(rng: random.Random, root: str) -> str:
     """The essays joined, starting at a seeded essay (the rest follow in file order, wrapping around)."""
-    essays = _essays(root)
+    essays = load_essays(root)
     start = rng.randrange(len(essays))
     return "\n\n".join(essays[start:] + essays[:start])
 
@@ -508,21 +301,21 @@ def _essay_source(rng: random.Random, root: str) -> str:
 def _essay_haystack(tokenizer: Any, source: str, budget: int, total: int) -> str:
     """About ``budget`` tokens of ``source`` (repeated when the budget is longer than all the essays)."""
     text = source
-    tok = _tokenize_prefix(tokenizer, text, budget + 64)
+    tok = tokenize_prefix(tokenizer, text, budget + 64)
     while len(tok) < budget + 64:
         text = text + "\n\n" + source
-        tok = _tokenize_prefix(tokenizer, text, budget + 64)
-    return _cut(tok, budget, total)
+        tok = tokenize_prefix(tokenizer, text, budget + 64)
+    return cut_at_sentence(tok, budget, total)
 
 
 def _needle_tokens(tokenizer: Any, needles: list[str], sep: str = " ") -> int:
-    return sum(_count(tokenizer, sep + n) for n in needles)
+    return sum(count_tokens(tokenizer, sep + n) for n in needles)
 
 
 def _build_niah(task: str) -> Callable[..., _Spec]:
     def build(rng: random.Random, tokenizer: Any, target: int, depth: float, root: Path) -> _Spec:
         root_s = str(root)
-        corpus = _essays_lower(root_s)
+        corpus = essays_lower(root_s)
         pairs = rng.sample([(a, n) for a in _ADJECTIVES for n in _NOUNS], _NUM_NEEDLES)
         keys = [f"{a}-{n}" for a, n in pairs]
         taken: set[str] = set()
@@ -552,7 +345,7 @@ def _build_niah(task: str) -> Callable[..., _Spec]:
 
 def _build_vt(rng: random.Random, tokenizer: Any, target: int, depth: float, root: Path) -> _Spec:
     root_s = str(root)
-    corpus = _essays_lower(root_s)
+    corpus = essays_lower(root_s)
     names: list[str] = []
     while len(names) < _VT_HOPS + 1:
         name = "".join(rng.choice(_LETTERS) for _ in range(5))
@@ -573,22 +366,22 @@ def _essay_spec(rng: random.Random, tokenizer: Any, root_s: str, target: int, in
                 prefix: str, answers: tuple[str, ...], placed: list[tuple[float, str]]) -> _Spec:
     """A task whose context is the essays with ``placed`` ``(depth, sentence)`` needles planted in them."""
     source = _essay_source(rng, root_s)
-    fixed = (_count(tokenizer, instruction + question + prefix) + _num_special(tokenizer)
+    fixed = (count_tokens(tokenizer, instruction + question + prefix) + num_special_tokens(tokenizer)
              + _needle_tokens(tokenizer, [sentence for _, sentence in placed]))
 
     def context(budget: int) -> str:
         body = _essay_haystack(tokenizer, source, budget, target)
-        return _plant(body, placed)[0]
+        return plant(body, placed)[0]
 
     return _Spec(instruction, question, prefix, answers, fixed, context)
 
 
 def _build_qa(rng: random.Random, tokenizer: Any, target: int, depth: float, root: Path) -> _Spec:
     root_s = str(root)
-    squad = _squad(root_s)
-    lengths = _squad_lengths(tokenizer, root_s)
-    header = _count(tokenizer, _QA_DOC.format(i=100, text="") + _QA_SEP)  # per-document overhead (about)
-    fixed_text = _count(tokenizer, _QA_INSTRUCTION + _QA_PREFIX) + _num_special(tokenizer)
+    squad = load_squad(root_s)
+    lengths = squad_lengths(tokenizer, root_s)
+    header = count_tokens(tokenizer, _QA_DOC.format(i=100, text="") + _QA_SEP)  # per-document overhead (about)
+    fixed_text = count_tokens(tokenizer, _QA_INSTRUCTION + _QA_PREFIX) + num_special_tokens(tokenizer)
     room = target - fixed_text - 64
     # Draw questions until the gold paragraph takes at most half of the room (at long lengths: the first draw).
     for _ in range(1000):
@@ -601,7 +394,7 @@ def _build_qa(rng: random.Random, tokenizer: Any, target: int, depth: float, roo
     gold_article = squad.article_of[p_gold]
     order = [p for p in range(len(squad.paragraphs)) if squad.article_of[p] != gold_article]
     rng.shuffle(order)
-    fixed = _count(tokenizer, _QA_INSTRUCTION + question + _QA_PREFIX) + _num_special(tokenizer) \
+    fixed = count_tokens(tokenizer, _QA_INSTRUCTION + question + _QA_PREFIX) + num_special_tokens(tokenizer) \
         + lengths[p_gold] + header
 
     def context(budget: int) -> str:
@@ -615,7 +408,7 @@ def _build_qa(rng: random.Random, tokenizer: Any, target: int, depth: float, roo
                 left -= cost
                 continue
             if left - header >= 24:
-                part = _cut(_Tokenized(tokenizer, squad.paragraphs[p]), left - header, target)
+                part = cut_at_sentence(Tokenized(tokenizer, squad.paragraphs[p]), left - header, target)
                 if part:
                     chosen.append(part)
             break
@@ -628,8 +421,8 @@ def _build_qa(rng: random.Random, tokenizer: Any, target: int, depth: float, roo
 
 def _build_book(rng: random.Random, tokenizer: Any, target: int, depth: float, root: Path) -> _Spec:
     root_s = str(root)
-    books = _books(root_s)
-    corpus = _books_lower(root_s)
+    books = load_books(root_s)
+    corpus = books_lower(root_s)
     surname = rng.choice([s for s in _SURNAMES if s.lower() not in corpus])
     item, container = rng.choice(_POSSESSIONS), rng.choice(_CONTAINERS)
     code = _fresh_number(rng, 7, set(), corpus)
@@ -638,24 +431,24 @@ def _build_book(rng: random.Random, tokenizer: Any, target: int, depth: float, r
     prefix = _BOOK_PREFIX.format(surname=surname, item=item, container=container)
     b = rng.randrange(len(books))
     chapter_draw = rng.random()
-    fixed = (_count(tokenizer, _BOOK_INSTRUCTION + question + prefix) + _num_special(tokenizer)
-             + _count(tokenizer, "\n\n" + fact))
+    fixed = (count_tokens(tokenizer, _BOOK_INSTRUCTION + question + prefix) + num_special_tokens(tokenizer)
+             + count_tokens(tokenizer, "\n\n" + fact))
 
     def source_for(budget: int) -> str:
         # Start at a seeded chapter of the chosen novel that leaves enough of it for the budget; when the budget is
         # longer than what is left of the novel, start at its beginning and go on into the next novels (cyclically).
         book = books[b]
         probe = book[:20000]
-        need_chars = budget * len(probe) / max(_count(tokenizer, probe), 1) * 1.1 + 2000
-        starts = [m.start() for m in _CHAPTER.finditer(book)]
+        need_chars = budget * len(probe) / max(count_tokens(tokenizer, probe), 1) * 1.1 + 2000
+        starts = [m.start() for m in CHAPTER.finditer(book)]
         fits = [s for s in starts if len(book) - s >= need_chars]
         start = fits[int(chapter_draw * len(fits))] if fits else 0
         return "\n\n\n".join([book[start:]] + [books[(b + i) % len(books)] for i in range(1, 2 * len(books))])
 
     def context(budget: int) -> str:
-        tok = _tokenize_prefix(tokenizer, source_for(budget), budget + 64)
-        body = _cut(tok, budget, target)
-        return _plant(body, [(depth, fact)], sep="\n\n", paragraphs=True)[0]
+        tok = tokenize_prefix(tokenizer, source_for(budget), budget + 64)
+        body = cut_at_sentence(tok, budget, target)
+        return plant(body, [(depth, fact)], sep="\n\n", paragraphs=True)[0]
 
     return _Spec(_BOOK_INSTRUCTION, question, prefix, (code,), fixed, context)
 
