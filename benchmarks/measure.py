@@ -11,6 +11,7 @@ import torch
 
 import ltri_rag
 from ltri_rag import LtriConfig, LtriSession
+from ltri_rag.generation import eos_token_ids
 
 __all__ = ["file_sha256", "run_prompt"]
 
@@ -33,9 +34,7 @@ def run_prompt(model: Any, tokenizer: Any, prompt: str | torch.Tensor, config: L
     bytes, token counts. Decoding stops at an end-of-sequence token."""
     device = next(model.parameters()).device
     ids = prompt if isinstance(prompt, torch.Tensor) else ltri_rag.encode_prompt(tokenizer, prompt)
-    eos = {i for i in (getattr(tokenizer, "eos_token_id", None),) if isinstance(i, int)}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    eos = eos_token_ids(model, tokenizer)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -32,11 +32,6 @@ def _config(mode: str, args: argparse.Namespace) -> LtriConfig:
                       num_sink_tokens=args.sinks)
 
 
-def run_sample(model: Any, tokenizer: Any, prompt: str, config: LtriConfig, max_new_tokens: int) -> dict[str, Any]:
-    """Prefill (timed, peak memory) then greedy decode; returns prediction and measurements."""
-    return run_prompt(model, tokenizer, prompt, config, max_new_tokens)
-
-
 def summarise(rows: list[dict[str, Any]]) -> str:
     """Markdown table: accuracy, mean prefill seconds and max peak GPU GiB per (length, mode)."""
     lines = ["| length | mode | correct | accuracy | prefill s (mean) | peak GPU GiB (max) |",
@@ -94,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                         (args.out / "summary.md").write_text(summarise(rows) + "\n")
                         print(summarise(rows))
                         return
-                    result = run_sample(model, tokenizer, sample.prompt, _config(mode, args), args.max_new_tokens)
+                    result = run_prompt(model, tokenizer, sample.prompt, _config(mode, args), args.max_new_tokens)
                     row = {"mode": mode, "length": length, "depth": round(depth, 3), "answer": sample.answer,
                            "correct": passkey_correct(result["prediction"], sample.answer), **result}
                     rows.append(row)

@@ -12,7 +12,7 @@ from torch import nn
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 
-__all__ = ["GenerationResult", "encode_prompt", "generate", "stream_generate", "generate_ids"]
+__all__ = ["GenerationResult", "encode_prompt", "eos_token_ids", "generate", "stream_generate", "generate_ids"]
 
 Messages = Sequence[dict[str, Any]]
 Prompt = Union[str, Messages]
@@ -62,7 +62,8 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """Token ids that end generation: the model's generation config and the tokenizer's eos token."""
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
     for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
@@ -102,7 +103,7 @@ def _stream_ids(
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt)
     session = LtriSession(model, config, progress=progress)
     logits = session.feed(ids)[0]
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out: list[int] = []
     text = ""
