@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,7 +194,39 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop cleanly after this long")
+    parser.add_argument("--order", choices=("sample", "length"), default="sample",
+                        help="sample: sample 0 at every length and task, then sample 1, ... (a run cut short still "
+                             "covers every cell); length: all samples of the shortest length first")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                        help="run only every N-th sample (those with position %% N == I) so N processes share a grid "
+                             "(see benchmarks/parallel.py)")
     parser.add_argument("--out", type=Path, required=True)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` as ``(I, N)`` with ``0 <= I < N``."""
+    index, sep, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return shard
+
+
+def grid_groups(args: argparse.Namespace) -> list[tuple[int, str, tuple[int, float, int]]]:
+    """This shard's ``(length, task, (index, depth, seed))`` samples in run order (see ``--order``)."""
+    plan = sample_plan(args.samples, args.split)
+    order = getattr(args, "order", "sample")
+    if order == "sample":
+        groups = [(length, task, item) for item in plan for length in args.lengths for task in args.tasks]
+    elif order == "length":
+        groups = [(length, task, item) for length in args.lengths for task in args.tasks for item in plan]
+    else:
+        raise ValueError(f"order must be 'sample' or 'length', got {order!r}")
+    index, count = getattr(args, "shard", (0, 1))
+    return groups[index::count]
 
 
 def parse_models(parser: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, str]]:
@@ -239,11 +272,11 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
     rows_path = args.out / "samples.jsonl"
     done = load_done(rows_path)
     new_rows: list[dict[str, Any]] = []
-    plan = sample_plan(args.samples, args.split)
+    groups = grid_groups(args)
+    shard = getattr(args, "shard", (0, 1))
     meta_path = args.out / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": []}
     for name, path in models:
-        todo = [(length, task, item, system) for length in args.lengths for task in args.tasks for item in plan
+        todo = [(length, task, item, system) for length, task, item in groups
                 for system in args.systems if (name, system.name, task, length, item[2]) not in done]
         if not todo:
             continue
@@ -251,19 +284,23 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
             break
         model, tokenizer = (loader or (lambda p: ltri_rag.load_model(p, dtype=args.dtype, device=args.device)))(path)
         device = next(model.parameters()).device
-        meta["runs"].append({"model": name, "path": path, "sha256": file_sha256(path),
-                             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                             "base_config": base_config(args), "split": args.split,
-                             "prompt_format": args.prompt_format,
-                             "systems": {s.name: {"mode": s.mode, **s.overrides, "rag_tokens": s.rag_tokens}
-                                         for s in args.systems},
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        meta_path.write_text(json.dumps(meta, indent=2))
+        run_meta = {"model": name, "path": path, "sha256": file_sha256(path),
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                    "base_config": base_config(args), "split": args.split, "prompt_format": args.prompt_format,
+                    "systems": {s.name: {"mode": s.mode, **s.overrides, "rag_tokens": s.rag_tokens}
+                                for s in args.systems},
+                    "shards": shard[1], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if shard[0] == 0:  # one record per run, not one per worker
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": []}
+            meta["runs"].append(run_meta)
+            meta_path.write_text(json.dumps(meta, indent=2))
         runner = Runner(model, tokenizer, args, rag_factory)
         current: tuple[Any, ...] | None = None
         sample: TaskSample | None = None
-        with open(rows_path, "a", encoding="utf-8") as sink:
+        # one os.write per row on an O_APPEND descriptor: rows of workers sharing the file never interleave
+        sink = os.open(rows_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
             for length, task, (index, depth, seed), system in todo:
                 if time.perf_counter() - began > args.max_seconds:
                     print(f"time budget reached; {len(new_rows)} new rows; call again to resume", flush=True)
@@ -275,11 +312,12 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
                 row = {"model": name, "system": system.name, "task": task, "length": length, "depth": depth,
                        "seed": seed, "index": index, "split": args.split, "answers": list(sample.answers),
                        "tokens": sample.num_tokens, **result}
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+                os.write(sink, (json.dumps(row) + "\n").encode("utf-8"))
                 new_rows.append(row)
                 print(f"{name} {task:<16} {length:>7} d={depth:.2f} {system.name:<18} score={row['score']:.2f} "
                       f"prefill={row['prefill_s']:.2f}s pred={row['prediction'][:40]!r}", flush=True)
+        finally:
+            os.close(sink)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

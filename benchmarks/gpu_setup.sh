@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
-# On the lent GPU, after the parts staged by gpu_prepare.sh were copied to /tmp/m: reassemble and check the models,
-# install the package and the bench wheels into /tmp/site (nothing system-wide), and print the environment to use:
+# On the lent GPU, after parts staged by gpu_prepare.sh were copied to /tmp/m: reassemble every model whose parts
+# are all there (kept only when its sha256 matches; otherwise the parts stay for another try), install the package
+# and the bench wheels into /tmp/site once, and copy the benchmarks and data out of the checkout (the checkout is
+# replaced at the next call, so work left running in the background must not read from it). Safe to run again as
+# more parts arrive:
 #
-#   bash benchmarks/gpu_setup.sh && export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=$PWD/.gpu/data && cd /tmp/run
+#   bash benchmarks/gpu_setup.sh && export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data && cd /tmp/run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+mkdir -p /tmp/m
 cd /tmp/m
-for first in *.gguf.part00; do
-  [ -e "$first" ] || continue
-  name=${first%.part00}
-  cat "$name".part* > "$name" && rm -f "$name".part*
-done
-if ls minilm.whl.part* >/dev/null 2>&1; then
-  cat minilm.whl.part* > "$(cat "$repo"/.gpu/meta/minilm.name)"
-  rm -f minilm.whl.part*
+while read -r sum name; do
+  [ -e "$name" ] && continue
+  ls "$name".part* >/dev/null 2>&1 || continue
+  cat "$name".part* > "$name.tmp"
+  if [ "$(sha256sum "$name.tmp" | cut -d' ' -f1)" = "$sum" ]; then
+    mv "$name.tmp" "$name" && rm -f "$name".part* && echo "assembled $name"
+  else
+    rm -f "$name.tmp" && echo "incomplete: $name ($(ls "$name".part* | wc -l) parts so far)"
+  fi
+done < "$repo"/.gpu/meta/SHA256SUMS
+if [ ! -e /tmp/site/.installed ]; then
+  if ls minilm.whl.part* >/dev/null 2>&1; then
+    cat minilm.whl.part* > "$(cat "$repo"/.gpu/meta/minilm.name)" && rm -f minilm.whl.part*
+  fi
+  cd "$repo"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl /tmp/m/*.whl
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site .
+  touch /tmp/site/.installed
 fi
-sha256sum -c --ignore-missing "$repo"/.gpu/meta/SHA256SUMS
 cd "$repo"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl /tmp/m/*.whl
-python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site .
-# the checkout itself must not be on sys.path (its ltri_rag/ lacks the installed kernels/storage mapping):
-# run from /tmp/run, which only links the benchmark and test folders
-mkdir -p /tmp/run && ln -sfn "$repo"/benchmarks /tmp/run/benchmarks && ln -sfn "$repo"/tests /tmp/run/tests
-echo "ready: export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=$repo/.gpu/data; cd /tmp/run"
+# the checkout itself must not be on sys.path (its ltri_rag/ lacks the installed kernels/storage mapping)
+mkdir -p /tmp/run /tmp/data
+rm -rf /tmp/run/benchmarks.new && cp -r benchmarks /tmp/run/benchmarks.new
+[ -d /tmp/run/benchmarks ] || mv /tmp/run/benchmarks.new /tmp/run/benchmarks
+rm -rf /tmp/run/benchmarks.new
+[ -d /tmp/run/tests ] || cp -r tests /tmp/run/tests
+[ -d .gpu/data ] && cp -rn .gpu/data/. /tmp/data/
+ls -la /tmp/m
+echo "ready: export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data; cd /tmp/run"

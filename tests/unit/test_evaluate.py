@@ -117,6 +117,56 @@ def test_cli_rejects_bad_model_spec(tmp_path: Path, capsys) -> None:
     assert "system 'x'" in capsys.readouterr().err
 
 
+def test_shards_split_the_grid_exactly_and_share_one_file(tmp_path: Path, loaded) -> None:
+    systems = [SYSTEMS["full"], SYSTEMS["ltri"]]
+    rows = []
+    for i in range(3):  # three workers, run one after another here, appending to one file
+        args = _args(tmp_path, samples=3, lengths=[1200, 1500], systems=systems, shard=(i, 3))
+        rows.append(run_grid([("tiny", "x")], args, loader=lambda p: loaded))
+    keys = [(r["system"], r["task"], r["length"], r["seed"]) for part in rows for r in part]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 3 * 2  # lengths x tasks x samples x systems, each once
+    assert all(rows)  # every worker had work
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert sorted(tuple(json.loads(line)[k] for k in ("system", "task", "length", "seed")) for line in lines) \
+        == sorted(keys)
+    assert len(json.loads((tmp_path / "meta.json").read_text())["runs"]) == 1  # written by shard 0 only
+    # sample order: a run cut short still has sample 0 of every length and task before any sample 1
+    order = evaluate.grid_groups(_args(tmp_path, samples=2, lengths=[1200, 1500]))
+    assert [g[2][0] for g in order] == [0, 0, 0, 0, 1, 1, 1, 1]
+    by_length = evaluate.grid_groups(_args(tmp_path, samples=2, lengths=[1200, 1500], order="length"))
+    assert [g[0] for g in by_length] == [1200] * 4 + [1500] * 4
+
+
+def test_parse_shard_and_parallel_commands() -> None:
+    from benchmarks import parallel
+
+    assert evaluate.parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "x/2", "1", "-1/3", "0/0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            evaluate.parse_shard(bad)
+    commands = parallel.worker_commands("benchmarks.evaluate", ["--out", "o"], 3)
+    assert [c[-1] for c in commands] == ["0/3", "1/3", "2/3"] and all(c[1:3] == ["-m", "benchmarks.evaluate"]
+                                                                       for c in commands)
+    with pytest.raises(ValueError, match="--shard"):
+        parallel.worker_commands("m", ["--shard", "0/2"], 2)
+    assert parallel.out_dir(["--x", "1", "--out", "res"]) == Path("res")
+    assert parallel.out_dir(["--out=res2"]) == Path("res2")
+    with pytest.raises(ValueError, match="--out"):
+        parallel.out_dir([])
+
+
+def test_parallel_runs_workers_into_one_grid(tmp_path: Path) -> None:
+    """Two real worker processes (CPU, the tiny model through a test loader module) fill one grid."""
+    from benchmarks import parallel
+
+    out = tmp_path / "grid"
+    status = parallel.main(["--workers", "2", "tests.unit.grid_worker", "--out", str(out)])
+    assert status == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    keys = {(r["system"], r["task"], r["seed"]) for r in rows}
+    assert len(rows) == len(keys) == 2 * 2 * 2  # tasks x samples x systems
+    assert sorted((out / "logs").iterdir()) == [out / "logs" / "worker-0.log", out / "logs" / "worker-1.log"]
+
 
 def test_chat_format_wraps_the_sample_in_the_template(loaded) -> None:
     from benchmarks.evaluate import format_prompt
