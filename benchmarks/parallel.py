@@ -6,7 +6,7 @@ sees GPU ``I % len(gpus)`` only, gets ``--threads`` CPU threads, and logs to ``O
 
 Example (the lent GPU: 10 workers over 2 GPUs)::
 
-    python -m benchmarks.parallel --workers 10 --gpus 0 1 -- benchmarks.evaluate \\
+    python -m benchmarks.parallel --workers 10 --gpus 0,1 benchmarks.evaluate \\
         --model qwen=/tmp/m/qwen.gguf --tasks niah_single vt --lengths 4096 131072 --samples 20 \\
         --out results/q --max-seconds 1500
 
@@ -43,8 +43,9 @@ def out_dir(rest: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, required=True, help="number of worker processes")
-    parser.add_argument("--gpus", nargs="*", default=None,
-                        help="CUDA device ids to spread the workers over (default: leave CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--gpus", default=None, type=lambda text: [g for g in text.split(",") if g],
+                        help="comma-separated CUDA device ids to spread the workers over, e.g. 0,1 "
+                             "(default: leave CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker (OMP/MKL/tokenizers)")
     parser.add_argument("module", help="the grid module, e.g. benchmarks.evaluate")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments")

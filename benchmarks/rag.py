@@ -202,7 +202,9 @@ class TextRAG:
         stripped of surrounding whitespace). Offsets are what LangChain's ``add_start_index`` is meant to give, but
         computed here, because LangChain's own lookup mixes tokens and characters (module docstring): each chunk is
         looked up from the first offset where it would start after the previous chunk's start and end after the
-        previous chunk's end (both strictly increase for this splitter).
+        previous chunk's end (what the splitter usually gives; this picks the right copy in repetitive text). A
+        chunk that ends inside the previous one (the splitter does emit those) is looked up from the previous
+        start, and failing that anywhere: its offset is always one where its exact text stands.
 
         Args:
             context: The long text.
@@ -225,7 +227,11 @@ class TextRAG:
             # meeting both (in repetitive text the earliest match there is taken; its text is the same).
             search_from = max(prev_start + 1, prev_end - len(text) + 1, 0)
             start = context.find(text, search_from)
-            if start < 0:  # cannot happen for the stock splitter; refuse to report a wrong offset
+            if start < 0:  # the ends-after rule can fail where an earlier match was taken early in repeated text
+                start = context.find(text, prev_start + 1)
+            if start < 0:  # the previous chunk was matched too late: take the first occurrence (same text)
+                start = context.find(text)
+            if start < 0:  # refuse to report a wrong offset
                 raise RuntimeError(f"splitter chunk not found in the context at or after offset {search_from}")
             out.append((start, text))
             prev_start, prev_end = start, start + len(text)

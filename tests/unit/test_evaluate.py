@@ -160,7 +160,7 @@ def test_parallel_runs_workers_into_one_grid(tmp_path: Path) -> None:
     from benchmarks import parallel
 
     out = tmp_path / "grid"
-    status = parallel.main(["--workers", "2", "tests.unit.grid_worker", "--out", str(out)])
+    status = parallel.main(["--workers", "2", "--gpus", "0", "tests.unit.grid_worker", "--out", str(out)])
     assert status == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     keys = {(r["system"], r["task"], r["seed"]) for r in rows}

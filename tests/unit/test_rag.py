@@ -115,6 +115,28 @@ def test_split_offsets_with_repeated_text(rag: TextRAG) -> None:
     assert all(context[s:s + len(t)] == t for s, t in pieces)
 
 
+def test_split_offsets_when_a_chunk_ends_inside_the_previous_one(rag: TextRAG, monkeypatch) -> None:
+    """The splitter can emit a chunk that ends before the previous chunk's end (seen on real essays with SmolLM2's
+    tokenizer): its offset is still exact, found from the previous start; one matched too late falls back to the
+    first occurrence. Never an exception, never a wrong offset."""
+
+    class Splitter:
+        def __init__(self, chunks: list[str]) -> None:
+            self.chunks = chunks
+
+        def split_text(self, text: str) -> list[str]:
+            return self.chunks
+
+    context = "alpha beta gamma delta epsilon"
+    monkeypatch.setattr(rag, "_splitter", Splitter(["alpha beta gamma", "beta", "gamma delta epsilon"]))
+    assert rag.split(context) == [(0, "alpha beta gamma"), (6, "beta"), (11, "gamma delta epsilon")]
+    monkeypatch.setattr(rag, "_splitter", Splitter(["gamma delta", "alpha"]))
+    assert rag.split(context) == [(11, "gamma delta"), (0, "alpha")]
+    monkeypatch.setattr(rag, "_splitter", Splitter(["zeta"]))
+    with pytest.raises(RuntimeError, match="not found"):
+        rag.split(context)
+
+
 def test_split_empty_and_whitespace(rag: TextRAG) -> None:
     assert rag.split("") == []
     assert rag.split(" \n\n \t ") == []
