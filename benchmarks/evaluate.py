@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,20 @@ def load_done(path: Path) -> set[tuple[Any, ...]]:
     return done
 
 
+def record_error(out: Path, model: str, system: str, task: str, length: int, seed: int, err: BaseException) -> None:
+    """Append a failed cell to ``errors.jsonl`` and say so; the cell gets no row, so the next run retries it."""
+    line = {"model": model, "system": system, "task": task, "length": length, "seed": seed,
+            "error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+    fd = os.open(out / "errors.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+    print(f"FAILED {model} {task} {length} seed={seed} {system}: {line['error'][:300]}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Options every grid command shares: engine sizes, RAG chunking, device, time budget, output."""
     parser.add_argument("--window", type=int, default=4096)
@@ -200,6 +215,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                         help="run only every N-th sample (those with position %% N == I) so N processes share a grid "
                              "(see benchmarks/parallel.py)")
+    parser.add_argument("--max-failures", type=int, default=20,
+                        help="cells that may fail (logged to errors.jsonl, retried on the next run) before the "
+                             "run stops")
     parser.add_argument("--out", type=Path, required=True)
 
 
@@ -300,6 +318,7 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
         sample: TaskSample | None = None
         # one os.write per row on an O_APPEND descriptor: rows of workers sharing the file never interleave
         sink = os.open(rows_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        failures = 0
         try:
             for length, task, (index, depth, seed), system in todo:
                 if time.perf_counter() - began > args.max_seconds:
@@ -308,7 +327,14 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
                 if current != (task, length, seed):
                     sample = make_sample(task, tokenizer, length, depth, seed)
                     current = (task, length, seed)
-                result = runner.run(system, sample)
+                try:
+                    result = runner.run(system, sample)
+                except Exception as err:  # noqa: BLE001 - one bad cell must not end a worker's whole shard
+                    failures += 1
+                    record_error(args.out, name, system.name, task, length, seed, err)
+                    if failures > getattr(args, "max_failures", 20):
+                        raise
+                    continue
                 row = {"model": name, "system": system.name, "task": task, "length": length, "depth": depth,
                        "seed": seed, "index": index, "split": args.split, "answers": list(sample.answers),
                        "tokens": sample.num_tokens, **result}

