@@ -55,3 +55,17 @@ def test_cli_writes_report_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "report.md").read_text().startswith("# Long-context quality")
     assert (tmp_path / "accuracy_vs_length_m.png").stat().st_size > 1000
     assert (tmp_path / "depth_heatmap_m_niah_single.png").stat().st_size > 1000
+
+
+def test_misses_are_classed_by_what_the_model_said() -> None:
+    from benchmarks.misses import classify, tabulate
+
+    context = ("... One of the special magic numbers for blue-fox is: 1234567. ... "
+               "One of the special magic numbers for red-owl is: 7654321. ... in 1999 ...")
+    assert classify(" 7654321.", ["1234567"], context) == "distractor"
+    assert classify(" 5555555.", ["1234567"], context) == "invented"
+    assert classify(" the number is unknown", ["1234567"], context) == "no number"
+    assert classify(" 1234567 and 9999999", ["1234567", "7654321"], context) == "partial"
+    from collections import Counter
+    table = tabulate({("niah_multikey", "ltri", 32768): Counter({"distractor": 2})})
+    assert "| niah_multikey | ltri | 32768 | 2 | 2 | 0 | 0 | 0 |" in table
