@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["check_tokenizer", "load_model", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,36 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
     return _DTYPES[dtype]
+
+
+_PROBE = "Below are a number of documents about the history of the world and the people who made it."
+
+
+def check_tokenizer(tokenizer: Any, source: str, max_tokens_per_word: float = 1.6) -> float:
+    """Warn when ``tokenizer`` cuts plain English into far more pieces than any real vocabulary does.
+
+    A GGUF tokenizer that a transformers version converts wrongly (seen: Gemma 3 under transformers 5.17, which lost
+    the merges and split "Below" into "Be", "low") still loads and runs, and the model then answers garbage with no
+    error anywhere. Common English words are single tokens in every vocabulary of 32K entries or more, so about 1.1-1.3
+    tokens per word is normal.
+
+    Args:
+        tokenizer: The loaded tokenizer.
+        source: What it was loaded from (for the message).
+        max_tokens_per_word: Warning threshold.
+
+    Returns:
+        Tokens per word on a fixed English sentence.
+    """
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    ratio = len(ids) / len(_PROBE.split())
+    if ratio > max_tokens_per_word:
+        import transformers
+
+        warnings.warn(f"the tokenizer of {source} splits plain English into {ratio:.1f} tokens per word (normal: about "
+                      f"1.2): it was probably converted wrongly by transformers {transformers.__version__} "
+                      "(Gemma 3 GGUF files need transformers >= 5.24); answers will be garbage", stacklevel=3)
+    return ratio
 
 
 def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -90,6 +121,8 @@ def load_model(
             raise ImportError('loading GGUF weights needs the gguf package: pip install "ltri-rag[gguf]"') from err
         extra["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    if gguf is not None:  # the tokenizer was rebuilt from GGUF metadata by transformers: check the conversion
+        check_tokenizer(tokenizer, gguf)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **extra)
     model = model.to(dev).eval()
     log.info("loaded %s (%s) on %s as %s", source, gguf or "weights", dev, torch_dtype)

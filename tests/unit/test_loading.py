@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,19 @@ def test_split_gguf(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _split_gguf(str(empty), None) == (str(empty), None)
+
+
+def test_check_tokenizer_warns_on_a_broken_conversion() -> None:
+    from ltri_rag.loading import check_tokenizer
+
+    def pieces(text: str, add_special_tokens: bool = False) -> dict:  # 2-letter pieces, like a merge-less BPE
+        return {"input_ids": [0] * sum(-(-len(w) // 2) for w in text.split())}
+
+    def words(text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [0] * len(text.split())}
+
+    with pytest.warns(UserWarning, match="tokens per word"):
+        assert check_tokenizer(pieces, "broken.gguf") > 1.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_tokenizer(words, "fine.gguf") == 1.0

@@ -60,3 +60,10 @@ def test_infllm_path_finds_passkey_when_its_budget_covers_the_memory(qwen) -> No
     assert infllm.usage["memory_tokens"] > 2500
     assert infllm.usage["retrieved_tokens"] >= infllm.usage["memory_tokens"] - 128  # (nearly) all blocks loaded
     assert passkey_correct(infllm.text, sample.answer), infllm.text
+
+
+def test_gguf_tokenizer_passes_the_conversion_check(qwen) -> None:
+    from ltri_rag.loading import check_tokenizer
+
+    _, tokenizer = qwen
+    assert check_tokenizer(tokenizer, "qwen") < 1.4
