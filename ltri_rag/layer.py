@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
@@ -160,7 +161,8 @@ class GlobalLayerState:
                 out.append((None, None, None))
                 continue
             q_free = rotate(q[seq], -q_pos, self.inv_freq)  # [H, C, D] position-free queries
-            selected = self._select(seq, table, q_free, scaling, plan.dry)
+            with record_function("ltri.retrieve.score_select"):
+                selected = self._select(seq, table, q_free, scaling, plan.dry)
             rows = table.slots(selected)
             width = max(r.numel() for r in rows)
             slots = torch.full((num_kv_heads, width), -1, dtype=torch.int64)
@@ -168,7 +170,8 @@ class GlobalLayerState:
                 r = rows[0] if len(rows) == 1 else rows[h]
                 slots[h, : r.numel()] = r
             valid = slots >= 0
-            k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
+            with record_function("ltri.retrieve.gather"):
+                k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
             slots[~valid] = -1
             out.append((k, v, slots))
         return out
@@ -241,18 +244,22 @@ class GlobalLayerState:
         Returns:
             ``[B, H, C, D]`` float32 attention output.
         """
-        memory = self._memory(q, plan, scaling)
+        with record_function("ltri.retrieve"):
+            memory = self._memory(q, plan, scaling)
         if memory is None:
             out_m = lse_m = None
         else:
-            mem_k, mem_v, mask, pos = memory
-            q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
-            out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask, softcap=softcap)
-        win_len = 0 if self.win_k is None else self.win_k.shape[2]
-        local = local_attention(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
-                                causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
-                                want_key_mass=self.cfg.retrieves, softcap=softcap)
-        out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
+            with record_function("ltri.attend_memory"):
+                mem_k, mem_v, mask, pos = memory
+                q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
+                out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask,
+                                                  softcap=softcap)
+        with record_function("ltri.attend_local"):
+            win_len = 0 if self.win_k is None else self.win_k.shape[2]
+            local = local_attention(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+                                    causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
+                                    want_key_mass=self.cfg.retrieves, softcap=softcap)
+            out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
         if not plan.dry:
             self._pending = (k, v, local.key_mass, local.band)
         return out
@@ -270,9 +277,11 @@ class GlobalLayerState:
             return
         k, v, key_mass, band = self._pending
         self._pending = None
-        self._absorb(k, v, key_mass, band, plan)
+        with record_function("ltri.absorb"):
+            self._absorb(k, v, key_mass, band, plan)
         if plan.num_evict:
-            self._evict(plan)
+            with record_function("ltri.evict_segment_store"):
+                self._evict(plan)
 
     def discard(self) -> None:
         """Forget the pass just attended (the forward failed)."""
@@ -320,9 +329,10 @@ class GlobalLayerState:
         self.pool.write(self.layer_idx, seq, first_slot, seg_k.transpose(0, 1), seg_v.transpose(0, 1))
         if cfg.segmentation == "triangle":
             rows = min(self.win_band.shape[1], n + self.band_width - 1)
-            spans = segment_triangle(self.win_band[seq, :rows], n, alpha=cfg.triangle_alpha,
-                                     min_len=cfg.span_min_len, max_len=cfg.span_max_len,
-                                     min_score=cfg.nms_min_score, first_row_pos=self.win_start)
+            with record_function("ltri.segment_triangle"):
+                spans = segment_triangle(self.win_band[seq, :rows], n, alpha=cfg.triangle_alpha,
+                                         min_len=cfg.span_min_len, max_len=cfg.span_max_len,
+                                         min_score=cfg.nms_min_score, first_row_pos=self.win_start)
         else:
             spans = segment_fixed(n, cfg.block_size)
         if cfg.index_vectors == "dynamic":

@@ -1,0 +1,127 @@
+"""Where an engine prefill spends its time: torch.profiler over one prompt, split by the engine's own stages.
+
+    python -m benchmarks.profile_engine --model qwen=qwen.gguf --length 32768 --modes ltri infllm streaming \\
+        --out results/profile
+
+For each mode: one warm-up prefill at a short length, then one profiled prefill of a ``niah_single`` prompt of
+``--length`` tokens. Prints and saves (``profile.json``, ``profile.md``):
+
+* the engine stages (``record_function`` labels in :mod:`ltri_rag.layer`: ``ltri.retrieve`` with its
+  ``score_select`` and ``gather`` parts, ``ltri.attend_memory``, ``ltri.attend_local``, ``ltri.absorb``,
+  ``ltri.evict_segment_store`` with ``ltri.segment_triangle``): wall (CPU) time and device time, summed over layers
+  and chunks;
+* the top operators by device time (CUDA) or CPU time.
+
+The profiled run is slower than an unprofiled one; the split, not the total, is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import ltri_rag
+from benchmarks.evaluate import format_prompt
+from benchmarks.long_tasks import make_sample
+from ltri_rag import LtriConfig, LtriSession
+
+STAGES = ("ltri.retrieve", "ltri.retrieve.score_select", "ltri.retrieve.gather", "ltri.attend_memory",
+          "ltri.attend_local", "ltri.absorb", "ltri.evict_segment_store", "ltri.segment_triangle")
+
+
+def _device_time(event: Any) -> float:
+    """Device (CUDA) microseconds of a profiler event, across torch versions."""
+    for name in ("device_time_total", "cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _self_device_time(event: Any) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_prefill(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> dict[str, Any]:
+    """Profile one prefill of ``ids`` ``[seq]``: total seconds, per-stage and top-operator times (ms)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        began = time.perf_counter()
+        LtriSession(model, config).feed(ids)
+        if cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - began
+    events = prof.key_averages()
+    stages = {e.key: {"calls": e.count, "cpu_ms": e.cpu_time_total / 1e3, "device_ms": _device_time(e) / 1e3}
+              for e in events if e.key in STAGES}
+    key = _self_device_time if cuda else (lambda e: float(e.self_cpu_time_total))
+    ops = sorted((e for e in events if not e.key.startswith("ltri.")), key=key, reverse=True)[:top]
+    return {"seconds": total, "stages": stages,
+            "top_ops": [{"op": e.key, "calls": e.count, "self_ms": key(e) / 1e3} for e in ops]}
+
+
+def render(results: dict[str, dict[str, Any]], length: int) -> str:
+    """Markdown: the stage split and the top operators of every mode."""
+    lines = [f"# Engine prefill profile at {length} tokens", ""]
+    for mode, res in results.items():
+        lines += [f"## {mode}: {res['seconds']:.2f} s profiled", "", "| stage | calls | CPU ms | device ms |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {s['calls']} | {s['cpu_ms']:.0f} | {s['device_ms']:.0f} |"
+                  for name, s in sorted(res["stages"].items())]
+        lines += ["", "| operator | calls | self ms |", "|---|---:|---:|"]
+        lines += [f"| {o['op']} | {o['calls']} | {o['self_ms']:.1f} |" for o in res["top_ops"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="NAME=PATH")
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--modes", nargs="+", default=["ltri"], choices=("full", "streaming", "infllm", "ltri"))
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--sinks", type=int, default=128)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.length < 1024:
+        parser.error(f"--length must be >= 1024, got {args.length}")
+    _, _, path = args.model.partition("=")
+    model, tokenizer = ltri_rag.load_model(path, dtype=args.dtype, device=args.device)
+    sample = make_sample("niah_single", tokenizer, args.length, 0.5, 0)
+    prompt = format_prompt(tokenizer, sample, sample.context, "auto")
+    ids = prompt if isinstance(prompt, torch.Tensor) else ltri_rag.encode_prompt(tokenizer, prompt)
+    results = {}
+    for mode in args.modes:
+        config = LtriConfig(mode=mode, local_window=args.window, budget=args.budget, chunk_size=args.chunk,
+                            num_sink_tokens=args.sinks)
+        LtriSession(model, config).feed(ids[: min(ids.numel(), args.window + 2 * args.chunk)])  # warm-up
+        results[mode] = profile_prefill(model, ids, config, args.top)
+        print(f"{mode}: {results[mode]['seconds']:.2f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": Path(path).name, "length": args.length, "tokens": int(ids.numel()),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)}}
+    (args.out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    text = render(results, args.length)
+    (args.out / "profile.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
