@@ -64,7 +64,7 @@ def recording(log: list[dict]):
 
     def traced(self: GlobalLayerState, q: torch.Tensor, plan: Any, scaling: float):
         parts = original(self, q, plan, scaling)
-        k, _, slots = parts[0]
+        _, _, slots = parts[0]
         positions = None if slots is None else [
             (row[row >= 0] + self.cfg.num_sink_tokens).tolist() for row in slots]
         log.append({"layer": self.layer_idx, "q_len": plan.q_len, "dry": plan.dry, "positions": positions})
@@ -146,10 +146,11 @@ def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.N
 
 def render(result: dict[str, Any]) -> str:
     """A few lines: the prediction and, per needle, in how many layers its value was fully retrieved."""
-    lines = [f"{result['task']} {result['length']} tokens seed={result['seed']} depth={result['depth']} "
-             f"{result['system']}: answers {result['answers']}, said {result['prediction']!r}",
-             f"{'needle':>28} {'asked':>5} {'window':>6} {'layers (question)':>18} {'layers (1st token)':>19}"
-             f"  spans cutting the value (layer 0..2)"]
+    head = (f"{result['task']} {result['length']} tokens seed={result['seed']} depth={result['depth']} "
+            f"{result['system']}: answers {result['answers']}, said {result['prediction']!r}")
+    columns = (f"{'needle':>28} {'asked':>5} {'window':>6} {'layers (question)':>18} {'layers (1st token)':>19}"
+               "  spans cutting the value (layer 0..2)")
+    lines = [head, columns]
     total = result["num_global_layers"]
     for n in result["needles"]:
         cuts = [v["spans"] for _, v in sorted(n["per_layer"].items())[:3]]
