@@ -6,8 +6,10 @@
 Rebuilds the sample, answers it greedily with one engine mode, and records, for every global layer, the tokens it
 retrieved from the span memory (a) for the question (the prompt's last chunk, after any look-ahead) and (b) for the
 first answer token. For every needle planted in the haystack (the asked one and the distractors) it reports the
-fraction of the needle's *value* tokens each layer retrieved, and how the layer's spans cut the value. A needle still
-inside the local window needs no retrieval and is marked so.
+fraction of the needle's *value* tokens each layer retrieved, in how many layers the value came with its key
+(``+ key``; a number without its key cannot be told from the distractors), in how many layers a span boundary
+separates key from value, and the spans around the value. A needle still inside the local window needs no retrieval
+and is marked so.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ def needle_tokens(tokenizer: Any, text: str, add_special: bool, context: str) ->
     if base < 0:
         raise ValueError("the context is not verbatim in the prompt text")
     needles = []
+    def token_range(lo: int, hi: int) -> list[int]:
+        toks = [i for i, (a, b) in enumerate(offsets) if a < base + hi and b > base + lo and b > a]
+        return [min(toks), max(toks) + 1]
+
     for m in NEEDLE.finditer(context):
-        lo, hi = base + m.start(2), base + m.end(2)
-        toks = [i for i, (a, b) in enumerate(offsets) if a < hi and b > lo and b > a]
-        needles.append({"key": m.group(1), "value": m.group(2), "tokens": [min(toks), max(toks) + 1]})
+        needles.append({"key": m.group(1), "value": m.group(2), "tokens": token_range(m.start(2), m.end(2)),
+                        "key_tokens": token_range(m.start(1), m.end(1))})
     return torch.tensor(enc["input_ids"], dtype=torch.int64), needles
 
 
@@ -133,11 +138,15 @@ def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.N
             f = next((e for e in first if e["layer"] == layer), None)
             per_layer[layer] = {"question": coverage(q and q["positions"], n["tokens"]),
                                 "first_token": coverage(f and f["positions"], n["tokens"]),
+                                "key_first_token": coverage(f and f["positions"], n["key_tokens"]),
                                 "spans": span_cuts(states[layer], n["tokens"])}
         full_q = sum(v["question"] == 1.0 for v in per_layer.values())
         full_f = sum(v["first_token"] == 1.0 for v in per_layer.values())
+        with_key = sum(v["first_token"] == 1.0 and v["key_first_token"] == 1.0 for v in per_layer.values())
+        split = sum(any(a > n["key_tokens"][0] for a, _ in v["spans"]) for v in per_layer.values())
         rows.append({**n, "asked": asked, "in_window": in_window, "layers_full_question": full_q,
-                     "layers_full_first_token": full_f, "per_layer": per_layer})
+                     "layers_full_first_token": full_f, "layers_value_with_key": with_key,
+                     "layers_key_cut_from_value": split, "per_layer": per_layer})
     prediction = tokenizer.decode(out, skip_special_tokens=True)
     return {"task": sample.task, "length": sample.num_tokens, "seed": sample.seed, "depth": sample.depth,
             "system": system.name, "answers": list(sample.answers), "prediction": prediction,
@@ -149,14 +158,15 @@ def render(result: dict[str, Any]) -> str:
     head = (f"{result['task']} {result['length']} tokens seed={result['seed']} depth={result['depth']} "
             f"{result['system']}: answers {result['answers']}, said {result['prediction']!r}")
     columns = (f"{'needle':>28} {'asked':>5} {'window':>6} {'layers (question)':>18} {'layers (1st token)':>19}"
-               "  spans cutting the value (layer 0..2)")
+               f" {'+ key':>7} {'key cut off':>11}  spans cutting the value (layer 0..2)")
     lines = [head, columns]
     total = result["num_global_layers"]
     for n in result["needles"]:
         cuts = [v["spans"] for _, v in sorted(n["per_layer"].items())[:3]]
         lines.append(f"{n['key'] + '=' + n['value']:>28} {'yes' if n['asked'] else '':>5} "
                      f"{'yes' if n['in_window'] else '':>6} {n['layers_full_question']:>12}/{total:<5} "
-                     f"{n['layers_full_first_token']:>13}/{total:<5}  {cuts}")
+                     f"{n['layers_full_first_token']:>13}/{total:<5} {n['layers_value_with_key']:>7} "
+                     f"{n['layers_key_cut_from_value']:>11}  {cuts}")
     return "\n".join(lines)
 
 

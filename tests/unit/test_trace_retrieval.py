@@ -24,6 +24,7 @@ def test_needle_ranges_are_the_value_tokens_of_the_real_prompt() -> None:
     assert len(needles) == 4 and sum(n["value"] in sample.answers for n in needles) == 1
     for n in needles:
         assert tokenizer.decode(ids[n["tokens"][0]:n["tokens"][1]]) == n["value"]
+        assert tokenizer.decode(ids[n["key_tokens"][0]:n["key_tokens"][1]]) == n["key"]
 
 
 def test_a_budget_covering_the_memory_retrieves_every_needle_in_every_layer() -> None:
@@ -35,6 +36,7 @@ def test_a_budget_covering_the_memory_retrieves_every_needle_in_every_layer() ->
     assert outside, "the needles should have left the 64-token window"
     for n in outside:
         assert n["layers_full_question"] == 2 and n["layers_full_first_token"] in (0, 2)
+        assert n["layers_value_with_key"] == n["layers_full_first_token"]  # everything retrieved: the key too
         assert all(v["spans"] for v in n["per_layer"].values())  # stored spans cover the value
     small = trace(model, tokenizer, sample, SYSTEMS["ltri"], _args(budget=16))
     for n in small["needles"]:  # 16 tokens cannot hold all four 7-digit values in both layers
