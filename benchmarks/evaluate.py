@@ -103,21 +103,29 @@ def system_config(system: System, args: argparse.Namespace) -> LtriConfig:
     return LtriConfig(mode=system.mode, **{**base_config(args), **system.overrides})  # type: ignore[arg-type]
 
 
-def format_prompt(tokenizer: Any, sample: TaskSample, context: str, prompt_format: str) -> str | torch.Tensor:
-    """The sample around ``context`` as raw text, or (``chat``) as token ids of a user turn through the tokenizer's
-    chat template with the answer prefix opening the assistant turn (as RULER prompts instruct models).
-    ``auto`` is ``chat`` when the tokenizer has a chat template."""
+def prompt_text(tokenizer: Any, sample: TaskSample, context: str, prompt_format: str) -> tuple[str, bool]:
+    """The prompt as text and whether it went through the chat template (then its special tokens are in the text
+    and the tokenizer must not add more). See :func:`format_prompt`."""
     if prompt_format not in ("raw", "chat", "auto"):
         raise ValueError(f"prompt_format must be 'raw', 'chat' or 'auto', got {prompt_format!r}")
     template = getattr(tokenizer, "chat_template", None)
     if prompt_format == "raw" or (prompt_format == "auto" and not template):
-        return sample.render(context)
+        return sample.render(context), False
     if not template:
         raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template")
     user = sample.instruction + context + sample.question
     text = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
                                          add_generation_prompt=True)
-    text += sample.answer_prefix.lstrip()
+    return text + sample.answer_prefix.lstrip(), True
+
+
+def format_prompt(tokenizer: Any, sample: TaskSample, context: str, prompt_format: str) -> str | torch.Tensor:
+    """The sample around ``context`` as raw text, or (``chat``) as token ids of a user turn through the tokenizer's
+    chat template with the answer prefix opening the assistant turn (as RULER prompts instruct models).
+    ``auto`` is ``chat`` when the tokenizer has a chat template."""
+    text, chat = prompt_text(tokenizer, sample, context, prompt_format)
+    if not chat:
+        return text
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
 
@@ -329,7 +337,7 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
                     current = (task, length, seed)
                 try:
                     result = runner.run(system, sample)
-                except Exception as err:  # noqa: BLE001 - one bad cell must not end a worker's whole shard
+                except Exception as err:  # one bad cell must not end a worker's whole shard
                     failures += 1
                     record_error(args.out, name, system.name, task, length, seed, err)
                     if failures > getattr(args, "max_failures", 20):

@@ -35,21 +35,23 @@ STAGES = ("ltri.retrieve", "ltri.retrieve.score_select", "ltri.retrieve.gather",
           "ltri.attend_local", "ltri.absorb", "ltri.evict_segment_store", "ltri.segment_triangle")
 
 
-def _device_time(event: Any) -> float:
-    """Device (CUDA) microseconds of a profiler event, across torch versions."""
-    for name in ("device_time_total", "cuda_time_total"):
+def _first(event: Any, *names: str) -> float:
+    """The first of ``names`` the profiler event has (device-time fields were renamed across torch versions)."""
+    for name in names:
         value = getattr(event, name, None)
         if value is not None:
             return float(value)
     return 0.0
+
+
+def _device_time(event: Any) -> float:
+    """Device (CUDA) microseconds of a profiler event, children included."""
+    return _first(event, "device_time_total", "cuda_time_total")
 
 
 def _self_device_time(event: Any) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        value = getattr(event, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
+    """Device (CUDA) microseconds of the event itself."""
+    return _first(event, "self_device_time_total", "self_cuda_time_total")
 
 
 def profile_prefill(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,24 +23,12 @@ from typing import Any
 import torch
 
 import ltri_rag
-from benchmarks.evaluate import SYSTEMS, format_prompt, parse_system, system_config
+from benchmarks.evaluate import SYSTEMS, parse_system, prompt_text, system_config
 from benchmarks.long_tasks import TASKS, make_sample, max_new_tokens
+from benchmarks.misses import NEEDLE
 from ltri_rag import LtriSession
 from ltri_rag.generation import eos_token_ids
 from ltri_rag.layer import GlobalLayerState
-
-NEEDLE = re.compile(r"special magic numbers? for ([\w-]+) is: (\d+)")
-
-
-def prompt_text(tokenizer: Any, sample: Any, prompt_format: str) -> tuple[str, bool]:
-    """The prompt as text and whether the tokenizer adds special tokens to it (mirrors ``format_prompt``)."""
-    ids = format_prompt(tokenizer, sample, sample.context, prompt_format)
-    if isinstance(ids, str):
-        return ids, True
-    user = sample.instruction + sample.context + sample.question
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
-                                         add_generation_prompt=True) + sample.answer_prefix.lstrip()
-    return text, False
 
 
 def needle_tokens(tokenizer: Any, text: str, add_special: bool, context: str) -> tuple[torch.Tensor, list[dict]]:
@@ -104,8 +91,8 @@ def span_cuts(state: GlobalLayerState, span: list[int]) -> list[list[int]]:
 
 def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Answer ``sample`` and return the per-layer retrieval of each needle (see the module docstring)."""
-    text, add_special = prompt_text(tokenizer, sample, args.prompt_format)
-    ids, needles = needle_tokens(tokenizer, text, add_special, sample.context)
+    text, chat = prompt_text(tokenizer, sample, sample.context, args.prompt_format)
+    ids, needles = needle_tokens(tokenizer, text, not chat, sample.context)
     config = system_config(system, args)
     session = LtriSession(model, config)
     log: list[dict] = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.evaluate import SYSTEMS, format_prompt
+from benchmarks.evaluate import SYSTEMS, format_prompt, prompt_text
 from benchmarks.long_tasks import make_sample
-from benchmarks.trace_retrieval import needle_tokens, prompt_text, render, trace
+from benchmarks.trace_retrieval import needle_tokens, render, trace
 from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
@@ -18,8 +18,8 @@ def _args(budget: int) -> argparse.Namespace:
 def test_needle_ranges_are_the_value_tokens_of_the_real_prompt() -> None:
     tokenizer = tiny_tokenizer()
     sample = make_sample("niah_multikey", tokenizer, 1500, 0.4, 3)
-    text, add_special = prompt_text(tokenizer, sample, "auto")
-    ids, needles = needle_tokens(tokenizer, text, add_special, sample.context)
+    text, chat = prompt_text(tokenizer, sample, sample.context, "auto")
+    ids, needles = needle_tokens(tokenizer, text, not chat, sample.context)
     assert ids.tolist() == format_prompt(tokenizer, sample, sample.context, "auto").tolist()  # the same prompt
     assert len(needles) == 4 and sum(n["value"] in sample.answers for n in needles) == 1
     for n in needles:
