@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# On the lent GPU: copy every background grid's rows, run records and errors to $OUT/NAME, with its worker logs
-# joined into one file (a call brings back only a few files per folder), and print the row counts.
+# On the lent GPU: copy every background grid's rows, run records and errors to $OUT/NAME (a tuning grid's dev/ and
+# test/ folders to $OUT/NAME-dev, $OUT/NAME-test), with its worker logs joined into one file (a call brings back only
+# a few files per folder), print the row counts, and record the GPUs' and CPUs' load (are the grids GPU- or
+# CPU-bound?).
 set -uo pipefail
 count() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 for dir in /tmp/res/*/; do
   dir=${dir%/}
-  name=$(basename "$dir")
-  mkdir -p "$OUT/$name"
-  for f in samples.jsonl meta.json errors.jsonl; do [ -f "$dir/$f" ] && cp "$dir/$f" "$OUT/$name/"; done
-  for log in "$dir"/logs/*.log; do [ -f "$log" ] && { echo "== $log"; tail -n 40 "$log"; }; done > "$OUT/$name/logs.txt"
-  echo "$name: $(count "$dir/samples.jsonl") rows, $(count "$dir/errors.jsonl") errors"
+  grid=$(basename "$dir")
+  for sub in "$dir" "$dir"/*/; do
+    sub=${sub%/}
+    [ -f "$sub/samples.jsonl" ] || [ -f "$sub/errors.jsonl" ] || [ "$sub" = "$dir" ] || continue
+    name=$grid
+    [ "$sub" = "$dir" ] || name=$grid-$(basename "$sub")
+    mkdir -p "$OUT/$name"
+    for f in samples.jsonl meta.json errors.jsonl tuning.md tuning.json; do
+      [ -f "$sub/$f" ] && cp "$sub/$f" "$OUT/$name/"
+    done
+    [ "$sub" = "$dir" ] && for log in "$dir"/logs/*.log; do [ -f "$log" ] && { echo "== $log"; tail -n 40 "$log"; }; done \
+      > "$OUT/$name/logs.txt"
+    echo "$name: $(count "$sub/samples.jsonl") rows, $(count "$sub/errors.jsonl") errors"
+  done
 done
 echo "running workers: $(pgrep -fc 'benchmarks.(evaluate|tune)' || true)"
+{ date; uptime; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader; } | tee -a "$OUT/load.txt"

@@ -8,6 +8,7 @@
 # folder of the checkout whose samples.jsonl the grid resumes from ("-" for none); MODULE ARGS: the grid command
 # (benchmarks.evaluate or benchmarks.tune and its arguments, without --out / --max-seconds). The deadline is read
 # from /tmp/deadline (epoch seconds; written by the session's first call). Collect with benchmarks/gpu_collect.sh.
+# EXTRA_SITE=/tmp/site-newer puts the staged newer transformers first on the path (Gemma 3 needs it).
 set -euo pipefail
 name=$1 workers=$2 seed=$3 module=$4
 shift 4
@@ -19,7 +20,7 @@ if [ "$seed" != "-" ] && [ -f "$seed/samples.jsonl" ] && [ ! -f "$out/samples.js
 fi
 left=$(( $(cat /tmp/deadline) - $(date +%s) ))
 gpus=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
-export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data
+export PYTHONPATH=${EXTRA_SITE:+$EXTRA_SITE:}/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data
 cd /tmp/run
 setsid nohup python3 -m benchmarks.parallel --workers "$workers" --gpus "$gpus" "$module" "$@" \
   --out "$out" --max-seconds "$left" > "$out.log" 2>&1 < /dev/null &

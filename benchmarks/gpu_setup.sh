@@ -26,7 +26,12 @@ if [ ! -e /tmp/site/.installed ]; then
     cat minilm.whl.part* > "$(cat "$repo"/.gpu/meta/minilm.name)" && rm -f minilm.whl.part*
   fi
   cd "$repo"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl /tmp/m/*.whl
+  # transformers / regex go to their own folder, put on the path only by grids that need them (Gemma 3: the
+  # device's transformers mis-converts its GGUF tokenizer); other models keep the device's version
+  newer=$(ls .gpu/whl/transformers-*.whl .gpu/whl/regex-*.whl 2>/dev/null || true)
+  rest=$(ls .gpu/whl/*.whl | grep -v -e '/transformers-' -e '/regex-')
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $rest /tmp/m/*.whl
+  [ -z "$newer" ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site-newer $newer
   python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site .
   touch /tmp/site/.installed
 fi
