@@ -8,6 +8,10 @@ Shapes (GQA packed: query head ``h`` reads KV head ``h // group``):
 
 This module holds the plain-torch reference path, which runs everywhere. Triton backends plug in behind the
 same functions (``backend="triton"``) without changing callers.
+
+The plain-torch path is memory-bound on the score tensor ``[batch, num_kv_heads, group, q_len, kv_len]``
+(float32): it builds that tensor once and works on it in place (mask, exponentials), so it is for inference
+(no autograd) and peaks at about one score tensor.
 """
 
 from __future__ import annotations
@@ -53,33 +57,42 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-    """Grouped scores ``[batch, num_kv_heads, group, q_len, kv_len]`` in float32."""
+def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> tuple[torch.Tensor, float]:
+    """Grouped scores as ``(s, cap)``: the scores ``[batch, num_kv_heads, group, q_len, kv_len]`` are ``cap * s``.
+
+    ``s`` is a fresh float32 tensor. Without ``softcap``, ``cap`` is 1; with it, ``s = tanh(q . k * scaling /
+    cap)`` and ``cap = |softcap|``, the multiplication being left to :func:`_exp_scores_`. The multiplier of
+    ``q . k`` is folded into the small ``q``, so that the matmul is the only full pass that builds ``s``.
+    """
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, q_len, head_dim)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.float()) * scaling
+    group = num_heads // num_kv_heads
+    cap = 1.0 if softcap is None else abs(softcap)
+    qg = (q.float() * (scaling / cap)).reshape(batch, num_kv_heads, group * q_len, head_dim)
+    s = torch.matmul(qg, k.float().transpose(2, 3))  # [B, Hkv, G * Lq, Lk]
     if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    return s
+        s.tanh_()
+    return s.view(batch, num_kv_heads, group, q_len, k.shape[2]), cap
 
 
-def _allowed(
-    q_len: int,
-    kv_len: int,
-    causal_offset: int | None,
-    sliding_window: int | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """``[q_len, kv_len]`` bool: query ``i`` (key coordinate ``causal_offset + i``) may see key ``j``."""
-    if causal_offset is None:
-        return None
-    q_pos = torch.arange(q_len, device=device)[:, None] + causal_offset
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = k_pos <= q_pos
+def _mask_causal_(s: torch.Tensor, causal_offset: int, sliding_window: int | None) -> None:
+    """Set to ``-inf`` the scores ``s [..., q_len, kv_len]`` of keys that query ``i`` (key index
+    ``causal_offset + i``) may not see: future keys and, with ``sliding_window``, keys ``<= t - sliding_window``.
+
+    Only the key columns that some query hides are touched: ``[causal_offset + 1, kv_len)`` for the future and
+    ``[0, causal_offset + q_len - sliding_window)`` for the window.
+    """
+    q_len, kv_len = s.shape[-2:]
+    q_pos = torch.arange(q_len, device=s.device)[:, None] + causal_offset
+    lo = max(causal_offset + 1, 0)
+    if lo < kv_len:
+        k_pos = torch.arange(lo, kv_len, device=s.device)[None, :]
+        s[..., lo:].masked_fill_(k_pos > q_pos, -math.inf)
     if sliding_window is not None:
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    return allowed
+        hi = min(causal_offset + q_len - sliding_window, kv_len)
+        if hi > 0:
+            k_pos = torch.arange(hi, device=s.device)[None, :]
+            s[..., :hi].masked_fill_(k_pos <= q_pos - sliding_window, -math.inf)
 
 
 def _masked_scores(
@@ -90,24 +103,48 @@ def _masked_scores(
     causal_offset: int | None,
     sliding_window: int | None,
     softcap: float | None,
-) -> torch.Tensor:
-    s = _scores(q, k, scaling, softcap)  # [B, Hkv, G, Lq, Lk]
-    allowed = _allowed(q.shape[2], k.shape[2], causal_offset, sliding_window, q.device)
-    if allowed is not None:
-        s = s.masked_fill(~allowed, -math.inf)
+) -> tuple[torch.Tensor, float]:
+    """:func:`_scores` with hidden keys set to ``-inf`` (in place)."""
+    if key_mask is not None and key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
+        raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
+                         f"got {tuple(key_mask.shape)}")
+    s, cap = _scores(q, k, scaling, softcap)  # [B, Hkv, G, Lq, Lk]
+    if causal_offset is not None:
+        _mask_causal_(s, causal_offset, sliding_window)
     if key_mask is not None:
-        if key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
-            raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
-                             f"got {tuple(key_mask.shape)}")
-        s = s.masked_fill(~key_mask[:, :, None, None, :], -math.inf)
-    return s
+        s.masked_fill_(~key_mask[:, :, None, None, :], -math.inf)
+    return s, cap
 
 
-def _softmax_out(s: torch.Tensor, v: torch.Tensor, out_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Lq]
-    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(0.0)  # rows with no key: lse=-inf -> nan -> 0
-    out = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
-    return out.reshape(out_shape), lse.reshape(out_shape[:3])
+def _exp_scores_(s: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn ``s [..., kv_len]`` (scores ``cap * s``, as from :func:`_masked_scores`) in place into
+    ``exp(cap * s - row_max)``; return ``(lse, row_sum)``.
+
+    ``row_sum`` is the row's sum of those exponentials (``>= 1``, or 0 for a row without a visible key, whose
+    ``lse`` is ``-inf``), so ``s / row_sum`` are then the row's probabilities. Same steps as
+    :func:`torch.logsumexp`, without its full-size temporary.
+    """
+    if s.shape[-1] == 0:  # no key at all (amax needs one)
+        row_sum = s.new_zeros(s.shape[:-1])
+        return row_sum.log(), row_sum
+    row_max = s.amax(dim=-1).mul_(cap)
+    row_max.masked_fill_(row_max.isinf(), 0.0)  # a row without a key: exp(-inf - 0) = 0 everywhere
+    torch.add(-row_max.unsqueeze(-1), s, alpha=cap, out=s).exp_()  # one pass for cap * s - row_max
+    row_sum = s.sum(dim=-1)
+    return row_sum.log().add_(row_max), row_sum
+
+
+def _inverse(row_sum: torch.Tensor) -> torch.Tensor:
+    """``1 / row_sum``, 0 for empty rows (``row_sum`` 0) so that they get all-zero probabilities."""
+    return torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)
+
+
+def _weighted_values(e: torch.Tensor, row_weight: torch.Tensor, v: torch.Tensor,
+                     out_shape: torch.Size) -> torch.Tensor:
+    """``sum_k e[..., q, k] * v[k]``, scaled per row by ``row_weight [B, Hkv, G, Lq]``, as ``out_shape``."""
+    batch, num_kv_heads, group, q_len, kv_len = e.shape
+    out = torch.matmul(e.view(batch, num_kv_heads, group * q_len, kv_len), v.float())  # [B, Hkv, G * Lq, D]
+    return out.mul_(row_weight.reshape(batch, num_kv_heads, group * q_len, 1)).view(out_shape)
 
 
 def attention_with_lse(
@@ -141,8 +178,44 @@ def attention_with_lse(
     if k.shape[2] == 0:
         return (torch.zeros(out_shape, dtype=torch.float32, device=q.device),
                 torch.full(out_shape[:3], -math.inf, dtype=torch.float32, device=q.device))
-    s = _masked_scores(q, k, scaling, key_mask, causal_offset, sliding_window, softcap)
-    return _softmax_out(s, v, out_shape)
+    e, cap = _masked_scores(q, k, scaling, key_mask, causal_offset, sliding_window, softcap)
+    lse, row_sum = _exp_scores_(e, cap)
+    return _weighted_values(e, _inverse(row_sum), v, out_shape), lse.reshape(out_shape[:3])
+
+
+def _probability_weight(lse: torch.Tensor, inv_sum: torch.Tensor, extra_lse: torch.Tensor | None) -> torch.Tensor:
+    """Row factor ``[B, Hkv, G, Lq]`` turning :func:`_exp_scores_`'s ``exp(score - row_max)`` into
+    ``exp(score - total)``, ``total = logaddexp(lse, extra_lse)`` (``lse`` without ``extra_lse``).
+
+    ``inv_sum`` is :func:`_inverse` of the row sums; rows without a visible key get 0.
+    """
+    if extra_lse is None:
+        return inv_sum
+    local_share = torch.exp(lse - torch.logaddexp(lse, extra_lse.reshape(lse.shape)))  # NaN where both are -inf
+    return torch.where(inv_sum > 0, local_share * inv_sum, 0.0)
+
+
+def _key_mass(e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum over (group, q) of e * weight`` as ``[B, Hkv, Lk]``: one matrix-vector product per KV head."""
+    batch, num_kv_heads, group, q_len, kv_len = e.shape
+    rows = weight.reshape(batch, num_kv_heads, 1, group * q_len)
+    return torch.matmul(rows, e.view(batch, num_kv_heads, group * q_len, kv_len)).view(batch, num_kv_heads, kv_len)
+
+
+def _band(e: torch.Tensor, weight: torch.Tensor, causal_offset: int, band_width: int) -> torch.Tensor:
+    """Head mean of ``e * weight`` at (query ``i``, key ``causal_offset + i - o``) as ``[B, Lq, band_width]``.
+
+    Only the band columns are gathered (0 where the key index is negative) before weighting and averaging.
+    """
+    batch, num_kv_heads, group, q_len, kv_len = e.shape
+    if kv_len == 0:
+        return e.new_zeros(batch, q_len, band_width)
+    rows = torch.arange(q_len, device=e.device)[:, None] + causal_offset
+    cols = rows - torch.arange(band_width, device=e.device)[None, :]  # [Lq, band]
+    valid = cols >= 0
+    picked = torch.gather(e, 4, cols.clamp(min=0).expand(batch, num_kv_heads, group, -1, -1))
+    band = picked.mul_(weight.unsqueeze(-1)).mean(dim=(1, 2))  # [B, Lq, band]
+    return band.mul_(valid)
 
 
 def local_attention(
@@ -177,26 +250,22 @@ def local_attention(
         A :class:`LocalAttention`.
     """
     _check_qkv(q, k, v)
-    batch, num_heads, q_len, _ = q.shape
-    kv_len = k.shape[2]
+    q_len, kv_len = q.shape[2], k.shape[2]
     if causal_offset + q_len != kv_len:
         raise ValueError(f"causal_offset {causal_offset} + q_len {q_len} must equal kv_len {kv_len}")
-    s = _masked_scores(q, k, scaling, None, causal_offset, None, softcap)  # [B, Hkv, G, Lq, Lk]
-    out, lse = _softmax_out(s, v, q.shape)
+    e, cap = _masked_scores(q, k, scaling, None, causal_offset, None, softcap)  # [B, Hkv, G, Lq, Lk]
+    lse, row_sum = _exp_scores_(e, cap)
+    inv_sum = _inverse(row_sum)
+    # out, key_mass and band all read e, each scaled by a row factor: no further full-size tensor
+    out = _weighted_values(e, inv_sum, v, q.shape)
     key_mass = band = None
     if want_key_mass or band_width > 0:
-        total = lse if extra_lse is None else torch.logaddexp(lse, extra_lse)
-        p = torch.exp(s - total.view(*s.shape[:4], 1))  # [B, Hkv, G, Lq, Lk]; masked entries exp(-inf) = 0
+        weight = _probability_weight(lse, inv_sum, extra_lse)
         if want_key_mass:
-            key_mass = p.sum(dim=(2, 3))  # [B, Hkv, Lk]
+            key_mass = _key_mass(e, weight)
         if band_width > 0:
-            p_mean = p.mean(dim=(1, 2))  # [B, Lq, Lk]
-            rows = torch.arange(q_len, device=q.device)[:, None] + causal_offset
-            cols = rows - torch.arange(band_width, device=q.device)[None, :]  # [Lq, band]
-            valid = cols >= 0
-            band = torch.gather(p_mean, 2, cols.clamp(min=0).expand(batch, -1, -1))
-            band = band * valid  # [B, Lq, band]
-    return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)
+            band = _band(e, weight, causal_offset, band_width)
+    return LocalAttention(out=out, lse=lse.reshape(q.shape[:3]), key_mass=key_mass, band=band)
 
 
 def merge_attention(

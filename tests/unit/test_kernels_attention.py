@@ -249,7 +249,8 @@ def naive_local_stats(q, k, *, scaling, causal_offset, extra_lse, band_width, so
     s = naive_scores(q, k, scaling=scaling, causal_offset=causal_offset, softcap=softcap)  # [B, H, Lq, Lk]
     lse = torch.logsumexp(s, dim=-1)
     total = lse if extra_lse is None else torch.logaddexp(lse, extra_lse.double())
-    p = torch.exp(s - total[..., None])  # true probabilities of the whole working set
+    # true probabilities of the whole working set; 0 in a row that sees no key at all (NaN: -inf - -inf)
+    p = torch.exp(s - total[..., None]).nan_to_num(0.0)
     batch, num_heads, q_len, kv_len = p.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -326,3 +327,49 @@ def test_local_attention_optional_outputs():
     out, lse = attention_with_lse(q, k, v, scaling=SCALING, causal_offset=4)
     torch.testing.assert_close(res.out, out)
     torch.testing.assert_close(res.lse, lse)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(5, 3), (4, 0)])
+def test_local_attention_rows_without_keys(q_len, kv_len):
+    # kv_len < q_len: the first queries sit before every key and see none; they get out 0, lse -inf and add
+    # nothing to key_mass or band, also where the memory part is empty as well
+    gen = torch.Generator().manual_seed(10)
+    offset, group = kv_len - q_len, 2
+    q, k, v = make_qkv(gen, q_len, kv_len, group)
+    extra = torch.randn(BATCH, NUM_KV_HEADS * group, q_len, generator=gen)
+    extra[0, 0] = -math.inf
+    for extra_lse in (None, extra):
+        res = local_attention(q, k, v, scaling=SCALING, causal_offset=offset, extra_lse=extra_lse, band_width=3,
+                              want_key_mass=True)
+        ref_out, ref_lse = naive_attention(q, k, v, scaling=SCALING, causal_offset=offset)
+        assert_attention_close(res.out, res.lse, ref_out, ref_lse)
+        assert torch.isneginf(res.lse[:, :, :-offset]).all()
+        ref_mass, ref_band = naive_local_stats(q, k, scaling=SCALING, causal_offset=offset, extra_lse=extra_lse,
+                                               band_width=3)
+        torch.testing.assert_close(res.key_mass.double(), ref_mass, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.band.double(), ref_band, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_inputs():
+    # q, k, v as transposed views of [batch, len, heads, head_dim] buffers, as a model's projections give them
+    gen = torch.Generator().manual_seed(11)
+    q_len, offset, group = 6, 9, 3
+    q = torch.randn(BATCH, q_len, NUM_KV_HEADS * group, HEAD_DIM, generator=gen).transpose(1, 2)
+    k = torch.randn(BATCH, offset + q_len, NUM_KV_HEADS, HEAD_DIM, generator=gen).transpose(1, 2)
+    v = torch.randn(BATCH, offset + q_len, NUM_KV_HEADS, HEAD_DIM, generator=gen).transpose(1, 2)
+    for opts in ({"causal_offset": offset, "sliding_window": 4}, {"softcap": 2.0}):
+        out, lse = attention_with_lse(q, k, v, scaling=SCALING, **opts)
+        assert_attention_close(out, lse, *naive_attention(q, k, v, scaling=SCALING, **opts))
+    res = local_attention(q, k, v, scaling=SCALING, causal_offset=offset, band_width=4, want_key_mass=True)
+    contiguous = local_attention(q.contiguous(), k.contiguous(), v.contiguous(), scaling=SCALING,
+                                 causal_offset=offset, band_width=4, want_key_mass=True)
+    for name in ("out", "lse", "key_mass", "band"):
+        torch.testing.assert_close(getattr(res, name), getattr(contiguous, name))
+
+
+def test_softcap_sign_does_not_matter():
+    # softcap * tanh(score / softcap) is even in softcap
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_qkv(gen, 3, 17, 2)
+    out, lse = attention_with_lse(q, k, v, scaling=SCALING, causal_offset=14, softcap=-1.5)
+    assert_attention_close(out, lse, *naive_attention(q, k, v, scaling=SCALING, causal_offset=14, softcap=1.5))
