@@ -5,8 +5,12 @@
 
 One knob at a time around the current defaults (theta, span bounds, index vectors, window/budget split, consensus,
 head voting, position scheme). Dev rows go to ``OUT/dev``; ``tuning.md`` / ``tuning.json`` rank the candidates by mean
-dev score; ``--test`` then runs the winner and the defaults on the test split (``OUT/test``), so the reported number
-is on samples the choice never saw. Resumable like :mod:`benchmarks.evaluate` (call again until done).
+dev score and compare each with the shipped default on the same dev samples (paired differences, a seeded bootstrap
+interval, wins and losses). A candidate replaces the default only if it is complete on dev and the lower end of its
+paired interval is above zero: on a few dozen samples most one-knob differences are noise, and a default chosen on
+noise does not carry to held-out cases. ``--test`` then runs the chosen system and the default on the test split
+(``OUT/test``), so the reported number is on samples the choice never saw. Resumable like :mod:`benchmarks.evaluate`
+(call again until done); ``--report-only`` renders the tables from the rows already there.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.evaluate import SYSTEMS, System, add_run_args, parse_models, run_grid, system_config
 from benchmarks.long_tasks import TASKS
-from benchmarks.report import fmt_cell, load_rows
+from benchmarks.report import bootstrap_ci, fmt_cell, load_rows
 
 
 def candidates(window: int, budget: int) -> list[System]:
@@ -53,13 +58,91 @@ def rank(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[float]]]:
     return sorted(ranked, key=lambda t: (-t[1], t[0] != "ltri", t[0]))
 
 
+@dataclass(frozen=True)
+class Paired:
+    """A candidate against the default on the dev samples both have (keyed by model, task, length, seed).
+
+    Attributes:
+        name: Candidate system.
+        n: Samples in common.
+        diff: Mean score difference, candidate minus default (fraction, not percent).
+        lo: Lower end of the 95% bootstrap interval of ``diff``.
+        hi: Upper end.
+        wins: Samples where the candidate scored higher.
+        losses: Samples where it scored lower.
+    """
+
+    name: str
+    n: int
+    diff: float
+    lo: float
+    hi: float
+    wins: int
+    losses: int
+
+
+def paired(rows: list[dict[str, Any]], default: str = "ltri", reps: int = 2000, seed: int = 0) -> list[Paired]:
+    """Each candidate's paired difference with ``default``, best mean difference first."""
+    by_system: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        by_system[r["system"]][(r.get("model"), r["task"], r["length"], r["seed"])] = float(r["score"])
+    base = by_system.get(default, {})
+    out = []
+    for name, scores in by_system.items():
+        if name == default:
+            continue
+        diffs = [scores[key] - base[key] for key in scores if key in base]
+        if not diffs:
+            continue
+        lo, hi = bootstrap_ci(diffs, reps, seed)
+        out.append(Paired(name, len(diffs), sum(diffs) / len(diffs), lo, hi, sum(d > 0 for d in diffs),
+                          sum(d < 0 for d in diffs)))
+    return sorted(out, key=lambda p: (-p.diff, p.name))
+
+
+def choose(comparisons: list[Paired], complete: bool, default: str = "ltri") -> str:
+    """The candidate whose paired interval lies above zero (the largest such gain), else ``default``."""
+    if not complete:
+        return default
+    sure = [p for p in comparisons if p.lo > 0]
+    return max(sure, key=lambda p: (p.lo, p.diff)).name if sure else default
+
+
+def render(rows: list[dict[str, Any]], systems: list[System], complete: bool) -> tuple[str, dict[str, Any]]:
+    """``tuning.md`` text and ``tuning.json`` content from the dev rows."""
+    by_name = {s.name: s for s in systems}
+    ranked = rank(rows)
+    comparisons = paired(rows)
+    chosen = choose(comparisons, complete)
+    status = "complete" if complete else "INCOMPLETE (call again to finish the dev grid)"
+    lines = [f"# Tuning on the dev split ({status})", "",
+             f"Chosen: **{chosen}** (a candidate replaces the default `ltri` only when complete on dev and its "
+             "paired 95% interval is above zero).", "",
+             "## Mean dev score", "",
+             "| rank | system | dev score % [95% CI] (n) | overrides |", "|---:|---|---|---|"]
+    for i, (name, _, scores) in enumerate(ranked, 1):
+        overrides = by_name[name].overrides if name in by_name else {}
+        lines.append(f"| {i} | {name} | {fmt_cell(scores)} | `{json.dumps(overrides)}` |")
+    lines += ["", "## Paired with the default on the same samples", "",
+              "| system | n | difference, points [95% CI] | wins | losses |", "|---|---:|---:|---:|---:|"]
+    for p in comparisons:
+        lines.append(f"| {p.name} | {p.n} | {100 * p.diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] | {p.wins} "
+                     f"| {p.losses} |")
+    best = by_name.get(chosen, by_name["ltri"])
+    data = {"complete": complete, "best": best.name, "best_overrides": best.overrides,
+            "ranking": [(name, mean, len(scores)) for name, mean, scores in ranked],
+            "paired": [vars(p) for p in comparisons]}
+    return "\n".join(lines) + "\n", data
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
     parser.add_argument("--tasks", nargs="+", default=["niah_multikey", "vt", "qa_squad"], choices=TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--test", action="store_true", help="after dev is complete, run winner + default on test")
+    parser.add_argument("--test", action="store_true", help="after dev is complete, run the choice + default on test")
+    parser.add_argument("--report-only", action="store_true", help="render tuning.md from the dev rows; run nothing")
     add_run_args(parser)
     args = parser.parse_args(argv)
     models = parse_models(parser, args.model)
@@ -67,24 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     for system in systems:
         system_config(system, args)
     dev = argparse.Namespace(**{**vars(args), "systems": systems, "split": "dev", "out": args.out / "dev"})
-    run_grid(models, dev)  # type: ignore[arg-type]
+    if not args.report_only:
+        run_grid(models, dev)  # type: ignore[arg-type]
     rows = load_rows([dev.out])
     expected = len(models) * len(args.tasks) * len(args.lengths) * args.samples
     complete = all(sum(1 for r in rows if r["system"] == s.name) >= expected for s in systems)
-    ranked = rank(rows)
-    lines = ["| rank | system | dev score % [95% CI] (n) | overrides |", "|---:|---|---|---|"]
-    by_name = {s.name: s for s in systems}
-    for i, (name, _, scores) in enumerate(ranked, 1):
-        lines.append(f"| {i} | {name} | {fmt_cell(scores)} | `{json.dumps(by_name[name].overrides)}` |")
-    status = "complete" if complete else "INCOMPLETE (call again to finish the dev grid)"
-    text = f"# Tuning on the dev split ({status})\n\n" + "\n".join(lines) + "\n"
+    text, data = render(rows, systems, complete)
     (args.out / "tuning.md").write_text(text, encoding="utf-8")
-    best = by_name[ranked[0][0]]
-    (args.out / "tuning.json").write_text(json.dumps(
-        {"complete": complete, "best": best.name, "best_overrides": best.overrides,
-         "ranking": [(name, mean, len(scores)) for name, mean, scores in ranked]}, indent=2))
+    (args.out / "tuning.json").write_text(json.dumps(data, indent=2))
     print(text)
-    if args.test and complete:
+    if args.test and complete and not args.report_only:
+        best = next(s for s in systems if s.name == data["best"])
         test = argparse.Namespace(**{**vars(args), "split": "test", "out": args.out / "test",
                                      "systems": [SYSTEMS["ltri"]] + ([best] if best.name != "ltri" else [])})
         run_grid(models, test)  # type: ignore[arg-type]

@@ -47,3 +47,30 @@ def test_tune_cli_ranks_on_dev_then_runs_the_test_split(tmp_path, monkeypatch) -
     assert {r["system"] for r in test_rows} == {"ltri", result["best"]}
     assert not {r["seed"] for r in dev_rows} & {r["seed"] for r in test_rows}
     assert "# Tuning on the dev split (complete)" in (tmp_path / "tuning.md").read_text()
+
+
+def _rows(system: str, scores: list[float]) -> list[dict]:
+    return [{"model": "m", "system": system, "task": "t", "length": 1, "seed": i, "score": v}
+            for i, v in enumerate(scores)]
+
+
+def test_paired_difference_counts_only_shared_samples() -> None:
+    from benchmarks.tune import paired
+
+    rows = _rows("ltri", [0, 1, 0, 1]) + _rows("a", [1, 1, 1]) + _rows("b", [0, 0, 0, 0])
+    by_name = {p.name: p for p in paired(rows)}
+    a, b = by_name["a"], by_name["b"]
+    assert (a.n, a.wins, a.losses) == (3, 2, 0) and abs(a.diff - 2 / 3) < 1e-9
+    assert (b.n, b.wins, b.losses) == (4, 0, 2) and abs(b.diff + 0.5) < 1e-9
+    assert a.lo <= a.diff <= a.hi and b.lo <= b.diff <= b.hi
+
+
+def test_choose_keeps_the_default_unless_the_gain_is_clear() -> None:
+    from benchmarks.tune import choose, paired
+
+    base = [0.0] * 10 + [1.0] * 10
+    noisy = _rows("ltri", base) + _rows("noisy", [1.0] + base[1:19] + [0.0])  # one win, one loss
+    clear = _rows("clear", [1.0] * 20)  # wins all 10 samples the default missed
+    assert choose(paired(noisy), complete=True) == "ltri"
+    assert choose(paired(noisy + clear), complete=True) == "clear"
+    assert choose(paired(noisy + clear), complete=False) == "ltri"  # never choose on an unfinished grid
