@@ -94,8 +94,11 @@ def parse_system(text: str) -> System:
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings every system shares (window, budget, chunk, sinks)."""
-    return dict(local_window=args.window, budget=args.budget, chunk_size=args.chunk, num_sink_tokens=args.sinks)
+    """The settings every system shares (window, budget, chunk, sinks; full attention's pieces when set)."""
+    config = dict(local_window=args.window, budget=args.budget, chunk_size=args.chunk, num_sink_tokens=args.sinks)
+    if getattr(args, "full_chunk", None):
+        config["full_chunk_size"] = args.full_chunk
+    return config
 
 
 def system_config(system: System, args: argparse.Namespace) -> LtriConfig:
@@ -210,6 +213,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--sinks", type=int, default=128)
+    parser.add_argument("--full-chunk", type=int, default=None, metavar="TOKENS",
+                        help="full attention reads longer prompts in pieces of TOKENS through transformers' cache "
+                             "(exact; bounds the attention-mask memory, e.g. Gemma 3's sliding mask at 128K)")
     parser.add_argument("--rag-chunk-tokens", type=int, default=256)
     parser.add_argument("--rag-overlap-tokens", type=int, default=32)
     parser.add_argument("--prompt-format", choices=("auto", "raw", "chat"), default="auto",

@@ -55,6 +55,10 @@ class LtriConfig:
         chunk_size: Tokens fed to the model per forward pass during prefill (InfLLM: 512).
         final_chunk_size: The last tokens of each prompt are read as a chunk of their own (at most this long), so
             that retrieval for the answer is driven by them (typically the question), not by a chunk of context.
+        full_chunk_size: Mode ``full`` only: read prompts in pieces of this many tokens through transformers' own
+            cache (the same attention, exact up to float rounding), which bounds the memory of transformers'
+            attention masks on very long prompts (Gemma 3's sliding-window mask is ``seq_len^2`` bytes); None
+            reads a prompt in one pass.
         budget: Tokens of retrieved spans each layer may load per chunk / decoded token (InfLLM: 16 x 128).
         evict_stride: Window overflow (tokens) that triggers an eviction; the window is cut back to
             ``local_window``. Keeps decode from cutting one-token spans.
@@ -92,6 +96,7 @@ class LtriConfig:
     local_window: int = 4096
     chunk_size: int = 512
     final_chunk_size: int = 16
+    full_chunk_size: int | None = None
     budget: int = 2048
     evict_stride: int = 64
     page_size: int = 64
@@ -133,6 +138,8 @@ class LtriConfig:
                      "num_index_vectors", "min_index_vectors"):
             self._check_int(name, minimum=1)
         self._check_int("span_max_len", minimum=self.span_min_len)
+        if self.full_chunk_size is not None:
+            self._check_int("full_chunk_size", minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
         for name in ("voting", "persistence", "kv_offload", "lookahead"):
             if not isinstance(getattr(self, name), bool):

@@ -84,7 +84,8 @@ class LtriSession:
     def feed(self, input_ids: torch.Tensor, return_all_logits: bool = False) -> torch.Tensor:
         """Read ``input_ids: [batch, seq_len]`` (or ``[seq_len]``) in chunks of ``config.chunk_size``.
 
-        Mode ``full`` reads them in one pass, as the unmodified model would. With ``config.lookahead`` the last
+        Mode ``full`` reads them in one pass, as the unmodified model would (in pieces of
+        ``config.full_chunk_size`` through transformers' own cache when that is set). With ``config.lookahead`` the last
         chunk is first read once without keeping state, so that every layer's retrieval for it (and for the
         tokens generated next) can use all layers' evidence.
 
@@ -120,7 +121,8 @@ class LtriSession:
     def _chunk_bounds(self, length: int) -> list[tuple[int, int]]:
         """``(start, end)`` of each chunk: ``chunk_size`` pieces, the last ``final_chunk_size`` tokens apart."""
         if self.config.mode == "full":
-            return [(0, length)]
+            step = self.config.full_chunk_size or length
+            return [(s, min(s + step, length)) for s in range(0, length, step)]
         tail = min(self.config.final_chunk_size, length)
         body = length - tail
         bounds = [(s, min(s + self.config.chunk_size, body)) for s in range(0, body, self.config.chunk_size)]

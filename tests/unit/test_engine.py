@@ -66,6 +66,23 @@ def test_full_mode_is_one_chunk(llama) -> None:
     assert calls == [(37, False)]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_full_mode_in_pieces_equals_one_pass(family) -> None:
+    """``full_chunk_size`` reads the prompt in pieces through transformers' cache: same logits, then same decode."""
+    model = tiny_model(family, sliding_window=8 if family == "gemma3" else None)
+    ids = _ids(1, 45)
+    whole = LtriSession(model, LtriConfig(mode="full"))
+    pieces = LtriSession(model, LtriConfig(mode="full", full_chunk_size=16))
+    assert pieces._chunk_bounds(45) == [(0, 16), (16, 32), (32, 45)]
+    torch.testing.assert_close(pieces.feed(ids, return_all_logits=True), whole.feed(ids, return_all_logits=True),
+                               rtol=1e-4, atol=1e-4)
+    token = torch.tensor([3])
+    torch.testing.assert_close(pieces.step(token), whole.step(token), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pieces.feed(ids[:, :5], return_all_logits=True)[0, -1],
+                               reference_logits(model, torch.cat([ids, token[None], ids[:, :5]], 1))[0, -1],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_feed_runs_the_planned_chunks(llama) -> None:
     cfg = exact_config("ltri", 5, final_chunk_size=6, lookahead=False)
     session = LtriSession(llama, cfg)

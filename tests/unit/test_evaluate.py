@@ -106,6 +106,8 @@ def test_parse_system() -> None:
         parse_system("x={oops")
     with pytest.raises(ValueError, match="span_max_len"):
         system_config(parse_system('x={"span_max_len": -1}'), _args(Path(".")))
+    assert system_config(SYSTEMS["full"], _args(Path("."))).full_chunk_size is None
+    assert system_config(SYSTEMS["full"], _args(Path("."), full_chunk=32768)).full_chunk_size == 32768
 
 
 def test_cli_rejects_bad_model_spec(tmp_path: Path, capsys) -> None:
