@@ -8,8 +8,9 @@ retrieved from the span memory (a) for the question (the prompt's last chunk, af
 first answer token. For every needle planted in the haystack (the asked one and the distractors) it reports the
 fraction of the needle's *value* tokens each layer retrieved, in how many layers the value came with its key
 (``+ key``; a number without its key cannot be told from the distractors), in how many layers a span boundary
-separates key from value, and the spans around the value. A needle still inside the local window needs no retrieval
-and is marked so.
+separates key from value, and the spans around the value; and, for every answer token, in how many layers the value
+was fully retrieved when that token was predicted (a number copied only in part shows where it dropped out). A
+needle still inside the local window needs no retrieval and is marked so.
 """
 
 from __future__ import annotations
@@ -104,14 +105,16 @@ def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.N
         log.clear()
         eos = eos_token_ids(model, tokenizer)
         out: list[int] = []
-        for i in range(max_new_tokens(sample.task)):
+        steps: list[list[dict]] = []  # steps[i]: retrieval while reading answer token i (to predict token i + 1)
+        for _ in range(max_new_tokens(sample.task)):
             token = int(logits[0].argmax())
             if token in eos:
                 break
             out.append(token)
             logits = session.step(torch.tensor([token]))
-            if i == 0:
-                first = list(log)
+            steps.append(list(log))
+            log.clear()
+        first = steps[0] if steps else []
     states = session.cache.states
     window_start = min((s.win_start for s in states if isinstance(s, GlobalLayerState)), default=0)
     layers = sorted({e["layer"] for e in question} | {e["layer"] for e in first})
@@ -131,13 +134,17 @@ def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.N
         full_f = sum(v["first_token"] == 1.0 for v in per_layer.values())
         with_key = sum(v["first_token"] == 1.0 and v["key_first_token"] == 1.0 for v in per_layer.values())
         split = sum(any(a > n["key_tokens"][0] for a, _ in v["spans"]) for v in per_layer.values())
+        # per answer token: layers whose retrieval held the whole value when that token was predicted
+        by_step = [full_q] + [sum(coverage(e["positions"], n["tokens"]) == 1.0 for e in step) for step in steps]
         rows.append({**n, "asked": asked, "in_window": in_window, "layers_full_question": full_q,
                      "layers_full_first_token": full_f, "layers_value_with_key": with_key,
-                     "layers_key_cut_from_value": split, "per_layer": per_layer})
+                     "layers_key_cut_from_value": split, "layers_full_by_answer_token": by_step[:len(out)],
+                     "per_layer": per_layer})
     prediction = tokenizer.decode(out, skip_special_tokens=True)
     return {"task": sample.task, "length": sample.num_tokens, "seed": sample.seed, "depth": sample.depth,
             "system": system.name, "answers": list(sample.answers), "prediction": prediction,
-            "num_global_layers": len(layers), "needles": rows}
+            "answer_tokens": [tokenizer.decode([t]) for t in out], "num_global_layers": len(layers),
+            "needles": rows}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -154,6 +161,11 @@ def render(result: dict[str, Any]) -> str:
                      f"{'yes' if n['in_window'] else '':>6} {n['layers_full_question']:>12}/{total:<5} "
                      f"{n['layers_full_first_token']:>13}/{total:<5} {n['layers_value_with_key']:>7} "
                      f"{n['layers_key_cut_from_value']:>11}  {cuts}")
+    asked = [n for n in result["needles"] if n["asked"]]
+    if asked and result.get("answer_tokens"):
+        pairs = zip(result["answer_tokens"], asked[0]["layers_full_by_answer_token"])
+        lines.append("asked value fully retrieved, layers per answer token: "
+                     + " ".join(f"{tok!r}:{count}" for tok, count in pairs))
     return "\n".join(lines)
 
 

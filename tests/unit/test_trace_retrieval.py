@@ -38,6 +38,9 @@ def test_a_budget_covering_the_memory_retrieves_every_needle_in_every_layer() ->
         assert n["layers_full_question"] == 2 and n["layers_full_first_token"] in (0, 2)
         assert n["layers_value_with_key"] == n["layers_full_first_token"]  # everything retrieved: the key too
         assert all(v["spans"] for v in n["per_layer"].values())  # stored spans cover the value
+        steps = n["layers_full_by_answer_token"]  # the question's retrieval, then one per answer token read
+        assert len(steps) == len(full["answer_tokens"]) and steps[0] == n["layers_full_question"]
+        assert set(steps) <= {0, 2} and steps[1:2] == [n["layers_full_first_token"]][:len(steps) - 1]
     small = trace(model, tokenizer, sample, SYSTEMS["ltri"], _args(budget=16))
     for n in small["needles"]:  # 16 tokens cannot hold all four 7-digit values in both layers
         assert all(0.0 <= v["question"] <= 1.0 for v in n["per_layer"].values())
