@@ -4,9 +4,9 @@
         --lengths 16384 32768 --samples 10 --out benchmarks/results/tuning_qwen --max-seconds 560 [--test]
 
 One knob at a time around the current defaults (theta, span bounds, index vectors, window/budget split, consensus,
-head voting, position scheme). Dev rows go to ``OUT/dev``; ``tuning.md`` / ``tuning.json`` rank the candidates by mean
-dev score and compare each with the shipped default on the same dev samples (paired differences, a seeded bootstrap
-interval, wins and losses). A candidate replaces the default only if it is complete on dev and the lower end of its
+persistence, head voting, position scheme). Dev rows go to ``OUT/dev``; ``tuning.md`` / ``tuning.json`` rank the
+candidates by mean dev score and compare each with the shipped default on the same dev samples (paired differences,
+a seeded bootstrap interval, wins and losses). A candidate replaces the default only if it is complete on dev and the lower end of its
 paired interval is above zero: on a few dozen samples most one-knob differences are noise, and a default chosen on
 noise does not carry to held-out cases. ``--test`` then runs the chosen system and the default on the test split
 (``OUT/test``), so the reported number is on samples the choice never saw. Resumable like :mod:`benchmarks.evaluate`
@@ -43,6 +43,9 @@ def candidates(window: int, budget: int) -> list[System]:
         "consensus_0.75": {"consensus_weight": 0.75},
         "no_consensus": {"consensus_weight": 0.0, "lookahead": False},
         "head_voting": {"voting": True},
+        "no_persistence": {"persistence": False},
+        "persistence_bonus_2": {"persistence_bonus": 2.0},
+        "persistence_decay_0.8": {"persistence_decay": 0.8},
         "pos_absolute": {"position_scheme": "absolute"},
         "pos_fixed": {"position_scheme": "fixed"},
     }
