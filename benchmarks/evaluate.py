@@ -94,10 +94,13 @@ def parse_system(text: str) -> System:
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings every system shares (window, budget, chunk, sinks; full attention's pieces when set)."""
+    """The settings every system shares (window, budget, chunk, sinks; full attention's pieces and the attention
+    backend when set)."""
     config = dict(local_window=args.window, budget=args.budget, chunk_size=args.chunk, num_sink_tokens=args.sinks)
     if getattr(args, "full_chunk", None):
         config["full_chunk_size"] = args.full_chunk
+    if getattr(args, "backend", None):
+        config["attention_backend"] = args.backend
     return config
 
 
@@ -216,6 +219,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-chunk", type=int, default=None, metavar="TOKENS",
                         help="full attention reads longer prompts in pieces of TOKENS through transformers' cache "
                              "(exact; bounds the attention-mask memory, e.g. Gemma 3's sliding mask at 128K)")
+    parser.add_argument("--backend", choices=("torch", "triton", "auto"), default=None,
+                        help="kernels of the engine's local attention (LtriConfig.attention_backend)")
     parser.add_argument("--rag-chunk-tokens", type=int, default=256)
     parser.add_argument("--rag-overlap-tokens", type=int, default=32)
     parser.add_argument("--prompt-format", choices=("auto", "raw", "chat"), default="auto",

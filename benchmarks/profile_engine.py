@@ -1,10 +1,11 @@
 """Where an engine prefill spends its time: torch.profiler over one prompt, split by the engine's own stages.
 
-    python -m benchmarks.profile_engine --model qwen=qwen.gguf --length 32768 --modes ltri infllm streaming \\
-        --out results/profile
+    python -m benchmarks.profile_engine --model qwen=qwen.gguf --length 8192 --modes ltri infllm streaming \\
+        [--backends torch triton] --out results/profile
 
-For each mode: one warm-up prefill at a short length, then one profiled prefill of a ``niah_single`` prompt of
-``--length`` tokens. Prints and saves (``profile.json``, ``profile.md``):
+For each mode (and attention backend): one warm-up prefill at a short length, one timed prefill of a
+``niah_single`` prompt of ``--length`` tokens without the profiler, then one profiled prefill of it. Prints and
+saves (``profile.json``, ``profile.md``):
 
 * the engine stages (``record_function`` labels in :mod:`ltri_rag.layer`: ``ltri.retrieve`` with its
   ``score_select`` and ``gather`` parts, ``ltri.attend_memory``, ``ltri.attend_local``, ``ltri.absorb``,
@@ -73,11 +74,24 @@ def profile_prefill(model: Any, ids: torch.Tensor, config: LtriConfig, top: int)
             "top_ops": [{"op": e.key, "calls": e.count, "self_ms": key(e) / 1e3} for e in ops]}
 
 
+def timed_prefill(model: Any, ids: torch.Tensor, config: LtriConfig) -> float:
+    """Seconds of one prefill of ``ids`` without the profiler (the speed; the profile gives the split)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    LtriSession(model, config).feed(ids)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
 def render(results: dict[str, dict[str, Any]], length: int) -> str:
     """Markdown: the stage split and the top operators of every mode."""
     lines = [f"# Engine prefill profile at {length} tokens", ""]
     for mode, res in results.items():
-        lines += [f"## {mode}: {res['seconds']:.2f} s profiled", "", "| stage | calls | CPU ms | device ms |",
+        lines += [f"## {mode}: {res['plain_seconds']:.2f} s ({res['seconds']:.2f} s profiled)", "",
+                  "| stage | calls | CPU ms | device ms |",
                   "|---|---:|---:|---:|"]
         lines += [f"| {name} | {s['calls']} | {s['cpu_ms']:.0f} | {s['device_ms']:.0f} |"
                   for name, s in sorted(res["stages"].items())]
@@ -90,12 +104,14 @@ def render(results: dict[str, dict[str, Any]], length: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, metavar="NAME=PATH")
-    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--modes", nargs="+", default=["ltri"], choices=("full", "streaming", "infllm", "ltri"))
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--sinks", type=int, default=128)
+    parser.add_argument("--backends", nargs="+", default=["torch"], choices=("torch", "triton", "auto"),
+                        help="attention backends to run side by side (LtriConfig.attention_backend)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
@@ -110,11 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     ids = prompt if isinstance(prompt, torch.Tensor) else ltri_rag.encode_prompt(tokenizer, prompt)
     results = {}
     for mode in args.modes:
-        config = LtriConfig(mode=mode, local_window=args.window, budget=args.budget, chunk_size=args.chunk,
-                            num_sink_tokens=args.sinks)
-        LtriSession(model, config).feed(ids[: min(ids.numel(), args.window + 2 * args.chunk)])  # warm-up
-        results[mode] = profile_prefill(model, ids, config, args.top)
-        print(f"{mode}: {results[mode]['seconds']:.2f} s", flush=True)
+        for backend in args.backends if mode != "full" else ["torch"]:
+            name = mode if len(args.backends) == 1 else f"{mode} ({backend})"
+            config = LtriConfig(mode=mode, local_window=args.window, budget=args.budget, chunk_size=args.chunk,
+                                num_sink_tokens=args.sinks, attention_backend=backend)
+            LtriSession(model, config).feed(ids[: min(ids.numel(), args.window + 2 * args.chunk)])  # warm-up
+            plain = timed_prefill(model, ids, config)
+            results[name] = {"plain_seconds": plain, **profile_prefill(model, ids, config, args.top)}
+            print(f"{name}: {plain:.2f} s unprofiled, {results[name]['seconds']:.2f} s profiled", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": Path(path).name, "length": args.length, "tokens": int(ids.numel()),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -17,6 +17,7 @@ _EXPORTS = {
     "LocalAttention": "attention",
     "attention_with_lse": "attention",
     "local_attention": "attention",
+    "local_attention_backend": "attention",
     "local_attention_triton": "triton_local",
     "merge_attention": "attention",
     "span_probabilities": "scoring",

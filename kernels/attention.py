@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "merge_attention"]
+__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "local_attention_backend",
+           "merge_attention"]
 
 
 @dataclass
@@ -266,6 +267,25 @@ def local_attention(
         if band_width > 0:
             band = _band(e, weight, causal_offset, band_width)
     return LocalAttention(out=out, lse=lse.reshape(q.shape[:3]), key_mass=key_mass, band=band)
+
+
+def local_attention_backend(backend: str, device: torch.device):
+    """The ``local_attention`` implementation for ``backend`` (``torch``, ``triton`` or ``auto``) on ``device``.
+
+    ``auto`` is Triton on CUDA when triton imports, the torch path elsewhere. Raises ValueError for an unknown
+    backend or ``triton`` where triton is missing.
+    """
+    if backend not in ("torch", "triton", "auto"):
+        raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return local_attention
+    from ltri_rag.kernels.triton_local import local_attention_triton, triton_available  # imports this module
+
+    if triton_available():
+        return local_attention_triton
+    if backend == "triton":
+        raise ValueError("backend 'triton' needs the triton package, which did not import")
+    return local_attention
 
 
 def merge_attention(

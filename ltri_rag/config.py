@@ -23,6 +23,7 @@ Segmentation = Literal["triangle", "fixed"]
 IndexVectors = Literal["static", "dynamic"]
 RetrievalScope = Literal["shared", "per_kv_head"]
 SpanScoring = Literal["dot", "softmax"]
+Backend = Literal["torch", "triton", "auto"]
 
 _MODES = ("full", "streaming", "infllm", "ltri")
 _POSITION_SCHEMES = ("fixed", "contiguous", "absolute")
@@ -30,6 +31,7 @@ _SEGMENTATIONS = ("triangle", "fixed")
 _INDEX_VECTORS = ("static", "dynamic")
 _SCOPES = ("shared", "per_kv_head")
 _SCORINGS = ("dot", "softmax")
+_BACKENDS = ("torch", "triton", "auto")
 
 # Per-mode defaults for the fields declared ``None`` below.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,6 +91,10 @@ class LtriConfig:
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
+        attention_backend: Kernels of the local attention pass (the engine's largest): ``torch`` (the plain-torch
+            path, everywhere), ``triton`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto`` (Triton
+            on CUDA when triton imports, torch elsewhere). The default stays ``torch`` until the Triton kernel is
+            validated and tuned on the GPU.
     """
 
     mode: Mode = "ltri"
@@ -120,6 +126,7 @@ class LtriConfig:
     persistence_bonus: float = 0.5
     persistence_decay: float = 0.5
     position_scheme: PositionScheme | None = None
+    attention_backend: Backend = "torch"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -132,6 +139,7 @@ class LtriConfig:
         self._check_choice("index_vectors", _INDEX_VECTORS)
         self._check_choice("retrieval_scope", _SCOPES)
         self._check_choice("span_scoring", _SCORINGS)
+        self._check_choice("attention_backend", _BACKENDS)
         for name in ("num_sink_tokens", "budget"):
             self._check_int(name, minimum=0)
         for name in ("local_window", "chunk_size", "final_chunk_size", "evict_stride", "page_size", "block_size", "span_min_len",

@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, static_counts
-from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
+from ltri_rag.kernels.attention import attention_with_lse, local_attention_backend, merge_attention
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
@@ -256,9 +256,10 @@ class GlobalLayerState:
                                                   softcap=softcap)
         with record_function("ltri.attend_local"):
             win_len = 0 if self.win_k is None else self.win_k.shape[2]
-            local = local_attention(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
-                                    causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
-                                    want_key_mass=self.cfg.retrieves, softcap=softcap)
+            local_fn = local_attention_backend(self.cfg.attention_backend, q.device)
+            local = local_fn(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+                             causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
+                             want_key_mass=self.cfg.retrieves, softcap=softcap)
             out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
         if not plan.dry:
             self._pending = (k, v, local.key_mass, local.band)

@@ -1,0 +1,134 @@
+"""The engine's local attention pass, side by side: plain torch, Triton, and SDPA over the same keys.
+
+    python -m benchmarks.bench_local_attention --out benchmarks/results/local_attention_h200
+
+One chunk of queries against [local window | the chunk itself, causal], bf16, the shapes the quality grid runs
+(Qwen2.5-0.5B: 14 query / 2 KV heads, head_dim 64) and a Llama-3-8B layer (32 / 8, 128), window 4096 + chunk 2048.
+Each backend computes what ltri needs (``out``, ``lse``, per-key attention mass, the diagonal band of 64);
+``sdpa`` computes ``out`` only (``scaled_dot_product_attention`` with the causal-offset mask), as the reference speed
+of a fused kernel without the statistics. Times are medians of ``--reps`` runs after a warm-up (CUDA events on the
+GPU). TFLOP/s counts the causal part only: ``4 * H * D * sum_i (offset + i + 1)``.
+
+Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
+``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ltri_rag.kernels.attention import local_attention, local_attention_backend
+
+SHAPES = {  # name: (num_heads, num_kv_heads, head_dim, window, chunk)
+    "qwen2.5-0.5b": (14, 2, 64, 4096, 2048),
+    "llama3-8b": (32, 8, 128, 4096, 2048),
+}
+SMALL = {"tiny": (4, 2, 32, 96, 64)}
+
+
+def _time(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reps: int,
+                band: int) -> list[dict[str, Any]]:
+    """One row per backend for one shape."""
+    num_heads, num_kv_heads, head_dim, window, chunk = shape
+    kv_len = window + chunk
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    scaling = head_dim ** -0.5
+    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    kwargs = dict(scaling=scaling, causal_offset=window, band_width=band, want_key_mass=True)
+    backends: dict[str, Callable[[], Any]] = {"torch": lambda: local_attention(q, k, v, **kwargs)}
+    triton_fn = local_attention_backend("triton", device) if _triton_runs(device) else None
+    if triton_fn is not None:
+        backends["triton"] = lambda: triton_fn(q, k, v, **kwargs)
+    allowed = torch.arange(kv_len, device=device)[None, :] <= torch.arange(chunk, device=device)[:, None] + window
+    group = num_heads // num_kv_heads
+    k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    backends["sdpa (out only)"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k_rep, v_rep, attn_mask=allowed, scale=scaling)
+    ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
+    rows = []
+    for backend, fn in backends.items():
+        ms = _time(fn, reps, device.type == "cuda")
+        row = {"shape": name, "backend": backend, "ms": ms, "tflops": flops / ms / 1e9, "dtype": str(dtype)}
+        if backend != "sdpa (out only)":
+            got = fn()
+            row["max_err_out"] = float((got.out - ref.out).abs().max())
+            row["max_rel_err_key_mass"] = float(((got.key_mass - ref.key_mass).abs()
+                                                 / ref.key_mass.abs().clamp(min=1e-3)).max())
+        rows.append(row)
+        print(f"{name:14s} {backend:16s} {ms:9.3f} ms {row['tflops']:8.2f} TFLOP/s", flush=True)
+    return rows
+
+
+def _triton_runs(device: torch.device) -> bool:
+    try:
+        from ltri_rag.kernels.triton_local import INTERPRETED, triton_available
+    except ImportError:
+        return False
+    return triton_available() and (device.type == "cuda" or INTERPRETED)
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown table of every row, times relative to the torch path of the same shape."""
+    torch_ms = {r["shape"]: r["ms"] for r in rows if r["backend"] == "torch"}
+    lines = [f"# Local attention pass, {meta['device']} ({meta['dtype']}, torch {meta['torch']})", "",
+             "| shape | backend | ms | TFLOP/s | vs torch path | max abs err (out) | max rel err (key mass) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        err = (f"{r['max_err_out']:.1e} | {r['max_rel_err_key_mass']:.1e}" if "max_err_out" in r else "- | -")
+        lines.append(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+                     f"{torch_ms[r['shape']] / r['ms']:.2f}x | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--band", type=int, default=64)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, shape in (SMALL if args.small else SHAPES).items():
+        rows += bench_shape(name, shape, device, dtype, args.reps, args.band)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "reps": args.reps, "band": args.band}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    text = render(rows, meta)
+    (args.out / "bench.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
