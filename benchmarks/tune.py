@@ -46,6 +46,7 @@ def candidates(window: int, budget: int) -> list[System]:
         "no_persistence": {"persistence": False},
         "persistence_bonus_2": {"persistence_bonus": 2.0},
         "persistence_decay_0.8": {"persistence_decay": 0.8},
+        "pin_prompt_spans": {"pin_prompt_spans": True},
         "pos_absolute": {"position_scheme": "absolute"},
         "pos_fixed": {"position_scheme": "fixed"},
     }

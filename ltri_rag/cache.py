@@ -106,10 +106,11 @@ class LtriCache(Cache):
         return length, 0
 
     # ------------------------------------------------------------------------------------------- stepping
-    def begin_step(self, num_tokens: int, dry: bool = False) -> StepPlan:
+    def begin_step(self, num_tokens: int, dry: bool = False, decode: bool = False) -> StepPlan:
         """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer).
 
-        A ``dry`` pass (look-ahead) attends and gathers cross-layer evidence but changes no state.
+        A ``dry`` pass (look-ahead) attends and gathers cross-layer evidence but changes no state; ``decode``
+        marks a generated token (as opposed to prompt text).
         """
         if self.plan is not None:
             raise RuntimeError("begin_step called twice without end_step")
@@ -127,7 +128,7 @@ class LtriCache(Cache):
         first_slot = self.pool.reserve(evict) if (self.pool is not None and evict) else (
             self.pool.num_slots[0] if self.pool is not None else 0)
         self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=to_sinks, num_evict=evict,
-                             first_slot=first_slot)
+                             first_slot=first_slot, decode=decode)
         return self.plan
 
     def abort_step(self) -> None:

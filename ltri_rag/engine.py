@@ -49,13 +49,14 @@ class LtriSession:
             self.cache = LtriCache(model, config, batch_size=batch_size, device=self.device)
         self.num_tokens = 0
 
-    def _forward(self, input_ids: torch.Tensor, keep_all: bool, dry: bool = False) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, keep_all: bool, dry: bool = False, decode: bool = False
+                 ) -> torch.Tensor:
         length = input_ids.shape[1]
         position_ids = torch.arange(self.num_tokens, self.num_tokens + length, device=self.device)
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 0 if keep_all else 1,
                   "position_ids": position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)}
         if isinstance(self.cache, LtriCache):
-            self.cache.begin_step(length, dry=dry)
+            self.cache.begin_step(length, dry=dry, decode=decode)
             try:
                 with ltri_attention_enabled(self.model):
                     out = self.model(input_ids=input_ids, ltri_cache=self.cache, **kwargs)
@@ -137,7 +138,7 @@ class LtriSession:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per sequence: ``token_ids: [batch]`` -> next-token logits ``[batch, vocab]``."""
         token_ids = self._check_ids(token_ids.reshape(-1, 1))
-        return self._forward(token_ids, keep_all=False)[:, -1]
+        return self._forward(token_ids, keep_all=False, decode=True)[:, -1]
 
     def usage(self) -> dict[str, int]:
         """Token accounting: tokens read, tokens held in the span memory, tokens retrieved at the last step."""

@@ -43,6 +43,7 @@ class StepPlan:
         num_evict: Oldest window tokens evicted after the pass.
         first_slot: Pool slot of the first evicted token.
         dry: A look-ahead pass: attend and gather cross-layer evidence, change no state.
+        decode: The pass reads a generated token (not prompt text).
     """
 
     pos0: int
@@ -51,6 +52,7 @@ class StepPlan:
     num_evict: int
     first_slot: int
     dry: bool = False
+    decode: bool = False
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -125,6 +127,8 @@ class GlobalLayerState:
         # What the pass being run will change, applied by commit() once every layer has attended:
         self._pending: tuple[torch.Tensor, ...] | None = None  # (k, v, key_mass, band) of the chunk
         self._pending_recency: dict[int, torch.Tensor] = {}  # sequence -> persistence state after this pass
+        self.prompt_selection: dict[int, torch.Tensor] = {}  # sequence -> [S] spans chosen for the prompt's end
+        self._pending_prompt_selection: dict[int, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------- memory part
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -133,12 +137,24 @@ class GlobalLayerState:
             return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling)
         return table.scores(query_summary(q_free))
 
-    def _select(self, seq: int, table: SpanTable, q_free: torch.Tensor, scaling: float, dry: bool) -> torch.Tensor:
+    def _pinned(self, seq: int, plan: StepPlan, num_spans: int) -> torch.Tensor | None:
+        """``[S]`` spans a decode step must keep (``pin_prompt_spans``): those chosen for the prompt's last pass."""
+        chosen = self.prompt_selection.get(seq)
+        if not (self.cfg.pin_prompt_spans and plan.decode) or chosen is None:
+            return None
+        pinned = torch.zeros(num_spans, dtype=torch.bool, device=chosen.device)
+        pinned[: chosen.numel()] = chosen  # spans stored since then are not pinned
+        return pinned
+
+    def _select(self, seq: int, table: SpanTable, q_free: torch.Tensor, scaling: float,
+                plan: StepPlan) -> torch.Tensor:
         """``[rows, S]`` bool selection of one sequence's spans for this step."""
         cfg = self.cfg
+        dry = plan.dry
         scores = self._own_scores(table, q_free, scaling)
         kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
-                      recency=table.recency if cfg.persistence else None, bonus=cfg.persistence_bonus)
+                      recency=table.recency if cfg.persistence else None, bonus=cfg.persistence_bonus,
+                      pinned=self._pinned(seq, plan, len(table)))
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
             prior = self.consensus.span_prior(seq, table.lengths)
@@ -148,6 +164,8 @@ class GlobalLayerState:
                                         prior_weight=cfg.consensus_weight, **kwargs)
         if cfg.persistence and not dry:
             self._pending_recency[seq] = update_recency(table.recency, selected, cfg.persistence_decay)
+        if not dry and not plan.decode:  # the latest prompt pass: what a decode step pins
+            self._pending_prompt_selection[seq] = selected.any(dim=0)
         return selected
 
     def _retrieved(self, q: torch.Tensor, plan: StepPlan,
@@ -162,7 +180,7 @@ class GlobalLayerState:
                 continue
             q_free = rotate(q[seq], -q_pos, self.inv_freq)  # [H, C, D] position-free queries
             with record_function("ltri.retrieve.score_select"):
-                selected = self._select(seq, table, q_free, scaling, plan.dry)
+                selected = self._select(seq, table, q_free, scaling, plan)
             rows = table.slots(selected)
             width = max(r.numel() for r in rows)
             slots = torch.full((num_kv_heads, width), -1, dtype=torch.int64)
@@ -274,6 +292,8 @@ class GlobalLayerState:
         for seq, recency in self._pending_recency.items():
             self.tables[seq].recency = recency
         self._pending_recency = {}
+        self.prompt_selection.update(self._pending_prompt_selection)
+        self._pending_prompt_selection = {}
         if self._pending is None:
             return
         k, v, key_mass, band = self._pending
@@ -288,6 +308,7 @@ class GlobalLayerState:
         """Forget the pass just attended (the forward failed)."""
         self._pending = None
         self._pending_recency = {}
+        self._pending_prompt_selection = {}
 
     def _absorb(self, k: torch.Tensor, v: torch.Tensor, key_mass: torch.Tensor | None, band: torch.Tensor | None,
                 plan: StepPlan) -> None:

@@ -5,7 +5,8 @@ Inputs are per-query-head span scores (from :func:`ltri_rag.kernels.span_scores`
     scope ``per_kv_head``: one selection per KV head (mean over its query group);
     voting: each query head votes for its own top spans; spans rank by votes, ties broken by score;
     persistence: a decaying bonus for spans recalled in recent steps (in units of the score's std);
-    prior: cross-layer evidence mixed into the (z-normalised) score.
+    prior: cross-layer evidence mixed into the (z-normalised) score;
+    pinned: spans that rank first (decode steps keeping what the prompt's end retrieved).
 Selection fills the token budget greedily in rank order.
 """
 
@@ -70,6 +71,7 @@ def select_spans(
     bonus: float = 0.0,
     prior: torch.Tensor | None = None,
     prior_weight: float = 0.0,
+    pinned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spans to load, filling ``budget`` tokens in rank order.
 
@@ -84,6 +86,7 @@ def select_spans(
         bonus: Weight of ``recency``.
         prior: ``[num_spans]`` cross-layer evidence (see :mod:`ltri_rag.consensus`) or None.
         prior_weight: Weight in [0, 1] of ``prior`` against the layer's own scores (both z-normalised).
+        pinned: ``[num_spans]`` bool, spans ranked before all others (still within the budget), or None.
 
     Returns:
         ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``.
@@ -98,6 +101,10 @@ def select_spans(
     mean_len = float(lengths.float().mean())
     top_k = max(1, int(budget / max(mean_len, 1.0)))
     keys = _rank_keys(scores, rows, recency, bonus, voting, top_k, prior, prior_weight)
+    if pinned is not None:
+        # above every unpinned key (keys are z-scores, or votes + sigmoid), order among the pinned kept
+        lift = keys.abs().max() + float(num_heads) + 1.0
+        keys = keys + lift * 2 * pinned.to(keys.device)[None, :].float()
     return _fill_budget(keys, lengths, budget)
 
 

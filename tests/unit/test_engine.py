@@ -24,9 +24,9 @@ def _record_forwards(session: LtriSession) -> list[tuple[int, bool]]:
     calls: list[tuple[int, bool]] = []
     inner = session._forward
 
-    def forward(input_ids, keep_all, dry=False):
+    def forward(input_ids, keep_all, dry=False, decode=False):
         calls.append((input_ids.shape[1], dry))
-        return inner(input_ids, keep_all, dry=dry)
+        return inner(input_ids, keep_all, dry=dry, decode=decode)
 
     session._forward = forward  # type: ignore[method-assign]
     return calls
@@ -392,3 +392,31 @@ def test_interrupted_feed_keeps_the_chunks_before_and_resumes(llama) -> None:
     assert session.num_tokens == session.cache.seen_tokens == 35
     out = session.feed(ids[:, 35:], return_all_logits=True)
     torch.testing.assert_close(out, reference_logits(llama, ids)[:, 35:], atol=ATOL, rtol=0)
+
+
+def test_pin_prompt_spans_keeps_the_question_selection_while_decoding(llama, monkeypatch) -> None:
+    """With ``pin_prompt_spans`` every decode step of every layer still holds the spans that layer retrieved for
+    the prompt's last pass; without it the decode steps choose afresh."""
+    kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    original = GlobalLayerState._select
+
+    def recording(self, seq, table, q_free, scaling, plan):
+        selected = original(self, seq, table, q_free, scaling, plan)
+        if plan.decode:
+            kept.append((self.layer_idx, selected.any(dim=0).cpu(), self.prompt_selection[seq].cpu()))
+        return selected
+
+    monkeypatch.setattr(GlobalLayerState, "_select", recording)
+    results = {}
+    for pin in (False, True):
+        kept.clear()
+        cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=12, page_size=5,
+                         evict_stride=64, span_min_len=2, span_max_len=6, pin_prompt_spans=pin)
+        session = LtriSession(llama, cfg)
+        logits = session.feed(_ids(1, 90))
+        for _ in range(6):
+            logits = session.step(logits.argmax(-1))
+        assert kept, "decode steps should retrieve"
+        results[pin] = [bool((prompt & ~now[: prompt.numel()]).any()) for _, now, prompt in kept]
+    assert not any(results[True])  # nothing the question retrieved was dropped
+    assert any(results[False])  # (and without pinning some of it was: the test can tell them apart)

@@ -288,3 +288,23 @@ def test_update_recency():
         state = update_recency(state, sel, 0.5)
     torch.testing.assert_close(state, torch.tensor([2.0, 0.5**40]))
     assert torch.equal(update_recency(recency, selected, 0.0), selected.any(dim=0).float())
+
+
+@pytest.mark.parametrize("voting", [False, True])
+def test_select_spans_pinned_spans_come_first_within_the_budget(voting):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 12, generator=gen)
+    scores[:, 5] = -10.0  # the worst span, pinned below
+    scores[:, 9] = -9.0
+    lengths = torch.full((12,), 10)
+    pinned = torch.zeros(12, dtype=torch.bool)
+    pinned[[5, 9]] = True
+    free = select_spans(scores, lengths, 40, num_kv_heads=2, voting=voting)
+    kept = select_spans(scores, lengths, 40, num_kv_heads=2, voting=voting, pinned=pinned)
+    assert not free[0, 5] and not free[0, 9]
+    assert kept[0, 5] and kept[0, 9] and int(kept.sum()) == 4  # still 4 spans of 10 tokens
+    # the other two are the unpinned spans the free selection ranked first
+    ranked = [int(i) for i in torch.nonzero(free[0]).flatten()]
+    assert set(torch.nonzero(kept[0]).flatten().tolist()) - {5, 9} <= set(ranked)
+    tight = select_spans(scores, lengths, 10, num_kv_heads=2, voting=voting, pinned=pinned)
+    assert int(tight.sum()) == 1 and bool(tight[0, 5] or tight[0, 9])  # the budget still binds
