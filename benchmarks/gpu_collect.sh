@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# On the lent GPU: copy every background grid's rows, run records and errors to $OUT/NAME (a tuning grid's dev/ and
-# test/ folders to $OUT/NAME-dev, $OUT/NAME-test), with its worker logs joined into one file (a call brings back only
-# a few files per folder), print the row counts, and record the GPUs' and CPUs' load (are the grids GPU- or
-# CPU-bound?).
+# On the lent GPU: gather every background grid's rows, run records and errors as NAME/ (a tuning grid's dev/ and
+# test/ folders as NAME-dev/, NAME-test/), with its worker logs joined into one file, print the row counts, record
+# the GPUs' and CPUs' load (are the grids GPU- or CPU-bound?), and pack it all into $OUT/results.tgz: a call brings
+# back at most 8 files. Unpack here with `tar xzf .../results.tgz -C DIR`.
 set -uo pipefail
+final=$OUT
+OUT=$(mktemp -d)
 count() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 for dir in /tmp/res/*/; do
   dir=${dir%/}
@@ -24,3 +26,4 @@ for dir in /tmp/res/*/; do
 done
 echo "running workers: $(pgrep -fc 'benchmarks.(evaluate|tune)' || true)"
 { date; uptime; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader; } | tee -a "$OUT/load.txt"
+tar czf "$final/results.tgz" -C "$OUT" . && rm -rf "$OUT"
