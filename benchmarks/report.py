@@ -72,8 +72,35 @@ def _table(rows: list[dict[str, Any]], key: str) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict[str, Any]]) -> str:
-    """The whole report as Markdown."""
+def coverage(rows: list[dict[str, Any]], target: int) -> list[str]:
+    """Markdown: per model and system, how many of its (task, length) cells hold ``target`` samples, the rows still
+    missing, and the worker-hours they would take at the mean seconds (prefill + decode) of that system and length
+    so far (none where that system and length have no row yet)."""
+    cells: dict[tuple, int] = defaultdict(int)
+    seconds: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        cells[(r["model"], r["system"], r["task"], r["length"])] += 1
+        seconds[(r["model"], r["system"], r["length"])].append(r.get("prefill_s", 0.0) + r.get("decode_s", 0.0))
+    lines = [f"## Coverage: cells with {target} samples", "",
+             "| model | system | cells complete | rows missing | worker-hours to finish |", "|---|---|---:|---:|---:|"]
+    for model in sorted({k[0] for k in cells}):
+        tasks = sorted({k[2] for k in cells if k[0] == model})
+        lengths = sorted({k[3] for k in cells if k[0] == model})
+        for system in _systems([r for r in rows if r["model"] == model]):
+            grid = [(t, n) for t in tasks for n in lengths]
+            done = sum(cells.get((model, system, t, n), 0) >= target for t, n in grid)
+            missing = {n: sum(max(0, target - cells.get((model, system, t, n), 0)) for t in tasks) for n in lengths}
+            hours = sum(m * _mean(seconds.get((model, system, n), [])) for n, m in missing.items()) / 3600
+            lines.append(f"| {model} | {system} | {done} / {len(grid)} | {sum(missing.values())} | {hours:.1f} |")
+    return lines
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def render_markdown(rows: list[dict[str, Any]], target: int = 20) -> str:
+    """The whole report as Markdown (with a coverage table against ``target`` samples per cell)."""
     out = ["# Long-context quality", "",
            "Score in percent (mean over samples; for multi-answer tasks the fraction of answers found), 95% "
            "bootstrap interval, sample count.", ""]
@@ -93,6 +120,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         for (length, system), values in sorted(cost.items()):
             out.append(f"| {length} | {system} | {sum(values) / len(values):.2f} | {len(values)} |")
         out.append("")
+    out += coverage(rows, target) + [""]
     return "\n".join(out)
 
 
@@ -159,13 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", type=Path, nargs="+", help="result directories (or samples.jsonl files)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first directory)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--target", type=int, default=20, help="samples per cell the coverage table counts against")
     args = parser.parse_args(argv)
     rows = load_rows(args.dirs)
     if not rows:
         parser.error("no rows to report")
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
     out.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(rows)
+    text = render_markdown(rows, args.target)
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     if not args.no_plots:

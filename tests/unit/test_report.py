@@ -69,3 +69,18 @@ def test_misses_are_classed_by_what_the_model_said() -> None:
     from collections import Counter
     table = tabulate({("niah_multikey", "ltri", 32768): Counter({"distractor": 2})})
     assert "| niah_multikey | ltri | 32768 | 2 | 2 | 0 | 0 | 0 |" in table
+
+
+def test_coverage_counts_complete_cells_missing_rows_and_their_cost() -> None:
+    from benchmarks.report import coverage
+
+    def row(system: str, task: str, length: int, seed: int) -> dict:
+        return {"model": "m", "system": system, "task": task, "length": length, "seed": seed, "score": 1.0,
+                "prefill_s": 30.0, "decode_s": 6.0}
+
+    rows = [row("full", t, n, i) for t in ("a", "b") for n in (1, 2) for i in range(3)]  # every cell complete
+    rows += [row("ltri", "a", 1, i) for i in range(3)] + [row("ltri", "b", 2, 0)]  # 1 complete, 2 + 3 + 3 missing
+    lines = coverage(rows, target=3)
+    by_system = {line.split(" | ")[1]: line for line in lines if line.startswith("| m |")}
+    assert by_system["full"] == "| m | full | 4 / 4 | 0 | 0.0 |"
+    assert by_system["ltri"] == f"| m | ltri | 1 / 4 | 8 | {8 * 36 / 3600:.1f} |"
