@@ -10,6 +10,36 @@ import torch
 __all__ = ["span_probabilities", "span_scores"]
 
 
+def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Index vectors laid out densely per span, so that the max over a span's vectors is a plain ``amax``.
+
+    Returns ``(padded, valid, width)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` float32 (span ``s``
+    owns rows ``s * width .. s * width + width - 1``; padding rows are 0), ``valid [num_spans * width]`` bool, and
+    ``width``, the most vectors any span has (at least 1). A dense layout replaces a ``scatter_reduce`` over every
+    (query, vector) score, the costliest step of scoring a large memory.
+    """
+    owner = owner.to(vectors.device)
+    counts = torch.bincount(owner, minlength=num_spans)
+    width = max(1, int(counts.max())) if owner.numel() else 1
+    order = torch.argsort(owner, stable=True)
+    sorted_owner = owner[order]
+    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each span
+    rank = torch.arange(owner.numel(), device=owner.device) - starts[sorted_owner]  # position within its span
+    rows = sorted_owner * width + rank
+    padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=torch.float32)
+    padded[rows] = vectors[order].float()
+    valid = torch.zeros(num_spans * width, dtype=torch.bool, device=vectors.device)
+    valid[rows] = True
+    return padded, valid, width
+
+
+def _span_max(dots: torch.Tensor, valid: torch.Tensor, num_spans: int, width: int) -> torch.Tensor:
+    """``[R, num_spans * width]`` scores of padded vectors -> ``[R, num_spans]`` max per span (in place on
+    ``dots``; ``-inf`` for a span without vectors)."""
+    dots.masked_fill_(~valid, -float("inf"))
+    return dots.view(dots.shape[0], num_spans, width).amax(dim=-1)
+
+
 def span_scores(
     query: torch.Tensor,
     vectors: torch.Tensor,
@@ -38,11 +68,12 @@ def span_scores(
     if num_heads % num_kv_heads != 0 or vectors.shape[2] != head_dim:
         raise ValueError(f"query {tuple(query.shape)} does not fit vectors {tuple(vectors.shape)}")
     group = num_heads // num_kv_heads
+    if num_spans == 0:
+        return torch.zeros(num_heads, 0, dtype=torch.float32, device=query.device)
+    padded, valid, width = _padded(vectors, owner, num_spans)
     qg = query.float().view(num_kv_heads, group, head_dim)
-    dots = torch.einsum("hgd,nhd->hgn", qg, vectors.float()).reshape(num_heads, -1)  # [H, N]
-    out = torch.full((num_heads, num_spans), -float("inf"), dtype=torch.float32, device=query.device)
-    index = owner.to(query.device).view(1, -1).expand(num_heads, -1)
-    return out.scatter_reduce(1, index, dots, reduce="amax", include_self=True)
+    dots = torch.einsum("hgd,nhd->hgn", qg, padded).reshape(num_heads, -1)  # [H, S * width]
+    return _span_max(dots, valid, num_spans, width)
 
 
 def span_probabilities(
@@ -78,15 +109,14 @@ def span_probabilities(
         return total
     num_kv_heads, head_dim = vectors.shape[1], vectors.shape[2]
     group = num_heads // num_kv_heads
-    vec = vectors.float()
+    padded, valid, width = _padded(vectors, owner, num_spans)
+    keys = padded.transpose(0, 1).transpose(1, 2)  # [Hkv, D, S * width]
     for start in range(0, q_len, query_block):
-        block = queries[:, start:start + query_block].float()  # [H, c, D]
+        block = queries[:, start:start + query_block].float() * scaling  # [H, c, D]
         c = block.shape[1]
-        qg = block.reshape(num_kv_heads, group, c, head_dim)
-        dots = torch.einsum("hgcd,nhd->hgcn", qg, vec).reshape(num_heads * c, -1)  # [H*c, N]
-        scores = torch.full((num_heads * c, num_spans), -float("inf"), device=queries.device)
-        index = owner.to(queries.device).view(1, -1).expand(num_heads * c, -1)
-        scores = scores.scatter_reduce(1, index, dots, reduce="amax", include_self=True)
-        probs = torch.softmax(scores * scaling, dim=-1).view(num_heads, c, num_spans)
+        qg = block.reshape(num_kv_heads, group * c, head_dim)
+        dots = torch.bmm(qg, keys).view(num_heads * c, -1)  # [H*c, S * width], heads in the group's order
+        scores = _span_max(dots, valid, num_spans, width)  # [H*c, S]
+        probs = torch.softmax(scores, dim=-1).view(num_heads, c, num_spans)
         total += probs.sum(dim=1)
     return total / q_len

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ltri_rag.kernels.scoring import span_scores
+from ltri_rag.kernels.scoring import span_probabilities, span_scores
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,6 +42,25 @@ def test_span_scores_match_brute_force(num_heads, num_kv_heads):
     expected = brute_span_scores(query, vectors, owner, num_spans)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.isneginf(scores[:, num_spans - 1]).all()
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,query_block", [(4, 2, 3), (14, 2, 128), (7, 1, 2)])
+def test_span_probabilities_match_brute_force(num_heads, num_kv_heads, query_block):
+    gen = torch.Generator().manual_seed(num_heads + query_block)
+    head_dim, num_spans, num_vectors, q_len, scaling = 16, 9, 23, 7, 0.3
+    queries = torch.randn(num_heads, q_len, head_dim, generator=gen)
+    vectors = torch.randn(num_vectors, num_kv_heads, head_dim, generator=gen)
+    owner = torch.randint(0, num_spans - 1, (num_vectors,), generator=gen)  # unsorted; the last span is empty
+    got = span_probabilities(queries, vectors, owner, num_spans, scaling, query_block=query_block)
+    expected = torch.zeros(num_heads, num_spans, dtype=torch.float64)
+    for c in range(q_len):
+        scores = brute_span_scores(queries[:, c], vectors, owner, num_spans) * scaling
+        expected += torch.softmax(scores, dim=-1) / q_len
+    assert got.shape == (num_heads, num_spans) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (got[:, num_spans - 1] == 0).all()
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads))
+    assert span_probabilities(queries, vectors[:0], owner[:0], 0, scaling).shape == (num_heads, 0)
 
 
 def test_span_scores_half_precision_inputs_and_no_vectors():
