@@ -67,6 +67,7 @@ def test_grid_runs_every_cell_once_and_resumes(tmp_path: Path, loaded) -> None:
     assert len(lines) == 20
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["runs"][0]["model"] == "tiny" and meta["runs"][0]["split"] == "dev"
+    assert meta["runs"][0]["dtype"] == "float32" and meta["runs"][0]["tf32"] is False
     # a bigger grid only runs the new cells
     more = run_grid([("tiny", "tiny-path")], _args(tmp_path, samples=3), loader=loader, rag_factory=_fake_rag)
     assert {r["index"] for r in more} == {2} and len(more) == 2 * 5
