@@ -21,6 +21,7 @@ _EXPORTS = {
     "local_attention_triton": "triton_local",
     "merge_attention": "attention",
     "span_probabilities": "scoring",
+    "span_probabilities_triton": "triton_scoring",
     "span_scores": "scoring",
 }
 

@@ -1,6 +1,8 @@
 """Span scoring: how well a query summary matches each span's index vectors.
 
-Plain-torch reference; a Triton backend plugs in behind :func:`span_scores` later.
+Plain-torch reference. :func:`span_probabilities` (the engine's scorer, and its dominant cost at long context)
+also has a fused Triton backend, :func:`ltri_rag.kernels.triton_scoring.span_probabilities_triton`, selected by
+its ``backend`` argument and imported only when asked for (this module works without triton).
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ import torch
 
 __all__ = ["span_probabilities", "span_scores"]
 
+_BACKENDS = ("torch", "triton", "auto")
 
-def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+
+def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
+            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Index vectors laid out densely per span, so that the max over a span's vectors is a plain ``amax``.
 
-    Returns ``(padded, valid, width)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` float32 (span ``s``
-    owns rows ``s * width .. s * width + width - 1``; padding rows are 0), ``valid [num_spans * width]`` bool, and
-    ``width``, the most vectors any span has (at least 1). A dense layout replaces a ``scatter_reduce`` over every
+    Returns ``(padded, valid, width)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` of ``dtype``
+    (float32 unless asked otherwise; span ``s`` owns rows ``s * width .. s * width + width - 1``, its vectors
+    first; padding rows are 0), ``valid [num_spans * width]`` bool, and ``width``, the most vectors any span has
+    (at least 1). A dense layout replaces a ``scatter_reduce`` over every
     (query, vector) score, the costliest step of scoring a large memory.
     """
     owner = owner.to(vectors.device)
@@ -26,8 +32,8 @@ def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int) -> tuple
     starts = torch.cumsum(counts, 0) - counts  # first sorted position of each span
     rank = torch.arange(owner.numel(), device=owner.device) - starts[sorted_owner]  # position within its span
     rows = sorted_owner * width + rank
-    padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=torch.float32)
-    padded[rows] = vectors[order].float()
+    padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=dtype)
+    padded[rows] = vectors[order].to(dtype)
     valid = torch.zeros(num_spans * width, dtype=torch.bool, device=vectors.device)
     valid[rows] = True
     return padded, valid, width
@@ -38,6 +44,26 @@ def _span_max(dots: torch.Tensor, valid: torch.Tensor, num_spans: int, width: in
     ``dots``; ``-inf`` for a span without vectors)."""
     dots.masked_fill_(~valid, -float("inf"))
     return dots.view(dots.shape[0], num_spans, width).amax(dim=-1)
+
+
+def _check_span_inputs(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int) -> int:
+    """Validate the arguments of :func:`span_probabilities` (and its Triton backend); returns the GQA group size."""
+    if queries.dim() != 3:
+        raise ValueError(f"queries must be [num_heads, q_len, head_dim], got {tuple(queries.shape)}")
+    if vectors.dim() != 3 or owner.dim() != 1:
+        raise ValueError(f"expected vectors [num_vectors, num_kv_heads, head_dim] and owner [num_vectors]; got "
+                         f"{tuple(vectors.shape)} and {tuple(owner.shape)}")
+    if vectors.shape[0] != owner.shape[0]:
+        raise ValueError(f"vectors ({vectors.shape[0]}) and owner ({owner.shape[0]}) disagree on num_vectors")
+    num_heads, num_kv_heads = queries.shape[0], vectors.shape[1]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0 or vectors.shape[2] != queries.shape[2]:
+        raise ValueError(f"queries {tuple(queries.shape)} do not fit vectors {tuple(vectors.shape)}: num_heads must "
+                         "be a multiple of num_kv_heads and head_dim must agree")
+    if num_spans < 0:
+        raise ValueError(f"num_spans must be >= 0, got {num_spans}")
+    if vectors.device != queries.device:
+        raise ValueError(f"vectors are on {vectors.device}, queries on {queries.device}")
+    return num_heads // num_kv_heads
 
 
 def span_scores(
@@ -83,6 +109,8 @@ def span_probabilities(
     num_spans: int,
     scaling: float,
     query_block: int = 128,
+    *,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Attention-like distribution of each query head over spans, averaged over the chunk's queries.
 
@@ -96,13 +124,29 @@ def span_probabilities(
         owner: ``[num_vectors]`` int64 span id of each vector.
         num_spans: Number of spans.
         scaling: Score multiplier (the layer's attention scaling).
-        query_block: Queries processed at once (bounds memory to ``heads x block x vectors``).
+        query_block: Queries processed at once by the torch path (bounds memory to ``heads x block x vectors``;
+            the Triton kernels materialise no score matrix and ignore it).
+        backend: ``torch`` (this plain-torch path, everywhere), ``triton`` (the fused kernels of
+            :mod:`ltri_rag.kernels.triton_scoring`: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto``
+            (Triton for CUDA tensors when triton imports, torch elsewhere). The engine passes
+            ``LtriConfig.attention_backend``.
 
     Returns:
         ``[num_heads, num_spans]`` float32, each row summing to 1 (0 rows if there are no spans).
+
+    Raises:
+        ValueError: inconsistent shapes, an unknown ``backend``, or ``triton`` where triton does not import.
     """
-    if queries.dim() != 3:
-        raise ValueError(f"queries must be [num_heads, q_len, head_dim], got {tuple(queries.shape)}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and queries.device.type == "cuda"):
+        from ltri_rag.kernels.triton_scoring import span_probabilities_triton, triton_available  # triton is optional
+
+        if triton_available():
+            return span_probabilities_triton(queries, vectors, owner, num_spans, scaling)
+        if backend == "triton":
+            raise ValueError("backend 'triton' needs the triton package, which did not import")
+    _check_span_inputs(queries, vectors, owner, num_spans)
     num_heads, q_len, _ = queries.shape
     total = torch.zeros(num_heads, num_spans, dtype=torch.float32, device=queries.device)
     if num_spans == 0:

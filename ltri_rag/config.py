@@ -94,10 +94,11 @@ class LtriConfig:
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
-        attention_backend: Kernels of the local attention pass (the engine's largest): ``torch`` (the plain-torch
-            path, everywhere), ``triton`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto`` (Triton
-            on CUDA when triton imports, torch elsewhere). The default stays ``torch`` until the Triton kernel is
-            validated and tuned on the GPU.
+        attention_backend: Kernels of the local attention pass (the engine's largest) and of span scoring
+            (``span_scoring="softmax"``, :func:`~ltri_rag.kernels.scoring.span_probabilities`, the largest cost at
+            long context): ``torch`` (the plain-torch paths, everywhere), ``triton`` (CUDA tensors, or CPU under
+            ``TRITON_INTERPRET=1``) or ``auto`` (Triton on CUDA when triton imports, torch elsewhere). The default
+            stays ``torch`` until the Triton kernels are validated and tuned on the GPU.
     """
 
     mode: Mode = "ltri"

@@ -134,7 +134,8 @@ class GlobalLayerState:
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
         """``[H, S]`` per-query-head span scores of this layer."""
         if self.cfg.span_scoring == "softmax":
-            return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling)
+            return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling,
+                                      backend=self.cfg.attention_backend)
         return table.scores(query_summary(q_free))
 
     def _pinned(self, seq: int, plan: StepPlan, num_spans: int) -> torch.Tensor | None:

@@ -1,0 +1,116 @@
+"""The engine's span scoring (``span_probabilities``), side by side: plain torch and the fused Triton kernels.
+
+    python -m benchmarks.bench_span_scoring --out benchmarks/results/span_scoring_h200
+
+One layer's scoring of a chunk of queries against a memory of 1,000 / 4,000 / 16,000 spans, each with 4-8 index
+vectors (the dynamic counts' default range), at the shapes the quality grid runs (Qwen2.5-0.5B: 14 query / 2 KV
+heads, head_dim 64), for a prefill chunk of 2,048 queries and a decode step (1 query). Queries and vectors are
+bf16 on the GPU, as in the engine. Times are medians of ``--reps`` runs after a warm-up (CUDA events on the GPU)
+and include laying the vectors out per span (``_padded``), which both backends do on every call. TFLOP/s counts one
+score matrix, ``2 * H * q_len * num_vectors_padded * D`` (the Triton kernels compute it twice, the torch path once
+but writes it to memory). ``x layers`` is the time of one call times the model's 24 layers.
+
+Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
+``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from ltri_rag.kernels.scoring import span_probabilities
+
+from benchmarks.bench_local_attention import _time
+
+LAYERS = 24  # Qwen2.5-0.5B
+SHAPES = {  # name: (num_heads, num_kv_heads, head_dim, num_spans, q_len)
+    f"qwen2.5-0.5b S={spans} q={q_len}": (14, 2, 64, spans, q_len)
+    for q_len in (2048, 1) for spans in (1000, 4000, 16000)
+}
+SMALL = {"tiny S=40 q=16": (4, 2, 32, 40, 16), "tiny S=40 q=1": (4, 2, 32, 40, 1)}
+MIN_WIDTH, MAX_WIDTH = 4, 8
+
+
+def _triton_scorer(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """The Triton scorer where it can run on ``device`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), else None."""
+    try:
+        from ltri_rag.kernels import triton_scoring
+    except ImportError:
+        return None
+    if not triton_scoring.triton_available() or not (device.type == "cuda" or triton_scoring.INTERPRETED):
+        return None
+    return triton_scoring.span_probabilities_triton
+
+
+def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                reps: int) -> list[dict[str, Any]]:
+    """One row per backend for one shape."""
+    num_heads, num_kv_heads, head_dim, num_spans, q_len = shape
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(MIN_WIDTH, MAX_WIDTH + 1, (num_spans,), generator=gen)
+    owner = torch.repeat_interleave(torch.arange(num_spans), counts).to(device)
+    queries = (torch.randn(num_heads, q_len, head_dim, generator=gen) * 2).to(device, dtype)
+    vectors = torch.randn(owner.numel(), num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    scaling = head_dim ** -0.5
+    flops = 2 * num_heads * q_len * num_spans * int(counts.max()) * head_dim
+    backends: dict[str, Callable[[], torch.Tensor]] = {
+        "torch": lambda: span_probabilities(queries, vectors, owner, num_spans, scaling)}
+    triton_fn = _triton_scorer(device)
+    if triton_fn is not None:
+        backends["triton"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling)
+    ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
+    rows = []
+    for backend, fn in backends.items():
+        ms = _time(fn, reps, device.type == "cuda")
+        got = fn()
+        row = {"shape": name, "backend": backend, "ms": ms, "tflops": flops / ms / 1e9, "dtype": str(dtype),
+               "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "num_spans": num_spans,
+               "q_len": q_len, "num_vectors": int(owner.numel()),
+               "max_abs_err": float((got - ref).abs().max()),
+               "max_rel_err": float(((got - ref).abs() / ref.abs().clamp(min=1e-6)).max())}
+        rows.append(row)
+        print(f"{name:28s} {backend:7s} {ms:9.3f} ms {row['tflops']:8.2f} TFLOP/s", flush=True)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown table of every row, times relative to the torch path of the same shape."""
+    torch_ms = {r["shape"]: r["ms"] for r in rows if r["backend"] == "torch"}
+    lines = [f"# Span scoring (span_probabilities), {meta['device']} ({meta['dtype']}, torch {meta['torch']})", "",
+             (f"| shape | backend | ms | x {LAYERS} layers (ms) | TFLOP/s | vs torch path | max abs err | "
+              "max rel err (vs max(p, 1e-6)) |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['ms'] * LAYERS:.1f} | "
+                     f"{r['tflops']:.1f} | {torch_ms[r['shape']] / r['ms']:.2f}x | {r['max_abs_err']:.1e} | "
+                     f"{r['max_rel_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, shape in (SMALL if args.small else SHAPES).items():
+        rows += bench_shape(name, shape, device, dtype, args.reps)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "reps": args.reps, "widths": [MIN_WIDTH, MAX_WIDTH], "layers": LAYERS}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    text = render(rows, meta)
+    (args.out / "bench.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Triton backend of :func:`ltri_rag.kernels.scoring.span_probabilities` (same arguments, same result).
+
+Semantics (see the reference's docstring): queries ``[H, Lq, D]``, index vectors ``[N, Hkv, D]`` with ``owner [N]``
+span ids, ``G = H // Hkv``; query head ``h`` reads KV head ``h // G``. For query ``c`` of head ``h``,
+``s[h, c, span] = scaling * max_{v in span} q[h, c] . v`` (``-inf`` for a span without vectors), a softmax over
+spans, averaged over the ``Lq`` queries: ``[H, num_spans]`` float32. The torch path materialises
+``[H * block, num_spans * width]`` score matrices; the kernels below never write a score to memory.
+
+Layout. The vectors are laid out densely per span by :func:`ltri_rag.kernels.scoring._padded` (span ``s`` owns
+rows ``s * width .. s * width + width - 1`` and a ``valid`` mask says which hold a vector). A tile of
+``BLOCK_S`` spans is scored slot by slot: for ``w < width`` one ``[rows, D] x [D, BLOCK_S]`` product against the
+``w``-th vector of each span, kept as a running maximum, so the span max is elementwise (no reshape of a score
+tile) and a width that is not a power of two costs nothing extra.
+
+Rows. A program holds the ``G`` query heads of one KV head for ``BLOCK_Q`` queries, so every vector tile it
+loads serves the whole group: ``BLOCK_M = G_P * BLOCK_Q`` rows, ordered head-major (row ``r`` = head
+``r // BLOCK_Q`` of the group, query ``r % BLOCK_Q`` of the block), ``G_P`` the group rounded up to a power of two
+(the padded heads are masked; G = 7 wastes 1/8 of the rows). Head-major rows make the sum over a block's queries
+a reduction over the middle axis of ``[G_P, BLOCK_Q, BLOCK_S]``.
+
+Two kernels, no atomics, deterministic:
+
+* **Row statistics** (``_span_stats_kernel``), grid ``(cdiv(Lq, BLOCK_Q), Hkv, span_splits)``: each program runs
+  the online max / sum-exp (base 2, float32) of its rows over its share of the spans and writes ``(m, l)`` per
+  row; torch combines the shares into ``lse`` per ``(head, query)`` (a few ``[splits, H, Lq]`` operations).
+  Splitting the spans keeps the GPU busy when there are few queries (decode: ``Lq = 1``).
+* **Span mass** (``_span_mass_kernel``), grid ``(cdiv(S, BLOCK_S), Hkv, query_splits)``: each program owns a tile
+  of spans, walks the query blocks of its share, recomputes the span scores and sums
+  ``exp(s - lse)`` over the queries into a ``[G_P, BLOCK_S]`` accumulator, written once per (split, head, span)
+  into ``[query_splits, H, S]``; torch sums the splits and divides by ``Lq``.
+
+Every score is thus computed twice (as in the two passes of the torch path: one for the normaliser, one for the
+probabilities), and each span column is written by one program per query split.
+
+Dtypes. float16 / bfloat16 queries *and* vectors of the same dtype are multiplied in that dtype on tensor cores
+with float32 accumulation: a product of two 16-bit floats is exact in float32, so this is the float32 reference
+up to the order of the additions. Anything else is computed in float32: IEEE products, or TF32 when torch's own
+float32 matmuls may use it (``torch.backends.cuda.matmul.allow_tf32``, as the torch path then does). Under the
+interpreter bfloat16 is computed in float32: its ``tl.dot`` does not support bfloat16 (triton issue 11584).
+``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
+
+Block sizes come from :func:`block_sizes`: small ones under the Triton interpreter (``TRITON_INTERPRET=1``, CPU
+tensors), untuned defaults on CUDA. ``TRITON_INTERPRET`` is read when this module is imported (Triton decides then
+how to build the kernels): set it before the import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from ltri_rag.kernels.scoring import _check_span_inputs, _padded, span_probabilities
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
+    triton = None
+    tl = None
+
+__all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+# whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
+INTERPRETED = triton is not None and _env_interpret()
+
+
+def triton_available() -> bool:
+    """Whether triton imported (the kernels run on CUDA tensors, or on CPU tensors under the interpreter)."""
+    return triton is not None
+
+
+def block_sizes(head_dim: int, group: int, device: torch.device,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """``(block_m, block_s, num_warps, num_stages)`` for :func:`span_probabilities_triton`.
+
+    ``block_m`` is the target number of packed ``(head, query)`` rows of a program (the launcher fits it to the
+    group and to short query chunks), ``block_s`` the spans of a tile (each tile is ``width`` products of
+    ``block_m x head_dim x block_s``). Off CUDA (the interpreter) small blocks keep the per-program numpy work
+    light. The CUDA values compile for sm_90 without register spills (checked with ptxas, without a GPU, for both
+    kernels at G = 1 / 7, 64 and 16 rows, head_dim 64 / 128 / 256, bfloat16 and float32 inputs; float32 at
+    head_dim 256 spills up to 76 bytes); they are untimed defaults, still to be tuned on the GPU.
+    """
+    del group  # the launcher fits the rows to the group; kept for tuning by group later
+    if device.type != "cuda":
+        return 32, 32, 1, 1
+    if dtype == torch.float32:
+        return (64, 32, 8, 2) if head_dim > 128 else (64, 32, 4, 1)
+    return (64, 32, 8, 2) if head_dim > 128 else (64, 64, 8, 2)
+
+
+if triton is not None:
+    # Only triton builtins and jit helpers of this module are called in the kernels (tl.sum / tl.max are tl.reduce
+    # with the combine functions below): the library's own jit functions are built when triton is imported, and
+    # under the interpreter calling them fails when triton was imported before TRITON_INTERPRET was set. See
+    # kernels/triton_local.py for the same arrangement.
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    _sum_combine = getattr(tl.standard, "_sum_combine", _add)
+    _max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
+
+    @triton.jit
+    def _load_rows(Q, kvh, q0, q_end, stride_qh, stride_qm, stride_qd,
+                   GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Packed rows ``[BLOCK_M, BLOCK_D]`` of queries ``q0 .. q0 + BLOCK_Q - 1`` for the group's heads, with each
+        row's head, query index and validity (padded heads and queries at or past ``q_end`` are 0 and not ok)."""
+        r = tl.arange(0, BLOCK_M)
+        g = r // BLOCK_Q
+        qi = q0 + r % BLOCK_Q
+        head = kvh * GROUP + g
+        row_ok = (g < GROUP) & (qi < q_end)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + head[:, None].to(tl.int64) * stride_qh + qi[:, None].to(tl.int64) * stride_qm
+                    + d[None, :] * stride_qd, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        return q, head, qi, row_ok
+
+    @triton.jit
+    def _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
+                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """``[BLOCK_M, BLOCK_S]`` base-2 scores (``scaling * log2(e) * max_v q . v``) of the rows ``q`` against spans
+        ``s0 .. s0 + BLOCK_S - 1``; ``-inf`` for a span without vectors or past ``num_spans``."""
+        span = s0 + tl.arange(0, BLOCK_S)
+        span_ok = span < num_spans
+        d = tl.arange(0, BLOCK_D)
+        best = tl.full([BLOCK_M, BLOCK_S], float("-inf"), dtype=tl.float32)
+        for w in range(width):
+            row = span.to(tl.int64) * width + w  # the w-th vector slot of each span
+            ok = tl.load(Valid + row, mask=span_ok, other=0) != 0
+            v_t = tl.load(vec_base + row[None, :] * stride_vn + d[:, None] * stride_vd,
+                          mask=ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)  # [D, S]: transposed
+            s = tl.dot(q, v_t, input_precision=DOT_PRECISION) * qk_scale
+            best = tl.maximum(best, tl.where(ok[None, :], s, float("-inf")))
+        return best
+
+    @triton.jit
+    def _span_stats_kernel(Q, Vec, Valid, M, L,
+                           stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
+                           num_heads, q_len, num_spans, width, spans_per_split, qk_scale,
+                           GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+        pid_q = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        q, head, qi, row_ok = _load_rows(Q, kvh, pid_q * BLOCK_Q, q_len, stride_qh, stride_qm, stride_qd,
+                                         GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
+        vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        s_begin = split * spans_per_split  # a multiple of BLOCK_S: the splits' tiles do not overlap
+        s_end = tl.minimum(s_begin + spans_per_split, num_spans)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
+                                  BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no span with a vector yet: mass stays 0
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.reduce(tl.exp2(s - m_safe[:, None]), 1, _sum_combine)
+            m_i = m_new
+        idx = (split * num_heads + head).to(tl.int64) * q_len + qi  # into [splits, H, Lq]
+        tl.store(M + idx, m_i, mask=row_ok)
+        tl.store(L + idx, l_i, mask=row_ok)
+
+    @triton.jit
+    def _span_mass_kernel(Q, Vec, Valid, Lse, Out,
+                          stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
+                          num_heads, q_len, num_spans, width, queries_per_split, qk_scale,
+                          GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        pid_s = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        s0 = pid_s * BLOCK_S
+        vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        acc = tl.full([GROUP_P, BLOCK_S], 0.0, dtype=tl.float32)
+        q_begin = split * queries_per_split  # a multiple of BLOCK_Q
+        q_end = tl.minimum(q_begin + queries_per_split, q_len)
+        for q0 in range(q_begin, q_end, BLOCK_Q):
+            q, head, qi, row_ok = _load_rows(Q, kvh, q0, q_end, stride_qh, stride_qm, stride_qd,
+                                             GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
+            lse = tl.load(Lse + head.to(tl.int64) * q_len + qi, mask=row_ok, other=0.0)
+            s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
+                                  BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            acc += tl.reduce(tl.reshape(p, [GROUP_P, BLOCK_Q, BLOCK_S]), 1, _sum_combine)
+        g = tl.arange(0, GROUP_P)
+        span = s0 + tl.arange(0, BLOCK_S)
+        out_row = (split * num_heads + kvh * GROUP + g).to(tl.int64) * num_spans  # into [splits, H, S]
+        tl.store(Out + out_row[:, None] + span[None, :], acc,
+                 mask=(g[:, None] < GROUP) & (span[None, :] < num_spans))
+
+
+def _pow2_block(value: int | None, default: int, name: str) -> int:
+    if value is None:
+        return default
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
+
+
+def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
+    """Splits of ``work`` tiles (each split a program per ``others`` of the grid): ``value`` if given (capped at
+    ``work``), else on CUDA enough for about two programs per multiprocessor, else 1."""
+    if value is not None:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return min(value, work)
+    if device.type != "cuda":
+        return 1
+    target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(work, triton.cdiv(target, others)))
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def span_probabilities_triton(
+    queries: torch.Tensor,
+    vectors: torch.Tensor,
+    owner: torch.Tensor,
+    num_spans: int,
+    scaling: float,
+    *,
+    block_m: int | None = None,
+    block_s: int | None = None,
+    span_splits: int | None = None,
+    query_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`ltri_rag.kernels.scoring.span_probabilities`; same arguments and result.
+
+    The torch path's ``query_block`` has no counterpart: no score matrix is materialised, whatever ``q_len``.
+
+    Args:
+        queries: ``[num_heads, q_len, head_dim]`` position-free queries (float16, bfloat16 or float32; any strides).
+        vectors: ``[num_vectors, num_kv_heads, head_dim]`` index vectors.
+        owner: ``[num_vectors]`` int64 span id of each vector, in ``[0, num_spans)``.
+        num_spans: Number of spans.
+        scaling: Score multiplier (the layer's attention scaling).
+        block_m: Target packed ``(head, query)`` rows per program (power of two >= 16); None = :func:`block_sizes`.
+        block_s: Spans per tile (power of two >= 16); None = :func:`block_sizes`.
+        span_splits: Programs sharing the spans of one row block in the statistics pass (None: enough to fill a
+            GPU, 1 off CUDA).
+        query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
+
+    Returns:
+        ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
+        vectors (0 columns if there are no spans).
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: inconsistent shapes or devices, or tensors the kernels cannot run on.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use ltri_rag.kernels.scoring.span_probabilities instead")
+    group = _check_span_inputs(queries, vectors, owner, num_spans)
+    num_heads, q_len, head_dim = queries.shape
+    num_kv_heads = vectors.shape[1]
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the triton kernels")
+    device = queries.device
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set "
+                         "before ltri_rag.kernels.triton_scoring is imported")
+    if num_spans == 0 or q_len == 0:  # nothing to launch: the reference handles the empty shapes
+        return span_probabilities(queries, vectors, owner, num_spans, scaling)
+
+    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
+    if INTERPRETED and queries.dtype == torch.bfloat16:
+        half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
+    compute = queries.dtype if half else torch.float32
+    if queries.dtype != compute:
+        queries = queries.to(compute)
+    padded, valid, width = _padded(vectors, owner, num_spans, dtype=compute)
+    valid = valid.view(torch.uint8)
+    if half or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        dot_precision = "ieee"  # ignored for 16-bit inputs
+    else:
+        dot_precision = "tf32"
+
+    default_m, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
+    block_m = _pow2_block(block_m, default_m, "block_m")
+    block_s = _pow2_block(block_s, default_s, "block_s")
+    # rows: G_P heads x block_q queries, block_q no longer than the chunk (decode), at least 16 rows (tl.dot)
+    group_p = triton.next_power_of_2(group)
+    block_q = max(1, min(block_m // group_p, triton.next_power_of_2(q_len)))
+    block_q = max(block_q, 16 // min(group_p, 16))
+    block_m = group_p * block_q
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    qk_scale = float(scaling) * _LOG2E
+    num_qblocks = triton.cdiv(q_len, block_q)
+    num_sblocks = triton.cdiv(num_spans, block_s)
+    common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
+              "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "num_warps": num_warps, "num_stages": num_stages}
+    strides = (*queries.stride(), *padded.stride())
+
+    # pass 1: (max, sum-exp) of every (head, query) row over each share of the spans, combined into lse (base 2)
+    splits = _num_splits(span_splits, "span_splits", num_sblocks, num_qblocks * num_kv_heads, device)
+    spans_per_split = triton.cdiv(num_sblocks, splits) * block_s
+    splits = triton.cdiv(num_spans, spans_per_split)
+    m = torch.empty(splits, num_heads, q_len, dtype=torch.float32, device=device)
+    l_ = torch.empty_like(m)
+    _span_stats_kernel[(num_qblocks, num_kv_heads, splits)](
+        queries, padded, valid, m, l_, *strides,
+        num_heads, q_len, num_spans, width, spans_per_split, qk_scale, **common)
+    m_max = m.amax(dim=0)
+    m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
+    lse = (m_safe + torch.log2((l_ * torch.exp2(m - m_safe)).sum(dim=0))).contiguous()  # -inf: no vector at all
+
+    # pass 2: sum over each share of the queries of exp(s - lse), per (head, span)
+    splits = _num_splits(query_splits, "query_splits", num_qblocks, num_sblocks * num_kv_heads, device)
+    queries_per_split = triton.cdiv(num_qblocks, splits) * block_q
+    splits = triton.cdiv(q_len, queries_per_split)
+    out = torch.empty(splits, num_heads, num_spans, dtype=torch.float32, device=device)
+    _span_mass_kernel[(num_sblocks, num_kv_heads, splits)](
+        queries, padded, valid, lse, out, *strides,
+        num_heads, q_len, num_spans, width, queries_per_split, qk_scale, GROUP_P=group_p, **common)
+    total = out[0] if splits == 1 else out.sum(dim=0)
+    return total / q_len

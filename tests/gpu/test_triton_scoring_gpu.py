@@ -1,0 +1,87 @@
+"""On CUDA: the compiled Triton ``span_probabilities`` against the float32 torch reference at model-like sizes.
+
+Qwen2.5-0.5B heads (14 query / 2 KV heads, head_dim 64), 4,000 spans of 4-8 index vectors (some spans empty), a
+prefill chunk of 2,048 queries and a decode step; plus head_dim 128 / 256 layers. 16-bit queries and vectors of the
+same dtype are multiplied in that dtype with float32 accumulation (exact products), so they are compared with the
+float32 reference on the same rounded values at float32 tolerances; mixed dtypes and float32 are computed in float32
+(IEEE). A TF32 run (torch's ``allow_tf32`` set) is only checked loosely. Skipped without a GPU.
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# (num_heads, num_kv_heads, head_dim, num_spans, min_width, max_width, q_len)
+CASES = [
+    (14, 2, 64, 4000, 4, 8, 2048),  # Qwen2.5-0.5B, a prefill chunk
+    (14, 2, 64, 4000, 4, 8, 1),  # Qwen2.5-0.5B, decode
+    (14, 2, 64, 1000, 1, 1, 300),  # width 1
+    (32, 8, 128, 2000, 4, 8, 512),  # Llama-3-8B heads
+    (8, 4, 256, 777, 2, 6, 129),  # head_dim 256, odd sizes
+    (28, 4, 128, 4000, 4, 8, 1),  # G=7 at head_dim 128, decode
+]
+
+
+def _kernel():
+    pytest.importorskip("triton")
+    from ltri_rag.kernels import triton_scoring
+
+    if triton_scoring.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: these tests are for the compiled kernels")
+    return triton_scoring.span_probabilities_triton
+
+
+def _inputs(num_heads, num_kv_heads, head_dim, num_spans, min_width, max_width, q_len, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    counts = torch.randint(min_width, max_width + 1, (num_spans,), device="cuda", generator=gen)
+    counts[::37] = 0  # some spans without vectors
+    owner = torch.repeat_interleave(torch.arange(num_spans, device="cuda"), counts)
+    queries = torch.randn(num_heads, q_len, head_dim, device="cuda", generator=gen) * 2.0
+    vectors = torch.randn(owner.numel(), num_kv_heads, head_dim, device="cuda", generator=gen)
+    return queries, vectors, owner
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=lambda d: f"q{str(d[0])[6:]}-v{str(d[1])[6:]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}kv{}D{}S{}w{}-{}q{}".format(*c))
+def test_matches_reference_on_cuda(case, dtypes) -> None:
+    from ltri_rag.kernels.scoring import span_probabilities
+
+    span_probabilities_triton = _kernel()
+    queries, vectors, owner = _inputs(*case)
+    queries, vectors = queries.to(dtypes[0]), vectors.to(dtypes[1])
+    num_spans, scaling = case[3], case[2] ** -0.5
+    assert not torch.backends.cuda.matmul.allow_tf32
+    got = span_probabilities_triton(queries, vectors, owner, num_spans, scaling)
+    ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(case[0], device="cuda"), atol=1e-4, rtol=0)
+    assert (got[:, ::37] == 0).all()
+    # the engine's entry point routes there
+    via = span_probabilities(queries, vectors, owner, num_spans, scaling, backend="triton")
+    torch.testing.assert_close(via, got, atol=0, rtol=0)
+
+
+def test_tf32_when_torch_allows_it(monkeypatch) -> None:
+    from ltri_rag.kernels.scoring import span_probabilities
+
+    span_probabilities_triton = _kernel()
+    queries, vectors, owner = _inputs(14, 2, 64, 2000, 4, 8, 256, seed=1)
+    ref = span_probabilities(queries, vectors, owner, 2000, 0.125)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    got = span_probabilities_triton(queries, vectors, owner, 2000, 0.125)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=5e-2)
+
+
+def test_splits_and_blocks_agree() -> None:
+    """The default split heuristics and explicit splits / block sizes give the same result."""
+    span_probabilities_triton = _kernel()
+    queries, vectors, owner = _inputs(14, 2, 64, 3001, 4, 8, 333, seed=2)
+    queries, vectors = queries.bfloat16(), vectors.bfloat16()
+    base = span_probabilities_triton(queries, vectors, owner, 3001, 0.125)
+    for kwargs in [{"span_splits": 1, "query_splits": 1}, {"span_splits": 7, "query_splits": 3},
+                   {"block_m": 128, "block_s": 32}, {"block_m": 16, "block_s": 128}]:
+        got = span_probabilities_triton(queries, vectors, owner, 3001, 0.125, **kwargs)
+        torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,207 @@
+"""The Triton ``span_probabilities`` equals the torch reference (float32, random inputs, awkward sizes).
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter: ``TRITON_INTERPRET`` is set here, at
+import, before triton (and the kernel module, whose kernels Triton builds at import) is loaded. With CUDA the same
+cases run compiled on the GPU. Skipped where triton does not import.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from ltri_rag.kernels import triton_scoring
+from ltri_rag.kernels.scoring import span_probabilities
+
+if DEVICE == "cpu" and not triton_scoring.INTERPRETED:  # imported earlier in this process without the interpreter
+    triton_scoring = importlib.reload(triton_scoring)
+
+span_probabilities_triton = triton_scoring.span_probabilities_triton
+
+
+def _inputs(num_heads, num_kv_heads, q_len, head_dim, counts, dtype=torch.float32, seed=0):
+    """Queries ``[H, q_len, D]`` and index vectors with ``counts[s]`` vectors for span ``s``, in shuffled order."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts, dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    owner = owner[torch.randperm(owner.numel(), generator=gen)]
+    queries = torch.randn(num_heads, q_len, head_dim, generator=gen)
+    vectors = torch.randn(owner.numel(), num_kv_heads, head_dim, generator=gen)
+    return queries.to(DEVICE, dtype), vectors.to(DEVICE, dtype), owner.to(DEVICE)
+
+
+def _counts(num_spans, width, seed=0, empty_every=0):
+    """Vector counts in ``1 .. width`` per span; every ``empty_every``-th span (if > 0) has none."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    counts = torch.randint(1, width + 1, (num_spans,), generator=gen)
+    if empty_every:
+        counts[::empty_every] = 0
+    return counts.tolist()
+
+
+def _check(queries, vectors, owner, num_spans, scaling, *, atol=1e-5, **kwargs):
+    got = span_probabilities_triton(queries, vectors, owner, num_spans, scaling, **kwargs)
+    ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
+    assert got.shape == ref.shape == (queries.shape[0], num_spans) and got.dtype == torch.float32
+    assert got.device == queries.device
+    torch.testing.assert_close(got, ref, atol=atol, rtol=0)
+    return got
+
+
+# (num_heads, num_kv_heads, q_len, head_dim, num_spans, max_width, empty_every)
+CASES = [
+    (2, 2, 5, 32, 1, 3, 0),  # MHA (G=1), a single span
+    (4, 2, 37, 32, 45, 4, 7),  # G=2, lengths not multiples of the blocks, some spans empty
+    (14, 2, 19, 64, 40, 8, 5),  # Qwen-like G=7, D=64, widths up to 8
+    (7, 1, 1, 48, 70, 5, 9),  # decode (q_len 1), G=7, head_dim 48 (padded to 64), width 5
+    (3, 3, 9, 32, 33, 1, 0),  # width 1: one vector per span
+    (8, 2, 16, 16, 64, 2, 3),  # lengths exact multiples of the blocks, D=16
+    (2, 1, 40, 24, 50, 6, 4),  # G=2 over one KV head, head_dim 24
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}kv{}q{}D{}S{}w{}e{}".format(*c))
+def test_matches_reference(case) -> None:
+    num_heads, num_kv_heads, q_len, head_dim, num_spans, width, empty_every = case
+    counts = _counts(num_spans, width, seed=num_heads, empty_every=empty_every)
+    queries, vectors, owner = _inputs(num_heads, num_kv_heads, q_len, head_dim, counts, seed=q_len)
+    got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 2.0)
+    empty = torch.tensor(counts, device=DEVICE) == 0
+    assert (got[:, empty] == 0).all()
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads, device=DEVICE))
+
+
+def test_small_blocks_and_splits() -> None:
+    """Rows that split the group (block_m 16, G=7: 2 queries a block), several span tiles per split, and both
+    passes split (span shares combined by logsumexp, query shares summed)."""
+    counts = _counts(50, 3, empty_every=6)
+    queries, vectors, owner = _inputs(7, 1, 9, 32, counts, seed=1)
+    for span_splits, query_splits in [(1, 1), (2, 3), (100, 100)]:
+        _check(queries, vectors, owner, 50, 0.25, block_m=16, block_s=16, span_splits=span_splits,
+               query_splits=query_splits)
+
+
+def test_peaked_scores_and_negative_scaling() -> None:
+    """Large scores (softmax dominated by one span, exp underflowing elsewhere) and a negative scaling (the max is
+    taken after scaling, as in the reference)."""
+    counts = _counts(30, 3, seed=2)
+    queries, vectors, owner = _inputs(4, 2, 11, 32, counts, seed=2)
+    _check(queries, vectors, owner, 30, 3.0)
+    _check(queries, vectors, owner, 30, -0.4)
+
+
+def test_strided_queries() -> None:
+    """Queries as a transpose of a ``[q_len, H, D]`` buffer (not contiguous) are read through their strides."""
+    counts = _counts(20, 4, seed=3)
+    queries, vectors, owner = _inputs(6, 2, 13, 32, counts, seed=3)
+    strided = queries.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    _check(strided, vectors, owner, 20, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype) -> None:
+    """16-bit queries and vectors: products of 16-bit values are exact in float32, so the result is the float32
+    reference on the same rounded values up to the order of the additions."""
+    counts = _counts(25, 5, seed=4, empty_every=8)
+    queries, vectors, owner = _inputs(14, 2, 10, 64, counts, dtype=dtype, seed=4)
+    _check(queries, vectors, owner, 25, 0.125)
+    _check(queries, vectors.float(), owner, 25, 0.125)  # mixed dtypes: computed in float32
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's -inf - -inf
+def test_empty_shapes_and_spans_without_vectors() -> None:
+    queries, vectors, owner = _inputs(4, 2, 6, 32, [2, 1], seed=5)
+    none = span_probabilities_triton(queries, vectors[:0], owner[:0], 0, 0.5)
+    assert none.shape == (4, 0) and none.dtype == torch.float32
+    # spans but not a single vector: every score is -inf, the softmax undefined (NaN), as in the reference
+    got = span_probabilities_triton(queries, vectors[:0], owner[:0], 3, 0.5)
+    torch.testing.assert_close(got, span_probabilities(queries, vectors[:0], owner[:0], 3, 0.5), equal_nan=True)
+    # the last spans have no vectors
+    got = _check(queries, vectors, owner, 5, 0.5)
+    assert (got[:, 2:] == 0).all()
+
+
+def test_dispatch() -> None:
+    counts = _counts(12, 3, seed=6, empty_every=5)
+    queries, vectors, owner = _inputs(4, 2, 9, 32, counts, seed=6)
+    ref = span_probabilities(queries, vectors, owner, 12, 0.3)
+    for backend in ("triton", "auto"):  # auto: Triton on CUDA, the torch path on CPU
+        got = span_probabilities(queries, vectors, owner, 12, 0.3, backend=backend)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="'nope'"):
+        span_probabilities(queries, vectors, owner, 12, 0.3, backend="nope")
+
+    from ltri_rag.kernels import span_probabilities_triton as exported
+
+    assert exported.__name__ == "span_probabilities_triton"
+
+
+def test_auto_on_cpu_uses_the_torch_path(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton scorer ran")
+
+    monkeypatch.setattr(triton_scoring, "span_probabilities_triton", fail)
+    queries, vectors, owner = _inputs(2, 1, 3, 16, [1, 2], seed=7)
+    span_probabilities(queries.cpu(), vectors.cpu(), owner.cpu(), 2, 1.0, backend="auto")
+    span_probabilities(queries.cpu(), vectors.cpu(), owner.cpu(), 2, 1.0)  # the default is torch
+
+
+def test_bad_inputs_raise() -> None:
+    queries, vectors, owner = _inputs(4, 2, 5, 32, [2, 1, 3], seed=8)
+    with pytest.raises(ValueError, match=r"queries must be \[num_heads, q_len, head_dim\]"):
+        span_probabilities_triton(queries[0], vectors, owner, 3, 1.0)
+    with pytest.raises(ValueError, match=r"disagree on num_vectors"):
+        span_probabilities_triton(queries, vectors, owner[:-1], 3, 1.0)
+    with pytest.raises(ValueError, match=r"do not fit vectors"):
+        span_probabilities_triton(queries[:3], vectors, owner, 3, 1.0)
+    with pytest.raises(ValueError, match="num_spans must be >= 0, got -1"):
+        span_probabilities_triton(queries, vectors, owner, -1, 1.0)
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16, got 24"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, block_m=24)
+    with pytest.raises(ValueError, match="block_s must be a power of two >= 16, got 8"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, block_s=8)
+    with pytest.raises(ValueError, match="span_splits must be >= 1, got 0"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, span_splits=0)
+    with pytest.raises(ValueError, match="head_dim 512"):
+        big_q, big_v, big_o = _inputs(2, 1, 1, 512, [1], seed=8)
+        span_probabilities_triton(big_q, big_v, big_o, 1, 1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_retrieval_through_the_triton_scorer(family, monkeypatch) -> None:
+    """``attention_backend="triton"`` also routes span scoring (``span_scoring="softmax"``, ltri's default)
+    through the Triton kernels: same logits as the torch backend through prefill and decode, and the Triton
+    scorer did run, on tables with spans."""
+    from ltri_rag import LtriConfig, LtriSession
+    from tests.unit.tiny_models import random_ids, tiny_model
+
+    calls = []
+    kernel = triton_scoring.span_probabilities_triton
+
+    def spy(queries, vectors, owner, num_spans, scaling, **kwargs):
+        calls.append(num_spans)
+        return kernel(queries, vectors, owner, num_spans, scaling, **kwargs)
+
+    monkeypatch.setattr(triton_scoring, "span_probabilities_triton", spy)
+    num_heads, num_kv_heads = (4, 2) if family == "llama" else (4, 1)
+    model = tiny_model(family, num_heads=num_heads, num_kv_heads=num_kv_heads).to(DEVICE)
+    common = {"mode": "ltri", "span_scoring": "softmax", "num_sink_tokens": 3, "local_window": 16, "chunk_size": 8,
+              "budget": 24, "page_size": 5, "evict_stride": 4, "span_min_len": 2, "span_max_len": 12}
+    sessions = [LtriSession(model, LtriConfig(**common, attention_backend=b)) for b in ("torch", "triton")]
+    ids = random_ids(1, 56).to(DEVICE)
+    logits = [s.feed(ids) for s in sessions]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert sessions[1].cache.memory_tokens() == sessions[0].cache.memory_tokens() > 0
+    for _ in range(2):
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in sessions]
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert calls and max(calls) > 1
