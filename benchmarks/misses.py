@@ -7,11 +7,14 @@ prediction is classed:
 
 * ``distractor``: a number planted for another key (the model read a needle, but the wrong one);
 * ``partial``: some but not all of the asked numbers (multi-value / multi-query);
-* ``invented``: a number that is no needle's;
+* ``cut short``: the first number is the asked number's first digits (at least two of them), then the answer
+  stops;
+* ``invented``: a number that is no needle's (any length);
 * ``no number``: no number at all (the model did not answer).
 
-A ``distractor`` miss says retrieval brought needles in but the model chose among them wrongly; ``invented`` and
-``no number`` say the asked needle did not reach the model.
+A ``distractor`` miss says retrieval brought needles in but the model chose among them wrongly; a ``cut short`` one
+that the needle reached the model but was not copied whole; ``invented`` and ``no number`` say the asked needle did
+not reach the model.
 """
 
 from __future__ import annotations
@@ -27,19 +30,24 @@ from benchmarks.report import load_rows
 
 NEEDLE = re.compile(r"special magic numbers? for ([\w-]+) is: (\d+)")
 NUMBER = re.compile(r"\d{4,}")
-KINDS = ("distractor", "partial", "invented", "no number")
+ANY_NUMBER = re.compile(r"\d+")
+KINDS = ("distractor", "partial", "cut short", "invented", "no number")
 
 
 def classify(prediction: str, answers: list[str], context: str) -> str:
     """The kind of miss of ``prediction`` (see the module docstring)."""
     planted = {value for _, value in NEEDLE.findall(context)}
     found = set(NUMBER.findall(prediction))
-    if not found:
-        return "no number"
     if found & set(answers):
         return "partial"
     if found & (planted - set(answers)):
         return "distractor"
+    first = ANY_NUMBER.search(prediction)
+    if first is None:
+        return "no number"
+    digits = first.group()
+    if len(digits) >= 2 and any(a != digits and a.startswith(digits) for a in answers):
+        return "cut short"
     return "invented"
 
 

@@ -66,9 +66,13 @@ def test_misses_are_classed_by_what_the_model_said() -> None:
     assert classify(" 5555555.", ["1234567"], context) == "invented"
     assert classify(" the number is unknown", ["1234567"], context) == "no number"
     assert classify(" 1234567 and 9999999", ["1234567", "7654321"], context) == "partial"
+    assert classify(": 1234.  It's a number", ["1234567"], context) == "cut short"
+    assert classify(" 12.", ["1234567"], context) == "cut short"
+    assert classify(" 1.", ["1234567"], context) == "invented"  # one digit is not evidence of the needle
+    assert classify(" 10.  This is the number", ["1234567"], context) == "invented"
     from collections import Counter
     table = tabulate({("niah_multikey", "ltri", 32768): Counter({"distractor": 2})})
-    assert "| niah_multikey | ltri | 32768 | 2 | 2 | 0 | 0 | 0 |" in table
+    assert "| niah_multikey | ltri | 32768 | 2 | 2 | 0 | 0 | 0 | 0 |" in table
 
 
 def test_coverage_counts_complete_cells_missing_rows_and_their_cost() -> None:
