@@ -9,6 +9,8 @@
 # (benchmarks.evaluate or benchmarks.tune and its arguments, without --out / --max-seconds). The deadline is read
 # from /tmp/deadline (epoch seconds; written by the session's first call). Collect with benchmarks/gpu_collect.sh.
 # EXTRA_SITE=/tmp/site-newer puts the staged newer transformers first on the path (Gemma 3 needs it).
+# GPUS=1 (a comma-separated list) keeps the grid off the other GPUs, e.g. to time a benchmark alone on GPU 0 while
+# the grid runs on GPU 1 (CUDA_VISIBLE_DEVICES=0 for the benchmark).
 set -euo pipefail
 name=$1 workers=$2 seed=$3 module=$4
 shift 4
@@ -19,7 +21,7 @@ if [ "$seed" != "-" ] && [ -f "$seed/samples.jsonl" ] && [ ! -f "$out/samples.js
   [ -f "$seed/meta.json" ] && cp "$seed/meta.json" "$out/meta.json"
 fi
 left=$(( $(cat /tmp/deadline) - $(date +%s) ))
-gpus=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
+gpus=${GPUS:-$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")}
 export PYTHONPATH=${EXTRA_SITE:+$EXTRA_SITE:}/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data
 cd /tmp/run
 setsid nohup python3 -m benchmarks.parallel --workers "$workers" --gpus "$gpus" "$module" "$@" \
