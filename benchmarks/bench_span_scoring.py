@@ -6,7 +6,7 @@ One layer's scoring of a chunk of queries against a memory of 1,000 / 4,000 / 16
 vectors (the dynamic counts' default range), at the shapes the quality grid runs (Qwen2.5-0.5B: 14 query / 2 KV
 heads, head_dim 64), for a prefill chunk of 2,048 queries and a decode step (1 query). Queries and vectors are
 bf16 on the GPU, as in the engine. Times are medians of ``--reps`` runs after a warm-up (CUDA events on the GPU)
-and include laying the vectors out per span (``_padded``), which both backends do on every call. TFLOP/s counts one
+and include laying the vectors out per span (``span_layout``), which both backends do on every call. TFLOP/s counts one
 score matrix, ``2 * H * q_len * num_vectors_padded * D`` (the Triton kernels compute it twice, the torch path once
 but writes it to memory). ``x layers`` is the time of one call times the model's 24 layers.
 

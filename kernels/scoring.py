@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["span_probabilities", "span_scores"]
+__all__ = ["SpanLayout", "span_layout", "span_probabilities", "span_scores"]
 
 _BACKENDS = ("torch", "triton", "auto")
 
 
-def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
-            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, int]:
+SpanLayout = tuple[torch.Tensor, torch.Tensor, int]
+"""``(padded, valid, width)``: index vectors laid out densely per span (see :func:`span_layout`)."""
+
+
+def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
+                dtype: torch.dtype = torch.float32, min_width: int = 1) -> SpanLayout:
     """Index vectors laid out densely per span, so that the max over a span's vectors is a plain ``amax``.
 
     Returns ``(padded, valid, width)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` of ``dtype``
     (float32 unless asked otherwise; span ``s`` owns rows ``s * width .. s * width + width - 1``, its vectors
     first; padding rows are 0), ``valid [num_spans * width]`` bool, and ``width``, the most vectors any span has
-    (at least 1). A dense layout replaces a ``scatter_reduce`` over every
+    (at least ``min_width``). A dense layout replaces a ``scatter_reduce`` over every
     (query, vector) score, the costliest step of scoring a large memory.
+
+    Computing it reads the largest span's vector count back to the host (a device sync on CUDA): a caller that
+    scores the same spans many times (the engine's span tables) builds it once and passes it as ``layout``.
     """
     owner = owner.to(vectors.device)
     counts = torch.bincount(owner, minlength=num_spans)
-    width = max(1, int(counts.max())) if owner.numel() else 1
+    width = max(min_width, int(counts.max())) if owner.numel() else max(1, min_width)
     order = torch.argsort(owner, stable=True)
     sorted_owner = owner[order]
     starts = torch.cumsum(counts, 0) - counts  # first sorted position of each span
@@ -37,6 +44,19 @@ def _padded(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
     valid = torch.zeros(num_spans * width, dtype=torch.bool, device=vectors.device)
     valid[rows] = True
     return padded, valid, width
+
+
+def _resolve_layout(layout: SpanLayout | None, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
+                    dtype: torch.dtype) -> SpanLayout:
+    """``layout`` (checked against ``vectors`` / ``num_spans``, cast to ``dtype``) or a fresh one."""
+    if layout is None:
+        return span_layout(vectors, owner, num_spans, dtype=dtype)
+    padded, valid, width = layout
+    if padded.shape[0] != num_spans * width or valid.shape[0] != padded.shape[0] or \
+            padded.shape[1:] != vectors.shape[1:]:
+        raise ValueError(f"layout {tuple(padded.shape)} (width {width}) does not fit {num_spans} spans of vectors "
+                         f"{tuple(vectors.shape)}")
+    return (padded if padded.dtype == dtype else padded.to(dtype)), valid, width
 
 
 def _span_max(dots: torch.Tensor, valid: torch.Tensor, num_spans: int, width: int) -> torch.Tensor:
@@ -71,6 +91,7 @@ def span_scores(
     vectors: torch.Tensor,
     owner: torch.Tensor,
     num_spans: int,
+    layout: SpanLayout | None = None,
 ) -> torch.Tensor:
     """Best match of each query head against each span's index vectors.
 
@@ -79,6 +100,7 @@ def span_scores(
         vectors: ``[num_vectors, num_kv_heads, head_dim]`` index vectors, one per (vector, KV head).
         owner: ``[num_vectors]`` int64 span id of each vector, in ``[0, num_spans)``.
         num_spans: Number of spans.
+        layout: :func:`span_layout` of these vectors, if the caller keeps one (saves rebuilding it).
 
     Returns:
         ``[num_heads, num_spans]`` float32: ``max`` over the span's vectors of ``query_h . vector_{kv(h)}``;
@@ -96,7 +118,7 @@ def span_scores(
     group = num_heads // num_kv_heads
     if num_spans == 0:
         return torch.zeros(num_heads, 0, dtype=torch.float32, device=query.device)
-    padded, valid, width = _padded(vectors, owner, num_spans)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, torch.float32)
     qg = query.float().view(num_kv_heads, group, head_dim)
     dots = torch.einsum("hgd,nhd->hgn", qg, padded).reshape(num_heads, -1)  # [H, S * width]
     return _span_max(dots, valid, num_spans, width)
@@ -111,6 +133,7 @@ def span_probabilities(
     query_block: int = 128,
     *,
     backend: str = "torch",
+    layout: SpanLayout | None = None,
 ) -> torch.Tensor:
     """Attention-like distribution of each query head over spans, averaged over the chunk's queries.
 
@@ -130,6 +153,8 @@ def span_probabilities(
             :mod:`ltri_rag.kernels.triton_scoring`: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto``
             (Triton for CUDA tensors when triton imports, torch elsewhere). The engine passes
             ``LtriConfig.attention_backend``.
+        layout: :func:`span_layout` of these vectors (any dtype), if the caller keeps one: the engine's span tables
+            do, so that scoring does not rebuild it (nor sync the device) at every chunk and decoded token.
 
     Returns:
         ``[num_heads, num_spans]`` float32, each row summing to 1 (0 rows if there are no spans).
@@ -143,7 +168,7 @@ def span_probabilities(
         from ltri_rag.kernels.triton_scoring import span_probabilities_triton, triton_available  # triton is optional
 
         if triton_available():
-            return span_probabilities_triton(queries, vectors, owner, num_spans, scaling)
+            return span_probabilities_triton(queries, vectors, owner, num_spans, scaling, layout=layout)
         if backend == "triton":
             raise ValueError("backend 'triton' needs the triton package, which did not import")
     _check_span_inputs(queries, vectors, owner, num_spans)
@@ -153,7 +178,7 @@ def span_probabilities(
         return total
     num_kv_heads, head_dim = vectors.shape[1], vectors.shape[2]
     group = num_heads // num_kv_heads
-    padded, valid, width = _padded(vectors, owner, num_spans)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, torch.float32)
     keys = padded.transpose(0, 1).transpose(1, 2)  # [Hkv, D, S * width]
     for start in range(0, q_len, query_block):
         block = queries[:, start:start + query_block].float() * scaling  # [H, c, D]

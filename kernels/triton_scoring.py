@@ -6,7 +6,7 @@ span ids, ``G = H // Hkv``; query head ``h`` reads KV head ``h // G``. For query
 spans, averaged over the ``Lq`` queries: ``[H, num_spans]`` float32. The torch path materialises
 ``[H * block, num_spans * width]`` score matrices; the kernels below never write a score to memory.
 
-Layout. The vectors are laid out densely per span by :func:`ltri_rag.kernels.scoring._padded` (span ``s`` owns
+Layout. The vectors are laid out densely per span by :func:`ltri_rag.kernels.scoring.span_layout` (span ``s`` owns
 rows ``s * width .. s * width + width - 1`` and a ``valid`` mask says which hold a vector). A tile of
 ``BLOCK_S`` spans is scored slot by slot: for ``w < width`` one ``[rows, D] x [D, BLOCK_S]`` product against the
 ``w``-th vector of each span, kept as a running maximum, so the span max is elementwise (no reshape of a score
@@ -50,7 +50,7 @@ import functools
 import os
 
 import torch
-from ltri_rag.kernels.scoring import _check_span_inputs, _padded, span_probabilities
+from ltri_rag.kernels.scoring import SpanLayout, _check_span_inputs, _resolve_layout, span_probabilities
 
 try:
     import triton
@@ -245,6 +245,7 @@ def span_probabilities_triton(
     block_s: int | None = None,
     span_splits: int | None = None,
     query_splits: int | None = None,
+    layout: SpanLayout | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`ltri_rag.kernels.scoring.span_probabilities`; same arguments and result.
 
@@ -261,6 +262,7 @@ def span_probabilities_triton(
         span_splits: Programs sharing the spans of one row block in the statistics pass (None: enough to fill a
             GPU, 1 off CUDA).
         query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
+        layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -282,7 +284,7 @@ def span_probabilities_triton(
         raise ValueError(f"the triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set "
                          "before ltri_rag.kernels.triton_scoring is imported")
     if num_spans == 0 or q_len == 0:  # nothing to launch: the reference handles the empty shapes
-        return span_probabilities(queries, vectors, owner, num_spans, scaling)
+        return span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout)
 
     half = queries.dtype == vectors.dtype and queries.dtype in _HALF
     if INTERPRETED and queries.dtype == torch.bfloat16:
@@ -290,7 +292,7 @@ def span_probabilities_triton(
     compute = queries.dtype if half else torch.float32
     if queries.dtype != compute:
         queries = queries.to(compute)
-    padded, valid, width = _padded(vectors, owner, num_spans, dtype=compute)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
     valid = valid.view(torch.uint8)
     if half or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
         dot_precision = "ieee"  # ignored for 16-bit inputs

@@ -135,7 +135,7 @@ class GlobalLayerState:
         """``[H, S]`` per-query-head span scores of this layer."""
         if self.cfg.span_scoring == "softmax":
             return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling,
-                                      backend=self.cfg.attention_backend)
+                                      backend=self.cfg.attention_backend, layout=table.layout())
         return table.scores(query_summary(q_free))
 
     def _pinned(self, seq: int, plan: StepPlan, num_spans: int) -> torch.Tensor | None:

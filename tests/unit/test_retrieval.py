@@ -76,6 +76,40 @@ def test_span_scores_half_precision_inputs_and_no_vectors():
     assert empty.shape == (4, 4) and torch.isneginf(empty).all()
 
 
+def test_span_table_keeps_its_layout_as_spans_arrive():
+    """The layout a span table keeps (extended at each append, rebuilt when a wider span comes) is the one built
+    from scratch, and scoring with it gives the same numbers as without."""
+    from ltri_rag.kernels.scoring import span_layout
+
+    from ltri_rag.span_memory import SpanTable
+
+    gen = torch.Generator().manual_seed(3)
+    table = SpanTable(2, 8, torch.bfloat16, torch.device("cpu"))
+    queries = torch.randn(4, 5, 8, generator=gen)
+    slot = 0
+    # vectors per new span, per append: equal widths extend the layout, a wider span forces a rebuild
+    for counts in ([2, 1], [2, 2, 0], [4], [1, 3], [0]):
+        n = len(counts)
+        lengths = torch.randint(1, 6, (n,), generator=gen)
+        starts = slot + torch.cumsum(lengths, 0) - lengths
+        slot += int(lengths.sum())
+        owner = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
+        vectors = torch.randn(owner.numel(), 2, 8, generator=gen)
+        table.append(starts, starts + lengths, vectors, owner)
+        kept = table.layout()
+        fresh = span_layout(table.vectors, table.owner, len(table), dtype=table.vectors.dtype)
+        assert kept[2] == fresh[2]
+        assert torch.equal(kept[0], fresh[0]) and torch.equal(kept[1], fresh[1])
+        scale = 8 ** -0.5
+        torch.testing.assert_close(
+            span_probabilities(queries, table.vectors, table.owner, len(table), scale, layout=kept),
+            span_probabilities(queries, table.vectors, table.owner, len(table), scale), rtol=0, atol=0)
+        torch.testing.assert_close(table.scores(queries[:, 0]),
+                                   span_scores(queries[:, 0], table.vectors, table.owner, len(table)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layout"):
+        span_probabilities(queries, table.vectors, table.owner, len(table) - 1, 1.0, layout=table.layout())
+
+
 def test_span_scores_shape_errors():
     q = torch.randn(4, 8)
     v = torch.randn(5, 2, 8)
