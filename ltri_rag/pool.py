@@ -95,11 +95,25 @@ class PagedKVPool:
         hv[flat.to(self.device)] = v.to(self.device, hv.dtype)
 
     def gather(self, layer: int, seq: int, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """K/V of ``slots: [num_kv_heads, n]`` (per head) as ``[num_kv_heads, n, head_dim]`` tensors on ``device``."""
+        """K/V of ``slots: [num_kv_heads, n]`` (per head) as ``[num_kv_heads, n, head_dim]`` tensors on ``device``.
+
+        One ``index_select`` per tensor over the pool seen as ``[slots * num_kv_heads, head_dim]`` rows. From pinned
+        host pages to a GPU the rows are gathered into a pinned buffer and copied asynchronously (torch's pinned
+        allocator keeps the buffer alive until the copy is done), so the host does not wait for the transfer.
+        """
         num_kv_heads, n = slots.shape
-        flat = self._flat_index(seq, slots.reshape(-1)).view(num_kv_heads, n).to(self.device)
-        heads = torch.arange(num_kv_heads, device=self.device)[:, None].expand(-1, n)
+        flat = self._flat_index(seq, slots.reshape(-1)).view(num_kv_heads, n)
         pk, pv = self._k[layer], self._v[layer]
-        k = pk.view(-1, pk.shape[2], pk.shape[3])[flat, heads]
-        v = pv.view(-1, pv.shape[2], pv.shape[3])[flat, heads]
-        return k.to(device), v.to(device)
+        head_dim = pk.shape[3]
+        rows = (flat * pk.shape[2] + torch.arange(num_kv_heads)[:, None]).reshape(-1).to(self.device)
+        staged = self.pin_memory and device.type == "cuda"
+        out = []
+        for store in (pk, pv):
+            src = store.view(-1, head_dim)
+            if staged:
+                buf = torch.empty(rows.numel(), head_dim, dtype=store.dtype, pin_memory=True)
+                torch.index_select(src, 0, rows, out=buf)
+                out.append(buf.view(num_kv_heads, n, head_dim).to(device, non_blocking=True))
+            else:
+                out.append(src.index_select(0, rows).view(num_kv_heads, n, head_dim).to(device))
+        return out[0], out[1]
