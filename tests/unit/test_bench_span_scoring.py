@@ -23,7 +23,8 @@ def test_small_run_writes_rows_for_every_backend(tmp_path, monkeypatch) -> None:
     main(["--small", "--reps", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
     backends = {r["backend"] for r in result["rows"]}
-    assert backends == ({"torch", "triton"} if have_triton else {"torch"})
+    expected = {"torch", "torch + layout"} | ({"triton", "triton + layout"} if have_triton else set())
+    assert backends == expected
     assert len(result["rows"]) == 2 * len(backends)  # two shapes
     for row in result["rows"]:
         assert row["ms"] > 0 and row["tflops"] > 0
