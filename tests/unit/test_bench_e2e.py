@@ -1,0 +1,90 @@
+"""The end-to-end speed benchmark runs on a tiny random Llama on CPU: rows per (mode, length), the OOM path, the
+time budget and the command-line checks (the speed numbers themselves come from the GPU, not from tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_e2e
+from benchmarks.bench_e2e import Track, main
+
+
+def _rows(result: dict, phase: str) -> dict[tuple[str, int], dict]:
+    return {(r["mode"], r["length"]): r for r in result[phase]}
+
+
+def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
+    main(["--small", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    modes, lengths = ("full", "ltri", "streaming"), (256, 512)
+    prefill, decode = _rows(result, "prefill"), _rows(result, "decode")
+    assert set(prefill) == set(decode) == {(m, n) for m in modes for n in lengths}
+    for row in prefill.values():
+        assert row["status"] == "ok", row
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["floor_s"] > 0
+    for row in decode.values():
+        assert row["status"] == "ok", row
+        assert row["tokens"] == 4 and len(row["times_ms"]) == 4 and row["median_ms"] > 0
+        assert row["floor_weights_kv_ms"] > row["floor_weights_ms"] > 0
+    profiles = {(p["mode"], p["length"], p["kind"]): p for p in result["profile"]}
+    assert all(p["status"] == "ok" for p in profiles.values())
+    assert {("full", 512, "decode step"), ("ltri", 512, "decode step"), ("ltri", 512, "prefill chunk")} <= set(profiles)
+    ltri = profiles[("ltri", 512, "decode step")]["categories_ms"]
+    assert ltri["attention"] > 0 and ltri["weights"] > 0
+    assert ltri["retrieval: score+select"] > 0  # the tiny window evicts: ltri retrieves at 512 tokens
+    assert profiles[("full", 512, "decode step")]["categories_ms"]["retrieval: score+select"] == 0
+    assert result["meta"]["command"].startswith("python -m benchmarks.bench_e2e --small")
+    text = (tmp_path / "bench.md").read_text()
+    assert "| 512 |" in text and "Where the time goes" in text and "## Targets" in text
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
+    real = bench_e2e.run_prefill
+
+    def flaky(session, ids):
+        if session.config.mode == "full" and ids.shape[1] == 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(session, ids)
+
+    monkeypatch.setattr(bench_e2e, "run_prefill", flaky)
+    result = main(["--small", "--modes", "full", "ltri", "--decode-tokens", "2", "--no-profile",
+                   "--out", str(tmp_path)])
+    prefill, decode = _rows(result, "prefill"), _rows(result, "decode")
+    assert prefill[("full", 256)]["status"] == "OOM" and "64.00 GiB" in prefill[("full", 256)]["reason"]
+    assert decode[("full", 256)]["status"] == "OOM"
+    assert prefill[("full", 512)]["status"] == "skipped" and "OOM at 256" in prefill[("full", 512)]["reason"]
+    for key in (("ltri", 256), ("ltri", 512)):  # rows after the OOM still ran
+        assert prefill[key]["status"] == "ok" and decode[key]["status"] == "ok"
+    assert "OOM" in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["prefill"][0]["status"] == "OOM"
+
+
+def test_time_limit_skips_and_says_why(tmp_path) -> None:
+    result = main(["--small", "--modes", "streaming", "--time-limit", "0.001", "--no-profile", "--out", str(tmp_path)])
+    assert result["prefill"] and all(r["status"] == "skipped" and "time" in r["reason"] for r in result["prefill"])
+
+
+def test_prediction_scales_the_last_length() -> None:
+    track = Track()
+    assert track.predict("ltri", 1024, with_decode=False) is None
+    track.last_length, track.last_prefill_s, track.history = 1024, 2.0, [(1024, 2.0)]
+    assert track.predict("full", 4096, with_decode=False) == pytest.approx(2.0 * 4 ** 2)  # default exponents
+    assert track.predict("ltri", 4096, with_decode=False) == pytest.approx(2.0 * 4 ** 1.15)
+    track.history = [(512, 1.0), (1024, 2.0)]  # measured growth: linear
+    assert track.predict("full", 4096, with_decode=False) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama-9b"], "unknown model 'llama-9b'"),
+    (["--lengths", "0", "512"], "--lengths must be positive, got [0]"),
+    (["--decode-tokens", "0"], "--decode-tokens must be >= 1, got 0"),
+    (["--model", "a=x", "--model", "a=y"], "--model names must differ"),
+])
+def test_bad_arguments_are_named(tmp_path, capsys, argv, message) -> None:
+    with pytest.raises(SystemExit):
+        main(["--small", "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
