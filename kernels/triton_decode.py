@@ -1,0 +1,554 @@
+"""Fused split-K decode attention over ``[memory | local window]`` (one decoded token per sequence).
+
+The engine's decode step attends one query per sequence to two key sets and needs, besides the output, the
+attention probabilities of the window keys (span detection). Today it runs, in torch::
+
+    out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=s, key_mask=mem_mask, softcap=c)
+    local = local_attention(q, win_k, win_v, scaling=s, causal_offset=W - 1, extra_lse=lse_m,
+                            band_width=bw, want_key_mass=wk, softcap=c)
+    out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
+
+:func:`decode_attention` is that composition (the reference); :func:`decode_attention_triton` computes the same
+:class:`~ltri_rag.kernels.attention.LocalAttention` (``out``/``lse`` merged over both parts; ``key_mass`` /
+``band`` of the window keys under the *combined* normaliser) in two Triton launches.
+
+Shapes (``G = H // Hkv``, query head ``h`` reads KV head ``h // G``):
+    q ``[B, H, 1, D]`` (and ``q_mem``, the queries for the memory keys when a position scheme rotates them
+    differently; default ``q``); mem_k / mem_v ``[B, Hkv, M, D]``, mem_mask ``[B, Hkv, M]`` bool (False =
+    padding; None = all valid; the memory may be absent or ``M = 0``); win_k / win_v ``[B, Hkv, W, D]``, the local
+    window *including the new token as its last key* (``W >= 1``; the query sees all ``W`` keys).
+
+Design (two kernels, no atomics, deterministic, no host sync: graph-capturable):
+
+* **Split pass** (``_decode_split_kernel``), grid ``(splits, B * Hkv)``. The keys are cut into tiles of
+  ``BLOCK_N``: first ``cdiv(M, BLOCK_N)`` memory tiles, then ``cdiv(W, BLOCK_N)`` window tiles (the two tensors are
+  read where they are, never concatenated); split ``s`` owns a contiguous run of ``tiles_per_split`` tiles, so a
+  split reads from the memory, from the window, or from the end of one and the start of the other (two loops with
+  scalar bounds). GQA is packed: a program holds the ``G`` query heads of its KV head as the rows of a
+  ``[G_P, D]`` tile (``G_P`` = ``G`` rounded up to a power of two >= 16 for ``tl.dot``), so each K/V tile is read
+  once for the whole group. It runs the online softmax (base 2, float32 statistics and accumulator) and writes per
+  ``(split, head)`` the partial LSE and the normalised partial output (float32). With ``key_mass`` or ``band``
+  wanted, the window tiles also write their scores (base 2, float32, ``[B, H, W]``): the finishing pass then needs
+  no K re-read (``G * 4`` bytes per window key instead of ``D * itemsize``) and uses exactly the scores the
+  softmax saw. The number of splits depends on shapes only: about two programs per multiprocessor
+  (``B * Hkv * splits ~ 2 * SMs``, the SM count cached), at least two tiles per split, at most 256 splits; 3 under
+  the interpreter; or ``num_splits``.
+
+* **Finish pass** (``_decode_finish_kernel``), one launch, a flat grid of ``B * Hkv * wblocks`` programs, plus
+  ``B`` band programs with ``band_width > 0``. Program ``(b, kvh, wblock)`` combines the partial LSEs of its rows
+  into the total LSE (one ``[G, splits]`` tile); block 0 also merges the partial outputs (split chunks of a
+  ``[G, chunk, D]`` tile) and writes ``out`` and ``lse``; with ``want_key_mass`` each program writes
+  ``key_mass = sum over the group's heads of exp2(score - total)`` for its ``BLOCK_W`` window keys (one owner per
+  key). Band program ``b`` walks the KV heads of sequence ``b``, recomputes their total LSEs (tiny) and sums the
+  probabilities of keys ``W - 1 - o`` over all ``H`` heads: ``band[b, 0, o]`` is that sum over ``H`` (0 where
+  ``W - 1 - o < 0``). With ``q_len = 1``, band is the head mean of the last ``band_width`` columns.
+
+Dtypes: float16 / bfloat16 inputs of one dtype are multiplied in that dtype on tensor cores (``p`` rounded to it for
+``p @ v``, as flash attention does) with float32 accumulation; anything else is computed in float32 with IEEE
+products. Under the interpreter bfloat16 is computed in float32 (its ``tl.dot`` does not support bfloat16, triton
+issue 11584). ``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
+
+Block sizes come from :func:`block_sizes` (small under the interpreter, untuned defaults on CUDA).
+``TRITON_INTERPRET`` is read when this module is imported (Triton decides then how to build the kernels): set it
+before the import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from ltri_rag.kernels.attention import LocalAttention, _check_qkv, attention_with_lse, local_attention, merge_attention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
+    triton = None
+    tl = None
+
+__all__ = ["block_sizes", "decode_attention", "decode_attention_triton", "num_splits_for", "triton_available"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_HEAD_DIM = 256
+_MAX_SPLITS = 256
+_MIN_TILES_PER_SPLIT = 2
+_INTERPRETER_SPLITS = 3
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+# whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
+INTERPRETED = triton is not None and _env_interpret()
+
+
+def triton_available() -> bool:
+    """Whether triton imported (the kernels run on CUDA tensors, or on CPU tensors under the interpreter)."""
+    return triton is not None
+
+
+def block_sizes(head_dim: int, device: torch.device,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """``(block_n, block_w, num_warps, num_stages)`` for :func:`decode_attention_triton`.
+
+    ``block_n`` keys per tile of the split pass (its ``num_warps`` / ``num_stages``), ``block_w`` window keys per
+    program of the finishing pass. Off CUDA (the interpreter) small tiles keep the per-program numpy work light.
+    The CUDA values are untuned defaults for about two programs per multiprocessor on sm_90. Compiled ahead of
+    time for sm_90 without a GPU (the launcher's arguments, Triton's runtime specialisation, ptxas): no register
+    spill; the split pass pipelines its K/V loads (cp.async) and takes about 72-76 KiB of shared memory and 100-140
+    registers for 16-bit inputs at head_dim 64/80/128/256 (float32: up to 194 registers, 146 KiB at head_dim 256).
+    Timing and tuning on the GPU are still to do (``benchmarks/bench_decode_attention.py --splits ... --block-n``).
+    """
+    if device.type != "cuda":
+        return 32, 32, 1, 1
+    wide = dtype == torch.float32 or head_dim > 128
+    if head_dim <= 64 and not wide:
+        return 128, 256, 4, 3
+    return (32 if wide else 64), 256, 4, 3
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits_for(num_tiles: int, programs: int, device: torch.device, value: int | None = None) -> int:
+    """Splits of ``num_tiles`` key tiles for ``programs = B * Hkv`` (shapes only, no sync).
+
+    ``value`` if given (capped at ``num_tiles`` and 256); else on CUDA about two programs per multiprocessor with
+    at least two tiles per split; else (interpreter) 3. The count is then tightened so that no split is empty.
+    """
+    if value is not None:
+        if value < 1:
+            raise ValueError(f"num_splits must be >= 1, got {value}")
+        splits = value
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        splits = min(-(-2 * _multiprocessors(index) // programs), max(1, num_tiles // _MIN_TILES_PER_SPLIT))
+    else:
+        splits = _INTERPRETER_SPLITS
+    splits = max(1, min(splits, num_tiles, _MAX_SPLITS))
+    per_split = -(-num_tiles // splits)
+    return -(-num_tiles // per_split)
+
+
+if triton is not None:
+    # As in triton_local: only triton *builtins* inside the kernels (plus jit helpers of this module), so that the
+    # kernels also run under the interpreter when triton was imported before TRITON_INTERPRET was set.
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    _sum_combine = getattr(tl.standard, "_sum_combine", _add)
+    _max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
+
+    @triton.jit
+    def _score_tile(q, k_t, qk_scale, cap2, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Scores of ``q [M, D]`` against ``k_t [D, N]`` in base 2 (natural scores times log2(e)), float32."""
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            x = s * qk_scale  # q . k * scaling / cap
+            t = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|), in (0, 1]: no overflow
+            th = (1.0 - t) / (1.0 + t)
+            s = tl.where(x < 0, -th, th) * cap2  # cap * tanh(x) * log2(e)
+        else:
+            s = s * qk_scale  # scaling * log2(e)
+        return s
+
+    @triton.jit
+    def _split_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, score_ptr, start, length,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap2, row_ok,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                    HAS_MASK: tl.constexpr, STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One key tile ``[start, start + BLOCK_N)`` of a source of ``length`` keys: online-softmax update.
+
+        ``score_ptr`` (with ``STORE_SCORES``): ``[G_P]`` row pointers of the score scratch, offset to key 0.
+        """
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < length
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        k_t = tl.load(k_base + n[None, :] * stride_kn + d[:, None] * stride_kd,
+                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]: K transposed
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        s = _score_tile(q, k_t, qk_scale, cap2, SOFTCAP, DOT_PRECISION)
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_base + n * stride_mn, mask=n_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        if STORE_SCORES:
+            tl.store(score_ptr[:, None] + n[None, :], s, mask=row_ok[:, None] & n_ok[None, :])
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without a key so far stay at 0 mass
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _decode_split_kernel(
+            Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores,
+            stride_qb, stride_qh, stride_qd, stride_qmb, stride_qmh, stride_qmd,
+            stride_mkb, stride_mkh, stride_mkn, stride_mkd,
+            stride_mvb, stride_mvh, stride_mvn, stride_mvd,
+            stride_mmb, stride_mmh, stride_mmn,
+            stride_wkb, stride_wkh, stride_wkn, stride_wkd,
+            stride_wvb, stride_wvh, stride_wvn, stride_wvd,
+            num_kv_heads, mem_len, win_len, mem_tiles, total_tiles, tiles_per_split, num_splits, qk_scale, cap2,
+            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+        pid_s = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // num_kv_heads).to(tl.int64)
+        kvh = (pid_bh % num_kv_heads).to(tl.int64)
+        num_heads = num_kv_heads * GROUP
+        g = tl.arange(0, GROUP_P)
+        row_ok = g < GROUP
+        head = kvh * GROUP + g  # int64
+        d = tl.arange(0, BLOCK_D)
+        q_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+
+        t_lo = pid_s * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, total_tiles)
+        acc = tl.full([GROUP_P, BLOCK_D], 0.0, dtype=tl.float32)
+        l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
+        m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+        score_ptr = Scores + (b * num_heads + head) * win_len  # [G_P] rows of [B, H, W]
+
+        # memory tiles [t_lo, min(t_hi, mem_tiles)): queries q_mem
+        qm = tl.load(QM + b * stride_qmb + head[:, None] * stride_qmh + d[None, :] * stride_qmd, mask=q_mask,
+                     other=0.0)
+        mk_base = MK + b * stride_mkb + kvh * stride_mkh
+        mv_base = MV + b * stride_mvb + kvh * stride_mvh
+        mm_base = MMask + b * stride_mmb + kvh * stride_mmh
+        for t in range(t_lo, tl.minimum(t_hi, mem_tiles)):
+            acc, l_i, m_i = _split_tile(
+                acc, l_i, m_i, qm, mk_base, mv_base, mm_base, score_ptr, t * BLOCK_N, mem_len,
+                stride_mkn, stride_mkd, stride_mvn, stride_mvd, stride_mmn, qk_scale, cap2, row_ok,
+                HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, HAS_MASK, False, DOT_PRECISION)
+
+        # window tiles [max(t_lo, mem_tiles), t_hi): queries q, every key valid
+        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        wk_base = WK + b * stride_wkb + kvh * stride_wkh
+        wv_base = WV + b * stride_wvb + kvh * stride_wvh
+        for t in range(tl.maximum(t_lo, mem_tiles), t_hi):
+            acc, l_i, m_i = _split_tile(
+                acc, l_i, m_i, q, wk_base, wv_base, mm_base, score_ptr, (t - mem_tiles) * BLOCK_N, win_len,
+                stride_wkn, stride_wkd, stride_wvn, stride_wvd, stride_mmn, qk_scale, cap2, row_ok,
+                HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, False, STORE_SCORES, DOT_PRECISION)
+
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        lse2 = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
+        part_row = (pid_bh * num_splits + pid_s).to(tl.int64) * GROUP + g  # into [B * Hkv, splits, G]
+        tl.store(PartLse + part_row, lse2, mask=row_ok)
+        tl.store(PartO + part_row[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=q_mask)
+
+    @triton.jit
+    def _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP: tl.constexpr, SPLITS_P: tl.constexpr):
+        """``[G_P]`` base-2 LSE over every split of the rows of KV head ``pid_bh``.
+
+        A real row always sees its window (``W >= 1``), so only padded rows have no key: they get 0, not ``-inf``,
+        so that ``score - total`` stays NaN-free in the (masked) padded rows.
+        """
+        s = tl.arange(0, SPLITS_P)
+        ok = row_ok[:, None] & (s[None, :] < num_splits)
+        x = tl.load(PartLse + (pid_bh * num_splits + s[None, :]).to(tl.int64) * GROUP + g[:, None], mask=ok,
+                    other=float("-inf"))  # [G_P, SPLITS_P]
+        mx = tl.reduce(x, 1, _max_combine)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        total = tl.reduce(tl.exp2(x - safe[:, None]), 1, _sum_combine)
+        return tl.where(total > 0.0, safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+
+    @triton.jit
+    def _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, num_splits, num_wblocks,
+                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, MASS: tl.constexpr):
+        """Program ``(b, kvh, wblock)``: total LSE; block 0 merges ``out`` / ``lse``; key mass of its window keys."""
+        g = tl.arange(0, GROUP_P)
+        row_ok = g < GROUP
+        pid_bh = pid // num_wblocks
+        wb = pid % num_wblocks
+        b = (pid_bh // num_kv_heads).to(tl.int64)
+        kvh = (pid_bh % num_kv_heads).to(tl.int64)
+        head_row = b * (num_kv_heads * GROUP) + kvh * GROUP + g  # int64 rows of [B, H]
+        total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
+        if wb == 0:  # merge the partial outputs, SPLIT_CHUNK splits at a time
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < HEAD_DIM
+            c = tl.arange(0, SPLIT_CHUNK)
+            acc = tl.full([GROUP_P, BLOCK_D], 0.0, dtype=tl.float32)
+            for s0 in range(0, num_splits, SPLIT_CHUNK):
+                split = s0 + c
+                ok = row_ok[:, None] & (split[None, :] < num_splits)  # [G_P, C]
+                part_row = (pid_bh * num_splits + split[None, :]).to(tl.int64) * GROUP + g[:, None]
+                lse_s = tl.load(PartLse + part_row, mask=ok, other=float("-inf"))
+                w = tl.where(ok, tl.exp2(lse_s - total2[:, None]), 0.0)
+                o = tl.load(PartO + part_row[:, :, None] * HEAD_DIM + d[None, None, :],
+                            mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [G_P, C, D]
+                acc += tl.reduce(o * w[:, :, None], 1, _sum_combine)
+            tl.store(Out + head_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(Lse + head_row, total2 * 0.6931471805599453, mask=row_ok)
+        if MASS:
+            n = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+            n_ok = n < win_len
+            ok = row_ok[:, None] & n_ok[None, :]
+            s = tl.load(Scores + head_row[:, None] * win_len + n[None, :], mask=ok, other=float("-inf"))
+            p = tl.where(ok, tl.exp2(s - total2[:, None]), 0.0)
+            tl.store(Mass + pid_bh.to(tl.int64) * win_len + n, tl.reduce(p, 0, _sum_combine), mask=n_ok)
+
+    @triton.jit
+    def _finish_band(PartLse, Scores, Band, b, num_kv_heads, win_len, num_splits, band_width, inv_heads,
+                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS_P: tl.constexpr, BAND_P: tl.constexpr):
+        """Band program of sequence ``b``: head mean over every KV head's group of the probabilities of keys
+        ``W - 1 - o``."""
+        g = tl.arange(0, GROUP_P)
+        row_ok = g < GROUP
+        o = tl.arange(0, BAND_P)
+        col = win_len - 1 - o
+        ok = row_ok[:, None] & ((o < band_width) & (col >= 0))[None, :]
+        band = tl.full([BAND_P], 0.0, dtype=tl.float32)
+        for kvh in range(num_kv_heads):
+            pid_bh = b * num_kv_heads + kvh
+            total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
+            head_row = pid_bh * GROUP + g  # = b * H + kvh * G + g
+            s = tl.load(Scores + head_row[:, None] * win_len + col[None, :], mask=ok, other=float("-inf"))
+            band += tl.reduce(tl.where(ok, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
+        tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
+
+    @triton.jit
+    def _decode_finish_kernel(
+            PartO, PartLse, Scores, Out, Lse, Mass, Band,
+            num_kv_heads, win_len, num_splits, num_wblocks, num_main, band_width, inv_heads,
+            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BAND_P: tl.constexpr,
+            MASS: tl.constexpr, BAND: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < num_main:
+            _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, num_splits, num_wblocks,
+                         GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W, MASS)
+        elif BAND:
+            _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, num_splits,
+                         band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
+
+
+def _pow2_block(value: int | None, default: int, name: str) -> int:
+    if value is None:
+        return default
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap) -> tuple[int, bool]:
+    """Validate the inputs of a decode step; return ``(group, has_memory)`` (memory present with ``M > 0``)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, num_heads, 1, head_dim], got shape {tuple(q.shape)}")
+    if q.shape[2] != 1:
+        raise ValueError(f"q_len must be 1 (one decoded token per sequence), got q_len {q.shape[2]}")
+    group = _check_qkv(q, win_k, win_v)
+    if win_k.shape[2] < 1:
+        raise ValueError(f"win_k must hold at least the new token (W >= 1), got W = {win_k.shape[2]}")
+    if band_width < 0:
+        raise ValueError(f"band_width must be >= 0, got {band_width}")
+    if softcap is not None and softcap == 0:
+        raise ValueError("softcap must be non-zero (or None)")
+    if q_mem is not None and (q_mem.shape != q.shape or q_mem.device != q.device):
+        raise ValueError(f"q_mem must match q {tuple(q.shape)} on {q.device}, got {tuple(q_mem.shape)} on "
+                         f"{q_mem.device}")
+    if (mem_k is None) != (mem_v is None):
+        raise ValueError("mem_k and mem_v must both be given or both be None")
+    if mem_k is None:
+        if mem_mask is not None:
+            raise ValueError("mem_mask given without mem_k / mem_v")
+        return group, False
+    _check_qkv(q, mem_k, mem_v)
+    if mem_k.shape[1] != win_k.shape[1]:
+        raise ValueError(f"num_kv_heads of the memory ({mem_k.shape[1]}) and the window ({win_k.shape[1]}) differ")
+    if mem_mask is not None:
+        if tuple(mem_mask.shape) != tuple(mem_k.shape[:3]):
+            raise ValueError(f"mem_mask must be [batch, num_kv_heads, M]={tuple(mem_k.shape[:3])}, "
+                             f"got {tuple(mem_mask.shape)}")
+        if mem_mask.dtype != torch.bool or mem_mask.device != q.device:
+            raise ValueError(f"mem_mask must be a bool tensor on {q.device}, got {mem_mask.dtype} on {mem_mask.device}")
+    return group, mem_k.shape[2] > 0
+
+
+def decode_attention(
+    q: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_mask: torch.Tensor | None,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    *,
+    scaling: float,
+    band_width: int = 0,
+    want_key_mass: bool = False,
+    softcap: float | None = None,
+    q_mem: torch.Tensor | None = None,
+) -> LocalAttention:
+    """Reference (plain torch): one decode step over ``[memory | window]``, the engine's composition today.
+
+    Args:
+        q: ``[batch, num_heads, 1, head_dim]`` the new token's queries.
+        mem_k: ``[batch, num_kv_heads, M, head_dim]`` memory keys (sinks and retrieved spans), or None.
+        mem_v: like ``mem_k``.
+        mem_mask: ``[batch, num_kv_heads, M]`` bool, False for padding; None = all valid.
+        win_k: ``[batch, num_kv_heads, W, head_dim]`` local window, the new token's key last (``W >= 1``).
+        win_v: like ``win_k``.
+        scaling: Multiplier of ``q . k``.
+        band_width: Width of the returned band (head-mean probability of keys ``W - 1 - o``); 0 = none.
+        want_key_mass: Whether to return ``key_mass`` (``[batch, num_kv_heads, W]``).
+        softcap: Optional score soft-capping.
+        q_mem: Queries for the memory keys (a position scheme may rotate them differently); None = ``q``.
+
+    Returns:
+        A :class:`~ltri_rag.kernels.attention.LocalAttention`: ``out`` / ``lse`` over both parts, ``key_mass`` /
+        ``band`` of the window keys normalised by the total LSE.
+    """
+    _, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
+    lse_m = out_m = None
+    if has_memory:
+        out_m, lse_m = attention_with_lse(q if q_mem is None else q_mem, mem_k, mem_v, scaling=scaling,
+                                          key_mask=mem_mask, softcap=softcap)
+    local = local_attention(q, win_k, win_v, scaling=scaling, causal_offset=win_k.shape[2] - 1, extra_lse=lse_m,
+                            band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
+    if out_m is None:
+        return local
+    out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
+    return LocalAttention(out=out, lse=lse, key_mass=local.key_mass, band=local.band)
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_mask: torch.Tensor | None,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    *,
+    scaling: float,
+    band_width: int = 0,
+    want_key_mass: bool = False,
+    softcap: float | None = None,
+    q_mem: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> LocalAttention:
+    """Triton version of :func:`decode_attention`; same arguments and result (see the module docstring).
+
+    No host synchronisation and no data-dependent shape: the launch depends on tensor sizes only, so a CUDA graph
+    can capture it (the outputs and scratch come from ``torch.empty``, i.e. the graph's memory pool).
+
+    Args:
+        q, mem_k, mem_v, mem_mask, win_k, win_v, scaling, band_width, want_key_mass, softcap, q_mem: As for
+            :func:`decode_attention` (any strides; float16, bfloat16 or float32).
+        num_splits: Programs sharing the keys of one KV head (None: :func:`num_splits_for`).
+        block_n: Keys per tile of the split pass (power of two >= 16; None: :func:`block_sizes`).
+
+    Returns:
+        A :class:`~ltri_rag.kernels.attention.LocalAttention` (float32 tensors on ``q``'s device).
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: inconsistent shapes, devices or arguments, or tensors the kernels cannot run on.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use ltri_rag.kernels.triton_decode.decode_attention instead")
+    group, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads, win_len = win_k.shape[1], win_k.shape[2]
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the triton kernels")
+    device = q.device
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set "
+                         "before ltri_rag.kernels.triton_decode is imported")
+    if batch == 0 or num_heads == 0 or head_dim == 0:  # nothing to launch: the reference handles the empty shapes
+        return decode_attention(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=scaling, band_width=band_width,
+                                want_key_mass=want_key_mass, softcap=softcap, q_mem=q_mem)
+    if not has_memory:
+        mem_k = mem_v = mem_mask = None
+    if q_mem is None:
+        q_mem = q
+
+    tensors = [q, q_mem, win_k, win_v] + ([mem_k, mem_v] if has_memory else [])
+    half = all(t.dtype == q.dtype for t in tensors) and q.dtype in _HALF
+    if INTERPRETED and q.dtype == torch.bfloat16:
+        half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
+    compute = q.dtype if half else torch.float32
+    q, q_mem, win_k, win_v = (t if t.dtype == compute else t.to(compute) for t in (q, q_mem, win_k, win_v))
+    if has_memory:
+        mem_k, mem_v = (t if t.dtype == compute else t.to(compute) for t in (mem_k, mem_v))
+    dot_precision = "ieee"  # ignored for 16-bit inputs; float32 inputs take IEEE products (no TF32)
+
+    default_n, block_w, num_warps, num_stages = block_sizes(head_dim, device, compute)
+    block_n = _pow2_block(block_n, default_n, "block_n")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    group_p = max(16, triton.next_power_of_2(group))
+    mem_len = mem_k.shape[2] if has_memory else 0
+    mem_tiles = triton.cdiv(mem_len, block_n)
+    total_tiles = mem_tiles + triton.cdiv(win_len, block_n)
+    programs = batch * num_kv_heads
+    splits = num_splits_for(total_tiles, programs, device, num_splits)
+    tiles_per_split = triton.cdiv(total_tiles, splits)
+    if softcap is None:
+        qk_scale, cap2 = scaling * _LOG2E, 1.0
+    else:
+        cap = abs(float(softcap))
+        qk_scale, cap2 = scaling / cap, cap * _LOG2E
+    store_scores = want_key_mass or band_width > 0
+
+    f32 = {"dtype": torch.float32, "device": device}
+    part_o = torch.empty(programs, splits, group, head_dim, **f32)
+    part_lse = torch.empty(programs, splits, group, **f32)
+    scores = torch.empty(batch, num_heads, win_len, **f32) if store_scores else part_lse
+    out = torch.empty(batch, num_heads, 1, head_dim, **f32)
+    lse = torch.empty(batch, num_heads, 1, **f32)
+    key_mass = torch.empty(batch, num_kv_heads, win_len, **f32) if want_key_mass else None
+    band = torch.empty(batch, 1, band_width, **f32) if band_width > 0 else None
+
+    mk, mv = (mem_k, mem_v) if has_memory else (win_k, win_v)  # dummies when there is no memory (no tile read)
+    mask = mem_mask.view(torch.uint8) if mem_mask is not None else lse
+    mask_strides = mem_mask.stride() if mem_mask is not None else (0, 0, 0)
+    _decode_split_kernel[(splits, programs)](
+        q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores,
+        q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
+        *mk.stride(), *mv.stride(), *mask_strides, *win_k.stride(), *win_v.stride(),
+        num_kv_heads, mem_len, win_len, mem_tiles, total_tiles, tiles_per_split, splits, qk_scale, cap2,
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        SOFTCAP=softcap is not None, HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores,
+        DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages)
+
+    finish_group_p = _next_pow2(group)
+    splits_p = _next_pow2(splits)
+    chunk = max(1, min(splits_p, 4096 // (finish_group_p * block_d)))  # [G, chunk, D] tile: powers of two
+    num_wblocks = triton.cdiv(win_len, block_w) if want_key_mass else 1
+    num_main = programs * num_wblocks
+    grid = (num_main + (batch if band is not None else 0),)
+    _decode_finish_kernel[grid](
+        part_o, part_lse, scores, out, lse, key_mass if key_mass is not None else lse,
+        band if band is not None else lse,
+        num_kv_heads, win_len, splits, num_wblocks, num_main, band_width, 1.0 / num_heads,
+        GROUP=group, GROUP_P=finish_group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P=splits_p,
+        SPLIT_CHUNK=chunk, BLOCK_W=block_w,
+        BAND_P=max(2, _next_pow2(band_width)), MASS=want_key_mass, BAND=band is not None, num_warps=4)
+    return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)

@@ -1,0 +1,221 @@
+"""The fused Triton decode attention equals the engine's torch composition (float32, random inputs).
+
+Reference: ``attention_with_lse`` over the memory, ``local_attention`` over the window with the memory's LSE as
+``extra_lse``, ``merge_attention`` of the two (``decode_attention``). Without CUDA the kernels run on CPU tensors
+under the Triton interpreter: ``TRITON_INTERPRET`` is set here, at import, before triton (and the kernel module,
+whose kernels Triton builds at import) is loaded. With CUDA the same cases run compiled on the GPU. Skipped where
+triton does not import.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from ltri_rag.kernels import triton_decode
+from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
+
+if DEVICE == "cpu" and not triton_decode.INTERPRETED:  # imported earlier in this process without the interpreter
+    triton_decode = importlib.reload(triton_decode)
+
+decode_attention = triton_decode.decode_attention
+decode_attention_triton = triton_decode.decode_attention_triton
+
+
+def _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, *, dtype=torch.float32, seed=0):
+    """Random ``(q, mem_k, mem_v, mem_mask, win_k, win_v)``; ``mem_len`` None = no memory; ``mask``: None (all
+    valid), "random" (about 30 % padding, and KV head 0 of the last sequence all padding) or "none_valid"."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_heads, 1, head_dim, generator=gen) * 1.5
+    win_k = torch.randn(batch, num_kv_heads, win_len, head_dim, generator=gen)
+    win_v = torch.randn(batch, num_kv_heads, win_len, head_dim, generator=gen)
+    mem_k = mem_v = mem_mask = None
+    if mem_len is not None:
+        mem_k = torch.randn(batch, num_kv_heads, mem_len, head_dim, generator=gen)
+        mem_v = torch.randn(batch, num_kv_heads, mem_len, head_dim, generator=gen)
+        if mask == "random":
+            mem_mask = torch.rand(batch, num_kv_heads, mem_len, generator=gen) > 0.3
+            mem_mask[-1, 0] = False
+        elif mask == "none_valid":
+            mem_mask = torch.zeros(batch, num_kv_heads, mem_len, dtype=torch.bool)
+    q, win_k, win_v, mem_k, mem_v = (None if t is None else t.to(dtype).to(DEVICE)
+                                     for t in (q, win_k, win_v, mem_k, mem_v))
+    return q, mem_k, mem_v, None if mem_mask is None else mem_mask.to(DEVICE), win_k, win_v
+
+
+def _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, *, scaling, band_width=0, want_key_mass=False,
+                 softcap=None, q_mem=None):
+    """The engine's decode step today, spelled out (independently of ``decode_attention``)."""
+    out_m = lse_m = None
+    if mem_k is not None:
+        out_m, lse_m = attention_with_lse(q if q_mem is None else q_mem, mem_k, mem_v, scaling=scaling,
+                                          key_mask=mem_mask, softcap=softcap)
+    local = local_attention(q, win_k, win_v, scaling=scaling, causal_offset=win_k.shape[2] - 1, extra_lse=lse_m,
+                            band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
+    if out_m is None:
+        return local.out, local.lse, local.key_mass, local.band
+    out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
+    return out, lse, local.key_mass, local.band
+
+
+def _assert_matches(got, ref, *, atol=1e-5, mass_rtol=1e-4):
+    out, lse, key_mass, band = ref
+    assert got.out.dtype == got.lse.dtype == torch.float32
+    assert got.out.shape == out.shape and got.lse.shape == lse.shape
+    torch.testing.assert_close(got.out, out, atol=atol, rtol=0)
+    torch.testing.assert_close(got.lse, lse, atol=atol, rtol=0)
+    assert (got.key_mass is None) == (key_mass is None)
+    if key_mass is not None:
+        torch.testing.assert_close(got.key_mass, key_mass, rtol=mass_rtol, atol=1e-7)
+    assert (got.band is None) == (band is None)
+    if band is not None:
+        torch.testing.assert_close(got.band, band, rtol=mass_rtol, atol=1e-7)
+
+
+# (batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_key_mass, softcap)
+CASES = [
+    (1, 4, 4, 32, None, 1, None, 3, True, None),  # no memory, W=1 (the new token alone), G=1
+    (2, 8, 4, 64, 45, 37, "random", 8, True, None),  # G=2, batch 2, a KV head with no valid memory key
+    (1, 14, 2, 64, 70, 33, "random", 16, True, None),  # Qwen-like G=7
+    (2, 4, 1, 128, 50, 20, None, 5, True, 30.0),  # G=4, D=128, softcap, mask None
+    (1, 2, 1, 256, 33, 17, "random", 0, True, -20.0),  # D=256, negative softcap (|softcap| used), no band
+    (1, 4, 2, 80, 40, 9, "random", 12, True, None),  # D=80 (padded to 128), band wider than the window
+    (2, 6, 2, 32, 0, 1, None, 4, True, None),  # memory present with M=0, W=1
+    (1, 6, 3, 32, 30, 25, "none_valid", 6, True, None),  # every memory key padding
+    (2, 7, 1, 32, 64, 32, "random", 0, False, None),  # out / lse only, lengths multiples of the tile
+    (1, 8, 4, 16, 21, 5, "random", 5, False, 10.0),  # D=16, band only, softcap
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}D{}M{}W{}{}w{}m{}cap{}".format(*c))
+def test_matches_the_torch_composition(case) -> None:
+    batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_mass, softcap = case
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len,
+                                                      mask)
+    args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": want_mass, "softcap": softcap}
+    got = decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    ref = _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    _assert_matches(got, ref)
+    _assert_matches(decode_attention(q, mem_k, mem_v, mem_mask, win_k, win_v, **args), ref)  # the torch reference
+
+
+def test_splits_agree() -> None:
+    """1, 2, an odd count, one split per tile and more splits than tiles (capped) give the same result; so do
+    16-key tiles (splits starting and ending inside the memory, in the window, and across the two)."""
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(2, 6, 2, 32, 75, 41, "random", seed=1)
+    args = {"scaling": 0.2, "band_width": 7, "want_key_mass": True}
+    ref = _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    results = [decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_splits=s, block_n=16, **args)
+               for s in (1, 2, 3, 5, 8, 100)]
+    results.append(decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args))  # default split
+    for got in results:
+        _assert_matches(got, ref)
+    for got in results[1:]:
+        torch.testing.assert_close(got.out, results[0].out, atol=2e-6, rtol=0)
+        torch.testing.assert_close(got.key_mass, results[0].key_mass, rtol=1e-5, atol=1e-8)
+
+
+def test_num_splits_from_shapes_only(monkeypatch) -> None:
+    """About two programs per multiprocessor, >= 2 tiles per split, <= 256 splits, no empty split."""
+    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert triton_decode.num_splits_for(2112, 8, cuda) == 33  # Llama-3-8B, 128K + 4K keys, 64-key tiles
+    assert triton_decode.num_splits_for(160, 2, cuda) == 80  # Qwen-0.5B, 16K + 4K keys, 128-key tiles
+    assert triton_decode.num_splits_for(3, 1, cuda) == 1
+    assert triton_decode.num_splits_for(100_000, 1, cuda) == 256
+    assert triton_decode.num_splits_for(10, 1, cuda, value=4) == 4  # 3 tiles per split, none empty
+    assert triton_decode.num_splits_for(10, 1, cuda, value=6) == 5  # 2 tiles per split: 5 splits
+    assert triton_decode.num_splits_for(10, 4, torch.device("cpu")) == 3
+    with pytest.raises(ValueError, match="num_splits must be >= 1, got 0"):
+        triton_decode.num_splits_for(10, 4, cuda, value=0)
+
+
+def test_separate_memory_queries() -> None:
+    """``q_mem`` (the memory part's queries under another position scheme) is used for the memory keys only."""
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 8, 2, 32, 40, 19, "random", seed=2)
+    q_mem = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    args = {"scaling": 0.18, "band_width": 4, "want_key_mass": True, "q_mem": q_mem}
+    ref = _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    _assert_matches(decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args), ref)
+    _assert_matches(decode_attention(q, mem_k, mem_v, mem_mask, win_k, win_v, **args), ref)
+
+
+def test_strided_views() -> None:
+    """Inputs as transposes of ``[B, L, H, D]`` buffers and a mask slice are read through their strides."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 32, generator=gen).to(DEVICE).transpose(1, 2)
+    mem_k, mem_v, win_k, win_v = (torch.randn(2, n, 2, 32, generator=gen).to(DEVICE).transpose(1, 2)
+                                  for n in (29, 29, 13, 13))
+    mem_mask = (torch.rand(2, 2, 58, generator=gen) > 0.2).to(DEVICE)[:, :, ::2]
+    args = {"scaling": 0.25, "band_width": 4, "want_key_mass": True}
+    _assert_matches(decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args),
+                    _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, **args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs(dtype) -> None:
+    """16-bit inputs (``p`` rounded to the input dtype for ``p @ v``; bfloat16 computed in float32 under the
+    interpreter) stay close to the float32 composition on the same values; statistics use float32 scores."""
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 4, 2, 32, 50, 21, "random", dtype=dtype, seed=4)
+    args = {"scaling": 32 ** -0.5, "band_width": 4, "want_key_mass": True}
+    got = decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    ref = _composition(*(None if t is None or t.dtype == torch.bool else t.float()
+                         for t in (q, mem_k, mem_v)), mem_mask, win_k.float(), win_v.float(), **args)
+    atol = 1e-5 if dtype == torch.bfloat16 and DEVICE == "cpu" else (3e-3 if dtype == torch.float16 else 2e-2)
+    _assert_matches(got, ref, atol=atol, mass_rtol=1e-3)
+
+
+def test_mixed_dtypes_run_in_float32() -> None:
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 4, 2, 32, 30, 11, "random", seed=5)
+    args = {"scaling": 0.2, "band_width": 2, "want_key_mass": True}
+    half_mem = (mem_k.half(), mem_v.half())
+    got = decode_attention_triton(q, *half_mem, mem_mask, win_k, win_v, **args)
+    _assert_matches(got, _composition(q, half_mem[0].float(), half_mem[1].float(), mem_mask, win_k, win_v, **args))
+
+
+def test_exported() -> None:
+    from ltri_rag.kernels import decode_attention as exported_ref
+    from ltri_rag.kernels import decode_attention_triton as exported
+
+    assert exported.__name__ == "decode_attention_triton" and exported_ref.__name__ == "decode_attention"
+
+
+def test_bad_inputs_raise() -> None:
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 4, 2, 32, 10, 5, "random")
+    fn = decode_attention_triton
+    with pytest.raises(ValueError, match="q_len must be 1 .*got q_len 3"):
+        fn(q.expand(-1, -1, 3, -1), mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match="W >= 1"):
+        fn(q, mem_k, mem_v, mem_mask, win_k[:, :, :0], win_v[:, :, :0], scaling=1.0)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        fn(q, mem_k, mem_v, mem_mask, win_k, win_v[:, :, :4], scaling=1.0)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        fn(q, mem_k, mem_v[:, :, :9], mem_mask, win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match=r"mem_mask must be \[batch, num_kv_heads, M\]=\(1, 2, 10\), got \(1, 2, 9\)"):
+        fn(q, mem_k, mem_v, mem_mask[:, :, :9], win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match="mem_mask must be a bool tensor"):
+        fn(q, mem_k, mem_v, mem_mask.float(), win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match=r"num_kv_heads of the memory \(1\) and the window \(2\) differ"):
+        fn(q, mem_k[:, :1], mem_v[:, :1], None, win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match="num_heads 3 is not a multiple of num_kv_heads 2"):
+        fn(q[:, :3], mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match="both be given or both be None"):
+        fn(q, mem_k, None, None, win_k, win_v, scaling=1.0)
+    with pytest.raises(ValueError, match="q_mem must match q"):
+        fn(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0, q_mem=q[:, :2])
+    with pytest.raises(ValueError, match="band_width must be >= 0, got -1"):
+        fn(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0, band_width=-1)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 24"):
+        fn(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0, block_n=24)
+    with pytest.raises(ValueError, match="num_splits must be >= 1, got 0"):
+        fn(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=1.0, num_splits=0)
+    with pytest.raises(ValueError, match="head_dim 512 > 256"):
+        big = torch.zeros(1, 1, 1, 512, device=DEVICE)
+        fn(big, None, None, None, big, big, scaling=1.0)
