@@ -124,15 +124,18 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
     kv_bytes = 2 * num_kv_heads * keys * head_dim * torch.finfo(dtype).bits // 8
     if layers is None:  # enough copies that one round exceeds three times the L2
         layers = max(2, min(128, -(-int(3 * L2_BYTES) // kv_bytes)))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:  # drawn on the device: fast at 128K keys
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
     copies = []
     for _ in range(layers):
-        q = torch.randn(1, num_heads, 1, head_dim, generator=gen)
-        mem_k, mem_v = (torch.randn(1, num_kv_heads, mem_len, head_dim, generator=gen) for _ in range(2))
-        win_k, win_v = (torch.randn(1, num_kv_heads, win_len, head_dim, generator=gen) for _ in range(2))
-        mem_mask = torch.ones(1, num_kv_heads, mem_len, dtype=torch.bool)
-        q, mem_k, mem_v, win_k, win_v = (t.to(device, dtype) for t in (q, mem_k, mem_v, win_k, win_v))
-        copies.append((q, mem_k, mem_v, mem_mask.to(device), win_k, win_v))
+        q = randn(1, num_heads, 1, head_dim)
+        mem_k, mem_v = randn(1, num_kv_heads, mem_len, head_dim), randn(1, num_kv_heads, mem_len, head_dim)
+        win_k, win_v = randn(1, num_kv_heads, win_len, head_dim), randn(1, num_kv_heads, win_len, head_dim)
+        mem_mask = torch.ones(1, num_kv_heads, mem_len, dtype=torch.bool, device=device)
+        copies.append((q, mem_k, mem_v, mem_mask, win_k, win_v))
     scaling = head_dim ** -0.5
     kwargs = {"scaling": scaling, "band_width": band, "want_key_mass": True}
     cuda = device.type == "cuda"
@@ -213,17 +216,20 @@ def main(argv: list[str] | None = None) -> None:
     contexts = args.contexts or (SMALL_CONTEXTS if args.small else CONTEXTS)
     tuning = [{"num_splits": s} for s in args.splits] + [{"block_n": b} for b in args.block_n]
     band = min(args.band, 8) if args.small else args.band
-    rows = []
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "reps": args.reps, "band": band}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     for name, heads in models.items():
         for keys in contexts:
             rows += bench_shape(name, heads, keys, device, dtype, args.reps, band,
                                 args.layers if not args.small else 2, tuning)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "torch": torch.__version__, "reps": args.reps, "band": band}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = render(rows, meta)
-    (args.out / "bench.md").write_text(text, encoding="utf-8")
+            # written after every shape: a run cut short by a time limit keeps what it measured
+            (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            text = render(rows, meta)
+            (args.out / "bench.md").write_text(text, encoding="utf-8")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(text)
 
 
