@@ -116,6 +116,7 @@ STAGE_CATEGORY = {
     "ltri.retrieve": "retrieval: assemble",
     "ltri.attend_memory": "attention",
     "ltri.attend_local": "attention",
+    "ltri.attend_decode": "attention",
     "ltri.absorb": "memory upkeep",
     "ltri.evict_segment_store": "memory upkeep",
     "ltri.segment_triangle": "memory upkeep",

@@ -8,9 +8,9 @@ For each mode (and attention backend): one warm-up prefill at a short length, on
 saves (``profile.json``, ``profile.md``):
 
 * the engine stages (``record_function`` labels in :mod:`ltri_rag.layer`: ``ltri.retrieve`` with its
-  ``score_select`` and ``gather`` parts, ``ltri.attend_memory``, ``ltri.attend_local``, ``ltri.absorb``,
-  ``ltri.evict_segment_store`` with ``ltri.segment_triangle``): wall (CPU) time and device time, summed over layers
-  and chunks;
+  ``score_select`` and ``gather`` parts, ``ltri.attend_memory``, ``ltri.attend_local``, ``ltri.attend_decode``
+  (the fused decode kernel), ``ltri.absorb``, ``ltri.evict_segment_store`` with ``ltri.segment_triangle``): wall
+  (CPU) time and device time, summed over layers and chunks;
 * the top operators by device time (CUDA) or CPU time.
 
 The profiled run is slower than an unprofiled one; the split, not the total, is the result.
@@ -33,7 +33,7 @@ from benchmarks.long_tasks import make_sample
 from ltri_rag import LtriConfig, LtriSession
 
 STAGES = ("ltri.retrieve", "ltri.retrieve.score_select", "ltri.retrieve.gather", "ltri.attend_memory",
-          "ltri.attend_local", "ltri.absorb", "ltri.evict_segment_store", "ltri.segment_triangle")
+          "ltri.attend_local", "ltri.attend_decode", "ltri.absorb", "ltri.evict_segment_store", "ltri.segment_triangle")
 
 
 def _first(event: Any, *names: str) -> float:

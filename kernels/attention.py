@@ -288,6 +288,17 @@ def local_attention_backend(backend: str, device: torch.device):
     return local_attention
 
 
+def decode_attention_backend(backend: str, device: torch.device):
+    """The fused decode kernel (``triton_decode.decode_attention_triton``: memory + window + merge in one launch
+    pair) where ``backend`` selects Triton on ``device`` (as :func:`local_attention_backend` decides), else None: the
+    caller then composes :func:`attention_with_lse`, :func:`local_attention` and :func:`merge_attention`."""
+    if local_attention_backend(backend, device) is local_attention:
+        return None
+    from ltri_rag.kernels.triton_decode import decode_attention_triton  # imports this module
+
+    return decode_attention_triton
+
+
 def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

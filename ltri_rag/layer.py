@@ -21,7 +21,12 @@ from torch.profiler import record_function
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, static_counts
-from ltri_rag.kernels.attention import attention_with_lse, local_attention_backend, merge_attention
+from ltri_rag.kernels.attention import (
+    attention_with_lse,
+    decode_attention_backend,
+    local_attention_backend,
+    merge_attention,
+)
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
@@ -265,6 +270,19 @@ class GlobalLayerState:
         """
         with record_function("ltri.retrieve"):
             memory = self._memory(q, plan, scaling)
+        fused = decode_attention_backend(self.cfg.attention_backend, q.device) if q.shape[2] == 1 else None
+        if fused is not None:  # one decoded token: memory, window and merge in the fused split-K kernel
+            with record_function("ltri.attend_decode"):
+                q_mem = mem_k = mem_v = mask = None
+                if memory is not None:
+                    mem_k, mem_v, mask, pos = memory
+                    q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
+                local = fused(q, mem_k, mem_v, mask, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+                              band_width=self.band_width, want_key_mass=self.cfg.retrieves, softcap=softcap,
+                              q_mem=q_mem)
+            if not plan.dry:
+                self._pending = (k, v, local.key_mass, local.band)
+            return local.out
         if memory is None:
             out_m = lse_m = None
         else:
