@@ -27,7 +27,8 @@ from benchmarks.report import bootstrap_ci, fmt_cell, load_rows
 
 
 def candidates(window: int, budget: int) -> list[System]:
-    """The default ltri plus one-knob variations (the working set sinks + window + budget stays the same)."""
+    """The default ltri plus one-knob variations (the working set sinks + window + budget stays the same, except
+    ``pin_extra_budget``: while decoding, the prompt's spans come on top of the budget)."""
     variants: dict[str, dict[str, Any]] = {
         "alpha_0.5": {"triangle_alpha": 0.5},
         "alpha_2": {"triangle_alpha": 2.0},
@@ -47,6 +48,7 @@ def candidates(window: int, budget: int) -> list[System]:
         "persistence_bonus_2": {"persistence_bonus": 2.0},
         "persistence_decay_0.8": {"persistence_decay": 0.8},
         "pin_prompt_spans": {"pin_prompt_spans": True},
+        "pin_extra_budget": {"pin_prompt_spans": True, "pin_extra_budget": True},  # decode working set grows
         "pos_absolute": {"position_scheme": "absolute"},
         "pos_fixed": {"position_scheme": "fixed"},
     }

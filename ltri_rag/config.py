@@ -91,6 +91,9 @@ class LtriConfig:
         pin_prompt_spans: While generating, every layer keeps the spans it retrieved for the prompt's last pass
             (typically the question) and fills the rest of the budget by each token's own retrieval. Guards
             against a needle dropping out of a layer half-way through copying it.
+        pin_extra_budget: With ``pin_prompt_spans``: the pinned spans come on top of the budget (each decoded
+            token still fills the whole budget by its own retrieval, so the working set grows by up to the
+            prompt's selection while decoding) instead of within it.
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
@@ -130,6 +133,7 @@ class LtriConfig:
     persistence_bonus: float = 0.5
     persistence_decay: float = 0.5
     pin_prompt_spans: bool = False
+    pin_extra_budget: bool = False
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "torch"
 
@@ -154,7 +158,8 @@ class LtriConfig:
         if self.full_chunk_size is not None:
             self._check_int("full_chunk_size", minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
-        for name in ("voting", "persistence", "kv_offload", "lookahead", "pin_prompt_spans"):
+        for name in ("voting", "persistence", "kv_offload", "lookahead", "pin_prompt_spans",
+                     "pin_extra_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

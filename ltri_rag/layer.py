@@ -158,9 +158,11 @@ class GlobalLayerState:
         cfg = self.cfg
         dry = plan.dry
         scores = self._own_scores(table, q_free, scaling)
+        pinned = self._pinned(seq, plan, len(table))
+        extra = pinned if cfg.pin_extra_budget else None  # pinned on top of the budget, not within it
         kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
                       recency=table.recency if cfg.persistence else None, bonus=cfg.persistence_bonus,
-                      pinned=self._pinned(seq, plan, len(table)))
+                      pinned=None if extra is not None else pinned)
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
             prior = self.consensus.span_prior(seq, table.lengths)
@@ -168,6 +170,8 @@ class GlobalLayerState:
             if prior is not None:
                 selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
                                         prior_weight=cfg.consensus_weight, **kwargs)
+        if extra is not None:
+            selected = selected | extra[None, :]
         if cfg.persistence and not dry:
             self._pending_recency[seq] = update_recency(table.recency, selected, cfg.persistence_decay)
         if not dry and not plan.decode:  # the latest prompt pass: what a decode step pins

@@ -420,3 +420,41 @@ def test_pin_prompt_spans_keeps_the_question_selection_while_decoding(llama, mon
         results[pin] = [bool((prompt & ~now[: prompt.numel()]).any()) for _, now, prompt in kept]
     assert not any(results[True])  # nothing the question retrieved was dropped
     assert any(results[False])  # (and without pinning some of it was: the test can tell them apart)
+
+
+def test_pin_extra_budget_keeps_the_question_selection_on_top_of_the_budget(llama, monkeypatch) -> None:
+    """With ``pin_extra_budget`` the decode steps keep every span of the prompt's last pass and still fill the
+    whole budget by their own retrieval: the working set exceeds the budget by at most the pinned tokens, and does
+    exceed it (pinned spans within the budget, the default, never do)."""
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    original = GlobalLayerState._select
+
+    def recording(self, seq, table, q_free, scaling, plan):
+        selected = original(self, seq, table, q_free, scaling, plan)
+        if plan.decode:
+            steps.append((selected.any(dim=0).cpu(), self.prompt_selection[seq].cpu(), table.lengths.cpu()))
+        return selected
+
+    monkeypatch.setattr(GlobalLayerState, "_select", recording)
+    budget = 12
+    over = {}
+    for extra in (False, True):
+        steps.clear()
+        cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=budget, page_size=5,
+                         evict_stride=64, span_min_len=2, span_max_len=6, pin_prompt_spans=True,
+                         pin_extra_budget=extra)
+        session = LtriSession(llama, cfg)
+        logits = session.feed(_ids(1, 90))
+        for _ in range(6):
+            logits = session.step(logits.argmax(-1))
+        assert steps, "decode steps should retrieve"
+        over[extra] = []
+        for now, prompt, lengths in steps:
+            prompt = torch.cat([prompt, torch.zeros(now.numel() - prompt.numel(), dtype=torch.bool)])
+            assert not (prompt & ~now).any()  # nothing the question retrieved was dropped
+            tokens, pinned_tokens = int(lengths[now].sum()), int(lengths[prompt].sum())
+            assert tokens <= budget + (pinned_tokens if extra else 0)
+            over[extra].append(tokens > budget)
+    assert not any(over[False]) and any(over[True])
+    with pytest.raises(TypeError, match="pin_extra_budget"):
+        LtriConfig(mode="ltri", pin_extra_budget=1)  # type: ignore[arg-type]
