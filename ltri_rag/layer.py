@@ -205,7 +205,8 @@ class GlobalLayerState:
         return out
 
     def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float) -> tuple[torch.Tensor, ...] | None:
-        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]``, positions ``[B, Hkv, M]``, or None if empty."""
+        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device and a host copy), positions
+        ``[B, Hkv, M]`` (host), or None if empty: ``(mem_k, mem_v, mask, pos, host_mask)``."""
         if self.sink_k is None and not any(len(t) for t in self.tables):
             return None
         batch = q.shape[0]
@@ -218,12 +219,12 @@ class GlobalLayerState:
             return None
         mem_k = ref.new_zeros(batch, num_kv_heads, width, head_dim)
         mem_v = ref.new_zeros(batch, num_kv_heads, width, head_dim)
-        mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool, device=q.device)
+        host_mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool)  # built on the host: no read-back
         pos = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64)
         if num_sinks:
             mem_k[:, :, :num_sinks] = self.sink_k
             mem_v[:, :, :num_sinks] = self.sink_v
-            mask[:, :, :num_sinks] = True
+            host_mask[:, :, :num_sinks] = True
             pos[:, :, :num_sinks] = torch.arange(num_sinks)
         for seq, (k, v, slots) in enumerate(parts):
             if k is None:
@@ -231,15 +232,16 @@ class GlobalLayerState:
             n = k.shape[1]
             mem_k[seq, :, num_sinks:num_sinks + n] = k
             mem_v[seq, :, num_sinks:num_sinks + n] = v
-            mask[seq, :, num_sinks:num_sinks + n] = (slots >= 0).to(q.device)
+            host_mask[seq, :, num_sinks:num_sinks + n] = slots >= 0
             pos[seq, :, num_sinks:num_sinks + n] = slots + self.cfg.num_sink_tokens
         self.last_selected_tokens = max((int((p[2] >= 0).sum(dim=1).max()) if p[2] is not None else 0)
                                         for p in parts)
-        return mem_k, mem_v, mask, pos
+        return mem_k, mem_v, host_mask.to(q.device), pos, host_mask
 
-    def _place(self, q: torch.Tensor, mem_k: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+    def _place(self, q: torch.Tensor, mem_k: torch.Tensor, host_mask: torch.Tensor, pos: torch.Tensor,
                plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply the position scheme: returns (queries for the memory part, memory keys)."""
+        """Apply the position scheme (``host_mask``, ``pos``: the host copies from :meth:`_memory`): returns
+        (queries for the memory part, memory keys)."""
         scheme = self.cfg.position_scheme
         if scheme == "absolute":
             return q, mem_k
@@ -248,12 +250,11 @@ class GlobalLayerState:
             q_mem = rotate(q, self.cfg.local_window - q_pos, self.inv_freq)
             return q_mem, rotate(mem_k, -pos, self.inv_freq)
         # contiguous: memory tokens laid in order right before the local window
-        cpu_mask = mask.cpu()
-        count = cpu_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
-        rank = torch.cumsum(cpu_mask.long(), dim=2) - 1
+        count = host_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
+        rank = torch.cumsum(host_mask.long(), dim=2) - 1
         win_len = 0 if self.win_k is None else self.win_k.shape[2]
         new_pos = (plan.pos0 - win_len) - count + rank  # the local part starts at pos0 - win_len
-        delta = torch.where(cpu_mask, new_pos - pos, torch.zeros_like(pos))
+        delta = torch.where(host_mask, new_pos - pos, torch.zeros_like(pos))
         return q, rotate(mem_k, delta, self.inv_freq)
 
     # ------------------------------------------------------------------------------------------------------ step
@@ -279,8 +280,8 @@ class GlobalLayerState:
             with record_function("ltri.attend_decode"):
                 q_mem = mem_k = mem_v = mask = None
                 if memory is not None:
-                    mem_k, mem_v, mask, pos = memory
-                    q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
+                    mem_k, mem_v, mask, pos, host_mask = memory
+                    q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
                 local = fused(q, mem_k, mem_v, mask, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
                               band_width=self.band_width, want_key_mass=self.cfg.retrieves, softcap=softcap,
                               q_mem=q_mem)
@@ -291,8 +292,8 @@ class GlobalLayerState:
             out_m = lse_m = None
         else:
             with record_function("ltri.attend_memory"):
-                mem_k, mem_v, mask, pos = memory
-                q_mem, mem_k = self._place(q, mem_k, mask, pos, plan)
+                mem_k, mem_v, mask, pos, host_mask = memory
+                q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
                 out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask,
                                                   softcap=softcap)
         with record_function("ltri.attend_local"):

@@ -39,10 +39,12 @@ def _rank_keys(
 ) -> torch.Tensor:
     """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores."""
     num_heads, num_spans = scores.shape
+    # spans without vectors (-inf) rank below every scored span (worked out on the device: no read-back)
     finite = torch.isfinite(scores)
-    if not bool(finite.all()):  # spans without vectors (-inf) rank below every scored span
-        floor = scores[finite].min() - 1.0 if bool(finite.any()) else scores.new_tensor(0.0)
-        scores = torch.where(finite, scores, floor)
+    big = torch.finfo(scores.dtype).max
+    low = torch.where(finite, scores, torch.full_like(scores, big)).amin()  # the lowest finite score, or big
+    floor = torch.where(low < big, low - 1.0, torch.zeros_like(low))
+    scores = torch.where(finite, scores, floor)
     grouped = scores.view(rows, num_heads // rows, num_spans)  # [R, G, S]
     base = grouped.mean(dim=1)  # [R, S]
     z = _zscore(base)
@@ -97,8 +99,8 @@ def select_spans(
     rows = 1 if scope == "shared" else num_kv_heads
     if num_spans == 0:
         return torch.zeros(rows, 0, dtype=torch.bool, device=scores.device)
+    mean_len = float(lengths.float().mean())  # before the move: span tables keep their lengths on the host
     lengths = lengths.to(scores.device)
-    mean_len = float(lengths.float().mean())
     top_k = max(1, int(budget / max(mean_len, 1.0)))
     keys = _rank_keys(scores, rows, recency, bonus, voting, top_k, prior, prior_weight)
     if pinned is not None:
