@@ -50,7 +50,7 @@ def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch) -> No
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
         return real(session, ids)
 
-    monkeypatch.setattr(bench_e2e, "run_prefill", flaky)
+    monkeypatch.setattr("benchmarks.e2e.runs.run_prefill", flaky)
     result = main(["--small", "--modes", "full", "ltri", "--decode-tokens", "2", "--no-profile",
                    "--out", str(tmp_path)])
     prefill, decode = _rows(result, "prefill"), _rows(result, "decode")

@@ -1,0 +1,49 @@
+"""The modes under test and how each one's session is set up: its engine configuration, the SDPA kernel of
+``full``, and the random token ids every mode gets at a length."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ltri_rag import LtriConfig
+
+MODES = ("full", "streaming", "infllm", "ltri")
+RETRIEVING = ("infllm", "ltri")
+
+
+def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:
+    """The engine configuration of ``mode``: LtriConfig defaults, ``engine`` overrides, the attention backend."""
+    if mode == "full":
+        return LtriConfig(mode="full")
+    return LtriConfig(mode=mode, attention_backend=backend, **engine)
+
+
+@contextmanager
+def sdpa_context(mode: str, sdpa_backend: str) -> Iterator[None]:
+    """Pin PyTorch's SDPA backend for the ``full`` mode (``auto``: torch's own choice)."""
+    if mode != "full" or sdpa_backend == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[sdpa_backend]
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b != first]
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        ctx = sdpa_kernel(order, set_priority=True)  # the chosen one first, the others as fall-backs
+    else:
+        ctx = sdpa_kernel([first])
+    with ctx:
+        yield
+
+
+def random_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
+    """``[1, length]`` seeded random token ids (the same for every mode at a length)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + length)
+    return torch.randint(0, vocab_size, (1, length), generator=gen)

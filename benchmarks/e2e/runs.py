@@ -1,0 +1,274 @@
+"""The measurements: timed prefill and decode, and the grid of one invocation (every model x length x mode, with
+warm-up, skips, OOM / error / stopped rows, profiling) whose rows are rewritten to ``--out`` after each one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.e2e.budget import BudgetExceeded, Track, deadline_guard, pool_host_bytes
+from benchmarks.e2e.device import GIB, free_memory, is_oom, peak_gib, pinned_stats, reset_peak, rss_gib, sync
+from benchmarks.e2e.floors import chunk_floor_ms, decode_floor_ms, prefill_floor_seconds
+from benchmarks.e2e.models import ModelInfo
+from benchmarks.e2e.modes import RETRIEVING, engine_config, random_ids, sdpa_context
+from benchmarks.e2e.plot import plot_results
+from benchmarks.e2e.report import fmt, render, summarize
+from benchmarks.e2e.timesplit import profile_pass
+from ltri_rag import LtriConfig, LtriSession
+
+
+def run_prefill(session: LtriSession, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds of one prefill of ``ids`` (``[1, length]``) on ``session``, synchronised; and the last logits."""
+    device = session.device
+    sync(device)
+    began = time.perf_counter()
+    logits = session.feed(ids)
+    sync(device)
+    return time.perf_counter() - began, logits
+
+
+def run_decode(session: LtriSession, logits: torch.Tensor, num_tokens: int) -> list[float]:
+    """Milliseconds of each of ``num_tokens`` greedy single-token steps (each synchronised)."""
+    device = session.device
+    times = []
+    token = logits.argmax(-1)
+    for _ in range(num_tokens):
+        sync(device)
+        began = time.perf_counter()
+        logits = session.step(token)
+        token = logits.argmax(-1)
+        sync(device)
+        times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
+class Bench:
+    """Runs the grid of one invocation and keeps its rows; :meth:`save` writes them."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                 engine: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.args = args
+        self.device = device
+        self.dtype = dtype
+        self.engine = engine
+        self.meta = meta
+        self.prefill: list[dict[str, Any]] = []
+        self.decode: list[dict[str, Any]] = []
+        self.profiles: list[dict[str, Any]] = []
+        self.models: list[dict[str, Any]] = []
+        self.began = time.perf_counter()
+        self.deadline = self.began + args.time_limit
+
+    def remaining(self) -> float:
+        """Seconds left of ``--time-limit``."""
+        return self.deadline - time.perf_counter()
+
+    def _config(self, mode: str) -> LtriConfig:
+        """The engine configuration of ``mode`` in this run."""
+        return engine_config(mode, self.engine, self.args.backend)
+
+    # ------------------------------------------------------------------------------------------------- run
+    def run_model(self, info: ModelInfo) -> None:
+        """Every length x mode of one model, shortest lengths first."""
+        args = self.args
+        self.models.append(info.describe())
+        warm = {}
+        for mode in args.modes:
+            warm[mode] = self._warm_up(info, mode)
+        self.meta.setdefault("warm_up_seconds", {})[info.name] = warm
+        tracks = {mode: Track() for mode in args.modes}
+        decode_set = set(args.decode_lengths)
+        prefill_set = set(args.lengths)
+        for length in sorted(prefill_set | decode_set):
+            ids = random_ids(info.vocab_size, length, args.seed)
+            for mode in args.modes:
+                reason = self._skip_reason(info, mode, length, tracks[mode], length in decode_set)
+                if reason is not None:
+                    self._skipped(info, mode, length, length in decode_set, reason)
+                else:
+                    self._measure(info, mode, length, ids, length in decode_set, tracks[mode])
+                free_memory(self.device)
+                self.save()
+
+    def _warm_up(self, info: ModelInfo, mode: str) -> float | str:
+        """One short prefill and two decode steps (kernels compiled, caches warm); seconds, or the error."""
+        config = self._config(mode)
+        if mode == "full":
+            length = min(2048, min(self.args.lengths + self.args.decode_lengths))
+        else:
+            length = config.num_sink_tokens + config.local_window + 2 * config.chunk_size + config.final_chunk_size
+        ids = random_ids(info.vocab_size, length, self.args.seed + 1)
+        began = time.perf_counter()
+        try:
+            with sdpa_context(mode, self.args.sdpa_backend):
+                session = LtriSession(info.model, config)
+                _, logits = run_prefill(session, ids)
+                run_decode(session, logits, 2)
+            del session, logits
+        except Exception as err:  # noqa: BLE001 - recorded; the timed runs will show the same error
+            return f"error: {type(err).__name__}: {err}"
+        finally:
+            free_memory(self.device)
+        return round(time.perf_counter() - began, 2)
+
+    def _skip_reason(self, info: ModelInfo, mode: str, length: int, track: Track, with_decode: bool) -> str | None:
+        if track.failed is not None:
+            return f"{track.failed} (a smaller length)"
+        left = self.remaining()
+        predicted = track.predict(mode, length, with_decode)
+        if predicted is not None and predicted > left:
+            return (f"time: {predicted:.0f} s predicted from {track.last_prefill_s:.1f} s at {track.last_length} "
+                    f"(growth exponent {track.exponent(mode):.2f}), {left:.0f} s left")
+        if left <= 0:
+            return "time: the run's time limit was reached"
+        config = self._config(mode)
+        if mode in RETRIEVING and self.args.host_mem_gib:
+            need = pool_host_bytes(info, length, config) / GIB
+            free = 0.9 * self.args.host_mem_gib - (rss_gib() or 0.0)
+            if need > free:
+                return (f"host memory: the pinned span pool may need {need:.0f} GiB (twice its capacity), "
+                        f"{free:.0f} GiB usable of --host-mem-gib {self.args.host_mem_gib:.0f}")
+        return None
+
+    def _skipped(self, info: ModelInfo, mode: str, length: int, with_decode: bool, reason: str) -> None:
+        base = {"model": info.name, "mode": mode, "length": length, "status": "skipped", "reason": reason}
+        self.prefill.append(dict(base, phase="prefill"))
+        if with_decode:
+            self.decode.append(dict(base, phase="decode"))
+        print(f"[{info.name} {mode} {length}] skipped: {reason}", flush=True)
+
+    def _measure(self, info: ModelInfo, mode: str, length: int, ids: torch.Tensor, with_decode: bool,
+                 track: Track) -> None:
+        """Prefill (and decode, profile) one (model, mode, length); every failure becomes a row."""
+        args = self.args
+        config = self._config(mode)
+        tag = f"[{info.name} {mode} {length}]"
+        base = {"model": info.name, "mode": mode, "length": length,
+                "backend": config.attention_backend if mode != "full" else f"sdpa:{args.sdpa_backend}"}
+        row = dict(base, phase="prefill")
+        drow = dict(base, phase="decode") if with_decode else None
+        extra_s = 0.0
+        session = logits = None
+        with sdpa_context(mode, args.sdpa_backend), deadline_guard(info.model, self.deadline):
+            try:
+                session = LtriSession(info.model, config)
+                reset_peak(self.device)
+                seconds, logits = run_prefill(session, ids)
+                row.update(status="ok", seconds=seconds, tokens_per_s=length / seconds,
+                           peak_gib=peak_gib(self.device), host_rss_gib=rss_gib(),
+                           floor_s=prefill_floor_seconds(info, length, mode, config, args.peak_tflops),
+                           pinned=pinned_stats() or None)
+                row["x_floor"] = seconds / row["floor_s"]
+                print(f"{tag} prefill {seconds:.2f} s ({length / seconds:,.0f} tok/s), peak "
+                      f"{fmt(row['peak_gib'], '.2f')} GiB", flush=True)
+            except Exception as err:  # noqa: BLE001 - recorded as a row; the grid goes on
+                self._failure(row, err, tag + " prefill")
+            self.prefill.append(row)
+            if drow is not None:
+                if row["status"] != "ok":
+                    drow.update(status=row["status"], reason=f"the prefill before it: {row['status']}")
+                else:
+                    began = time.perf_counter()
+                    self._decode(info, mode, length, config, session, logits, drow, tag)
+                    if drow["status"] == "ok" and not args.no_profile:
+                        self._profile(info, mode, length, config, session, tag)
+                    extra_s = time.perf_counter() - began
+                self.decode.append(drow)
+        session = logits = None
+        if row["status"] == "ok":
+            track.last_length = length
+            track.last_prefill_s = row["seconds"]
+            track.last_extra_s = extra_s
+            track.history.append((length, row["seconds"]))
+        failed = [r["status"] for r in (row, drow) if r is not None and r["status"] != "ok"]
+        if failed:
+            track.failed = ("the time limit was reached" if failed[0] == "stopped"
+                            else f"{failed[0]} at {length}")
+
+    def _decode(self, info: ModelInfo, mode: str, length: int, config: LtriConfig, session: LtriSession,
+                logits: torch.Tensor, row: dict[str, Any], tag: str) -> None:
+        args = self.args
+        try:
+            reset_peak(self.device)
+            times = run_decode(session, logits, args.decode_tokens)
+            weights_ms, kv_ms = decode_floor_ms(info, length, mode, config, args.hbm_tbps)
+            median = statistics.median(times)
+            row.update(status="ok", tokens=len(times), median_ms=median, mean_ms=statistics.fmean(times),
+                       min_ms=min(times), max_ms=max(times), times_ms=[round(t, 3) for t in times],
+                       peak_gib=peak_gib(self.device), floor_weights_ms=weights_ms, floor_weights_kv_ms=kv_ms,
+                       x_floor=median / kv_ms,
+                       baseline=("Hugging Face eager, DynamicCache (engine mode full)" if mode == "full"
+                                 else "ltri_rag engine, eager"))
+            print(f"{tag} decode {median:.1f} ms/token (median of {len(times)}; floor {kv_ms:.2f} ms)", flush=True)
+        except Exception as err:  # noqa: BLE001
+            self._failure(row, err, tag + " decode")
+
+    def _profile(self, info: ModelInfo, mode: str, length: int, config: LtriConfig, session: LtriSession,
+                 tag: str) -> None:
+        """One decode step, then one full prefill chunk (engine modes) over this context, under the profiler."""
+        args = self.args
+        token = torch.zeros(1, dtype=torch.int64)
+        jobs: list[tuple[str, Callable[[], Any], int, int]] = [
+            ("decode step", lambda: [session.step(token) for _ in range(3)], 2, 1)]
+        if mode != "full":
+            piece = random_ids(info.vocab_size, 2 * config.chunk_size + config.final_chunk_size, args.seed + 2)
+            jobs.append(("prefill chunk", lambda: session.feed(piece), 1, config.chunk_size))
+        for kind, run, active, tokens in jobs:
+            row = {"model": info.name, "mode": mode, "length": length, "phase": f"profile {kind}", "kind": kind,
+                   "tokens": tokens}
+            try:
+                res = profile_pass(info.model, self.device, run, active)
+                if kind == "decode step":
+                    weights_ms, kv_ms = decode_floor_ms(info, length, mode, config, args.hbm_tbps)
+                    res.update(floor_ms=kv_ms, floor_weights_ms=weights_ms)
+                else:
+                    res["floor_ms"] = chunk_floor_ms(info, mode, config, args.peak_tflops)
+                row.update(status="ok", **res)
+                print(f"{tag} profiled {kind}: {res['wall_ms']:.1f} ms wall, "
+                      + ", ".join(f"{c} {ms:.1f}" for c, ms in res["categories_ms"].items() if ms > 0), flush=True)
+            except Exception as err:  # noqa: BLE001
+                self._failure(row, err, f"{tag} profile {kind}")
+            self.profiles.append(row)
+
+    def _failure(self, row: dict[str, Any], err: BaseException, what: str) -> str:
+        """Record an exception in ``row``; return the status (``OOM``, ``stopped`` or ``error``)."""
+        if is_oom(err):
+            status, reason = "OOM", str(err).splitlines()[0][:300] if str(err) else "out of memory"
+        elif isinstance(err, BudgetExceeded):
+            status, reason = "stopped", f"time limit reached after {time.perf_counter() - self.began:.0f} s"
+        else:
+            status, reason = "error", f"{type(err).__name__}: {err}"[:500]
+            row["traceback"] = traceback.format_exc()[-3000:]
+        row.update(status=status, reason=reason)
+        print(f"{what}: {status}: {reason}", flush=True)
+        return status
+
+    # ---------------------------------------------------------------------------------------------- output
+    def result(self) -> dict[str, Any]:
+        """Everything measured, as one JSON-able dict."""
+        self.meta["elapsed_seconds"] = round(time.perf_counter() - self.began, 1)
+        return {"meta": self.meta, "models": self.models, "prefill": self.prefill, "decode": self.decode,
+                "profile": self.profiles, "summary": summarize(self.prefill, self.decode)}
+
+    def save(self, plot: bool = False) -> str:
+        """Write ``bench.json`` and ``bench.md`` (and ``bench.png`` with ``plot``); return the Markdown."""
+        out = self.args.out
+        out.mkdir(parents=True, exist_ok=True)
+        result = self.result()
+        tmp = out / "bench.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(out / "bench.json")
+        text = render(result)
+        (out / "bench.md").write_text(text, encoding="utf-8")
+        if plot:
+            note = plot_results(result, out / "bench.png")
+            if note:
+                print(note, flush=True)
+        return text
