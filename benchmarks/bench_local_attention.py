@@ -9,6 +9,10 @@ Each backend computes what ltri needs (``out``, ``lse``, per-key attention mass,
 of a fused kernel without the statistics. Times are medians of ``--reps`` runs after a warm-up (CUDA events on the
 GPU). TFLOP/s counts the causal part only: ``4 * H * D * sum_i (offset + i + 1)``.
 
+``--sweep`` also times the Triton kernel over launch settings (block rows x block keys x warps x stages; settings
+that do not compile or fail are recorded as such) and writes ``sweep.json`` / ``sweep.md``, best first per shape:
+the data for :func:`ltri_rag.kernels.triton_local.block_sizes`.
+
 Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
 ``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
 """
@@ -16,6 +20,8 @@ Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import time
@@ -88,6 +94,56 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     return rows
 
 
+SWEEP = {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+SMALL_SWEEP = {"block_m": (16, 32), "block_n": (16,), "num_warps": (1,), "num_stages": (1,)}
+
+
+def sweep_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reps: int, band: int,
+                grid: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The Triton kernel of one shape over every launch setting of ``grid``: one row each, fastest first (settings
+    that raise, e.g. too much shared memory, get ``ms`` None and the error), each checked against the float32
+    torch reference."""
+    from ltri_rag.kernels.triton_local import local_attention_triton
+
+    num_heads, num_kv_heads, head_dim, window, chunk = shape
+    kv_len = window + chunk
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    kwargs = {"scaling": head_dim ** -0.5, "causal_offset": window, "band_width": band, "want_key_mass": True}
+    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
+    rows = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        row: dict[str, Any] = {"shape": name, **setting}
+        try:
+            fn = functools.partial(local_attention_triton, q, k, v, **kwargs, **setting)
+            got = fn()
+            row["max_err_out"] = float((got.out - ref.out).abs().max())
+            row["ms"] = _time(fn, reps, device.type == "cuda")
+            row["tflops"] = flops / row["ms"] / 1e9
+        except Exception as error:  # noqa: BLE001 - a setting that does not compile or launch is a result
+            row["ms"], row["error"] = None, f"{type(error).__name__}: {str(error)[:200]}"
+        rows.append(row)
+        print(f"{name:14s} {setting} {row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms", flush=True)
+    return sorted(rows, key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
+
+
+def render_sweep(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown: the sweep rows, fastest first per shape."""
+    lines = [f"# Local attention launch settings, {meta['device']} ({meta['dtype']})", "",
+             "| shape | block_m | block_n | warps | stages | ms | TFLOP/s | max abs err (out) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        timing = (f"{r['ms']:.3f} | {r['tflops']:.1f} | {r['max_err_out']:.1e}" if r["ms"] is not None
+                  else f"- | - | {r['error']}")
+        lines.append(f"| {r['shape']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
+                     f"{timing} |")
+    return "\n".join(lines) + "\n"
+
+
 def _triton_runs(device: torch.device) -> bool:
     try:
         from ltri_rag.kernels.triton_local import INTERPRETED, triton_available
@@ -115,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--band", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -128,6 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     text = render(rows, meta)
     (args.out / "bench.md").write_text(text, encoding="utf-8")
     print(text)
+    if args.sweep and _triton_runs(device):
+        sweep = []
+        for name, shape in (SMALL if args.small else SHAPES).items():
+            sweep += sweep_shape(name, shape, device, dtype, args.reps, args.band,
+                                 SMALL_SWEEP if args.small else SWEEP)
+        (args.out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": sweep}, indent=2))
+        (args.out / "sweep.md").write_text(render_sweep(sweep, meta), encoding="utf-8")
 
 
 if __name__ == "__main__":

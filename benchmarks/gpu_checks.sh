@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # On the lent GPU, after benchmarks/gpu_setup.sh (and before any grid, so nothing else runs on the GPU): every
-# compiled-kernel test, then the kernel benchmarks side by side with their baselines, each step under its own time
-# limit so the whole fits one device call (~9 minutes). Results go to $OUT/checks/ (one results.tgz: a call brings
-# back at most 8 files).
+# compiled-kernel test, then the kernel benchmarks side by side with their baselines (the local-attention one with
+# its launch-settings sweep), each step under its own time limit. All steps take ~14 minutes: two device calls,
 #
-#   bash benchmarks/gpu_checks.sh            # from the checkout; uses /tmp/site and /tmp/run as gpu_setup.sh left them
+#   STEPS="tests local" bash benchmarks/gpu_checks.sh       # ~8 min
+#   STEPS="scoring decode e2e" bash benchmarks/gpu_checks.sh  # ~6.5 min
 #
-# STEPS="tests local scoring decode" picks steps (default: all of tests local scoring decode e2e).
+# from the checkout, after gpu_setup.sh (it uses the package installed in /tmp/site). Results: $OUT/results.tgz (a call brings
+# back at most 8 files). Default STEPS: all five.
 set -uo pipefail
 out=$(mktemp -d)
 steps=${STEPS:-tests local scoring decode e2e}
-export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
-rm -rf /tmp/run/benchmarks /tmp/run/tests && cp -r benchmarks tests /tmp/run/  # this checkout's scripts and tests
-cd /tmp/run
+# this checkout's scripts and tests, in their own folder (a grid running from /tmp/run keeps its copy)
+run=/tmp/checks_run
+rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests "$run"/
+export PYTHONPATH=/tmp/site:$run LTRI_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
+cd "$run"
 step() {  # name limit command...
   local name=$1 limit=$2
   shift 2
@@ -24,7 +27,7 @@ for s in $steps; do
   case $s in
     tests) step tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_triton_local.py \
              tests/unit/test_triton_scoring.py $(ls tests/unit/test_triton_decode.py 2>/dev/null) ;;
-    local) step local 60 python3 -m benchmarks.bench_local_attention --out "$out/local_attention" ;;
+    local) step local 240 python3 -m benchmarks.bench_local_attention --sweep --out "$out/local_attention" ;;
     scoring) step scoring 90 python3 -m benchmarks.bench_span_scoring --out "$out/span_scoring" ;;
     decode) [ -f benchmarks/bench_decode_attention.py ] && \
               step decode 90 python3 -m benchmarks.bench_decode_attention --out "$out/decode_attention" ;;

@@ -73,6 +73,15 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def _launch_setting(value: int | None, default: int, name: str, allowed) -> int:
+    """``value`` checked against ``allowed`` (``default`` when None)."""
+    if value is None:
+        return default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
 def block_sizes(head_dim: int, group: int, device: torch.device,
                 dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """``(block_m, block_n, num_warps, num_stages)`` for :func:`local_attention_triton`.
@@ -299,6 +308,8 @@ def local_attention_triton(
     softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> LocalAttention:
     """Triton version of :func:`ltri_rag.kernels.attention.local_attention`; same arguments and result.
 
@@ -309,6 +320,8 @@ def local_attention_triton(
         q, k, v, scaling, causal_offset, extra_lse, band_width, want_key_mass, softcap: As for the reference.
         block_m: Packed ``(query, head)`` rows per program (power of two >= 16); None = :func:`block_sizes`.
         block_n: Keys per tile (power of two >= 16); None = :func:`block_sizes`.
+        num_warps, num_stages: Launch settings of both kernels; None = :func:`block_sizes` (for tuning sweeps:
+            ``benchmarks/bench_local_attention.py --sweep``).
 
     Returns:
         A :class:`~ltri_rag.kernels.attention.LocalAttention` (float32 tensors on ``q``'s device).
@@ -348,7 +361,9 @@ def local_attention_triton(
         # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584, unsupported upstream)
         q, k, v = q.float(), k.float(), v.float()
 
-    default_m, default_n, num_warps, num_stages = block_sizes(head_dim, group, q.device, q.dtype)
+    default_m, default_n, default_warps, default_stages = block_sizes(head_dim, group, q.device, q.dtype)
+    num_warps = _launch_setting(num_warps, default_warps, "num_warps", (1, 2, 4, 8, 16))
+    num_stages = _launch_setting(num_stages, default_stages, "num_stages", range(1, 8))
     block_m = _pow2_block(block_m, default_m, "block_m")
     block_n = _pow2_block(block_n, default_n, "block_n")
     block_d = max(16, triton.next_power_of_2(head_dim))

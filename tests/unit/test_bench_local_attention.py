@@ -18,3 +18,35 @@ def test_small_run_writes_rows_for_every_backend(tmp_path) -> None:
         if name != "sdpa (out only)":  # the kernels that return ltri's statistics match the reference
             assert row["max_err_out"] < 1e-4 and row["max_rel_err_key_mass"] < 1e-3
     assert "| tiny | torch |" in (tmp_path / "bench.md").read_text()
+
+
+def test_sweep_times_each_setting_and_records_the_ones_that_fail(monkeypatch) -> None:
+    """``--sweep``'s rows: one per launch setting, fastest first, each checked against the reference; a setting the
+    kernel refuses is a row with its error, not a stop. Runs the kernel under the Triton interpreter on CPU."""
+    import importlib
+    import os
+
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from benchmarks import bench_local_attention as bench
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        from ltri_rag.kernels import triton_local
+
+        if not triton_local.INTERPRETED:
+            importlib.reload(triton_local)
+        assert os.environ["TRITON_INTERPRET"] == "1"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grid = {"block_m": (16, 32), "block_n": (16,), "num_warps": (1, 3), "num_stages": (1,)}  # 3 warps: refused
+    rows = bench.sweep_shape("tiny", bench.SMALL["tiny"], device, torch.float32, 1, 8, grid)
+    assert len(rows) == 4
+    ok = [r for r in rows if r["ms"] is not None]
+    failed = [r for r in rows if r["ms"] is None]
+    assert [r["num_warps"] for r in ok] == [1, 1] and all(r["max_err_out"] < 1e-4 for r in ok)
+    assert ok[0]["ms"] <= ok[1]["ms"]
+    assert len(failed) == 2 and all("num_warps" in r["error"] for r in failed)
+    assert "| tiny | 16 | 16 | 3 | 1 | - | - | ValueError" in bench.render_sweep(rows, {"device": "cpu",
+                                                                                    "dtype": "float32"})
