@@ -99,7 +99,8 @@ def select_spans(
     rows = 1 if scope == "shared" else num_kv_heads
     if num_spans == 0:
         return torch.zeros(rows, 0, dtype=torch.bool, device=scores.device)
-    mean_len = float(lengths.float().mean())  # before the move: span tables keep their lengths on the host
+    # before the move: span tables keep their lengths on the host
+    mean_len, shortest = float(lengths.float().mean()), int(lengths.min())
     lengths = lengths.to(scores.device)
     top_k = max(1, int(budget / max(mean_len, 1.0)))
     keys = _rank_keys(scores, rows, recency, bonus, voting, top_k, prior, prior_weight)
@@ -107,27 +108,44 @@ def select_spans(
         # above every unpinned key (keys are z-scores, or votes + sigmoid), order among the pinned kept
         lift = keys.abs().max() + float(num_heads) + 1.0
         keys = keys + lift * 2 * pinned.to(keys.device)[None, :].float()
-    return _fill_budget(keys, lengths, budget)
+    return _fill_budget(keys, lengths, budget, shortest)
 
 
-def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
-    """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits."""
-    order = torch.argsort(keys, dim=1, descending=True, stable=True).cpu()
-    lens = lengths.cpu()
-    selected = torch.zeros(keys.shape, dtype=torch.bool)
-    for row in range(keys.shape[0]):
-        ranked_lens = lens[order[row]]
-        fits = torch.cumsum(ranked_lens, 0) <= budget  # the prefix that fits
-        n = int(fits.sum())
-        selected[row, order[row, :n]] = True
-        left = budget - int(ranked_lens[:n].sum())
-        for pos in range(n, min(ranked_lens.numel(), n + 64)):  # then smaller spans that still fit (bounded)
-            if left < int(lens.min()):
+_TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
+
+
+def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int, shortest: int) -> torch.Tensor:
+    """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits.
+
+    ``shortest`` is the shortest span's length. The ranking, the prefix of spans that fits and the selection stay
+    on the keys' device; only each row's next ``_TAIL`` ranked spans after the prefix come back to the host for the
+    greedy fill (one small read-back, whatever the number of spans).
+    """
+    rows, num_spans = keys.shape
+    lengths = lengths.to(keys.device)
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
+    ranked = lengths[order]  # [R, S]
+    fits = torch.cumsum(ranked, dim=1) <= budget  # the prefix that fits (lengths >= 1)
+    selected = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    selected.scatter_(1, order, fits)
+    prefix = fits.sum(dim=1)  # [R]
+    used = (ranked * fits).sum(dim=1)  # [R] tokens in the prefix
+    tail = (prefix[:, None] + torch.arange(_TAIL, device=keys.device)[None, :]).clamp(max=num_spans - 1)
+    host = torch.cat([prefix[:, None], used[:, None], ranked.gather(1, tail), order.gather(1, tail)], dim=1).cpu()
+    pick_rows, pick_spans = [], []
+    for row in range(rows):
+        n, left = int(host[row, 0]), budget - int(host[row, 1])
+        for j in range(min(_TAIL, num_spans - n)):  # then smaller spans that still fit (bounded)
+            if left < shortest:
                 break
-            if int(ranked_lens[pos]) <= left:
-                selected[row, order[row, pos]] = True
-                left -= int(ranked_lens[pos])
-    return selected.to(keys.device)
+            length = int(host[row, 2 + j])
+            if length <= left:
+                pick_rows.append(row)
+                pick_spans.append(int(host[row, 2 + _TAIL + j]))
+                left -= length
+    if pick_rows:
+        selected[torch.tensor(pick_rows, device=keys.device), torch.tensor(pick_spans, device=keys.device)] = True
+    return selected
 
 
 def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:

@@ -361,3 +361,38 @@ def test_select_spans_pinned_spans_come_first_within_the_budget(voting):
     assert set(torch.nonzero(kept[0]).flatten().tolist()) - {5, 9} <= set(ranked)
     tight = select_spans(scores, lengths, 10, num_kv_heads=2, voting=voting, pinned=pinned)
     assert int(tight.sum()) == 1 and bool(tight[0, 5] or tight[0, 9])  # the budget still binds
+
+
+def _host_fill(keys, lengths, budget):
+    """The budget fill walked on the host: the prefix of ranked spans that fits, then up to 64 more spans that
+    still fit, stopping once nothing could."""
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    selected = torch.zeros(keys.shape, dtype=torch.bool)
+    for row in range(keys.shape[0]):
+        ranked = lengths[order[row]]
+        n = int((torch.cumsum(ranked, 0) <= budget).sum())
+        selected[row, order[row, :n]] = True
+        left = budget - int(ranked[:n].sum())
+        for pos in range(n, min(ranked.numel(), n + 64)):
+            if left < int(lengths.min()):
+                break
+            if int(ranked[pos]) <= left:
+                selected[row, order[row, pos]] = True
+                left -= int(ranked[pos])
+    return selected
+
+
+def test_fill_budget_matches_the_host_walk():
+    """The device-side fill (one small read-back) selects exactly what the walk on the host does, with ties in the
+    keys, spans longer than the budget, a prefix covering everything, and more spans than the bounded tail."""
+    from ltri_rag.retrieval import _fill_budget
+
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        rows = 1 + trial % 3
+        num_spans = int(torch.randint(1, 300, (1,), generator=gen))
+        lengths = torch.randint(1, 40, (num_spans,), generator=gen)
+        keys = torch.randint(0, 8, (rows, num_spans), generator=gen).float()  # many ties
+        budget = int(torch.randint(0, 3 * int(lengths.sum()) // 2 + 1, (1,), generator=gen))
+        got = _fill_budget(keys, lengths, budget, int(lengths.min()))
+        assert torch.equal(got, _host_fill(keys, lengths, budget)), (trial, num_spans, budget)
