@@ -1,5 +1,44 @@
-"""Persistent KV memory (installed as ``ltri_rag.storage``).
+"""Persistent span store (installed as ``ltri_rag.storage``): SQLAlchemy metadata, FAISS per layer, safetensors K/V.
 
-Empty in this release: the SQLite + FAISS span store is tracked as its own issue. The core engine keeps its span
-memory in :class:`ltri_rag.pool.PagedKVPool`, whose page layout the store will persist.
+Implements the core's :class:`ltri_rag.store.SpanStore` protocol::
+
+    from ltri_rag.storage import SqlSpanStore
+    store = SqlSpanStore.create("./mem", fingerprint)          # or a SQLAlchemy URL with data_dir=...
+    store.add(document_record)
+    hits = store.search(layer, query, k=8, collection="essays", filter={"lang": "en"})
 """
+
+from ltri_rag.store import (
+                            DocumentInfo,
+                            DocumentNotFound,
+                            DocumentRecord,
+                            Fingerprint,
+                            FingerprintMismatch,
+                            LayerRecord,
+                            LayerSpans,
+                            SpanHit,
+                            SpanRecord,
+                            SpanStore,
+                            StoreError,
+                            StoreStats,
+                            VerifyReport,
+)
+
+from .span_store import SqlSpanStore
+
+__all__ = [
+    "DocumentInfo",
+    "DocumentNotFound",
+    "DocumentRecord",
+    "Fingerprint",
+    "FingerprintMismatch",
+    "LayerRecord",
+    "LayerSpans",
+    "SpanHit",
+    "SpanRecord",
+    "SpanStore",
+    "SqlSpanStore",
+    "StoreError",
+    "StoreStats",
+    "VerifyReport",
+]

@@ -1,0 +1,116 @@
+"""FAISS indexes, one per layer, over the stored index vectors.
+
+Each index is ``IndexIDMap2(IndexFlatIP(num_kv_heads * head_dim))``: a vector ``[num_kv_heads, head_dim]`` is flattened
+to one row, so the inner product is summed over the KV heads: one score per (span vector, query) over the shared
+retrieval scope of all heads, matching the core's span scoring. The ids are the ``vectors`` table's ids, so deletes are
+``remove_ids`` and a hit maps straight to its span. Exact search; :func:`make_index` is the seam where an IVF index
+would be chosen beyond a size (not done yet).
+
+Files: ``faiss/layer{L}.index``, replaced atomically (temp + fsync + rename). A reader reloads a layer whenever the
+file's identity (inode, mtime, size) changes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .kvfiles import write_atomic
+
+
+def make_index(dim: int) -> faiss.Index:
+    """An empty exact inner-product index with external ids (the seam for IVF beyond a size)."""
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+class LayerIndexes:
+    """The per-layer indexes of one store, loaded lazily from ``folder``.
+
+    Args:
+        folder: The ``faiss`` folder.
+        dim: ``num_kv_heads * head_dim``.
+    """
+
+    def __init__(self, folder: Path, dim: int) -> None:
+        self.folder = folder
+        self.dim = dim
+        self._indexes: dict[int, faiss.Index] = {}
+        self._stamps: dict[int, tuple[int, int, int] | None] = {}
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"layer{layer}.index"
+
+    def layers_on_disk(self) -> list[int]:
+        out = []
+        for p in self.folder.glob("layer*.index"):
+            stem = p.name[len("layer"):-len(".index")]
+            if stem.isdigit():
+                out.append(int(stem))
+        return sorted(out)
+
+    def _stamp(self, layer: int) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path(layer))
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self, layer: int, *, refresh: bool = False) -> faiss.Index:
+        """The layer's index (empty if it has no file). With ``refresh``, reload if the file changed on disk.
+
+        Raises:
+            RuntimeError: the file exists but FAISS cannot read it.
+        """
+        if layer in self._indexes and not (refresh and self._stamp(layer) != self._stamps[layer]):
+            return self._indexes[layer]
+        stamp = self._stamp(layer)
+        index = make_index(self.dim) if stamp is None else faiss.read_index(str(self.path(layer)))
+        if index.d != self.dim:
+            raise RuntimeError(f"{self.path(layer)}: index dimension {index.d}, store needs {self.dim}")
+        self._indexes[layer], self._stamps[layer] = index, stamp
+        return index
+
+    def forget(self, layer: int) -> None:
+        """Drop the in-memory copy of a layer's index (the next use reads the file)."""
+        self._indexes.pop(layer, None)
+        self._stamps.pop(layer, None)
+
+    def reset(self, layer: int) -> faiss.Index:
+        """Replace the layer's in-memory index by an empty one (to rebuild it)."""
+        self._indexes[layer] = make_index(self.dim)
+        self._stamps[layer] = self._stamp(layer)
+        return self._indexes[layer]
+
+    def ids(self, layer: int) -> np.ndarray:
+        """``[ntotal]`` int64 ids held by the layer's index."""
+        return faiss.vector_to_array(self.get(layer).id_map).astype(np.int64)
+
+    def add(self, layer: int, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add ``vectors`` ``[n, dim]`` float32 under ``ids`` ``[n]`` int64."""
+        if len(ids):
+            self.get(layer).add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                         np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, layer: int, ids: np.ndarray) -> None:
+        if len(ids):
+            self.get(layer).remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def search(self, layer: int, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of ``query`` ``[dim]``: ``(scores [<=k], ids [<=k])``, best first (reloads a changed file)."""
+        index = self.get(layer, refresh=True)
+        k = min(k, index.ntotal)
+        if k <= 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        scores, ids = index.search(query.reshape(1, -1).astype(np.float32), k)
+        keep = ids[0] >= 0
+        return scores[0][keep], ids[0][keep]
+
+    def persist(self, layers: list[int]) -> None:
+        """Write the given layers' in-memory indexes to their files atomically."""
+        for layer in sorted(set(layers)):
+            data = faiss.serialize_index(self.get(layer)).tobytes()
+            write_atomic(self.path(layer), data)
+            self._stamps[layer] = self._stamp(layer)

@@ -1,0 +1,432 @@
+"""The persistent span store: SQL metadata (SQLite by default) + FAISS per layer + one safetensors file per document.
+
+Layout of a store folder (``data_dir``)::
+
+    meta.sqlite          metadata (only when opened by folder path; with a URL the database lives elsewhere)
+    kv/<hash>-<rand>.safetensors   one document's K/V, index vectors and owners per layer
+    faiss/layer{L}.index           one exact inner-product index per layer (ids = vectors.id)
+    writer.lock          flock held by the one process that has the store open for writing
+
+Crash safety by write order. Add: K/V file (temp, fsync, rename) -> one SQL transaction (document + spans + vectors,
+replacing an existing (collection, id) in the same transaction) -> FAISS files -> old file removed. Delete: SQL
+transaction -> FAISS ``remove_ids`` -> file removed. A crash leaves at worst unreferenced files or an index out of step
+with the ``vectors`` table; opening for writing repairs both (see :mod:`ltri_rag.storage.integrity`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import delete, func, insert, inspect, select
+from sqlalchemy.orm import Session
+from typing_extensions import Self
+
+from ltri_rag.store import (
+    DocumentInfo,
+    DocumentNotFound,
+    DocumentRecord,
+    Fingerprint,
+    FingerprintMismatch,
+    LayerSpans,
+    SpanHit,
+    SpanRecord,
+    StoreError,
+    StoreStats,
+    VerifyReport,
+)
+
+from . import integrity
+from .faiss_index import LayerIndexes
+from .kvfiles import new_file_name, read_layer, sha256_file, write_kv_file
+from .prepare import PreparedDocument, check_ids, prepare_document
+from .queries import collection_id, document_rows, ensure_collection, search_rows, vector_ids_by_layer
+from .schema import SCHEMA_VERSION, Base, CollectionRow, DocumentRow, SpanRow, StoreMeta, VectorRow, make_engine
+
+
+def _resolve(path_or_url: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> tuple[str, Path, Path | None]:
+    """``(url, data_dir, local database file or None)`` for a folder path or an SQLAlchemy URL."""
+    text = os.fspath(path_or_url)
+    if "://" in text:
+        if data_dir is None:
+            raise ValueError(f"a database URL ({text!r}) needs data_dir= for the K/V and index files")
+        db_file = Path(text.split(":///", 1)[1]) if text.startswith("sqlite:///") and len(text) > 10 else None
+        return text, Path(data_dir).resolve(), db_file
+    folder = Path(text).resolve()
+    db = folder / "meta.sqlite"
+    return f"sqlite:///{db}", Path(data_dir).resolve() if data_dir else folder, db
+
+
+class SqlSpanStore:
+    """A :class:`ltri_rag.store.SpanStore` on SQLAlchemy + FAISS + safetensors. Use :meth:`create` or :meth:`open`.
+
+    One process may hold a store for writing (an exclusive lock on ``writer.lock``); any number may open it with
+    ``read_only=True`` and search while it writes: they see committed documents only, and reload an index file when
+    the writer replaces it.
+    """
+
+    def __init__(self, url: str, data_dir: Path, db_file: Path | None, *, read_only: bool) -> None:
+        self.url, self.data_dir, self.db_file, self.read_only = url, data_dir, db_file, read_only
+        self.kv_dir, self.faiss_dir = data_dir / "kv", data_dir / "faiss"
+        self._lock_fd: int | None = None
+        self.engine = make_engine(url, read_only=read_only)
+        self.fingerprint: Fingerprint = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32")
+        self.indexes: LayerIndexes | None = None
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path_or_url: str | os.PathLike[str], fingerprint: Fingerprint, *,
+               data_dir: str | os.PathLike[str] | None = None) -> SqlSpanStore:
+        """Create an empty store (folder path -> ``folder/meta.sqlite``; URL -> tables there, files in ``data_dir``).
+
+        Raises:
+            StoreError: a store already exists there, or another process holds it.
+        """
+        if not isinstance(fingerprint, Fingerprint):
+            raise TypeError(f"fingerprint must be a Fingerprint, got {type(fingerprint).__name__}")
+        url, folder, db_file = _resolve(path_or_url, data_dir)
+        for sub in ("kv", "faiss"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        store = cls(url, folder, db_file, read_only=False)
+        try:
+            store._take_writer_lock()
+            if inspect(store.engine).has_table(StoreMeta.__tablename__):
+                raise StoreError(f"a store already exists at {os.fspath(path_or_url)!r}; use open()")
+            Base.metadata.create_all(store.engine)
+            fp = fingerprint
+            with Session(store.engine) as s, s.begin():
+                s.add(StoreMeta(id=1, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
+                                num_layers=fp["num_layers"], num_kv_heads=fp["num_kv_heads"], head_dim=fp["head_dim"],
+                                dtype=fp["dtype"], data_generation=0, index_generation=0, next_span_id=1,
+                                next_vector_id=1))
+            store._attach(fingerprint)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, path_or_url: str | os.PathLike[str], fingerprint: Fingerprint | None, *,
+             data_dir: str | os.PathLike[str] | None = None, read_only: bool = False) -> SqlSpanStore:
+        """Open an existing store; for writing, also repair what a crash can leave (orphan files, stale indexes).
+
+        Args:
+            fingerprint: What the caller's model/tokenizer/config give; ``None`` accepts the stored one.
+            read_only: Open as a reader (no lock, no repair, no writes).
+
+        Raises:
+            StoreError: no store there, or another process has it open for writing.
+            FingerprintMismatch: ``fingerprint`` differs from the stored one (every differing key is named).
+        """
+        url, folder, db_file = _resolve(path_or_url, data_dir)
+        if (db_file is not None and not db_file.exists()) or not folder.is_dir():
+            raise StoreError(f"no store at {os.fspath(path_or_url)!r} (missing {db_file or folder})")
+        store = cls(url, folder, db_file, read_only=read_only)
+        try:
+            with Session(store.engine) as s:
+                meta = s.get(StoreMeta, 1) if inspect(store.engine).has_table("store_meta") else None
+                if meta is None:
+                    raise StoreError(f"no store at {os.fspath(path_or_url)!r} (no store_meta table or row)")
+                if meta.schema_version != SCHEMA_VERSION:
+                    raise StoreError(f"store schema version {meta.schema_version}, this code reads {SCHEMA_VERSION}")
+                stored = Fingerprint.from_json(meta.fingerprint)
+            if fingerprint is not None and stored.diff(fingerprint):
+                raise FingerprintMismatch(stored.diff(fingerprint))
+            store._attach(stored)
+            if not read_only:
+                store._take_writer_lock()
+                integrity.repair(store, deep=False)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _attach(self, fingerprint: Fingerprint) -> None:
+        self.fingerprint = fingerprint
+        dim = int(fingerprint["num_kv_heads"]) * int(fingerprint["head_dim"])  # type: ignore[arg-type]
+        self.indexes = LayerIndexes(self.faiss_dir, dim)
+
+    def _take_writer_lock(self) -> None:
+        fd = os.open(self.data_dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"another process has the store at {str(self.data_dir)!r} open for writing") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the database connections and the writer lock (idempotent)."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _writable(self) -> LayerIndexes:
+        if self.read_only or self._lock_fd is None:
+            raise StoreError("the store is open read-only (or closed)")
+        assert self.indexes is not None
+        return self.indexes
+
+    # ----------------------------------------------------------------------------------------------- writes
+    def add(self, documents: DocumentRecord | Sequence[DocumentRecord]) -> list[str]:
+        """Add documents; an existing (collection, doc_id) is replaced atomically. Returns the ids in order.
+
+        Raises:
+            TypeError / ValueError: bad input (nothing is written).
+        """
+        indexes = self._writable()
+        docs = [documents] if isinstance(documents, DocumentRecord) else list(documents)
+        prepared = [prepare_document(d, self.fingerprint) for d in docs]
+        for coll in {d.collection for d in docs}:
+            check_ids([d.doc_id for d in docs if d.collection == coll])
+        files = [new_file_name(d.collection, d.doc_id) for d in docs]
+        written: list[Path] = []
+        try:
+            shas = []
+            for p, name in zip(prepared, files):
+                shas.append(write_kv_file(self.kv_dir / name, p.tensors(),
+                                          {"doc_id": p.record.doc_id, "collection": p.record.collection}))
+                written.append(self.kv_dir / name)
+            with Session(self.engine) as s, s.begin():
+                old_files, old_ids, new_ids = self._insert(s, prepared, files, shas)
+                generation = self._bump(s)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        for layer, ids in old_ids.items():
+            indexes.remove(layer, ids)
+        for layer, (ids, vecs) in new_ids.items():
+            indexes.add(layer, ids, vecs)
+        self._persist_indexes(set(old_ids) | set(new_ids), generation)
+        for name in old_files:
+            (self.kv_dir / name).unlink(missing_ok=True)
+        return [d.doc_id for d in docs]
+
+    def _insert(self, s: Session, prepared: list[PreparedDocument], files: list[str], shas: list[str]
+                ) -> tuple[list[str], dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """Insert the documents (replacing old ones) in session ``s``; returns old files, old ids and new vectors."""
+        meta = s.execute(select(StoreMeta).where(StoreMeta.id == 1).with_for_update()).scalar_one()
+        old_files: list[str] = []
+        old_ids: dict[int, list[np.ndarray]] = {}
+        new: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for p, name, sha in zip(prepared, files, shas):
+            rec = p.record
+            coll = ensure_collection(s, rec.collection)
+            old = s.execute(select(DocumentRow.id, DocumentRow.kv_file).where(
+                DocumentRow.collection_id == coll, DocumentRow.doc_id == rec.doc_id)).first()
+            if old is not None:
+                for layer, ids in vector_ids_by_layer(s, [old.id]).items():
+                    old_ids.setdefault(layer, []).append(ids)
+                old_files.append(old.kv_file)
+                s.execute(delete(DocumentRow).where(DocumentRow.id == old.id))
+            row = DocumentRow(collection_id=coll, doc_id=rec.doc_id, text=rec.text, meta=dict(rec.metadata),
+                              num_tokens=rec.num_tokens, kv_file=name, kv_sha256=sha)
+            s.add(row)
+            s.flush()
+            span_rows, vector_rows = [], []
+            for layer in p.layers:
+                span_ids = np.arange(meta.next_span_id, meta.next_span_id + len(layer.spans))
+                meta.next_span_id += len(layer.spans)
+                for i, (ts, te, cs, ce, vs, ve) in enumerate(layer.spans.tolist()):
+                    span_rows.append({"id": int(span_ids[i]), "document_id": row.id, "layer": layer.layer, "span_idx": i,
+                                          "token_start": ts, "token_end": te, "char_start": cs, "char_end": ce,
+                                          "vector_start": vs, "vector_end": ve})
+                vec_ids = np.arange(meta.next_vector_id, meta.next_vector_id + len(layer.owner), dtype=np.int64)
+                meta.next_vector_id += len(layer.owner)
+                owners = span_ids[layer.owner.numpy()] if len(layer.owner) else np.zeros(0, np.int64)
+                vector_rows += [{"id": int(v), "span_id": int(o), "layer": layer.layer, "row": r}
+                                for r, (v, o) in enumerate(zip(vec_ids.tolist(), owners.tolist()))]
+                new.setdefault(layer.layer, []).append((vec_ids, layer.flat_vectors))
+            if span_rows:
+                s.execute(insert(SpanRow), span_rows)
+            if vector_rows:
+                s.execute(insert(VectorRow), vector_rows)
+        merged_old = {layer: np.concatenate(v) for layer, v in old_ids.items()}
+        merged_new = {layer: (np.concatenate([i for i, _ in v]), np.concatenate([x for _, x in v]))
+                      for layer, v in new.items()}
+        return old_files, merged_old, merged_new
+
+    def delete(self, ids: Sequence[str], *, collection: str = "default") -> None:
+        """Delete documents by id. Unknown ids raise :class:`DocumentNotFound` naming them; nothing is deleted then."""
+        indexes = self._writable()
+        wanted = check_ids(ids)
+        with Session(self.engine) as s, s.begin():
+            rows = document_rows(s, collection, wanted)
+            missing = [i for i in wanted if i not in rows]
+            if missing:
+                raise DocumentNotFound(missing, collection)
+            doc_pks = [r.id for r in rows.values()]
+            old_ids = vector_ids_by_layer(s, doc_pks)
+            s.execute(delete(DocumentRow).where(DocumentRow.id.in_(doc_pks)))
+            generation = self._bump(s)
+        for layer, vec_ids in old_ids.items():
+            indexes.remove(layer, vec_ids)
+        self._persist_indexes(set(old_ids), generation)
+        for r in rows.values():
+            (self.kv_dir / r.kv_file).unlink(missing_ok=True)
+
+    @staticmethod
+    def _bump(s: Session) -> int:
+        meta = s.execute(select(StoreMeta).where(StoreMeta.id == 1).with_for_update()).scalar_one()
+        meta.data_generation += 1
+        return meta.data_generation
+
+    def _persist_indexes(self, layers: set[int], generation: int) -> None:
+        assert self.indexes is not None
+        self.indexes.persist(sorted(layers))
+        with Session(self.engine) as s, s.begin():
+            meta = s.get(StoreMeta, 1)
+            assert meta is not None
+            if meta.data_generation == generation:
+                meta.index_generation = generation
+
+    # ------------------------------------------------------------------------------------------------ reads
+    def get(self, ids: Sequence[str], *, collection: str = "default") -> list[DocumentInfo]:
+        """The documents (text, metadata, layers; no tensors) in the order of ``ids``."""
+        wanted = check_ids(ids)
+        with Session(self.engine) as s:
+            rows = document_rows(s, collection, wanted)
+            missing = [i for i in wanted if i not in rows]
+            if missing:
+                raise DocumentNotFound(missing, collection)
+            layers = dict.fromkeys((r.id for r in rows.values()), ())
+            for doc_pk, layer in s.execute(select(SpanRow.document_id, SpanRow.layer).distinct().where(
+                    SpanRow.document_id.in_(list(layers)))):
+                layers[doc_pk] = (*layers[doc_pk], layer)
+            return [DocumentInfo(doc_id=r.doc_id, collection=collection, text=r.text, metadata=dict(r.meta),
+                                 num_tokens=r.num_tokens, layers=tuple(sorted(layers[r.id])), created=r.created)
+                    for r in (rows[i] for i in wanted)]
+
+    def list_documents(self, collection: str | None = None) -> list[tuple[str, str]]:
+        """``(collection, doc_id)`` pairs, sorted."""
+        q = select(CollectionRow.name, DocumentRow.doc_id).join(CollectionRow)
+        if collection is not None:
+            q = q.where(CollectionRow.name == collection)
+        with Session(self.engine) as s:
+            return sorted((c, d) for c, d in s.execute(q))
+
+    def collections(self) -> list[str]:
+        """Names of collections holding at least one document."""
+        with Session(self.engine) as s:
+            return sorted(s.scalars(select(CollectionRow.name).join(DocumentRow).distinct()))
+
+    def search(self, layer: int, query: torch.Tensor, k: int, *, collection: str | None = None,
+               filter: Mapping[str, Any] | None = None) -> list[SpanHit]:
+        """The ``k`` best spans of ``layer`` for ``query``, best first; one hit per span (max over its vectors).
+
+        Args:
+            query: ``[num_kv_heads, head_dim]`` or ``[num_kv_heads * head_dim]``; scored by inner product summed
+                over heads.
+            collection: Only this collection (``None``: all).
+            filter: Metadata equality: every key must be present and equal.
+        """
+        assert self.indexes is not None
+        dim = self.indexes.dim
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if not isinstance(query, torch.Tensor) or query.numel() != dim or not query.is_floating_point():
+            got = f"{query.dtype} {tuple(query.shape)}" if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"query must be a floating tensor of {dim} = num_kv_heads * head_dim values, got {got}")
+        q = query.detach().cpu().to(torch.float32).reshape(-1).numpy()  # [num_kv_heads * head_dim]
+        if not np.isfinite(q).all():
+            raise ValueError("query contains NaN or inf")
+        if filter is not None and not isinstance(filter, Mapping):
+            raise TypeError(f"filter must be a dict of metadata values, got {type(filter).__name__}")
+        with Session(self.engine) as s:
+            coll = collection_id(s, collection) if collection is not None else None
+            if collection is not None and coll is None:
+                return []
+            fetch, hits, seen = 4 * k + 16, [], set()
+            while True:
+                scores, ids = self.indexes.search(layer, q, fetch)
+                rows = search_rows(s, ids.tolist(), coll)
+                hits, seen = [], set()
+                for vid, score in zip(ids.tolist(), scores.tolist()):
+                    row = rows.get(vid)
+                    if row is None or row.span_pk in seen:
+                        continue
+                    if filter and any(row.meta.get(key, _MISSING) != v for key, v in filter.items()):
+                        continue
+                    seen.add(row.span_pk)
+                    hits.append(SpanHit(doc_id=row.doc_id, collection=row.collection, layer=layer,
+                                        span_idx=row.span_idx, token_start=row.token_start, token_end=row.token_end,
+                                        char_start=row.char_start, char_end=row.char_end, text=row.text or "",
+                                        score=float(score)))
+                    if len(hits) == k:
+                        return hits
+                if len(ids) < fetch:  # the whole index was scanned
+                    return hits
+                fetch *= 4
+
+    def load_spans(self, doc_id: str, layer: int, *, collection: str = "default",
+                   verify_checksum: bool = False) -> LayerSpans:
+        """A document's spans of ``layer`` with its K/V and vectors, read from the memory-mapped file.
+
+        Raises:
+            DocumentNotFound: no such document. ValueError: the document has no such layer.
+            StoreError: ``verify_checksum`` and the file's sha256 differs from the recorded one.
+        """
+        with Session(self.engine) as s:
+            row = document_rows(s, collection, check_ids([doc_id])).get(doc_id)
+            if row is None:
+                raise DocumentNotFound([doc_id], collection)
+            spans = s.execute(select(SpanRow).where(SpanRow.document_id == row.id, SpanRow.layer == layer)
+                              .order_by(SpanRow.span_idx)).scalars().all()
+        path = self.kv_dir / row.kv_file
+        try:
+            if verify_checksum and sha256_file(path) != row.kv_sha256:
+                raise StoreError(f"checksum mismatch for {path} (document {doc_id!r})")
+            t = read_layer(path, layer)
+        except FileNotFoundError:
+            with Session(self.engine) as s:
+                now = document_rows(s, collection, [doc_id]).get(doc_id)
+            if now is None or now.kv_file != row.kv_file:  # deleted or replaced meanwhile by the writer
+                raise DocumentNotFound([doc_id], collection) from None
+            raise StoreError(f"K/V file {path} of document {doc_id!r} is missing (see verify() / repair())") from None
+        except KeyError:
+            raise ValueError(f"document {doc_id!r} has no layer {layer}") from None
+        records = tuple(SpanRecord(layer=layer, span_idx=r.span_idx, token_start=r.token_start, token_end=r.token_end,
+                                   char_start=r.char_start, char_end=r.char_end, vector_start=r.vector_start,
+                                   vector_end=r.vector_end) for r in spans)
+        return LayerSpans(doc_id=doc_id, collection=collection, layer=layer, spans=records, keys=t["k"],
+                          values=t["v"], vectors=t["vectors"], owner=t["owner"])
+
+    def stats(self) -> StoreStats:
+        with Session(self.engine) as s:
+            docs, tokens = s.execute(select(func.count(DocumentRow.id), func.coalesce(func.sum(DocumentRow.num_tokens),
+                                                                                       0))).one()
+            spans = s.scalar(select(func.count(SpanRow.id))) or 0
+            vectors = s.scalar(select(func.count(VectorRow.id))) or 0
+        files = [*self.kv_dir.iterdir(), *self.faiss_dir.iterdir()]
+        if self.db_file is not None:
+            files += [p for p in self.db_file.parent.glob(self.db_file.name + "*")]
+        size = sum(p.stat().st_size for p in files if p.is_file())
+        return StoreStats(documents=docs, spans=spans, vectors=vectors, tokens=int(tokens), bytes_on_disk=size)
+
+    def verify(self) -> VerifyReport:
+        """Check the database, the FAISS indexes and the files against each other (checksums included)."""
+        return integrity.verify(self, deep=True)
+
+    def repair(self, *, drop_broken: bool = False) -> VerifyReport:
+        """Fix what can be fixed: remove orphan files, bring indexes in line with the ``vectors`` table (rebuilding
+        unreadable ones from the files); with ``drop_broken``, delete documents whose file is missing or corrupt.
+        Returns the report from before the repair."""
+        self._writable()
+        return integrity.repair(self, deep=True, drop_broken=drop_broken)
+
+
+_MISSING = object()
