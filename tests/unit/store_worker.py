@@ -76,10 +76,10 @@ def load_store_modules() -> tuple[types.ModuleType, types.ModuleType]:
     return store_types, storage
 
 
-def writer_loop(path: str, run_id: int, start: int) -> None:
+def writer_loop(path: str, run_id: int, start: int, data_dir: str | None = None) -> None:
     """Add documents forever; every 3rd step also replaces an earlier one, every 5th deletes one."""
     store_types, storage = load_store_modules()
-    store = storage.SqlSpanStore.open(path, storage.Fingerprint(fingerprint_items()))
+    store = storage.SqlSpanStore.open(path, storage.Fingerprint(fingerprint_items()), data_dir=data_dir)
     i = start
     while True:
         store.add(make_doc(f"r{run_id}-d{i}", seed=i, records=store_types))
@@ -90,7 +90,7 @@ def writer_loop(path: str, run_id: int, start: int) -> None:
         i += 1
 
 
-def zygote(path: str) -> None:
+def zygote(path: str, data_dir: str | None = None) -> None:
     load_store_modules()  # warm imports (no FAISS / OpenMP work before fork)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print("zygote-ready", flush=True)
@@ -99,15 +99,15 @@ def zygote(path: str) -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                writer_loop(path, run_id, start)
+                writer_loop(path, run_id, start, data_dir)
             finally:
                 os._exit(1)
         print(f"pid {pid}", flush=True)
 
 
-def reader(path: str, seconds: float) -> None:
+def reader(path: str, seconds: float, data_dir: str | None = None) -> None:
     _, storage = load_store_modules()
-    store = storage.SqlSpanStore.open(path, None, read_only=True)
+    store = storage.SqlSpanStore.open(path, None, read_only=True, data_dir=data_dir)
     g = torch.Generator().manual_seed(os.getpid())
     searches = hits_seen = 0
     deadline = time.monotonic() + seconds
@@ -128,9 +128,9 @@ def reader(path: str, seconds: float) -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "zygote":
-        zygote(sys.argv[2])
-    elif mode == "reader":
-        reader(sys.argv[2], float(sys.argv[3]))
+    if mode == "zygote":  # zygote PATH_OR_URL [DATA_DIR]
+        zygote(sys.argv[2], *sys.argv[3:4])
+    elif mode == "reader":  # reader SECONDS PATH_OR_URL [DATA_DIR]
+        reader(sys.argv[3], float(sys.argv[2]), *sys.argv[4:5])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -1,5 +1,10 @@
 """The persistent span store (SQLite + FAISS + safetensors) on synthetic tensors: round trip, replace, delete,
-collections, filters, fingerprints, verify / repair, bad input, SIGKILL crash safety, readers beside a writer."""
+collections, filters, fingerprints, verify / repair, bad input, SIGKILL crash safety, readers beside a writer.
+
+Each test that opens a store runs twice: on SQLite (a store folder) and on PostgreSQL (a fresh database per test on
+the server named by ``LTRI_TEST_POSTGRES_URL``, an admin URL such as
+``postgresql+psycopg://postgres@127.0.0.1:55432/postgres``; ``.ci/run`` starts one from Debian's packages). Without
+that variable the PostgreSQL runs are skipped, saying so."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -33,9 +40,51 @@ WORKER = Path(__file__).with_name("store_worker.py")
 FP = Fingerprint(fingerprint_items())
 
 
+PG_ADMIN_URL = os.environ.get("LTRI_TEST_POSTGRES_URL")
+
+
+@dataclass
+class Location:
+    """Where a test's store lives: a folder (SQLite) or a database URL plus a data folder (PostgreSQL)."""
+
+    target: str | Path  # what create / open take
+    data_dir: Path | None
+    files: Path  # the folder holding kv/ and faiss/
+    db_url: str  # for counting rows directly
+
+    def create(self, fingerprint: Fingerprint = FP) -> SqlSpanStore:
+        return SqlSpanStore.create(self.target, fingerprint, data_dir=self.data_dir)
+
+    def open(self, fingerprint: Fingerprint | None = FP, **kwargs) -> SqlSpanStore:
+        return SqlSpanStore.open(self.target, fingerprint, data_dir=self.data_dir, **kwargs)
+
+    def worker_args(self) -> list[str]:
+        return [str(self.target)] + ([str(self.data_dir)] if self.data_dir else [])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def loc(request, tmp_path: Path):
+    if request.param == "sqlite":
+        yield Location(tmp_path / "mem", None, tmp_path / "mem", f"sqlite:///{tmp_path / 'mem' / 'meta.sqlite'}")
+        return
+    if not PG_ADMIN_URL:
+        pytest.skip("PostgreSQL: set LTRI_TEST_POSTGRES_URL to a server's admin URL (.ci/run starts one)")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"ltri_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield Location(url, tmp_path / "files", tmp_path / "files", url)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    with SqlSpanStore.create(tmp_path / "mem", FP) as s:
+def store(loc: Location):
+    with loc.create() as s:
         yield s
 
 
@@ -60,8 +109,8 @@ def _snapshot(s: SqlSpanStore) -> dict:
     return out
 
 
-def _db_counts(path: Path) -> dict[str, int]:
-    engine = create_engine(f"sqlite:///{path / 'meta.sqlite'}")
+def _db_counts(loc: Location) -> dict[str, int]:
+    engine = create_engine(loc.db_url)
     with engine.connect() as c:
         out = {t: c.execute(text(f"select count(*) from {t}")).scalar_one() for t in ("documents", "spans", "vectors")}
     engine.dispose()
@@ -76,19 +125,18 @@ def _index_ids(path: Path) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------- round trip
-def test_protocol_and_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "mem"
-    with SqlSpanStore.create(path, FP) as s:
+def test_protocol_and_round_trip(loc: Location) -> None:
+    with loc.create() as s:
         assert isinstance(s, SpanStore)
         s.add([make_doc(f"d{i}", collection="a" if i % 2 else "b", seed=i) for i in range(10)])
         s.add(make_doc("solo", seed=50))
         before = _snapshot(s)
         stats = s.stats()
     assert stats.documents == 11 and stats.spans > 0 and stats.vectors > stats.spans and stats.bytes_per_token > 0
-    with SqlSpanStore.open(path, FP) as s:
+    with loc.open() as s:
         assert _snapshot(s) == before
         assert s.verify().clean
-    with SqlSpanStore.open(path, None, read_only=True) as s:
+    with loc.open(None, read_only=True) as s:
         assert _snapshot(s) == before
         with pytest.raises(StoreError, match="read-only"):
             s.add(make_doc("x"))
@@ -125,9 +173,9 @@ def test_replace_by_id(store: SqlSpanStore) -> None:
     assert store.verify().clean and store.stats().documents == 2
 
 
-def test_delete_leaves_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "mem"
-    with SqlSpanStore.create(path, FP) as s:
+def test_delete_leaves_nothing(loc: Location) -> None:
+    path = loc.files
+    with loc.create() as s:
         s.add([make_doc(f"d{i}", seed=i) for i in range(4)])
         ids_before = _index_ids(path)
         with pytest.raises(DocumentNotFound, match="nope"):
@@ -137,7 +185,7 @@ def test_delete_leaves_nothing(tmp_path: Path) -> None:
         assert s.verify().clean and s.search(0, _queries(1)[0], 5) == [] and s.list_documents() == []
         with pytest.raises(DocumentNotFound):
             s.get(["d0"])
-    assert _db_counts(path) == {"documents": 0, "spans": 0, "vectors": 0}
+    assert _db_counts(loc) == {"documents": 0, "spans": 0, "vectors": 0}
     assert _index_ids(path) == set() and len(ids_before) > 0
     assert os.listdir(path / "kv") == []
 
@@ -167,11 +215,11 @@ def test_metadata_filter_returns_k(store: SqlSpanStore) -> None:
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
-def test_fingerprint_mismatch_names_every_key(tmp_path: Path) -> None:
-    SqlSpanStore.create(tmp_path / "mem", FP).close()
+def test_fingerprint_mismatch_names_every_key(loc: Location) -> None:
+    loc.create().close()
     other = Fingerprint(fingerprint_items(model="other", head_dim=8, tokenizer_sha256="ee", new_key=1))
     with pytest.raises(FingerprintMismatch) as err:
-        SqlSpanStore.open(tmp_path / "mem", other)
+        loc.open(other)
     assert set(err.value.differences) == {"model", "head_dim", "tokenizer_sha256", "new_key"}
     for key, (old, new) in err.value.differences.items():
         assert key in str(err.value) and repr(old) in str(err.value) and repr(new) in str(err.value)
@@ -196,9 +244,9 @@ def test_missing_existing_and_locked_stores(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ verify / repair
-def test_verify_and_repair(tmp_path: Path) -> None:
-    path = tmp_path / "mem"
-    with SqlSpanStore.create(path, FP) as s:
+def test_verify_and_repair(loc: Location) -> None:
+    path = loc.files
+    with loc.create() as s:
         s.add([make_doc(f"d{i}", seed=i) for i in range(3)])
         assert s.verify().clean
         old_index = (path / "faiss" / "layer0.index").read_bytes()
@@ -305,10 +353,9 @@ def _check_all_complete(s: SqlSpanStore) -> int:
     return len(docs)
 
 
-def test_sigkill_during_writes_leaves_whole_documents(tmp_path: Path) -> None:
-    path = tmp_path / "mem"
-    SqlSpanStore.create(path, FP).close()
-    zygote = subprocess.Popen([sys.executable, str(WORKER), "zygote", str(path)], stdin=subprocess.PIPE,
+def test_sigkill_during_writes_leaves_whole_documents(loc: Location) -> None:
+    loc.create().close()
+    zygote = subprocess.Popen([sys.executable, str(WORKER), "zygote", *loc.worker_args()], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""})
     rng = random.Random(1234)
     kills, counts = 0, []
@@ -329,7 +376,7 @@ def test_sigkill_during_writes_leaves_whole_documents(tmp_path: Path) -> None:
                     break
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
-            with SqlSpanStore.open(path, FP) as s:  # repairs
+            with loc.open() as s:  # repairs
                 assert s.verify().clean, s.verify()
                 counts.append(_check_all_complete(s))
     finally:
@@ -339,11 +386,11 @@ def test_sigkill_during_writes_leaves_whole_documents(tmp_path: Path) -> None:
     assert kills >= 20 and counts[-1] > 0
 
 
-def test_readers_while_a_writer_adds(tmp_path: Path) -> None:
-    path = tmp_path / "mem"
-    with SqlSpanStore.create(path, FP) as s:
+def test_readers_while_a_writer_adds(loc: Location) -> None:
+    with loc.create() as s:
         s.add([make_doc(f"seed{i}", seed=i) for i in range(5)])
-        readers = [subprocess.Popen([sys.executable, str(WORKER), "reader", str(path), "4"], stdout=subprocess.PIPE,
+        readers = [subprocess.Popen([sys.executable, str(WORKER), "reader", "4", *loc.worker_args()],
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""})
                    for _ in range(2)]
         i, deadline = 0, time.monotonic() + 5
