@@ -9,6 +9,7 @@ layers follow one :class:`~ltri_rag.layer.StepPlan` (same sinks, same evictions,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,21 @@ from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import find_inv_freq
 
-__all__ = ["LtriCache", "layer_sliding_windows"]
+__all__ = ["LtriCache", "MemoryExport", "layer_sliding_windows"]
+
+
+@dataclass(frozen=True)
+class MemoryExport:
+    """Part of a span memory, portable between caches of the same model and config.
+
+    Attributes:
+        positions: ``[T]`` int64 position each token was read at.
+        layers: Per global layer index: ``starts, ends [S]`` (slots relative to the first exported one),
+            ``vectors [N, Hkv, D]``, ``owner [N]`` (span of each vector), ``keys, values [T, Hkv, D]``.
+    """
+
+    positions: torch.Tensor
+    layers: dict[int, dict[str, torch.Tensor]]
 
 
 def layer_sliding_windows(model: nn.Module) -> list[int | None]:
@@ -125,11 +140,91 @@ class LtriCache(Cache):
         evict = 0
         if over >= cfg.evict_stride or (over > 0 and num_tokens > 1):
             evict = over if cfg.segmentation == "triangle" else (over // cfg.block_size) * cfg.block_size
-        first_slot = self.pool.reserve(evict) if (self.pool is not None and evict) else (
-            self.pool.num_slots[0] if self.pool is not None else 0)
+        first_slot = self._reserve_stream(evict, to_sinks)
         self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=to_sinks, num_evict=evict,
                              first_slot=first_slot, decode=decode)
         return self.plan
+
+    def _reserve_stream(self, num_evict: int, to_sinks: int = 0) -> int:
+        """Pool slots for the ``num_evict`` oldest window tokens of a step whose first ``to_sinks`` tokens become
+        sinks, with their positions recorded; returns the first slot. (The window is contiguous: it holds earlier
+        tokens only once the sinks are full.)"""
+        if self.pool is None:
+            return 0
+        if not num_evict:
+            return self.pool.num_slots[0]
+        first = self.pool.reserve(num_evict)
+        positions = self.seen_tokens + to_sinks - self.window_len + torch.arange(num_evict)
+        for seq in range(self.num_sequences):
+            self.pool.set_positions(seq, first, positions)
+        return first
+
+    # ------------------------------------------------------------------------------------------- memory
+    def flush(self) -> int:
+        """Move every global layer's local window into the span memory, as if it had been evicted.
+
+        Ends a piece of text (a document being ingested): afterwards everything read so far is in sinks or in
+        the span memory, and the next text starts with empty windows, no cross-layer prior and no persistence
+        bonus. Sliding-window layers keep their windows. Returns the number of tokens moved.
+
+        Raises:
+            ValueError: the mode keeps no span memory (``streaming``).
+            RuntimeError: called inside a step.
+        """
+        if self.plan is not None:
+            raise RuntimeError("flush inside a step")
+        if self.pool is None:
+            raise ValueError(f"flush needs a mode with a span memory (infllm, ltri), not {self.config.mode!r}")
+        num = self.window_len
+        plan = StepPlan(pos0=self.seen_tokens, q_len=0, num_to_sinks=0, num_evict=num,
+                        first_slot=self._reserve_stream(num))
+        for state in self.states:
+            if isinstance(state, GlobalLayerState):
+                state.flush(plan)
+        self.window_len = 0
+        if self.consensus is not None:
+            self.consensus.prior = [None] * self.num_sequences
+        return num
+
+    def export_memory(self, first_slot: int = 0) -> MemoryExport:
+        """The span memory of sequence 0 from slot ``first_slot`` on (e.g. one document's, read after the others),
+        with its tokens' positions: what :meth:`import_memory` puts into another cache."""
+        if self.pool is None:
+            raise ValueError(f"mode {self.config.mode!r} keeps no span memory")
+        if self.num_sequences != 1:
+            raise ValueError(f"export_memory needs a batch of 1, got {self.num_sequences}")
+        total = self.pool.num_slots[0]
+        if not 0 <= first_slot <= total:
+            raise ValueError(f"first_slot {first_slot} outside the memory's {total} slots")
+        layers = {state.layer_idx: state.export_spans(0, first_slot) for state in self.states
+                  if isinstance(state, GlobalLayerState) and state.tables}
+        positions = self.pool.positions(0, torch.arange(first_slot, total))
+        return MemoryExport(positions=positions, layers=layers)
+
+    def import_memory(self, memory: MemoryExport, advance: int | None = None) -> int:
+        """Append spans exported by :meth:`export_memory` (from a cache of the same model and config) to the span
+        memory of sequence 0, keeping their tokens' positions, and move the position of the next token on by
+        ``advance`` (default: the tokens imported), so text read next comes after them. Returns the first slot."""
+        if self.plan is not None:
+            raise RuntimeError("import_memory inside a step")
+        if self.pool is None:
+            raise ValueError(f"mode {self.config.mode!r} keeps no span memory")
+        if self.num_sequences != 1:
+            raise ValueError(f"import_memory needs a batch of 1, got {self.num_sequences}")
+        if self.window_len:
+            raise ValueError(f"import_memory needs empty local windows (flush first); {self.window_len} tokens there")
+        num = int(memory.positions.numel())
+        globals_ = {s.layer_idx for s in self.states if isinstance(s, GlobalLayerState)}
+        if num and set(memory.layers) != globals_:
+            raise ValueError(f"the memory has layers {sorted(memory.layers)}, this model's global layers are "
+                             f"{sorted(globals_)}")
+        first = self.pool.reserve(num)
+        self.pool.set_positions(0, first, memory.positions)
+        for state in self.states:
+            if isinstance(state, GlobalLayerState) and num:
+                state.import_spans(0, first, **memory.layers[state.layer_idx])
+        self.seen_tokens += num if advance is None else advance
+        return first
 
     def abort_step(self) -> None:
         """Forget the planned pass after a failed forward: it leaves no trace.

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ltri_rag.cache import LtriCache
+from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
 
@@ -146,3 +146,29 @@ class LtriSession:
             return {"tokens": self.num_tokens, "memory_tokens": self.cache.memory_tokens(),
                     "retrieved_tokens": self.cache.retrieved_tokens()}
         return {"tokens": self.num_tokens, "memory_tokens": 0, "retrieved_tokens": 0}
+
+    # ------------------------------------------------------------------------------------------- memory
+    def _memory_cache(self) -> LtriCache:
+        if not isinstance(self.cache, LtriCache):
+            raise ValueError("mode 'full' keeps no span memory")
+        return self.cache
+
+    @torch.inference_mode()
+    def flush(self) -> int:
+        """End a piece of text: every global layer's window goes into the span memory (see
+        :meth:`LtriCache.flush`). Returns the number of tokens moved."""
+        return self._memory_cache().flush()
+
+    def export_memory(self, first_slot: int = 0) -> MemoryExport:
+        """The span memory from slot ``first_slot`` on, with positions (batch of 1; see :meth:`LtriCache.export_memory`)."""
+        return self._memory_cache().export_memory(first_slot)
+
+    @torch.inference_mode()
+    def import_memory(self, memory: MemoryExport, advance: int | None = None) -> int:
+        """Append exported spans to the span memory; the next token's position moves on by ``advance`` (default: the
+        tokens imported). Returns the first slot (see :meth:`LtriCache.import_memory`)."""
+        cache = self._memory_cache()
+        before = cache.seen_tokens
+        first = cache.import_memory(memory, advance)
+        self.num_tokens += cache.seen_tokens - before
+        return first

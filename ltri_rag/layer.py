@@ -233,7 +233,7 @@ class GlobalLayerState:
             mem_k[seq, :, num_sinks:num_sinks + n] = k
             mem_v[seq, :, num_sinks:num_sinks + n] = v
             host_mask[seq, :, num_sinks:num_sinks + n] = slots >= 0
-            pos[seq, :, num_sinks:num_sinks + n] = slots + self.cfg.num_sink_tokens
+            pos[seq, :, num_sinks:num_sinks + n] = self.pool.positions(seq, slots.clamp(min=0))
         self.last_selected_tokens = max((int((p[2] >= 0).sum(dim=1).max()) if p[2] is not None else 0)
                                         for p in parts)
         return mem_k, mem_v, host_mask.to(q.device), pos, host_mask
@@ -352,14 +352,48 @@ class GlobalLayerState:
         if band is not None:
             self.win_band = _cat(self.win_band, band[:, n_s:], 1)
 
+    def _ensure_tables(self, keys: torch.Tensor) -> None:
+        """Create the per-sequence span tables on first use (``keys``: ``[..., num_kv_heads, tokens, head_dim]``
+        K of this layer on the compute device)."""
+        if not self.tables:
+            self.tables = [SpanTable(keys.shape[-3], keys.shape[-1], keys.dtype, keys.device)
+                           for _ in range(self.batch_size)]
+
+    def flush(self, plan: StepPlan) -> None:
+        """Evict the whole local window into spans (``plan.num_evict`` = its length): see ``LtriCache.flush``."""
+        if plan.num_evict:
+            self._evict(plan)
+        for table in self.tables:  # what the text before recalled says nothing about what comes next
+            table.recency = torch.zeros_like(table.recency)
+
+    def export_spans(self, seq: int, first_slot: int) -> dict[str, torch.Tensor]:
+        """Spans of ``seq`` from slot ``first_slot`` on, with their index vectors and K/V (slots relative to
+        ``first_slot``): ``starts, ends [S]``, ``vectors [N, Hkv, D]``, ``owner [N]``, ``keys, values [T, Hkv, D]``."""
+        table = self.tables[seq]
+        keep = table.starts >= first_slot
+        if keep.any() and int(table.starts[keep][0]) != first_slot:
+            raise ValueError(f"slot {first_slot} is inside a span of layer {self.layer_idx}")
+        first_span = int((~keep).sum())
+        first_vector = int((table.owner < first_span).sum())
+        total = self.pool.num_slots[seq] - first_slot
+        slots = torch.arange(first_slot, first_slot + total)[None, :].expand(table.vectors.shape[1], -1)
+        keys, values = self.pool.gather(self.layer_idx, seq, slots, table.vectors.device)  # [Hkv, T, D]
+        return {"starts": table.starts[keep] - first_slot, "ends": table.ends[keep] - first_slot,
+                "vectors": table.vectors[first_vector:], "owner": table.owner[first_vector:] - first_span,
+                "keys": keys.transpose(0, 1), "values": values.transpose(0, 1)}
+
+    def import_spans(self, seq: int, first_slot: int, starts: torch.Tensor, ends: torch.Tensor,
+                     vectors: torch.Tensor, owner: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store spans read elsewhere (``export_spans``' layout) at slots from ``first_slot`` on (reserved)."""
+        self._ensure_tables(self.sink_k if self.sink_k is not None else keys.transpose(0, 1))
+        self.pool.write(self.layer_idx, seq, first_slot, keys, values)
+        self.tables[seq].append(starts + first_slot, ends + first_slot, vectors, owner)
+
     def _evict(self, plan: StepPlan) -> None:
         """Cut the oldest ``num_evict`` window tokens into spans, store them, and drop them from the window."""
         n = plan.num_evict
         if self.pool is not None:
-            if not self.tables:
-                ref = self.win_k
-                self.tables = [SpanTable(ref.shape[1], ref.shape[3], ref.dtype, ref.device)
-                               for _ in range(self.batch_size)]
+            self._ensure_tables(self.win_k)
             for seq in range(self.batch_size):
                 self._store_segment(seq, n, plan.first_slot)
         self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]

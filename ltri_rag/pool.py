@@ -5,6 +5,9 @@ inside, as in paged-attention engines). Each sequence has one page table, shared
 the same tokens at the same time); a sequence's evicted tokens get consecutive *slots* ``0, 1, 2, ...``, and slot
 ``s`` lives at ``page_table[s // page_size]``, offset ``s % page_size``. Spans of any length are slot ranges, so
 variable-length spans, a device cache, kernels and persistence all read the same layout.
+
+Each slot also records the position its token was read at (host ``int64``), set by whoever fills the slot: a
+stream evicts its tokens in order, a stored document's tokens keep the positions they had when it was read.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class PagedKVPool:
         self._capacity = 0
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._positions = [torch.zeros(0, dtype=torch.int64) for _ in range(batch_size)]
 
     @property
     def num_pages(self) -> int:
@@ -51,6 +55,8 @@ class PagedKVPool:
                 table.append(self._next_page)
                 self._next_page += 1
             self.num_slots[seq] = first + num_new
+            self._positions[seq] = torch.cat([self._positions[seq][:first],
+                                              torch.full((num_new,), -1, dtype=torch.int64)])
         self._grow(self._next_page)
         return first
 
@@ -59,6 +65,19 @@ class PagedKVPool:
         if any(n < first_slot for n in self.num_slots):
             raise ValueError(f"cannot unreserve from slot {first_slot}: sequences hold {self.num_slots}")
         self.num_slots = [first_slot] * len(self.num_slots)
+        self._positions = [p[:first_slot] for p in self._positions]
+
+    def set_positions(self, seq: int, first_slot: int, positions: torch.Tensor) -> None:
+        """Record the positions ``[n]`` (int64) of the tokens at slots ``first_slot .. first_slot + n - 1``."""
+        positions = positions.to("cpu", torch.int64).reshape(-1)
+        end = first_slot + positions.numel()
+        if first_slot < 0 or end > self.num_slots[seq]:
+            raise IndexError(f"slots {first_slot}..{end - 1} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        self._positions[seq][first_slot:end] = positions
+
+    def positions(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
+        """Positions (host ``int64``, the shape of ``slots``) of the tokens at ``slots`` (reserved slots only)."""
+        return self._positions[seq][slots.to("cpu", torch.int64)]
 
     def _grow(self, pages: int) -> None:
         if pages <= self._capacity:

@@ -458,3 +458,46 @@ def test_pin_extra_budget_keeps_the_question_selection_on_top_of_the_budget(llam
     assert not any(over[False]) and any(over[True])
     with pytest.raises(TypeError, match="pin_extra_budget"):
         LtriConfig(mode="ltri", pin_extra_budget=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["ltri", "infllm"])
+def test_flush_export_import_equals_reading_on(llama, mode) -> None:
+    """A document read after a sink prefix and flushed into the span memory, exported and imported into a session
+    that read only the sink prefix, answers a question exactly as the session that read the document: the span
+    memory, its tokens' positions and the position counter travel whole."""
+    sinks, doc, question = _ids(1, 4), _ids(1, 70)[:, 4:], _ids(1, 90)[:, 70:]
+    cfg = LtriConfig(mode=mode, num_sink_tokens=4, local_window=16, chunk_size=8, budget=12, page_size=5,
+                     evict_stride=4, span_min_len=2, span_max_len=6)
+    reader = LtriSession(llama, cfg)
+    reader.feed(sinks)  # read apart, as an ingest does (the same chunk shapes give the same sink K/V bits)
+    reader.feed(doc)
+    window = reader.cache.window_len
+    assert reader.flush() == window > 0 and reader.cache.window_len == 0
+    assert reader.cache.memory_tokens() == doc.shape[1]  # every document token is in the span memory
+    memory = reader.export_memory()
+    assert memory.positions.tolist() == list(range(4, 4 + doc.shape[1]))
+    fresh = LtriSession(llama, cfg)
+    fresh.feed(sinks)
+    assert fresh.import_memory(memory) == 0 and fresh.num_tokens == reader.num_tokens
+    torch.testing.assert_close(fresh.feed(question), reader.feed(question), rtol=0, atol=0)
+    for _ in range(3):
+        token = reader.step(torch.tensor([7]))
+        torch.testing.assert_close(fresh.step(torch.tensor([7])), token, rtol=0, atol=0)
+    # a second document after the first: export from its first slot only
+    second = LtriSession(llama, cfg)
+    second.feed(sinks)
+    second.import_memory(memory)
+    first_slot = second.cache.memory_tokens()
+    second.feed(question)
+    second.flush()
+    part = second.export_memory(first_slot)
+    assert part.positions.tolist() == list(range(4 + doc.shape[1], 4 + doc.shape[1] + question.shape[1]))
+    with pytest.raises(ValueError, match="flush first"):
+        reader.import_memory(part)
+
+
+def test_flush_needs_a_span_memory(llama) -> None:
+    session = LtriSession(llama, LtriConfig(mode="streaming", num_sink_tokens=4, local_window=16, chunk_size=8))
+    session.feed(_ids(1, 30))
+    with pytest.raises(ValueError, match="span memory"):
+        session.flush()
