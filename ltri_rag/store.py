@@ -206,6 +206,12 @@ class DocumentRecord:
         if not isinstance(self.text, str) or not self.text:
             raise ValueError(f"document {self.doc_id!r}: text must be a non-empty str, got {type(self.text).__name__} "
                              f"{self.text!r:.40}")
+        try:
+            self.text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate, e.g. from bytes decoded with errors="surrogateescape"
+            raise ValueError(f"document {self.doc_id!r}: text is not valid Unicode (code point "
+                             f"{self.text[err.start]!r} at character {err.start}); decode the bytes with "
+                             "errors='replace' first") from None
         if not isinstance(self.metadata, Mapping) or not all(isinstance(k, str) for k in self.metadata):
             raise TypeError(f"document {self.doc_id!r}: metadata must be a dict with str keys, got {self.metadata!r:.80}")
         try:

@@ -303,6 +303,8 @@ def _nan_vectors(p):
 BAD_INPUT = [
     ("empty text", lambda s: s.add(_doc_with(text="")), ValueError, "text"),
     ("bytes text", lambda s: s.add(_doc_with(text=b"abc")), ValueError, "text"),
+    ("invalid unicode text", lambda s: s.add(_doc_with(text="x\udc80" + make_doc("ok", seed=7).text[2:])), ValueError,
+     "not valid Unicode"),
     ("empty id", lambda s: s.add(_doc_with(doc_id="")), ValueError, "doc_id"),
     ("int id", lambda s: s.add(_doc_with(doc_id=5)), ValueError, "doc_id"),
     ("dup ids in add", lambda s: s.add([make_doc("a", seed=1), make_doc("a", seed=2)]), ValueError, "repeat"),
