@@ -16,7 +16,7 @@ from typing import Any
 _EXPORTS = {
     "LocalAttention": "attention",
     "attention_with_lse": "attention",
-    "decode_attention": "triton_decode",
+    "decode_attention": "attention",
     "decode_attention_triton": "triton_decode",
     "local_attention": "attention",
     "local_attention_backend": "attention",

@@ -41,17 +41,10 @@ CPU tensors), spill-free but untimed defaults on CUDA (8 warps, ``64 x 64``; ``6
 (Triton decides then how to build the kernels): set it before the import.
 """
 
-import os
 
 import torch
+from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
 from ltri_rag.kernels.attention import LocalAttention, _check_qkv, local_attention
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
-    triton = None
-    tl = None
 
 __all__ = ["block_sizes", "local_attention_triton", "triton_available"]
 
@@ -60,17 +53,8 @@ _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _env_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
-
-
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
-INTERPRETED = triton is not None and _env_interpret()
-
-
-def triton_available() -> bool:
-    """Whether triton imported (the kernels run on CUDA tensors, or on CPU tensors under the interpreter)."""
-    return triton is not None
+INTERPRETED = interpreted()
 
 
 def _launch_setting(value: int | None, default: int, name: str, allowed) -> int:

@@ -47,17 +47,10 @@ how to build the kernels): set it before the import.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
 from ltri_rag.kernels.scoring import SpanLayout, _check_span_inputs, _resolve_layout, span_probabilities
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
-    triton = None
-    tl = None
 
 __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
 
@@ -66,17 +59,8 @@ _MAX_HEAD_DIM = 256
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _env_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
-
-
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
-INTERPRETED = triton is not None and _env_interpret()
-
-
-def triton_available() -> bool:
-    """Whether triton imported (the kernels run on CUDA tensors, or on CPU tensors under the interpreter)."""
-    return triton is not None
+INTERPRETED = interpreted()
 
 
 def block_sizes(head_dim: int, group: int, device: torch.device,
