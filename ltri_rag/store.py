@@ -367,22 +367,18 @@ class SpanStore(Protocol):
 
     def add(self, documents: DocumentRecord | Sequence[DocumentRecord]) -> list[str]:
         """Add documents atomically (each fully present or absent); an existing (collection, id) is replaced."""
-        ...
 
     def delete(self, ids: Sequence[str], *, collection: str = "default") -> None:
         """Delete documents; unknown ids raise :class:`DocumentNotFound` and nothing is deleted."""
-        ...
 
     def get(self, ids: Sequence[str], *, collection: str = "default") -> list[DocumentInfo]: ...
 
     def list_documents(self, collection: str | None = None) -> list[tuple[str, str]]:
         """``(collection, doc_id)`` pairs, sorted."""
-        ...
 
     def search(self, layer: int, query: torch.Tensor, k: int, *, collection: str | None = None,
                filter: Mapping[str, Any] | None = None) -> list[SpanHit]:
         """Best ``k`` spans of ``layer`` for ``query`` (``[num_kv_heads, head_dim]`` or flat), best first."""
-        ...
 
     def load_spans(self, doc_id: str, layer: int, *, collection: str = "default") -> LayerSpans: ...
 
@@ -394,6 +390,5 @@ class SpanStore(Protocol):
 
     def repair(self) -> VerifyReport:
         """Fix what can be fixed; returns what was found before fixing."""
-        ...
 
     def close(self) -> None: ...

@@ -7,6 +7,7 @@ dtype), ``layer{L}.vectors`` ``[num_vectors, num_kv_heads, head_dim]`` float32 g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -36,9 +37,8 @@ def fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # filesystems that cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 

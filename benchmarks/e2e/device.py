@@ -54,8 +54,8 @@ def host_total_gib() -> float | None:
                 for line in fh:
                     if line.startswith("MemTotal:"):
                         return int(line.split()[1]) / 1024 ** 2
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError):  # no readable /proc/meminfo: unknown
+            return None
     return None
 
 
