@@ -13,7 +13,7 @@ out=$(mktemp -d)
 steps=${STEPS:-tests local scoring decode e2e}
 # this checkout's scripts and tests, in their own folder (a grid running from /tmp/run keeps its copy)
 run=/tmp/checks_run
-rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests "$run"/
+rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests pyproject.toml "$run"/  # pyproject: the pytest marks
 export PYTHONPATH=/tmp/site:$run LTRI_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
 cd "$run"
 step() {  # name limit command...

@@ -124,6 +124,14 @@ def span_scores(
     return _span_max(dots, valid, num_spans, width)
 
 
+def scoring_uses_triton(backend: str, queries: torch.Tensor) -> bool:
+    """Whether :func:`span_probabilities` takes the Triton kernels for ``queries [H, q_len, D]`` under ``backend``:
+    always for ``triton``; for ``auto`` on CUDA tensors with ``q_len > 1`` (see ``backend`` there)."""
+    if backend == "triton":
+        return True
+    return backend == "auto" and queries.device.type == "cuda" and queries.dim() == 3 and queries.shape[1] > 1
+
+
 def span_probabilities(
     queries: torch.Tensor,
     vectors: torch.Tensor,
@@ -151,7 +159,9 @@ def span_probabilities(
             the Triton kernels materialise no score matrix and ignore it).
         backend: ``torch`` (this plain-torch path, everywhere), ``triton`` (the fused kernels of
             :mod:`ltri_rag.kernels.triton_scoring`: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto``
-            (Triton for CUDA tensors when triton imports, torch elsewhere). The engine passes
+            (Triton for CUDA tensors of more than one query when triton imports, torch elsewhere: for a
+            decoded token's single query the torch path was faster on the H200, 0.25 against 0.49 ms per layer at
+            1,000-16,000 spans, ``benchmarks/results/span_scoring_h200``). The engine passes
             ``LtriConfig.attention_backend``.
         layout: :func:`span_layout` of these vectors (any dtype), if the caller keeps one: the engine's span tables
             do, so that scoring does not rebuild it (nor sync the device) at every chunk and decoded token.
@@ -164,7 +174,7 @@ def span_probabilities(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and queries.device.type == "cuda"):
+    if scoring_uses_triton(backend, queries):
         from ltri_rag.kernels.triton_scoring import span_probabilities_triton, triton_available  # triton is optional
 
         if triton_available():

@@ -97,6 +97,20 @@ def block_sizes(head_dim: int, device: torch.device,
     return (32 if wide else 64), 256, 4, 3
 
 
+# sm_90 gives a block at most 227 KiB of shared memory; leave room for the compiler's own scratch
+_SHARED_BYTES = 200 * 1024
+
+
+def stages_that_fit(num_stages: int, block_n: int, block_d: int, itemsize: int, device: torch.device) -> int:
+    """``num_stages`` lowered until the split pass's pipelined K and V tiles (``2 * block_n * block_d * itemsize``
+    bytes per stage) fit in a block's shared memory on CUDA (at least 1). An explicit ``block_n`` of 128 in float32
+    at head_dim 128 needs 128 KiB per stage: three stages would not launch. Off CUDA it is returned unchanged."""
+    if device.type != "cuda":
+        return num_stages
+    per_stage = 2 * block_n * block_d * itemsize
+    return max(1, min(num_stages, _SHARED_BYTES // per_stage))
+
+
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -182,7 +196,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("mem_len", "win_len", "mem_tiles", "total_tiles", "tiles_per_split", "num_splits"))
     def _decode_split_kernel(
             Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores,
             stride_qb, stride_qh, stride_qd, stride_qmb, stride_qmh, stride_qmd,
@@ -314,7 +328,7 @@ if triton is not None:
             band += tl.reduce(tl.where(ok, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
         tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("win_len", "num_splits", "num_wblocks", "num_main"))
     def _decode_finish_kernel(
             PartO, PartLse, Scores, Out, Lse, Mass, Band,
             num_kv_heads, win_len, num_splits, num_wblocks, num_main, band_width, inv_heads,
@@ -408,6 +422,7 @@ def decode_attention_triton(
     default_n, block_w, num_warps, num_stages = block_sizes(head_dim, device, compute)
     block_n = _pow2_block(block_n, default_n, "block_n")
     block_d = max(16, triton.next_power_of_2(head_dim))
+    num_stages = stages_that_fit(num_stages, block_n, block_d, compute.itemsize, device)
     group_p = max(16, triton.next_power_of_2(group))
     mem_len = mem_k.shape[2] if has_memory else 0
     mem_tiles = triton.cdiv(mem_len, block_n)

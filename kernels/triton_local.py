@@ -71,17 +71,22 @@ def block_sizes(head_dim: int, group: int, device: torch.device,
     """``(block_m, block_n, num_warps, num_stages)`` for :func:`local_attention_triton`.
 
     ``block_m`` counts packed ``(query, head)`` rows, ``block_n`` keys. Off CUDA (the interpreter) small blocks
-    keep the per-program numpy work light. The CUDA values are untuned defaults that compile without register
-    spills for sm_90 (checked with ptxas, without a GPU: 16-bit inputs, head_dim 64/128/256, band 0/64, with and
-    without softcap; 4 warps spilled with a band at head_dim 128, float32 inputs spilled at 64 x 64); timing
-    and tuning on the GPU are still to do.
+    keep the per-program numpy work light. The 16-bit CUDA values come from the launch-settings sweep on an H200
+    (``benchmarks/bench_local_attention.py --sweep``: 36 settings, one chunk of 2,048 queries against a 4,096-key
+    window, key mass and a band of 64 on; ``benchmarks/results/local_attention_h200/sweep.md``): at head_dim 64
+    (Qwen2.5-0.5B, 7 query heads per KV head) 128 x 32 with 4 warps and 3 stages took 0.44 ms against 0.78 ms for
+    the earlier untuned 64 x 64 / 8 warps / 2 stages; at head_dim 128 (Llama-3-8B, group 4) 64 x 64 / 4 / 3 took
+    1.04 ms against 1.70. Float32 inputs and head_dim 256 keep the untuned settings that compile without register
+    spills (checked with ptxas for sm_90).
     """
     del group  # packing makes the row count independent of the group; kept for tuning by group later
     if device.type != "cuda":
         return 32, 32, 1, 1
     if dtype == torch.float32 or head_dim > 128:
         return 64, 32, 8, 2
-    return 64, 64, 8, 2
+    if head_dim <= 64:
+        return 128, 32, 4, 3
+    return 64, 64, 4, 3
 
 
 if triton is not None:
@@ -162,7 +167,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, l_i, m_new, band_s
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset"))
     def _local_fwd_kernel(Q, K, V, Out, Lse, Extra, Band,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
@@ -231,7 +236,7 @@ if triton is not None:
             tl.store(Band + row_idx[:, None] * band_width + o[None, :], prob,
                      mask=row_ok[:, None] & (o[None, :] < band_width))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset"))
     def _local_key_mass_kernel(Q, K, Lse, Extra, Mass,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,

@@ -134,7 +134,7 @@ if triton is not None:
             best = tl.maximum(best, tl.where(ok[None, :], s, float("-inf")))
         return best
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "spans_per_split"))
     def _span_stats_kernel(Q, Vec, Valid, M, L,
                            stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
                            num_heads, q_len, num_spans, width, spans_per_split, qk_scale,
@@ -162,7 +162,7 @@ if triton is not None:
         tl.store(M + idx, m_i, mask=row_ok)
         tl.store(L + idx, l_i, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "queries_per_split"))
     def _span_mass_kernel(Q, Vec, Valid, Lse, Out,
                           stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
                           num_heads, q_len, num_spans, width, queries_per_split, qk_scale,

@@ -137,6 +137,22 @@ def test_num_splits_from_shapes_only(monkeypatch) -> None:
         triton_decode.num_splits_for(10, 4, cuda, value=0)
 
 
+def test_pipeline_stages_fit_shared_memory() -> None:
+    """An explicit large ``block_n`` lowers the pipeline depth instead of failing to launch: on the H200,
+    ``block_n=128`` in float32 at head_dim 128 asked for 272 KiB of shared memory with the default three stages."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert triton_decode.stages_that_fit(3, 128, 128, 4, cuda) == 1  # 128 KiB per stage
+    assert triton_decode.stages_that_fit(3, 64, 128, 4, cuda) == 3  # 64 KiB per stage: the default fits
+    assert triton_decode.stages_that_fit(3, 128, 256, 2, cuda) == 1
+    assert triton_decode.stages_that_fit(3, 256, 256, 4, cuda) == 1  # never below one
+    assert triton_decode.stages_that_fit(3, 128, 128, 4, cpu) == 3  # the interpreter has no such limit
+    for head_dim in (64, 80, 128, 256):  # the defaults never lose a stage
+        for dtype in (torch.bfloat16, torch.float32):
+            block_n, _, _, stages = triton_decode.block_sizes(head_dim, cuda, dtype)
+            block_d = max(16, 1 << (head_dim - 1).bit_length())
+            assert triton_decode.stages_that_fit(stages, block_n, block_d, dtype.itemsize, cuda) == stages
+
+
 def test_separate_memory_queries() -> None:
     """``q_mem`` (the memory part's queries under another position scheme) is used for the memory keys only."""
     q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 8, 2, 32, 40, 19, "random", seed=2)

@@ -154,6 +154,24 @@ def test_auto_on_cpu_uses_the_torch_path(monkeypatch) -> None:
     span_probabilities(queries.cpu(), vectors.cpu(), owner.cpu(), 2, 1.0)  # the default is torch
 
 
+def test_auto_keeps_single_queries_on_the_torch_path() -> None:
+    """``auto`` takes Triton for a CUDA chunk of queries, not for a decoded token's single query (measured faster
+    on the torch path); ``triton`` always does, and CPU tensors never under ``auto``."""
+    from ltri_rag.kernels.scoring import scoring_uses_triton
+
+    class FakeCuda:  # shape and device are all the rule reads
+        def __init__(self, q_len):
+            self.shape, self.device = (4, q_len, 16), torch.device("cuda", 0)
+
+        def dim(self):
+            return 3
+
+    assert scoring_uses_triton("auto", FakeCuda(2048)) and scoring_uses_triton("auto", FakeCuda(2))
+    assert not scoring_uses_triton("auto", FakeCuda(1))
+    assert scoring_uses_triton("triton", FakeCuda(1)) and scoring_uses_triton("triton", torch.zeros(4, 1, 16))
+    assert not scoring_uses_triton("auto", torch.zeros(4, 9, 16)) and not scoring_uses_triton("torch", FakeCuda(9))
+
+
 def test_bad_inputs_raise() -> None:
     queries, vectors, owner = _inputs(4, 2, 5, 32, [2, 1, 3], seed=8)
     with pytest.raises(ValueError, match=r"queries must be \[num_heads, q_len, head_dim\]"):
