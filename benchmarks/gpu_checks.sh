@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # On the lent GPU, after benchmarks/gpu_setup.sh (and before any grid, so nothing else runs on the GPU): every
 # compiled-kernel test, then the kernel benchmarks side by side with their baselines (the local-attention one with
-# its launch-settings sweep), each step under its own time limit. All steps take ~14 minutes: two device calls,
+# its launch-settings sweep), the end-to-end benchmarks and the engine's stage profile, each step under its own
+# time limit, one device call per group (a call may run 10 minutes):
 #
-#   STEPS="tests local" bash benchmarks/gpu_checks.sh       # ~8 min
-#   STEPS="scoring decode e2e" bash benchmarks/gpu_checks.sh  # ~6.5 min
+#   STEPS="tests local" bash benchmarks/gpu_checks.sh            # ~8 min
+#   STEPS="scoring decode e2e" bash benchmarks/gpu_checks.sh     # ~7 min
+#   STEPS="profile" ... ; STEPS="e2e8b" ...                       # ~5 / ~9.5 min
+#
+# Timings of host-side work (e2e, profile) are only meaningful while no quality grid shares the host's CPUs (a grid
+# on the other GPU still does): run them before any grid starts (session 4's e2e run did not; see
+# benchmarks/results/e2e_qwen_h200/README.md).
 #
 # from the checkout, after gpu_setup.sh (it uses the package installed in /tmp/site). Results: $OUT/results.tgz (a call brings
-# back at most 8 files). Default STEPS: all five.
+# back at most 8 files). Default STEPS: all of them.
 set -uo pipefail
 out=$(mktemp -d)
-steps=${STEPS:-tests local scoring decode e2e}
+steps=${STEPS:-tests local scoring decode e2e profile e2e8b}
 # this checkout's scripts and tests, in their own folder (a grid running from /tmp/run keeps its copy)
 run=/tmp/checks_run
 rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests pyproject.toml "$run"/  # pyproject: the pytest marks
@@ -31,9 +37,15 @@ for s in $steps; do
     scoring) step scoring 90 python3 -m benchmarks.bench_span_scoring --out "$out/span_scoring" ;;
     decode) [ -f benchmarks/bench_decode_attention.py ] && \
               step decode 90 python3 -m benchmarks.bench_decode_attention --out "$out/decode_attention" ;;
-    e2e) step e2e 200 python3 -m benchmarks.bench_e2e --model qwen2.5-0.5b-random --lengths 8192 32768 131072 \
-           --decode-lengths 8192 32768 131072 --decode-tokens 16 --modes full streaming ltri --chunk 2048 \
-           --backend auto --time-limit 180 --out "$out/e2e_qwen" ;;
+    e2e) step e2e 240 python3 -m benchmarks.bench_e2e --model qwen2.5-0.5b-random --lengths 8192 32768 131072 \
+           --decode-lengths 8192 32768 131072 --decode-tokens 16 --modes full streaming ltri ltri_gpu_pool \
+           --chunk 2048 --backend auto --time-limit 220 --out "$out/e2e_qwen" ;;
+    e2e8b) step e2e8b 560 python3 -m benchmarks.bench_e2e --model llama3-8b-random \
+           --lengths 32768 131072 524288 1048576 --decode-lengths 8192 32768 131072 524288 1048576 \
+           --decode-tokens 16 --modes full streaming ltri --backend auto --time-limit 540 --out "$out/e2e_llama8b" ;;
+    profile) [ -f /tmp/m/qwen2.5-coder-0.5b.gguf ] && \
+           step profile 300 python3 -m benchmarks.profile_engine --model qwen=/tmp/m/qwen2.5-coder-0.5b.gguf \
+             --length 32768 --modes ltri infllm streaming --backends torch auto --out "$out/profile_qwen" ;;
     *) echo "unknown step $s" ;;
   esac
 done

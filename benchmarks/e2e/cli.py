@@ -134,7 +134,16 @@ def run_meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
             "full_baseline": "engine mode full = HF forward, SDPA, DynamicCache (eager decode)"}
     if device.type == "cuda":
         meta["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB
+    meta["host_load"] = host_load()
     return meta
+
+
+def host_load() -> dict[str, Any]:
+    """What else the host is doing: load averages over 1/5/15 minutes against its CPUs, and torch's intra-op threads
+    (host-side engine work slows by orders of magnitude when those threads outnumber the idle cores)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"loadavg": [round(x, 2) for x in load] if load else None, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

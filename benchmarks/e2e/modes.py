@@ -12,15 +12,20 @@ import torch
 
 from ltri_rag import LtriConfig
 
-MODES = ("full", "streaming", "infllm", "ltri")
-RETRIEVING = ("infllm", "ltri")
+MODES = ("full", "streaming", "infllm", "ltri", "ltri_gpu_pool")
+RETRIEVING = ("infllm", "ltri", "ltri_gpu_pool")
+# variants: an engine mode with settings of its own (``ltri_gpu_pool``: the span pool in GPU memory instead of pinned
+# host memory, to separate the cost of the host-side pool from the rest of ltri's retrieval)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_gpu_pool": ("ltri", {"kv_offload": False})}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:
-    """The engine configuration of ``mode``: LtriConfig defaults, ``engine`` overrides, the attention backend."""
+    """The engine configuration of ``mode``: LtriConfig defaults, ``engine`` overrides, the attention backend
+    (and a variant's own settings on top)."""
     if mode == "full":
         return LtriConfig(mode="full")
-    return LtriConfig(mode=mode, attention_backend=backend, **engine)
+    base, own = VARIANTS.get(mode, (mode, {}))
+    return LtriConfig(mode=base, attention_backend=backend, **{**engine, **own})
 
 
 @contextmanager

@@ -95,6 +95,11 @@ def render(result: dict[str, Any]) -> str:
              f"mode (plain HF forward, SDPA `{meta['sdpa_backend']}`, DynamicCache). Floors: "
              f"{meta['hbm_tbps']} TB/s HBM, {meta['peak_tflops']} TFLOP/s bf16. Random token ids (seed "
              f"{meta['seed']}); {meta['elapsed_seconds']} s in all."), ""]
+    load = meta.get("host_load")
+    if load and load.get("loadavg"):
+        lines += [(f"Host at the start: load average {load['loadavg'][0]} on {load['cpus']} CPUs, torch "
+                   f"{load['torch_threads']} intra-op threads (timings of the host-side engine work are only "
+                   "meaningful on an otherwise idle host)."), ""]
     for model in result["models"]:
         name = model["name"]
         modes = [m for m in meta["modes"]]

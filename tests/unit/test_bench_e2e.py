@@ -42,6 +42,22 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_gpu_pool_variant_and_host_load(tmp_path) -> None:
+    """``ltri_gpu_pool`` is ltri with the span pool on the model's device; the run records the host's load."""
+    from benchmarks.e2e.modes import engine_config
+
+    variant = engine_config("ltri_gpu_pool", {"local_window": 64}, "torch")
+    plain = engine_config("ltri", {"local_window": 64}, "torch")
+    assert (variant.mode, variant.kv_offload, variant.local_window) == ("ltri", False, 64)
+    assert plain.kv_offload is True
+    result = main(["--small", "--modes", "ltri_gpu_pool", "--lengths", "256", "--decode-lengths", "256",
+                   "--decode-tokens", "2", "--no-profile", "--out", str(tmp_path)])
+    assert [r["status"] for r in result["prefill"] + result["decode"]] == ["ok", "ok"]
+    load = result["meta"]["host_load"]
+    assert load["cpus"] >= 1 and load["torch_threads"] >= 1 and len(load["loadavg"]) == 3
+    assert "load average" in (tmp_path / "bench.md").read_text()
+
+
 def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
     real = bench_e2e.run_prefill
 
