@@ -37,7 +37,10 @@ class PagedKVPool:
         self._capacity = 0
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        # host int64 position per slot, in buffers that grow by doubling (slot s of sequence q at _positions[q][s];
+        # entries at or past num_slots[q] are unused); the page tables as tensors, rebuilt only when pages are added
         self._positions = [torch.zeros(0, dtype=torch.int64) for _ in range(batch_size)]
+        self._table_tensors: list[torch.Tensor | None] = [None] * batch_size
 
     @property
     def num_pages(self) -> int:
@@ -54,9 +57,14 @@ class PagedKVPool:
             while len(table) < needed:
                 table.append(self._next_page)
                 self._next_page += 1
+                self._table_tensors[seq] = None
             self.num_slots[seq] = first + num_new
-            self._positions[seq] = torch.cat([self._positions[seq][:first],
-                                              torch.full((num_new,), -1, dtype=torch.int64)])
+            buf = self._positions[seq]
+            if buf.numel() < first + num_new:  # amortised O(1) per slot: a stream reserves a few slots per step
+                grown = torch.empty(max(first + num_new, 2 * buf.numel(), 64), dtype=torch.int64)
+                grown[:first] = buf[:first]
+                self._positions[seq] = buf = grown
+            buf[first:first + num_new] = -1
         self._grow(self._next_page)
         return first
 
@@ -65,7 +73,6 @@ class PagedKVPool:
         if any(n < first_slot for n in self.num_slots):
             raise ValueError(f"cannot unreserve from slot {first_slot}: sequences hold {self.num_slots}")
         self.num_slots = [first_slot] * len(self.num_slots)
-        self._positions = [p[:first_slot] for p in self._positions]
 
     def set_positions(self, seq: int, first_slot: int, positions: torch.Tensor) -> None:
         """Record the positions ``[n]`` (int64) of the tokens at slots ``first_slot .. first_slot + n - 1``."""
@@ -77,7 +84,7 @@ class PagedKVPool:
 
     def positions(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         """Positions (host ``int64``, the shape of ``slots``) of the tokens at ``slots`` (reserved slots only)."""
-        return self._positions[seq][slots.to("cpu", torch.int64)]
+        return self._positions[seq][: self.num_slots[seq]][slots.to("cpu", torch.int64)]
 
     def _grow(self, pages: int) -> None:
         if pages <= self._capacity:
@@ -95,7 +102,9 @@ class PagedKVPool:
                            pin_memory=self.pin_memory)
 
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(self.page_tables[seq], dtype=torch.int64)
+        table = self._table_tensors[seq]
+        if table is None:
+            table = self._table_tensors[seq] = torch.tensor(self.page_tables[seq], dtype=torch.int64)
         slots = slots.to("cpu", torch.int64)
         if slots.numel() and (int(slots.max()) >= self.num_slots[seq] or int(slots.min()) < 0):
             bad = int(slots.max()) if int(slots.max()) >= self.num_slots[seq] else int(slots.min())

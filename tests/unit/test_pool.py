@@ -174,6 +174,38 @@ def test_gather_and_write_unreserved_slot_raise_index_error():
     assert torch.equal(gk[:, 0], k[5])
 
 
+def test_positions_across_many_small_reserves_and_an_unreserve():
+    """A stream reserves a slot or two per step (the position buffer grows by doubling, not per call): every slot
+    keeps its position, fresh slots read -1, unreserved slots are out of range, and re-reserved ones start fresh;
+    the K/V of slots written before and after new pages were added gather back unchanged."""
+    pool = PagedKVPool(batch_size=1, page_size=4, device=CPU)
+    want, kv = [], []
+    for step in range(150):
+        n = 1 + step % 2
+        first = pool.reserve(n)
+        assert torch.equal(pool.positions(0, torch.arange(first, first + n)), torch.full((n,), -1))
+        pos = torch.arange(1000 + len(want), 1000 + len(want) + n)
+        pool.set_positions(0, first, pos)
+        k = torch.randn(n, 2, 3)
+        pool.write(0, 0, first, k, -k)
+        want += pos.tolist()
+        kv.append(k)
+    total = len(want)
+    assert torch.equal(pool.positions(0, torch.arange(total)), torch.tensor(want))
+    k_all = torch.cat(kv)
+    slots = torch.tensor([[0, 5, total - 1], [3, total // 2, 1]])
+    gk, gv = pool.gather(0, 0, slots, CPU)
+    for h in range(2):
+        assert torch.equal(gk[h], k_all[slots[h], h]) and torch.equal(gv[h], -k_all[slots[h], h])
+    pool.unreserve(total - 3)
+    with pytest.raises(IndexError):
+        pool.positions(0, torch.tensor([total - 1]))
+    first = pool.reserve(3)
+    assert first == total - 3
+    assert torch.equal(pool.positions(0, torch.arange(first, first + 3)), torch.full((3,), -1))
+    assert torch.equal(pool.positions(0, torch.arange(first)), torch.tensor(want[:first]))
+
+
 def test_gather_empty_and_dtype_cast():
     pool = PagedKVPool(batch_size=1, page_size=4, device=CPU)
     pool.reserve(3)
