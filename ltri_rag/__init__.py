@@ -12,12 +12,16 @@ from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import GenerationResult, encode_prompt, generate, generate_ids, stream_generate
 from ltri_rag.loading import load_model
+from ltri_rag.memory import KVMemory, MemoryAnswer, MemoryStream
 
 __all__ = [
     "GenerationResult",
+    "KVMemory",
     "LtriCache",
     "LtriConfig",
     "LtriSession",
+    "MemoryAnswer",
+    "MemoryStream",
     "encode_prompt",
     "generate",
     "generate_ids",

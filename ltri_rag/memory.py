@@ -1,0 +1,488 @@
+"""``KVMemory``: a corpus ingested once into a persistent span store and queried by in-model retrieval.
+
+::
+
+    mem = ltri_rag.KVMemory.create("./mem", model, tokenizer, ltri_rag.LtriConfig(mode="ltri"))
+    ids = mem.add_documents(texts, metadatas=[{"source": "a.txt"}, ...], collection="essays")
+    hits = mem.retrieve("Who founded Viaweb?", k=4, collection="essays")       # spans with offsets, for citations
+    answer = mem.generate("Who founded Viaweb?", collection="essays")            # answer.text, answer.spans
+    mem.close()
+    mem = ltri_rag.KVMemory.open("./mem", model, tokenizer)                     # refuses another model / tokenizer
+
+Core code: the store is any :class:`~ltri_rag.store.SpanStore`, found by name through the ``ltri_rag.stores`` entry
+point group (``"sql"`` is ``ltri_rag.storage.SqlSpanStore``, registered in ``pyproject.toml``) or given as a factory
+class, so this module never imports the storage package. How documents are read and stored: see
+:mod:`ltri_rag.memory_ingest`; how questions are matched and answered: :mod:`ltri_rag.memory_query`; what a store
+must agree on with its opener: :mod:`ltri_rag.memory_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from typing_extensions import Self
+
+from ltri_rag.cache import layer_sliding_windows
+from ltri_rag.config import LtriConfig
+from ltri_rag.engine import LtriSession
+from ltri_rag.generation import Prompt, encode_prompt
+from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
+from ltri_rag.memory_ingest import (
+    check_collection,
+    check_ids,
+    encode_document,
+    ingest_document,
+    load_document_memory,
+    prepare_input,
+    record_bytes,
+    sink_prefix_ids,
+)
+from ltri_rag.memory_query import MemoryAnswer, aggregate_hits, decode, query_vectors, stream_pieces
+from ltri_rag.store import (
+    DocumentInfo,
+    DocumentRecord,
+    FingerprintMismatch,
+    SpanHit,
+    SpanStore,
+    StoreStats,
+    VerifyReport,
+)
+
+__all__ = ["DEFAULT_COLLECTION", "KVMemory", "MemoryAnswer", "MemoryStream", "StoreFactory", "resolve_store"]
+
+DEFAULT_COLLECTION = "default"
+STORE_GROUP = "ltri_rag.stores"
+
+
+class StoreFactory(Protocol):
+    """What creates and opens a :class:`SpanStore` (e.g. ``ltri_rag.storage.SqlSpanStore``)."""
+
+    def create(self, path_or_url: Any, fingerprint: Any, **kwargs: Any) -> SpanStore: ...
+
+    def open(self, path_or_url: Any, fingerprint: Any, **kwargs: Any) -> SpanStore: ...
+
+
+def resolve_store(store: str | StoreFactory) -> StoreFactory:
+    """A store factory: ``store`` itself, or the one registered under that name in the ``ltri_rag.stores`` entry
+    point group.
+
+    Raises:
+        ValueError: no store is registered under that name (the message lists those that are).
+        TypeError: ``store`` is neither a name nor something with ``create`` / ``open``.
+    """
+    if isinstance(store, str):
+        found = {ep.name: ep for ep in entry_points(group=STORE_GROUP)}
+        if store not in found:
+            raise ValueError(f"no span store named {store!r} in the {STORE_GROUP!r} entry points (found "
+                             f"{sorted(found)}); install the package (pip install -e .) to register 'sql', or pass "
+                             "the factory itself, e.g. store=ltri_rag.storage.SqlSpanStore")
+        return found[store].load()
+    if callable(getattr(store, "create", None)) and callable(getattr(store, "open", None)):
+        return store
+    raise TypeError(f"store must be an entry point name or a factory with create() / open(), got {store!r}")
+
+
+class MemoryStream:
+    """An answer being streamed by :meth:`KVMemory.stream`: iterate for text pieces.
+
+    ``spans`` (the recalled spans) and ``documents`` are known before the first piece; ``result`` (a
+    :class:`MemoryAnswer`) once the iteration has ended.
+    """
+
+    def __init__(self, pieces: Iterator[str], spans: list[SpanHit], documents: list[tuple[str, str]]) -> None:
+        self._pieces = pieces
+        self.spans = spans
+        self.documents = documents
+        self.result: MemoryAnswer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class KVMemory:
+    """A persistent corpus memory over one model: documents are read once into spans, index vectors and K/V, kept in
+    a :class:`SpanStore`, and brought back into the model's span memory to answer questions.
+
+    Prefer :meth:`create` / :meth:`open`; the constructor wraps an already opened store and checks its fingerprint.
+
+    Args:
+        store: An open span store.
+        model: Hugging Face causal LM (the one the store was written with).
+        tokenizer: Its tokenizer.
+        config: Engine configuration (mode ``ltri`` or ``infllm``); ``None`` takes the one stored in the store.
+        max_document_tokens: Longest document accepted by :meth:`add_documents` (longer ones are refused before
+            anything is written; split them).
+        max_memory_tokens: Most stored tokens :meth:`generate` imports: when a collection holds more, only the
+            documents of the best retrieved spans are imported (at least one).
+        batch_bytes: Ingested documents are written to the store in batches of about this many tensor bytes.
+
+    Raises:
+        FingerprintMismatch: the store was written with another model, tokenizer or configuration.
+        ValueError: ``config.mode`` keeps no span memory.
+    """
+
+    def __init__(self, store: SpanStore, model: nn.Module, tokenizer: Any, config: LtriConfig | None = None, *,
+                 max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
+                 batch_bytes: int = 256 << 20) -> None:
+        if config is None:
+            config = config_from_fingerprint(store.fingerprint)
+        if not isinstance(config, LtriConfig):
+            raise TypeError(f"config must be an LtriConfig, got {type(config).__name__}")
+        if not config.retrieves:
+            raise ValueError(f"KVMemory needs a mode with a span memory ('ltri' or 'infllm'), got {config.mode!r}")
+        for name, value in (("max_document_tokens", max_document_tokens), ("max_memory_tokens", max_memory_tokens),
+                            ("batch_bytes", batch_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
+        self.max_document_tokens, self.max_memory_tokens, self.batch_bytes = (max_document_tokens,
+                                                                               max_memory_tokens, batch_bytes)
+        self.sink_ids = sink_prefix_ids(tokenizer, config.num_sink_tokens)  # [num_sink_tokens]
+        self.fingerprint = memory_fingerprint(model, tokenizer, config, self.sink_ids)
+        differences = store.fingerprint.diff(self.fingerprint)
+        if differences:
+            raise FingerprintMismatch(differences)
+        _, self.num_kv_heads, self.head_dim, self.kv_dtype = model_shapes(model)
+        self.global_layers = [i for i, window in enumerate(layer_sliding_windows(model)) if window is None]
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.scaling = float(getattr(text_config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self._lock = threading.RLock()  # one model call at a time (sessions toggle the model's attention function)
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path_or_url: str | os.PathLike[str], model: nn.Module, tokenizer: Any,
+               config: LtriConfig | None = None, *, store: str | StoreFactory = "sql",
+               store_options: Mapping[str, Any] | None = None, **options: Any) -> KVMemory:
+        """Create an empty memory at ``path_or_url`` (a folder, or a database URL with
+        ``store_options={"data_dir": ...}`` for the SQL store).
+
+        Args:
+            config: Engine configuration; default ``LtriConfig()`` (mode ``ltri``).
+            store: Entry point name of the store (``"sql"``) or a factory class.
+            store_options: Extra keyword arguments of the factory's ``create``.
+            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes`` (see the class).
+        """
+        config = config or LtriConfig()
+        factory = resolve_store(store)
+        fingerprint = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens))
+        span_store = factory.create(path_or_url, fingerprint, **dict(store_options or {}))
+        try:
+            return cls(span_store, model, tokenizer, config, **options)
+        except BaseException:
+            span_store.close()
+            raise
+
+    @classmethod
+    def open(cls, path_or_url: str | os.PathLike[str], model: nn.Module, tokenizer: Any,
+             config: LtriConfig | None = None, *, store: str | StoreFactory = "sql",
+             store_options: Mapping[str, Any] | None = None, **options: Any) -> KVMemory:
+        """Open an existing memory; ``config=None`` takes the configuration it was written with.
+
+        Raises:
+            FingerprintMismatch: the model, tokenizer or configuration differ from the store's (each differing key
+                is named, e.g. ``model.weights_sha256`` or ``config.span_max_len``).
+        """
+        factory = resolve_store(store)
+        expected = None
+        if config is not None:
+            expected = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens))
+        span_store = factory.open(path_or_url, expected, **dict(store_options or {}))
+        try:
+            return cls(span_store, model, tokenizer, config, **options)
+        except BaseException:
+            span_store.close()
+            raise
+
+    def close(self) -> None:
+        """Close the store (idempotent)."""
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- documents
+    def add_documents(self, texts: Sequence[str], metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+                      ids: Sequence[str] | None = None, *, collection: str = DEFAULT_COLLECTION,
+                      progress: bool = True) -> list[str]:
+        """Read each text through the model on its own (after the sink prefix) and store its spans, index vectors
+        and K/V. Re-adding an id replaces that document.
+
+        Every argument is checked, and every text tokenized, before the model runs or anything is written. Each
+        document is then stored whole or not at all; if the call fails part-way (an interrupt, a full disk), the
+        documents written before stay.
+
+        Args:
+            texts: Non-empty strings (valid Unicode).
+            metadatas: One JSON-serialisable dict (or None) per text; :meth:`retrieve` filters on equality.
+            ids: One unique id per text; ``None`` draws random ones.
+            collection: Namespace of the documents.
+            progress: Show a progress bar (tokens/s) over the documents.
+
+        Returns:
+            The documents' ids, in the order of ``texts``.
+
+        Raises:
+            TypeError / ValueError: bad input (naming the bad entry); nothing is written.
+        """
+        collection = check_collection(collection)
+        prepared = prepare_input(texts, metadatas, ids)
+        encoded = [encode_document(self.tokenizer, text) for text in prepared.texts]
+        for i, (doc_ids, _) in enumerate(encoded):
+            if doc_ids.numel() == 0:
+                raise ValueError(f"texts[{i}] (id {prepared.ids[i]!r}) encodes to no tokens: {prepared.texts[i]!r:.60}")
+            if doc_ids.numel() > self.max_document_tokens:
+                raise ValueError(f"texts[{i}] (id {prepared.ids[i]!r}) has {doc_ids.numel()} tokens, more than "
+                                 f"max_document_tokens={self.max_document_tokens}; split it into smaller documents")
+        total = sum(int(doc_ids.numel()) for doc_ids, _ in encoded)
+        batch: list[DocumentRecord] = []
+        held = 0
+        with tqdm(total=total, desc="ingest", unit="tok", unit_scale=True, disable=not progress) as bar:
+            for doc_id, metadata, (doc_ids, offsets) in zip(prepared.ids, prepared.metadatas, encoded):
+                with self._lock:
+                    record = ingest_document(self.model, self.config, self.sink_ids, doc_ids, offsets,
+                                             doc_id=doc_id, collection=collection, metadata=metadata)
+                batch.append(record)
+                held += record_bytes(record)
+                if held >= self.batch_bytes:
+                    self.store.add(batch)
+                    batch, held = [], 0
+                bar.update(int(doc_ids.numel()))
+            if batch:
+                self.store.add(batch)
+        return list(prepared.ids)
+
+    def delete(self, ids: Sequence[str], *, collection: str = DEFAULT_COLLECTION) -> None:
+        """Delete documents by id (their rows, index vectors and K/V files).
+
+        Raises:
+            DocumentNotFound: an id is not in ``collection`` (nothing is deleted then).
+        """
+        self.store.delete(check_ids(ids), collection=check_collection(collection))
+
+    def get(self, ids: Sequence[str], *, collection: str = DEFAULT_COLLECTION) -> list[DocumentInfo]:
+        """The stored documents (text, metadata, token count), in the order of ``ids``.
+
+        Raises:
+            DocumentNotFound: an id is not in ``collection``.
+        """
+        return self.store.get(check_ids(ids), collection=check_collection(collection))
+
+    def list_documents(self, collection: str | None = None) -> list[tuple[str, str]]:
+        """Sorted ``(collection, doc_id)`` pairs, of one collection or (``None``) all."""
+        return self.store.list_documents(collection)
+
+    def collections(self) -> list[str]:
+        """Names of the collections holding documents."""
+        return self.store.collections()
+
+    def stats(self) -> StoreStats:
+        """Documents, spans, vectors, tokens and bytes on disk."""
+        return self.store.stats()
+
+    def verify(self) -> VerifyReport:
+        """Check the store's metadata, indexes and K/V files against each other."""
+        return self.store.verify()
+
+    def repair(self) -> VerifyReport:
+        """Fix what :meth:`verify` finds (what can be fixed); returns the report from before."""
+        return self.store.repair()
+
+    # ------------------------------------------------------------------------------------------- queries
+    def _question_ids(self, text: str) -> torch.Tensor:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"the question must be a non-empty string, got {text!r:.60}")
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        if ids.numel() == 0:
+            raise ValueError(f"the question encodes to no tokens: {text!r:.60}")
+        return ids
+
+    def retrieve(self, query: str, k: int = 4, *, filter: Mapping[str, Any] | None = None,
+                 collection: str | None = None) -> list[SpanHit]:
+        """The stored spans the model's own attention would look up for ``query``, best first, merged across layers
+        into distinct regions of documents (see :mod:`ltri_rag.memory_query` for the scoring).
+
+        Args:
+            query: The question text (read as plain text after the sink prefix).
+            k: Most regions to return.
+            filter: Metadata equality (every key present and equal).
+            collection: Only this collection; ``None`` searches every collection.
+
+        Returns:
+            :class:`SpanHit` s with document id, collection, token and character offsets, text and a score in
+            ``[0, 1]`` (the share of the layers' retrieval pointing at the region); deterministic.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if collection is not None:
+            check_collection(collection)
+        ids = self._question_ids(query)
+        with self._lock:
+            queries = query_vectors(self.model, self.config, self.sink_ids, ids, self.num_kv_heads)
+        fetch = max(4 * k, 16)
+        per_layer = {layer: self.store.search(layer, q, fetch, collection=collection, filter=filter)
+                     for layer, q in queries.items()}
+        return aggregate_hits(per_layer, k, self.scaling / self.num_kv_heads)
+
+    def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
+        """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
+        by_collection: dict[str, list[str]] = {}
+        for coll, doc_id in self.store.list_documents(collection):
+            by_collection.setdefault(coll, []).append(doc_id)
+        docs = [info for coll, doc_ids in sorted(by_collection.items())
+                for info in self.store.get(doc_ids, collection=coll)]
+        if filter:
+            missing = object()
+            docs = [d for d in docs if all(d.metadata.get(key, missing) == value for key, value in filter.items())]
+        return docs
+
+    def _choose(self, docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
+        """All documents if they fit ``cap`` tokens; else those of the best spans, in rank order, while they fit."""
+        if sum(d.num_tokens for d in docs) <= cap:
+            return docs
+        by_key = {(d.collection, d.doc_id): d for d in docs}
+        chosen: list[DocumentInfo] = []
+        taken: set[tuple[str, str]] = set()
+        used = 0
+        for hit in spans:
+            key = (hit.collection, hit.doc_id)
+            doc = by_key.get(key)
+            if doc is None or key in taken or (chosen and used + doc.num_tokens > cap):
+                continue
+            chosen.append(doc)
+            taken.add(key)
+            used += doc.num_tokens
+        return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
+
+    def _prepare_answer(self, query_or_messages: Prompt, *, k: int, collection: str | None,
+                        filter: Mapping[str, Any] | None, chat_template: bool, max_memory_tokens: int | None
+                        ) -> tuple[LtriSession, torch.Tensor, torch.Tensor, list[SpanHit], list[DocumentInfo]]:
+        """Retrieve, import the chosen documents after the sink prefix, read the question: ``(session, logits of the
+        last question token [vocab], question ids [Q], spans, documents)``."""
+        if isinstance(query_or_messages, str):
+            question = query_or_messages
+            messages: Prompt = [{"role": "user", "content": question}]
+        else:
+            messages = query_or_messages
+            users = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
+            if not users or not isinstance(users[-1].get("content"), str):
+                raise ValueError("messages must hold a user message with string content")
+            question = users[-1]["content"]
+        spans = self.retrieve(question, k, filter=filter, collection=collection)
+        cap = self.max_memory_tokens if max_memory_tokens is None else max_memory_tokens
+        docs = self._choose(self._documents(collection, filter), spans, cap)
+        if isinstance(query_or_messages, str) and not (chat_template and getattr(self.tokenizer, "chat_template",
+                                                                                  None)):
+            ids = self._question_ids(question)
+        else:
+            ids = encode_prompt(self.tokenizer, messages)
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if ids.numel() > 1 and self.sink_ids.numel() and int(ids[0]) == bos:
+                ids = ids[1:]  # the sink prefix already starts with it
+        with self._lock:
+            session = LtriSession(self.model, self.config)
+            if self.sink_ids.numel():
+                session.feed(self.sink_ids)
+            for doc in docs:
+                session.import_memory(load_document_memory(self.store, doc.doc_id, doc.collection,
+                                                           self.global_layers, int(self.sink_ids.numel()),
+                                                           self.kv_dtype))
+            logits = session.feed(ids)[0]
+        return session, logits, ids, spans, docs
+
+    def generate(self, query_or_messages: Prompt, max_new_tokens: int = 128, *, collection: str | None = None,
+                 filter: Mapping[str, Any] | None = None, k: int = 4, chat_template: bool = True,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 max_memory_tokens: int | None = None) -> MemoryAnswer:
+        """Answer from the stored documents with in-model KV retrieval.
+
+        A fresh session reads the sink prefix, imports the span memory of the collection's documents (all of them
+        within ``max_memory_tokens``, else those of the best retrieved spans), reads the question and decodes; the
+        engine retrieves from the imported spans at every step, as if it had read the documents itself.
+
+        Args:
+            query_or_messages: A question, or chat messages (``[{"role", "content"}]``).
+            max_new_tokens: Most tokens to generate.
+            collection: Documents of this collection; ``None``: of every collection.
+            filter: Only documents whose metadata matches (equality).
+            k: Spans to recall for citations (:meth:`retrieve`).
+            chat_template: Wrap a string question in the tokenizer's chat template (when it has one); ``False`` reads
+                it as plain text right after the documents. Messages always go through the template.
+            temperature: 0 for greedy decoding, else the sampling temperature.
+            top_p: Nucleus sampling mass.
+            seed: Seed of the sampler.
+            stop: Strings that end the answer (not included).
+            max_memory_tokens: Overrides the memory's ``max_memory_tokens`` for this call.
+
+        Returns:
+            A :class:`MemoryAnswer` with the text and the recalled spans.
+        """
+        session, logits, ids, spans, docs = self._prepare_answer(
+            query_or_messages, k=k, collection=collection, filter=filter, chat_template=chat_template,
+            max_memory_tokens=max_memory_tokens)
+        last: tuple[list[int], str, str | None] = ([], "", "length")
+        for last in decode(self.model, self.tokenizer, session, logits, max_new_tokens=max_new_tokens, stop=stop,
+                           temperature=temperature, top_p=top_p, seed=seed, lock=self._lock):
+            if last[2] is not None:
+                break
+        return self._answer(last, spans, docs, session, ids)
+
+    def _answer(self, last: tuple[list[int], str, str | None], spans: list[SpanHit], docs: list[DocumentInfo],
+                session: LtriSession, ids: torch.Tensor) -> MemoryAnswer:
+        return MemoryAnswer(text=last[1], token_ids=list(last[0]), spans=spans,
+                            documents=[(d.collection, d.doc_id) for d in docs],
+                            prompt_tokens=int(self.sink_ids.numel() + ids.numel()),
+                            memory_tokens=sum(d.num_tokens for d in docs), finish_reason=last[2] or "length",
+                            usage=session.usage())
+
+    def stream(self, query_or_messages: Prompt, max_new_tokens: int = 128, *, collection: str | None = None,
+               filter: Mapping[str, Any] | None = None, k: int = 4, chat_template: bool = True,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               max_memory_tokens: int | None = None) -> MemoryStream:
+        """Like :meth:`generate`, streaming: retrieval, import and the question run now; iterate the returned
+        :class:`MemoryStream` for text pieces (incomplete characters and possible stop-string prefixes are held
+        back); its ``spans`` are available at once, its ``result`` after the last piece."""
+        session, logits, ids, spans, docs = self._prepare_answer(
+            query_or_messages, k=k, collection=collection, filter=filter, chat_template=chat_template,
+            max_memory_tokens=max_memory_tokens)
+        steps = decode(self.model, self.tokenizer, session, logits, max_new_tokens=max_new_tokens, stop=stop,
+                       temperature=temperature, top_p=top_p, seed=seed, lock=self._lock)
+
+        def pieces() -> Iterator[str]:
+            for piece, step in stream_pieces(steps, stop):
+                if piece:
+                    yield piece
+                if step[2] is not None:
+                    result.result = self._answer(step, spans, docs, session, ids)
+                    return
+
+        result = MemoryStream(pieces(), spans, [(d.collection, d.doc_id) for d in docs])
+        return result
+
+    # ------------------------------------------------------------------------------------------- async
+    async def aadd_documents(self, texts: Sequence[str], metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+                             ids: Sequence[str] | None = None, *, collection: str = DEFAULT_COLLECTION,
+                             progress: bool = False) -> list[str]:
+        """:meth:`add_documents` run in a worker thread (``asyncio.to_thread``): the event loop stays free, the
+        model still runs one call at a time."""
+        return await asyncio.to_thread(self.add_documents, texts, metadatas, ids, collection=collection,
+                                       progress=progress)
+
+    async def aretrieve(self, query: str, k: int = 4, *, filter: Mapping[str, Any] | None = None,
+                        collection: str | None = None) -> list[SpanHit]:
+        """:meth:`retrieve` run in a worker thread (``asyncio.to_thread``)."""
+        return await asyncio.to_thread(self.retrieve, query, k, filter=filter, collection=collection)
+
+    async def agenerate(self, query_or_messages: Prompt, max_new_tokens: int = 128, **kwargs: Any) -> MemoryAnswer:
+        """:meth:`generate` run in a worker thread (``asyncio.to_thread``); same keyword arguments."""
+        return await asyncio.to_thread(self.generate, query_or_messages, max_new_tokens, **kwargs)

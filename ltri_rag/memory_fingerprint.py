@@ -1,0 +1,134 @@
+"""What a :class:`~ltri_rag.memory.KVMemory` store must agree on with the model opening it: its fingerprint.
+
+A store keeps K/V, spans and index vectors computed by one model, read through one tokenizer, after one sink prefix,
+under one engine configuration. Any of these changing makes the stored tensors wrong for the opener, so each is
+summarised in the store's :class:`~ltri_rag.store.Fingerprint` and compared on open (every differing key is named):
+
+* shapes: ``num_layers``, ``num_kv_heads``, ``head_dim``, ``dtype`` (the K/V dtype, the model's);
+* model: ``model.class``, ``model.type``, ``model.hidden_size``, ``model.vocab_size``, ``model.architecture_sha256``
+  (the config keys that shape the network) and ``model.weights_sha256`` (a cheap sample of every parameter, rounded to
+  bfloat16 so that loading the same weights in float32 or bfloat16 differs only in ``dtype``). The path the model was
+  loaded from is not part of the identity (moving a checkpoint must not orphan its stores);
+* tokenizer: ``tokenizer.vocab_size`` and ``tokenizer.sha256`` (vocabulary, special token ids, encodings of a probe);
+* ``sink.sha256``: the sink prefix's token ids (see :func:`~ltri_rag.memory_ingest.sink_prefix_ids`);
+* ``config.<field>`` for every :class:`~ltri_rag.config.LtriConfig` field that changes what ingest stores (all but
+  :data:`RUNTIME_FIELDS`, which only affect speed, placement or decoding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ltri_rag.cache import layer_sliding_windows
+from ltri_rag.config import LtriConfig
+from ltri_rag.store import Fingerprint, JsonScalar
+
+__all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memory_fingerprint", "model_shapes",
+           "tokenizer_sha256", "weights_sha256"]
+
+FORMAT_VERSION = 1
+RUNTIME_FIELDS = ("kv_offload", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
+                  "page_size")
+_ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+                      "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
+                      "use_sliding_window", "layer_types", "attention_bias", "tie_word_embeddings",
+                      "query_pre_attn_scalar", "partial_rotary_factor")
+_PROBE = "KV memory probe: Hello, world! 12345 3.14 naïve café 東京 😀\n\ttabs  and   spaces"
+_SAMPLES_PER_PARAMETER = 256
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def model_shapes(model: nn.Module) -> tuple[int, int, int, torch.dtype]:
+    """``(num_layers, num_kv_heads, head_dim, kv dtype)`` of a Hugging Face causal LM."""
+    cfg = _text_config(model)
+    num_heads = int(cfg.num_attention_heads)
+    num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads)
+    return int(cfg.num_hidden_layers), num_kv_heads, head_dim, next(model.parameters()).dtype
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over every parameter's name, shape and ``256`` evenly spaced values rounded to bfloat16.
+
+    Cheap (a few hundred KB hashed whatever the model size) and it tells apart any two differently trained or seeded
+    models; the rounding makes it independent of the dtype the weights were loaded in.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+            sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.float32).to(torch.bfloat16)
+            digest.update(f"{name}:{tuple(param.shape)}:".encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 over the vocabulary, the special token ids and the encoding of a fixed probe string."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
+    probe = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    return _sha256_json({"vocab": vocab, "specials": specials, "probe": probe})
+
+
+def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sink_ids: torch.Tensor) -> Fingerprint:
+    """The fingerprint a store for ``model`` + ``tokenizer`` + ``config`` must carry (see the module docstring).
+
+    Args:
+        model: Hugging Face causal LM.
+        tokenizer: Its tokenizer.
+        config: Engine configuration used to ingest (mode ``ltri`` or ``infllm``).
+        sink_ids: ``[num_sink_tokens]`` int64 ids of the sink prefix.
+    """
+    num_layers, num_kv_heads, head_dim, dtype = model_shapes(model)
+    cfg = _text_config(model)
+    arch = {key: getattr(cfg, key, None) for key in _ARCHITECTURE_KEYS}
+    items: dict[str, JsonScalar] = {
+        "kvmemory.format": FORMAT_VERSION,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model.class": type(model).__name__,
+        "model.type": str(getattr(cfg, "model_type", "")),
+        "model.hidden_size": int(cfg.hidden_size),
+        "model.vocab_size": int(cfg.vocab_size),
+        "model.global_layers": ",".join(str(i) for i, w in enumerate(layer_sliding_windows(model)) if w is None),
+        "model.architecture_sha256": _sha256_json(arch),
+        "model.weights_sha256": weights_sha256(model),
+        "tokenizer.vocab_size": len(tokenizer),
+        "tokenizer.sha256": tokenizer_sha256(tokenizer),
+        "sink.sha256": _sha256_json([int(i) for i in sink_ids.tolist()]),
+    }
+    for name, value in config.to_dict().items():
+        if name not in RUNTIME_FIELDS:
+            items[f"config.{name}"] = value
+    return Fingerprint(items)
+
+
+def config_from_fingerprint(fingerprint: Fingerprint) -> LtriConfig:
+    """The :class:`LtriConfig` a store was ingested with (runtime fields at their defaults).
+
+    Raises:
+        ValueError: the fingerprint was not written by a KV memory (no ``config.*`` keys).
+    """
+    fields = {key.removeprefix("config."): value for key, value in fingerprint.items() if key.startswith("config.")}
+    if not fields:
+        raise ValueError(f"the store's fingerprint holds no engine config (keys {sorted(fingerprint)}); was it "
+                         "written by KVMemory?")
+    return LtriConfig.from_dict(fields)
