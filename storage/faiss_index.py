@@ -3,8 +3,14 @@
 Each index is ``IndexIDMap2(IndexFlatIP(num_kv_heads * head_dim))``: a vector ``[num_kv_heads, head_dim]`` is flattened
 to one row, so the inner product is summed over the KV heads: one score per (span vector, query) over the shared
 retrieval scope of all heads, matching the core's span scoring. The ids are the ``vectors`` table's ids, so deletes are
-``remove_ids`` and a hit maps straight to its span. Exact search; :func:`make_index` is the seam where an IVF index
-would be chosen beyond a size (not done yet).
+``remove_ids`` and a hit maps straight to its span.
+
+Exact search while a layer holds fewer than :data:`IVF_MIN_VECTORS` vectors; once an add takes it past that, the
+layer is rebuilt as an ``IndexIVFFlat`` (inner product, the stored ids kept, k-means seeded so that the same vectors
+give the same index): ``nlist`` about ``4 * sqrt(n)`` lists (at least 39 training points each, FAISS's own
+minimum) and ``nprobe`` an eighth of them (at least 16) searched per query. Later adds go to the trained lists; a
+layer that shrinks stays IVF until it is rebuilt (``repair``). Exact search costs O(n) per query and layer (about
+40 ms for 1M vectors of 128 floats on one core); IVF reads about ``nprobe / nlist`` of them.
 
 Files: ``faiss/layer{L}.index``, replaced atomically (temp + fsync + rename). A reader reloads a layer whenever the
 file's identity (inode, mtime, size) changes.
@@ -12,6 +18,7 @@ file's identity (inode, mtime, size) changes.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -21,9 +28,39 @@ import numpy as np
 from .kvfiles import write_atomic
 
 
+# a layer switches from exact to IVF search when an add takes it to this many vectors
+IVF_MIN_VECTORS = 200_000
+
+
 def make_index(dim: int) -> faiss.Index:
-    """An empty exact inner-product index with external ids (the seam for IVF beyond a size)."""
+    """An empty exact inner-product index with external ids (what every layer starts as)."""
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    return isinstance(index, faiss.IndexIVF)
+
+
+def make_ivf(vectors: np.ndarray, ids: np.ndarray, *, seed: int = 1234) -> faiss.IndexIVFFlat:
+    """An inner-product IVF index trained on and holding ``vectors [n, dim]`` float32 under ``ids [n]`` int64
+    (``n >= 39 * 16``)."""
+    n, dim = vectors.shape
+    nlist = max(16, min(int(4 * math.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index.train(vectors)
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    index.nprobe = max(16, nlist // 8)
+    return index
+
+
+def _ivf_ids(index: faiss.IndexIVF) -> np.ndarray:
+    lists = index.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+             for i in range(index.nlist) if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 class LayerIndexes:
@@ -85,14 +122,23 @@ class LayerIndexes:
         return self._indexes[layer]
 
     def ids(self, layer: int) -> np.ndarray:
-        """``[ntotal]`` int64 ids held by the layer's index."""
-        return faiss.vector_to_array(self.get(layer).id_map).astype(np.int64)
+        """``[ntotal]`` int64 ids held by the layer's index (in no particular order for an IVF layer)."""
+        index = self.get(layer)
+        if is_ivf(index):
+            return _ivf_ids(index)
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
 
     def add(self, layer: int, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add ``vectors`` ``[n, dim]`` float32 under ``ids`` ``[n]`` int64."""
-        if len(ids):
-            self.get(layer).add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                         np.ascontiguousarray(ids, dtype=np.int64))
+        """Add ``vectors`` ``[n, dim]`` float32 under ``ids`` ``[n]`` int64; an exact layer that reaches
+        :data:`IVF_MIN_VECTORS` is rebuilt as IVF (module docstring)."""
+        if not len(ids):
+            return
+        index = self.get(layer)
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        if not is_ivf(index) and index.ntotal >= max(IVF_MIN_VECTORS, 39 * 16):
+            flat = faiss.downcast_index(index.index)
+            self._indexes[layer] = make_ivf(flat.reconstruct_n(0, flat.ntotal),
+                                            faiss.vector_to_array(index.id_map))
 
     def remove(self, layer: int, ids: np.ndarray) -> None:
         if len(ids):
