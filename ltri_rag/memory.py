@@ -22,18 +22,18 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from typing_extensions import Self
 
-from ltri_rag.cache import layer_sliding_windows
+from ltri_rag.cache import LtriCache, layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
+from ltri_rag.layer import GlobalLayerState
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
 from ltri_rag.memory_ingest import (
     check_collection,
@@ -45,7 +45,19 @@ from ltri_rag.memory_ingest import (
     record_bytes,
     sink_prefix_ids,
 )
-from ltri_rag.memory_query import MemoryAnswer, aggregate_hits, decode, query_vectors, stream_pieces
+from ltri_rag.memory_query import (
+    MemoryAnswer,
+    MemoryStream,
+    Placement,
+    QueryRecorder,
+    aggregate_hits,
+    decode,
+    query_vectors,
+    recording_session,
+    session_hits,
+    stream_pieces,
+)
+from ltri_rag.memory_stores import StoreFactory, resolve_store
 from ltri_rag.store import (
     DocumentInfo,
     DocumentRecord,
@@ -59,52 +71,6 @@ from ltri_rag.store import (
 __all__ = ["DEFAULT_COLLECTION", "KVMemory", "MemoryAnswer", "MemoryStream", "StoreFactory", "resolve_store"]
 
 DEFAULT_COLLECTION = "default"
-STORE_GROUP = "ltri_rag.stores"
-
-
-class StoreFactory(Protocol):
-    """What creates and opens a :class:`SpanStore` (e.g. ``ltri_rag.storage.SqlSpanStore``)."""
-
-    def create(self, path_or_url: Any, fingerprint: Any, **kwargs: Any) -> SpanStore: ...
-
-    def open(self, path_or_url: Any, fingerprint: Any, **kwargs: Any) -> SpanStore: ...
-
-
-def resolve_store(store: str | StoreFactory) -> StoreFactory:
-    """A store factory: ``store`` itself, or the one registered under that name in the ``ltri_rag.stores`` entry
-    point group.
-
-    Raises:
-        ValueError: no store is registered under that name (the message lists those that are).
-        TypeError: ``store`` is neither a name nor something with ``create`` / ``open``.
-    """
-    if isinstance(store, str):
-        found = {ep.name: ep for ep in entry_points(group=STORE_GROUP)}
-        if store not in found:
-            raise ValueError(f"no span store named {store!r} in the {STORE_GROUP!r} entry points (found "
-                             f"{sorted(found)}); install the package (pip install -e .) to register 'sql', or pass "
-                             "the factory itself, e.g. store=ltri_rag.storage.SqlSpanStore")
-        return found[store].load()
-    if callable(getattr(store, "create", None)) and callable(getattr(store, "open", None)):
-        return store
-    raise TypeError(f"store must be an entry point name or a factory with create() / open(), got {store!r}")
-
-
-class MemoryStream:
-    """An answer being streamed by :meth:`KVMemory.stream`: iterate for text pieces.
-
-    ``spans`` (the recalled spans) and ``documents`` are known before the first piece; ``result`` (a
-    :class:`MemoryAnswer`) once the iteration has ended.
-    """
-
-    def __init__(self, pieces: Iterator[str], spans: list[SpanHit], documents: list[tuple[str, str]]) -> None:
-        self._pieces = pieces
-        self.spans = spans
-        self.documents = documents
-        self.result: MemoryAnswer | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
 
 
 class KVMemory:
@@ -308,31 +274,79 @@ class KVMemory:
         return ids
 
     def retrieve(self, query: str, k: int = 4, *, filter: Mapping[str, Any] | None = None,
-                 collection: str | None = None) -> list[SpanHit]:
-        """The stored spans the model's own attention would look up for ``query``, best first, merged across layers
-        into distinct regions of documents (see :mod:`ltri_rag.memory_query` for the scoring).
+                 collection: str | None = None, max_memory_tokens: int | None = None) -> list[SpanHit]:
+        """The stored spans the model attends to when it reads ``query`` after the documents, best first, merged
+        across layers into distinct regions of documents (see :mod:`ltri_rag.memory_query` for the scoring).
+
+        The candidate documents (``collection`` and ``filter``) are imported into a session after the sink prefix, all
+        of them when they hold at most ``max_memory_tokens`` tokens, else those the store's FAISS search ranks first.
 
         Args:
-            query: The question text (read as plain text after the sink prefix).
+            query: The question text (read as plain text).
             k: Most regions to return.
             filter: Metadata equality (every key present and equal).
             collection: Only this collection; ``None`` searches every collection.
+            max_memory_tokens: Overrides the memory's ``max_memory_tokens`` for this call.
 
         Returns:
             :class:`SpanHit` s with document id, collection, token and character offsets, text and a score in
-            ``[0, 1]`` (the share of the layers' retrieval pointing at the region); deterministic.
+            ``[0, 1]`` (the share of the layers' attention over the memory that points at the region); deterministic.
         """
+        return self._retrieve(self._question_ids(query), k, filter, collection, max_memory_tokens)[0]
+
+    def _retrieve(self, ids: torch.Tensor, k: int, filter: Mapping[str, Any] | None, collection: str | None,
+                  max_memory_tokens: int | None) -> tuple[list[SpanHit], list[DocumentInfo]]:
+        """``(hits, the documents looked at)`` for question ids ``[Q]``."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if collection is not None:
             check_collection(collection)
-        ids = self._question_ids(query)
+        if filter is not None and not isinstance(filter, Mapping):
+            raise TypeError(f"filter must be a dict of metadata values, got {type(filter).__name__}")
+        cap = self.max_memory_tokens if max_memory_tokens is None else max_memory_tokens
         with self._lock:
-            queries = query_vectors(self.model, self.config, self.sink_ids, ids, self.num_kv_heads)
-        fetch = max(4 * k, 16)
-        per_layer = {layer: self.store.search(layer, q, fetch, collection=collection, filter=filter)
+            docs = self._documents(collection, filter)
+            if sum(d.num_tokens for d in docs) > cap:
+                docs = self._choose(docs, self._coarse_hits(ids, collection, filter), cap)
+            if not docs:
+                return [], []
+            session, recorder, placements = self._load_session(docs, record=True)
+            assert recorder is not None
+            recorder.recording = True
+            session.feed(ids)
+            per_layer = session_hits(recorder, placements, self.scaling, max(4 * k, 16),
+                                     backend=self.config.attention_backend)
+        return aggregate_hits(per_layer, k), docs
+
+    def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None
+                     ) -> list[SpanHit]:
+        """Regions ranked by the store's FAISS search with the question's mean query per layer (the coarse stage)."""
+        queries = query_vectors(self.model, self.config, self.sink_ids, ids, self.num_kv_heads)
+        per_layer = {layer: self.store.search(layer, q, 64, collection=collection, filter=filter)
                      for layer, q in queries.items()}
-        return aggregate_hits(per_layer, k, self.scaling / self.num_kv_heads)
+        return aggregate_hits(per_layer, 1 << 30, self.scaling / self.num_kv_heads)
+
+    def _load_session(self, docs: Sequence[DocumentInfo], *, record: bool
+                      ) -> tuple[LtriSession, QueryRecorder | None, dict[int, list[Placement]]]:
+        """A session that read the sink prefix and imported ``docs``' span memory, with where each document's spans
+        sit in every layer's span table (the caller holds the lock)."""
+        session, recorder = (recording_session(self.model, self.config) if record
+                             else (LtriSession(self.model, self.config), None))
+        if self.sink_ids.numel():
+            session.feed(self.sink_ids)
+        placements: dict[int, list[Placement]] = {}
+        cache = session.cache
+        assert isinstance(cache, LtriCache)
+        for doc in docs:
+            memory, records = load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
+                                                   int(self.sink_ids.numel()), self.kv_dtype)
+            for layer, spans in records.items():
+                state = cache.states[layer]
+                first = len(state.tables[0]) if isinstance(state, GlobalLayerState) and state.tables else 0
+                placements.setdefault(layer, []).append(Placement(first_span=first, spans=spans, doc_id=doc.doc_id,
+                                                                  collection=doc.collection, text=doc.text))
+            session.import_memory(memory)
+        return session, recorder, placements
 
     def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
         """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
@@ -347,7 +361,8 @@ class KVMemory:
         return docs
 
     def _choose(self, docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
-        """All documents if they fit ``cap`` tokens; else those of the best spans, in rank order, while they fit."""
+        """All documents if they fit ``cap`` tokens; else those of the best spans (in rank order, at least one) while
+        they fit, in (collection, id) order."""
         if sum(d.num_tokens for d in docs) <= cap:
             return docs
         by_key = {(d.collection, d.doc_id): d for d in docs}
@@ -378,9 +393,7 @@ class KVMemory:
             if not users or not isinstance(users[-1].get("content"), str):
                 raise ValueError("messages must hold a user message with string content")
             question = users[-1]["content"]
-        spans = self.retrieve(question, k, filter=filter, collection=collection)
-        cap = self.max_memory_tokens if max_memory_tokens is None else max_memory_tokens
-        docs = self._choose(self._documents(collection, filter), spans, cap)
+        spans, docs = self._retrieve(self._question_ids(question), k, filter, collection, max_memory_tokens)
         if isinstance(query_or_messages, str) and not (chat_template and getattr(self.tokenizer, "chat_template",
                                                                                   None)):
             ids = self._question_ids(question)
@@ -390,13 +403,7 @@ class KVMemory:
             if ids.numel() > 1 and self.sink_ids.numel() and int(ids[0]) == bos:
                 ids = ids[1:]  # the sink prefix already starts with it
         with self._lock:
-            session = LtriSession(self.model, self.config)
-            if self.sink_ids.numel():
-                session.feed(self.sink_ids)
-            for doc in docs:
-                session.import_memory(load_document_memory(self.store, doc.doc_id, doc.collection,
-                                                           self.global_layers, int(self.sink_ids.numel()),
-                                                           self.kv_dtype))
+            session = self._load_session(docs, record=False)[0]
             logits = session.feed(ids)[0]
         return session, logits, ids, spans, docs
 
@@ -406,9 +413,10 @@ class KVMemory:
                  max_memory_tokens: int | None = None) -> MemoryAnswer:
         """Answer from the stored documents with in-model KV retrieval.
 
-        A fresh session reads the sink prefix, imports the span memory of the collection's documents (all of them
-        within ``max_memory_tokens``, else those of the best retrieved spans), reads the question and decodes; the
-        engine retrieves from the imported spans at every step, as if it had read the documents itself.
+        The question is first matched by :meth:`retrieve` (its hits are the answer's ``spans``). Then a fresh session
+        reads the sink prefix, imports the span memory of the documents retrieve looked at (all candidates within
+        ``max_memory_tokens``, else those the FAISS stage ranked first), reads the question and decodes; the engine
+        retrieves from the imported spans at every step, as if it had read the documents itself.
 
         Args:
             query_or_messages: A question, or chat messages (``[{"role", "content"}]``).

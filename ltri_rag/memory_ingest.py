@@ -24,7 +24,7 @@ from torch import nn
 from ltri_rag.cache import MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
-from ltri_rag.store import DocumentRecord, LayerRecord, SpanStore
+from ltri_rag.store import DocumentRecord, LayerRecord, SpanRecord, SpanStore
 
 __all__ = ["SINK_TEXT", "DocumentOffsets", "PreparedInput", "check_collection", "check_ids", "encode_document",
            "ingest_document", "load_document_memory", "prepare_input", "record_bytes", "sink_prefix_ids"]
@@ -245,15 +245,19 @@ def record_bytes(record: DocumentRecord) -> int:
 
 
 def load_document_memory(store: SpanStore, doc_id: str, collection: str, layers: Sequence[int], num_sinks: int,
-                         dtype: torch.dtype) -> MemoryExport:
-    """A stored document as a :class:`MemoryExport` for :meth:`LtriSession.import_memory`.
+                         dtype: torch.dtype) -> tuple[MemoryExport, dict[int, tuple[SpanRecord, ...]]]:
+    """A stored document as a :class:`MemoryExport` for :meth:`LtriSession.import_memory`, with its spans.
 
     Args:
         layers: The model's global layers (every one must be stored).
         num_sinks: Length of the sink prefix: the document's token ``i`` was read at position ``num_sinks + i``.
         dtype: The model's K/V dtype (index vectors are stored as float32).
+
+    Returns:
+        ``(memory, {layer: spans in span order})``.
     """
     parts: dict[int, dict[str, torch.Tensor]] = {}
+    records: dict[int, tuple[SpanRecord, ...]] = {}
     num_tokens = None
     for layer in layers:
         spans = store.load_spans(doc_id, layer, collection=collection)
@@ -262,9 +266,10 @@ def load_document_memory(store: SpanStore, doc_id: str, collection: str, layers:
         elif spans.keys.shape[0] != num_tokens:
             raise RuntimeError(f"document {doc_id!r}: layer {layer} holds {spans.keys.shape[0]} tokens, "
                                f"earlier layers {num_tokens}")
+        records[layer] = spans.spans
         parts[layer] = {"starts": torch.tensor([s.token_start for s in spans.spans], dtype=torch.int64),
                         "ends": torch.tensor([s.token_end for s in spans.spans], dtype=torch.int64),
                         "vectors": spans.vectors.to(dtype), "owner": spans.owner.to(torch.int64),
                         "keys": spans.keys.to(dtype), "values": spans.values.to(dtype)}
     positions = torch.arange(num_sinks, num_sinks + (num_tokens or 0), dtype=torch.int64)
-    return MemoryExport(positions=positions, layers=parts)
+    return MemoryExport(positions=positions, layers=parts), records
