@@ -22,7 +22,6 @@ Writes ``bench.json`` and ``bench.md`` under ``--out``; prints the table.
 
 from __future__ import annotations
 
-import ltri_rag  # noqa: F401  isort: skip  (before transformers: see benchmarks/rag.py)
 import argparse
 import json
 import random
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+import ltri_rag
 from benchmarks.haystack import load_squad, normalise
 from benchmarks.tasks import data_dir
 
@@ -185,9 +185,10 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
         values = [r[key] for r in rows if r.get(key) is not None]
         return statistics.median(values) if values else float("nan")
 
-    lines = ["| corpus tokens | system | ingest s | ingest tok/s | plain prefill tok/s | bytes / token | open s | "
-             "retrieve ms (median) | TTFT s (median) | prompt tokens (median) | top hit in the right document | "
-             "answered |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| corpus tokens | system | ingest s | ingest tok/s | plain prefill tok/s | bytes / token | open s | "
+              "retrieve ms (median) | TTFT s (median) | prompt tokens (median) | top hit in the right document | "
+              "answered |")
+    lines = [header, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
         n, kv, rag = run["tokens"], run["kvmemory"], run["text_rag"]
         q = len(kv["questions"])

@@ -27,7 +27,6 @@ import numpy as np
 
 from .kvfiles import write_atomic
 
-
 # a layer switches from exact to IVF search when an add takes it to this many vectors
 IVF_MIN_VECTORS = 200_000
 

@@ -20,7 +20,7 @@ def sources():
 
 
 def test_corpus_takes_whole_documents_in_turn_up_to_the_size(sources) -> None:
-    essays, chapters, articles, squad = sources
+    essays, chapters, articles, _ = sources
     assert len(essays) == 49 and len(chapters) > 250 and len(articles) == 48
     tok = tiny_tokenizer()
     docs, tokens = build_corpus(tok, (articles, essays, chapters), 120_000)

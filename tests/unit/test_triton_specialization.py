@@ -16,13 +16,12 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
-from tests.unit import test_triton_decode as decode_tests  # noqa: E402  (sets TRITON_INTERPRET before triton)
-from tests.unit import test_triton_local as local_tests  # noqa: E402
-from tests.unit import test_triton_scoring as scoring_tests  # noqa: E402
+from tests.unit import test_triton_decode as decode_tests
+from tests.unit import test_triton_local as local_tests
+from tests.unit import test_triton_scoring as scoring_tests
 
 
 def _excluded(kernel) -> set[str]:
