@@ -86,8 +86,9 @@ class KVMemory:
         config: Engine configuration (mode ``ltri`` or ``infllm``); ``None`` takes the one stored in the store.
         max_document_tokens: Longest document accepted by :meth:`add_documents` (longer ones are refused before
             anything is written; split them).
-        max_memory_tokens: Most stored tokens :meth:`generate` imports: when a collection holds more, only the
-            documents of the best retrieved spans are imported (at least one).
+        max_memory_tokens: Most stored tokens :meth:`retrieve` / :meth:`generate` import into a session: when the
+            candidate documents hold more, only those the store's FAISS search ranks first are imported (at least
+            one).
         batch_bytes: Ingested documents are written to the store in batches of about this many tensor bytes.
 
     Raises:
@@ -151,6 +152,9 @@ class KVMemory:
              config: LtriConfig | None = None, *, store: str | StoreFactory = "sql",
              store_options: Mapping[str, Any] | None = None, **options: Any) -> KVMemory:
         """Open an existing memory; ``config=None`` takes the configuration it was written with.
+
+        ``store_options`` go to the factory's ``open``: for the SQL store e.g. ``{"read_only": True}`` (a reader beside
+        one writing process) or ``{"data_dir": ...}`` with a database URL.
 
         Raises:
             FingerprintMismatch: the model, tokenizer or configuration differ from the store's (each differing key

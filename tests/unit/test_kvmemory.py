@@ -16,7 +16,7 @@ from ltri_rag import KVMemory, LtriConfig, LtriSession
 from ltri_rag.memory import resolve_store
 from ltri_rag.memory_ingest import DocumentOffsets, encode_document
 from ltri_rag.memory_query import aggregate_hits
-from ltri_rag.store import DocumentNotFound, FingerprintMismatch, SpanHit
+from ltri_rag.store import DocumentNotFound, FingerprintMismatch, SpanHit, StoreError
 from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
@@ -125,6 +125,8 @@ def test_persist_close_reopen_gives_identical_answers(tmp_path, llama, tok) -> N
             assert again.generate(question, max_new_tokens=10, k=3) == answer
     with KVMemory.open(tmp_path / "m", llama, tok) as by_entry_point:  # store="sql" through the entry point
         assert by_entry_point.retrieve(question, k=3) == hits
+        with KVMemory.open(tmp_path / "m", llama, tok, store_options={"read_only": True}) as reader:  # beside it
+            assert reader.retrieve(question, k=3) == hits
 
 
 def test_store_found_through_the_entry_point() -> None:
@@ -217,6 +219,13 @@ def test_another_model_or_config_is_refused_naming_what_differs(tmp_path, llama,
     with pytest.raises(FingerprintMismatch) as err:
         KVMemory.open(tmp_path / "m", tiny_model("qwen2"), tok, store=SqlSpanStore)
     assert {"model.class", "model.type", "model.weights_sha256"} <= set(err.value.differences)
+    other_tok = tiny_tokenizer()
+    other_tok.add_tokens(["<extra>"])
+    with pytest.raises(FingerprintMismatch) as err:
+        KVMemory.open(tmp_path / "m", llama, other_tok, store=SqlSpanStore)
+    assert {"tokenizer.vocab_size", "tokenizer.sha256"} <= set(err.value.differences)
+    with pytest.raises(StoreError, match="no store"):
+        KVMemory.open(tmp_path / "nothing", llama, tok, store=SqlSpanStore)
     # runtime-only fields may differ; the refused opens released the store
     with KVMemory.open(tmp_path / "m", llama, tok, _config(attention_backend="torch", pin_prompt_spans=True),
                        store=SqlSpanStore) as mem:
