@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from typing_extensions import Self
 
-from ltri_rag.cache import LtriCache, layer_sliding_windows
+from ltri_rag.cache import LtriCache, MemoryExport, layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
@@ -51,6 +51,7 @@ from ltri_rag.memory_query import (
     Placement,
     QueryRecorder,
     aggregate_hits,
+    choose_documents,
     decode,
     query_vectors,
     recording_session,
@@ -63,6 +64,7 @@ from ltri_rag.store import (
     DocumentRecord,
     FingerprintMismatch,
     SpanHit,
+    SpanRecord,
     SpanStore,
     StoreStats,
     VerifyReport,
@@ -71,6 +73,7 @@ from ltri_rag.store import (
 __all__ = ["DEFAULT_COLLECTION", "KVMemory", "MemoryAnswer", "MemoryStream", "StoreFactory", "resolve_store"]
 
 DEFAULT_COLLECTION = "default"
+_Loaded = tuple[MemoryExport, dict[int, tuple[SpanRecord, ...]]]  # a document's span memory and spans per layer
 
 
 class KVMemory:
@@ -299,8 +302,8 @@ class KVMemory:
         return self._retrieve(self._question_ids(query), k, filter, collection, max_memory_tokens)[0]
 
     def _retrieve(self, ids: torch.Tensor, k: int, filter: Mapping[str, Any] | None, collection: str | None,
-                  max_memory_tokens: int | None) -> tuple[list[SpanHit], list[DocumentInfo]]:
-        """``(hits, the documents looked at)`` for question ids ``[Q]``."""
+                  max_memory_tokens: int | None) -> tuple[list[SpanHit], list[DocumentInfo], list[_Loaded]]:
+        """``(hits, the documents looked at, their loaded span memory)`` for question ids ``[Q]``."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if collection is not None:
@@ -311,16 +314,16 @@ class KVMemory:
         with self._lock:
             docs = self._documents(collection, filter)
             if sum(d.num_tokens for d in docs) > cap:
-                docs = self._choose(docs, self._coarse_hits(ids, collection, filter), cap)
+                docs = choose_documents(docs, self._coarse_hits(ids, collection, filter), cap)
             if not docs:
-                return [], []
-            session, recorder, placements = self._load_session(docs, record=True)
+                return [], [], []
+            session, recorder, placements, loaded = self._load_session(docs, record=True)
             assert recorder is not None
             recorder.recording = True
             session.feed(ids)
             per_layer = session_hits(recorder, placements, self.scaling, max(4 * k, 16),
                                      backend=self.config.attention_backend)
-        return aggregate_hits(per_layer, k), docs
+        return aggregate_hits(per_layer, k), docs, loaded
 
     def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None
                      ) -> list[SpanHit]:
@@ -330,10 +333,11 @@ class KVMemory:
                      for layer, q in queries.items()}
         return aggregate_hits(per_layer, 1 << 30, self.scaling / self.num_kv_heads)
 
-    def _load_session(self, docs: Sequence[DocumentInfo], *, record: bool
-                      ) -> tuple[LtriSession, QueryRecorder | None, dict[int, list[Placement]]]:
-        """A session that read the sink prefix and imported ``docs``' span memory, with where each document's spans
-        sit in every layer's span table (the caller holds the lock)."""
+    def _load_session(self, docs: Sequence[DocumentInfo], *, record: bool, loaded: Sequence[_Loaded] | None = None
+                      ) -> tuple[LtriSession, QueryRecorder | None, dict[int, list[Placement]], list[_Loaded]]:
+        """A session that read the sink prefix and imported ``docs``' span memory (read from the store, or
+        ``loaded`` when given), with where each document's spans sit in every layer's span table, and the memory
+        read (the caller holds the lock)."""
         session, recorder = (recording_session(self.model, self.config) if record
                              else (LtriSession(self.model, self.config), None))
         if self.sink_ids.numel():
@@ -341,16 +345,17 @@ class KVMemory:
         placements: dict[int, list[Placement]] = {}
         cache = session.cache
         assert isinstance(cache, LtriCache)
-        for doc in docs:
-            memory, records = load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
-                                                   int(self.sink_ids.numel()), self.kv_dtype)
+        if loaded is None:
+            loaded = [load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
+                                           int(self.sink_ids.numel()), self.kv_dtype) for doc in docs]
+        for doc, (memory, records) in zip(docs, loaded):
             for layer, spans in records.items():
                 state = cache.states[layer]
                 first = len(state.tables[0]) if isinstance(state, GlobalLayerState) and state.tables else 0
                 placements.setdefault(layer, []).append(Placement(first_span=first, spans=spans, doc_id=doc.doc_id,
                                                                   collection=doc.collection, text=doc.text))
             session.import_memory(memory)
-        return session, recorder, placements
+        return session, recorder, placements, list(loaded)
 
     def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
         """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
@@ -363,25 +368,6 @@ class KVMemory:
             missing = object()
             docs = [d for d in docs if all(d.metadata.get(key, missing) == value for key, value in filter.items())]
         return docs
-
-    def _choose(self, docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
-        """All documents if they fit ``cap`` tokens; else those of the best spans (in rank order, at least one) while
-        they fit, in (collection, id) order."""
-        if sum(d.num_tokens for d in docs) <= cap:
-            return docs
-        by_key = {(d.collection, d.doc_id): d for d in docs}
-        chosen: list[DocumentInfo] = []
-        taken: set[tuple[str, str]] = set()
-        used = 0
-        for hit in spans:
-            key = (hit.collection, hit.doc_id)
-            doc = by_key.get(key)
-            if doc is None or key in taken or (chosen and used + doc.num_tokens > cap):
-                continue
-            chosen.append(doc)
-            taken.add(key)
-            used += doc.num_tokens
-        return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
 
     def _prepare_answer(self, query_or_messages: Prompt, *, k: int, collection: str | None,
                         filter: Mapping[str, Any] | None, chat_template: bool, max_memory_tokens: int | None
@@ -397,7 +383,7 @@ class KVMemory:
             if not users or not isinstance(users[-1].get("content"), str):
                 raise ValueError("messages must hold a user message with string content")
             question = users[-1]["content"]
-        spans, docs = self._retrieve(self._question_ids(question), k, filter, collection, max_memory_tokens)
+        spans, docs, loaded = self._retrieve(self._question_ids(question), k, filter, collection, max_memory_tokens)
         if isinstance(query_or_messages, str) and not (chat_template and getattr(self.tokenizer, "chat_template",
                                                                                   None)):
             ids = self._question_ids(question)
@@ -407,7 +393,7 @@ class KVMemory:
             if ids.numel() > 1 and self.sink_ids.numel() and int(ids[0]) == bos:
                 ids = ids[1:]  # the sink prefix already starts with it
         with self._lock:
-            session = self._load_session(docs, record=False)[0]
+            session = self._load_session(docs, record=False, loaded=loaded)[0]  # (files read once)
             logits = session.feed(ids)[0]
         return session, logits, ids, spans, docs
 

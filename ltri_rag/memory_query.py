@@ -40,9 +40,9 @@ from ltri_rag.generation import _check_args, _pick, eos_token_ids
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.layer import GlobalLayerState
 from ltri_rag.rope import rotate
-from ltri_rag.store import SpanHit, SpanRecord
+from ltri_rag.store import DocumentInfo, SpanHit, SpanRecord
 
-__all__ = ["MemoryAnswer", "MemoryStream", "Placement", "QueryRecorder", "aggregate_hits", "decode", "query_vectors",
+__all__ = ["MemoryAnswer", "MemoryStream", "Placement", "QueryRecorder", "aggregate_hits", "choose_documents", "decode", "query_vectors",
            "recording_session", "session_hits", "stream_pieces"]
 
 
@@ -263,6 +263,26 @@ def aggregate_hits(per_layer: dict[int, list[SpanHit]], k: int, temperature: flo
     ranked = sorted((r for rs in regions.values() for r in rs),
                     key=lambda r: (-r.mass, r.anchor.collection, r.anchor.doc_id, r.anchor.token_start))
     return [_merged(r, r.mass / layers) for r in ranked[:k]]
+
+
+def choose_documents(docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
+    """All documents if they fit ``cap`` tokens; else those of the best spans (in rank order, at least one) while
+    they fit, in (collection, id) order."""
+    if sum(d.num_tokens for d in docs) <= cap:
+        return docs
+    by_key = {(d.collection, d.doc_id): d for d in docs}
+    chosen: list[DocumentInfo] = []
+    taken: set[tuple[str, str]] = set()
+    used = 0
+    for hit in spans:
+        key = (hit.collection, hit.doc_id)
+        doc = by_key.get(key)
+        if doc is None or key in taken or (chosen and used + doc.num_tokens > cap):
+            continue
+        chosen.append(doc)
+        taken.add(key)
+        used += doc.num_tokens
+    return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
 
 
 def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch.Tensor, *, max_new_tokens: int,
