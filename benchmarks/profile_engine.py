@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,38 @@ def timed_prefill(model: Any, ids: torch.Tensor, config: LtriConfig) -> float:
     return time.perf_counter() - began
 
 
+def count_syncs(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> list[dict[str, Any]]:
+    """One more prefill under ``torch.cuda.set_sync_debug_mode("warn")``: every host-device synchronisation the
+    engine triggers, counted by the line of this project (or the first Python line) that caused it, most first.
+
+    Each one stalls the host until the device has drained its queue, so a count of thousands per prefill means the
+    host and the device take turns instead of overlapping. CUDA only (empty on CPU)."""
+    if next(model.parameters()).device.type != "cuda":
+        return []
+    import traceback
+    import warnings
+    counts: dict[str, int] = {}
+    shown = warnings.showwarning
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "ltri_rag" in f.filename or "kernels" in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else \
+            f"{Path(filename).name}:{lineno}"
+        counts[where] = counts.get(where, 0) + 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            LtriSession(model, config).feed(ids)
+            torch.cuda.synchronize()
+    finally:
+        warnings.showwarning = shown
+        torch.cuda.set_sync_debug_mode(0)
+    return [{"where": k, "syncs": v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+
+
 def render(results: dict[str, dict[str, Any]], length: int) -> str:
     """Markdown: the stage split and the top operators of every mode."""
     lines = [f"# Engine prefill profile at {length} tokens", ""]
@@ -97,6 +130,10 @@ def render(results: dict[str, dict[str, Any]], length: int) -> str:
                   for name, s in sorted(res["stages"].items())]
         lines += ["", "| operator | calls | self ms |", "|---|---:|---:|"]
         lines += [f"| {o['op']} | {o['calls']} | {o['self_ms']:.1f} |" for o in res["top_ops"]]
+        if res.get("syncs"):
+            lines += ["", f"Host-device synchronisations: {sum(x['syncs'] for x in res['syncs'])} "
+                      "(the lines causing the most):", "", "| where | syncs |", "|---|---:|"]
+            lines += [f"| `{x['where']}` | {x['syncs']} |" for x in res["syncs"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -115,8 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--offload", choices=("on", "off", "both"), default="on",
+                        help="kv_offload: the span pool in pinned host memory (on, the default), on the device (off)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before the runs")
+    parser.add_argument("--syncs", action="store_true",
+                        help="CUDA: also count host-device synchronisations per source line (one more prefill)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.length < 1024:
         parser.error(f"--length must be >= 1024, got {args.length}")
     _, _, path = args.model.partition("=")
@@ -125,22 +169,32 @@ def main(argv: list[str] | None = None) -> None:
     prompt = format_prompt(tokenizer, sample, sample.context, "auto")
     ids = prompt if isinstance(prompt, torch.Tensor) else ltri_rag.encode_prompt(tokenizer, prompt)
     results = {}
-    for mode in args.modes:
-        for backend in args.backends if mode != "full" else ["torch"]:
-            name = mode if len(args.backends) == 1 else f"{mode} ({backend})"
-            config = LtriConfig(mode=mode, local_window=args.window, budget=args.budget, chunk_size=args.chunk,
-                                num_sink_tokens=args.sinks, attention_backend=backend)
-            LtriSession(model, config).feed(ids[: min(ids.numel(), args.window + 2 * args.chunk)])  # warm-up
-            plain = timed_prefill(model, ids, config)
-            results[name] = {"plain_seconds": plain, **profile_prefill(model, ids, config, args.top)}
-            print(f"{name}: {plain:.2f} s unprofiled, {results[name]['seconds']:.2f} s profiled", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    offloads = {"on": [True], "off": [False], "both": [True, False]}[args.offload]
     meta = {"model": Path(path).name, "length": args.length, "tokens": int(ids.numel()),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)}}
-    (args.out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
-    text = render(results, args.length)
-    (args.out / "profile.md").write_text(text, encoding="utf-8")
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()), "config": vars(args) | {"out": str(args.out)}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for mode in args.modes:
+        for backend in args.backends if mode != "full" else ["torch"]:
+            for offload in offloads if mode in ("ltri", "infllm") else [True]:
+                name = mode if len(args.backends) == 1 else f"{mode} ({backend})"
+                name += "" if len(offloads) == 1 or mode not in ("ltri", "infllm") else \
+                    (" pool on host" if offload else " pool on device")
+                config = LtriConfig(mode=mode, local_window=args.window, budget=args.budget, chunk_size=args.chunk,
+                                    num_sink_tokens=args.sinks, attention_backend=backend, kv_offload=offload)
+                LtriSession(model, config).feed(ids[: min(ids.numel(), args.window + 2 * args.chunk)])  # warm-up
+                plain = timed_prefill(model, ids, config)
+                results[name] = {"plain_seconds": plain, **profile_prefill(model, ids, config, args.top)}
+                if args.syncs:
+                    results[name]["syncs"] = count_syncs(model, ids, config, args.top)
+                print(f"{name}: {plain:.2f} s unprofiled, {results[name]['seconds']:.2f} s profiled, "
+                      f"{sum(x['syncs'] for x in results[name].get('syncs', []))} syncs counted", flush=True)
+                # saved after every configuration, so a run stopped by a time limit keeps what it measured
+                (args.out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2,
+                                                                  default=str))
+                text = render(results, args.length)
+                (args.out / "profile.md").write_text(text, encoding="utf-8")
     print(text)
 
 
