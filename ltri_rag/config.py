@@ -100,8 +100,8 @@ class LtriConfig:
         attention_backend: Kernels of the local attention pass (the engine's largest) and of span scoring
             (``span_scoring="softmax"``, :func:`~ltri_rag.kernels.scoring.span_probabilities`, the largest cost at
             long context): ``torch`` (the plain-torch paths, everywhere), ``triton`` (CUDA tensors, or CPU under
-            ``TRITON_INTERPRET=1``) or ``auto`` (Triton on CUDA when triton imports, torch elsewhere). The default
-            stays ``torch`` until the Triton kernels are validated and tuned on the GPU.
+            ``TRITON_INTERPRET=1``) or ``auto`` (the default: Triton on CUDA when triton imports, torch elsewhere;
+            every compiled-kernel test passed on an H200, and the Triton local attention is 4-5x the torch path).
     """
 
     mode: Mode = "ltri"
@@ -135,7 +135,7 @@ class LtriConfig:
     pin_prompt_spans: bool = False
     pin_extra_budget: bool = False
     position_scheme: PositionScheme | None = None
-    attention_backend: Backend = "torch"
+    attention_backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
