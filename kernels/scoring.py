@@ -8,6 +8,7 @@ its ``backend`` argument and imported only when asked for (this module works wit
 from __future__ import annotations
 
 import torch
+from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["SpanLayout", "span_layout", "span_probabilities", "span_scores"]
 
@@ -28,10 +29,11 @@ def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
     (at least ``min_width``). A dense layout replaces a ``scatter_reduce`` over every
     (query, vector) score, the costliest step of scoring a large memory.
 
-    Computing it reads the largest span's vector count back to the host (a device sync on CUDA): a caller that
-    scores the same spans many times (the engine's span tables) builds it once and passes it as ``layout``.
+    The index arithmetic runs where ``owner`` lives. Given a device ``owner``, reading the largest span's vector
+    count back to the host synchronises the device; given a host ``owner`` (the engine's span tables keep a host
+    copy), nothing does: the row indices and the mask are built on the host and copied asynchronously. A caller that
+    scores the same spans many times builds the layout once and passes it as ``layout``.
     """
-    owner = owner.to(vectors.device)
     counts = torch.bincount(owner, minlength=num_spans)
     width = max(min_width, int(counts.max())) if owner.numel() else max(1, min_width)
     order = torch.argsort(owner, stable=True)
@@ -39,10 +41,11 @@ def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
     starts = torch.cumsum(counts, 0) - counts  # first sorted position of each span
     rank = torch.arange(owner.numel(), device=owner.device) - starts[sorted_owner]  # position within its span
     rows = sorted_owner * width + rank
+    valid = torch.zeros(num_spans * width, dtype=torch.bool, device=owner.device)
+    valid[rows] = True
+    rows, order, valid = (to_device(t, vectors.device) for t in (rows, order, valid))
     padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=dtype)
     padded[rows] = vectors[order].to(dtype)
-    valid = torch.zeros(num_spans * width, dtype=torch.bool, device=vectors.device)
-    valid[rows] = True
     return padded, valid, width
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["LayerConsensus"]
 
 
@@ -31,7 +33,8 @@ class LayerConsensus:
 
         Args:
             seq: Sequence index.
-            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0.
+            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (best on the host: their sum
+                sizes the result without a device sync).
 
         Returns:
             ``[num_spans]`` float32 on the prior's device, in [0, 1].
@@ -39,18 +42,21 @@ class LayerConsensus:
         prior = self.prior[seq]
         if prior is None or lengths.numel() == 0:
             return None
-        total = int(lengths.sum())
+        total = int(lengths.sum())  # span tables keep lengths on the host: no device sync here
         cs = torch.zeros(total + 1, device=prior.device)
         n = min(total, prior.numel())
         cs[1:n + 1] = torch.cumsum(prior[:n], 0)
         cs[n + 1:] = cs[n]
-        ends = torch.cumsum(lengths.to(prior.device), 0)
-        lengths = lengths.to(prior.device)
+        ends = to_device(torch.cumsum(lengths, 0), prior.device)  # (integer sums: the same on any device)
+        lengths = to_device(lengths, prior.device)
         return (cs[ends] - cs[ends - lengths]) / lengths
 
     def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor) -> None:
-        """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths."""
-        density = torch.repeat_interleave(votes.float(), lengths.to(votes.device))
+        """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths
+        (``[num_spans]``, best on the host: the number of slots is read from them)."""
+        # the output size from the (host) lengths: repeat_interleave does not read it back from the device
+        density = torch.repeat_interleave(votes.float(), to_device(lengths, votes.device),
+                                          output_size=int(lengths.sum()))
         acc = self._acc[seq]
         if acc is None or acc.numel() < density.numel():
             grown = torch.zeros(density.numel(), device=votes.device)

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
+from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["LtriSession"]
 
@@ -79,7 +80,7 @@ class LtriSession:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
             raise ValueError(f"input_ids must be [batch={self.batch_size}, seq_len], got {tuple(input_ids.shape)}")
-        return input_ids.to(self.device, torch.int64)
+        return to_device(input_ids, self.device, torch.int64)  # a host tensor goes over without a device sync
 
     @torch.inference_mode()
     def feed(self, input_ids: torch.Tensor, return_all_logits: bool = False) -> torch.Tensor:

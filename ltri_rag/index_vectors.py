@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["dynamic_counts", "static_counts", "select_index_tokens"]
 
 
@@ -64,23 +66,29 @@ def select_index_tokens(
         ends: ``[num_spans]`` span ends (exclusive).
         counts: ``[num_spans]`` vectors per span (<= span length).
 
+    ``starts``, ``ends`` and ``counts`` are best kept on the host (the engine's are): which tokens of the ordering
+    are kept is worked out there, and only the token ranking runs on ``key_mass``'s device, without a read-back.
+
     Returns:
-        ``(token_idx, owner)``: ``[num_vectors, num_kv_heads]`` token offsets (per head, the head's top tokens of
-        the span, best first) and ``[num_vectors]`` owning span ids, with ``num_vectors = counts.sum()``.
+        ``(token_idx, owner)``: ``[num_vectors, num_kv_heads]`` token offsets on ``key_mass``'s device (per head,
+        the head's top tokens of the span, best first) and ``[num_vectors]`` owning span ids (host int64), with
+        ``num_vectors = counts.sum()``.
     """
     device = key_mass.device
-    num_kv_heads, num_tokens = key_mass.shape
-    lengths = (ends - starts).to(device)
-    span_of_token = torch.repeat_interleave(torch.arange(starts.numel(), device=device), lengths)  # [T]
+    num_tokens = key_mass.shape[1]
+    starts, ends, counts = starts.cpu(), ends.cpu(), counts.cpu()
+    lengths = ends - starts
+    span_of_token = torch.repeat_interleave(torch.arange(starts.numel()), lengths)  # [T] (host)
     if span_of_token.numel() != num_tokens:
         raise ValueError(f"spans cover {span_of_token.numel()} tokens, key_mass has {num_tokens}")
+    rank_in_span = torch.arange(num_tokens) - starts[span_of_token]  # [T]
+    keep = rank_in_span < counts[span_of_token]  # same positions for every head
+    kept = torch.nonzero(keep).flatten()  # [num_vectors] positions in the span-grouped order (host)
     # order tokens by (span, -mass): sort by mass first, then stable by span
     by_mass = torch.argsort(key_mass, dim=1, descending=True, stable=True)  # [Hkv, T]
-    span_sorted = span_of_token[by_mass]
+    span_sorted = to_device(span_of_token, device)[by_mass]
     by_span = torch.argsort(span_sorted, dim=1, stable=True)
     order = torch.gather(by_mass, 1, by_span)  # [Hkv, T] tokens grouped by span, best first
-    rank_in_span = torch.arange(num_tokens, device=device) - starts.to(device)[span_of_token]  # [T]
-    keep = rank_in_span < counts.to(device)[span_of_token]  # same positions for every head
-    token_idx = order[:, keep].T.contiguous()  # [num_vectors, Hkv]
-    owner = span_of_token[keep]
+    token_idx = order.index_select(1, to_device(kept, device)).T.contiguous()  # [num_vectors, Hkv]
+    owner = span_of_token[kept]
     return token_idx, owner

@@ -28,6 +28,7 @@ from ltri_rag.kernels.attention import (
     merge_attention,
 )
 from ltri_rag.kernels.scoring import span_probabilities
+from ltri_rag.kernels.transfer import to_device
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
 from ltri_rag.rope import rotate
@@ -236,7 +237,7 @@ class GlobalLayerState:
             pos[seq, :, num_sinks:num_sinks + n] = self.pool.positions(seq, slots.clamp(min=0))
         self.last_selected_tokens = max((int((p[2] >= 0).sum(dim=1).max()) if p[2] is not None else 0)
                                         for p in parts)
-        return mem_k, mem_v, host_mask.to(q.device), pos, host_mask
+        return mem_k, mem_v, to_device(host_mask, q.device), pos, host_mask
 
     def _place(self, q: torch.Tensor, mem_k: torch.Tensor, host_mask: torch.Tensor, pos: torch.Tensor,
                plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,5 +425,5 @@ class GlobalLayerState:
         heads = torch.arange(seg_k.shape[0], device=seg_k.device)[None, :]
         idx_dev = token_idx.to(seg_k.device)
         vectors = seg_k[heads, idx_dev]  # [num_vectors, Hkv, D]
-        vectors = rotate(vectors, -(token_idx.cpu() + self.win_start), self.inv_freq)  # position-free
+        vectors = rotate(vectors, -(idx_dev + self.win_start), self.inv_freq)  # position-free (on the device)
         self.tables[seq].append(spans.starts + first_slot, spans.ends + first_slot, vectors, owner)

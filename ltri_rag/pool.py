@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["PagedKVPool"]
 
 
@@ -119,8 +121,9 @@ class PagedKVPool:
         flat = self._flat_index(seq, torch.arange(first_slot, first_slot + k.shape[0]))
         hk = self._k[layer].view(-1, k.shape[1], k.shape[2])
         hv = self._v[layer].view(-1, k.shape[1], k.shape[2])
-        hk[flat.to(self.device)] = k.to(self.device, hk.dtype)
-        hv[flat.to(self.device)] = v.to(self.device, hv.dtype)
+        flat = to_device(flat, self.device)  # slot arithmetic on the host, copied without a device sync
+        hk[flat] = k.to(self.device, hk.dtype)
+        hv[flat] = v.to(self.device, hv.dtype)
 
     def gather(self, layer: int, seq: int, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of ``slots: [num_kv_heads, n]`` (per head) as ``[num_kv_heads, n, head_dim]`` tensors on ``device``.
@@ -133,7 +136,7 @@ class PagedKVPool:
         flat = self._flat_index(seq, slots.reshape(-1)).view(num_kv_heads, n)
         pk, pv = self._k[layer], self._v[layer]
         head_dim = pk.shape[3]
-        rows = (flat * pk.shape[2] + torch.arange(num_kv_heads)[:, None]).reshape(-1).to(self.device)
+        rows = to_device((flat * pk.shape[2] + torch.arange(num_kv_heads)[:, None]).reshape(-1), self.device)
         staged = self.pin_memory and device.type == "cuda"
         out = []
         for store in (pk, pv):

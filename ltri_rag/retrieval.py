@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["query_summary", "select_spans", "update_recency"]
 
 
@@ -99,30 +101,38 @@ def select_spans(
     rows = 1 if scope == "shared" else num_kv_heads
     if num_spans == 0:
         return torch.zeros(rows, 0, dtype=torch.bool, device=scores.device)
-    # before the move: span tables keep their lengths on the host
-    mean_len, shortest = float(lengths.float().mean()), int(lengths.min())
-    lengths = lengths.to(scores.device)
+    # read on the host: span tables keep their lengths there (no device sync)
+    mean_len = float(lengths.float().mean())
     top_k = max(1, int(budget / max(mean_len, 1.0)))
     keys = _rank_keys(scores, rows, recency, bonus, voting, top_k, prior, prior_weight)
     if pinned is not None:
         # above every unpinned key (keys are z-scores, or votes + sigmoid), order among the pinned kept
         lift = keys.abs().max() + float(num_heads) + 1.0
         keys = keys + lift * 2 * pinned.to(keys.device)[None, :].float()
-    return _fill_budget(keys, lengths, budget, shortest)
+    return _fill_budget(keys, lengths, budget)
 
 
 _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
 
 
-def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int, shortest: int) -> torch.Tensor:
+def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
     """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits.
 
-    ``shortest`` is the shortest span's length. The ranking, the prefix of spans that fits and the selection stay
-    on the keys' device; only each row's next ``_TAIL`` ranked spans after the prefix come back to the host for the
-    greedy fill (one small read-back, whatever the number of spans).
+    Args:
+        keys: ``[rows, S]`` ranking keys (higher first; ties keep span order).
+        lengths: ``[S]`` span lengths (>= 1), best kept on the host: the longest is read from it.
+        budget: Token budget per row.
+
+    The prefix of ranked spans that fits is taken at once; then the next ``_TAIL`` ranked spans are walked
+    greedily, each taken if it fits in what is left. Everything stays on the keys' device, without a read-back:
+    once the prefix stops, fewer tokens are left than the next span's length, so the tokens left during the walk
+    take one of ``longest`` values, and step ``j`` of the walk is a map ``f_j`` on that small set of states
+    (``s -> s - len_j`` if ``len_j <= s``, else ``s``). The state before each step is a prefix composition of
+    those maps, computed in ``log2(_TAIL)`` gathers (a Hillis-Steele scan). Equal to the walk on the host.
     """
     rows, num_spans = keys.shape
-    lengths = lengths.to(keys.device)
+    longest = int(lengths.max()) if num_spans else 1  # a host read when ``lengths`` lives on the host
+    lengths = to_device(lengths, keys.device)
     order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
     ranked = lengths[order]  # [R, S]
     fits = torch.cumsum(ranked, dim=1) <= budget  # the prefix that fits (lengths >= 1)
@@ -130,22 +140,25 @@ def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int, shortes
     selected.scatter_(1, order, fits)
     prefix = fits.sum(dim=1)  # [R]
     used = (ranked * fits).sum(dim=1)  # [R] tokens in the prefix
-    tail = (prefix[:, None] + torch.arange(_TAIL, device=keys.device)[None, :]).clamp(max=num_spans - 1)
-    host = torch.cat([prefix[:, None], used[:, None], ranked.gather(1, tail), order.gather(1, tail)], dim=1).cpu()
-    pick_rows, pick_spans = [], []
-    for row in range(rows):
-        n, left = int(host[row, 0]), budget - int(host[row, 1])
-        for j in range(min(_TAIL, num_spans - n)):  # then smaller spans that still fit (bounded)
-            if left < shortest:
-                break
-            length = int(host[row, 2 + j])
-            if length <= left:
-                pick_rows.append(row)
-                pick_spans.append(int(host[row, 2 + _TAIL + j]))
-                left -= length
-    if pick_rows:
-        selected[torch.tensor(pick_rows, device=keys.device), torch.tensor(pick_spans, device=keys.device)] = True
-    return selected
+    steps = torch.arange(_TAIL, device=keys.device)[None, :]  # [1, T]
+    tail = (prefix[:, None] + steps).clamp(max=num_spans - 1)  # [R, T] ranks walked after the prefix
+    tail_len = ranked.gather(1, tail)  # [R, T]
+    in_walk = steps < (num_spans - prefix)[:, None]  # [R, T] ranks that exist
+    # states 0 .. longest - 1 (tokens left); a row whose prefix took every span walks nothing, any state will do
+    left0 = (budget - used).clamp(max=longest - 1)[:, None]  # [R, 1]
+    state = torch.arange(longest, device=keys.device)[None, None, :]  # [1, 1, L]
+    maps = torch.where(tail_len[:, :, None] <= state, state - tail_len[:, :, None], state)  # [R, T, L]: f_j
+    shift = 1
+    while shift < _TAIL:  # maps[:, j] becomes f_j o f_(j-1) o ... o f_0
+        maps = torch.cat([maps[:, :shift], maps[:, shift:].gather(2, maps[:, :-shift])], dim=1)
+        shift *= 2
+    after = maps.gather(2, left0[:, :, None].expand(-1, _TAIL, 1))[:, :, 0]  # [R, T] tokens left after step j
+    before = torch.cat([left0, after[:, :-1]], dim=1)  # [R, T] tokens left before step j
+    take = (tail_len <= before) & in_walk  # [R, T]
+    # spans walked but not taken go to a spare column (a span is walked at most once per row)
+    target = torch.where(take, order.gather(1, tail), torch.full_like(tail, num_spans))
+    extra = torch.zeros(rows, num_spans + 1, dtype=torch.bool, device=keys.device).scatter_(1, target, take)
+    return selected | extra[:, :num_spans]
 
 
 def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["rotate", "find_inv_freq"]
 
 
@@ -17,7 +19,8 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
 
     Args:
         x: ``[..., seq_len, head_dim]`` vectors already carrying RoPE at some position.
-        delta: ``[..., seq_len]`` (broadcastable to ``x.shape[:-1]``) integer position shifts.
+        delta: ``[..., seq_len]`` (broadcastable to ``x.shape[:-1]``) integer position shifts, on any device (a host
+            tensor is copied to ``x``'s device asynchronously, see :func:`ltri_rag.kernels.transfer.to_device`).
         inv_freq: ``[rot_dim / 2]`` inverse frequencies of the layer's rotary embedding.
 
     Returns:
@@ -27,7 +30,9 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     rot_dim = 2 * half
     if rot_dim > x.shape[-1]:
         raise ValueError(f"rotary dim {rot_dim} exceeds head_dim {x.shape[-1]}")
-    angles = delta.to(x.device, torch.float64).unsqueeze(-1) * inv_freq.to(x.device, torch.float64)  # [..., L, half]
+    # a host ``delta`` goes over without a device sync (callers build positions on the host)
+    angles = to_device(delta, x.device, torch.float64).unsqueeze(-1) \
+        * to_device(inv_freq, x.device, torch.float64)  # [..., L, half]
     cos = torch.cos(angles).to(torch.float32)
     sin = torch.sin(angles).to(torch.float32)
     xf = x.float()

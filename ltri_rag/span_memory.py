@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ltri_rag.kernels.scoring import SpanLayout, span_layout, span_scores
+from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["SpanTable"]
 
@@ -21,7 +22,7 @@ class SpanTable:
 
     The dense per-span layout of the vectors that scoring reads (:func:`~ltri_rag.kernels.scoring.span_layout`) is
     kept with the table and extended as spans arrive, so scoring a chunk or a decoded token neither rebuilds it nor
-    waits for the device.
+    waits for the device. Building or extending it reads a host copy of ``owner``, so that does not wait either.
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -29,6 +30,7 @@ class SpanTable:
         self.ends = torch.zeros(0, dtype=torch.int64)
         self.vectors = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.owner = torch.zeros(0, dtype=torch.int64, device=device)
+        self._owner_host = torch.zeros(0, dtype=torch.int64)  # the same, on the host (layout arithmetic)
         self.recency = torch.zeros(0, dtype=torch.float32, device=device)
         self._layout: SpanLayout | None = None
 
@@ -40,23 +42,29 @@ class SpanTable:
         return self.ends - self.starts
 
     def append(self, starts: torch.Tensor, ends: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor) -> None:
-        """Add spans (slot ranges) with vectors whose ``owner`` counts from 0 within the new spans."""
+        """Add spans (slot ranges) with vectors whose ``owner`` counts from 0 within the new spans.
+
+        ``starts``, ``ends`` and ``owner`` are best passed on the host (the engine does): a device copy would be read
+        back, synchronising the device.
+        """
         offset = len(self)
+        owner = owner.to("cpu", torch.int64)
         self._extend_layout(vectors, owner, int(starts.numel()))
         self.starts = torch.cat([self.starts, starts.cpu()])
         self.ends = torch.cat([self.ends, ends.cpu()])
         self.vectors = torch.cat([self.vectors, vectors.to(self.vectors.device, self.vectors.dtype)])
-        self.owner = torch.cat([self.owner, owner.to(self.owner.device) + offset])
+        self._owner_host = torch.cat([self._owner_host, owner + offset])
+        self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
         self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
 
     def _extend_layout(self, vectors: torch.Tensor, owner: torch.Tensor, num_new: int) -> None:
-        """Append the new spans' rows to the kept layout (rebuilt lazily when a new span is wider than the rest)."""
+        """Append the new spans' rows to the kept layout (rebuilt lazily when a new span is wider than the rest);
+        ``owner``: ``[num_new_vectors]`` host int64, counting from 0 within the new spans."""
         if self._layout is None or num_new == 0:
             return
         padded, valid, width = self._layout
         vectors = vectors.to(padded.device, padded.dtype)
-        new_padded, new_valid, new_width = span_layout(vectors, owner.to(padded.device), num_new, dtype=padded.dtype,
-                                                       min_width=width)
+        new_padded, new_valid, new_width = span_layout(vectors, owner, num_new, dtype=padded.dtype, min_width=width)
         if new_width != width:
             self._layout = None
             return
@@ -65,7 +73,7 @@ class SpanTable:
     def layout(self) -> SpanLayout:
         """The vectors laid out densely per span, in the vectors' dtype (built on first use, then kept)."""
         if self._layout is None:
-            self._layout = span_layout(self.vectors, self.owner, len(self), dtype=self.vectors.dtype)
+            self._layout = span_layout(self.vectors, self._owner_host, len(self), dtype=self.vectors.dtype)
         return self._layout
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:

@@ -68,12 +68,14 @@ def band_to_dense(band: torch.Tensor) -> torch.Tensor:
         ``[num_rows, num_rows]`` map ``A[i, j]``; keys before the first row are dropped.
     """
     num_rows, band_width = band.shape
-    rows = torch.arange(num_rows, device=band.device)[:, None].expand(-1, band_width)
-    cols = rows - torch.arange(band_width, device=band.device)[None, :]
-    valid = cols >= 0
-    dense = torch.zeros(num_rows, num_rows, dtype=band.dtype, device=band.device)
-    dense[rows[valid], cols[valid]] = band[valid]
-    return dense
+    rows = torch.arange(num_rows, device=band.device)[:, None]
+    cols = rows - torch.arange(band_width, device=band.device)[None, :]  # [num_rows, band_width]
+    # fixed shapes, no boolean indexing (which reads a count back from the device): keys before the first row go
+    # to a spare last column, dropped (within a row, the kept columns are distinct)
+    cols = torch.where(cols >= 0, cols, num_rows)
+    dense = torch.zeros(num_rows, num_rows + 1, dtype=band.dtype, device=band.device)
+    dense.scatter_(1, cols, band)
+    return dense[:, :num_rows]
 
 
 def row_thresholds(band: torch.Tensor, alpha: float, first_row_pos: int = 0) -> torch.Tensor:
@@ -175,10 +177,16 @@ def nms_spans(rank: torch.Tensor, min_len: int, min_score: float) -> list[tuple[
         Accepted ``(start, end_exclusive)`` pairs, sorted by start.
     """
     best, arg = rank.max(dim=1)
-    best_np = best.cpu().numpy()
-    len_np = arg.cpu().numpy() + min_len
+    host = torch.stack([best, arg.to(best.dtype)]).cpu().numpy()  # one read-back
+    return _nms_host(host[0], host[1].astype(np.int64), min_len, min_score)
+
+
+def _nms_host(best_np: np.ndarray, arg_np: np.ndarray, min_len: int, min_score: float) -> list[tuple[int, int]]:
+    """:func:`nms_spans` from each start's best rank ``best_np [num_rows]`` and its column ``arg_np [num_rows]``
+    (host arrays)."""
+    len_np = arg_np + min_len
     order = np.argsort(-best_np, kind="stable")
-    taken = np.zeros(rank.shape[0], dtype=bool)
+    taken = np.zeros(best_np.shape[0], dtype=bool)
     accepted: list[tuple[int, int]] = []
     for x in order:
         if not best_np[x] > min_score:
@@ -241,14 +249,20 @@ def segment_triangle(
     lo = min(min_len, num_rows)
     hi = min(max_len, num_rows)
     rank = span_rank(dense, theta, num_rows, lo, hi)
-    pairs = fill_gaps(nms_spans(rank, lo, min_score), num_rows, max_len)
+    # the only read-back of the segmentation: the ranks with each start's best rank and its column, in one copy
+    # (the columns, small integers, are exact in float64)
+    best, arg = rank.max(dim=1)
+    host = torch.cat([rank, best[:, None], arg[:, None].to(rank.dtype)], dim=1).cpu()  # [num_rows, L' + 2]
+    rank = host[:, :-2]
+    pairs = fill_gaps(_nms_host(host[:, -2].numpy(), host[:, -1].numpy().astype(np.int64), lo, min_score),
+                      num_rows, max_len)
     starts = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
     ends = torch.tensor([b for _, b in pairs], dtype=torch.int64)
     # rank of each final span (gap pieces included), for dynamic index vectors
     lengths = ends - starts
     col = (lengths - lo).clamp(0, rank.shape[1] - 1)
     in_range = (lengths >= lo) & (lengths <= hi)
-    r = rank.cpu()[starts, col].float()
+    r = rank[starts, col].float()
     r = torch.where(in_range, r, torch.zeros_like(r))
     return Spans(starts=starts, ends=ends, rank=r)
 

@@ -394,5 +394,5 @@ def test_fill_budget_matches_the_host_walk():
         lengths = torch.randint(1, 40, (num_spans,), generator=gen)
         keys = torch.randint(0, 8, (rows, num_spans), generator=gen).float()  # many ties
         budget = int(torch.randint(0, 3 * int(lengths.sum()) // 2 + 1, (1,), generator=gen))
-        got = _fill_budget(keys, lengths, budget, int(lengths.min()))
+        got = _fill_budget(keys, lengths, budget)
         assert torch.equal(got, _host_fill(keys, lengths, budget)), (trial, num_spans, budget)
