@@ -34,3 +34,36 @@ def essays_dir() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip("no essays (set LTRI_DATA_DIR)")
+
+
+ESSAY_EXCERPTS = ("boss", "apple", "submarine")  # the first 1,500 characters of each (~1K Qwen tokens in all)
+QWEN_CONFIG = {"mode": "ltri", "local_window": 512, "budget": 512, "chunk_size": 512, "num_sink_tokens": 64}
+
+
+def essay_texts() -> dict[str, str]:
+    """``{name: the first 1,500 characters}`` of a few essays; "boss" says the author worked with over 200
+    founders."""
+    folder = essays_dir()
+    return {name: (folder / f"{name}.txt").read_text(encoding="utf-8")[:1500] for name in ESSAY_EXCERPTS}
+
+
+_ESSAY_MEMORY: dict[str, Any] = {}
+
+
+def essay_memory() -> Any:
+    """A :class:`KVMemory` over :func:`essay_texts` on Qwen, built once per test session (~8 s) in a temporary
+    folder removed at exit. Tests must not change it."""
+    if "memory" not in _ESSAY_MEMORY:
+        import atexit
+        import shutil
+        import tempfile
+
+        texts = essay_texts()
+        model, tokenizer = qwen()
+        folder = tempfile.mkdtemp(prefix="ltri-essays-")
+        memory = ltri_rag.KVMemory.create(f"{folder}/m", model, tokenizer, ltri_rag.LtriConfig(**QWEN_CONFIG))
+        memory.add_documents(list(texts.values()), [{"essay": name} for name in texts], list(texts), progress=False)
+        atexit.register(shutil.rmtree, folder, True)
+        atexit.register(memory.close)
+        _ESSAY_MEMORY["memory"] = memory
+    return _ESSAY_MEMORY["memory"]
