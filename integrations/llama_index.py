@@ -192,7 +192,8 @@ class LtriLLM(CustomLLM):
         **kwargs: The pydantic fields below (``num_output``, ``context_window``, ``temperature``, ...).
 
     Generation arguments can be overridden per call: ``complete(prompt, max_new_tokens=..., temperature=...,
-    top_p=..., seed=..., stop=[...])``.
+    top_p=..., seed=..., stop=[...])``. Calls of one ``LtriLLM`` run one at a time (async ones in a worker thread);
+    do not run it from several threads at once with a :class:`KVMemory` of the same model.
     """
 
     model_name: str = Field(default="ltri", description="Name reported in the metadata.")
@@ -293,7 +294,6 @@ class LtriLLM(CustomLLM):
                                          k=self.similarity_top_k, chat_template=not formatted,
                                          temperature=args["temperature"], top_p=args["top_p"], seed=args["seed"],
                                          stop=args["stop"])
-            n_prompt: list[int] = []
 
             def memory_steps() -> Iterator[tuple[str, tuple[list[int], str, str | None]]]:
                 text = ""
@@ -302,7 +302,6 @@ class LtriLLM(CustomLLM):
                     yield piece, ([], text, None)
                 answer = stream.result
                 assert answer is not None
-                n_prompt.append(answer.prompt_tokens)
                 yield "", (answer.token_ids, answer.text, answer.finish_reason)
 
             def memory_raw() -> dict[str, Any]:
