@@ -244,6 +244,7 @@ def test_text_rag_query_engine_pastes_the_spans_into_the_prompt(mem) -> None:
     prompt = counter.llm_token_counts[-1].prompt
     assert all(h.text in prompt for h in hits) and "What is the capital of France?" in prompt
     assert "start_char" not in prompt  # the offsets stay out of the LLM's context
+    assert prompt.startswith("<s><|user|>Context information")  # the QA prompt went through the chat template
     assert counter.llm_token_counts[-1].prompt_token_count > len("What is the capital of France?")
 
 
