@@ -1,4 +1,5 @@
 """LangChain and LlamaIndex adapters (installed as ``ltri_rag.integrations``).
 
-Empty in this release: the adapters are tracked as their own issue. Use :func:`ltri_rag.generate` meanwhile.
+LangChain: :mod:`ltri_rag.integrations.langchain`; LlamaIndex: :mod:`ltri_rag.integrations.llama_index`. Import
+the submodule you need (each imports its framework).
 """
