@@ -26,25 +26,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-import uuid
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core._api import LangChainBetaWarning
 from langchain_core.callbacks import (
-    AsyncCallbackManagerForRetrieverRun,
     CallbackManagerForLLMRun,
-    CallbackManagerForRetrieverRun,
 )
-from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.documents import Document
-from langchain_core.indexing.base import DeleteResponse, DocumentIndex, UpsertResponse
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.llms import LLM
 from langchain_core.messages import (
@@ -54,21 +45,26 @@ from langchain_core.messages import (
     ChatMessage,
     HumanMessage,
     SystemMessage,
-    message_to_dict,
-    messages_from_dict,
 )
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    Generation,
+    GenerationChunk,
+    LLMResult,
+)
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import encode_prompt
-from ltri_rag.memory import DEFAULT_COLLECTION, KVMemory
+from ltri_rag.memory import KVMemory
 from ltri_rag.memory_query import decode, stream_pieces
 from ltri_rag.store import SpanHit
 
-__all__ = ["ChatLtri", "KVChatMessageHistory", "LtriLLM", "LtriRetriever", "span_metadata"]
+__all__ = ["ChatLtri", "LtriLLM", "span_metadata"]
 
 PROVIDER = "ltri_rag"
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
@@ -442,175 +438,3 @@ class LtriLLM(_LtriParams, LLM):
 
 
 # ------------------------------------------------------------------------------------------------ retriever
-class LtriRetriever(DocumentIndex):
-    """The spans a :class:`KVMemory` recalls for a query, as LangChain ``Document`` s, with add / upsert / get /
-    delete by id (LangChain's ``DocumentIndex`` shape).
-
-    Each hit is ``Document(id="<doc_id>:<start_char>-<end_char>", page_content=<span text>, metadata={**the
-    document's metadata, "doc_id", "collection", "start_char", "end_char", "score"})``, best first.
-
-    ``k``, ``filter`` and ``collection`` are fields and per-call keyword arguments (``invoke(q, k=3)``). Searches
-    cover ``collection`` (``None``: every collection); writes go to ``collection`` or ``"default"``.
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    memory: KVMemory
-    k: int = 4
-    collection: str | None = None
-    filter: dict[str, Any] | None = None
-    max_memory_tokens: int | None = None
-
-    def __init__(self, **data: Any) -> None:
-        with warnings.catch_warnings():  # DocumentIndex is marked beta in langchain-core
-            warnings.simplefilter("ignore", LangChainBetaWarning)
-            super().__init__(**data)
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"k must be a positive int, got {self.k!r}")
-
-    def _write_collection(self, collection: str | None) -> str:
-        return collection or self.collection or DEFAULT_COLLECTION
-
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
-                                k: int | None = None, filter: Mapping[str, Any] | None = None,
-                                collection: str | None = None, **kwargs: Any) -> list[Document]:
-        if kwargs:
-            raise TypeError(f"LtriRetriever got unsupported keyword arguments {sorted(kwargs)}; supported: "
-                            "k, filter, collection")
-        hits = self.memory.retrieve(query, self.k if k is None else k, filter=self.filter if filter is None else filter,
-                                    collection=self.collection if collection is None else collection,
-                                    max_memory_tokens=self.max_memory_tokens)
-        metas: dict[tuple[str, str], dict[str, Any]] = {}
-        docs = []
-        for hit in hits:
-            key = (hit.collection, hit.doc_id)
-            if key not in metas:
-                metas[key] = self.memory.get([hit.doc_id], collection=hit.collection)[0].metadata
-            meta = {**metas[key], "doc_id": hit.doc_id, "collection": hit.collection, "start_char": hit.char_start,
-                    "end_char": hit.char_end, "score": hit.score}
-            docs.append(Document(id=f"{hit.doc_id}:{hit.char_start}-{hit.char_end}", page_content=hit.text,
-                                 metadata=meta))
-        return docs
-
-    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
-                                       **kwargs: Any) -> list[Document]:
-        """:meth:`_get_relevant_documents` in a worker thread (the model runs one call at a time)."""
-        return await asyncio.to_thread(self._get_relevant_documents, query,
-                                       run_manager=run_manager.get_sync(), **kwargs)
-
-    def add_documents(self, documents: Sequence[Document], ids: Sequence[str] | None = None, *,
-                      collection: str | None = None) -> list[str]:
-        """Ingest ``documents`` (text, metadata) into the memory; ids from ``ids``, else each ``Document.id``, else
-        random. Re-adding an id replaces that document. Returns the ids."""
-        if isinstance(documents, Document) or not isinstance(documents, Sequence):
-            raise TypeError(f"documents must be a list of Document, got {type(documents).__name__}")
-        for i, doc in enumerate(documents):
-            if not isinstance(doc, Document):
-                raise TypeError(f"documents[{i}] must be a Document, got {type(doc).__name__}")
-        if ids is None:
-            ids = [doc.id or uuid.uuid4().hex for doc in documents]
-        return self.memory.add_documents([d.page_content for d in documents], [d.metadata for d in documents],
-                                         list(ids), collection=self._write_collection(collection), progress=False)
-
-    def upsert(self, items: Sequence[Document], /, **kwargs: Any) -> UpsertResponse:
-        """Add or replace ``items`` by ``Document.id`` (``collection=`` keyword optional)."""
-        ids = self.add_documents(items, collection=kwargs.pop("collection", None), **kwargs)
-        return UpsertResponse(succeeded=ids, failed=[])
-
-    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> DeleteResponse:
-        """Delete documents by id (``collection=`` keyword optional).
-
-        Raises:
-            ValueError: no ids.
-            DocumentNotFound: an id is not stored (nothing is deleted then).
-        """
-        if not ids:
-            raise ValueError("delete needs a non-empty list of document ids")
-        collection = self._write_collection(kwargs.pop("collection", None))
-        if kwargs:
-            raise TypeError(f"delete got unsupported keyword arguments {sorted(kwargs)}")
-        self.memory.delete(ids, collection=collection)
-        return DeleteResponse(num_deleted=len(ids), succeeded=list(ids), failed=[], num_failed=0)
-
-    def get(self, ids: Sequence[str], /, **kwargs: Any) -> list[Document]:
-        """The whole stored documents with these ids (missing ids are skipped), ``Document.id`` = doc id."""
-        collection = self._write_collection(kwargs.pop("collection", None))
-        if kwargs:
-            raise TypeError(f"get got unsupported keyword arguments {sorted(kwargs)}")
-        stored = {doc_id for _, doc_id in self.memory.list_documents(collection)}
-        present = [i for i in ids if i in stored]
-        if not present:
-            return []
-        return [Document(id=info.doc_id, page_content=info.text,
-                         metadata={**info.metadata, "doc_id": info.doc_id, "collection": info.collection})
-                for info in self.memory.get(present, collection=collection)]
-
-    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
-        """``VectorStore``-style alias of :meth:`get`."""
-        return self.get(ids)
-
-
-# ------------------------------------------------------------------------------------------------ chat history
-class KVChatMessageHistory(BaseChatMessageHistory):
-    """Chat history kept in a :class:`KVMemory`: every message is ingested as a document of the collection
-    ``collection_prefix + session_id``, so old turns are recalled by in-model retrieval.
-
-    Example::
-
-        history = KVChatMessageHistory(memory, session_id="user-1")
-        history.add_messages([HumanMessage("My locker code is 4711."), AIMessage("Noted.")])
-        history.recall("locker code")                                   # Documents of the matching turns
-        ChatLtri(memory=memory, collection=history.collection).invoke("What is my locker code?")
-    """
-
-    def __init__(self, memory: KVMemory, session_id: str, *, collection_prefix: str = "chat:") -> None:
-        if not isinstance(memory, KVMemory):
-            raise TypeError(f"memory must be a KVMemory, got {type(memory).__name__}")
-        if not isinstance(session_id, str) or not session_id.strip():
-            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
-        self.memory, self.session_id = memory, session_id
-        self.collection = f"{collection_prefix}{session_id}"
-
-    def _ids(self) -> list[str]:
-        return [doc_id for _, doc_id in self.memory.list_documents(self.collection)]
-
-    @property
-    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """The session's messages in the order they were added."""
-        ids = self._ids()
-        if not ids:
-            return []
-        infos = sorted(self.memory.get(ids, collection=self.collection), key=lambda d: d.metadata["index"])
-        return messages_from_dict([d.metadata["message"] for d in infos])
-
-    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Ingest ``messages`` (each read through the model once) after the existing ones."""
-        messages = list(messages)
-        for i, message in enumerate(messages):
-            if not isinstance(message, BaseMessage):
-                raise TypeError(f"messages[{i}] must be a BaseMessage, got {type(message).__name__}")
-        if not messages:
-            return
-        start = len(self._ids())
-        texts, metas, ids = [], [], []
-        for n, message in enumerate(messages, start):
-            content = message.content if isinstance(message.content, str) else message.text
-            texts.append(f"{message.type}: {content}" if content.strip() else f"{message.type}: (empty)")
-            metas.append({"session_id": self.session_id, "index": n, "role": message.type,
-                          "message": message_to_dict(message)})
-            ids.append(f"msg-{n:08d}")
-        self.memory.add_documents(texts, metas, ids, collection=self.collection, progress=False)
-
-    def clear(self) -> None:
-        """Delete the session's messages from the memory."""
-        ids = self._ids()
-        if ids:
-            self.memory.delete(ids, collection=self.collection)
-
-    def recall(self, query: str, k: int = 4) -> list[Document]:
-        """The turns' spans the model attends to for ``query`` (as :class:`LtriRetriever` returns them)."""
-        return self.as_retriever(k=k).invoke(query)
-
-    def as_retriever(self, **kwargs: Any) -> LtriRetriever:
-        """An :class:`LtriRetriever` over this session's collection."""
-        return LtriRetriever(memory=self.memory, collection=self.collection, **kwargs)
