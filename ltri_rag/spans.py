@@ -172,8 +172,8 @@ def span_rank_band(band: torch.Tensor, theta: torch.Tensor, num_rows: int, min_l
     is ``sum_t R[x + t, t]`` for ``t < n``, with ``R[i, d]`` the mass of row ``i`` on its keys ``[i - d, i]`` (a
     cumulative sum along the band), and the attention that later rows pay to the span (``C``) is the span's column
     totals minus that triangle. Work and memory are ``O(total_rows x band_width + num_rows x max_len)`` instead of
-    the ``O(total_rows^2)`` dense map and its two-dimensional prefix sums (a 2,048-token eviction: ~25x faster on a
-    CPU, and no float64 scan over 4M entries on a GPU). Equal to :func:`span_rank` up to float64 rounding
+    the ``O(total_rows^2)`` dense map and its two-dimensional prefix sums (for a 2,048-token eviction, no float64 scan
+    over 4M entries). Equal to :func:`span_rank` up to float64 rounding
     (``tests/unit/test_spans.py``).
 
     Args:
