@@ -30,7 +30,7 @@ if [ ! -e /tmp/site/.installed ]; then
   # device's transformers mis-converts its GGUF tokenizer); other models keep the device's version
   newer=$(ls .gpu/whl/transformers-*.whl .gpu/whl/regex-*.whl 2>/dev/null || true)
   rest=$(ls .gpu/whl/*.whl | grep -v -e '/transformers-' -e '/regex-')
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site $rest /tmp/m/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $rest $(ls /tmp/m/*.whl 2>/dev/null || true)
   [ -z "$newer" ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site-newer $newer
   python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site .
   touch /tmp/site/.installed

@@ -94,6 +94,12 @@ class LtriConfig:
         pin_extra_budget: With ``pin_prompt_spans``: the pinned spans come on top of the budget (each decoded
             token still fills the whole budget by its own retrieval, so the working set grows by up to the
             prompt's selection while decoding) instead of within it.
+        decode_retrieval_stride: While generating, retrieve spans for one decoded token in this many and reuse
+            that memory part (the same spans' K/V, already placed) for the tokens in between. 1 (the default, as in
+            the method) retrieves for every token; larger values trade recall for speed, since a decode step's
+            retrieval (scoring, selection, gathering, re-rotation) costs several times its attention. A reused
+            memory part is exact for the spans it holds: the window only grows between evictions, so the memory's
+            positions do not move; an eviction (every ``evict_stride`` tokens) or a prompt pass ends the reuse.
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
@@ -134,6 +140,7 @@ class LtriConfig:
     persistence_decay: float = 0.5
     pin_prompt_spans: bool = False
     pin_extra_budget: bool = False
+    decode_retrieval_stride: int = 1
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
 
@@ -151,8 +158,8 @@ class LtriConfig:
         self._check_choice("attention_backend", _BACKENDS)
         for name in ("num_sink_tokens", "budget"):
             self._check_int(name, minimum=0)
-        for name in ("local_window", "chunk_size", "final_chunk_size", "evict_stride", "page_size", "block_size", "span_min_len",
-                     "num_index_vectors", "min_index_vectors"):
+        for name in ("local_window", "chunk_size", "final_chunk_size", "evict_stride", "page_size", "block_size",
+                     "span_min_len", "decode_retrieval_stride", "num_index_vectors", "min_index_vectors"):
             self._check_int(name, minimum=1)
         self._check_int("span_max_len", minimum=self.span_min_len)
         if self.full_chunk_size is not None:

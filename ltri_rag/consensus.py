@@ -11,59 +11,71 @@ from __future__ import annotations
 
 import torch
 
-from ltri_rag.kernels.transfer import to_device
-
 __all__ = ["LayerConsensus"]
 
 
 class LayerConsensus:
-    """Slot-level evidence of one batch, per sequence.
+    """Slot-level evidence of one batch, per sequence, kept on the host.
+
+    Each deposit is O(spans): a vote adds +1 at its span's first slot and -1 past its last to a difference array;
+    the commit turns the sum into per-slot vote fractions once per step (O(slots)), and keeps their running sum,
+    so each layer's :meth:`span_prior` is again O(spans).
 
     Args:
         batch_size: Number of sequences.
     """
 
     def __init__(self, batch_size: int) -> None:
-        self.prior: list[torch.Tensor | None] = [None] * batch_size  # [num_slots] sums to 1
-        self._acc: list[torch.Tensor | None] = [None] * batch_size
+        self.prior: list[torch.Tensor | None] = [None] * batch_size  # [num_slots] float32, host
+        self._acc: list[torch.Tensor | None] = [None] * batch_size  # [num_slots + 1] float64 differences
         self._count = [0] * batch_size
+        self._sums: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size  # (prior, its cumsum)
+
+    def _prior_sums(self, seq: int, prior: torch.Tensor) -> torch.Tensor:
+        """``[num_slots + 1]`` float64 running sum of ``prior`` (cached for the prior it was made from; ``prior``
+        may be assigned from outside, e.g. restored after a look-ahead)."""
+        cached = self._sums[seq]
+        if cached is None or cached[0] is not prior:
+            sums = torch.zeros(prior.numel() + 1, dtype=torch.float64)
+            torch.cumsum(prior.to("cpu", torch.float64), 0, out=sums[1:])
+            cached = self._sums[seq] = (prior, sums)
+        return cached[1]
 
     def span_prior(self, seq: int, lengths: torch.Tensor) -> torch.Tensor | None:
         """Mean prior vote over each span of a partition of slots ``[0, lengths.sum())``, or None without evidence.
 
         Args:
             seq: Sequence index.
-            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (best on the host: their sum
-                sizes the result without a device sync).
+            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (host).
 
         Returns:
-            ``[num_spans]`` float32 on the prior's device, in [0, 1].
+            ``[num_spans]`` float32 on the host, in [0, 1]; slots the prior does not cover read as 0.
         """
         prior = self.prior[seq]
         if prior is None or lengths.numel() == 0:
             return None
-        total = int(lengths.sum())  # span tables keep lengths on the host: no device sync here
-        cs = torch.zeros(total + 1, device=prior.device)
-        n = min(total, prior.numel())
-        cs[1:n + 1] = torch.cumsum(prior[:n], 0)
-        cs[n + 1:] = cs[n]
-        ends = to_device(torch.cumsum(lengths, 0), prior.device)  # (integer sums: the same on any device)
-        lengths = to_device(lengths, prior.device)
-        return (cs[ends] - cs[ends - lengths]) / lengths
+        sums = self._prior_sums(seq, prior)
+        lengths = lengths.to("cpu", torch.int64)
+        ends = torch.cumsum(lengths, 0)
+        last = sums.numel() - 1
+        inside = sums[ends.clamp(max=last)] - sums[(ends - lengths).clamp(max=last)]
+        return (inside / lengths).to(torch.float32)
 
     def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor) -> None:
         """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths
-        (``[num_spans]``, best on the host: the number of slots is read from them)."""
-        # the output size from the (host) lengths: repeat_interleave does not read it back from the device
-        density = torch.repeat_interleave(votes.float(), to_device(lengths, votes.device),
-                                          output_size=int(lengths.sum()))
+        (``[num_spans]``, in slot order from slot 0). Both are read on the host (votes on a device are copied)."""
+        lengths = lengths.to("cpu", torch.int64)
+        weight = votes.to("cpu", torch.float64)
+        ends = torch.cumsum(lengths, 0)
+        total = int(ends[-1]) if ends.numel() else 0
         acc = self._acc[seq]
-        if acc is None or acc.numel() < density.numel():
-            grown = torch.zeros(density.numel(), device=votes.device)
+        if acc is None or acc.numel() < total + 1:
+            grown = torch.zeros(total + 1, dtype=torch.float64)
             if acc is not None:
                 grown[: acc.numel()] = acc
             acc = grown
-        acc[: density.numel()] += density
+        acc.index_add_(0, ends - lengths, weight)
+        acc.index_add_(0, ends, -weight)
         self._acc[seq] = acc
         self._count[seq] += 1
 
@@ -71,7 +83,7 @@ class LayerConsensus:
         """Make the evidence gathered since the last commit the prior (sequences without new evidence keep theirs)."""
         for seq, acc in enumerate(self._acc):
             if acc is not None and self._count[seq]:
-                self.prior[seq] = acc / self._count[seq]
+                self.prior[seq] = (torch.cumsum(acc[:-1], 0) / self._count[seq]).to(torch.float32)
         self._acc = [None] * len(self._acc)
         self._count = [0] * len(self._count)
 

@@ -135,6 +135,10 @@ class GlobalLayerState:
         self._pending_recency: dict[int, torch.Tensor] = {}  # sequence -> persistence state after this pass
         self.prompt_selection: dict[int, torch.Tensor] = {}  # sequence -> [S] spans chosen for the prompt's end
         self._pending_prompt_selection: dict[int, torch.Tensor] = {}
+        # decode_retrieval_stride > 1: the placed memory part of the last retrieving decode step, reused while its
+        # key (the memory's position anchor, span counts, sinks) holds: (key, uses, mem_k, mem_v, mask)
+        self._decode_memory: tuple | None = None
+        self._pending_decode_memory: tuple | None = None
 
     # ----------------------------------------------------------------------------------------------- memory part
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -158,7 +162,9 @@ class GlobalLayerState:
         """``[rows, S]`` bool selection of one sequence's spans for this step."""
         cfg = self.cfg
         dry = plan.dry
-        scores = self._own_scores(table, q_free, scaling)
+        # the retrieval's one read-back: ranking, budget fill, votes and persistence are a few dozen small
+        # operations, cheaper on the host than as device launches (and the slots are needed there anyway)
+        scores = self._own_scores(table, q_free, scaling).float().cpu()
         pinned = self._pinned(seq, plan, len(table))
         extra = pinned if cfg.pin_extra_budget else None  # pinned on top of the budget, not within it
         kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
@@ -192,16 +198,9 @@ class GlobalLayerState:
             q_free = rotate(q[seq], -q_pos, self.inv_freq)  # [H, C, D] position-free queries
             with record_function("ltri.retrieve.score_select"):
                 selected = self._select(seq, table, q_free, scaling, plan)
-            rows = table.slots(selected)
-            width = max(r.numel() for r in rows)
-            slots = torch.full((num_kv_heads, width), -1, dtype=torch.int64)
-            for h in range(num_kv_heads):
-                r = rows[0] if len(rows) == 1 else rows[h]
-                slots[h, : r.numel()] = r
-            valid = slots >= 0
+            slots = table.slot_matrix(selected, num_kv_heads)  # [Hkv, n] host, -1 past a row's tokens
             with record_function("ltri.retrieve.gather"):
                 k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
-            slots[~valid] = -1
             out.append((k, v, slots))
         return out
 
@@ -247,9 +246,7 @@ class GlobalLayerState:
         if scheme == "absolute":
             return q, mem_k
         if scheme == "fixed":  # every memory key at distance local_window from every query
-            q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
-            q_mem = rotate(q, self.cfg.local_window - q_pos, self.inv_freq)
-            return q_mem, rotate(mem_k, -pos, self.inv_freq)
+            return self._memory_queries(q, plan), rotate(mem_k, -pos, self.inv_freq)
         # contiguous: memory tokens laid in order right before the local window
         count = host_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
         rank = torch.cumsum(host_mask.long(), dim=2) - 1
@@ -257,6 +254,41 @@ class GlobalLayerState:
         new_pos = (plan.pos0 - win_len) - count + rank  # the local part starts at pos0 - win_len
         delta = torch.where(host_mask, new_pos - pos, torch.zeros_like(pos))
         return q, rotate(mem_k, delta, self.inv_freq)
+
+    def _memory_queries(self, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The queries of the memory part (only the ``fixed`` scheme moves them)."""
+        if self.cfg.position_scheme != "fixed":
+            return q
+        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        return rotate(q, self.cfg.local_window - q_pos, self.inv_freq)
+
+    def _placed_memory(self, q: torch.Tensor, plan: StepPlan,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The memory part of this pass, positioned: ``(q_mem, mem_k, mem_v, mask)`` or None.
+
+        With ``decode_retrieval_stride`` > 1, a decode step reuses the memory part of the last retrieving decode step
+        while it is still valid (staged like every change: kept by :meth:`commit`).
+        """
+        stride = self.cfg.decode_retrieval_stride
+        reusable = plan.decode and not plan.dry and stride > 1
+        key = None
+        if reusable:
+            win_len = 0 if self.win_k is None else self.win_k.shape[2]
+            sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
+            key = (plan.pos0 - win_len, sinks, tuple(len(t) for t in self.tables))
+            cached = self._decode_memory
+            if cached is not None and cached[0] == key and cached[1] < stride:
+                _, uses, mem_k, mem_v, mask = cached
+                self._pending_decode_memory = (key, uses + 1, mem_k, mem_v, mask)
+                return self._memory_queries(q, plan), mem_k, mem_v, mask
+        memory = self._memory(q, plan, scaling)
+        if memory is None:
+            return None
+        mem_k, mem_v, mask, pos, host_mask = memory
+        q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+        if reusable:
+            self._pending_decode_memory = (key, 1, mem_k, mem_v, mask)
+        return q_mem, mem_k, mem_v, mask
 
     # ------------------------------------------------------------------------------------------------------ step
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, *, scaling: float,
@@ -274,15 +306,13 @@ class GlobalLayerState:
         Returns:
             ``[B, H, C, D]`` float32 attention output.
         """
+        self._pending_decode_memory = None
         with record_function("ltri.retrieve"):
-            memory = self._memory(q, plan, scaling)
+            memory = self._placed_memory(q, plan, scaling)
         fused = decode_attention_backend(self.cfg.attention_backend, q.device) if q.shape[2] == 1 else None
         if fused is not None:  # one decoded token: memory, window and merge in the fused split-K kernel
             with record_function("ltri.attend_decode"):
-                q_mem = mem_k = mem_v = mask = None
-                if memory is not None:
-                    mem_k, mem_v, mask, pos, host_mask = memory
-                    q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+                q_mem, mem_k, mem_v, mask = memory if memory is not None else (None,) * 4
                 local = fused(q, mem_k, mem_v, mask, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
                               band_width=self.band_width, want_key_mass=self.cfg.retrieves, softcap=softcap,
                               q_mem=q_mem)
@@ -293,8 +323,7 @@ class GlobalLayerState:
             out_m = lse_m = None
         else:
             with record_function("ltri.attend_memory"):
-                mem_k, mem_v, mask, pos, host_mask = memory
-                q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+                q_mem, mem_k, mem_v, mask = memory
                 out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask,
                                                   softcap=softcap)
         with record_function("ltri.attend_local"):
@@ -319,6 +348,9 @@ class GlobalLayerState:
         self._pending_recency = {}
         self.prompt_selection.update(self._pending_prompt_selection)
         self._pending_prompt_selection = {}
+        if not plan.dry:  # a prompt pass (or a decode step that retrieved nothing) ends any reuse
+            self._decode_memory = self._pending_decode_memory
+        self._pending_decode_memory = None
         if self._pending is None:
             return
         k, v, key_mass, band = self._pending
@@ -334,6 +366,7 @@ class GlobalLayerState:
         self._pending = None
         self._pending_recency = {}
         self._pending_prompt_selection = {}
+        self._pending_decode_memory = None
 
     def _absorb(self, k: torch.Tensor, v: torch.Tensor, key_mass: torch.Tensor | None, band: torch.Tensor | None,
                 plan: StepPlan) -> None:

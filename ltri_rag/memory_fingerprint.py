@@ -33,7 +33,7 @@ __all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memor
 
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("kv_offload", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
-                  "page_size")
+                  "page_size", "decode_retrieval_stride")
 _ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
                       "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",

@@ -8,10 +8,16 @@ Inputs are per-query-head span scores (from :func:`ltri_rag.kernels.span_scores`
     prior: cross-layer evidence mixed into the (z-normalised) score;
     pinned: spans that rank first (decode steps keeping what the prompt's end retrieved).
 Selection fills the token budget greedily in rank order.
+
+The engine runs these on the host (``layer`` reads the scores back once per retrieval): the ranking and the fill
+are a few dozen small operations whose launches and read-backs would cost more on a GPU than their work.
+:func:`_fill_budget` takes a NumPy path for host keys and a device path (no read-back) for device keys; both
+select the same spans.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ltri_rag.kernels.transfer import to_device
@@ -116,6 +122,21 @@ _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
 
 
 def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+    """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits (the prefix of
+    ranked spans that fits, then up to ``_TAIL`` more ranks), on the keys' device (see :func:`_fill_budget_host`
+    and :func:`_fill_budget_device`).
+
+    Args:
+        keys: ``[rows, S]`` ranking keys (higher first; ties keep span order).
+        lengths: ``[S]`` span lengths (>= 1), best kept on the host.
+        budget: Token budget per row.
+    """
+    if keys.device.type == "cpu":
+        return _fill_budget_host(keys, lengths.cpu(), budget)
+    return _fill_budget_device(keys, lengths, budget)
+
+
+def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
     """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits.
 
     Args:
@@ -159,6 +180,39 @@ def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torc
     target = torch.where(take, order.gather(1, tail), torch.full_like(tail, num_spans))
     extra = torch.zeros(rows, num_spans + 1, dtype=torch.bool, device=keys.device).scatter_(1, target, take)
     return selected | extra[:, :num_spans]
+
+
+def _fill_budget_host(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+    """:func:`_fill_budget` for host tensors, in NumPy: the same spans, without sorting every span.
+
+    Only ranks up to ``budget // shortest + _TAIL`` can be taken (the prefix that fits holds at most
+    ``budget // shortest`` spans), so the candidates are the spans whose key reaches the ``m``-th largest
+    (``np.partition``, linear time), ordered by key then span index (the stable order of a full sort).
+    """
+    rows, num_spans = keys.shape
+    selected = np.zeros((rows, num_spans), dtype=bool)
+    if num_spans == 0 or budget <= 0:
+        return torch.from_numpy(selected)
+    k = keys.detach().double().numpy()
+    lens = lengths.numpy().astype(np.int64)
+    m = min(num_spans, budget // max(int(lens.min()), 1) + _TAIL + 1)
+    for row in range(rows):
+        key = k[row]
+        if m < num_spans:
+            threshold = np.partition(key, num_spans - m)[num_spans - m]  # the m-th largest
+            cand = np.flatnonzero(key >= threshold)  # increasing span index: ties keep span order below
+        else:
+            cand = np.arange(num_spans)
+        order = cand[np.argsort(-key[cand], kind="stable")]
+        ranked = lens[order]
+        prefix = int(np.searchsorted(np.cumsum(ranked), budget, side="right"))  # lengths >= 1: increasing sums
+        selected[row, order[:prefix]] = True
+        left = budget - int(ranked[:prefix].sum())
+        for span, length in zip(order[prefix:prefix + _TAIL].tolist(), ranked[prefix:prefix + _TAIL].tolist()):
+            if length <= left:
+                selected[row, span] = True
+                left -= length
+    return torch.from_numpy(selected)
 
 
 def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:

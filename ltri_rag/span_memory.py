@@ -18,7 +18,7 @@ class SpanTable:
         ends: ``[num_spans]`` int64 end slot (exclusive).
         vectors: ``[num_vectors, num_kv_heads, head_dim]`` position-free index vectors (compute device).
         owner: ``[num_vectors]`` int64 span id of each vector (compute device).
-        recency: ``[num_spans]`` float32 persistence state (compute device).
+        recency: ``[num_spans]`` float32 persistence state (host: selection runs there).
 
     The dense per-span layout of the vectors that scoring reads (:func:`~ltri_rag.kernels.scoring.span_layout`) is
     kept with the table and extended as spans arrive, so scoring a chunk or a decoded token neither rebuilds it nor
@@ -31,7 +31,7 @@ class SpanTable:
         self.vectors = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.owner = torch.zeros(0, dtype=torch.int64, device=device)
         self._owner_host = torch.zeros(0, dtype=torch.int64)  # the same, on the host (layout arithmetic)
-        self.recency = torch.zeros(0, dtype=torch.float32, device=device)
+        self.recency = torch.zeros(0, dtype=torch.float32)
         self._layout: SpanLayout | None = None
 
     def __len__(self) -> int:
@@ -55,7 +55,7 @@ class SpanTable:
         self.vectors = torch.cat([self.vectors, vectors.to(self.vectors.device, self.vectors.dtype)])
         self._owner_host = torch.cat([self._owner_host, owner + offset])
         self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
-        self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
+        self.recency = torch.cat([self.recency, torch.zeros(starts.numel())])
 
     def _extend_layout(self, vectors: torch.Tensor, owner: torch.Tensor, num_new: int) -> None:
         """Append the new spans' rows to the kept layout (rebuilt lazily when a new span is wider than the rest);
@@ -80,6 +80,36 @@ class SpanTable:
         """``[num_heads, num_spans]`` scores of a position-free query summary ``[num_heads, head_dim]``."""
         return span_scores(query, self.vectors, self.owner, len(self), layout=self.layout())
 
+    def slot_matrix(self, selected: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """Slots of the selected spans in text order, one row per KV head, padded with -1.
+
+        Args:
+            selected: ``[rows, num_spans]`` bool (host; a device tensor is read back), ``rows`` 1 (one selection
+                for every head) or ``num_kv_heads``.
+            num_kv_heads: Rows of the result.
+
+        Returns:
+            ``[num_kv_heads, width]`` int64 (host), ``width`` the most tokens any row selected.
+        """
+        selected = selected.cpu()
+        rows = selected.shape[0]
+        if rows not in (1, num_kv_heads):
+            raise ValueError(f"selected has {rows} rows, expected 1 or {num_kv_heads}")
+        row, span = torch.nonzero(selected, as_tuple=True)  # row-major: text order within each row
+        if row.numel() == 0:
+            return torch.full((num_kv_heads, 0), -1, dtype=torch.int64)
+        lengths = self.lengths[span]
+        total = int(lengths.sum())
+        per_row = torch.zeros(rows, dtype=torch.int64).index_add_(0, row, lengths)
+        before = torch.cumsum(lengths, 0) - lengths  # tokens of earlier (row, span) pairs
+        row_first = torch.cumsum(per_row, 0) - per_row  # first token of each row among them
+        token = torch.arange(total)
+        slot = torch.repeat_interleave(self.starts[span] - before, lengths, output_size=total) + token
+        column = token - torch.repeat_interleave(row_first[row], lengths, output_size=total)
+        out = torch.full((rows, int(per_row.max())), -1, dtype=torch.int64)
+        out[torch.repeat_interleave(row, lengths, output_size=total), column] = slot
+        return out.expand(num_kv_heads, -1) if rows == 1 else out
+
     def slots(self, selected: torch.Tensor) -> list[torch.Tensor]:
         """Slots of the selected spans in text order, per selection row.
 
@@ -89,13 +119,5 @@ class SpanTable:
         Returns:
             ``rows`` int64 tensors of slots (CPU).
         """
-        out = []
-        for row in selected.cpu():
-            idx = torch.nonzero(row).flatten()
-            if idx.numel() == 0:
-                out.append(torch.zeros(0, dtype=torch.int64))
-                continue
-            starts, lengths = self.starts[idx], self.lengths[idx]
-            first = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-            out.append(first + torch.arange(int(lengths.sum())))
-        return out
+        matrix = self.slot_matrix(selected, selected.shape[0])
+        return [r[r >= 0] for r in matrix]

@@ -12,11 +12,13 @@ import torch
 
 from ltri_rag import LtriConfig
 
-MODES = ("full", "streaming", "infllm", "ltri", "ltri_gpu_pool")
-RETRIEVING = ("infllm", "ltri", "ltri_gpu_pool")
+MODES = ("full", "streaming", "infllm", "ltri", "ltri_gpu_pool", "ltri_stride8")
+RETRIEVING = ("infllm", "ltri", "ltri_gpu_pool", "ltri_stride8")
 # variants: an engine mode with settings of its own (``ltri_gpu_pool``: the span pool in GPU memory instead of pinned
-# host memory, to separate the cost of the host-side pool from the rest of ltri's retrieval)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_gpu_pool": ("ltri", {"kv_offload": False})}
+# host memory, to separate the cost of the host-side pool from the rest of ltri's retrieval; ``ltri_stride8``: a decoded
+# token retrieves once in 8 and reuses the memory part in between, ``LtriConfig.decode_retrieval_stride``)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_gpu_pool": ("ltri", {"kv_offload": False}),
+                                                   "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8})}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -50,6 +50,7 @@ def test_gpu_pool_variant_and_host_load(tmp_path) -> None:
     plain = engine_config("ltri", {"local_window": 64}, "torch")
     assert (variant.mode, variant.kv_offload, variant.local_window) == ("ltri", False, 64)
     assert plain.kv_offload is True
+    assert engine_config("ltri_stride8", {}, "torch").decode_retrieval_stride == 8
     result = main(["--small", "--modes", "ltri_gpu_pool", "--lengths", "256", "--decode-lengths", "256",
                    "--decode-tokens", "2", "--no-profile", "--out", str(tmp_path)])
     assert [r["status"] for r in result["prefill"] + result["decode"]] == ["ok", "ok"]

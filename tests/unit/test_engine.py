@@ -392,3 +392,69 @@ def test_interrupted_feed_keeps_the_chunks_before_and_resumes(llama) -> None:
     assert session.num_tokens == session.cache.seen_tokens == 35
     out = session.feed(ids[:, 35:], return_all_logits=True)
     torch.testing.assert_close(out, reference_logits(llama, ids)[:, 35:], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ decode_retrieval_stride
+@pytest.mark.parametrize("scheme", ["absolute", "contiguous", "fixed"])
+def test_decode_retrieval_stride_reuse_is_exact_for_the_spans_it_holds(llama, scheme: str) -> None:
+    """With every span retrieved (budget over the whole memory) a reused memory part is what a fresh retrieval
+    would give, for each position scheme: decoding with stride 3 equals stride 1 token for token (and, with
+    absolute positions, the unmodified model), while retrieving for fewer tokens."""
+    ids = _ids(1, 60, seed=8)
+    cfg = exact_config("ltri", 7, evict_stride=8, position_scheme=scheme)
+    sessions = [LtriSession(llama, cfg), LtriSession(llama, cfg.replace(decode_retrieval_stride=3))]
+    retrievals = [0, 0]
+    for i, session in enumerate(sessions):
+        for state in session.cache.states:
+            if isinstance(state, GlobalLayerState):
+                inner = state._memory
+
+                def counted(*args, _inner=inner, _i=i, **kwargs):
+                    retrievals[_i] += 1
+                    return _inner(*args, **kwargs)
+
+                state._memory = counted  # type: ignore[method-assign]
+    logits = [s.feed(ids) for s in sessions]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    before = list(retrievals)
+    seq = ids
+    for token in [5, 9, 200, 3, 17, 17, 44, 90, 1, 250, 7, 7, 64, 128]:
+        nxt = torch.tensor([token])
+        logits = [s.step(nxt) for s in sessions]
+        seq = torch.cat([seq, nxt[None]], dim=1)
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    if scheme == "absolute":
+        torch.testing.assert_close(logits[1], reference_logits(llama, seq)[:, -1], atol=ATOL, rtol=0)
+    decode = [r - b for r, b in zip(retrievals, before)]
+    layers = sum(isinstance(s, GlobalLayerState) for s in sessions[0].cache.states)
+    assert decode[0] == 14 * layers  # stride 1: every token retrieves
+    assert 14 / 3 * layers <= decode[1] < decode[0]  # stride 3: at most one in 3 between evictions
+
+
+def test_decode_retrieval_stride_with_a_small_budget_and_a_failed_step(llama) -> None:
+    """With a small budget the strided session still decodes (its own selection), a failed step changes nothing
+    (the reuse counter included), and the config refuses a stride below 1."""
+    ids = _ids(1, 80, seed=9)
+    cfg = exact_config("ltri", 7, evict_stride=16, budget=12, position_scheme="contiguous",
+                       decode_retrieval_stride=4)
+    session = LtriSession(llama, cfg)
+    session.feed(ids)
+    session.step(torch.tensor([3]))
+    state = next(s for s in session.cache.states if isinstance(s, GlobalLayerState))
+    kept = state._decode_memory
+    assert kept is not None and kept[1] == 1
+    original = state.attend
+
+    def failing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("boom")
+
+    state.attend = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="boom"):
+        session.step(torch.tensor([4]))
+    state.attend = original  # type: ignore[method-assign]
+    assert state._decode_memory is kept  # the failed step neither used nor replaced it
+    session.step(torch.tensor([4]))
+    assert state._decode_memory[1] == 2 and state._decode_memory[2] is kept[2]
+    with pytest.raises(ValueError, match="decode_retrieval_stride"):
+        LtriConfig(decode_retrieval_stride=0)

@@ -382,10 +382,14 @@ def _host_fill(keys, lengths, budget):
     return selected
 
 
-def test_fill_budget_matches_the_host_walk():
-    """The device-side fill (one small read-back) selects exactly what the walk on the host does, with ties in the
-    keys, spans longer than the budget, a prefix covering everything, and more spans than the bounded tail."""
-    from ltri_rag.retrieval import _fill_budget
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_fill_budget_matches_the_host_walk(path):
+    """Both fills (NumPy over candidate spans; the device scan without a read-back, run here on CPU tensors) select
+    exactly what the plain walk does, with ties in the keys, spans longer than the budget, a prefix covering
+    everything, and more spans than the bounded tail."""
+    from ltri_rag.retrieval import _fill_budget_device, _fill_budget_host
+
+    fill = _fill_budget_host if path == "host" else _fill_budget_device
 
     gen = torch.Generator().manual_seed(5)
     for trial in range(200):
@@ -394,5 +398,44 @@ def test_fill_budget_matches_the_host_walk():
         lengths = torch.randint(1, 40, (num_spans,), generator=gen)
         keys = torch.randint(0, 8, (rows, num_spans), generator=gen).float()  # many ties
         budget = int(torch.randint(0, 3 * int(lengths.sum()) // 2 + 1, (1,), generator=gen))
-        got = _fill_budget(keys, lengths, budget)
+        got = fill(keys, lengths, budget)
         assert torch.equal(got, _host_fill(keys, lengths, budget)), (trial, num_spans, budget)
+    # many spans, a budget far smaller than their total: the host fill ranks only the candidates that can be
+    # reached (partition), which must not change the choice, ties at the cut included
+    for trial in range(60):
+        num_spans = int(torch.randint(500, 3000, (1,), generator=gen))
+        lengths = torch.randint(8, 65, (num_spans,), generator=gen)
+        keys = torch.randint(0, 20 if trial % 2 else 10_000, (2, num_spans), generator=gen).float()
+        budget = int(torch.randint(0, 2048, (1,), generator=gen))
+        assert torch.equal(fill(keys, lengths, budget), _host_fill(keys, lengths, budget)), (trial, budget)
+
+
+def test_slot_matrix_matches_per_row_walk():
+    """The slot matrix (vectorised over rows) lists each row's selected spans' slots in text order, -1 padded;
+    one shared row serves every KV head."""
+    from ltri_rag.span_memory import SpanTable
+
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        table = SpanTable(4, 8, torch.float32, torch.device("cpu"))
+        num_spans = int(torch.randint(1, 30, (1,), generator=gen))
+        lengths = torch.randint(1, 9, (num_spans,), generator=gen)
+        gaps = torch.randint(0, 3, (num_spans,), generator=gen)  # imported documents may leave gaps in slots
+        starts = torch.cumsum(lengths + gaps, 0) - lengths
+        owner = torch.arange(num_spans)
+        table.append(starts, starts + lengths, torch.randn(num_spans, 4, 8, generator=gen), owner)
+        rows = 1 if trial % 2 else 4
+        selected = torch.rand(rows, num_spans, generator=gen) < 0.4
+        got = table.slot_matrix(selected, 4)
+        expected = [torch.cat([torch.arange(int(starts[i]), int(starts[i] + lengths[i]))
+                               for i in torch.nonzero(row).flatten().tolist()] or [torch.zeros(0, dtype=torch.int64)])
+                    for row in selected]
+        width = max(e.numel() for e in expected)
+        assert got.shape == (4, width)
+        for head in range(4):
+            e = expected[0 if rows == 1 else head]
+            assert torch.equal(got[head, : e.numel()], e)
+            assert (got[head, e.numel():] == -1).all()
+        assert [torch.equal(a, b) for a, b in zip(table.slots(selected), expected)] == [True] * rows
+    with pytest.raises(ValueError, match="rows"):
+        table.slot_matrix(torch.zeros(3, num_spans, dtype=torch.bool), 4)
