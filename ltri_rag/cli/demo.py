@@ -60,6 +60,19 @@ def is_correct(answer: str, expect: tuple[str, ...]) -> bool:
     return any(re.search(rf"\b{re.escape(word)}\b", answer, flags=re.IGNORECASE) for word in expect)
 
 
+def _passage_rank(hits: list[Any], q: DemoQuestion, text: str) -> int | None:
+    """1-based rank of the first cited span that covers the start of the question's evidence, or None."""
+    at = text.find(q.evidence)
+    for rank, hit in enumerate(hits, 1):
+        if hit.doc_id == q.document and hit.char_start <= at < hit.char_end:
+            return rank
+    return None
+
+
+def _rank_text(rank: int | None) -> str:
+    return f"cited #{rank}" if rank is not None else "not cited"
+
+
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     """Ingest the bundled excerpts into a store (a temporary one unless ``--store`` is given), answer the demo
     questions with citations and timings."""
@@ -94,14 +107,16 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
                                          collection=None, filter=None, temperature=0.0, seed=None)
                 hits = result.pop("hits")
                 correct = is_correct(result["answer"], q.expect)
-                cited = [h.doc_id for h in hits]
+                doc_rank = next((i for i, h in enumerate(hits, 1) if h.doc_id == q.document), None)
+                passage_rank = _passage_rank(hits, q, docs[q.document])
                 print_citations(out, hits, indent="    ")
-                verdict = "contains the expected" if correct else "does NOT contain the expected"
-                out.text(f"    answer {verdict} {' / '.join(q.expect)!r}; the answer's document {q.document!r} is "
-                         f"{'cited #' + str(cited.index(q.document) + 1) if q.document in cited else 'not cited'}; "
-                         f"retrieve + read {result['retrieve_s']:.1f} s, answer {result['answer_s']:.1f} s")
+                verdict = "holds the expected" if correct else "does NOT hold the expected"
+                out.text(f"    answer {verdict} {' / '.join(q.expect)!r}; its document {q.document!r}: "
+                         f"{_rank_text(doc_rank)}, the passage stating it: {_rank_text(passage_rank)}; retrieve + "
+                         f"read {result['retrieve_s']:.1f} s, answer {result['answer_s']:.1f} s")
                 results.append({"question": q.question, "document": q.document, "expect": list(q.expect),
-                                "correct": correct, "document_cited": q.document in cited, **result})
+                                "correct": correct, "document_rank": doc_rank, "passage_rank": passage_rank,
+                                **result})
         finally:
             memory.close()
     finally:

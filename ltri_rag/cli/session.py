@@ -7,8 +7,11 @@ The model is, in order: ``--model``; the one the store was created with (its ``l
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,26 @@ def _quiet_transformers(out: Output) -> None:
         hf_logging.disable_progress_bar()
 
 
+@contextmanager
+def _gguf_bar(*, enabled: bool) -> Iterator[None]:
+    """Hide transformers' GGUF de-quantisation progress bar (a plain tqdm, not switched off by its logging
+    settings) unless progress is shown."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if enabled or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_for(args: argparse.Namespace, out: Output, note: dict[str, Any] | None = None) -> Loaded:
     """Resolve and load the model for ``args`` (``--model``, else the store's, else the default).
 
@@ -91,8 +114,11 @@ def load_for(args: argparse.Namespace, out: Output, note: dict[str, Any] | None 
                 resolved = resolve_model(name, cache_dir=args.models_dir, hub=not args.offline,
                                          download=not args.offline, progress=out.progress)
                 source, how = resolved.source, resolved.how
+                if how == "path":  # remembered in the store's note: absolute, so any working folder finds it
+                    source = name = str(Path(source).resolve())
             _quiet_transformers(out)
-            model, tokenizer = ltri_rag.load_model(source, device=args.device, dtype=args.dtype)
+            with _gguf_bar(enabled=out.progress):
+                model, tokenizer = ltri_rag.load_model(source, device=args.device, dtype=args.dtype)
         except (OSError, ValueError, RuntimeError, ImportError) as err:
             raise CliError(f"cannot load model {name!r}: {_first_line(err)}") from err
     log.info("model %s from %s (%s) in %.1f s", name, source, how, t["s"])
