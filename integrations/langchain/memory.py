@@ -138,14 +138,20 @@ class LtriRetriever(DocumentIndex):
 
 # ------------------------------------------------------------------------------------------------ chat history
 class KVChatMessageHistory(BaseChatMessageHistory):
-    """Chat history kept in a :class:`KVMemory`: every message is ingested as a document of the collection
-    ``collection_prefix + session_id``, so old turns are recalled by in-model retrieval.
+    """Chat history kept in a :class:`KVMemory`, so old turns are recalled by in-model retrieval.
+
+    Each :meth:`add_messages` call is ingested as one document of the collection ``collection_prefix +
+    session_id`` (id ``turn-<n>``, ``n`` counting up): the text is one ``"<type>: <content>"`` line per message, the
+    metadata holds ``session_id``, ``index`` (= ``n``), the messages themselves and each message's character range
+    (``turns``). An exchange added in one call (a user message and its reply, as ``RunnableWithMessageHistory``
+    does) is read by the model together, as one document: every document costs a few passes of the model over the
+    sink prefix and its text (about 1 s for a short one on a CPU), so fewer, larger calls ingest faster.
 
     Example::
 
         history = KVChatMessageHistory(memory, session_id="user-1")
         history.add_messages([HumanMessage("My locker code is 4711."), AIMessage("Noted.")])
-        history.recall("locker code")                                   # Documents of the matching turns
+        history.recall("locker code")                                   # Documents of the matching spans
         ChatLtri(memory=memory, collection=history.collection).invoke("What is my locker code?")
     """
 
@@ -154,11 +160,19 @@ class KVChatMessageHistory(BaseChatMessageHistory):
             raise TypeError(f"memory must be a KVMemory, got {type(memory).__name__}")
         if not isinstance(session_id, str) or not session_id.strip():
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        if not isinstance(collection_prefix, str):
+            raise TypeError(f"collection_prefix must be a str, got {type(collection_prefix).__name__}")
         self.memory, self.session_id = memory, session_id
         self.collection = f"{collection_prefix}{session_id}"
 
     def _ids(self) -> list[str]:
         return [doc_id for _, doc_id in self.memory.list_documents(self.collection)]
+
+    @staticmethod
+    def _number(doc_id: str) -> int:
+        """``n`` of a ``turn-<n>`` id (``msg-<n>``: one message per document, as earlier versions stored them)."""
+        prefix, _, number = doc_id.partition("-")
+        return int(number) if prefix in ("turn", "msg") and number.isdigit() else -1
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
@@ -167,25 +181,29 @@ class KVChatMessageHistory(BaseChatMessageHistory):
         if not ids:
             return []
         infos = sorted(self.memory.get(ids, collection=self.collection), key=lambda d: d.metadata["index"])
-        return messages_from_dict([d.metadata["message"] for d in infos])
+        stored = [m for d in infos for m in d.metadata.get("messages", [d.metadata.get("message")]) if m]
+        return messages_from_dict(stored)
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Ingest ``messages`` (each read through the model once) after the existing ones."""
+        """Ingest ``messages`` (read through the model once, together, as one document) after the existing ones."""
         messages = list(messages)
         for i, message in enumerate(messages):
             if not isinstance(message, BaseMessage):
                 raise TypeError(f"messages[{i}] must be a BaseMessage, got {type(message).__name__}")
         if not messages:
             return
-        start = len(self._ids())
-        texts, metas, ids = [], [], []
-        for n, message in enumerate(messages, start):
+        n = max((self._number(doc_id) for doc_id in self._ids()), default=-1) + 1
+        lines, turns, at = [], [], 0
+        for message in messages:
             content = message.content if isinstance(message.content, str) else message.text
-            texts.append(f"{message.type}: {content}" if content.strip() else f"{message.type}: (empty)")
-            metas.append({"session_id": self.session_id, "index": n, "role": message.type,
-                          "message": message_to_dict(message)})
-            ids.append(f"msg-{n:08d}")
-        self.memory.add_documents(texts, metas, ids, collection=self.collection, progress=False)
+            line = f"{message.type}: {content.strip() or '(empty)'}\n"
+            turns.append([at, at + len(line) - 1])
+            lines.append(line)
+            at += len(line)
+        metadata = {"session_id": self.session_id, "index": n, "roles": [m.type for m in messages],
+                    "messages": [message_to_dict(m) for m in messages], "turns": turns}
+        self.memory.add_documents(["".join(lines)], [metadata], [f"turn-{n:08d}"], collection=self.collection,
+                                  progress=False)
 
     def clear(self) -> None:
         """Delete the session's messages from the memory."""

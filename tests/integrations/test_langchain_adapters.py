@@ -11,7 +11,7 @@ import pytest
 import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, message_to_dict
 from langchain_tests.unit_tests import ChatModelUnitTests
 from ltri_rag.storage import SqlSpanStore
 
@@ -269,6 +269,26 @@ def test_chat_history_persists_turns_per_session_and_recalls_them(memory) -> Non
     assert history.messages == [] and len(bob.messages) == 1
     with pytest.raises(ValueError, match="session_id"):
         KVChatMessageHistory(memory, "")
+
+
+def test_chat_history_stores_one_document_per_call(memory) -> None:
+    history = KVChatMessageHistory(memory, "carol")
+    history.add_messages([HumanMessage("My locker code is 4711."), AIMessage("Noted: locker 4711.")])
+    history.add_messages([HumanMessage("  ")])
+    infos = memory.get(["turn-00000000", "turn-00000001"], collection="chat:carol")
+    assert [d.doc_id for d in infos] == ["turn-00000000", "turn-00000001"]
+    assert infos[0].text == "human: My locker code is 4711.\nai: Noted: locker 4711.\n"
+    assert [infos[0].text[a:b] for a, b in infos[0].metadata["turns"]] == ["human: My locker code is 4711.",
+                                                                          "ai: Noted: locker 4711."]
+    assert infos[1].text == "human: (empty)\n" and infos[1].metadata["roles"] == ["human"]
+    # a document of the earlier one-message-per-document layout is still read, in order
+    memory.add_documents(["human: Hello."], [{"session_id": "carol", "index": 2,
+                                              "message": message_to_dict(HumanMessage("Hello."))}], ["msg-00000002"],
+                         collection="chat:carol", progress=False)
+    history.add_messages([AIMessage("Hi.")])
+    assert [m.content for m in history.messages] == ["My locker code is 4711.", "Noted: locker 4711.", "  ",
+                                                     "Hello.", "Hi."]
+    assert ("chat:carol", "turn-00000003") in memory.list_documents("chat:carol")
 
 
 # --------------------------------------------------------------------------------------------- standard tests
