@@ -18,6 +18,17 @@ QWEN_MISSING = (f"model file {QWEN} not fetched (bash ../shared/assets/fetch-mod
 needs_qwen = pytest.mark.skipif(not QWEN.is_file() and not os.environ.get("CI"), reason=QWEN_MISSING)
 
 
+@pytest.fixture
+def cpu_threads():
+    """Torch on every CPU core for the test (test modules on tiny models set it to one thread), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=1)
 def qwen() -> tuple[Any, Any]:
     """``(model, tokenizer)`` of Qwen2.5-Coder-0.5B, float32 on CPU, loaded once per test session (~1 min)."""
