@@ -23,8 +23,8 @@ What is stored and indexed:
 * An item put with ``index=False``, or whose value has no text, is stored (``get`` and ``search`` without a query
   return it) but never found by a query: its document text is its key, flagged out of query searches.
 * ``search(prefix, query=...)`` imports the span memory of the indexed items under the prefix and lets the model read
-  the query (:meth:`KVMemory.retrieve`); an item's score is the score of its best recalled region (its share of the
-  layers' attention over the memory, in ``[0, 1]``), and :attr:`LtriSearchItem.spans` lists its recalled regions
+  the query (:meth:`KVMemory.retrieve`); an item's score is the score retrieve gives its best recalled region (higher
+  is better, from the layers' attention), and :attr:`LtriSearchItem.spans` lists its recalled regions
   (character offsets into its text, score, text). Without a query, items come newest ``updated_at`` first.
 * ``filter`` follows LangGraph: equality on value fields (a nested dict matches the keys it names), or operators
   ``$eq $ne $gt $gte $lt $lte``. With a query the filter is applied to the recalled items (the items it excludes are
