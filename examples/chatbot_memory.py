@@ -63,16 +63,16 @@ def main() -> None:
     parser.add_argument("--chat", action="store_true", help="go on chatting (empty line ends)")
     args = parser.parse_args()
     model, tokenizer = ltri_rag.load_model(args.model, dtype="float32", device="cpu")
-    memory = ltri_rag.KVMemory.create(Path(tempfile.mkdtemp(prefix="ltri-chat-")) / "m", model, tokenizer, CONFIG)
-    answer, history = play(memory, args.filler, args.turns, args.batch)
-    meta = answer.response_metadata
-    print(f"turn 1: {FACT}\n... {args.turns} exchanges ...\nQ: {QUESTION}\nA: {answer.content.strip()}\n   prompt "
-          f"tokens {meta['prompt_tokens']}, served from memory {meta['memory_tokens']}; recalled spans:")
-    for span in meta["spans"]:
-        print(f"   [{span['score']:.3f}] {span['doc_id']}: {' '.join(span['text'].split()):.90}")
-    while args.chat and (text := input("you: ").strip()):
-        print("bot:", reply(history, text).content.strip())
-    memory.close()
+    with tempfile.TemporaryDirectory(prefix="ltri-chat-") as folder, \
+            ltri_rag.KVMemory.create(Path(folder) / "m", model, tokenizer, CONFIG) as memory:
+        answer, history = play(memory, args.filler, args.turns, args.batch)
+        meta = answer.response_metadata
+        print(f"turn 1: {FACT}\n... {args.turns} exchanges ...\nQ: {QUESTION}\nA: {answer.content.strip()}\n   prompt "
+              f"tokens {meta['prompt_tokens']}, served from memory {meta['memory_tokens']}; recalled spans:")
+        for span in meta["spans"]:
+            print(f"   [{span['score']:.3f}] {span['doc_id']}: {' '.join(span['text'].split()):.90}")
+        while args.chat and (text := input("you: ").strip()):
+            print("bot:", reply(history, text).content.strip())
 
 
 if __name__ == "__main__":
