@@ -46,6 +46,9 @@ from ltri_rag.memory_ingest import (
     sink_prefix_ids,
 )
 from ltri_rag.memory_query import (
+    DEFAULT_RANKING,
+    NEUTRAL_QUESTION,
+    RANKINGS,
     MemoryAnswer,
     MemoryStream,
     Placement,
@@ -54,6 +57,7 @@ from ltri_rag.memory_query import (
     choose_documents,
     decode,
     query_vectors,
+    read_neutral,
     recording_session,
     session_hits,
     stream_pieces,
@@ -93,6 +97,10 @@ class KVMemory:
             candidate documents hold more, only those the store's FAISS search ranks first are imported (at least
             one).
         batch_bytes: Ingested documents are written to the store in batches of about this many tensor bytes.
+        ranking: How :meth:`retrieve` scores spans from the model's attention (one of
+            :data:`~ltri_rag.memory_query.RANKINGS`): ``attention`` (default: the share of the question's attention),
+            ``excess`` (the share beyond what a neutral question pays the span, read in one extra dry pass; documents'
+            openings stop outranking the answer, see :mod:`ltri_rag.memory_query`), ``pmi``.
 
     Raises:
         FingerprintMismatch: the store was written with another model, tokenizer or configuration.
@@ -101,7 +109,7 @@ class KVMemory:
 
     def __init__(self, store: SpanStore, model: nn.Module, tokenizer: Any, config: LtriConfig | None = None, *,
                  max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
-                 batch_bytes: int = 256 << 20) -> None:
+                 batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING) -> None:
         if config is None:
             config = config_from_fingerprint(store.fingerprint)
         if not isinstance(config, LtriConfig):
@@ -112,6 +120,9 @@ class KVMemory:
                             ("batch_bytes", batch_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+        self.ranking = ranking
         self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
         self.max_document_tokens, self.max_memory_tokens, self.batch_bytes = (max_document_tokens,
                                                                                max_memory_tokens, batch_bytes)
@@ -138,7 +149,7 @@ class KVMemory:
             config: Engine configuration; default ``LtriConfig()`` (mode ``ltri``).
             store: Entry point name of the store (``"sql"``) or a factory class.
             store_options: Extra keyword arguments of the factory's ``create``.
-            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes`` (see the class).
+            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking`` (see the class).
         """
         config = config or LtriConfig()
         factory = resolve_store(store)
@@ -297,7 +308,8 @@ class KVMemory:
 
         Returns:
             :class:`SpanHit` s with document id, collection, token and character offsets, text and a score in
-            ``[0, 1]`` (the share of the layers' attention over the memory that points at the region); deterministic.
+            ``[0, 1]`` (the share of the layers' attention over the memory that points at the region; with ranking
+            ``excess``, the share the question pays it beyond what a neutral question pays it); deterministic.
         """
         return self._retrieve(self._question_ids(query), k, filter, collection, max_memory_tokens)[0]
 
@@ -319,10 +331,13 @@ class KVMemory:
                 return [], [], []
             session, recorder, placements, loaded = self._load_session(docs, record=True)
             assert recorder is not None
+            neutral = None
+            if self.ranking != "attention":
+                neutral = read_neutral(session, recorder, self._question_ids(NEUTRAL_QUESTION))
             recorder.recording = True
             session.feed(ids)
             per_layer = session_hits(recorder, placements, self.scaling, max(4 * k, 16),
-                                     backend=self.config.attention_backend)
+                                     backend=self.config.attention_backend, neutral=neutral, ranking=self.ranking)
         return aggregate_hits(per_layer, k), docs, loaded
 
     def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None

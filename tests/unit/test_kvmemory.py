@@ -358,6 +358,40 @@ def test_hits_of_all_layers_merge_into_distinct_regions() -> None:
     assert aggregate_hits(per_layer, k=1, temperature=1.0) == hits[:1]
 
 
+def test_the_neutral_pass_leaves_no_trace_and_rankings_are_checked(tmp_path, llama, tok) -> None:
+    """The neutral question is read in a dry pass: the question read after it records the same queries and gives
+    the same logits as without it; the excess ranking scores in [0, 1]; unknown rankings are refused."""
+    from ltri_rag.memory_query import NEUTRAL_QUESTION, read_neutral, span_scores
+
+    with _create(tmp_path / "m", llama, tok, ranking="excess") as mem:
+        _add_all(mem)
+        docs = mem._documents(None, None)
+        question = mem._question_ids("Where is the Louvre?")
+        runs = []
+        for neutral_first in (False, True):
+            session, recorder, _, _ = mem._load_session(docs, record=True)
+            neutral = read_neutral(session, recorder, mem._question_ids(NEUTRAL_QUESTION)) if neutral_first else {}
+            assert not recorder.queries and all(q.shape[1] == len(mem._question_ids(NEUTRAL_QUESTION))
+                                                for q in neutral.values())
+            recorder.recording = True
+            logits = session.feed(question)[0]
+            runs.append((logits, {layer: recorder.recorded(layer) for layer in recorder.queries}))
+        assert torch.equal(runs[0][0], runs[1][0])
+        assert runs[0][1].keys() == runs[1][1].keys() and runs[0][1]
+        assert all(torch.equal(runs[0][1][layer], runs[1][1][layer]) for layer in runs[0][1])
+        hits = mem.retrieve("Where is the Louvre?", k=3)
+        assert hits and all(0.0 <= h.score <= 1.0 for h in hits)
+        assert sum(h.score for h in hits) <= 1.0 + 1e-6
+    p, p0 = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.7, 0.1, 0.2])
+    assert torch.allclose(span_scores(p, p0, "excess"), torch.tensor([0.0, 0.2, 0.0]))
+    assert span_scores(p, p0, "pmi")[1] == pytest.approx(0.3 * torch.log(torch.tensor(3.0)).item())
+    assert torch.equal(span_scores(p, None, "attention"), p)
+    with pytest.raises(ValueError, match="ranking"):
+        span_scores(p, None, "excess")
+    with pytest.raises(ValueError, match="ranking"):
+        _create(tmp_path / "n", llama, tok, ranking="bm25")
+
+
 # --------------------------------------------------------------------------------------------- stream / async
 def test_stream_and_async_variants_agree_with_the_sync_ones(tmp_path, llama, tok) -> None:
     with _create(tmp_path / "m", llama, tok) as mem:
