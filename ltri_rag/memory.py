@@ -98,9 +98,10 @@ class KVMemory:
             one).
         batch_bytes: Ingested documents are written to the store in batches of about this many tensor bytes.
         ranking: How :meth:`retrieve` scores spans from the model's attention (one of
-            :data:`~ltri_rag.memory_query.RANKINGS`): ``attention`` (default: the share of the question's attention),
-            ``excess`` (the share beyond what a neutral question pays the span, read in one extra dry pass; documents'
-            openings stop outranking the answer, see :mod:`ltri_rag.memory_query`), ``pmi``.
+            :data:`~ltri_rag.memory_query.RANKINGS`): ``excess`` (the default: the share of the question's attention
+            beyond what a neutral question pays the span, read in one extra dry pass, so that documents' openings stop
+            outranking the answer; measured in :mod:`ltri_rag.memory_query`), ``attention`` (the share of the
+            question's attention), ``pmi``.
 
     Raises:
         FingerprintMismatch: the store was written with another model, tokenizer or configuration.

@@ -221,7 +221,9 @@ def test_retriever_filters_and_collections(retriever) -> None:
     other = LtriRetriever(memory=retriever.memory, collection="other", k=3)
     other.add_documents([Document(page_content="Berlin is the capital of Germany.", id="berlin")])
     assert {d.metadata["collection"] for d in other.invoke("capital")} == {"other"}
-    assert {d.metadata["doc_id"] for d in retriever.invoke("capital", k=8)} >= {"berlin", "paris"}
+    # without a collection the retriever reads every collection (k covers all regions: a random model's ranking
+    # says nothing about which document comes first)
+    assert {d.metadata["doc_id"] for d in retriever.invoke("capital", k=64)} >= {"berlin", "paris"}
 
 
 def test_retriever_delete_then_retrieve_and_upsert(retriever) -> None:

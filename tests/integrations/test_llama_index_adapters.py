@@ -242,7 +242,8 @@ def test_text_rag_query_engine_pastes_the_spans_into_the_prompt(mem) -> None:
     hits = mem.retrieve("What is the capital of France?", 2)
     assert [n.node.text for n in response.source_nodes] == [h.text for h in hits]
     prompt = counter.llm_token_counts[-1].prompt
-    assert all(h.text in prompt for h in hits) and "What is the capital of France?" in prompt
+    # (LlamaIndex strips the whitespace a node's text begins or ends with when it pastes it)
+    assert all(h.text.strip() in prompt for h in hits) and "What is the capital of France?" in prompt
     assert "start_char" not in prompt  # the offsets stay out of the LLM's context
     assert prompt.startswith("<s><|user|>Context information")  # the QA prompt went through the chat template
     assert counter.llm_token_counts[-1].prompt_token_count > len("What is the capital of France?")
