@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 import ltri_rag  # noqa: F401  (first: see tests/unit/tiny_tokenizer.py)
+from tests.real_model import QWEN_GGUF
 
-QWEN = Path(os.environ.get("LTRI_QWEN_GGUF", "~/models/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b.gguf")).expanduser()
+QWEN = QWEN_GGUF  # see tests/real_model.py
 QWEN_MISSING = (f"model file {QWEN} not fetched (bash ../shared/assets/fetch-models.sh ~/models qwen2.5-coder-0.5b; "
                 "CI always fetches it)")
 # skip without the model file, except on CI, where its absence is an error

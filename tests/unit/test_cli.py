@@ -16,6 +16,7 @@ import pytest
 from ltri_rag.cli import main
 from ltri_rag.cli.demo import demo_documents, demo_questions, is_correct
 from ltri_rag.cli.documents import pdf_available
+from tests.real_model import QWEN_GGUF
 from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
@@ -324,7 +325,7 @@ def test_demo_data_is_packaged_and_questions_point_inside() -> None:
     assert is_correct("It was sixteen miles.", ("sixteen", "16")) and not is_correct("sixteenth", ("sixteen",))
 
 
-QWEN = Path(os.environ.get("LTRI_QWEN_GGUF", "~/models/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b.gguf")).expanduser()
+QWEN = QWEN_GGUF  # see tests/real_model.py
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from ltri_rag.memory import resolve_store
 from ltri_rag.memory_ingest import DocumentOffsets, encode_document
 from ltri_rag.memory_query import aggregate_hits
 from ltri_rag.store import DocumentNotFound, FingerprintMismatch, SpanHit, StoreError
+from tests.real_model import QWEN_GGUF
 from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
@@ -415,7 +416,7 @@ def test_stream_and_async_variants_agree_with_the_sync_ones(tmp_path, llama, tok
 
 
 # --------------------------------------------------------------------------------------------- a real model
-QWEN = Path(os.environ.get("LTRI_QWEN_GGUF", "~/models/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b.gguf")).expanduser()
+QWEN = QWEN_GGUF  # see tests/real_model.py
 ESSAYS = ("submarine", "apple", "boss", "vb")  # ~11.5K tokens of Paul Graham essays
 
 

@@ -9,7 +9,6 @@ split: the defaults were tuned on seeds 0-2.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ import torch
 import ltri_rag
 from benchmarks.tasks import passkey_correct, passkey_sample
 from ltri_rag import LtriConfig
+from tests.real_model import QWEN_GGUF
 
-MODEL = Path(os.environ.get("LTRI_QWEN_GGUF", "~/models/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b.gguf")).expanduser()
+MODEL = QWEN_GGUF  # see tests/real_model.py
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not MODEL.is_file() and not os.environ.get("CI"),
                                  reason=f"model file {MODEL} not fetched (CI always fetches it)")]
