@@ -109,15 +109,3 @@ class SpanTable:
         out = torch.full((rows, int(per_row.max())), -1, dtype=torch.int64)
         out[torch.repeat_interleave(row, lengths, output_size=total), column] = slot
         return out.expand(num_kv_heads, -1) if rows == 1 else out
-
-    def slots(self, selected: torch.Tensor) -> list[torch.Tensor]:
-        """Slots of the selected spans in text order, per selection row.
-
-        Args:
-            selected: ``[rows, num_spans]`` bool.
-
-        Returns:
-            ``rows`` int64 tensors of slots (CPU).
-        """
-        matrix = self.slot_matrix(selected, selected.shape[0])
-        return [r[r >= 0] for r in matrix]

@@ -207,6 +207,18 @@ class _LtriParams(BaseModel):
             raise ValueError("collection / filter need a memory (ChatLtri(memory=...))")
         return opts
 
+    def _params(self) -> dict[str, Any]:
+        """The settings that identify this model (LangChain's ``_identifying_params``)."""
+        return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "top_p": self.top_p, "k": self.k, "collection": self.collection, "memory": self.memory is not None}
+
+    def _ls_params(self, model_type: str, stop: list[str] | None, kwargs: Mapping[str, Any]) -> LangSmithParams:
+        """LangSmith's tracing parameters for a call (``model_type``: ``chat`` or ``llm``)."""
+        return LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model_name,
+                               ls_model_type=model_type, ls_temperature=kwargs.get("temperature", self.temperature),
+                               ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+                               ls_stop=self._stops(stop) or None)
+
     def _stops(self, stop: Sequence[str] | None) -> list[str]:
         stops = list(self.stop or []) + list(stop or [])
         for s in stops:
@@ -325,14 +337,10 @@ class ChatLtri(_LtriParams, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "top_p": self.top_p, "k": self.k, "collection": self.collection, "memory": self.memory is not None}
+        return self._params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model_name,
-                               ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature),
-                               ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
-                               ls_stop=self._stops(stop) or None)
+        return self._ls_params("chat", stop, kwargs)
 
     def _chunks(self, messages: list[BaseMessage], stop: list[str] | None,
                 run_manager: CallbackManagerForLLMRun | None, kwargs: Mapping[str, Any]
@@ -384,15 +392,10 @@ class LtriLLM(_LtriParams, LLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "top_p": self.top_p, "k": self.k, "collection": self.collection, "memory": self.memory is not None,
-                "chat_template": self.chat_template}
+        return {**self._params(), "chat_template": self.chat_template}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model_name,
-                               ls_model_type="llm", ls_temperature=kwargs.get("temperature", self.temperature),
-                               ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
-                               ls_stop=self._stops(stop) or None)
+        return self._ls_params("llm", stop, kwargs)
 
     def _complete(self, prompt: str, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None,
                   kwargs: Mapping[str, Any]) -> _Outcome:
