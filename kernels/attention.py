@@ -219,6 +219,25 @@ def _band(e: torch.Tensor, weight: torch.Tensor, causal_offset: int, band_width:
     return band.mul_(valid)
 
 
+def _check_memory(q: torch.Tensor, k: torch.Tensor, memory: tuple, extra_lse: torch.Tensor | None) -> None:
+    """Validate the ``memory`` argument of :func:`local_attention` (``k``: the local keys)."""
+    if extra_lse is not None:
+        raise ValueError("pass either memory or extra_lse, not both")
+    if len(memory) != 4:
+        raise ValueError(f"memory must be (q_mem, mem_k, mem_v, mem_mask), got {len(memory)} items")
+    q_mem, mem_k, mem_v, mem_mask = memory
+    if q_mem.shape != q.shape:
+        raise ValueError(f"q_mem must have q's shape {tuple(q.shape)}, got {tuple(q_mem.shape)}")
+    _check_qkv(q_mem, mem_k, mem_v)
+    if mem_k.shape[1] != k.shape[1]:
+        raise ValueError(f"memory has {mem_k.shape[1]} KV heads, the local keys {k.shape[1]}")
+    if mem_mask.dtype != torch.bool or tuple(mem_mask.shape) != tuple(mem_k.shape[:3]):
+        raise ValueError(f"mem_mask must be a bool [batch, num_kv_heads, M]={tuple(mem_k.shape[:3])}, got "
+                         f"{mem_mask.dtype} {tuple(mem_mask.shape)}")
+    if mem_mask.device != q.device:
+        raise ValueError(f"mem_mask is on {mem_mask.device}, q on {q.device}")
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -230,11 +249,17 @@ def local_attention(
     band_width: int = 0,
     want_key_mass: bool = False,
     softcap: float | None = None,
+    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> LocalAttention:
     """Causal attention over the local keys plus the statistics span detection needs, in one pass.
 
     The probabilities behind ``key_mass`` and ``band`` are normalised by the row's total LSE
     (``logaddexp(lse_local, extra_lse)``), i.e. they are the true attention probabilities of the full working set.
+
+    With ``memory`` the other part of the working set is attended too and merged: ``out`` and ``lse`` are then
+    over memory and local keys together (``key_mass`` and ``band`` still cover the local keys only). This is
+    :func:`attention_with_lse` over the memory, this function with its LSE as ``extra_lse``, and
+    :func:`merge_attention`; the Triton backend does all three in one kernel.
 
     Args:
         q: ``[batch, num_heads, q_len, head_dim]``; query ``i`` sits at key index ``causal_offset + i``.
@@ -246,10 +271,22 @@ def local_attention(
         band_width: Width of the returned diagonal band of the (head-mean) probability map; 0 = none.
         want_key_mass: Whether to return ``key_mass``.
         softcap: Optional score soft-capping.
+        memory: ``(q_mem, mem_k, mem_v, mem_mask)``: the queries for the memory part ``[batch, num_heads, q_len,
+            head_dim]`` (``q`` itself unless the position scheme moves them), memory keys and values
+            ``[batch, num_kv_heads, M, head_dim]`` and their mask ``[batch, num_kv_heads, M]`` bool (False =
+            padding); every query sees every real memory key. Excludes ``extra_lse``.
 
     Returns:
         A :class:`LocalAttention`.
     """
+    if memory is not None:
+        _check_memory(q, k, memory, extra_lse)
+        q_mem, mem_k, mem_v, mem_mask = memory
+        out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mem_mask, softcap=softcap)
+        local = local_attention(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=lse_m,
+                                band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
+        out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
+        return LocalAttention(out=out, lse=lse, key_mass=local.key_mass, band=local.band)
     _check_qkv(q, k, v)
     q_len, kv_len = q.shape[2], k.shape[2]
     if causal_offset + q_len != kv_len:

@@ -23,6 +23,11 @@ Design (two kernels, no atomics, deterministic):
   reduction afterwards (a program only holds the ``G`` heads of its KV head, and the mean is over all ``H``).
   No score is computed twice for the band.
 
+  With ``memory`` (the working set's other part: sinks and retrieved spans, ``[B, Hkv, M, D]`` with a key mask),
+  the program first runs the same online softmax over the memory keys (every row sees every real one; the
+  ``fixed`` position scheme gives them queries of their own), then over the local keys, so memory attention,
+  local attention and their merge are one kernel and ``lse`` is the working set's total.
+
 * **Key mass** (``_local_key_mass_kernel``, only with ``want_key_mass``), grid ``(cdiv(Lk, BLOCK_N),
   B * Hkv)``. It needs the final ``lse`` of every row, hence a second pass: each program holds one K tile and
   walks the packed row blocks (the same ``(query, head)`` packing) from the first query that can see the tile
@@ -44,7 +49,7 @@ CPU tensors), spill-free but untimed defaults on CUDA (8 warps, ``64 x 64``; ``6
 
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
-from ltri_rag.kernels.attention import LocalAttention, _check_qkv, local_attention
+from ltri_rag.kernels.attention import LocalAttention, _check_memory, _check_qkv, local_attention
 
 __all__ = ["block_sizes", "local_attention_triton", "triton_available"]
 
@@ -167,16 +172,44 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, l_i, m_new, band_s
 
-    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset"))
-    def _local_fwd_kernel(Q, K, V, Out, Lse, Extra, Band,
+    @triton.jit
+    def _mem_block(acc, l_i, m_i, qm, mk_base, mv_base, mm_base, start, mem_len,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap2,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One block of memory keys (no causality; the key mask says which are real) of the online softmax."""
+        n = start + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        n_ok = n < mem_len
+        k_t = tl.load(mk_base + n[None, :] * stride_kn + d[:, None] * stride_kd,
+                      mask=n_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(mv_base + n[:, None] * stride_vn + d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        valid = n_ok & (tl.load(mm_base + n * stride_mn, mask=n_ok, other=0) != 0)
+        s = _score_tile(qm, k_t, qk_scale, cap2, SOFTCAP, DOT_PRECISION)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset", "mem_len"))
+    def _local_fwd_kernel(Q, K, V, Out, Lse, Extra, Band, QM, MK, MV, MMask,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
-                          num_kv_heads, q_len, kv_len, causal_offset, band_width, qk_scale, cap2,
+                          stride_qmb, stride_qmh, stride_qmm, stride_qmd,
+                          stride_mkb, stride_mkh, stride_mkn, stride_mkd,
+                          stride_mvb, stride_mvh, stride_mvn, stride_mvd,
+                          stride_mmb, stride_mmh, stride_mmn,
+                          num_kv_heads, q_len, kv_len, causal_offset, band_width, mem_len, qk_scale, cap2,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                          HAS_EXTRA: tl.constexpr, BAND: tl.constexpr, BAND_P: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          HAS_EXTRA: tl.constexpr, HAS_MEM: tl.constexpr, MEM_OWN_Q: tl.constexpr,
+                          BAND: tl.constexpr, BAND_P: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -208,6 +241,19 @@ if triton is not None:
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         band_s = tl.full([BLOCK_M, BAND_P], float("-inf"), dtype=tl.float32)
+        if HAS_MEM:  # the memory part first: sinks and retrieved spans, all visible to every row, key-masked
+            if MEM_OWN_Q:
+                qm = tl.load(QM + b * stride_qmb + head[:, None] * stride_qmh + qi[:, None].to(tl.int64) * stride_qmm
+                             + d[None, :] * stride_qmd, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            else:  # the memory part is read with the chunk's own queries (every scheme but ``fixed``)
+                qm = q
+            mk_base = MK + b * stride_mkb + kvh * stride_mkh
+            mv_base = MV + b * stride_mvb + kvh * stride_mvh
+            mm_base = MMask + b * stride_mmb + kvh * stride_mmh
+            for start in range(0, mem_len, BLOCK_N):
+                acc, l_i, m_i = _mem_block(acc, l_i, m_i, qm, mk_base, mv_base, mm_base, start, mem_len,
+                                           stride_mkn, stride_mkd, stride_mvn, stride_mvd, stride_mmn, qk_scale,
+                                           cap2, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PRECISION)
         for start in range(0, masked_start, BLOCK_N):
             acc, l_i, m_i, band_s = _fwd_block(
                 acc, l_i, m_i, band_s, q, k_base, v_base, start, q_pos, kv_len,
@@ -295,6 +341,7 @@ def local_attention_triton(
     band_width: int = 0,
     want_key_mass: bool = False,
     softcap: float | None = None,
+    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -306,7 +353,9 @@ def local_attention_triton(
     module docstring for the grid and the second, key-mass kernel).
 
     Args:
-        q, k, v, scaling, causal_offset, extra_lse, band_width, want_key_mass, softcap: As for the reference.
+        q, k, v, scaling, causal_offset, extra_lse, band_width, want_key_mass, softcap, memory: As for the
+            reference. With ``memory`` the forward program first runs its online softmax over the memory keys
+            (key-masked, all visible), then over the local ones, so memory, window and merge are one kernel.
         block_m: Packed ``(query, head)`` rows per program (power of two >= 16); None = :func:`block_sizes`.
         block_n: Keys per tile (power of two >= 16); None = :func:`block_sizes`.
         num_warps, num_stages: Launch settings of both kernels; None = :func:`block_sizes` (for tuning sweeps:
@@ -341,14 +390,23 @@ def local_attention_triton(
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the triton kernels need CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 set "
                          "before ltri_rag.kernels.triton_local is imported")
+    if memory is not None:
+        _check_memory(q, k, memory, extra_lse)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: the reference handles the empty shapes
         return local_attention(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=extra_lse,
-                               band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
+                               band_width=band_width, want_key_mass=want_key_mass, softcap=softcap, memory=memory)
+    q_mem = mem_k = mem_v = mem_mask = None
+    if memory is not None:
+        q_mem, mem_k, mem_v, mem_mask = memory
+    own_q = memory is not None and q_mem is not q  # memory queries of their own (else the chunk's, loaded once)
+    tensors = [t for t in (q, k, v, q_mem, mem_k, mem_v) if t is not None]
+    if not (all(t.dtype == q.dtype for t in tensors) and q.dtype in _DTYPES) or (
+            INTERPRETED and q.dtype == torch.bfloat16):
+        # mixed dtypes are computed in float32; so is bfloat16 under the interpreter, which multiplies bfloat16
+        # bit patterns in tl.dot (triton issue 11584, unsupported upstream)
         q, k, v = q.float(), k.float(), v.float()
-    elif INTERPRETED and q.dtype == torch.bfloat16:
-        # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584, unsupported upstream)
-        q, k, v = q.float(), k.float(), v.float()
+        if memory is not None:
+            q_mem, mem_k, mem_v = q_mem.float(), mem_k.float(), mem_v.float()
 
     default_m, default_n, default_warps, default_stages = block_sizes(head_dim, group, q.device, q.dtype)
     num_warps = _launch_setting(num_warps, default_warps, "num_warps", (1, 2, 4, 8, 16))
@@ -373,12 +431,21 @@ def local_attention_triton(
               "SOFTCAP": softcap is not None, "HAS_EXTRA": extra is not None, "DOT_PRECISION": dot_precision,
               "num_warps": num_warps, "num_stages": num_stages}
 
+    has_mem = memory is not None and mem_k.shape[2] > 0
+    if has_mem:
+        mask = mem_mask.view(torch.uint8)
+        mem_args = (q_mem, mem_k, mem_v, mask)
+        mem_strides = (*q_mem.stride(), *mem_k.stride(), *mem_v.stride(), *mask.stride())
+        mem_len = mem_k.shape[2]
+    else:  # unused pointers and strides
+        mem_args, mem_strides, mem_len = (q, k, v, lse), (0,) * 15, 0
     grid = (triton.cdiv(q_len * group, block_m), batch * num_kv_heads)
     _local_fwd_kernel[grid](
-        q, k, v, out, lse, lse if extra is None else extra, scratch,
-        *q.stride(), *k.stride(), *v.stride(),
-        num_kv_heads, q_len, kv_len, causal_offset, band_width, qk_scale, cap2,
-        BLOCK_N=block_n, BAND=band, BAND_P=band_p, **common)
+        q, k, v, out, lse, lse if extra is None else extra, scratch, *mem_args,
+        *q.stride(), *k.stride(), *v.stride(), *mem_strides,
+        num_kv_heads, q_len, kv_len, causal_offset, band_width, mem_len, qk_scale, cap2,
+        BLOCK_N=block_n, BAND=band, BAND_P=band_p, HAS_MEM=has_mem, MEM_OWN_Q=has_mem and own_q,
+        **common)
 
     key_mass = None
     if want_key_mass:

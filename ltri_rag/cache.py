@@ -52,6 +52,33 @@ def layer_sliding_windows(model: nn.Module) -> list[int | None]:
     return [None] * num_layers
 
 
+DEVICE_POOL_SHARE = 0.4  # kv_offload="auto", kv_device_gib None: share of the free device memory for the pool
+
+
+def _make_pool(model: nn.Module, config: LtriConfig, batch_size: int, device: torch.device) -> PagedKVPool:
+    """The span pool placed as ``config.kv_offload`` / ``kv_device_gib`` say (see :class:`LtriConfig`)."""
+    pin = torch.cuda.is_available() and device.type == "cuda"
+    if config.kv_offload is True or device.type == "cpu":
+        return PagedKVPool(batch_size, config.page_size, torch.device("cpu"), pin_memory=pin)
+    if config.kv_offload is False:
+        return PagedKVPool(batch_size, config.page_size, device)
+    # auto: the first pages on the device, up to a byte budget over every global layer's K and V
+    if config.kv_device_gib is not None:
+        budget = config.kv_device_gib * 2**30
+    elif device.type == "cuda":
+        budget = DEVICE_POOL_SHARE * torch.cuda.mem_get_info(device)[0]
+    else:  # another accelerator: no portable way to ask what is free, so the pool stays unbounded there
+        return PagedKVPool(batch_size, config.page_size, device)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    dtype = next(model.parameters()).dtype
+    num_global = sum(window is None for window in layer_sliding_windows(model))
+    page_bytes = 2 * num_global * config.page_size * num_kv_heads * head_dim * dtype.itemsize
+    device_pages = int(budget // max(page_bytes, 1))
+    return PagedKVPool(batch_size, config.page_size, device, pin_memory=pin, device_pages=device_pages)
+
+
 class _LayerSlot:
     """What transformers' ``Cache`` helpers inspect on a layer."""
 
@@ -84,10 +111,7 @@ class LtriCache(Cache):
         self.num_sequences = batch_size
         device = device or next(model.parameters()).device
         self.device = device
-        store_device = torch.device("cpu") if config.kv_offload else device
-        self.pool = (PagedKVPool(batch_size, config.page_size, store_device,
-                                 pin_memory=torch.cuda.is_available() and device.type == "cuda")
-                     if config.retrieves else None)
+        self.pool = _make_pool(model, config, batch_size, device) if config.retrieves else None
         self.consensus = LayerConsensus(batch_size) if config.retrieves else None
         windows = layer_sliding_windows(model)
         states: list[GlobalLayerState | SlidingLayerState] = []

@@ -65,7 +65,13 @@ class LtriConfig:
         evict_stride: Window overflow (tokens) that triggers an eviction; the window is cut back to
             ``local_window``. Keeps decode from cutting one-token spans.
         page_size: Tokens per page of the paged K/V pool that holds evicted tokens.
-        kv_offload: Keep the paged K/V pool in (pinned) host memory instead of on the model's device.
+        kv_offload: Where the paged K/V pool of evicted tokens lives. ``"auto"`` (the default): on the model's
+            device up to ``kv_device_gib``, pages beyond that in pinned host memory (a retrieval gathers device
+            pages at HBM speed and copies host pages over PCIe); ``True``: all in (pinned) host memory; ``False``:
+            all on the model's device, unbounded. On a CPU model the pool is host memory in every case.
+        kv_device_gib: With ``kv_offload="auto"`` on a GPU: GiB of device memory the pool may take (every layer's
+            K and V). None: 40% of the device memory free when the cache is built (the device tier grows by
+            doubling, so its peak while growing is 1.5 times that).
         segmentation: ``triangle`` (semantic spans, Ltri) or ``fixed`` (blocks of ``block_size``, InfLLM).
         block_size: Length of a fixed block (InfLLM: 128).
         span_min_len: Shortest semantic span a candidate may have.
@@ -119,7 +125,8 @@ class LtriConfig:
     budget: int = 2048
     evict_stride: int = 64
     page_size: int = 64
-    kv_offload: bool = True
+    kv_offload: bool | Literal["auto"] = "auto"
+    kv_device_gib: float | None = None
     segmentation: Segmentation | None = None
     block_size: int = 128
     span_min_len: int = 8
@@ -165,8 +172,15 @@ class LtriConfig:
         if self.full_chunk_size is not None:
             self._check_int("full_chunk_size", minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
-        for name in ("voting", "persistence", "kv_offload", "lookahead", "pin_prompt_spans",
-                     "pin_extra_budget"):
+        if self.kv_offload != "auto" and not isinstance(self.kv_offload, bool):
+            raise TypeError(f"kv_offload must be a bool or 'auto', got {self.kv_offload!r}")
+        if self.kv_device_gib is not None:
+            value = self.kv_device_gib
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"kv_device_gib must be a finite number or None, got {value!r}")
+            if value < 0:
+                raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
+        for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

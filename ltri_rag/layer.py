@@ -25,7 +25,6 @@ from ltri_rag.kernels.attention import (
     attention_with_lse,
     decode_attention_backend,
     local_attention_backend,
-    merge_attention,
 )
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
@@ -319,20 +318,14 @@ class GlobalLayerState:
             if not plan.dry:
                 self._pending = (k, v, local.key_mass, local.band)
             return local.out
-        if memory is None:
-            out_m = lse_m = None
-        else:
-            with record_function("ltri.attend_memory"):
-                q_mem, mem_k, mem_v, mask = memory
-                out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mask,
-                                                  softcap=softcap)
+        # memory part, local part and their merge in one call (one kernel on the Triton backend)
         with record_function("ltri.attend_local"):
             win_len = 0 if self.win_k is None else self.win_k.shape[2]
             local_fn = local_attention_backend(self.cfg.attention_backend, q.device)
             local = local_fn(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
-                             causal_offset=win_len, extra_lse=lse_m, band_width=self.band_width,
-                             want_key_mass=self.cfg.retrieves, softcap=softcap)
-            out = local.out if out_m is None else merge_attention(out_m, lse_m, local.out, local.lse)[0]
+                             causal_offset=win_len, band_width=self.band_width, want_key_mass=self.cfg.retrieves,
+                             softcap=softcap, memory=memory)
+            out = local.out
         if not plan.dry:
             self._pending = (k, v, local.key_mass, local.band)
         return out

@@ -32,7 +32,7 @@ __all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memor
            "tokenizer_sha256", "weights_sha256"]
 
 FORMAT_VERSION = 1
-RUNTIME_FIELDS = ("kv_offload", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
+RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
                   "page_size", "decode_retrieval_stride")
 _ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",

@@ -1,10 +1,16 @@
-"""A paged pool for the K/V of evicted tokens.
+"""A paged pool for the K/V of evicted tokens, in two tiers: the compute device first, pinned host memory beyond.
 
-Layout per layer: ``k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]`` (token-major pages, heads
-inside, as in paged-attention engines). Each sequence has one page table, shared by every layer (all layers evict
-the same tokens at the same time); a sequence's evicted tokens get consecutive *slots* ``0, 1, 2, ...``, and slot
-``s`` lives at ``page_table[s // page_size]``, offset ``s % page_size``. Spans of any length are slot ranges, so
-variable-length spans, a device cache, kernels and persistence all read the same layout.
+Layout per layer: pages ``[num_pages, page_size, num_kv_heads, head_dim]`` (token-major pages, heads inside, as in
+paged-attention engines). Each sequence has one page table, shared by every layer (all layers evict the same tokens
+at the same time); a sequence's evicted tokens get consecutive *slots* ``0, 1, 2, ...``, and slot ``s`` lives at
+``page_table[s // page_size]``, offset ``s % page_size``. Spans of any length are slot ranges, so variable-length
+spans, kernels and persistence all read the same layout.
+
+Tiers: pages ``0 .. device_pages - 1`` live on ``device`` (the GPU: a retrieval gathers them at HBM speed), pages
+from ``device_pages`` on live in host memory (pinned for asynchronous copies: a retrieval gathers their rows into a
+pinned buffer and copies it over PCIe). Pages are handed out in order, so a stream's first ``device_pages`` pages
+(across its sequences) stay on the device and the rest spill to the host; nothing moves between tiers. With
+``device_pages`` None there is one tier.
 
 Each slot also records the position its token was read at (host ``int64``), set by whoever fills the slot: a
 stream evicts its tokens in order, a stored document's tokens keep the positions they had when it was read.
@@ -18,6 +24,51 @@ from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["PagedKVPool"]
 
+_CPU = torch.device("cpu")
+
+
+class _Tier:
+    """Pages of one tier: per layer ``k, v: [capacity, page_size, Hkv, D]`` on ``device``, growing by doubling
+    up to ``limit`` pages (None: no limit)."""
+
+    def __init__(self, device: torch.device, pin_memory: bool, limit: int | None) -> None:
+        self.device = device
+        self.pin_memory = pin_memory and device.type == "cpu"
+        self.limit = limit
+        self.capacity = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def _empty(self, pages: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(pages, *like.shape[1:], dtype=like.dtype, device=self.device, pin_memory=self.pin_memory)
+
+    def grow(self, pages: int) -> None:
+        """Room for ``pages`` pages (at most ``limit``); existing pages are copied over."""
+        pages = pages if self.limit is None else min(pages, self.limit)
+        if pages <= self.capacity:
+            return
+        new_capacity = max(pages, 2 * self.capacity, 16)
+        if self.limit is not None:
+            new_capacity = min(new_capacity, self.limit)
+        for store in (self.k, self.v):
+            for layer, old in store.items():
+                new = self._empty(new_capacity, old)
+                new[: old.shape[0]].copy_(old)
+                store[layer] = new
+        self.capacity = new_capacity
+
+    def ensure_layer(self, layer: int, page_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype) -> None:
+        if layer not in self.k:
+            shape = (self.capacity, page_size, num_kv_heads, head_dim)
+            self.k[layer] = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+            self.v[layer] = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V seen as ``[pages * page_size * Hkv, D]`` rows."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, k.shape[3]), v.view(-1, v.shape[3])
+
 
 class PagedKVPool:
     """Per-layer paged K/V storage with one page table per sequence.
@@ -25,20 +76,27 @@ class PagedKVPool:
     Args:
         batch_size: Number of sequences.
         page_size: Tokens per page.
-        device: Where pages live (``cpu`` for offload).
+        device: Where pages live (``cpu`` for offload): the first tier.
         pin_memory: Pin host pages (faster, asynchronous copies to a GPU).
+        device_pages: Most pages kept on ``device`` (a GPU); pages past them live in (pinned) host memory. None:
+            every page on ``device`` (with ``device`` the CPU, both tiers are host memory).
     """
 
-    def __init__(self, batch_size: int, page_size: int, device: torch.device, pin_memory: bool = False) -> None:
+    def __init__(self, batch_size: int, page_size: int, device: torch.device, pin_memory: bool = False,
+                 device_pages: int | None = None) -> None:
+        if device_pages is not None and (not isinstance(device_pages, int) or device_pages < 0):
+            raise ValueError(f"device_pages must be a non-negative int or None, got {device_pages!r}")
         self.page_size = page_size
         self.device = device
         self.pin_memory = pin_memory and device.type == "cpu"
+        self.device_pages = device_pages
         self.page_tables: list[list[int]] = [[] for _ in range(batch_size)]
         self.num_slots: list[int] = [0] * batch_size
         self._next_page = 0
-        self._capacity = 0
-        self._k: dict[int, torch.Tensor] = {}
-        self._v: dict[int, torch.Tensor] = {}
+        self._fast = _Tier(device, pin_memory, device_pages)
+        # the overflow tier (pages from device_pages on): host memory, pinned for copies to a GPU
+        self._slow = None if device_pages is None else _Tier(_CPU, pin_memory, None)
+        self._split = device_pages  # first page of the overflow tier
         # host int64 position per slot, in buffers that grow by doubling (slot s of sequence q at _positions[q][s];
         # entries at or past num_slots[q] are unused); the page tables as tensors, rebuilt only when pages are added
         self._positions = [torch.zeros(0, dtype=torch.int64) for _ in range(batch_size)]
@@ -48,6 +106,13 @@ class PagedKVPool:
     def num_pages(self) -> int:
         """Pages handed out so far."""
         return self._next_page
+
+    @property
+    def pages_on_device(self) -> int:
+        """Pages handed out that live on the (GPU) device tier; the rest live in host memory."""
+        if self.device.type == "cpu":
+            return 0
+        return self._next_page if self._split is None else min(self._next_page, self._split)
 
     def reserve(self, num_new: int) -> int:
         """Give every sequence room for ``num_new`` more slots; return the first new slot (same for all)."""
@@ -67,7 +132,9 @@ class PagedKVPool:
                 grown[:first] = buf[:first]
                 self._positions[seq] = buf = grown
             buf[first:first + num_new] = -1
-        self._grow(self._next_page)
+        self._fast.grow(self._next_page)
+        if self._slow is not None:
+            self._slow.grow(max(self._next_page - self._split, 0))
         return first
 
     def unreserve(self, first_slot: int) -> None:
@@ -88,63 +155,92 @@ class PagedKVPool:
         """Positions (host ``int64``, the shape of ``slots``) of the tokens at ``slots`` (reserved slots only)."""
         return self._positions[seq][: self.num_slots[seq]][slots.to("cpu", torch.int64)]
 
-    def _grow(self, pages: int) -> None:
-        if pages <= self._capacity:
-            return
-        new_capacity = max(pages, 2 * self._capacity, 16)
-        for store in (self._k, self._v):
-            for layer, old in store.items():
-                new = self._empty(new_capacity, old.shape[2], old.shape[3], old.dtype)
-                new[: old.shape[0]].copy_(old)
-                store[layer] = new
-        self._capacity = new_capacity
-
-    def _empty(self, pages: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(pages, self.page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device,
-                           pin_memory=self.pin_memory)
-
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
+        """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``."""
         table = self._table_tensors[seq]
         if table is None:
             table = self._table_tensors[seq] = torch.tensor(self.page_tables[seq], dtype=torch.int64)
         slots = slots.to("cpu", torch.int64)
-        if slots.numel() and (int(slots.max()) >= self.num_slots[seq] or int(slots.min()) < 0):
-            bad = int(slots.max()) if int(slots.max()) >= self.num_slots[seq] else int(slots.min())
-            raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        if slots.numel():
+            hi, lo = int(slots.max()), int(slots.min())
+            if hi >= self.num_slots[seq] or lo < 0:
+                bad = hi if hi >= self.num_slots[seq] else lo
+                raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
         return table[slots // self.page_size] * self.page_size + slots % self.page_size
+
+    def _ensure_layer(self, layer: int, k: torch.Tensor) -> None:
+        for tier in (self._fast, self._slow):
+            if tier is not None:
+                tier.ensure_layer(layer, self.page_size, k.shape[1], k.shape[2], k.dtype)
 
     def write(self, layer: int, seq: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v: [num_tokens, num_kv_heads, head_dim]`` at slots ``first_slot, first_slot + 1, ...``."""
-        if layer not in self._k:
-            self._k[layer] = self._empty(self._capacity, k.shape[1], k.shape[2], k.dtype)
-            self._v[layer] = self._empty(self._capacity, k.shape[1], k.shape[2], k.dtype)
+        self._ensure_layer(layer, k)
         flat = self._flat_index(seq, torch.arange(first_slot, first_slot + k.shape[0]))
-        hk = self._k[layer].view(-1, k.shape[1], k.shape[2])
-        hv = self._v[layer].view(-1, k.shape[1], k.shape[2])
-        flat = to_device(flat, self.device)  # slot arithmetic on the host, copied without a device sync
-        hk[flat] = k.to(self.device, hk.dtype)
-        hv[flat] = v.to(self.device, hv.dtype)
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        split_row = None if self._slow is None else self._split * self.page_size
+        on_fast = None if split_row is None else flat < split_row  # host bool [n]
+        for tier, select, offset in ((self._fast, on_fast, 0), (self._slow, None if on_fast is None else ~on_fast,
+                                                                 split_row)):
+            if tier is None:
+                continue
+            if select is None:
+                idx, src_k, src_v = flat, k, v
+            else:
+                if not bool(select.any()):
+                    continue
+                pick = torch.nonzero(select).reshape(-1)  # host; the token rows of k / v going to this tier
+                idx = flat[pick] - offset
+                pick_dev = to_device(pick, k.device)
+                src_k, src_v = k.index_select(0, pick_dev), v.index_select(0, pick_dev)
+            tk, tv = tier.k[layer], tier.v[layer]
+            tk = tk.view(-1, num_kv_heads, head_dim)
+            tv = tv.view(-1, num_kv_heads, head_dim)
+            idx = to_device(idx, tier.device)  # slot arithmetic on the host, copied without a device sync
+            tk[idx] = src_k.to(tier.device, tk.dtype)
+            tv[idx] = src_v.to(tier.device, tv.dtype)
+
+    def _gather_tier(self, tier: _Tier, layer: int, rows: torch.Tensor, device: torch.device,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[n]`` (host int64, indices into the tier's ``[pages * page_size * Hkv, D]``) as ``[n, D]`` K
+        and V on ``device``. From pinned host pages to a GPU the rows are gathered into a pinned buffer and copied
+        asynchronously (torch's pinned allocator keeps the buffer alive until the copy is done), so the host does
+        not wait for the transfer."""
+        staged = tier.pin_memory and device.type == "cuda"
+        rows = to_device(rows, tier.device)
+        out = []
+        for src in tier.rows(layer):
+            if staged:
+                buf = torch.empty(rows.numel(), src.shape[1], dtype=src.dtype, pin_memory=True)
+                torch.index_select(src, 0, rows, out=buf)
+                out.append(buf.to(device, non_blocking=True))
+            else:
+                out.append(src.index_select(0, rows).to(device))
+        return out[0], out[1]
 
     def gather(self, layer: int, seq: int, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of ``slots: [num_kv_heads, n]`` (per head) as ``[num_kv_heads, n, head_dim]`` tensors on ``device``.
 
-        One ``index_select`` per tensor over the pool seen as ``[slots * num_kv_heads, head_dim]`` rows. From pinned
-        host pages to a GPU the rows are gathered into a pinned buffer and copied asynchronously (torch's pinned
-        allocator keeps the buffer alive until the copy is done), so the host does not wait for the transfer.
+        One ``index_select`` per tensor and tier over the pages seen as ``[slots * num_kv_heads, head_dim]`` rows;
+        rows of both tiers are put together on ``device``.
         """
         num_kv_heads, n = slots.shape
         flat = self._flat_index(seq, slots.reshape(-1)).view(num_kv_heads, n)
-        pk, pv = self._k[layer], self._v[layer]
-        head_dim = pk.shape[3]
-        rows = to_device((flat * pk.shape[2] + torch.arange(num_kv_heads)[:, None]).reshape(-1), self.device)
-        staged = self.pin_memory and device.type == "cuda"
-        out = []
-        for store in (pk, pv):
-            src = store.view(-1, head_dim)
-            if staged:
-                buf = torch.empty(rows.numel(), head_dim, dtype=store.dtype, pin_memory=True)
-                torch.index_select(src, 0, rows, out=buf)
-                out.append(buf.view(num_kv_heads, n, head_dim).to(device, non_blocking=True))
-            else:
-                out.append(src.index_select(0, rows).view(num_kv_heads, n, head_dim).to(device))
-        return out[0], out[1]
+        head_dim = self._fast.k[layer].shape[3]
+        rows = (flat * num_kv_heads + torch.arange(num_kv_heads)[:, None]).reshape(-1)  # host [Hkv * n]
+        split_row = None if self._slow is None else self._split * self.page_size * num_kv_heads
+        if split_row is None or rows.numel() == 0 or int(rows.max()) < split_row:
+            k, v = self._gather_tier(self._fast, layer, rows, device)
+        elif int(rows.min()) >= split_row:
+            k, v = self._gather_tier(self._slow, layer, rows - split_row, device)
+        else:
+            on_fast = rows < split_row
+            fast_at, slow_at = torch.nonzero(on_fast).reshape(-1), torch.nonzero(~on_fast).reshape(-1)
+            fk, fv = self._gather_tier(self._fast, layer, rows[fast_at], device)
+            sk, sv = self._gather_tier(self._slow, layer, rows[slow_at] - split_row, device)
+            k = torch.empty(rows.numel(), head_dim, dtype=fk.dtype, device=device)
+            v = torch.empty_like(k)
+            fast_dev, slow_dev = to_device(fast_at, device), to_device(slow_at, device)
+            k[fast_dev], v[fast_dev] = fk, fv
+            k[slow_dev], v[slow_dev] = sk, sv
+        return k.view(num_kv_heads, n, head_dim), v.view(num_kv_heads, n, head_dim)

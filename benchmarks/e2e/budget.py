@@ -64,15 +64,22 @@ class Track:
         return self.last_prefill_s * ratio ** self.exponent(mode) + extra
 
 
-def pool_host_bytes(info: ModelInfo, length: int, engine: LtriConfig) -> int:
+def pool_host_bytes(info: ModelInfo, length: int, engine: LtriConfig, device_free_bytes: float = 0.0) -> int:
     """Pinned host memory the span pool of a retrieving mode may hold after ``length`` tokens.
 
     The pool grows by doubling (pages); torch's pinned-memory cache keeps the buffers it grew out of, about as
-    much again, so this is twice the final capacity.
+    much again, so this is twice the final capacity. With ``kv_offload="auto"`` the pages that fit in the device
+    budget (``kv_device_gib``, else the engine's share of ``device_free_bytes``) are not counted.
     """
-    if not engine.kv_offload:
+    if engine.kv_offload is False:
         return 0
     evicted = max(0, length - engine.local_window - engine.num_sink_tokens)
+    if engine.kv_offload == "auto":
+        from ltri_rag.cache import DEVICE_POOL_SHARE
+
+        device_bytes = (engine.kv_device_gib * 2**30 if engine.kv_device_gib is not None
+                        else DEVICE_POOL_SHARE * device_free_bytes)
+        evicted = max(0, evicted - int(device_bytes // max(info.kv_bytes_per_token, 1)))
     pages = -(-evicted // engine.page_size)
     capacity = 16
     while capacity < pages:

@@ -12,13 +12,18 @@ import torch
 
 from ltri_rag import LtriConfig
 
-MODES = ("full", "streaming", "infllm", "ltri", "ltri_gpu_pool", "ltri_stride8")
-RETRIEVING = ("infllm", "ltri", "ltri_gpu_pool", "ltri_stride8")
-# variants: an engine mode with settings of its own (``ltri_gpu_pool``: the span pool in GPU memory instead of pinned
-# host memory, to separate the cost of the host-side pool from the rest of ltri's retrieval; ``ltri_stride8``: a decoded
-# token retrieves once in 8 and reuses the memory part in between, ``LtriConfig.decode_retrieval_stride``)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_gpu_pool": ("ltri", {"kv_offload": False}),
-                                                   "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8})}
+MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c2048")
+RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c2048")
+# variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
+# GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
+# default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
+# decoded token retrieves once in 8 and reuses the memory part in between (``decode_retrieval_stride``);
+# ``ltri_c2048``: prompts read in chunks of 2,048 tokens instead of 512 (fewer, larger passes: less per-pass host
+# work per token, a coarser retrieval: one selection serves 2,048 queries)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"kv_offload": True}),
+                                                   "ltri_gpu_pool": ("ltri", {"kv_offload": False}),
+                                                   "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
+                                                   "ltri_c2048": ("ltri", {"chunk_size": 2048})}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -130,7 +130,8 @@ class Bench:
             return "time: the run's time limit was reached"
         config = self._config(mode)
         if mode in RETRIEVING and self.args.host_mem_gib:
-            need = pool_host_bytes(info, length, config) / GIB
+            device_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0.0
+            need = pool_host_bytes(info, length, config, device_free) / GIB
             free = 0.9 * self.args.host_mem_gib - (rss_gib() or 0.0)
             if need > free:
                 return (f"host memory: the pinned span pool may need {need:.0f} GiB (twice its capacity), "

@@ -14,14 +14,29 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["infllm", "ltri"])
-@pytest.mark.parametrize("kv_offload", [True, False])
-def test_cuda_prefill_equals_full_attention(family: str, mode: str, kv_offload: bool) -> None:
+# the span pool: all in pinned host memory, all on the GPU, the default (GPU up to a share of free memory: all of
+# it here), and a GPU tier of a few pages with the rest spilled to the host (retrievals gather from both tiers)
+POOLS = {"host": {"kv_offload": True}, "gpu": {"kv_offload": False}, "auto": {},
+         "auto_split": {"kv_offload": "auto", "kv_device_gib": 3e-6}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["infllm", "ltri"])
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_cuda_prefill_equals_full_attention(family: str, mode: str, pool: str) -> None:
     model = tiny_model(family).cuda()
     ids = _ids(2, 97).cuda()
     ref = reference_logits(model, ids)
-    out = LtriSession(model, exact_config(mode, 9, kv_offload=kv_offload), batch_size=2).feed(
-        ids, return_all_logits=True)
+    session = LtriSession(model, exact_config(mode, 9, **POOLS[pool]), batch_size=2)
+    out = session.feed(ids, return_all_logits=True)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    pool_obj = session.cache.pool
+    if pool == "auto_split":  # both tiers really in use
+        assert 0 < pool_obj.pages_on_device < pool_obj.num_pages
+    elif pool in ("gpu", "auto"):
+        assert pool_obj.pages_on_device == pool_obj.num_pages > 0
+    else:
+        assert pool_obj.pages_on_device == 0
 
 
 def test_cuda_bfloat16_close() -> None:

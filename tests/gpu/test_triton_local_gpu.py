@@ -57,3 +57,40 @@ def test_matches_reference_on_cuda(case, dtype) -> None:
     torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=0)
     torch.testing.assert_close(got.key_mass, ref.key_mass, rtol=mass_rtol, atol=1e-6)
     torch.testing.assert_close(got.band, ref.band, atol=band_atol, rtol=0)
+
+
+# (batch, num_heads, num_kv_heads, q_len, causal_offset, mem_len, head_dim, band_width, own memory queries)
+MEMORY_CASES = [
+    (1, 14, 2, 512, 4096, 2176, 64, 64, False),  # Qwen2.5-0.5B-like: a prefill chunk, window, sinks + budget
+    (1, 32, 8, 2048, 4096, 2176, 128, 64, False),  # Llama-3-8B-like, a 2,048-token chunk
+    (2, 12, 4, 77, 300, 1000, 128, 16, True),  # batch 2, memory queries of their own (fixed scheme)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: "B{}H{}kv{}q{}off{}M{}D{}w{}own{}".format(*c))
+def test_memory_part_fused_on_cuda(case, dtype) -> None:
+    """Memory part, local part and their merge in one kernel, against the reference's separate passes."""
+    from ltri_rag.kernels.attention import local_attention
+
+    local_attention_triton = _kernel()
+    batch, num_heads, num_kv_heads, q_len, offset, mem_len, head_dim, band_width, own = case
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    q, k, v = (rand(batch, num_heads, q_len, head_dim), rand(batch, num_kv_heads, offset + q_len, head_dim),
+               rand(batch, num_kv_heads, offset + q_len, head_dim))
+    q_mem = rand(batch, num_heads, q_len, head_dim) if own else q
+    mem_k, mem_v = rand(batch, num_kv_heads, mem_len, head_dim), rand(batch, num_kv_heads, mem_len, head_dim)
+    mask = torch.rand(batch, num_kv_heads, mem_len, device="cuda", generator=gen) > 0.2
+    args = {"scaling": head_dim ** -0.5, "causal_offset": offset, "band_width": band_width, "want_key_mass": True}
+    got = local_attention_triton(q, k, v, memory=(q_mem, mem_k, mem_v, mask), **args)
+    ref = local_attention(q.float(), k.float(), v.float(),
+                          memory=(q_mem.float(), mem_k.float(), mem_v.float(), mask), **args)
+    atol, mass_rtol, band_atol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.out, ref.out, atol=atol, rtol=0)
+    torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=0)
+    torch.testing.assert_close(got.key_mass, ref.key_mass, rtol=mass_rtol, atol=1e-6)
+    torch.testing.assert_close(got.band, ref.band, atol=band_atol, rtol=0)

@@ -76,10 +76,13 @@ def test_reserve_rejects_sequences_out_of_step():
         pool.reserve(1)
 
 
-def test_round_trip_across_pages_sequences_and_layers():
+@pytest.mark.parametrize("device_pages", [None, 0, 1, 5, 20, 1000])
+def test_round_trip_across_pages_sequences_and_layers(device_pages):
+    # device_pages: the first tier holds that many pages, the rest spill to the host tier (both tiers are host
+    # memory here; the split, writes straddling it and gathers mixing both tiers are what is checked)
     gen = torch.Generator().manual_seed(0)
     batch, page_size = 3, 4
-    pool = PagedKVPool(batch_size=batch, page_size=page_size, device=CPU)
+    pool = PagedKVPool(batch_size=batch, page_size=page_size, device=CPU, device_pages=device_pages)
     mirror = Mirror()
     layer_shapes = {0: (2, 8), 1: (2, 8), 5: (1, 4)}  # layers may differ in heads / head_dim
     for step, num_new in enumerate([3, 1, 6, 9, 2, 4]):  # chunks straddle page boundaries
@@ -93,6 +96,26 @@ def test_round_trip_across_pages_sequences_and_layers():
         check_all(pool, mirror, gen)
     assert pool.num_slots == [25] * batch
     assert pool.num_pages == batch * 7  # ceil(25 / 4) pages per sequence
+    fast = pool._fast.k[0].shape[0]
+    if device_pages is None:
+        assert fast >= batch * 7 and pool._slow is None
+    else:  # the first tier never grows past its limit
+        assert fast <= device_pages and pool._slow.k[0].shape[0] >= batch * 7 - device_pages
+
+
+def test_tiered_growth_keeps_both_tiers_and_rejects_a_bad_limit():
+    gen = torch.Generator().manual_seed(5)
+    pool = PagedKVPool(batch_size=2, page_size=2, device=CPU, device_pages=7)
+    mirror = Mirror()
+    while pool.num_pages < 90:  # both tiers grow many times; chunks straddle the tier split
+        first = pool.reserve(3)
+        for seq in (0, 1):
+            k = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+            pool.write(2, seq, first, k, -k)
+            mirror.write(2, seq, first, k, -k)
+    check_all(pool, mirror, gen, n=301)
+    with pytest.raises(ValueError, match="device_pages"):
+        PagedKVPool(batch_size=1, page_size=2, device=CPU, device_pages=-1)
 
 
 def test_write_in_pieces_and_overwrite():

@@ -75,6 +75,61 @@ def test_matches_reference(case) -> None:
     _assert_matches(local_attention_triton(q, k, v, **args), local_attention(q, k, v, **args))
 
 
+def _memory(batch, num_heads, num_kv_heads, q_len, mem_len, head_dim, q, *, seed, own_queries=False, holes=True,
+            dtype=torch.float32):
+    """``(q_mem, mem_k, mem_v, mem_mask)`` with per-KV-head padding (False) at random places."""
+    gen = torch.Generator().manual_seed(seed)
+    mem_k = torch.randn(batch, num_kv_heads, mem_len, head_dim, generator=gen) * 1.5
+    mem_v = torch.randn(batch, num_kv_heads, mem_len, head_dim, generator=gen)
+    mask = torch.rand(batch, num_kv_heads, mem_len, generator=gen) > (0.3 if holes else -1.0)
+    q_mem = torch.randn(batch, num_heads, q_len, head_dim, generator=gen).to(dtype).to(DEVICE) if own_queries else q
+    return q_mem, mem_k.to(dtype).to(DEVICE), mem_v.to(dtype).to(DEVICE), mask.to(DEVICE)
+
+
+# (batch, num_heads, num_kv_heads, q_len, causal_offset, mem_len, head_dim, band_width, own memory queries, softcap)
+MEMORY_CASES = [
+    (1, 4, 2, 13, 9, 21, 32, 6, False, None),  # memory not a multiple of the key block, holes per head
+    (2, 14, 2, 19, 30, 40, 64, 16, True, None),  # Qwen-like G=7, batch 2, memory queries of their own (fixed)
+    (1, 2, 1, 1, 40, 33, 32, 4, False, 25.0),  # a single query (decode-sized), softcap
+    (1, 3, 1, 9, 0, 5, 48, 3, False, None),  # head_dim 48 (padded), first chunk: no window
+    (1, 2, 2, 7, 6, 0, 32, 2, False, None),  # an empty memory
+]
+
+
+@pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: "B{}H{}kv{}q{}off{}M{}D{}w{}own{}cap{}".format(*c))
+def test_memory_part_fused_matches_reference(case) -> None:
+    """With ``memory`` the kernel attends memory and local keys in one online softmax: out / lse over both, key
+    mass and band normalised by that total, as the reference's separate passes and merge."""
+    batch, num_heads, num_kv_heads, q_len, offset, mem_len, head_dim, band_width, own, softcap = case
+    q, k, v, _ = _inputs(batch, num_heads, num_kv_heads, q_len, offset, head_dim, False, seed=7)
+    memory = _memory(batch, num_heads, num_kv_heads, q_len, mem_len, head_dim, q, seed=8, own_queries=own)
+    args = {"scaling": head_dim ** -0.5, "causal_offset": offset, "band_width": band_width, "want_key_mass": True,
+            "softcap": softcap, "memory": memory}
+    got, ref = local_attention_triton(q, k, v, **args), local_attention(q, k, v, **args)
+    _assert_matches(got, ref)
+    if mem_len:  # the memory really counts: without it the result differs
+        plain = local_attention(q, k, v, **{**args, "memory": None})
+        assert (plain.out - ref.out).abs().max() > 1e-2 and bool((ref.lse > plain.lse).all())
+
+
+def test_memory_rows_fully_masked_and_bad_memory_raise() -> None:
+    q, k, v, _ = _inputs(1, 4, 2, 6, 5, 32, False, seed=9)
+    q_mem, mem_k, mem_v, mask = _memory(1, 4, 2, 6, 17, 32, q, seed=10)
+    mask[:, 1] = False  # KV head 1 has no real memory key: its rows are local attention alone
+    args = {"scaling": 0.2, "causal_offset": 5, "band_width": 3, "want_key_mass": True}
+    got = local_attention_triton(q, k, v, memory=(q_mem, mem_k, mem_v, mask), **args)
+    _assert_matches(got, local_attention(q, k, v, memory=(q_mem, mem_k, mem_v, mask), **args))
+    alone = local_attention(q, k, v, **args)
+    torch.testing.assert_close(got.out[:, 2:], alone.out[:, 2:], atol=1e-5, rtol=0)
+    for fn in (local_attention, local_attention_triton):
+        with pytest.raises(ValueError, match="either memory or extra_lse"):
+            fn(q, k, v, memory=(q_mem, mem_k, mem_v, mask), extra_lse=alone.lse, **args)
+        with pytest.raises(ValueError, match="mem_mask must be a bool"):
+            fn(q, k, v, memory=(q_mem, mem_k, mem_v, mask.float()), **args)
+        with pytest.raises(ValueError, match="KV heads"):
+            fn(q, k, v, memory=(q_mem, mem_k[:, :1], mem_v[:, :1], mask[:, :1]), **args)
+
+
 def test_small_blocks_split_groups() -> None:
     """block_m=16 with G=7: row blocks start and end inside a query's group of heads."""
     q, k, v, extra_lse = _inputs(1, 7, 1, 11, 9, 32, True, seed=1)
