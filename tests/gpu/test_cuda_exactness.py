@@ -12,8 +12,6 @@ from tests.unit.tiny_models import FAMILIES, reference_logits, tiny_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["infllm", "ltri"])
 # the span pool: all in pinned host memory, all on the GPU, the default (GPU up to a share of free memory: all of
 # it here), and a GPU tier of a few pages with the rest spilled to the host (retrievals gather from both tiers)
 POOLS = {"host": {"kv_offload": True}, "gpu": {"kv_offload": False}, "auto": {},
