@@ -5,10 +5,11 @@ Every id decodes to exactly one character or special token, so decoded text and 
 
 from __future__ import annotations
 
-# ltri_rag first: with the repo root on sys.path (as under pytest), importing transformers before ltri_rag makes
-# transformers import the repo's top-level ``kernels/`` folder while probing for the Hub ``kernels`` package, and
-# that import cycles back into transformers (see test_layout.py).
-import ltri_rag  # noqa: F401  isort: skip
+# ltri_rag's engine first: with the repo root on sys.path (as under pytest), importing transformers before ltri_rag
+# makes transformers import the repo's top-level ``kernels/`` folder while probing for the Hub ``kernels`` package, and
+# that import cycles back into transformers (see test_layout.py). ``import ltri_rag`` alone imports nothing (its names
+# load on first use), so import the memory module, which brings in the engine, ltri_rag.kernels and transformers.
+import ltri_rag.memory  # noqa: F401  isort: skip
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
