@@ -80,6 +80,11 @@ DEFAULT_COLLECTION = "default"
 _Loaded = tuple[MemoryExport, dict[int, tuple[SpanRecord, ...]]]  # a document's span memory and spans per layer
 
 
+def hits_per_layer(k: int) -> int:
+    """How many of each layer's best spans :meth:`KVMemory.retrieve` merges into its ``k`` regions."""
+    return max(4 * k, 16)
+
+
 class KVMemory:
     """A persistent corpus memory over one model: documents are read once into spans, index vectors and K/V, kept in
     a :class:`SpanStore`, and brought back into the model's span memory to answer questions.
@@ -314,11 +319,39 @@ class KVMemory:
         """
         return self._retrieve(self._question_ids(query), k, filter, collection, max_memory_tokens)[0]
 
+    def retrieve_by_layer(self, query: str, fetch: int | None = None, *, filter: Mapping[str, Any] | None = None,
+                          collection: str | None = None, max_memory_tokens: int | None = None
+                          ) -> dict[int, list[SpanHit]]:
+        """What :meth:`retrieve` merges: per global layer, the stored spans that layer attends to when it reads
+        ``query`` after the documents, best first, each with that layer's score (same ranking and candidate
+        documents as :meth:`retrieve`; used by ``ltri-rag inspect`` to draw which spans each layer recalls).
+
+        Args:
+            query: The question text (read as plain text).
+            fetch: Most spans per layer; ``None``: every span of the candidate documents.
+            filter, collection, max_memory_tokens: As for :meth:`retrieve`.
+
+        Returns:
+            ``{layer: [SpanHit, ...]}`` (``SpanHit.layer`` is the layer; ``score`` its share of the layer's attention
+            over the memory, or with ranking ``excess`` / ``pmi`` that ranking's score).
+        """
+        if fetch is not None and (not isinstance(fetch, int) or isinstance(fetch, bool) or fetch < 1):
+            raise ValueError(f"fetch must be a positive int or None, got {fetch!r}")
+        return self._layer_hits(self._question_ids(query), fetch, filter, collection, max_memory_tokens)[0]
+
     def _retrieve(self, ids: torch.Tensor, k: int, filter: Mapping[str, Any] | None, collection: str | None,
                   max_memory_tokens: int | None) -> tuple[list[SpanHit], list[DocumentInfo], list[_Loaded]]:
         """``(hits, the documents looked at, their loaded span memory)`` for question ids ``[Q]``."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        per_layer, docs, loaded = self._layer_hits(ids, hits_per_layer(k), filter, collection, max_memory_tokens)
+        return aggregate_hits(per_layer, k), docs, loaded
+
+    def _layer_hits(self, ids: torch.Tensor, fetch: int | None, filter: Mapping[str, Any] | None,
+                    collection: str | None, max_memory_tokens: int | None
+                    ) -> tuple[dict[int, list[SpanHit]], list[DocumentInfo], list[_Loaded]]:
+        """``(per-layer hits (at most fetch each, None: all), the documents looked at, their loaded span memory)``
+        for question ids ``[Q]``."""
         if collection is not None:
             check_collection(collection)
         if filter is not None and not isinstance(filter, Mapping):
@@ -329,7 +362,7 @@ class KVMemory:
             if sum(d.num_tokens for d in docs) > cap:
                 docs = choose_documents(docs, self._coarse_hits(ids, collection, filter), cap)
             if not docs:
-                return [], [], []
+                return {}, [], []
             session, recorder, placements, loaded = self._load_session(docs, record=True)
             assert recorder is not None
             neutral = None
@@ -337,9 +370,11 @@ class KVMemory:
                 neutral = read_neutral(session, recorder, self._question_ids(NEUTRAL_QUESTION))
             recorder.recording = True
             session.feed(ids)
-            per_layer = session_hits(recorder, placements, self.scaling, max(4 * k, 16),
+            if fetch is None:  # every span of the candidate documents
+                fetch = max((sum(len(p.spans) for p in places) for places in placements.values()), default=1)
+            per_layer = session_hits(recorder, placements, self.scaling, fetch,
                                      backend=self.config.attention_backend, neutral=neutral, ranking=self.ranking)
-        return aggregate_hits(per_layer, k), docs, loaded
+        return per_layer, docs, loaded
 
     def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None
                      ) -> list[SpanHit]:

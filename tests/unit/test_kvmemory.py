@@ -13,7 +13,7 @@ import torch
 from ltri_rag.storage import SqlSpanStore
 
 from ltri_rag import KVMemory, LtriConfig, LtriSession
-from ltri_rag.memory import resolve_store
+from ltri_rag.memory import hits_per_layer, resolve_store
 from ltri_rag.memory_ingest import DocumentOffsets, encode_document
 from ltri_rag.memory_query import aggregate_hits
 from ltri_rag.store import DocumentNotFound, FingerprintMismatch, SpanHit, StoreError
@@ -357,6 +357,26 @@ def test_hits_of_all_layers_merge_into_distinct_regions() -> None:
     assert hits[0].layer == 0  # the region's first hit (ties by offset, then layer)
     assert sum(h.score for h in hits) == pytest.approx(2 / 3)
     assert aggregate_hits(per_layer, k=1, temperature=1.0) == hits[:1]
+
+
+def test_retrieve_by_layer_scores_every_span_and_retrieve_merges_its_best(filled) -> None:
+    """``retrieve_by_layer`` (what ``ltri-rag inspect`` draws): per global layer a score for every stored span of the
+    candidate documents, best first; ``retrieve`` is each layer's best ``hits_per_layer(k)`` merged."""
+    per_layer = filled.retrieve_by_layer("Where does the Seine flow?")
+    assert sorted(per_layer) == filled.global_layers
+    for layer, hits in per_layer.items():
+        stored = {(doc_id, s.token_start, s.token_end) for doc_id in DOCS
+                  for s in filled.store.load_spans(doc_id, layer).spans}
+        assert {(h.doc_id, h.token_start, h.token_end) for h in hits} == stored and len(hits) == len(stored)
+        assert all(h.layer == layer for h in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert {len(h) for h in filled.retrieve_by_layer("Where does the Seine flow?", 2).values()} == {2}
+    fetch = hits_per_layer(2)
+    merged = aggregate_hits({layer: hits[:fetch] for layer, hits in per_layer.items()}, 2)
+    assert filled.retrieve("Where does the Seine flow?", k=2) == merged
+    assert filled.retrieve_by_layer("x", collection="none") == {}
+    with pytest.raises(ValueError, match="fetch must be a positive int or None, got 0"):
+        filled.retrieve_by_layer("x", 0)
 
 
 def test_the_neutral_pass_leaves_no_trace_and_rankings_are_checked(tmp_path, llama, tok) -> None:
