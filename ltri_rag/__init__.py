@@ -16,12 +16,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily through __getattr__
-    from ltri_rag.cache import LtriCache
-    from ltri_rag.config import LtriConfig
-    from ltri_rag.engine import LtriSession
-    from ltri_rag.generation import GenerationResult, encode_prompt, generate, generate_ids, stream_generate
-    from ltri_rag.loading import load_model
-    from ltri_rag.memory import KVMemory, MemoryAnswer, MemoryStream
+    from ltri_rag.cache import LtriCache  # noqa: F401
+    from ltri_rag.config import LtriConfig  # noqa: F401
+    from ltri_rag.engine import LtriSession  # noqa: F401
+    from ltri_rag.generation import (  # noqa: F401
+        GenerationResult,
+        encode_prompt,
+        generate,
+        generate_ids,
+        stream_generate,
+    )
+    from ltri_rag.loading import load_model  # noqa: F401
+    from ltri_rag.memory import KVMemory, MemoryAnswer, MemoryStream  # noqa: F401
 
 _EXPORTS: dict[str, str] = {
     "GenerationResult": "ltri_rag.generation",

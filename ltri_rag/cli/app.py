@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ltri_rag.cli.runtime import DEFAULT_STORE, STORE_ENV, CliError, Output, load_config_file
+from ltri_rag.cli.runtime import DEFAULT_STORE, STORE_ENV, CliError, Output, UsageError, load_config_file
 from ltri_rag.models import CACHE_ENV, DEFAULT_MODEL, MODELS
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +30,8 @@ attention memory is stored on disk, and questions are answered by the model reca
   ltri-rag ask "What did the author conclude?"
   ltri-rag chat                          # a REPL whose turns go into the memory
   ltri-rag ls | rm ID... | stats | verify
+  ltri-rag inspect notes.txt --question "..."   # PNGs: attention band + spans, per-layer retrieval
+  ltri-rag bench                         # PNGs of the committed benchmark results
 """
 
 MODEL_HELP = (f"short name ({', '.join(s.name for s in MODELS)}), Hugging Face Hub id, model folder or .gguf file "
@@ -56,6 +58,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _window_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if not 16 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 16 to 1024 tokens, got {value}")
     return value
 
 
@@ -161,16 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
                 model=True)
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="answer length (32)")
     p.add_argument("-k", type=_positive_int, default=3, metavar="K", help="spans to cite per answer (3)")
+
+    p = command("inspect", "draw what the memory does with one document (PNG files, matplotlib): the attention map "
+                "of a window at one layer with the triangle spans the engine cut on it, the spans over the text, and "
+                "with --question each layer's retrieval scores over the document", model=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("file", nargs="?", default=None, metavar="FILE",
+                       help="a .txt/.md file, read into a temporary store first")
+    which.add_argument("--doc", metavar="ID", default=None, help="a document of --store (ids as `ls` shows them)")
+    p.add_argument("--collection", default="default", help="the document's collection (default: default)")
+    p.add_argument("--out", metavar="DIR", default="ltri-inspect", help="folder for the PNGs (default ./ltri-inspect)")
+    p.add_argument("--layer", type=_non_negative_int, default=None, metavar="N",
+                   help="layer to draw (default: the middle global-attention layer)")
+    p.add_argument("--start", type=_non_negative_int, default=0, metavar="T",
+                   help="first token of the window (default 0)")
+    p.add_argument("--tokens", type=_window_tokens, default=256, metavar="N",
+                   help="tokens in the window, 16-1024 (default 256)")
+    p.add_argument("--question", metavar="TEXT", default=None,
+                   help="also draw the per-layer retrieval heatmap of this question over the document "
+                   "(read over its collection, as `ask --collection` would)")
+    p.add_argument("-k", type=_positive_int, default=4, metavar="K", help="cited regions to mark (4)")
+
+    p = command("bench", "plot the benchmark results committed in the repository (benchmarks/results: quality "
+                "samples.jsonl -> accuracy vs length, end-to-end bench.json -> prefill and decode latency vs length) "
+                "into PNG files; it runs no benchmark", model=False)
+    p.add_argument("--results", metavar="DIR", default="benchmarks/results",
+                   help="folder searched for samples.jsonl and bench.json (default ./benchmarks/results)")
+    p.add_argument("--out", metavar="DIR", default="ltri-bench", help="folder for the PNGs (default ./ltri-bench)")
     return parser
 
 
 def _handlers() -> dict[str, Callable[[argparse.Namespace, Output], int]]:
     from ltri_rag.cli import commands
+    from ltri_rag.cli.bench import cmd_bench
     from ltri_rag.cli.demo import cmd_demo
+    from ltri_rag.cli.inspection import cmd_inspect
 
     return {"ingest": commands.cmd_ingest, "ask": commands.cmd_ask, "chat": commands.cmd_chat,
             "ls": commands.cmd_ls, "rm": commands.cmd_rm, "stats": commands.cmd_stats,
-            "verify": commands.cmd_verify, "demo": cmd_demo}
+            "verify": commands.cmd_verify, "demo": cmd_demo, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -203,8 +251,10 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ltri-rag`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    Usage errors exit with code 2 (argparse's message); runtime errors print one line, ``ltri-rag: error: ...``, to
-    stderr and return 1 (with ``--verbose`` the traceback too); Ctrl-C returns 130.
+    Usage errors exit with code 2 (argparse's message; a bad value found only while the command runs, a
+    :class:`~ltri_rag.cli.runtime.UsageError`, prints one line and returns 2); runtime errors print one line,
+    ``ltri-rag: error: ...``, to stderr and return 1 (with ``--verbose`` the traceback too); Ctrl-C returns 130.
+    The parser imports nothing heavy (no torch, no transformers): each command imports what it needs when it runs.
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -217,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("ltri-rag: interrupted\n")
         return 130
+    except UsageError as err:
+        sys.stderr.write(f"ltri-rag {args.command}: error: {_one_line(err)}\n")
+        return 2
     except (CliError, OSError, ValueError, TypeError, RuntimeError, KeyError, ImportError) as err:
         if args.verbose:
             log.exception("ltri-rag %s failed", args.command)

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from ltri_rag.config import LtriConfig
 
-__all__ = ["STORE_NOTE", "CliError", "Output", "is_store", "load_config_file", "read_note", "write_note"]
+__all__ = ["STORE_NOTE", "CliError", "Output", "UsageError", "is_store", "load_config_file", "read_note", "write_note"]
 
 log = logging.getLogger("ltri_rag.cli")
 
@@ -33,6 +33,11 @@ STORE_ENV = "LTRI_STORE"
 
 class CliError(Exception):
     """A runtime error the command line reports as one line on stderr (exit code 1)."""
+
+
+class UsageError(CliError):
+    """A bad argument value found only once the command runs (e.g. a layer the model does not have): one line on
+    stderr, exit code 2 like argparse's usage errors."""
 
 
 # ------------------------------------------------------------------------------------------------- output

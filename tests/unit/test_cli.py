@@ -21,7 +21,7 @@ from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("ingest", "ask", "chat", "ls", "rm", "stats", "verify", "demo")
+COMMANDS = ("ingest", "ask", "chat", "ls", "rm", "stats", "verify", "demo", "inspect", "bench")
 TINY_CONFIG = """\
 num_sink_tokens = 8
 local_window = 32
