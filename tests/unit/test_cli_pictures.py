@@ -15,9 +15,7 @@ import pytest
 
 from ltri_rag.cli.bench import accuracy_series, latency_series
 from tests.real_model import QWEN_GGUF
-from tests.unit.test_cli import run
-from tests.unit.tiny_models import tiny_model
-from tests.unit.tiny_tokenizer import tiny_tokenizer
+from tests.unit.test_cli import run, tiny_dir  # noqa: F401  (tiny_dir: the same tiny model folder fixture)
 
 pytest.importorskip("matplotlib")
 
@@ -39,14 +37,6 @@ TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and
         "father.")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random llama model + character tokenizer saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
