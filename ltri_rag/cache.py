@@ -18,7 +18,7 @@ from transformers import Cache
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
-from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan
+from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan, evict_layers
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import find_inv_freq
 
@@ -115,14 +115,19 @@ class LtriCache(Cache):
         self.consensus = LayerConsensus(batch_size) if config.retrieves else None
         windows = layer_sliding_windows(model)
         states: list[GlobalLayerState | SlidingLayerState] = []
+        freqs: dict[tuple[float, ...], torch.Tensor] = {}  # layers with equal frequencies share one tensor
         for idx, window in enumerate(windows):
             if window is not None:
                 states.append(SlidingLayerState(window))
             else:
-                states.append(GlobalLayerState(idx, config, self.pool, find_inv_freq(model, idx).to(device),
-                                               batch_size, self.consensus))
+                inv_freq = find_inv_freq(model, idx)
+                key = tuple(inv_freq.cpu().tolist())
+                if key not in freqs:
+                    freqs[key] = inv_freq.to(device)
+                states.append(GlobalLayerState(idx, config, self.pool, freqs[key], batch_size, self.consensus))
         super().__init__(layers=[_LayerSlot(s) for s in states])
         self.states = states
+        self.global_states = [s for s in states if isinstance(s, GlobalLayerState)]
         self.seen_tokens = 0
         self.num_sinks = 0
         self.window_len = 0
@@ -202,9 +207,9 @@ class LtriCache(Cache):
         num = self.window_len
         plan = StepPlan(pos0=self.seen_tokens, q_len=0, num_to_sinks=0, num_evict=num,
                         first_slot=self._reserve_stream(num))
-        for state in self.states:
-            if isinstance(state, GlobalLayerState):
-                state.flush(plan)
+        evict_layers(self.global_states, plan)
+        for state in self.global_states:
+            state.reset_recency()
         self.window_len = 0
         if self.consensus is not None:
             self.consensus.prior = [None] * self.num_sequences
@@ -276,7 +281,11 @@ class LtriCache(Cache):
             self.plan = None
             return
         for state in self.states:
-            state.commit(plan)
+            if isinstance(state, GlobalLayerState):
+                state.commit(plan, evict=False)
+            else:
+                state.commit(plan)
+        evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch
         self.seen_tokens += plan.q_len
         self.num_sinks += plan.num_to_sinks
         self.window_len += plan.q_len - plan.num_to_sinks - plan.num_evict

@@ -11,7 +11,7 @@ import torch
 
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["dynamic_counts", "static_counts", "select_index_tokens"]
+__all__ = ["dynamic_counts", "static_counts", "select_index_tokens", "select_index_tokens_batch"]
 
 
 def static_counts(lengths: torch.Tensor, num_vectors: int) -> torch.Tensor:
@@ -74,21 +74,46 @@ def select_index_tokens(
         the head's top tokens of the span, best first) and ``[num_vectors]`` owning span ids (host int64), with
         ``num_vectors = counts.sum()``.
     """
+    token_idx, owners = select_index_tokens_batch(key_mass[None], [(starts, ends, counts)])
+    return token_idx, owners[0]
+
+
+def select_index_tokens_batch(
+    key_mass: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`select_index_tokens` of several independent segments of equal length at once (e.g. every layer's).
+
+    Args:
+        key_mass: ``[batch, num_kv_heads, num_tokens]``.
+        spans: Per segment, ``(starts, ends, counts)`` as in :func:`select_index_tokens` (host).
+
+    Returns:
+        ``(token_idx, owners)``: ``[num_vectors, num_kv_heads]`` token offsets within each segment, the segments'
+        vectors one after another (segment 0's first), on ``key_mass``'s device; per segment its ``[n_b]`` owning
+        span ids (host int64), ``sum(n_b) = num_vectors``.
+    """
     device = key_mass.device
-    num_tokens = key_mass.shape[1]
-    starts, ends, counts = starts.cpu(), ends.cpu(), counts.cpu()
-    lengths = ends - starts
-    span_of_token = torch.repeat_interleave(torch.arange(starts.numel()), lengths)  # [T] (host)
-    if span_of_token.numel() != num_tokens:
-        raise ValueError(f"spans cover {span_of_token.numel()} tokens, key_mass has {num_tokens}")
-    rank_in_span = torch.arange(num_tokens) - starts[span_of_token]  # [T]
-    keep = rank_in_span < counts[span_of_token]  # same positions for every head
-    kept = torch.nonzero(keep).flatten()  # [num_vectors] positions in the span-grouped order (host)
+    batch, num_kv_heads, num_tokens = key_mass.shape
+    if len(spans) != batch:
+        raise ValueError(f"{len(spans)} span lists for {batch} segments")
+    span_of_token = torch.empty(batch, num_tokens, dtype=torch.int64)  # host
+    kept, owners = [], []
+    for b, (starts, ends, counts) in enumerate(spans):
+        starts, ends, counts = starts.cpu(), ends.cpu(), counts.cpu()
+        lengths = ends - starts
+        of_token = torch.repeat_interleave(torch.arange(starts.numel()), lengths)  # [T]
+        if of_token.numel() != num_tokens:
+            raise ValueError(f"spans cover {of_token.numel()} tokens, key_mass has {num_tokens}")
+        span_of_token[b] = of_token
+        rank_in_span = torch.arange(num_tokens) - starts[of_token]  # [T]
+        keep = torch.nonzero(rank_in_span < counts[of_token]).flatten()  # same positions for every head
+        kept.append(keep + b * num_tokens)  # positions in the span-grouped order, flat over segments
+        owners.append(of_token[keep])
     # order tokens by (span, -mass): sort by mass first, then stable by span
-    by_mass = torch.argsort(key_mass, dim=1, descending=True, stable=True)  # [Hkv, T]
-    span_sorted = to_device(span_of_token, device)[by_mass]
-    by_span = torch.argsort(span_sorted, dim=1, stable=True)
-    order = torch.gather(by_mass, 1, by_span)  # [Hkv, T] tokens grouped by span, best first
-    token_idx = order.index_select(1, to_device(kept, device)).T.contiguous()  # [num_vectors, Hkv]
-    owner = span_of_token[kept]
-    return token_idx, owner
+    by_mass = torch.argsort(key_mass, dim=2, descending=True, stable=True)  # [B, Hkv, T]
+    of_token_dev = to_device(span_of_token, device)[:, None, :].expand(-1, num_kv_heads, -1)
+    by_span = torch.argsort(torch.gather(of_token_dev, 2, by_mass), dim=2, stable=True)
+    order = torch.gather(by_mass, 2, by_span)  # [B, Hkv, T] tokens grouped by span, best first
+    flat = order.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads)
+    token_idx = flat.index_select(0, to_device(torch.cat(kept), device))  # [num_vectors, Hkv]
+    return token_idx, owners

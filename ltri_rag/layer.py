@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
-from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, static_counts
+from ltri_rag.eviction import cut_segments
 from ltri_rag.kernels.attention import (
     attention_with_lse,
     decode_attention_backend,
@@ -32,9 +32,8 @@ from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, select_spans, update_recency
 from ltri_rag.rope import rotate
 from ltri_rag.span_memory import SpanTable
-from ltri_rag.spans import segment_fixed, segment_triangle
 
-__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState"]
+__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers"]
 
 
 @dataclass(frozen=True)
@@ -330,8 +329,9 @@ class GlobalLayerState:
             self._pending = (k, v, local.key_mass, local.band)
         return out
 
-    def commit(self, plan: StepPlan) -> None:
-        """Apply the pass just attended: absorb the chunk, evict and segment, update persistence.
+    def commit(self, plan: StepPlan, evict: bool = True) -> None:
+        """Apply the pass just attended: absorb the chunk, evict and segment (unless ``evict`` is False: the cache
+        then evicts every layer at once with :func:`evict_layers`), update persistence.
 
         Called by the cache once every layer has attended, so that a forward pass that fails part-way changes no
         layer (see :meth:`discard`).
@@ -350,9 +350,8 @@ class GlobalLayerState:
         self._pending = None
         with record_function("ltri.absorb"):
             self._absorb(k, v, key_mass, band, plan)
-        if plan.num_evict:
-            with record_function("ltri.evict_segment_store"):
-                self._evict(plan)
+        if evict and plan.num_evict:
+            self._evict(plan)
 
     def discard(self) -> None:
         """Forget the pass just attended (the forward failed)."""
@@ -386,11 +385,10 @@ class GlobalLayerState:
             self.tables = [SpanTable(keys.shape[-3], keys.shape[-1], keys.dtype, keys.device)
                            for _ in range(self.batch_size)]
 
-    def flush(self, plan: StepPlan) -> None:
-        """Evict the whole local window into spans (``plan.num_evict`` = its length): see ``LtriCache.flush``."""
-        if plan.num_evict:
-            self._evict(plan)
-        for table in self.tables:  # what the text before recalled says nothing about what comes next
+    def reset_recency(self) -> None:
+        """Forget the persistence state (after a flush: what the text before recalled says nothing about what
+        comes next)."""
+        for table in self.tables:
             table.recency = torch.zeros_like(table.recency)
 
     def export_spans(self, seq: int, first_slot: int) -> dict[str, torch.Tensor]:
@@ -418,11 +416,10 @@ class GlobalLayerState:
 
     def _evict(self, plan: StepPlan) -> None:
         """Cut the oldest ``num_evict`` window tokens into spans, store them, and drop them from the window."""
-        n = plan.num_evict
-        if self.pool is not None:
-            self._ensure_tables(self.win_k)
-            for seq in range(self.batch_size):
-                self._store_segment(seq, n, plan.first_slot)
+        evict_layers([self], plan)
+
+    def _drop_oldest(self, n: int) -> None:
+        """Drop the ``n`` oldest window tokens (stored already, or discarded by a mode without a span memory)."""
         self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
         if self.win_mass is not None:
             self.win_mass = self.win_mass[:, :, n:]
@@ -430,26 +427,38 @@ class GlobalLayerState:
             self.win_band = self.win_band[:, n:]
         self.win_start += n
 
-    def _store_segment(self, seq: int, n: int, first_slot: int) -> None:
-        cfg = self.cfg
-        seg_k, seg_v = self.win_k[seq, :, :n], self.win_v[seq, :, :n]  # [Hkv, n, D]
-        self.pool.write(self.layer_idx, seq, first_slot, seg_k.transpose(0, 1), seg_v.transpose(0, 1))
-        if cfg.segmentation == "triangle":
-            rows = min(self.win_band.shape[1], n + self.band_width - 1)
-            with record_function("ltri.segment_triangle"):
-                spans = segment_triangle(self.win_band[seq, :rows], n, alpha=cfg.triangle_alpha,
-                                         min_len=cfg.span_min_len, max_len=cfg.span_max_len,
-                                         min_score=cfg.nms_min_score, first_row_pos=self.win_start)
-        else:
-            spans = segment_fixed(n, cfg.block_size)
-        if cfg.index_vectors == "dynamic":
-            counts = dynamic_counts(spans.lengths, spans.rank, base=cfg.num_index_vectors,
-                                    minimum=cfg.min_index_vectors, maximum=cfg.max_index_vectors)
-        else:
-            counts = static_counts(spans.lengths, cfg.num_index_vectors)
-        token_idx, owner = select_index_tokens(self.win_mass[seq, :, :n], spans.starts, spans.ends, counts)
-        heads = torch.arange(seg_k.shape[0], device=seg_k.device)[None, :]
-        idx_dev = token_idx.to(seg_k.device)
-        vectors = seg_k[heads, idx_dev]  # [num_vectors, Hkv, D]
-        vectors = rotate(vectors, -(idx_dev + self.win_start), self.inv_freq)  # position-free (on the device)
-        self.tables[seq].append(spans.starts + first_slot, spans.ends + first_slot, vectors, owner)
+
+def evict_layers(states: list[GlobalLayerState], plan: StepPlan) -> None:
+    """Evict the oldest ``plan.num_evict`` window tokens of every layer in ``states`` at once: in retrieving modes
+    write them to the pool and cut them into spans (one batch over the layers, see :mod:`ltri_rag.eviction`), then
+    drop them from the windows. The layers share one pool and one window layout (they absorb the same tokens)."""
+    n = plan.num_evict
+    if not n or not states:
+        return
+    first = states[0]
+    if first.pool is not None:
+        with record_function("ltri.evict_segment_store"):
+            for state in states:
+                state._ensure_tables(state.win_k)
+            for seq in range(first.batch_size):
+                _store_segments(states, seq, n, plan.first_slot)
+    for state in states:
+        state._drop_oldest(n)
+
+
+def _store_segments(states: list[GlobalLayerState], seq: int, n: int, first_slot: int) -> None:
+    """Write sequence ``seq``'s ``n`` oldest window tokens of every layer to the pool at ``first_slot`` on, and add
+    their spans to the layers' tables."""
+    first = states[0]
+    keys = torch.stack([s.win_k[seq, :, :n] for s in states])  # [L, Hkv, n, D]
+    values = torch.stack([s.win_v[seq, :, :n] for s in states])
+    first.pool.write_layers([s.layer_idx for s in states], seq, first_slot, keys.transpose(1, 2),
+                            values.transpose(1, 2))
+    band = None
+    if first.cfg.segmentation == "triangle":
+        rows = min(first.win_band.shape[1], n + first.band_width - 1)
+        band = torch.stack([s.win_band[seq, :rows] for s in states])  # [L, rows, band_width]
+    mass = torch.stack([s.win_mass[seq, :, :n] for s in states])  # [L, Hkv, n]
+    cuts = cut_segments(first.cfg, keys, band, mass, first.win_start, [s.inv_freq for s in states])
+    for state, cut in zip(states, cuts):
+        state.tables[seq].append(cut.starts + first_slot, cut.ends + first_slot, cut.vectors, cut.owner)

@@ -175,9 +175,18 @@ class PagedKVPool:
 
     def write(self, layer: int, seq: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v: [num_tokens, num_kv_heads, head_dim]`` at slots ``first_slot, first_slot + 1, ...``."""
-        self._ensure_layer(layer, k)
-        flat = self._flat_index(seq, torch.arange(first_slot, first_slot + k.shape[0]))
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        self.write_layers([layer], seq, first_slot, k[None], v[None])
+
+    def write_layers(self, layers: list[int], seq: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k[i], v[i]`` (``k, v: [len(layers), num_tokens, num_kv_heads, head_dim]``) for layer
+        ``layers[i]`` at slots ``first_slot, first_slot + 1, ...``: the slot arithmetic and its copy to the device
+        are done once for every layer (all layers evict the same tokens)."""
+        if k.shape[0] != len(layers) or v.shape != k.shape:
+            raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match {len(layers)} layers")
+        for layer in layers:
+            self._ensure_layer(layer, k[0])
+        num_tokens, num_kv_heads, head_dim = k.shape[1:]
+        flat = self._flat_index(seq, torch.arange(first_slot, first_slot + num_tokens))
         split_row = None if self._slow is None else self._split * self.page_size
         on_fast = None if split_row is None else flat < split_row  # host bool [n]
         for tier, select, offset in ((self._fast, on_fast, 0), (self._slow, None if on_fast is None else ~on_fast,
@@ -192,13 +201,14 @@ class PagedKVPool:
                 pick = torch.nonzero(select).reshape(-1)  # host; the token rows of k / v going to this tier
                 idx = flat[pick] - offset
                 pick_dev = to_device(pick, k.device)
-                src_k, src_v = k.index_select(0, pick_dev), v.index_select(0, pick_dev)
-            tk, tv = tier.k[layer], tier.v[layer]
-            tk = tk.view(-1, num_kv_heads, head_dim)
-            tv = tv.view(-1, num_kv_heads, head_dim)
+                src_k, src_v = k.index_select(1, pick_dev), v.index_select(1, pick_dev)
             idx = to_device(idx, tier.device)  # slot arithmetic on the host, copied without a device sync
-            tk[idx] = src_k.to(tier.device, tk.dtype)
-            tv[idx] = src_v.to(tier.device, tv.dtype)
+            src_k, src_v = src_k.to(tier.device), src_v.to(tier.device)
+            for i, layer in enumerate(layers):
+                tk = tier.k[layer].view(-1, num_kv_heads, head_dim)
+                tv = tier.v[layer].view(-1, num_kv_heads, head_dim)
+                tk[idx] = src_k[i].to(tk.dtype)
+                tv[idx] = src_v[i].to(tv.dtype)
 
     def _gather_tier(self, tier: _Tier, layer: int, rows: torch.Tensor, device: torch.device,
                      ) -> tuple[torch.Tensor, torch.Tensor]:

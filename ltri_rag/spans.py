@@ -34,6 +34,7 @@ __all__ = [
     "nms_spans",
     "fill_gaps",
     "segment_triangle",
+    "segment_triangle_batch",
     "segment_fixed",
 ]
 
@@ -84,17 +85,17 @@ def row_thresholds(band: torch.Tensor, alpha: float, first_row_pos: int = 0) -> 
     """``theta_i = alpha * (row mass in band) / (keys in band)`` for each row.
 
     Args:
-        band: ``[num_rows, band_width]``.
+        band: ``[..., num_rows, band_width]`` (leading dims: a batch of independent runs of rows).
         alpha: Multiple of uniform attention over the band.
-        first_row_pos: Absolute key index of row 0 (bounds the band's width for the first tokens).
+        first_row_pos: Absolute key index of row 0.
 
     Returns:
-        ``[num_rows]`` thresholds.
+        ``[..., num_rows]`` thresholds.
     """
-    num_rows, band_width = band.shape
+    num_rows, band_width = band.shape[-2:]
     pos = torch.arange(num_rows, device=band.device, dtype=band.dtype) + first_row_pos
     width = torch.clamp(pos + 1, max=band_width)
-    return alpha * band.sum(dim=1) / width
+    return alpha * band.sum(dim=-1) / width
 
 
 def _prefix2d(dense: torch.Tensor) -> torch.Tensor:
@@ -177,43 +178,50 @@ def span_rank_band(band: torch.Tensor, theta: torch.Tensor, num_rows: int, min_l
     (``tests/unit/test_spans.py``).
 
     Args:
-        band: ``[total_rows, band_width]``; ``band[i, o]`` = probability of row ``i`` on key ``i - o`` (keys before
-            row 0 are ignored), rows of the segment followed by the rows after it.
-        theta: ``[num_rows]`` thresholds of the segment's rows.
+        band: ``[..., total_rows, band_width]``; ``band[i, o]`` = probability of row ``i`` on key ``i - o`` (keys
+            before row 0 are ignored), rows of the segment followed by the rows after it. Leading dims are a batch
+            of independent maps (e.g. every layer's, ranked at once).
+        theta: ``[..., num_rows]`` thresholds of the segment's rows.
         num_rows: Length of the segment (spans must end inside it).
         min_len: Shortest candidate length (>= 1).
         max_len: Longest candidate length (>= ``min_len``).
 
     Returns:
-        ``[num_rows, max_len - min_len + 1]`` float64 ranks, ``-inf`` for candidates past the segment.
+        ``[..., num_rows, max_len - min_len + 1]`` float64 ranks, ``-inf`` for candidates past the segment.
     """
-    total, width = band.shape
+    lead = band.shape[:-2]
+    total, width = band.shape[-2:]
+    band = band.reshape(-1, total, width)  # [B, T, W]
+    theta = theta.reshape(-1, theta.shape[-1])  # [B, N]
+    batch = band.shape[0]
     dev = band.device
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     key = torch.arange(total, device=dev)[:, None] - torch.arange(width, device=dev)[None, :]  # [T, W]
-    b = torch.where(key >= 0, band.double(), zero)
-    row_mass = b.cumsum(1)  # [T, W]: R[i, d], mass of row i on keys [i - d, i]
+    b = torch.where(key >= 0, band.double(), zero)  # [B, T, W]
+    row_mass = b.cumsum(2)  # R[i, d], mass of row i on keys [i - d, i]
     x = torch.arange(num_rows, device=dev)[:, None]  # [N, 1]
     t = torch.arange(max_len, device=dev)[None, :]  # [1, L]
     rows = x + t  # [N, L]
-    steps = row_mass[rows.clamp(max=total - 1), t.clamp(max=width - 1).expand_as(rows)]
+    steps = row_mass[:, rows.clamp(max=total - 1), t.clamp(max=width - 1).expand_as(rows)]  # [B, N, L]
     steps = torch.where(rows < num_rows, steps, zero)
-    mass = steps.cumsum(1)[:, min_len - 1:max_len]  # [N, L']: triangle mass of [x, x + n)
-    column = torch.zeros(total, dtype=torch.float64, device=dev).index_add_(0, key.clamp(min=0).flatten(),
-                                                                            b.flatten())  # [T] column totals
-    col_prefix = torch.cat([zero[None], column.cumsum(0)])
+    mass = steps.cumsum(2)[:, :, min_len - 1:max_len]  # [B, N, L']: triangle mass of [x, x + n)
+    column = torch.zeros(batch, total, dtype=torch.float64, device=dev).index_add_(
+        1, key.clamp(min=0).flatten(), b.reshape(batch, -1))  # [B, T] column totals
+    zeros = torch.zeros(batch, 1, dtype=torch.float64, device=dev)
+    col_prefix = torch.cat([zeros, column.cumsum(1)], dim=1)
     n = torch.arange(min_len, max_len + 1, device=dev)[None, :]  # [1, L']
     y1 = x + n
     valid = y1 <= num_rows
     y1 = y1.clamp(max=num_rows)
     # sum_{i=x}^{y} theta_i * (i - x + 1) from prefix sums of theta and theta * i (as in triangle_scores)
     th = theta.double()
-    c0 = torch.cat([zero[None], th.cumsum(0)])
-    c1 = torch.cat([zero[None], (th * torch.arange(th.numel(), device=dev, dtype=torch.float64)).cumsum(0)])
-    area = (c1[y1] - c1[x]) - (x.double() - 1.0) * (c0[y1] - c0[x])
-    cut = (col_prefix[y1] - col_prefix[x]) - mass
+    c0 = torch.cat([zeros, th.cumsum(1)], dim=1)
+    c1 = torch.cat([zeros, (th * torch.arange(th.shape[1], device=dev, dtype=torch.float64)).cumsum(1)], dim=1)
+    area = (c1[:, y1] - c1[:, x]) - (x.double() - 1.0) * (c0[:, y1] - c0[:, x])
+    cut = (col_prefix[:, y1] - col_prefix[:, x]) - mass
     rank = (mass - area - cut) / n.double()
-    return torch.where(valid, rank, torch.full_like(rank, -float("inf")))
+    rank = torch.where(valid, rank, torch.full_like(rank, -float("inf")))
+    return rank.reshape(*lead, num_rows, -1)
 
 
 def nms_spans(rank: torch.Tensor, min_len: int, min_score: float) -> list[tuple[int, int]]:
@@ -296,28 +304,58 @@ def segment_triangle(
     Returns:
         :class:`Spans` partitioning ``[0, num_rows)``.
     """
-    if not 0 < num_rows <= band.shape[0]:
-        raise ValueError(f"num_rows must be in [1, {band.shape[0]}], got {num_rows}")
-    theta = row_thresholds(band[:num_rows].float(), alpha, first_row_pos)
+    return segment_triangle_batch(band[None], num_rows, alpha=alpha, min_len=min_len, max_len=max_len,
+                                  min_score=min_score, first_row_pos=first_row_pos)[0]
+
+
+def segment_triangle_batch(
+    band: torch.Tensor,
+    num_rows: int,
+    *,
+    alpha: float,
+    min_len: int,
+    max_len: int,
+    min_score: float,
+    first_row_pos: int = 0,
+) -> list[Spans]:
+    """:func:`segment_triangle` of several independent bands at once (e.g. every layer's, when they evict the same
+    tokens): the ranking runs as one batch and its result comes back to the host in one copy; only the greedy
+    NMS runs per band.
+
+    Args:
+        band: ``[batch, total_rows, band_width]``.
+        num_rows: Length of the segment to partition (the same in every band).
+        alpha, min_len, max_len, min_score, first_row_pos: As in :func:`segment_triangle`.
+
+    Returns:
+        One :class:`Spans` per band, each partitioning ``[0, num_rows)``.
+    """
+    if band.dim() != 3:
+        raise ValueError(f"band must be [batch, total_rows, band_width], got shape {tuple(band.shape)}")
+    if not 0 < num_rows <= band.shape[1]:
+        raise ValueError(f"num_rows must be in [1, {band.shape[1]}], got {num_rows}")
+    theta = row_thresholds(band[:, :num_rows].float(), alpha, first_row_pos)  # [B, N]
     lo = min(min_len, num_rows)
     hi = min(max_len, num_rows)
-    rank = span_rank_band(band.float(), theta, num_rows, lo, hi)
+    rank = span_rank_band(band.float(), theta, num_rows, lo, hi)  # [B, N, L']
     # the only read-back of the segmentation: the ranks with each start's best rank and its column, in one copy
     # (the columns, small integers, are exact in float64)
-    best, arg = rank.max(dim=1)
-    host = torch.cat([rank, best[:, None], arg[:, None].to(rank.dtype)], dim=1).cpu()  # [num_rows, L' + 2]
-    rank = host[:, :-2]
-    pairs = fill_gaps(_nms_host(host[:, -2].numpy(), host[:, -1].numpy().astype(np.int64), lo, min_score),
-                      num_rows, max_len)
-    starts = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
-    ends = torch.tensor([b for _, b in pairs], dtype=torch.int64)
-    # rank of each final span (gap pieces included), for dynamic index vectors
-    lengths = ends - starts
-    col = (lengths - lo).clamp(0, rank.shape[1] - 1)
-    in_range = (lengths >= lo) & (lengths <= hi)
-    r = rank[starts, col].float()
-    r = torch.where(in_range, r, torch.zeros_like(r))
-    return Spans(starts=starts, ends=ends, rank=r)
+    best, arg = rank.max(dim=2)
+    host = torch.cat([rank, best[..., None], arg[..., None].to(rank.dtype)], dim=2).cpu()  # [B, N, L' + 2]
+    out = []
+    for item in host:
+        rank_b = item[:, :-2]
+        pairs = fill_gaps(_nms_host(item[:, -2].numpy(), item[:, -1].numpy().astype(np.int64), lo, min_score),
+                          num_rows, max_len)
+        bounds = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        starts, ends = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()
+        # rank of each final span (gap pieces included), for dynamic index vectors
+        lengths = ends - starts
+        col = (lengths - lo).clamp(0, rank_b.shape[1] - 1)
+        in_range = (lengths >= lo) & (lengths <= hi)
+        r = rank_b[starts, col].float()
+        out.append(Spans(starts=starts, ends=ends, rank=torch.where(in_range, r, torch.zeros_like(r))))
+    return out
 
 
 def segment_fixed(num_rows: int, block_size: int) -> Spans:

@@ -1,0 +1,96 @@
+"""What evicted window tokens become: spans and their index vectors, for every global layer at once.
+
+All global layers evict the same tokens at the same step, so their segmentations are computed as one batch: one
+ranking of every layer's attention band (one read-back for all layers), one ranking of every layer's key mass, one
+gather and one rotation of the chosen keys. Only the greedy NMS and the span bookkeeping run per layer. The result
+equals the layer-by-layer computation (``tests/unit/test_eviction.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from ltri_rag.config import LtriConfig
+from ltri_rag.index_vectors import dynamic_counts, select_index_tokens_batch, static_counts
+from ltri_rag.kernels.transfer import to_device
+from ltri_rag.rope import rotate
+from ltri_rag.spans import Spans, segment_fixed, segment_triangle_batch
+
+__all__ = ["SegmentCut", "cut_segments"]
+
+
+@dataclass(frozen=True)
+class SegmentCut:
+    """One layer's evicted segment, cut into spans.
+
+    Attributes:
+        starts: ``[S]`` int64 span starts, offsets in the segment (host).
+        ends: ``[S]`` int64 span ends (exclusive, host).
+        vectors: ``[N, Hkv, D]`` position-free index vectors (the keys' device and dtype).
+        owner: ``[N]`` int64 span of each vector (host).
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    vectors: torch.Tensor
+    owner: torch.Tensor
+
+
+def _segment(config: LtriConfig, band: torch.Tensor | None, num_tokens: int, num_layers: int,
+             first_pos: int) -> list[Spans]:
+    if config.segmentation != "triangle":
+        return [segment_fixed(num_tokens, config.block_size)] * num_layers
+    if band is None:
+        raise ValueError("triangle segmentation needs the layers' attention bands")
+    with record_function("ltri.segment_triangle"):
+        return segment_triangle_batch(band, num_tokens, alpha=config.triangle_alpha, min_len=config.span_min_len,
+                                      max_len=config.span_max_len, min_score=config.nms_min_score,
+                                      first_row_pos=first_pos)
+
+
+def _counts(config: LtriConfig, spans: Spans) -> torch.Tensor:
+    if config.index_vectors == "dynamic":
+        return dynamic_counts(spans.lengths, spans.rank, base=config.num_index_vectors,
+                              minimum=config.min_index_vectors, maximum=config.max_index_vectors)
+    return static_counts(spans.lengths, config.num_index_vectors)
+
+
+def cut_segments(config: LtriConfig, keys: torch.Tensor, band: torch.Tensor | None, key_mass: torch.Tensor,
+                 first_pos: int, inv_freqs: list[torch.Tensor]) -> list[SegmentCut]:
+    """Cut the same evicted tokens of several layers into spans and pick their index vectors.
+
+    Args:
+        config: Engine configuration (segmentation, span lengths, index-vector counts).
+        keys: ``[L, Hkv, n, D]`` the segment's keys per layer (RoPE at their positions).
+        band: ``[L, rows, band_width]`` attention bands of the segment's rows and any rows after them
+            (``triangle`` segmentation), or None.
+        key_mass: ``[L, Hkv, n]`` attention each token received while in the window.
+        first_pos: Position of the segment's first token.
+        inv_freqs: Per layer, ``[rot_dim / 2]`` rotary inverse frequencies (layers sharing one tensor object are
+            rotated together).
+
+    Returns:
+        One :class:`SegmentCut` per layer.
+    """
+    num_layers, num_kv_heads, num_tokens, _ = keys.shape
+    if key_mass.shape != (num_layers, num_kv_heads, num_tokens) or len(inv_freqs) != num_layers:
+        raise ValueError(f"key_mass {tuple(key_mass.shape)} / {len(inv_freqs)} inv_freqs do not match keys "
+                         f"{tuple(keys.shape)}")
+    spans = _segment(config, band, num_tokens, num_layers, first_pos)
+    counts = [_counts(config, s) for s in spans]
+    token_idx, owners = select_index_tokens_batch(key_mass, [(s.starts, s.ends, c) for s, c in zip(spans, counts)])
+    sizes = [int(o.numel()) for o in owners]
+    layer_of = torch.repeat_interleave(torch.arange(num_layers), torch.tensor(sizes, dtype=torch.int64),
+                                       output_size=sum(sizes))
+    heads = torch.arange(num_kv_heads, device=keys.device)[None, :]
+    vectors = keys[to_device(layer_of, keys.device)[:, None], heads, token_idx]  # [N, Hkv, D]
+    shift = -(token_idx + first_pos)  # [N, Hkv]: back to position 0 (position-free)
+    if all(f is inv_freqs[0] for f in inv_freqs):
+        vectors = rotate(vectors, shift, inv_freqs[0])
+        per_layer = vectors.split(sizes)
+    else:
+        per_layer = [rotate(v, d, f) for v, d, f in zip(vectors.split(sizes), shift.split(sizes), inv_freqs)]
+    return [SegmentCut(s.starts, s.ends, v, o) for s, v, o in zip(spans, per_layer, owners)]
