@@ -54,7 +54,10 @@ class LtriConfig:
         mode: Which attention scheme runs: ``full``, ``streaming``, ``infllm`` or ``ltri``.
         num_sink_tokens: Tokens at the start of the stream that every query always sees (InfLLM: 128).
         local_window: Most recent tokens each query sees with their true relative positions (InfLLM: 4096).
-        chunk_size: Tokens fed to the model per forward pass during prefill (InfLLM: 512).
+        chunk_size: Tokens fed to the model per forward pass during prefill (InfLLM: 512). The default, 2048, is
+            the size every quality result was measured at (the dev-split tuning and the test grid); each pass costs
+            the engine a fixed amount of host work per layer, so 512-token passes read a long prompt about 3x
+            slower on a GPU (``benchmarks/results/e2e_llama8b_h200``).
         final_chunk_size: The last tokens of each prompt are read as a chunk of their own (at most this long), so
             that retrieval for the answer is driven by them (typically the question), not by a chunk of context.
         full_chunk_size: Mode ``full`` only: read prompts in pieces of this many tokens through transformers' own
@@ -119,7 +122,7 @@ class LtriConfig:
     mode: Mode = "ltri"
     num_sink_tokens: int = 128
     local_window: int = 4096
-    chunk_size: int = 512
+    chunk_size: int = 2048
     final_chunk_size: int = 16
     full_chunk_size: int | None = None
     budget: int = 2048

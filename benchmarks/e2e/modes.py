@@ -12,18 +12,18 @@ import torch
 
 from ltri_rag import LtriConfig
 
-MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c2048")
-RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c2048")
+MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512")
+RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
 # decoded token retrieves once in 8 and reuses the memory part in between (``decode_retrieval_stride``);
-# ``ltri_c2048``: prompts read in chunks of 2,048 tokens instead of 512 (fewer, larger passes: less per-pass host
-# work per token, a coarser retrieval: one selection serves 2,048 queries)
+# ``ltri_c512``: prompts read in chunks of 512 tokens instead of the default 2,048 (4x the passes, so 4x the per-pass
+# host work; a finer retrieval: one selection serves 512 queries)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"kv_offload": True}),
                                                    "ltri_gpu_pool": ("ltri", {"kv_offload": False}),
                                                    "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
-                                                   "ltri_c2048": ("ltri", {"chunk_size": 2048})}
+                                                   "ltri_c512": ("ltri", {"chunk_size": 512})}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -51,7 +51,7 @@ def test_gpu_pool_variant_and_host_load(tmp_path) -> None:
     assert (variant.mode, variant.kv_offload, variant.local_window) == ("ltri", False, 64)
     assert plain.kv_offload == "auto"
     assert engine_config("ltri_host_pool", {}, "torch").kv_offload is True
-    assert engine_config("ltri_c2048", {}, "torch").chunk_size == 2048
+    assert engine_config("ltri_c512", {}, "torch").chunk_size == 512
     assert engine_config("ltri_stride8", {}, "torch").decode_retrieval_stride == 8
     result = main(["--small", "--modes", "ltri_gpu_pool", "--lengths", "256", "--decode-lengths", "256",
                    "--decode-tokens", "2", "--no-profile", "--out", str(tmp_path)])
