@@ -29,46 +29,35 @@ from torch import nn
 from tqdm.auto import tqdm
 from typing_extensions import Self
 
-from ltri_rag.cache import LtriCache, MemoryExport, layer_sliding_windows
+from ltri_rag.cache import layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
-from ltri_rag.layer import GlobalLayerState
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
 from ltri_rag.memory_ingest import (
     check_collection,
     check_ids,
     encode_document,
     ingest_document,
-    load_document_memory,
     prepare_input,
     record_bytes,
     sink_prefix_ids,
 )
 from ltri_rag.memory_query import (
     DEFAULT_RANKING,
-    NEUTRAL_QUESTION,
     RANKINGS,
     MemoryAnswer,
     MemoryStream,
-    Placement,
-    QueryRecorder,
-    aggregate_hits,
-    choose_documents,
     decode,
-    query_vectors,
-    read_neutral,
-    recording_session,
-    session_hits,
     stream_pieces,
 )
+from ltri_rag.memory_search import MemorySearch
 from ltri_rag.memory_stores import StoreFactory, resolve_store
 from ltri_rag.store import (
     DocumentInfo,
     DocumentRecord,
     FingerprintMismatch,
     SpanHit,
-    SpanRecord,
     SpanStore,
     StoreStats,
     VerifyReport,
@@ -77,15 +66,7 @@ from ltri_rag.store import (
 __all__ = ["DEFAULT_COLLECTION", "KVMemory", "MemoryAnswer", "MemoryStream", "StoreFactory", "resolve_store"]
 
 DEFAULT_COLLECTION = "default"
-_Loaded = tuple[MemoryExport, dict[int, tuple[SpanRecord, ...]]]  # a document's span memory and spans per layer
-
-
-def hits_per_layer(k: int) -> int:
-    """How many of each layer's best spans :meth:`KVMemory.retrieve` merges into its ``k`` regions."""
-    return max(4 * k, 16)
-
-
-class KVMemory:
+class KVMemory(MemorySearch):
     """A persistent corpus memory over one model: documents are read once into spans, index vectors and K/V, kept in
     a :class:`SpanStore`, and brought back into the model's span memory to answer questions.
 
@@ -287,138 +268,6 @@ class KVMemory:
     def repair(self) -> VerifyReport:
         """Fix what :meth:`verify` finds (what can be fixed); returns the report from before."""
         return self.store.repair()
-
-    # ------------------------------------------------------------------------------------------- queries
-    def _question_ids(self, text: str) -> torch.Tensor:
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"the question must be a non-empty string, got {text!r:.60}")
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-        if ids.numel() == 0:
-            raise ValueError(f"the question encodes to no tokens: {text!r:.60}")
-        return ids
-
-    def retrieve(self, query: str, k: int = 4, *, filter: Mapping[str, Any] | None = None,
-                 collection: str | None = None, max_memory_tokens: int | None = None) -> list[SpanHit]:
-        """The stored spans the model attends to when it reads ``query`` after the documents, best first, merged
-        across layers into distinct regions of documents (see :mod:`ltri_rag.memory_query` for the scoring).
-
-        The candidate documents (``collection`` and ``filter``) are imported into a session after the sink prefix, all
-        of them when they hold at most ``max_memory_tokens`` tokens, else those the store's FAISS search ranks first.
-
-        Args:
-            query: The question text (read as plain text).
-            k: Most regions to return.
-            filter: Metadata equality (every key present and equal).
-            collection: Only this collection; ``None`` searches every collection.
-            max_memory_tokens: Overrides the memory's ``max_memory_tokens`` for this call.
-
-        Returns:
-            :class:`SpanHit` s with document id, collection, token and character offsets, text and a score in
-            ``[0, 1]`` (the share of the layers' attention over the memory that points at the region; with ranking
-            ``excess``, the share the question pays it beyond what a neutral question pays it); deterministic.
-        """
-        return self._retrieve(self._question_ids(query), k, filter, collection, max_memory_tokens)[0]
-
-    def retrieve_by_layer(self, query: str, fetch: int | None = None, *, filter: Mapping[str, Any] | None = None,
-                          collection: str | None = None, max_memory_tokens: int | None = None
-                          ) -> dict[int, list[SpanHit]]:
-        """What :meth:`retrieve` merges: per global layer, the stored spans that layer attends to when it reads
-        ``query`` after the documents, best first, each with that layer's score (same ranking and candidate
-        documents as :meth:`retrieve`; used by ``ltri-rag inspect`` to draw which spans each layer recalls).
-
-        Args:
-            query: The question text (read as plain text).
-            fetch: Most spans per layer; ``None``: every span of the candidate documents.
-            filter, collection, max_memory_tokens: As for :meth:`retrieve`.
-
-        Returns:
-            ``{layer: [SpanHit, ...]}`` (``SpanHit.layer`` is the layer; ``score`` its share of the layer's attention
-            over the memory, or with ranking ``excess`` / ``pmi`` that ranking's score).
-        """
-        if fetch is not None and (not isinstance(fetch, int) or isinstance(fetch, bool) or fetch < 1):
-            raise ValueError(f"fetch must be a positive int or None, got {fetch!r}")
-        return self._layer_hits(self._question_ids(query), fetch, filter, collection, max_memory_tokens)[0]
-
-    def _retrieve(self, ids: torch.Tensor, k: int, filter: Mapping[str, Any] | None, collection: str | None,
-                  max_memory_tokens: int | None) -> tuple[list[SpanHit], list[DocumentInfo], list[_Loaded]]:
-        """``(hits, the documents looked at, their loaded span memory)`` for question ids ``[Q]``."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        per_layer, docs, loaded = self._layer_hits(ids, hits_per_layer(k), filter, collection, max_memory_tokens)
-        return aggregate_hits(per_layer, k), docs, loaded
-
-    def _layer_hits(self, ids: torch.Tensor, fetch: int | None, filter: Mapping[str, Any] | None,
-                    collection: str | None, max_memory_tokens: int | None
-                    ) -> tuple[dict[int, list[SpanHit]], list[DocumentInfo], list[_Loaded]]:
-        """``(per-layer hits (at most fetch each, None: all), the documents looked at, their loaded span memory)``
-        for question ids ``[Q]``."""
-        if collection is not None:
-            check_collection(collection)
-        if filter is not None and not isinstance(filter, Mapping):
-            raise TypeError(f"filter must be a dict of metadata values, got {type(filter).__name__}")
-        cap = self.max_memory_tokens if max_memory_tokens is None else max_memory_tokens
-        with self._lock:
-            docs = self._documents(collection, filter)
-            if sum(d.num_tokens for d in docs) > cap:
-                docs = choose_documents(docs, self._coarse_hits(ids, collection, filter), cap)
-            if not docs:
-                return {}, [], []
-            session, recorder, placements, loaded = self._load_session(docs, record=True)
-            assert recorder is not None
-            neutral = None
-            if self.ranking != "attention":
-                neutral = read_neutral(session, recorder, self._question_ids(NEUTRAL_QUESTION))
-            recorder.recording = True
-            session.feed(ids)
-            if fetch is None:  # every span of the candidate documents
-                fetch = max((sum(len(p.spans) for p in places) for places in placements.values()), default=1)
-            per_layer = session_hits(recorder, placements, self.scaling, fetch,
-                                     backend=self.config.attention_backend, neutral=neutral, ranking=self.ranking)
-        return per_layer, docs, loaded
-
-    def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None
-                     ) -> list[SpanHit]:
-        """Regions ranked by the store's FAISS search with the question's mean query per layer (the coarse stage)."""
-        queries = query_vectors(self.model, self.config, self.sink_ids, ids, self.num_kv_heads)
-        per_layer = {layer: self.store.search(layer, q, 64, collection=collection, filter=filter)
-                     for layer, q in queries.items()}
-        return aggregate_hits(per_layer, 1 << 30, self.scaling / self.num_kv_heads)
-
-    def _load_session(self, docs: Sequence[DocumentInfo], *, record: bool, loaded: Sequence[_Loaded] | None = None
-                      ) -> tuple[LtriSession, QueryRecorder | None, dict[int, list[Placement]], list[_Loaded]]:
-        """A session that read the sink prefix and imported ``docs``' span memory (read from the store, or
-        ``loaded`` when given), with where each document's spans sit in every layer's span table, and the memory
-        read (the caller holds the lock)."""
-        session, recorder = (recording_session(self.model, self.config) if record
-                             else (LtriSession(self.model, self.config), None))
-        if self.sink_ids.numel():
-            session.feed(self.sink_ids)
-        placements: dict[int, list[Placement]] = {}
-        cache = session.cache
-        assert isinstance(cache, LtriCache)
-        if loaded is None:
-            loaded = [load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
-                                           int(self.sink_ids.numel()), self.kv_dtype) for doc in docs]
-        for doc, (memory, records) in zip(docs, loaded):
-            for layer, spans in records.items():
-                state = cache.states[layer]
-                first = len(state.tables[0]) if isinstance(state, GlobalLayerState) and state.tables else 0
-                placements.setdefault(layer, []).append(Placement(first_span=first, spans=spans, doc_id=doc.doc_id,
-                                                                  collection=doc.collection, text=doc.text))
-            session.import_memory(memory)
-        return session, recorder, placements, list(loaded)
-
-    def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
-        """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
-        by_collection: dict[str, list[str]] = {}
-        for coll, doc_id in self.store.list_documents(collection):
-            by_collection.setdefault(coll, []).append(doc_id)
-        docs = [info for coll, doc_ids in sorted(by_collection.items())
-                for info in self.store.get(doc_ids, collection=coll)]
-        if filter:
-            missing = object()
-            docs = [d for d in docs if all(d.metadata.get(key, missing) == value for key, value in filter.items())]
-        return docs
 
     def _prepare_answer(self, query_or_messages: Prompt, *, k: int, collection: str | None,
                         filter: Mapping[str, Any] | None, chat_template: bool, max_memory_tokens: int | None

@@ -182,11 +182,11 @@ def layer_retrieval(memory: Any, question: str, doc: Any, k: int) -> LayerRetrie
 
     The scores are :meth:`KVMemory.retrieve_by_layer`'s (every span); the cited regions are what
     :meth:`KVMemory.retrieve` returns (the same per-layer hits, each layer's best
-    :func:`~ltri_rag.memory.hits_per_layer` merged).
+    :func:`~ltri_rag.memory_search.hits_per_layer` merged).
     """
     import numpy as np
 
-    from ltri_rag.memory import hits_per_layer
+    from ltri_rag.memory_search import hits_per_layer
     from ltri_rag.memory_query import aggregate_hits
 
     per_layer = memory.retrieve_by_layer(question, None, collection=doc.collection)
