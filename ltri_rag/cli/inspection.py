@@ -186,8 +186,8 @@ def layer_retrieval(memory: Any, question: str, doc: Any, k: int) -> LayerRetrie
     """
     import numpy as np
 
-    from ltri_rag.memory_search import hits_per_layer
     from ltri_rag.memory_query import aggregate_hits
+    from ltri_rag.memory_search import hits_per_layer
 
     per_layer = memory.retrieve_by_layer(question, None, collection=doc.collection)
     layers = sorted(memory.global_layers)

@@ -14,9 +14,9 @@ from ltri_rag.storage import SqlSpanStore
 
 from ltri_rag import KVMemory, LtriConfig, LtriSession
 from ltri_rag.memory import resolve_store
-from ltri_rag.memory_search import hits_per_layer
 from ltri_rag.memory_ingest import DocumentOffsets, encode_document
 from ltri_rag.memory_query import aggregate_hits
+from ltri_rag.memory_search import hits_per_layer
 from ltri_rag.store import DocumentNotFound, FingerprintMismatch, SpanHit, StoreError
 from tests.real_model import QWEN_GGUF
 from tests.unit.tiny_models import tiny_model
