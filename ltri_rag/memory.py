@@ -33,6 +33,7 @@ from ltri_rag.cache import layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
+from ltri_rag.memory_cache import DocumentCache
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
 from ltri_rag.memory_ingest import (
     check_collection,
@@ -66,6 +67,8 @@ from ltri_rag.store import (
 __all__ = ["DEFAULT_COLLECTION", "KVMemory", "MemoryAnswer", "MemoryStream", "StoreFactory", "resolve_store"]
 
 DEFAULT_COLLECTION = "default"
+
+
 class KVMemory(MemorySearch):
     """A persistent corpus memory over one model: documents are read once into spans, index vectors and K/V, kept in
     a :class:`SpanStore`, and brought back into the model's span memory to answer questions.
@@ -88,6 +91,9 @@ class KVMemory(MemorySearch):
             beyond what a neutral question pays the span, read in one extra dry pass, so that documents' openings stop
             outranking the answer; measured in :mod:`ltri_rag.memory_query`), ``attention`` (the share of the
             question's attention), ``pmi``.
+        cache_bytes: Byte budget of the cache of recently used documents' span memory, kept on the model's device
+            (see :mod:`ltri_rag.memory_cache`: a repeated question skips the store's file reads and copies); 0
+            turns it off.
 
     Raises:
         FingerprintMismatch: the store was written with another model, tokenizer or configuration.
@@ -96,7 +102,7 @@ class KVMemory(MemorySearch):
 
     def __init__(self, store: SpanStore, model: nn.Module, tokenizer: Any, config: LtriConfig | None = None, *,
                  max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
-                 batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING) -> None:
+                 batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING, cache_bytes: int = 1 << 30) -> None:
         if config is None:
             config = config_from_fingerprint(store.fingerprint)
         if not isinstance(config, LtriConfig):
@@ -123,6 +129,7 @@ class KVMemory(MemorySearch):
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.scaling = float(getattr(text_config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self._lock = threading.RLock()  # one model call at a time (sessions toggle the model's attention function)
+        self.document_cache = DocumentCache(cache_bytes, next(model.parameters()).device)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -136,7 +143,8 @@ class KVMemory(MemorySearch):
             config: Engine configuration; default ``LtriConfig()`` (mode ``ltri``).
             store: Entry point name of the store (``"sql"``) or a factory class.
             store_options: Extra keyword arguments of the factory's ``create``.
-            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking`` (see the class).
+            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking``, ``cache_bytes``
+                (see the class).
         """
         config = config or LtriConfig()
         factory = resolve_store(store)
@@ -239,7 +247,10 @@ class KVMemory(MemorySearch):
         Raises:
             DocumentNotFound: an id is not in ``collection`` (nothing is deleted then).
         """
-        self.store.delete(check_ids(ids), collection=check_collection(collection))
+        ids, collection = check_ids(ids), check_collection(collection)
+        self.store.delete(ids, collection=collection)
+        gone = set(ids)
+        self.document_cache.forget(lambda key: key[0] == collection and key[1] in gone)
 
     def get(self, ids: Sequence[str], *, collection: str = DEFAULT_COLLECTION) -> list[DocumentInfo]:
         """The stored documents (text, metadata, token count), in the order of ``ids``.

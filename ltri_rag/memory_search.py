@@ -18,6 +18,7 @@ from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.layer import GlobalLayerState
+from ltri_rag.memory_cache import CacheInfo, DocumentCache
 from ltri_rag.memory_ingest import check_collection, load_document_memory
 from ltri_rag.memory_query import (
     NEUTRAL_QUESTION,
@@ -56,6 +57,7 @@ class MemorySearch:
     ranking: str
     global_layers: list[int]
     kv_dtype: torch.dtype
+    document_cache: DocumentCache
     _lock: threading.RLock
 
     def _question_ids(self, text: str) -> torch.Tensor:
@@ -166,8 +168,7 @@ class MemorySearch:
         cache = session.cache
         assert isinstance(cache, LtriCache)
         if loaded is None:
-            loaded = [load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
-                                           int(self.sink_ids.numel()), self.kv_dtype) for doc in docs]
+            loaded = [self._document_memory(doc) for doc in docs]
         for doc, (memory, records) in zip(docs, loaded):
             for layer, spans in records.items():
                 state = cache.states[layer]
@@ -176,6 +177,17 @@ class MemorySearch:
                                                                   collection=doc.collection, text=doc.text))
             session.import_memory(memory)
         return session, recorder, placements, list(loaded)
+
+    def _document_memory(self, doc: DocumentInfo) -> _Loaded:
+        """A stored document's span memory and spans per layer, from the document cache or the store."""
+        return self.document_cache.get_or_load(
+            (doc.collection, doc.doc_id, doc.created),
+            lambda: load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
+                                         int(self.sink_ids.numel()), self.kv_dtype))
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, entries and bytes of the document cache (see :mod:`ltri_rag.memory_cache`)."""
+        return self.document_cache.info()
 
     def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
         """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
