@@ -133,8 +133,9 @@ def render(result: dict[str, Any]) -> str:
             unit = "device ms" if meta["device"] != "cpu" else "CPU ms"
             lines += ["", (f"Where the time goes ({unit} of one profiled pass, by category). Wall: the pass under the "
                           "profiler, synchronised (wall - busy = the device waiting on the host: Python, launches, "
-                          "syncs); busy: the categories' sum; unattributed: device time the profiler tied to no "
-                          "operator; floor as above (FLOPs for a prefill chunk):"), "",
+                          "syncs); busy: the categories' sum (the engine's Triton kernels, which run outside PyTorch's "
+                          "operators, filed by kernel name under attention and retrieval); unattributed: device time "
+                          "the profiler tied to no operator; floor as above (FLOPs for a prefill chunk):"), "",
                       "| mode | context | pass | wall ms | busy | " + " | ".join(CATEGORIES)
                       + " | unattributed | floor ms |",
                       "|---|---:|---|---:|---:|" + "---:|" * (len(CATEGORIES) + 2)]

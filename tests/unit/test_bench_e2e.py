@@ -107,3 +107,33 @@ def test_bad_arguments_are_named(tmp_path, capsys, argv, message) -> None:
     with pytest.raises(SystemExit):
         main(["--small", "--out", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_time_split_files_triton_kernels_by_name_once():
+    # fake profiler events: one linear (CPU op with its device time), the two local-attention Triton kernels and a
+    # scoring kernel on the device timeline with no CPU operator
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.e2e.timesplit import split_time
+
+    def cpu(name, device_us, parent=None):
+        return SimpleNamespace(device_type=DeviceType.CPU, name=name, self_device_time_total=device_us,
+                               cpu_parent=parent, self_cpu_time_total=0, cpu_time_total=0, device_time_total=device_us)
+
+    def dev(name, us):
+        return SimpleNamespace(device_type=DeviceType.CUDA, name=name, self_device_time_total=us,
+                               is_user_annotation=False)
+
+    events = [cpu("aten::linear", 5000.0), dev("sm90_gemm", 5000.0), dev("_local_fwd_kernel", 3000.0),
+              dev("_local_key_mass_kernel", 1000.0), dev("_span_mass_kernel", 2000.0)]
+    split = split_time(events, cuda=True)
+    assert split["categories_ms"]["weights"] == 5.0
+    assert split["categories_ms"]["attention"] == 4.0
+    assert split["categories_ms"]["retrieval: score+select"] == 2.0
+    assert split["busy_ms"] == 11.0 and split["kernels_ms"] == 11.0 and split["unattributed_ms"] == 0.0
+    # where a CPU operator already carries the Triton time (busy covers every kernel), it is not counted twice
+    events[0] = cpu("aten::linear", 11000.0)
+    split = split_time(events, cuda=True)
+    assert split["busy_ms"] == 11.0 and split["categories_ms"]["attention"] == 0.0
