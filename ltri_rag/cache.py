@@ -281,10 +281,7 @@ class LtriCache(Cache):
             self.plan = None
             return
         for state in self.states:
-            if isinstance(state, GlobalLayerState):
-                state.commit(plan, evict=False)
-            else:
-                state.commit(plan)
+            state.commit(plan)
         evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch
         self.seen_tokens += plan.q_len
         self.num_sinks += plan.num_to_sinks

@@ -329,9 +329,9 @@ class GlobalLayerState:
             self._pending = (k, v, local.key_mass, local.band)
         return out
 
-    def commit(self, plan: StepPlan, evict: bool = True) -> None:
-        """Apply the pass just attended: absorb the chunk, evict and segment (unless ``evict`` is False: the cache
-        then evicts every layer at once with :func:`evict_layers`), update persistence.
+    def commit(self, plan: StepPlan) -> None:
+        """Apply the pass just attended: absorb the chunk, update persistence. The evicted tokens are cut into spans
+        afterwards, for every layer at once (:func:`evict_layers`, called by the cache).
 
         Called by the cache once every layer has attended, so that a forward pass that fails part-way changes no
         layer (see :meth:`discard`).
@@ -350,8 +350,6 @@ class GlobalLayerState:
         self._pending = None
         with record_function("ltri.absorb"):
             self._absorb(k, v, key_mass, band, plan)
-        if evict and plan.num_evict:
-            self._evict(plan)
 
     def discard(self) -> None:
         """Forget the pass just attended (the forward failed)."""
@@ -413,10 +411,6 @@ class GlobalLayerState:
         self._ensure_tables(self.sink_k if self.sink_k is not None else keys.transpose(0, 1))
         self.pool.write(self.layer_idx, seq, first_slot, keys, values)
         self.tables[seq].append(starts + first_slot, ends + first_slot, vectors, owner)
-
-    def _evict(self, plan: StepPlan) -> None:
-        """Cut the oldest ``num_evict`` window tokens into spans, store them, and drop them from the window."""
-        evict_layers([self], plan)
 
     def _drop_oldest(self, n: int) -> None:
         """Drop the ``n`` oldest window tokens (stored already, or discarded by a mode without a span memory)."""

@@ -8,7 +8,7 @@ import torch
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.eviction import cut_segments
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, select_index_tokens_batch, static_counts
-from ltri_rag.layer import GlobalLayerState
+from ltri_rag.layer import GlobalLayerState, evict_layers
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import rotate
 from ltri_rag.spans import segment_fixed, segment_triangle, segment_triangle_batch
@@ -158,7 +158,7 @@ def test_engine_batched_eviction_equals_per_layer_eviction(monkeypatch, segmenta
     batched.flush()
 
     import ltri_rag.cache as cache_mod
-    monkeypatch.setattr(cache_mod, "evict_layers", lambda states, plan: [s._evict(plan) for s in states])
+    monkeypatch.setattr(cache_mod, "evict_layers", lambda states, plan: [evict_layers([s], plan) for s in states])
     per_layer = LtriSession(model, config)
     logits = per_layer.feed(ids)
     per_layer.flush()
