@@ -89,6 +89,12 @@ class LtriConfig:
         retrieval_scope: ``shared`` (one selection per layer for all heads) or ``per_kv_head``.
         span_scoring: ``dot`` (InfLLM: mean query . best index vector) or ``softmax`` (each query's softmax over
             spans of its best-vector scores, averaged: sharp retrieval heads outweigh diffuse ones).
+        score_queries: With ``span_scoring="softmax"``: at most this many of a chunk's queries are scored against the
+            span memory (evenly spaced over the chunk, its last query always among them); None scores every query.
+            A chunk's span distribution is the mean of its queries' softmaxes, so a subsample estimates the same mean,
+            while scoring every query against every index vector makes a prefill's scoring work quadratic in its
+            length (the engine's largest device cost beyond 128K tokens on an H200). Chunks and decoded tokens of at
+            most this many queries (the prompt's final chunk, by default 16 tokens) are scored whole.
         consensus_weight: Weight in [0, 1] of the cross-layer evidence (all layers' span distributions, spread
             over tokens) against the layer's own span distribution when ranking spans.
         lookahead: Read the last chunk of each prompt twice: a first pass only gathers every layer's evidence,
@@ -109,6 +115,12 @@ class LtriConfig:
             retrieval (scoring, selection, gathering, re-rotation) costs several times its attention. A reused
             memory part is exact for the spans it holds: the window only grows between evictions, so the memory's
             positions do not move; an eviction (every ``evict_stride`` tokens) or a prompt pass ends the reuse.
+        selection_on_device: Where a layer chooses its spans. ``"auto"`` (the default): on the GPU when the model
+            is on one and every page of the pool is in its device tier, so that no layer reads its scores back and
+            the host queues the next layers while the device works; otherwise on the host (ranking a few thousand
+            spans is a few dozen small operations, cheaper there when the host must wait anyway). ``True``: on the
+            model's device whenever the pages are there (a CPU model included); ``False``: always on the host.
+            Both select the same spans, up to float rounding of the ranking keys.
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
@@ -142,6 +154,7 @@ class LtriConfig:
     max_index_vectors: int = 8
     retrieval_scope: RetrievalScope = "shared"
     span_scoring: SpanScoring | None = None
+    score_queries: int | None = 256
     consensus_weight: float | None = None
     lookahead: bool | None = None
     voting: bool | None = None
@@ -151,6 +164,7 @@ class LtriConfig:
     pin_prompt_spans: bool = False
     pin_extra_budget: bool = False
     decode_retrieval_stride: int = 1
+    selection_on_device: bool | Literal["auto"] = "auto"
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
 
@@ -172,11 +186,14 @@ class LtriConfig:
                      "span_min_len", "decode_retrieval_stride", "num_index_vectors", "min_index_vectors"):
             self._check_int(name, minimum=1)
         self._check_int("span_max_len", minimum=self.span_min_len)
-        if self.full_chunk_size is not None:
-            self._check_int("full_chunk_size", minimum=1)
+        for name in ("full_chunk_size", "score_queries"):
+            if getattr(self, name) is not None:
+                self._check_int(name, minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
         if self.kv_offload != "auto" and not isinstance(self.kv_offload, bool):
             raise TypeError(f"kv_offload must be a bool or 'auto', got {self.kv_offload!r}")
+        if self.selection_on_device != "auto" and not isinstance(self.selection_on_device, bool):
+            raise TypeError(f"selection_on_device must be a bool or 'auto', got {self.selection_on_device!r}")
         if self.kv_device_gib is not None:
             value = self.kv_device_gib
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

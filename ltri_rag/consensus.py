@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
+
 __all__ = ["LayerConsensus"]
 
 
 class LayerConsensus:
-    """Slot-level evidence of one batch, per sequence, kept on the host.
+    """Slot-level evidence of one batch, per sequence, kept where the layers' votes are (the host, or the compute
+    device when selection runs there: then nothing is read back).
 
     Each deposit is O(spans): a vote adds +1 at its span's first slot and -1 past its last to a difference array;
     the commit turns the sum into per-slot vote fractions once per step (O(slots)), and keeps their running sum,
@@ -26,7 +29,7 @@ class LayerConsensus:
     """
 
     def __init__(self, batch_size: int) -> None:
-        self.prior: list[torch.Tensor | None] = [None] * batch_size  # [num_slots] float32, host
+        self.prior: list[torch.Tensor | None] = [None] * batch_size  # [num_slots] float32, where the votes were
         self._acc: list[torch.Tensor | None] = [None] * batch_size  # [num_slots + 1] float64 differences
         self._count = [0] * batch_size
         self._sums: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size  # (prior, its cumsum)
@@ -36,46 +39,55 @@ class LayerConsensus:
         may be assigned from outside, e.g. restored after a look-ahead)."""
         cached = self._sums[seq]
         if cached is None or cached[0] is not prior:
-            sums = torch.zeros(prior.numel() + 1, dtype=torch.float64)
-            torch.cumsum(prior.to("cpu", torch.float64), 0, out=sums[1:])
+            sums = torch.zeros(prior.numel() + 1, dtype=torch.float64, device=prior.device)
+            torch.cumsum(prior.to(torch.float64), 0, out=sums[1:])
             cached = self._sums[seq] = (prior, sums)
         return cached[1]
 
-    def span_prior(self, seq: int, lengths: torch.Tensor) -> torch.Tensor | None:
+    def span_prior(self, seq: int, lengths: torch.Tensor, device: torch.device | None = None) -> torch.Tensor | None:
         """Mean prior vote over each span of a partition of slots ``[0, lengths.sum())``, or None without evidence.
 
         Args:
             seq: Sequence index.
-            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (host).
+            lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (best on the host).
+            device: Where the result is wanted (default: the host); the prior moves there once if it lives
+                elsewhere.
 
         Returns:
-            ``[num_spans]`` float32 on the host, in [0, 1]; slots the prior does not cover read as 0.
+            ``[num_spans]`` float32 on ``device``, in [0, 1]; slots the prior does not cover read as 0.
         """
         prior = self.prior[seq]
         if prior is None or lengths.numel() == 0:
             return None
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if prior.device != device:
+            prior = self.prior[seq] = prior.to(device)
         sums = self._prior_sums(seq, prior)
         lengths = lengths.to("cpu", torch.int64)
-        ends = torch.cumsum(lengths, 0)
         last = sums.numel() - 1
-        inside = sums[ends.clamp(max=last)] - sums[(ends - lengths).clamp(max=last)]
-        return (inside / lengths).to(torch.float32)
+        ends = torch.cumsum(lengths, 0)
+        bounds = to_device(torch.stack([ends.clamp(max=last), (ends - lengths).clamp(max=last)]), device)
+        inside = sums[bounds[0]] - sums[bounds[1]]
+        return (inside / to_device(lengths, device)).to(torch.float32)
 
     def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor) -> None:
         """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths
-        (``[num_spans]``, in slot order from slot 0). Both are read on the host (votes on a device are copied)."""
+        (``[num_spans]``, in slot order from slot 0, best on the host). The evidence is kept on ``votes``' device."""
         lengths = lengths.to("cpu", torch.int64)
-        weight = votes.to("cpu", torch.float64)
+        device = votes.device
+        weight = votes.to(torch.float64)
         ends = torch.cumsum(lengths, 0)
         total = int(ends[-1]) if ends.numel() else 0
         acc = self._acc[seq]
+        if acc is not None and acc.device != device:
+            acc = acc.to(device)
         if acc is None or acc.numel() < total + 1:
-            grown = torch.zeros(total + 1, dtype=torch.float64)
+            grown = torch.zeros(total + 1, dtype=torch.float64, device=device)
             if acc is not None:
                 grown[: acc.numel()] = acc
             acc = grown
-        acc.index_add_(0, ends - lengths, weight)
-        acc.index_add_(0, ends, -weight)
+        acc.index_add_(0, to_device(ends - lengths, device), weight)
+        acc.index_add_(0, to_device(ends, device), -weight)
         self._acc[seq] = acc
         self._count[seq] += 1
 

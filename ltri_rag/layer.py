@@ -33,7 +33,7 @@ from ltri_rag.retrieval import query_summary, select_spans, update_recency
 from ltri_rag.rope import rotate
 from ltri_rag.span_memory import SpanTable
 
-__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers"]
+__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers", "scored_queries"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,21 @@ class StepPlan:
     first_slot: int
     dry: bool = False
     decode: bool = False
+
+
+def scored_queries(q_len: int, config: LtriConfig) -> torch.Tensor | None:
+    """Which of a pass's ``q_len`` queries span scoring reads (``LtriConfig.score_queries``).
+
+    Returns:
+        ``[c]`` int64 host indices, increasing, evenly spaced and ending at ``q_len - 1``, with
+        ``c = score_queries``; or None when every query is scored (``q_len <= score_queries``, no limit, or
+        ``dot`` scoring, which reads only the chunk's mean query).
+    """
+    limit = config.score_queries
+    if limit is None or q_len <= limit or config.span_scoring != "softmax":
+        return None
+    # the spacing is q_len / limit (not a whole number in general); counted back from the last query
+    return (q_len - 1) - torch.div(torch.arange(limit - 1, -1, -1) * q_len, limit, rounding_mode="floor")
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -127,7 +142,7 @@ class GlobalLayerState:
         self.win_band: torch.Tensor | None = None  # [B, w, band] attention-map band (triangle segmentation)
         self.tables: list[SpanTable] = []
         self.band_width = config.span_max_len if config.segmentation == "triangle" and config.retrieves else 0
-        self.last_selected_tokens = 0  # for reporting: tokens retrieved at the last step (max over sequences)
+        self._last_slots: list[torch.Tensor] = []  # for reporting: the slot lists of the last retrieval
         # What the pass being run will change, applied by commit() once every layer has attended:
         self._pending: tuple[torch.Tensor, ...] | None = None  # (k, v, key_mass, band) of the chunk
         self._pending_recency: dict[int, torch.Tensor] = {}  # sequence -> persistence state after this pass
@@ -137,6 +152,12 @@ class GlobalLayerState:
         # key (the memory's position anchor, span counts, sinks) holds: (key, uses, mem_k, mem_v, mask)
         self._decode_memory: tuple | None = None
         self._pending_decode_memory: tuple | None = None
+
+    @property
+    def last_selected_tokens(self) -> int:
+        """Tokens retrieved at the last retrieval (the most of any sequence and KV head); reads the device when the
+        selection ran there."""
+        return max((int((slots >= 0).sum(dim=1).max()) for slots in self._last_slots if slots.numel()), default=0)
 
     # ----------------------------------------------------------------------------------------------- memory part
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -156,55 +177,85 @@ class GlobalLayerState:
         return pinned
 
     def _select(self, seq: int, table: SpanTable, q_free: torch.Tensor, scaling: float,
-                plan: StepPlan) -> torch.Tensor:
-        """``[rows, S]`` bool selection of one sequence's spans for this step."""
+                plan: StepPlan, on_device: bool) -> torch.Tensor:
+        """``[rows, S]`` bool selection of one sequence's spans for this step, on the host, or on the compute
+        device when ``on_device`` (see :meth:`_selects_on_device`)."""
         cfg = self.cfg
         dry = plan.dry
-        # the retrieval's one read-back: ranking, budget fill, votes and persistence are a few dozen small
-        # operations, cheaper on the host than as device launches (and the slots are needed there anyway)
-        scores = self._own_scores(table, q_free, scaling).float().cpu()
+        scores = self._own_scores(table, q_free, scaling).float()
+        if not on_device:
+            # the retrieval's one read-back: ranking, budget fill, votes and persistence are a few dozen small
+            # operations, cheaper on the host than as device launches when the host must wait anyway
+            scores = scores.cpu()
+        recency = table.recency_on(scores.device) if cfg.persistence else None
         pinned = self._pinned(seq, plan, len(table))
         extra = pinned if cfg.pin_extra_budget else None  # pinned on top of the budget, not within it
         kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
-                      recency=table.recency if cfg.persistence else None, bonus=cfg.persistence_bonus,
-                      pinned=None if extra is not None else pinned)
+                      recency=recency, bonus=cfg.persistence_bonus, pinned=None if extra is not None else pinned)
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
-            prior = self.consensus.span_prior(seq, table.lengths)
+            prior = self.consensus.span_prior(seq, table.lengths, device=scores.device)
             self.consensus.deposit(seq, table.lengths, selected.any(dim=0))
             if prior is not None:
                 selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
                                         prior_weight=cfg.consensus_weight, **kwargs)
         if extra is not None:
-            selected = selected | extra[None, :]
+            selected = selected | extra.to(selected.device)[None, :]
         if cfg.persistence and not dry:
-            self._pending_recency[seq] = update_recency(table.recency, selected, cfg.persistence_decay)
+            self._pending_recency[seq] = update_recency(recency, selected, cfg.persistence_decay)
         if not dry and not plan.decode:  # the latest prompt pass: what a decode step pins
             self._pending_prompt_selection[seq] = selected.any(dim=0)
         return selected
 
+    def _selects_on_device(self, q: torch.Tensor) -> bool:
+        """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``): the whole
+        retrieval then runs there without a read-back, so the host can queue the next layers while the device
+        works. Needs every page of the batch in the pool's device tier (host pages are gathered by host slot
+        lists) and no ``pin_extra_budget`` (whose selection may outgrow the fixed slot list)."""
+        setting = self.cfg.selection_on_device
+        if setting is False or self.pool is None or self.cfg.pin_extra_budget:
+            return False
+        if setting == "auto" and q.device.type != "cuda":
+            return False
+        return all(self.pool.on_device_tier(seq, q.device) for seq in range(len(self.tables)))
+
     def _retrieved(self, q: torch.Tensor, plan: StepPlan,
                    scaling: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots, CPU)."""
+        """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots: on the
+        host with ``n`` the most tokens a row selected; or, selecting on the device, there, with ``n`` the most any
+        row can select and -1 past a row's tokens)."""
         out = []
+        on_device = self._selects_on_device(q)
         num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
+        picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
         q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        if picks is not None:
+            q_pos = q_pos[picks]
+            picks = to_device(picks, q.device)
         for seq, table in enumerate(self.tables):
             if len(table) == 0 or self.pool is None:
                 out.append((None, None, None))
                 continue
-            q_free = rotate(q[seq], -q_pos, self.inv_freq)  # [H, C, D] position-free queries
+            q_seq = q[seq] if picks is None else q[seq].index_select(1, picks)
+            q_free = rotate(q_seq, -q_pos, self.inv_freq)  # [H, c, D] position-free queries
             with record_function("ltri.retrieve.score_select"):
-                selected = self._select(seq, table, q_free, scaling, plan)
-            slots = table.slot_matrix(selected, num_kv_heads)  # [Hkv, n] host, -1 past a row's tokens
-            with record_function("ltri.retrieve.gather"):
-                k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
+                selected = self._select(seq, table, q_free, scaling, plan, on_device)
+            if on_device:  # a fixed width: no row selects more than the budget (nor more than the memory holds)
+                width = min(self.cfg.budget, table.num_tokens)
+                slots = table.slot_matrix_fixed(selected, num_kv_heads, width)  # [Hkv, width] on the device
+                with record_function("ltri.retrieve.gather"):
+                    k, v = self.pool.gather_on_device(self.layer_idx, seq, slots.clamp(min=0))
+            else:
+                slots = table.slot_matrix(selected, num_kv_heads)  # [Hkv, n] host, -1 past a row's tokens
+                with record_function("ltri.retrieve.gather"):
+                    k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
             out.append((k, v, slots))
         return out
 
     def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float) -> tuple[torch.Tensor, ...] | None:
-        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device and a host copy), positions
-        ``[B, Hkv, M]`` (host), or None if empty: ``(mem_k, mem_v, mask, pos, host_mask)``."""
+        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device, and where the slot lists were
+        made), positions ``[B, Hkv, M]`` (where the slot lists were made), or None if empty:
+        ``(mem_k, mem_v, mask, pos, slot_mask)``."""
         if self.sink_k is None and not any(len(t) for t in self.tables):
             return None
         batch = q.shape[0]
@@ -217,8 +268,10 @@ class GlobalLayerState:
             return None
         mem_k = ref.new_zeros(batch, num_kv_heads, width, head_dim)
         mem_v = ref.new_zeros(batch, num_kv_heads, width, head_dim)
-        host_mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool)  # built on the host: no read-back
-        pos = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64)
+        # built where the slot lists are (the host, or the device when selecting there): no read-back either way
+        where = next((p[2].device for p in parts if p[2] is not None), torch.device("cpu"))
+        host_mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool, device=where)
+        pos = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64, device=where)
         if num_sinks:
             mem_k[:, :, :num_sinks] = self.sink_k
             mem_v[:, :, :num_sinks] = self.sink_v
@@ -232,14 +285,13 @@ class GlobalLayerState:
             mem_v[seq, :, num_sinks:num_sinks + n] = v
             host_mask[seq, :, num_sinks:num_sinks + n] = slots >= 0
             pos[seq, :, num_sinks:num_sinks + n] = self.pool.positions(seq, slots.clamp(min=0))
-        self.last_selected_tokens = max((int((p[2] >= 0).sum(dim=1).max()) if p[2] is not None else 0)
-                                        for p in parts)
+        self._last_slots = [p[2] for p in parts if p[2] is not None]
         return mem_k, mem_v, to_device(host_mask, q.device), pos, host_mask
 
     def _place(self, q: torch.Tensor, mem_k: torch.Tensor, host_mask: torch.Tensor, pos: torch.Tensor,
                plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply the position scheme (``host_mask``, ``pos``: the host copies from :meth:`_memory`): returns
-        (queries for the memory part, memory keys)."""
+        """Apply the position scheme (``host_mask``, ``pos``: from :meth:`_memory`, where the slot lists were made):
+        returns (queries for the memory part, memory keys)."""
         scheme = self.cfg.position_scheme
         if scheme == "absolute":
             return q, mem_k

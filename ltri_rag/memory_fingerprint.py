@@ -33,7 +33,11 @@ __all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memor
 
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
-                  "page_size", "decode_retrieval_stride")
+                  "page_size", "decode_retrieval_stride", "selection_on_device")
+# Fields added to LtriConfig after stores were first written, with the value a store without the key was ingested
+# with: a fingerprint leaves such a field out at that value (so old stores still match), and reading a config back
+# from a fingerprint without the key gives that value.
+_ADDED_FIELDS: dict[str, Any] = {"score_queries": None}
 _ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
                       "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
@@ -116,8 +120,9 @@ def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sin
         "sink.sha256": _sha256_json([int(i) for i in sink_ids.tolist()]),
     }
     for name, value in config.to_dict().items():
-        if name not in RUNTIME_FIELDS:
-            items[f"config.{name}"] = value
+        if name in RUNTIME_FIELDS or (name in _ADDED_FIELDS and value == _ADDED_FIELDS[name]):
+            continue
+        items[f"config.{name}"] = value
     return Fingerprint(items)
 
 
@@ -131,4 +136,6 @@ def config_from_fingerprint(fingerprint: Fingerprint) -> LtriConfig:
     if not fields:
         raise ValueError(f"the store's fingerprint holds no engine config (keys {sorted(fingerprint)}); was it "
                          "written by KVMemory?")
+    for name, legacy in _ADDED_FIELDS.items():
+        fields.setdefault(name, legacy)
     return LtriConfig.from_dict(fields)

@@ -101,6 +101,11 @@ class PagedKVPool:
         # entries at or past num_slots[q] are unused); the page tables as tensors, rebuilt only when pages are added
         self._positions = [torch.zeros(0, dtype=torch.int64) for _ in range(batch_size)]
         self._table_tensors: list[torch.Tensor | None] = [None] * batch_size
+        # device copies for lookups without the host (see gather_on_device): page tables, rebuilt when pages are
+        # added, and positions, of which the first ``_positions_synced[q]`` entries are current
+        self._device_tables: list[torch.Tensor | None] = [None] * batch_size
+        self._device_positions: list[torch.Tensor | None] = [None] * batch_size
+        self._positions_synced = [0] * batch_size
 
     @property
     def num_pages(self) -> int:
@@ -124,7 +129,7 @@ class PagedKVPool:
             while len(table) < needed:
                 table.append(self._next_page)
                 self._next_page += 1
-                self._table_tensors[seq] = None
+                self._table_tensors[seq] = self._device_tables[seq] = None
             self.num_slots[seq] = first + num_new
             buf = self._positions[seq]
             if buf.numel() < first + num_new:  # amortised O(1) per slot: a stream reserves a few slots per step
@@ -132,6 +137,7 @@ class PagedKVPool:
                 grown[:first] = buf[:first]
                 self._positions[seq] = buf = grown
             buf[first:first + num_new] = -1
+            self._positions_synced[seq] = min(self._positions_synced[seq], first)
         self._fast.grow(self._next_page)
         if self._slow is not None:
             self._slow.grow(max(self._next_page - self._split, 0))
@@ -150,10 +156,52 @@ class PagedKVPool:
         if first_slot < 0 or end > self.num_slots[seq]:
             raise IndexError(f"slots {first_slot}..{end - 1} not reserved (sequence {seq} has {self.num_slots[seq]})")
         self._positions[seq][first_slot:end] = positions
+        self._positions_synced[seq] = min(self._positions_synced[seq], first_slot)
 
     def positions(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
-        """Positions (host ``int64``, the shape of ``slots``) of the tokens at ``slots`` (reserved slots only)."""
-        return self._positions[seq][: self.num_slots[seq]][slots.to("cpu", torch.int64)]
+        """Positions (``int64``, the shape of ``slots``) of the tokens at ``slots`` (reserved slots only): on the
+        host for host ``slots``; on ``slots``' device from a device copy (no read-back) otherwise."""
+        if slots.device.type == "cpu":
+            return self._positions[seq][: self.num_slots[seq]][slots.to(torch.int64)]
+        return self._positions_on(seq, slots.device)[slots]
+
+    def _positions_on(self, seq: int, device: torch.device) -> torch.Tensor:
+        """``[num_slots]`` positions of ``seq`` on ``device``, extended by copying only the entries that changed."""
+        end = self.num_slots[seq]
+        cached, synced = self._device_positions[seq], self._positions_synced[seq]
+        if cached is None or cached.device != device:
+            cached, synced = None, 0
+        if cached is None or synced < end or cached.numel() != end:
+            synced = min(synced, end)
+            tail = to_device(self._positions[seq][synced:end].clone(), device)
+            cached = tail if cached is None else torch.cat([cached[:synced], tail])
+            self._device_positions[seq], self._positions_synced[seq] = cached, end
+        return cached
+
+    def on_device_tier(self, seq: int, device: torch.device) -> bool:
+        """Whether every page of ``seq`` lives in the first tier and that tier is ``device`` (so
+        :meth:`gather_on_device` can read them)."""
+        mine, other = self.device, torch.device(device)
+        if mine.type != other.type or (mine.index is not None and other.index is not None and mine.index != other.index):
+            return False
+        table = self.page_tables[seq]
+        return self._split is None or not table or max(table) < self._split
+
+    def gather_on_device(self, layer: int, seq: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`gather` for ``slots: [num_kv_heads, n]`` (valid, reserved slots) on the first tier's device, with
+        the slot arithmetic on that device: nothing is read back (see :meth:`on_device_tier`)."""
+        num_kv_heads, n = slots.shape
+        device = slots.device
+        table = self._device_tables[seq]
+        if table is None or table.device != device:
+            table = self._device_tables[seq] = to_device(torch.tensor(self.page_tables[seq], dtype=torch.int64),
+                                                         device)
+        flat = table[slots // self.page_size] * self.page_size + slots % self.page_size  # [Hkv, n]
+        rows = (flat * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None]).reshape(-1)
+        k_rows, v_rows = self._fast.rows(layer)
+        head_dim = k_rows.shape[1]
+        return (k_rows.index_select(0, rows).view(num_kv_heads, n, head_dim),
+                v_rows.index_select(0, rows).view(num_kv_heads, n, head_dim))
 
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``."""

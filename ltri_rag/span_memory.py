@@ -18,7 +18,8 @@ class SpanTable:
         ends: ``[num_spans]`` int64 end slot (exclusive).
         vectors: ``[num_vectors, num_kv_heads, head_dim]`` position-free index vectors (compute device).
         owner: ``[num_vectors]`` int64 span id of each vector (compute device).
-        recency: ``[num_spans]`` float32 persistence state (host: selection runs there).
+        recency: ``[num_spans]`` float32 persistence state, where selection runs (the host, or the compute device
+            when the engine selects there: see :meth:`recency_on`).
 
     The dense per-span layout of the vectors that scoring reads (:func:`~ltri_rag.kernels.scoring.span_layout`) is
     kept with the table and extended as spans arrive, so scoring a chunk or a decoded token neither rebuilds it nor
@@ -33,6 +34,13 @@ class SpanTable:
         self._owner_host = torch.zeros(0, dtype=torch.int64)  # the same, on the host (layout arithmetic)
         self.recency = torch.zeros(0, dtype=torch.float32)
         self._layout: SpanLayout | None = None
+        # span id of each slot (-1: a slot no span covers), on the host, grown by doubling; entries up to
+        # ``self._slot_end`` are meaningful. A device copy (of the first ``_slot_synced`` entries) is kept for
+        # selection on the device and extended by copying only what changed.
+        self._slot_span = torch.zeros(0, dtype=torch.int64)
+        self._slot_end = 0
+        self._slot_device: torch.Tensor | None = None
+        self._slot_synced = 0
 
     def __len__(self) -> int:
         return int(self.starts.numel())
@@ -40,6 +48,11 @@ class SpanTable:
     @property
     def lengths(self) -> torch.Tensor:
         return self.ends - self.starts
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all spans."""
+        return int(self.lengths.sum())
 
     def append(self, starts: torch.Tensor, ends: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor) -> None:
         """Add spans (slot ranges) with vectors whose ``owner`` counts from 0 within the new spans.
@@ -55,7 +68,45 @@ class SpanTable:
         self.vectors = torch.cat([self.vectors, vectors.to(self.vectors.device, self.vectors.dtype)])
         self._owner_host = torch.cat([self._owner_host, owner + offset])
         self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
-        self.recency = torch.cat([self.recency, torch.zeros(starts.numel())])
+        self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
+        self._map_slots(starts.cpu(), ends.cpu(), offset)
+
+    def _map_slots(self, starts: torch.Tensor, ends: torch.Tensor, offset: int) -> None:
+        """Record spans ``offset, offset + 1, ...`` (host ``starts``, ``ends``) in the slot -> span map."""
+        if starts.numel() == 0:
+            return
+        lengths = ends - starts
+        total = int(lengths.sum())
+        end = int(ends.max())
+        if self._slot_span.numel() < end:
+            grown = torch.full((max(end, 2 * self._slot_span.numel(), 64),), -1, dtype=torch.int64)
+            grown[: self._slot_end] = self._slot_span[: self._slot_end]
+            self._slot_span = grown
+        ids = torch.repeat_interleave(torch.arange(offset, offset + starts.numel()), lengths, output_size=total)
+        first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+        self._slot_span[first + torch.arange(total)] = ids
+        self._slot_end = max(self._slot_end, end)
+        self._slot_synced = min(self._slot_synced, int(starts.min()))  # the device copy is stale from here on
+
+    def slot_spans(self, device: torch.device) -> torch.Tensor:
+        """``[num_slots]`` int64 span id of each slot up to the last span's end (-1 where no span is), on
+        ``device``; on a GPU the copy is extended asynchronously with only the entries that changed."""
+        if device.type == "cpu":
+            return self._slot_span[: self._slot_end]
+        cached = self._slot_device
+        if cached is None or cached.device != device:
+            cached, self._slot_synced = None, 0
+        if cached is None or self._slot_synced < self._slot_end:
+            tail = to_device(self._slot_span[self._slot_synced:self._slot_end].clone(), device)
+            cached = tail if cached is None else torch.cat([cached[: self._slot_synced], tail])
+            self._slot_device, self._slot_synced = cached, self._slot_end
+        return cached
+
+    def recency_on(self, device: torch.device) -> torch.Tensor:
+        """The persistence state, moved to ``device`` (where selection runs) and kept there."""
+        if self.recency.device != device:
+            self.recency = self.recency.to(device)
+        return self.recency
 
     def _extend_layout(self, vectors: torch.Tensor, owner: torch.Tensor, num_new: int) -> None:
         """Append the new spans' rows to the kept layout (rebuilt lazily when a new span is wider than the rest);
@@ -79,6 +130,32 @@ class SpanTable:
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """``[num_heads, num_spans]`` scores of a position-free query summary ``[num_heads, head_dim]``."""
         return span_scores(query, self.vectors, self.owner, len(self), layout=self.layout())
+
+    def slot_matrix_fixed(self, selected: torch.Tensor, num_kv_heads: int, width: int) -> torch.Tensor:
+        """:meth:`slot_matrix` at a fixed ``width``, on ``selected``'s device and without reading anything back.
+
+        Args:
+            selected: ``[rows, num_spans]`` bool, ``rows`` 1 or ``num_kv_heads``; no row may select more than
+                ``width`` tokens (tokens past it are dropped).
+            num_kv_heads: Rows of the result.
+            width: Columns of the result.
+
+        Returns:
+            ``[num_kv_heads, width]`` int64 on ``selected``'s device: each row's selected slots in text order, then
+            -1. Equal to :meth:`slot_matrix` padded with -1 to ``width``.
+        """
+        rows = selected.shape[0]
+        if rows not in (1, num_kv_heads):
+            raise ValueError(f"selected has {rows} rows, expected 1 or {num_kv_heads}")
+        device = selected.device
+        span_of = self.slot_spans(device)  # [T]
+        tokens = selected[:, span_of.clamp(min=0)] & (span_of >= 0)  # [rows, T] slots of selected spans
+        column = torch.cumsum(tokens, dim=1) - 1  # where each selected slot goes
+        column = torch.where(tokens & (column < width), column, width)  # the rest to a spare column
+        out = torch.full((rows, width + 1), -1, dtype=torch.int64, device=device)
+        out.scatter_(1, column, torch.arange(span_of.numel(), device=device).expand(rows, -1))
+        out = out[:, :width]
+        return out.expand(num_kv_heads, -1) if rows == 1 else out
 
     def slot_matrix(self, selected: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """Slots of the selected spans in text order, one row per KV head, padded with -1.

@@ -43,3 +43,47 @@ def test_cuda_bfloat16_close() -> None:
     ref = reference_logits(model, ids).float()
     out = LtriSession(model, exact_config("ltri", 8)).feed(ids, return_all_logits=True).float()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("pool", ["gpu", "auto_split"])
+def test_cuda_device_selection_matches_the_host_and_never_waits(family: str, pool: str) -> None:
+    """On CUDA, ``selection_on_device`` (the default ``auto``) chooses the same spans as the host path under a
+    small budget, and a layer's retrieval (scoring, selection, slot lists, gather, assembly) makes no host-device
+    synchronisation (torch's sync debug mode raises on one); with pages spilled to host memory it falls back to the
+    host path and still agrees."""
+    from ltri_rag import LtriConfig
+    from ltri_rag.layer import GlobalLayerState
+
+    model = tiny_model(family).cuda()
+    ids = _ids(2, 120).cuda()
+    cfg = LtriConfig(num_sink_tokens=3, local_window=16, chunk_size=9, final_chunk_size=4, budget=14, page_size=5,
+                     evict_stride=4, span_min_len=2, span_max_len=8, **POOLS[pool])
+    sessions = [LtriSession(model, cfg.replace(selection_on_device=False), batch_size=2),
+                LtriSession(model, cfg, batch_size=2)]
+    checked = [0]
+    for state in sessions[1].cache.states:
+        if isinstance(state, GlobalLayerState):
+            inner = state._memory
+
+            def strict(q, *args, _inner=inner, _state=state, **kwargs):
+                if not _state._selects_on_device(q):
+                    return _inner(q, *args, **kwargs)
+                checked[0] += 1
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return _inner(q, *args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+            state._memory = strict  # type: ignore[method-assign]
+    logits = [s.feed(ids) for s in sessions]
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=0)
+    for token in (7, 100, 3, 250, 42):
+        nxt = torch.tensor([token, token + 1], device="cuda")
+        logits = [s.step(nxt) for s in sessions]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=0)
+    if pool == "gpu":
+        assert checked[0] > 0
+    else:
+        assert 0 < sessions[1].cache.pool.pages_on_device < sessions[1].cache.pool.num_pages
