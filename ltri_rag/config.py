@@ -115,12 +115,14 @@ class LtriConfig:
             retrieval (scoring, selection, gathering, re-rotation) costs several times its attention. A reused
             memory part is exact for the spans it holds: the window only grows between evictions, so the memory's
             positions do not move; an eviction (every ``evict_stride`` tokens) or a prompt pass ends the reuse.
-        selection_on_device: Where a layer chooses its spans. ``"auto"`` (the default): on the GPU when the model
-            is on one and every page of the pool is in its device tier, so that no layer reads its scores back and
-            the host queues the next layers while the device works; otherwise on the host (ranking a few thousand
-            spans is a few dozen small operations, cheaper there when the host must wait anyway). ``True``: on the
-            model's device whenever the pages are there (a CPU model included); ``False``: always on the host.
-            Both select the same spans, up to float rounding of the ranking keys.
+        selection_on_device: Where a layer chooses its spans. False (the default): on the host, after one read-back
+            of the layer's span scores (ranking a few thousand spans is a few dozen small operations, cheaper there
+            than as device launches). True: on the model's device whenever every page of the pool is in its device
+            tier, with fixed-width slot lists and nothing read back (the shape a captured CUDA graph needs). Both
+            select the same spans, up to float rounding of the ranking keys. On an H200 the engine is bound by host
+            work, so the extra launches cost more than the read-backs save: True read a 128K-token prompt in 19.3 s
+            against 18.1 s, and decoded at 225-368 against 175-210 ms per token
+            (``benchmarks/results/e2e_llama8b_h200/session9``).
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
@@ -164,7 +166,7 @@ class LtriConfig:
     pin_prompt_spans: bool = False
     pin_extra_budget: bool = False
     decode_retrieval_stride: int = 1
-    selection_on_device: bool | Literal["auto"] = "auto"
+    selection_on_device: bool = False
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
 
@@ -192,15 +194,14 @@ class LtriConfig:
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
         if self.kv_offload != "auto" and not isinstance(self.kv_offload, bool):
             raise TypeError(f"kv_offload must be a bool or 'auto', got {self.kv_offload!r}")
-        if self.selection_on_device != "auto" and not isinstance(self.selection_on_device, bool):
-            raise TypeError(f"selection_on_device must be a bool or 'auto', got {self.selection_on_device!r}")
         if self.kv_device_gib is not None:
             value = self.kv_device_gib
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise TypeError(f"kv_device_gib must be a finite number or None, got {value!r}")
             if value < 0:
                 raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
-        for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget"):
+        for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget",
+                     "selection_on_device"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

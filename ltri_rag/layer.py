@@ -209,13 +209,10 @@ class GlobalLayerState:
 
     def _selects_on_device(self, q: torch.Tensor) -> bool:
         """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``): the whole
-        retrieval then runs there without a read-back, so the host can queue the next layers while the device
-        works. Needs every page of the batch in the pool's device tier (host pages are gathered by host slot
-        lists) and no ``pin_extra_budget`` (whose selection may outgrow the fixed slot list)."""
-        setting = self.cfg.selection_on_device
-        if setting is False or self.pool is None or self.cfg.pin_extra_budget:
-            return False
-        if setting == "auto" and q.device.type != "cuda":
+        retrieval then runs there without a read-back. Needs every page of the batch in the pool's device tier
+        (host pages are gathered by host slot lists) and no ``pin_extra_budget`` (whose selection may outgrow the
+        fixed slot list)."""
+        if not self.cfg.selection_on_device or self.pool is None or self.cfg.pin_extra_budget:
             return False
         return all(self.pool.on_device_tier(seq, q.device) for seq in range(len(self.tables)))
 

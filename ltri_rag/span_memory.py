@@ -105,7 +105,7 @@ class SpanTable:
     def recency_on(self, device: torch.device) -> torch.Tensor:
         """The persistence state, moved to ``device`` (where selection runs) and kept there."""
         if self.recency.device != device:
-            self.recency = self.recency.to(device)
+            self.recency = to_device(self.recency, device)
         return self.recency
 
     def _extend_layout(self, vectors: torch.Tensor, owner: torch.Tensor, num_new: int) -> None:

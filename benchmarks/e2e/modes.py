@@ -13,26 +13,23 @@ import torch
 from ltri_rag import LtriConfig
 
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512",
-         "ltri_host_select", "ltri_all_queries", "ltri_s8")
-RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512", "ltri_host_select",
+         "ltri_device_select", "ltri_all_queries")
+RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512", "ltri_device_select",
               "ltri_all_queries", "ltri_s8")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
 # decoded token retrieves once in 8 and reuses the memory part in between (``decode_retrieval_stride``);
 # ``ltri_c512``: prompts read in chunks of 512 tokens instead of the default 2,048 (4x the passes, so 4x the per-pass
-# host work; a finer retrieval: one selection serves 512 queries); ``ltri_host_select``: spans chosen on the host
-# after one score read-back per layer (the default before selection ran on the device); ``ltri_all_queries``: span
-# scoring reads every query of a chunk (the default before ``score_queries``); ``ltri_s8``: the session 8 engine
-# (both of those)
+# host work; a finer retrieval: one selection serves 512 queries); ``ltri_device_select``: spans chosen on the
+# device, without a read-back (``selection_on_device``); ``ltri_all_queries``: span
+# scoring reads every query of a chunk (the default before ``score_queries``: the session 8 engine)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"kv_offload": True}),
                                                    "ltri_gpu_pool": ("ltri", {"kv_offload": False}),
                                                    "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
                                                    "ltri_c512": ("ltri", {"chunk_size": 512}),
-                                                   "ltri_host_select": ("ltri", {"selection_on_device": False}),
-                                                   "ltri_all_queries": ("ltri", {"score_queries": None}),
-                                                   "ltri_s8": ("ltri", {"selection_on_device": False,
-                                                                        "score_queries": None})}
+                                                   "ltri_device_select": ("ltri", {"selection_on_device": True}),
+                                                   "ltri_all_queries": ("ltri", {"score_queries": None})}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -48,7 +48,7 @@ def test_cuda_bfloat16_close() -> None:
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("pool", ["gpu", "auto_split"])
 def test_cuda_device_selection_matches_the_host_and_never_waits(family: str, pool: str) -> None:
-    """On CUDA, ``selection_on_device`` (the default ``auto``) chooses the same spans as the host path under a
+    """On CUDA, ``selection_on_device=True`` chooses the same spans as the host path under a
     small budget, and a layer's retrieval (scoring, selection, slot lists, gather, assembly) makes no host-device
     synchronisation (torch's sync debug mode raises on one); with pages spilled to host memory it falls back to the
     host path and still agrees."""
@@ -60,7 +60,7 @@ def test_cuda_device_selection_matches_the_host_and_never_waits(family: str, poo
     cfg = LtriConfig(num_sink_tokens=3, local_window=16, chunk_size=9, final_chunk_size=4, budget=14, page_size=5,
                      evict_stride=4, span_min_len=2, span_max_len=8, **POOLS[pool])
     sessions = [LtriSession(model, cfg.replace(selection_on_device=False), batch_size=2),
-                LtriSession(model, cfg, batch_size=2)]
+                LtriSession(model, cfg.replace(selection_on_device=True), batch_size=2)]
     checked = [0]
     for state in sessions[1].cache.states:
         if isinstance(state, GlobalLayerState):

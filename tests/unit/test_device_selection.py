@@ -1,6 +1,6 @@
 """Selecting spans on the compute device (``LtriConfig.selection_on_device``): the same spans, the same answers as
-selecting on the host, with fixed-width slot lists and no read-back. Run here on the CPU (``True`` forces the
-device path on a CPU model); ``tests/gpu`` repeats the engine comparison on CUDA."""
+selecting on the host, with fixed-width slot lists and no read-back. Run here on the CPU (``True`` takes the device
+path on a CPU model too); ``tests/gpu`` repeats the engine comparison on CUDA."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_device_selection_with_other_selection_options(overrides: dict) -> None:
 
 def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
     """Every span retrieved at its true position: still the unmodified model. ``pin_extra_budget`` (a selection
-    that may outgrow the fixed width) and ``False`` select on the host; ``auto`` does on a CPU model."""
+    that may outgrow the fixed width) and ``False`` (the default) select on the host."""
     model = tiny_model("qwen2")
     ids = _ids(2, 70, seed=2)
     session = LtriSession(model, exact_config("ltri", 7, selection_on_device=True), batch_size=2)
@@ -192,9 +192,10 @@ def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
     state = next(s for s in session.cache.states if isinstance(s, GlobalLayerState))
     q = torch.zeros(2, 4, 1, 16)
     assert state._selects_on_device(q)
-    for changes, expected in (({"selection_on_device": "auto"}, False), ({"selection_on_device": False}, False),
+    assert LtriConfig().selection_on_device is False
+    for changes, expected in (({"selection_on_device": False}, False),
                               ({"pin_prompt_spans": True, "pin_extra_budget": True}, False)):
         state.cfg = session.cache.config.replace(**changes)
         assert state._selects_on_device(q) is expected
     with pytest.raises(TypeError, match="selection_on_device"):
-        LtriConfig(selection_on_device="gpu")
+        LtriConfig(selection_on_device="auto")
