@@ -15,7 +15,7 @@ from ltri_rag import LtriConfig
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512",
          "ltri_device_select", "ltri_all_queries")
 RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_c512", "ltri_device_select",
-              "ltri_all_queries", "ltri_s8")
+              "ltri_all_queries")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
