@@ -273,7 +273,7 @@ class GlobalLayerState:
             mem_k[:, :, :num_sinks] = self.sink_k
             mem_v[:, :, :num_sinks] = self.sink_v
             host_mask[:, :, :num_sinks] = True
-            pos[:, :, :num_sinks] = torch.arange(num_sinks)
+            pos[:, :, :num_sinks] = torch.arange(num_sinks, device=where)
         for seq, (k, v, slots) in enumerate(parts):
             if k is None:
                 continue
