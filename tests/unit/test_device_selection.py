@@ -76,7 +76,8 @@ def test_pool_device_lookups_equal_the_host_ones() -> None:
     assert torch.equal(pool._positions_on(1, torch.device("cpu")), torch.arange(13) * 3 + 1)
     pool.unreserve(10)
     first = pool.reserve(9)
-    pool.write(0, 1, first, k_all[20:29], v_all[20:29])
+    for seq in range(2):  # every slot read below written (pages come from torch.empty: NaN would fail equality)
+        pool.write(0, seq, first, k_all[20 + seq:29 + seq], v_all[20 + seq:29 + seq])
     pool.set_positions(1, first, torch.arange(100, 109))
     slots = torch.tensor([[0, 5, 12, 18], [3, 3, 9, 10]])
     for seq in range(2):
