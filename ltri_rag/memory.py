@@ -22,6 +22,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -94,6 +95,11 @@ class KVMemory(MemorySearch):
         cache_bytes: Byte budget of the cache of recently used documents' span memory, kept on the model's device
             (see :mod:`ltri_rag.memory_cache`: a repeated question skips the store's file reads and copies); 0
             turns it off.
+        host_cache_bytes: Byte budget of the cache's second tier, in host memory (pinned on a GPU): documents
+            pushed out of the device tier wait there, and come back without a file read. None (the default): 4 GiB
+            when the model is on a GPU, 0 (off) on a CPU model, whose device tier is host memory already.
+        prefetch: Documents read from the store ahead of the one being imported, by that many background threads
+            (file reads and checksums overlap the import); 0 reads them one after another in the calling thread.
 
     Raises:
         FingerprintMismatch: the store was written with another model, tokenizer or configuration.
@@ -102,7 +108,8 @@ class KVMemory(MemorySearch):
 
     def __init__(self, store: SpanStore, model: nn.Module, tokenizer: Any, config: LtriConfig | None = None, *,
                  max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
-                 batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING, cache_bytes: int = 1 << 30) -> None:
+                 batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING, cache_bytes: int = 1 << 30,
+                 host_cache_bytes: int | None = None, prefetch: int = 2) -> None:
         if config is None:
             config = config_from_fingerprint(store.fingerprint)
         if not isinstance(config, LtriConfig):
@@ -113,6 +120,8 @@ class KVMemory(MemorySearch):
                             ("batch_bytes", batch_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
         self.ranking = ranking
@@ -129,7 +138,12 @@ class KVMemory(MemorySearch):
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.scaling = float(getattr(text_config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self._lock = threading.RLock()  # one model call at a time (sessions toggle the model's attention function)
-        self.document_cache = DocumentCache(cache_bytes, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if host_cache_bytes is None:
+            host_cache_bytes = 4 << 30 if device.type == "cuda" else 0
+        self.document_cache = DocumentCache(cache_bytes, device, host_cache_bytes)
+        self.prefetch = prefetch
+        self._prefetch_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -143,8 +157,8 @@ class KVMemory(MemorySearch):
             config: Engine configuration; default ``LtriConfig()`` (mode ``ltri``).
             store: Entry point name of the store (``"sql"``) or a factory class.
             store_options: Extra keyword arguments of the factory's ``create``.
-            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking``, ``cache_bytes``
-                (see the class).
+            **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking``, ``cache_bytes``,
+                ``host_cache_bytes``, ``prefetch`` (see the class).
         """
         config = config or LtriConfig()
         factory = resolve_store(store)
@@ -181,7 +195,10 @@ class KVMemory(MemorySearch):
             raise
 
     def close(self) -> None:
-        """Close the store (idempotent)."""
+        """Stop the prefetch threads and close the store (idempotent)."""
+        pool, self._prefetch_pool = self._prefetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
     def __enter__(self) -> Self:

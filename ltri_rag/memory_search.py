@@ -7,8 +7,12 @@ sink prefix). ``KVMemory`` inherits it; the attributes it reads are set by ``KVM
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from typing import Any
 
 import torch
@@ -58,6 +62,8 @@ class MemorySearch:
     global_layers: list[int]
     kv_dtype: torch.dtype
     document_cache: DocumentCache
+    prefetch: int
+    _prefetch_pool: ThreadPoolExecutor | None
     _lock: threading.RLock
 
     def _question_ids(self, text: str) -> torch.Tensor:
@@ -167,16 +173,17 @@ class MemorySearch:
         placements: dict[int, list[Placement]] = {}
         cache = session.cache
         assert isinstance(cache, LtriCache)
-        if loaded is None:
-            loaded = [self._document_memory(doc) for doc in docs]
-        for doc, (memory, records) in zip(docs, loaded):
-            for layer, spans in records.items():
-                state = cache.states[layer]
-                first = len(state.tables[0]) if isinstance(state, GlobalLayerState) and state.tables else 0
-                placements.setdefault(layer, []).append(Placement(first_span=first, spans=spans, doc_id=doc.doc_id,
-                                                                  collection=doc.collection, text=doc.text))
-            session.import_memory(memory)
-        return session, recorder, placements, list(loaded)
+        kept: list[_Loaded] = []
+        with closing(self._documents_memory(docs)) if loaded is None else nullcontext(iter(loaded)) as reads:
+            for doc, (memory, records) in zip(docs, reads):
+                kept.append((memory, records))
+                for layer, spans in records.items():
+                    state = cache.states[layer]
+                    first = len(state.tables[0]) if isinstance(state, GlobalLayerState) and state.tables else 0
+                    placements.setdefault(layer, []).append(Placement(
+                        first_span=first, spans=spans, doc_id=doc.doc_id, collection=doc.collection, text=doc.text))
+                session.import_memory(memory)
+        return session, recorder, placements, kept
 
     def _document_memory(self, doc: DocumentInfo) -> _Loaded:
         """A stored document's span memory and spans per layer, from the document cache or the store."""
@@ -184,6 +191,30 @@ class MemorySearch:
             (doc.collection, doc.doc_id, doc.created),
             lambda: load_document_memory(self.store, doc.doc_id, doc.collection, self.global_layers,
                                          int(self.sink_ids.numel()), self.kv_dtype))
+
+    def _documents_memory(self, docs: Sequence[DocumentInfo]) -> Iterator[_Loaded]:
+        """:meth:`_document_memory` of each of ``docs`` in order, with up to ``prefetch`` of the next ones read by
+        background threads meanwhile. An error is raised where its document is reached; the reads not yet started
+        are then cancelled."""
+        if self.prefetch == 0 or len(docs) < 2:
+            yield from (self._document_memory(doc) for doc in docs)
+            return
+        if self._prefetch_pool is None:
+            self._prefetch_pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="ltri-prefetch")
+        pool = self._prefetch_pool
+        ahead: deque[Future[_Loaded]] = deque()
+        queued = iter(docs)
+        try:
+            for doc in itertools.islice(queued, self.prefetch + 1):
+                ahead.append(pool.submit(self._document_memory, doc))
+            while ahead:
+                loaded = ahead.popleft().result()
+                for doc in itertools.islice(queued, 1):
+                    ahead.append(pool.submit(self._document_memory, doc))
+                yield loaded
+        finally:
+            for future in ahead:
+                future.cancel()
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, entries and bytes of the document cache (see :mod:`ltri_rag.memory_cache`)."""

@@ -76,6 +76,90 @@ def test_bad_budget_is_named(bad):
         DocumentCache(bad, torch.device("cpu"))
 
 
+def test_host_tier_keeps_what_the_device_tier_pushes_out():
+    """Device tier of one entry, host tier of two: pushed-out documents wait in the host tier and come back without
+    a load (equal to what was loaded), the host tier drops its least recent beyond its budget, and an entry too large
+    for the device tier goes straight to the host tier."""
+    size = memory_bytes(_memory(10))
+    cache = DocumentCache(size, torch.device("cpu"), host_bytes=2 * size)
+    loads: list[str] = []
+
+    def loader(name: str, value: float):
+        def load():
+            loads.append(name)
+            return _memory(10, value), name
+        return load
+
+    for i, name in enumerate("abcd"):
+        cache.get_or_load(name, loader(name, float(i)))
+    # device: d; host: b, c (a was the least recent of the three pushed out)
+    info = cache.info()
+    assert (info.entries, info.host_entries, info.bytes, info.host_bytes) == (1, 2, size, 2 * size)
+    memory, extra = cache.get_or_load("b", loader("b", -1.0))  # from the host tier, not loaded again
+    assert extra == "b" and torch.equal(memory.layers[0]["keys"], torch.full((10, 1, 4), 1.0))
+    cache.get_or_load("a", loader("a", 0.0))  # dropped from both tiers: loaded
+    assert loads == ["a", "b", "c", "d", "a"]
+    info = cache.info()
+    assert (info.hits, info.host_hits, info.misses) == (0, 1, 5)
+    assert (info.entries, info.host_entries, info.host_max_bytes) == (1, 2, 2 * size)
+    assert set(cache._host) == {"d", "b"} and set(cache._entries) == {"a"}  # c, the least recent, left the host
+    big = DocumentCache(0, torch.device("cpu"), host_bytes=4 * size)
+    for _ in range(2):
+        big.get_or_load("x", loader("x", 5.0))
+    assert loads[-1] == "x" and loads.count("x") == 1 and big.info().host_hits == 1
+    assert cache.forget(lambda key: key in ("a", "b")) == 2  # one from each tier
+    assert set(cache._host) == {"d"} and not cache._entries and cache.info().host_bytes == size
+    cache.clear()
+    assert cache.info().host_entries == 0 and cache.info().host_bytes == 0
+    with pytest.raises(ValueError, match="host_bytes must be a non-negative int"):
+        DocumentCache(1, torch.device("cpu"), host_bytes=-1)
+
+
+def test_kvmemory_prefetch_reads_ahead_in_threads_and_changes_no_answer(tmp_path, llama, tok, monkeypatch):  # noqa: F811
+    """Documents are read by the prefetch threads (no document cache, so every question reads them), answers equal
+    reading them in the calling thread, and an error in a prefetched read reaches the caller, after which the memory
+    still answers."""
+    import threading
+
+    import ltri_rag.memory_search as search
+
+    question = "Where does the Seine flow?"
+    with _create(tmp_path / "m", llama, tok) as mem:
+        _add_all(mem)
+    readers: list[str] = []
+    real = search.load_document_memory
+
+    def recorded(store, doc_id, *args, **kwargs):
+        readers.append(threading.current_thread().name)
+        if doc_id == fail[0]:
+            raise RuntimeError(f"disk error reading {doc_id}")
+        return real(store, doc_id, *args, **kwargs)
+
+    fail = [None]
+    monkeypatch.setattr(search, "load_document_memory", recorded)
+    options = {"store": SqlSpanStore, "cache_bytes": 0}
+    with KVMemory.open(tmp_path / "m", llama, tok, prefetch=2, **options) as ahead, \
+            KVMemory.open(tmp_path / "m", llama, tok, prefetch=0, store_options={"read_only": True},
+                          **options) as plain:
+        assert ahead.document_cache.host_max_bytes == 0  # a CPU model: no host tier by default
+        readers.clear()
+        hits = ahead.retrieve(question, k=3)
+        assert len(readers) == len(DOCS) and all(r.startswith("ltri-prefetch") for r in readers)
+        readers.clear()
+        assert hits == plain.retrieve(question, k=3)
+        assert readers == ["MainThread"] * len(DOCS)
+        assert ahead.generate(question, max_new_tokens=4, k=2).text == \
+            plain.generate(question, max_new_tokens=4, k=2).text
+        fail[0] = sorted(DOCS)[1]
+        with pytest.raises(RuntimeError, match="disk error"):
+            ahead.retrieve(question, k=3)
+        fail[0] = None
+        assert ahead.retrieve(question, k=3) == hits
+    assert ahead._prefetch_pool is None  # closed with the memory
+    with pytest.raises(ValueError, match="prefetch must be a non-negative int"):
+        KVMemory.open(tmp_path / "m", llama, tok, prefetch=-1, **options)
+
+
 def test_kvmemory_answers_equal_with_and_without_the_cache(tmp_path, llama, tok):  # noqa: F811
     question = "Where does the Seine flow?"
     with _create(tmp_path / "m", llama, tok) as mem:

@@ -47,8 +47,8 @@ def test_bad_values_are_refused_by_name(bad, error) -> None:
 
 
 def _config(**changes) -> LtriConfig:
-    base = dict(num_sink_tokens=3, local_window=16, chunk_size=12, final_chunk_size=4, budget=10, page_size=5,
-                evict_stride=4, span_min_len=2, span_max_len=8, lookahead=False)
+    base = {"num_sink_tokens": 3, "local_window": 16, "chunk_size": 12, "final_chunk_size": 4, "budget": 10,
+            "page_size": 5, "evict_stride": 4, "span_min_len": 2, "span_max_len": 8, "lookahead": False}
     return LtriConfig(**{**base, **changes})
 
 
