@@ -23,8 +23,8 @@ def test_pin_prompt_spans_keeps_the_question_selection_while_decoding(llama, mon
     kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     original = GlobalLayerState._select
 
-    def recording(self, seq, table, q_free, scaling, plan):
-        selected = original(self, seq, table, q_free, scaling, plan)
+    def recording(self, seq, table, q_free, scaling, plan, *rest):
+        selected = original(self, seq, table, q_free, scaling, plan, *rest)
         if plan.decode:
             kept.append((self.layer_idx, selected.any(dim=0).cpu(), self.prompt_selection[seq].cpu()))
         return selected
@@ -52,8 +52,8 @@ def test_pin_extra_budget_keeps_the_question_selection_on_top_of_the_budget(llam
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     original = GlobalLayerState._select
 
-    def recording(self, seq, table, q_free, scaling, plan):
-        selected = original(self, seq, table, q_free, scaling, plan)
+    def recording(self, seq, table, q_free, scaling, plan, *rest):
+        selected = original(self, seq, table, q_free, scaling, plan, *rest)
         if plan.decode:
             steps.append((selected.any(dim=0).cpu(), self.prompt_selection[seq].cpu(), table.lengths.cpu()))
         return selected
