@@ -190,7 +190,12 @@ def _moved(memory: MemoryExport, device: torch.device, pin: bool = False) -> Mem
     def move(t: torch.Tensor) -> torch.Tensor:
         if device.type == "cpu":
             t = t.to(device)
-            return t.pin_memory() if pin and not t.is_pinned() else t
+            if pin and not t.is_pinned():
+                try:
+                    return t.pin_memory()
+                except RuntimeError:  # no pinned memory left: pageable memory still works, only slower to copy
+                    return t
+            return t
         return to_device(t, device)
 
     layers = {layer: {name: t if name in host else move(t) for name, t in part.items()}
