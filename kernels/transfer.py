@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_device"]
+__all__ = ["extend_mirror", "to_device"]
 
 
 def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -28,3 +28,24 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def extend_mirror(host: torch.Tensor, end: int, cached: torch.Tensor | None, synced: int,
+                  device: torch.device) -> torch.Tensor:
+    """``host[:end]`` on ``device``, reusing the first ``synced`` entries of ``cached`` (an earlier copy whose
+    entries before ``synced`` are still current) and copying only the rest, without a synchronisation.
+
+    Args:
+        host: ``[n >= end]`` host tensor (a buffer that grows; entries past ``end`` are ignored).
+        end: Entries wanted.
+        cached: The previous copy on some device, or None.
+        synced: Entries of ``cached`` still equal to ``host``'s.
+        device: Where the copy is wanted.
+    """
+    if cached is None or cached.device != torch.device(device):
+        cached, synced = None, 0
+    synced = min(synced, end, 0 if cached is None else cached.numel())
+    if cached is not None and synced == end == cached.numel():
+        return cached
+    tail = to_device(host[synced:end].clone(), device)
+    return tail if cached is None or synced == 0 else torch.cat([cached[:synced], tail])

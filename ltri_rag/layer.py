@@ -29,11 +29,11 @@ from ltri_rag.kernels.attention import (
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.pool import PagedKVPool
-from ltri_rag.retrieval import query_summary, select_spans, update_recency
+from ltri_rag.retrieval import query_summary, scored_queries, select_spans, update_recency
 from ltri_rag.rope import rotate
 from ltri_rag.span_memory import SpanTable
 
-__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers", "scored_queries"]
+__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers"]
 
 
 @dataclass(frozen=True)
@@ -57,21 +57,6 @@ class StepPlan:
     first_slot: int
     dry: bool = False
     decode: bool = False
-
-
-def scored_queries(q_len: int, config: LtriConfig) -> torch.Tensor | None:
-    """Which of a pass's ``q_len`` queries span scoring reads (``LtriConfig.score_queries``).
-
-    Returns:
-        ``[c]`` int64 host indices, increasing, evenly spaced and ending at ``q_len - 1``, with
-        ``c = score_queries``; or None when every query is scored (``q_len <= score_queries``, no limit, or
-        ``dot`` scoring, which reads only the chunk's mean query).
-    """
-    limit = config.score_queries
-    if limit is None or q_len <= limit or config.span_scoring != "softmax":
-        return None
-    # the spacing is q_len / limit (not a whole number in general); counted back from the last query
-    return (q_len - 1) - torch.div(torch.arange(limit - 1, -1, -1) * q_len, limit, rounding_mode="floor")
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ltri_rag.kernels.transfer import to_device
+from ltri_rag.kernels.transfer import extend_mirror, to_device
 
 __all__ = ["PagedKVPool"]
 
@@ -168,15 +168,10 @@ class PagedKVPool:
     def _positions_on(self, seq: int, device: torch.device) -> torch.Tensor:
         """``[num_slots]`` positions of ``seq`` on ``device``, extended by copying only the entries that changed."""
         end = self.num_slots[seq]
-        cached, synced = self._device_positions[seq], self._positions_synced[seq]
-        if cached is None or cached.device != device:
-            cached, synced = None, 0
-        if cached is None or synced < end or cached.numel() != end:
-            synced = min(synced, end)
-            tail = to_device(self._positions[seq][synced:end].clone(), device)
-            cached = tail if cached is None else torch.cat([cached[:synced], tail])
-            self._device_positions[seq], self._positions_synced[seq] = cached, end
-        return cached
+        self._device_positions[seq] = extend_mirror(self._positions[seq], end, self._device_positions[seq],
+                                                    self._positions_synced[seq], device)
+        self._positions_synced[seq] = end
+        return self._device_positions[seq]
 
     def on_device_tier(self, seq: int, device: torch.device) -> bool:
         """Whether every page of ``seq`` lives in the first tier and that tier is ``device`` (so

@@ -20,9 +20,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ltri_rag.config import LtriConfig
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["query_summary", "select_spans", "update_recency"]
+__all__ = ["query_summary", "scored_queries", "select_spans", "update_recency"]
+
+
+def scored_queries(q_len: int, config: LtriConfig) -> torch.Tensor | None:
+    """Which of a pass's ``q_len`` queries span scoring reads (``LtriConfig.score_queries``).
+
+    Returns:
+        ``[c]`` int64 host indices, increasing, evenly spaced and ending at ``q_len - 1``, with
+        ``c = score_queries``; or None when every query is scored (``q_len <= score_queries``, no limit, or
+        ``dot`` scoring, which reads only the chunk's mean query).
+    """
+    limit = config.score_queries
+    if limit is None or q_len <= limit or config.span_scoring != "softmax":
+        return None
+    # the spacing is q_len / limit (not a whole number in general); counted back from the last query
+    return (q_len - 1) - torch.div(torch.arange(limit - 1, -1, -1) * q_len, limit, rounding_mode="floor")
 
 
 def query_summary(query: torch.Tensor) -> torch.Tensor:

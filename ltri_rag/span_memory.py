@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ltri_rag.kernels.scoring import SpanLayout, span_layout, span_scores
-from ltri_rag.kernels.transfer import to_device
+from ltri_rag.kernels.transfer import extend_mirror, to_device
 
 __all__ = ["SpanTable"]
 
@@ -34,11 +34,12 @@ class SpanTable:
         self._owner_host = torch.zeros(0, dtype=torch.int64)  # the same, on the host (layout arithmetic)
         self.recency = torch.zeros(0, dtype=torch.float32)
         self._layout: SpanLayout | None = None
-        # span id of each slot (-1: a slot no span covers), on the host, grown by doubling; entries up to
-        # ``self._slot_end`` are meaningful. A device copy (of the first ``_slot_synced`` entries) is kept for
-        # selection on the device and extended by copying only what changed.
+        # span id of each slot (-1: a slot no span covers), on the host, grown by doubling and filled only when
+        # asked for (selection on the device): entries up to ``_slot_end`` cover the first ``_slot_mapped`` spans.
+        # A device copy is kept, of which the first ``_slot_synced`` entries are current.
         self._slot_span = torch.zeros(0, dtype=torch.int64)
         self._slot_end = 0
+        self._slot_mapped = 0
         self._slot_device: torch.Tensor | None = None
         self._slot_synced = 0
 
@@ -69,10 +70,11 @@ class SpanTable:
         self._owner_host = torch.cat([self._owner_host, owner + offset])
         self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
         self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
-        self._map_slots(starts.cpu(), ends.cpu(), offset)
 
-    def _map_slots(self, starts: torch.Tensor, ends: torch.Tensor, offset: int) -> None:
-        """Record spans ``offset, offset + 1, ...`` (host ``starts``, ``ends``) in the slot -> span map."""
+    def _map_slots(self) -> None:
+        """Record the spans appended since the last call in the slot -> span map."""
+        offset = self._slot_mapped
+        starts, ends = self.starts[offset:], self.ends[offset:]
         if starts.numel() == 0:
             return
         lengths = ends - starts
@@ -86,21 +88,19 @@ class SpanTable:
         first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
         self._slot_span[first + torch.arange(total)] = ids
         self._slot_end = max(self._slot_end, end)
+        self._slot_mapped = len(self)
         self._slot_synced = min(self._slot_synced, int(starts.min()))  # the device copy is stale from here on
 
     def slot_spans(self, device: torch.device) -> torch.Tensor:
         """``[num_slots]`` int64 span id of each slot up to the last span's end (-1 where no span is), on
         ``device``; on a GPU the copy is extended asynchronously with only the entries that changed."""
+        self._map_slots()
         if device.type == "cpu":
             return self._slot_span[: self._slot_end]
-        cached = self._slot_device
-        if cached is None or cached.device != device:
-            cached, self._slot_synced = None, 0
-        if cached is None or self._slot_synced < self._slot_end:
-            tail = to_device(self._slot_span[self._slot_synced:self._slot_end].clone(), device)
-            cached = tail if cached is None else torch.cat([cached[: self._slot_synced], tail])
-            self._slot_device, self._slot_synced = cached, self._slot_end
-        return cached
+        self._slot_device = extend_mirror(self._slot_span, self._slot_end, self._slot_device, self._slot_synced,
+                                          device)
+        self._slot_synced = self._slot_end
+        return self._slot_device
 
     def recency_on(self, device: torch.device) -> torch.Tensor:
         """The persistence state, moved to ``device`` (where selection runs) and kept there."""

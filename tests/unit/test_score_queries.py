@@ -7,9 +7,9 @@ import torch
 
 import ltri_rag.layer as layer_module
 from ltri_rag import LtriConfig, LtriSession
-from ltri_rag.layer import scored_queries
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint
 from ltri_rag.memory_ingest import sink_prefix_ids
+from ltri_rag.retrieval import scored_queries
 from tests.unit.tiny_models import random_ids, tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
