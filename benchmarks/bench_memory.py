@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prefill-sample", type=int, default=16384, help="tokens of the plain-prefill baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--store-dir", type=Path, default=None,
+                        help="where the memories are written (default --out; each is deleted after its size)")
     args = parser.parse_args(argv)
     if any(n < 1000 for n in args.sizes):
         parser.error(f"--sizes must be >= 1000 tokens each, got {args.sizes}")
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = ltri_rag.LtriConfig(mode="ltri", budget=args.budget)
     sources = corpus_sources(data_dir())
     args.out.mkdir(parents=True, exist_ok=True)
+    stores = args.store_dir or args.out
+    stores.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"model": args.model, "device": str(model.device), "sizes": args.sizes,
                               "budget": args.budget, "seed": args.seed, "runs": []}
     for size in args.sizes:
@@ -234,10 +238,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {tokens:,} tokens, {len(docs)} documents, {len(questions)} questions", flush=True)
         run = {"tokens": tokens, "documents": len(docs),
                "plain_prefill_tps": plain_prefill_tps(model, tokenizer, docs, args.prefill_sample),
-               "kvmemory": bench_kvmemory(model, tokenizer, config, docs, questions, args.out / f"mem_{size}",
+               "kvmemory": bench_kvmemory(model, tokenizer, config, docs, questions, stores / f"mem_{size}",
                                           args.max_new_tokens),
                "text_rag": bench_text_rag(model, tokenizer, docs, questions, args.budget, args.max_new_tokens)}
-        shutil.rmtree(args.out / f"mem_{size}", ignore_errors=True)
+        shutil.rmtree(stores / f"mem_{size}", ignore_errors=True)
         result["runs"].append(run)
         (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     lines = [f"# KV memory vs text RAG ({args.model.split('=')[0]}, {result['device']})", "", *summary_rows(result)]
