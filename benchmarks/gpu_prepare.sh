@@ -24,8 +24,8 @@ for name in "${models[@]}"; do
 done
 platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# small wheels travel whole; their dependency closure too (the device lacks langchain and faiss)
-python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu langchain-text-splitters
+# small wheels travel whole; their dependency closure too (the device lacks langchain, faiss and sqlalchemy)
+python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu sqlalchemy langchain-text-splitters
 rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
 # this machine's transformers goes too: the device's older one mis-converts Gemma 3's GGUF tokenizer
 python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl \

@@ -143,7 +143,7 @@ def read_neutral(session: LtriSession, recorder: QueryRecorder, ids: torch.Tenso
     kept, recording, record_dry = recorder.queries, recorder.recording, recorder.record_dry
     recorder.queries, recorder.recording, recorder.record_dry = {}, True, True
     try:
-        session._forward(ids.reshape(1, -1), keep_all=False, dry=True)
+        session._forward(session._check_ids(ids.reshape(1, -1)), keep_all=False, dry=True)
         return {layer: recorder.recorded(layer) for layer in recorder.queries}
     finally:
         recorder.queries, recorder.recording, recorder.record_dry = kept, recording, record_dry
