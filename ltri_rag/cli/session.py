@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,11 +119,24 @@ def load_for(args: argparse.Namespace, out: Output, note: dict[str, Any] | None 
                     source = name = str(Path(source).resolve())
             _quiet_transformers(out)
             with _gguf_bar(enabled=out.progress):
-                model, tokenizer = ltri_rag.load_model(source, device=args.device, dtype=args.dtype)
+                model, tokenizer = ltri_rag.load_model(source, device=args.device, dtype=args.dtype,
+                                                       gguf_cache=_gguf_cache(args))
         except (OSError, ValueError, RuntimeError, ImportError) as err:
             raise CliError(f"cannot load model {name!r}: {_first_line(err)}") from err
     log.info("model %s from %s (%s) in %.1f s", name, source, how, t["s"])
     return Loaded(model, tokenizer, name, str(source), how, t["s"])
+
+
+def _gguf_cache(args: argparse.Namespace) -> Path | None:
+    """Where the CLI keeps converted GGUF models: ``$LTRI_GGUF_CACHE`` when set (``0``: nowhere), else
+    ``converted/`` in the model cache (so a second run loads in seconds, not a minute)."""
+    from ltri_rag.loading import GGUF_CACHE_ENV
+    from ltri_rag.models import default_cache_dir
+
+    env = os.environ.get(GGUF_CACHE_ENV)
+    if env is not None:
+        return None if env.strip() in ("", "0") else Path(env).expanduser()
+    return Path(args.models_dir or default_cache_dir()) / "converted"
 
 
 def _first_line(err: BaseException) -> str:
