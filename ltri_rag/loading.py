@@ -170,6 +170,13 @@ def _load_gguf(source: str, gguf: str, dtype: torch.dtype, cache: Path | None,
 
     key = gguf_cache_key(Path(source) / gguf, dtype)
     entry = cache / key
+    try:  # a cache that cannot be written (a file in the way, no permission) is skipped, with a warning
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"{key}.lock").touch()
+    except OSError as err:
+        warnings.warn(f"cannot use {cache} to keep converted GGUF models ({err}); converting {gguf} without it",
+                      stacklevel=3)
+        return _convert_gguf(source, gguf, dtype, extra)
     with _locked(cache, key):
         if not (entry / _COMPLETE).is_file():
             model, tokenizer = _convert_gguf(source, gguf, dtype, extra)

@@ -45,4 +45,4 @@ def test_cuda_memory_agrees_with_the_cpu(tmp_path: Path, max_memory_tokens: int)
     for g, c in zip(gpu_hits, cpu_hits):
         assert g.score == pytest.approx(c.score, abs=1e-4)
     assert gpu_text == cpu_text
-    assert gpu_stream == gpu_text
+    assert gpu_stream == gpu_text and cpu_stream == cpu_text
