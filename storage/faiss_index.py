@@ -79,6 +79,10 @@ class LayerIndexes:
     def path(self, layer: int) -> Path:
         return self.folder / f"layer{layer}.index"
 
+    def layers_loaded(self) -> list[int]:
+        """Layers whose index is in memory."""
+        return sorted(self._indexes)
+
     def layers_on_disk(self) -> list[int]:
         out = []
         for p in self.folder.glob("layer*.index"):

@@ -62,6 +62,9 @@ def _resolve(path_or_url: str | os.PathLike[str], data_dir: str | os.PathLike[st
     return f"sqlite:///{db}", Path(data_dir).resolve() if data_dir else folder, db
 
 
+INDEX_WRITE_GROWTH = 0.25  # index files are rewritten once the changes since the last write reach this share
+
+
 class SqlSpanStore:
     """A :class:`ltri_rag.store.SpanStore` on SQLAlchemy + FAISS + safetensors. Use :meth:`create` or :meth:`open`.
 
@@ -77,6 +80,11 @@ class SqlSpanStore:
         self.engine = make_engine(url, read_only=read_only)
         self.fingerprint: Fingerprint = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32")
         self.indexes: LayerIndexes | None = None
+        # index changes of committed adds / deletes not yet written to the FAISS files (see _changed_indexes)
+        self._dirty_layers: set[int] = set()
+        self._pending_changes = 0  # vectors added or removed since the files were last written
+        self._persisted_vectors = 0  # vectors in the indexes when they were last written
+        self._pending_generation: int | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -141,6 +149,8 @@ class SqlSpanStore:
             if not read_only:
                 store._take_writer_lock()
                 integrity.repair(store, deep=False)
+                store._persisted_vectors = sum(store.indexes.get(layer).ntotal
+                                               for layer in store.indexes.layers_loaded())
         except BaseException:
             store.close()
             raise
@@ -161,7 +171,10 @@ class SqlSpanStore:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the database connections and the writer lock (idempotent)."""
+        """Write pending index changes (:meth:`flush`), release the database connections and the writer lock
+        (idempotent)."""
+        if self._dirty_layers and self.indexes is not None and self._lock_fd is not None:
+            self.flush()
         if getattr(self, "engine", None) is not None:
             self.engine.dispose()
         if self._lock_fd is not None:
@@ -211,7 +224,8 @@ class SqlSpanStore:
             indexes.remove(layer, ids)
         for layer, (ids, vecs) in new_ids.items():
             indexes.add(layer, ids, vecs)
-        self._persist_indexes(set(old_ids) | set(new_ids), generation)
+        changes = sum(len(ids) for ids in old_ids.values()) + sum(len(ids) for ids, _ in new_ids.values())
+        self._changed_indexes(set(old_ids) | set(new_ids), changes, generation)
         for name in old_files:
             (self.kv_dir / name).unlink(missing_ok=True)
         return [d.doc_id for d in docs]
@@ -275,7 +289,7 @@ class SqlSpanStore:
             generation = self._bump(s)
         for layer, vec_ids in old_ids.items():
             indexes.remove(layer, vec_ids)
-        self._persist_indexes(set(old_ids), generation)
+        self._changed_indexes(set(old_ids), sum(len(ids) for ids in old_ids.values()), generation)
         for r in rows.values():
             (self.kv_dir / r.kv_file).unlink(missing_ok=True)
 
@@ -284,6 +298,33 @@ class SqlSpanStore:
         meta = s.execute(select(StoreMeta).where(StoreMeta.id == 1).with_for_update()).scalar_one()
         meta.data_generation += 1
         return meta.data_generation
+
+    def _changed_indexes(self, layers: set[int], changes: int, generation: int) -> None:
+        """Note a committed change of ``changes`` vectors in ``layers``' in-memory indexes; write the changed layers'
+        files once the changes since the last write reach :data:`INDEX_WRITE_GROWTH` of the indexes' size then.
+
+        Writing every layer's whole index after every add made ingest quadratic in the store's size (each batch
+        rewrote every vector stored before it); this way each vector is written a bounded number of times (at most
+        ``1 + 1 / INDEX_WRITE_GROWTH``). Until written, the change is in this process's indexes (its searches see
+        it), the database marks the files stale (``index_generation < data_generation``), readers in other
+        processes search the files they have (they only return spans whose rows are committed), and a crash loses
+        nothing: :meth:`open` re-adds the missing vectors from the K/V files.
+        """
+        self._dirty_layers |= layers
+        self._pending_changes += changes
+        self._pending_generation = generation
+        if self._pending_changes >= INDEX_WRITE_GROWTH * self._persisted_vectors:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the FAISS files of every layer whose index changed since they were last written (``close`` and
+        ``verify`` do it too)."""
+        if not self._dirty_layers or self._pending_generation is None:
+            return
+        self._persist_indexes(self._dirty_layers, self._pending_generation)
+        assert self.indexes is not None
+        self._persisted_vectors = sum(self.indexes.get(layer).ntotal for layer in self.indexes.layers_loaded())
+        self._dirty_layers, self._pending_changes, self._pending_generation = set(), 0, None
 
     def _persist_indexes(self, layers: set[int], generation: int) -> None:
         assert self.indexes is not None
@@ -418,7 +459,10 @@ class SqlSpanStore:
         return StoreStats(documents=docs, spans=spans, vectors=vectors, tokens=int(tokens), bytes_on_disk=size)
 
     def verify(self) -> VerifyReport:
-        """Check the database, the FAISS indexes and the files against each other (checksums included)."""
+        """Check the database, the FAISS indexes and the files against each other (checksums included); a writer
+        first writes its pending index changes (:meth:`flush`)."""
+        if self._lock_fd is not None:
+            self.flush()
         return integrity.verify(self, deep=True)
 
     def repair(self, *, drop_broken: bool = False) -> VerifyReport:
@@ -426,6 +470,7 @@ class SqlSpanStore:
         unreadable ones from the files); with ``drop_broken``, delete documents whose file is missing or corrupt.
         Returns the report from before the repair."""
         self._writable()
+        self.flush()  # (repair marks the files current: they must hold this process's changes first)
         return integrity.repair(self, deep=True, drop_broken=drop_broken)
 
 
