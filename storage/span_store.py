@@ -266,9 +266,9 @@ class SqlSpanStore:
                                 for r, (v, o) in enumerate(zip(vec_ids.tolist(), owners.tolist()))]
                 new.setdefault(layer.layer, []).append((vec_ids, layer.flat_vectors))
             if span_rows:
-                s.execute(insert(SpanRow), span_rows)
+                s.execute(insert(SpanRow.__table__), span_rows)  # Core: no ORM per-row work
             if vector_rows:
-                s.execute(insert(VectorRow), vector_rows)
+                s.execute(insert(VectorRow.__table__), vector_rows)
         merged_old = {layer: np.concatenate(v) for layer, v in old_ids.items()}
         merged_new = {layer: (np.concatenate([i for i, _ in v]), np.concatenate([x for _, x in v]))
                       for layer, v in new.items()}
