@@ -1,5 +1,5 @@
 """The KV-memory benchmark's corpus: whole documents from the three real sources in turn, up to a token count, and
-SQuAD questions only of articles that are in it (the benchmark's runs themselves load a model: not a unit test)."""
+SQuAD questions only of articles that are in it; and one run of its KVMemory half on a tiny random model."""
 
 from __future__ import annotations
 
@@ -52,3 +52,20 @@ def test_questions_come_from_articles_in_the_corpus(sources) -> None:
     text = {d: t for d, t in docs}
     for article, _, answers in questions:
         assert answered(text[article], answers)  # the answer is in its article's text
+
+
+def test_kvmemory_run_times_the_store_within_the_ingest(tmp_path) -> None:
+    """One tiny run of the KVMemory half: the ingest is timed with its store writes apart, and every question gets a
+    row (tiny random model: the numbers say nothing of quality)."""
+    from benchmarks.bench_memory import bench_kvmemory
+    from ltri_rag import LtriConfig
+    from tests.unit.tiny_models import tiny_model
+
+    docs = [("a", "The river flows past the old mill every spring."), ("b", "Paris is the capital of France.")]
+    config = LtriConfig(num_sink_tokens=4, local_window=16, chunk_size=8, budget=12, page_size=5, evict_stride=4,
+                        span_min_len=2, span_max_len=6)
+    out = bench_kvmemory(tiny_model("llama"), tiny_tokenizer(), config, docs, [("b", "What is the capital?", ("Paris",))],
+                         tmp_path / "mem", max_new_tokens=2)
+    assert 0 < out["ingest_store_s"] < out["ingest_s"]
+    assert out["stored_tokens"] == sum(len(text) for _, text in docs)  # one tiny-tokenizer token per character
+    assert len(out["questions"]) == 1 and out["questions"][0]["retrieve_s"] > 0
