@@ -22,7 +22,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -243,7 +243,12 @@ class KVMemory(MemorySearch):
         total = sum(int(doc_ids.numel()) for doc_ids, _ in encoded)
         batch: list[DocumentRecord] = []
         held = 0
-        with tqdm(total=total, desc="ingest", unit="tok", unit_scale=True, disable=not progress) as bar:
+        # a full batch is written by a background thread while the model reads the next documents (at most one
+        # write in flight, so at most two batches are held); leaving the block waits for it, also on an error,
+        # so a failure part-way leaves every batch handed to the store written whole
+        with tqdm(total=total, desc="ingest", unit="tok", unit_scale=True, disable=not progress) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltri-ingest-write") as writer:
+            writing: Future[list[str]] | None = None
             for doc_id, metadata, (doc_ids, offsets) in zip(prepared.ids, prepared.metadatas, encoded):
                 with self._lock:
                     record = ingest_document(self.model, self.config, self.sink_ids, doc_ids, offsets,
@@ -251,9 +256,13 @@ class KVMemory(MemorySearch):
                 batch.append(record)
                 held += record_bytes(record)
                 if held >= self.batch_bytes:
-                    self.store.add(batch)
+                    if writing is not None:
+                        writing.result()  # the previous write's error, if any, surfaces here
+                    writing = writer.submit(self.store.add, batch)
                     batch, held = [], 0
                 bar.update(int(doc_ids.numel()))
+            if writing is not None:
+                writing.result()
             if batch:
                 self.store.add(batch)
         return list(prepared.ids)

@@ -416,6 +416,27 @@ def test_the_neutral_pass_leaves_no_trace_and_rankings_are_checked(tmp_path, lla
 
 
 # --------------------------------------------------------------------------------------------- stream / async
+def test_a_failed_background_write_surfaces_and_the_batches_before_it_stay(tmp_path, llama, tok) -> None:
+    """Batches are written by a background thread while the model reads on: a write that fails stops the call with
+    its error, the batches written before stay whole, and nothing after the failure is written."""
+    with _create(tmp_path / "m", llama, tok, batch_bytes=1) as mem:  # every document its own batch
+        real_add, calls = mem.store.add, []
+
+        def add(batch):
+            calls.append([d.doc_id for d in batch])
+            if len(calls) == 2:
+                raise OSError("disk full")
+            return real_add(batch)
+
+        mem.store.add = add
+        with pytest.raises(OSError, match="disk full"):
+            mem.add_documents(list(DOCS.values()), [META[k] for k in DOCS], list(DOCS), progress=False)
+        assert calls == [["fox"], ["paris"]]
+        assert mem.list_documents() == [("default", "fox")] and mem.verify().clean
+        mem.store.add = real_add
+        assert _add_all(mem) == list(DOCS) and len(mem.list_documents()) == 3
+
+
 def test_stream_and_async_variants_agree_with_the_sync_ones(tmp_path, llama, tok) -> None:
     with _create(tmp_path / "m", llama, tok) as mem:
         _add_all(mem)
