@@ -114,8 +114,7 @@ def _resolve_gguf_cache(gguf_cache: str | Path | None) -> Path | None:
 @contextmanager
 def _locked(folder: Path, name: str) -> Any:
     """An exclusive lock on ``folder/name.lock`` (POSIX ``flock``; no lock where that is missing), so that two
-    processes loading the same file convert it once."""
-    folder.mkdir(parents=True, exist_ok=True)
+    processes loading the same file convert it once (``folder`` exists)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: at worst both convert, and one rename wins

@@ -149,8 +149,7 @@ class SqlSpanStore:
             if not read_only:
                 store._take_writer_lock()
                 integrity.repair(store, deep=False)
-                store._persisted_vectors = sum(store.indexes.get(layer).ntotal
-                                               for layer in store.indexes.layers_loaded())
+                store._persisted_vectors = store._index_size()
         except BaseException:
             store.close()
             raise
@@ -322,9 +321,13 @@ class SqlSpanStore:
         if not self._dirty_layers or self._pending_generation is None:
             return
         self._persist_indexes(self._dirty_layers, self._pending_generation)
-        assert self.indexes is not None
-        self._persisted_vectors = sum(self.indexes.get(layer).ntotal for layer in self.indexes.layers_loaded())
+        self._persisted_vectors = self._index_size()
         self._dirty_layers, self._pending_changes, self._pending_generation = set(), 0, None
+
+    def _index_size(self) -> int:
+        """Vectors in the in-memory indexes, over every loaded layer."""
+        assert self.indexes is not None
+        return sum(self.indexes.get(layer).ntotal for layer in self.indexes.layers_loaded())
 
     def _persist_indexes(self, layers: set[int], generation: int) -> None:
         assert self.indexes is not None

@@ -128,14 +128,13 @@ def load_for(args: argparse.Namespace, out: Output, note: dict[str, Any] | None 
 
 
 def _gguf_cache(args: argparse.Namespace) -> Path | None:
-    """Where the CLI keeps converted GGUF models: ``$LTRI_GGUF_CACHE`` when set (``0``: nowhere), else
-    ``converted/`` in the model cache (so a second run loads in seconds, not a minute)."""
+    """Where the CLI keeps converted GGUF models: ``converted/`` in the model cache (so a second run loads in
+    seconds, not a minute), unless ``$LTRI_GGUF_CACHE`` is set (``None``: ``load_model`` then reads it)."""
     from ltri_rag.loading import GGUF_CACHE_ENV
     from ltri_rag.models import default_cache_dir
 
-    env = os.environ.get(GGUF_CACHE_ENV)
-    if env is not None:
-        return None if env.strip() in ("", "0") else Path(env).expanduser()
+    if GGUF_CACHE_ENV in os.environ:
+        return None
     return Path(args.models_dir or default_cache_dir()) / "converted"
 
 
