@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from ltri_rag.assembly import build_memory, plan_memory, position_shifts
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
 from ltri_rag.eviction import cut_segments
@@ -30,10 +31,10 @@ from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, scored_queries, select_spans, update_recency
-from ltri_rag.rope import rotate
+from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
 
-__all__ = ["StepPlan", "GlobalLayerState", "SlidingLayerState", "evict_layers"]
+__all__ = ["GlobalLayerState", "SlidingLayerState", "StepPlan", "evict_layers"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,26 @@ class GlobalLayerState:
             return False
         return all(self.pool.on_device_tier(seq, q.device) for seq in range(len(self.tables)))
 
+    def _selections(self, q: torch.Tensor, plan: StepPlan, scaling: float,
+                    on_device: bool) -> list[torch.Tensor | None]:
+        """Per sequence the ``[rows, S]`` bool selection of its spans for this step (on the host, or on the compute
+        device when ``on_device``), or None for a sequence without spans."""
+        out: list[torch.Tensor | None] = []
+        picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
+        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        if picks is not None:
+            q_pos = q_pos[picks]
+            picks = to_device(picks, q.device)
+        for seq, table in enumerate(self.tables):
+            if len(table) == 0 or self.pool is None:
+                out.append(None)
+                continue
+            q_seq = q[seq] if picks is None else q[seq].index_select(1, picks)
+            q_free = rotate(q_seq, -q_pos, self.inv_freq, self.cfg.attention_backend)  # [H, c, D] position-free
+            with record_function("ltri.retrieve.score_select"):
+                out.append(self._select(seq, table, q_free, scaling, plan, on_device))
+        return out
+
     def _retrieved(self, q: torch.Tensor, plan: StepPlan,
                    scaling: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots: on the
@@ -209,19 +230,11 @@ class GlobalLayerState:
         out = []
         on_device = self._selects_on_device(q)
         num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
-        picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
-        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
-        if picks is not None:
-            q_pos = q_pos[picks]
-            picks = to_device(picks, q.device)
-        for seq, table in enumerate(self.tables):
-            if len(table) == 0 or self.pool is None:
+        for seq, selected in enumerate(self._selections(q, plan, scaling, on_device)):
+            if selected is None:
                 out.append((None, None, None))
                 continue
-            q_seq = q[seq] if picks is None else q[seq].index_select(1, picks)
-            q_free = rotate(q_seq, -q_pos, self.inv_freq)  # [H, c, D] position-free queries
-            with record_function("ltri.retrieve.score_select"):
-                selected = self._select(seq, table, q_free, scaling, plan, on_device)
+            table = self.tables[seq]
             if on_device:  # a fixed width: no row selects more than the budget (nor more than the memory holds)
                 width = min(self.cfg.budget, table.num_tokens)
                 slots = table.slot_matrix_fixed(selected, num_kv_heads, width)  # [Hkv, width] on the device
@@ -233,6 +246,39 @@ class GlobalLayerState:
                     k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
             out.append((k, v, slots))
         return out
+
+    def _assembles_in_one_launch(self, q: torch.Tensor) -> bool:
+        """Whether the memory part is planned on the host and built in one Triton launch (:mod:`ltri_rag.assembly`):
+        the Triton backend runs on ``q``'s device, spans are selected on the host, and the pool's first tier is on
+        that device (not ``kv_offload``)."""
+        if not _triton_rotates(self.cfg.attention_backend, q.device) or self._selects_on_device(q):
+            return False
+        return self.pool is None or self.pool.device == q.device or (
+            self.pool.device.type == q.device.type and self.pool.device.index in (None, q.device.index))
+
+    def _assembled_memory(self, q: torch.Tensor, plan: StepPlan,
+                          scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`_placed_memory`'s ``(q_mem, mem_k, mem_v, mask)`` built by :mod:`ltri_rag.assembly` (one plan copy,
+        one launch), or None when the memory is empty."""
+        if self.sink_k is None and not any(len(t) for t in self.tables):
+            return None
+        batch = q.shape[0]
+        selections = self._selections(q, plan, scaling, on_device=False) if self.tables else [None] * batch
+        ref = self.sink_k if self.sink_k is not None else self.win_k
+        num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
+        host = [None if s is None else s.numpy() for s in selections]
+        starts = [t.starts.numpy() for t in self.tables] or [None] * batch
+        ends = [t.ends.numpy() for t in self.tables] or [None] * batch
+        memory_plan = plan_memory(self.pool, host, starts, ends, num_sinks, ref.shape[1], ref.shape[3])
+        if memory_plan is None:
+            return None
+        win_len = 0 if self.win_k is None else self.win_k.shape[2]
+        shifts = position_shifts(memory_plan, self.cfg.position_scheme, plan.pos0 - win_len)
+        with record_function("ltri.retrieve.gather"):
+            mem_k, mem_v, mask = build_memory(memory_plan, shifts, self.pool, self.layer_idx, self.sink_k,
+                                              self.sink_v, self.inv_freq, q.device, ref.dtype)
+        self._last_slots = [torch.from_numpy(s) for s in memory_plan.slots if s is not None]
+        return self._memory_queries(q, plan), mem_k, mem_v, mask
 
     def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float) -> tuple[torch.Tensor, ...] | None:
         """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device, and where the slot lists were
@@ -278,21 +324,21 @@ class GlobalLayerState:
         if scheme == "absolute":
             return q, mem_k
         if scheme == "fixed":  # every memory key at distance local_window from every query
-            return self._memory_queries(q, plan), rotate(mem_k, -pos, self.inv_freq)
+            return self._memory_queries(q, plan), rotate(mem_k, -pos, self.inv_freq, self.cfg.attention_backend)
         # contiguous: memory tokens laid in order right before the local window
         count = host_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
         rank = torch.cumsum(host_mask.long(), dim=2) - 1
         win_len = 0 if self.win_k is None else self.win_k.shape[2]
         new_pos = (plan.pos0 - win_len) - count + rank  # the local part starts at pos0 - win_len
         delta = torch.where(host_mask, new_pos - pos, torch.zeros_like(pos))
-        return q, rotate(mem_k, delta, self.inv_freq)
+        return q, rotate(mem_k, delta, self.inv_freq, self.cfg.attention_backend)
 
     def _memory_queries(self, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """The queries of the memory part (only the ``fixed`` scheme moves them)."""
         if self.cfg.position_scheme != "fixed":
             return q
         q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
-        return rotate(q, self.cfg.local_window - q_pos, self.inv_freq)
+        return rotate(q, self.cfg.local_window - q_pos, self.inv_freq, self.cfg.attention_backend)
 
     def _placed_memory(self, q: torch.Tensor, plan: StepPlan,
                        scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -313,11 +359,17 @@ class GlobalLayerState:
                 _, uses, mem_k, mem_v, mask = cached
                 self._pending_decode_memory = (key, uses + 1, mem_k, mem_v, mask)
                 return self._memory_queries(q, plan), mem_k, mem_v, mask
-        memory = self._memory(q, plan, scaling)
-        if memory is None:
-            return None
-        mem_k, mem_v, mask, pos, host_mask = memory
-        q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+        if self._assembles_in_one_launch(q):
+            placed = self._assembled_memory(q, plan, scaling)
+            if placed is None:
+                return None
+            q_mem, mem_k, mem_v, mask = placed
+        else:
+            memory = self._memory(q, plan, scaling)
+            if memory is None:
+                return None
+            mem_k, mem_v, mask, pos, host_mask = memory
+            q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
         if reusable:
             self._pending_decode_memory = (key, 1, mem_k, mem_v, mask)
         return q_mem, mem_k, mem_v, mask

@@ -18,6 +18,7 @@ stream evicts its tokens in order, a stored document's tokens keep the positions
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ltri_rag.kernels.transfer import extend_mirror, to_device
@@ -210,6 +211,46 @@ class PagedKVPool:
                 bad = hi if hi >= self.num_slots[seq] else lo
                 raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
         return table[slots // self.page_size] * self.page_size + slots % self.page_size
+
+    # ---------------------------------------------------------------- host plans for one-launch gathers
+    def token_index_host(self, seq: int, slots: np.ndarray) -> np.ndarray:
+        """Flat token index (``page * page_size + offset``, both tiers counted from page 0) of each of ``slots``
+        (a NumPy int64 array of reserved slots, any shape), in NumPy: the host arithmetic of a gather planned for
+        one device launch (see :mod:`ltri_rag.assembly`).
+
+        Raises:
+            IndexError: a slot that is not reserved.
+        """
+        if slots.size:
+            hi, lo = int(slots.max()), int(slots.min())
+            if hi >= self.num_slots[seq] or lo < 0:
+                bad = hi if hi >= self.num_slots[seq] else lo
+                raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        table = self._table_tensors[seq]
+        if table is None:
+            table = self._table_tensors[seq] = torch.tensor(self.page_tables[seq], dtype=torch.int64)
+        return table.numpy()[slots // self.page_size] * self.page_size + slots % self.page_size
+
+    def positions_host(self, seq: int) -> np.ndarray:
+        """``[num_slots]`` positions of ``seq``'s slots as a NumPy view (valid until the next :meth:`reserve`)."""
+        return self._positions[seq][: self.num_slots[seq]].numpy()
+
+    @property
+    def host_tier_first_token(self) -> int | None:
+        """The first flat token index that lives in the host tier (None: one tier)."""
+        return None if self._slow is None else self._split * self.page_size
+
+    def device_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first tier's K and V of ``layer`` as ``[tokens * Hkv, D]`` rows (row ``token * Hkv + head``), or
+        None if the layer has stored nothing yet."""
+        if layer not in self._fast.k:
+            return None
+        return self._fast.rows(layer)
+
+    def gather_host_rows(self, layer: int, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Rows ``[n]`` (host int64, ``token * Hkv + head`` with tokens counted from the host tier's first) of the
+        host tier as ``[n, D]`` K and V on ``device``, copied asynchronously from pinned memory."""
+        return self._gather_tier(self._slow, layer, rows, device)
 
     def _ensure_layer(self, layer: int, k: torch.Tensor) -> None:
         for tier in (self._fast, self._slow):

@@ -11,10 +11,10 @@ from torch import nn
 
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["rotate", "find_inv_freq"]
+__all__ = ["find_inv_freq", "rotate"]
 
 
-def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Rotate rotary-encoded vectors by ``delta`` positions.
 
     Args:
@@ -22,10 +22,17 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
         delta: ``[..., seq_len]`` (broadcastable to ``x.shape[:-1]``) integer position shifts, on any device (a host
             tensor is copied to ``x``'s device asynchronously, see :func:`ltri_rag.kernels.transfer.to_device`).
         inv_freq: ``[rot_dim / 2]`` inverse frequencies of the layer's rotary embedding.
+        backend: ``torch`` (this module's few torch operations), ``triton`` (one launch of
+            :func:`ltri_rag.kernels.triton_rope.gather_rotate_triton`) or ``auto`` (Triton on CUDA when triton
+            imports, torch elsewhere): the engine passes ``LtriConfig.attention_backend``. Both compute the angles
+            and their cosine and sine in float64.
 
     Returns:
-        ``x`` rotated, same shape and dtype. Angles are computed in float64, so large positions stay exact.
+        ``x`` rotated, same shape and dtype (contiguous on the Triton path). Angles are computed in float64, so
+        large positions stay exact.
     """
+    if _triton_rotates(backend, x.device):
+        return _rotate_triton(x, delta, inv_freq)
     half = inv_freq.numel()
     rot_dim = 2 * half
     if rot_dim > x.shape[-1]:
@@ -40,6 +47,37 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
     return torch.cat([y1, y2, rest], dim=-1).to(x.dtype)
+
+
+def _triton_rotates(backend: str, device: torch.device) -> bool:
+    """Whether :func:`rotate` takes the Triton kernel for ``backend`` on ``device``."""
+    if backend not in ("torch", "triton", "auto"):
+        raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    from ltri_rag.kernels._triton_support import triton_available
+
+    if triton_available():
+        return True
+    if backend == "triton":
+        raise ValueError("backend 'triton' needs the triton package, which did not import")
+    return False
+
+
+def _rotate_triton(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` in one Triton launch: a shift per row, or a pattern of ``seq_len`` shifts repeated over the
+    leading dimensions (no broadcast copy)."""
+    from ltri_rag.kernels.triton_rope import gather_rotate_triton
+
+    if inv_freq.numel() == 0 or x.numel() == 0:
+        return x.contiguous()
+    lead = x.shape[:-1]
+    pattern = delta.dim() >= 1 and delta.numel() == lead[-1] == delta.shape[-1]  # one shift per position
+    if not pattern and tuple(delta.shape) != tuple(lead):
+        delta = delta.expand(lead)  # a general broadcast: one shift per row
+    delta = to_device(delta.reshape(-1), x.device, torch.int64)
+    out, _ = gather_rotate_triton(x.contiguous(), None, None, delta, inv_freq)
+    return out.view(x.shape)
 
 
 def _rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
