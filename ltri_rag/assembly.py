@@ -88,17 +88,10 @@ def plan_memory(pool: PagedKVPool | None, selections: list[np.ndarray | None], s
         num_kv_heads, head_dim: Of the layer.
     """
     batch = len(selections)
-    reported: list[np.ndarray | None] = []
-    slots: list[np.ndarray | None] = []  # [Hkv, n] per sequence
+    reported: list[np.ndarray | None] = []  # [rows, n] per sequence
     for selected, first, last in zip(selections, starts, ends):
-        if selected is None or pool is None:
-            reported.append(None)
-            slots.append(None)
-            continue
-        lists = slot_lists(selected, first, last)
-        reported.append(lists)
-        slots.append(np.broadcast_to(lists, (num_kv_heads, lists.shape[1])) if lists.shape[0] == 1 else lists)
-    width = num_sinks + max((s.shape[1] for s in slots if s is not None), default=0)
+        reported.append(None if selected is None or pool is None else slot_lists(selected, first, last))
+    width = num_sinks + max((s.shape[1] for s in reported if s is not None), default=0)
     if width == 0:
         return None
     source = np.full((batch, num_kv_heads, width), -1, dtype=np.int64)
@@ -111,25 +104,29 @@ def plan_memory(pool: PagedKVPool | None, selections: list[np.ndarray | None], s
     host_first = None if pool is None else pool.host_tier_first_token
     staged: list[np.ndarray] = []
     aux_next = batch * num_kv_heads * num_sinks
-    for seq, lists in enumerate(slots):
+    all_heads = np.arange(num_kv_heads, dtype=np.int64)[:, None]
+    for seq, lists in enumerate(reported):
         if lists is None or lists.shape[1] == 0:
             continue
-        heads, cols = np.nonzero(lists >= 0)
-        taken = lists[heads, cols]
-        token = pool.token_index_host(seq, taken)
-        row = token * num_kv_heads + heads
-        out_cols = cols + num_sinks
-        positions[seq, heads, out_cols] = pool.positions_host(seq)[taken]
-        if host_first is None:
-            source[seq, heads, out_cols] = row * head_dim
-            continue
-        on_host = token >= host_first
-        source[seq, heads[~on_host], out_cols[~on_host]] = row[~on_host] * head_dim
-        if on_host.any():
-            count = int(on_host.sum())
-            staged.append(row[on_host] - host_first * num_kv_heads)
-            source[seq, heads[on_host], out_cols[on_host]] = -2 - np.arange(aux_next, aux_next + count)
-            aux_next += count
+        slot_positions = pool.positions_host(seq)
+        shared = lists.shape[0] == 1  # one selection for every KV head
+        for r in range(lists.shape[0]):
+            taken = lists[r, : int((lists[r] >= 0).sum())]  # a row's slots are a prefix, -1 after
+            if taken.size == 0:
+                continue
+            token = pool.token_index_host(seq, taken)  # [n]
+            heads = slice(None) if shared else slice(r, r + 1)
+            rows = token[None, :] * num_kv_heads + (all_heads if shared else r)  # [h, n]: token * Hkv + head
+            cols = slice(num_sinks, num_sinks + taken.size)
+            positions[seq, heads, cols] = slot_positions[taken][None, :]
+            offsets = rows * head_dim
+            if host_first is not None and int(token.max()) >= host_first:
+                on_host = np.broadcast_to(token[None, :] >= host_first, rows.shape)
+                count = int(on_host.sum())
+                staged.append(rows[on_host] - host_first * num_kv_heads)
+                offsets[on_host] = -2 - np.arange(aux_next, aux_next + count)
+                aux_next += count
+            source[seq, heads, cols] = offsets
     host_rows = np.concatenate(staged) if staged else np.zeros(0, dtype=np.int64)
     return MemoryPlan(source, positions, host_rows, reported)
 

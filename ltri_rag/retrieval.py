@@ -11,8 +11,11 @@ Selection fills the token budget greedily in rank order.
 
 The engine runs these on the host (``layer`` reads the scores back once per retrieval): the ranking and the fill
 are a few dozen small operations whose launches and read-backs would cost more on a GPU than their work.
-:func:`_fill_budget` takes a NumPy path for host keys and a device path (no read-back) for device keys; both
-select the same spans.
+:func:`select_spans` has two paths that select the same spans:
+    host (``scores`` a contiguous float32 CPU tensor): NumPy for the element-wise work and the fill, so that a call
+    costs a handful of torch reductions instead of some forty small torch operations (mostly dispatch overhead);
+    torch (:func:`_select_spans_torch`, everything else, e.g. CUDA scores): torch operations only, and for device
+    keys a fill without a read-back (:func:`_fill_budget_device`).
 """
 
 from __future__ import annotations
@@ -115,12 +118,36 @@ def select_spans(
         pinned: ``[num_spans]`` bool, spans ranked before all others (still within the budget), or None.
 
     Returns:
-        ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``.
+        ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``, on ``scores``' device.
+
+    Contiguous float32 host scores (with float32 ``recency``, if it counts) take the host path
+    (:func:`_select_spans_host`); all others the torch path (:func:`_select_spans_torch`). Both select the same
+    spans.
     """
+    uses_recency = recency is not None and bonus > 0
+    host = (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.is_contiguous()
+            and not (uses_recency and recency.dtype != torch.float32))
+    select = _select_spans_host if host else _select_spans_torch
+    return select(scores, lengths, budget, num_kv_heads=num_kv_heads, scope=scope, voting=voting, recency=recency,
+                  bonus=bonus, prior=prior, prior_weight=prior_weight, pinned=pinned)
+
+
+def _selection_rows(scope: str, num_kv_heads: int) -> int:
+    """Rows of a selection: 1 (``shared``) or ``num_kv_heads`` (``per_kv_head``)."""
     if scope not in ("shared", "per_kv_head"):
         raise ValueError(f"scope must be 'shared' or 'per_kv_head', got {scope!r}")
+    return 1 if scope == "shared" else num_kv_heads
+
+
+def _select_spans_torch(
+    scores: torch.Tensor, lengths: torch.Tensor, budget: int, *, num_kv_heads: int, scope: str = "shared",
+    voting: bool = False, recency: torch.Tensor | None = None, bonus: float = 0.0, prior: torch.Tensor | None = None,
+    prior_weight: float = 0.0, pinned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`select_spans` in torch operations on ``scores``' device (any device and float dtype): the reference
+    of the host path. Same arguments and result."""
+    rows = _selection_rows(scope, num_kv_heads)
     num_heads, num_spans = scores.shape
-    rows = 1 if scope == "shared" else num_kv_heads
     if num_spans == 0:
         return torch.zeros(rows, 0, dtype=torch.bool, device=scores.device)
     # read on the host: span tables keep their lengths there (no device sync)
@@ -132,6 +159,77 @@ def select_spans(
         lift = keys.abs().max() + float(num_heads) + 1.0
         keys = keys + lift * 2 * pinned.to(keys.device)[None, :].float()
     return _fill_budget(keys, lengths, budget)
+
+
+def _select_spans_host(
+    scores: torch.Tensor, lengths: torch.Tensor, budget: int, *, num_kv_heads: int, scope: str = "shared",
+    voting: bool = False, recency: torch.Tensor | None = None, bonus: float = 0.0, prior: torch.Tensor | None = None,
+    prior_weight: float = 0.0, pinned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`select_spans` for contiguous float32 host ``scores`` (and float32 ``recency`` if ``bonus > 0``): the
+    keys of :func:`_rank_keys` bit for bit (:func:`_rank_keys_host`), ranked and filled by :func:`_fill_rows`.
+    Same arguments; returns the same ``[rows, num_spans]`` bool host tensor as :func:`_select_spans_torch`."""
+    rows = _selection_rows(scope, num_kv_heads)
+    num_heads, num_spans = scores.shape
+    if num_spans == 0:
+        return torch.zeros(rows, 0, dtype=torch.bool)
+    top_k = 0
+    if voting:  # the same float32 mean as the torch path (a torch sum, in its order)
+        top_k = max(1, int(budget / max(float(lengths.float().mean()), 1.0)))
+    keys = _rank_keys_host(scores.detach(), rows, recency, bonus, voting, top_k, prior, prior_weight)
+    if pinned is not None:  # as in the torch path, in float32: keys + ((max |key| + num_heads + 1) * 2) * pinned
+        lift = np.abs(keys).max() + np.float32(num_heads) + np.float32(1.0)
+        keys = keys + lift * np.float32(2.0) * pinned.detach().cpu().numpy().astype(np.float32)[None, :]
+    lens = lengths.detach().cpu().numpy().astype(np.int64, copy=False)
+    return torch.from_numpy(_fill_rows(keys, lens, budget))
+
+
+def _zscore_host(x: torch.Tensor) -> np.ndarray:
+    """:func:`_zscore` of a float32 host tensor, as float32 NumPy, bit for bit: the mean and the std are torch's own
+    reductions of ``x`` itself (their summation order is torch's: SIMD lanes, threads; NumPy sums in another
+    order, which moves the last bits and with them the order of near-ties); the element-wise rest is NumPy, in the
+    same float32 operations."""
+    mean = x.mean(dim=-1, keepdim=True).numpy()
+    std = x.std(dim=-1, keepdim=True, unbiased=False).numpy()
+    return (x.numpy() - mean) / (std + np.float32(1e-6))
+
+
+def _rank_keys_host(
+    scores: torch.Tensor, rows: int, recency: torch.Tensor | None, bonus: float, voting: bool, top_k: int,
+    prior: torch.Tensor | None, prior_weight: float,
+) -> np.ndarray:
+    """:func:`_rank_keys` for contiguous float32 host ``scores``: the same ``[rows, num_spans]`` float32 keys, bit for
+    bit, as a NumPy array.
+
+    NumPy does the element-wise float32 arithmetic, in the torch path's order (IEEE operations round alike); what
+    depends on torch's internal order stays torch, called on the same tensors (same values, same layout): the
+    means over heads and spans, the std, the vote's ``topk`` (which of tied scores it takes) and ``sigmoid``
+    (whose vectorised ``exp`` is torch's own).
+    """
+    num_heads, num_spans = scores.shape
+    s = scores.numpy()
+    if not (np.isfinite(s.min()) and np.isfinite(s.max())):  # (a NaN makes both NaN)
+        # spans without vectors (-inf) rank below every scored span: the floor of _rank_keys
+        nonfinite = ~np.isfinite(s)
+        big = np.finfo(np.float32).max
+        s = s.copy()
+        np.copyto(s, big, where=nonfinite)
+        low = s.min()  # the lowest finite score, or big
+        np.copyto(s, low - np.float32(1.0) if low < big else np.float32(0.0), where=nonfinite)
+    grouped = torch.from_numpy(s).view(rows, num_heads // rows, num_spans)  # [R, G, S]
+    z = _zscore_host(grouped.mean(dim=1))  # [R, S]
+    if prior is not None and prior_weight > 0:
+        zp = _zscore_host(prior.detach().to("cpu").float())
+        z = np.float32(1.0 - prior_weight) * z + np.float32(prior_weight) * zp[None, :]
+    if recency is not None and bonus > 0:
+        z = z + np.float32(bonus) * recency.detach().cpu().numpy()[None, :]
+    if not voting:
+        return z
+    k = min(top_k, num_spans)
+    top = grouped.topk(k, dim=2).indices.reshape(rows, -1).numpy()  # [R, G * k]
+    top = top + (np.arange(rows) * num_spans)[:, None]
+    votes = np.bincount(top.ravel(), minlength=rows * num_spans).reshape(rows, num_spans).astype(np.float32)
+    return votes + torch.sigmoid(torch.from_numpy(np.ascontiguousarray(z))).numpy()
 
 
 _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
@@ -199,36 +297,55 @@ def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int) 
 
 
 def _fill_budget_host(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
-    """:func:`_fill_budget` for host tensors, in NumPy: the same spans, without sorting every span.
+    """:func:`_fill_budget` for host tensors, in NumPy (:func:`_fill_rows`)."""
+    lens = lengths.numpy().astype(np.int64, copy=False)
+    return torch.from_numpy(_fill_rows(keys.detach().double().numpy(), lens, budget))  # any float dtype
 
-    Only ranks up to ``budget // shortest + _TAIL`` can be taken (the prefix that fits holds at most
-    ``budget // shortest`` spans), so the candidates are the spans whose key reaches the ``m``-th largest
-    (``np.partition``, linear time), ordered by key then span index (the stable order of a full sort).
+
+def _fill_rows(keys: np.ndarray, lengths: np.ndarray, budget: int) -> np.ndarray:
+    """``[rows, S]`` bool: :func:`_fill_budget` on NumPy arrays, without sorting every span.
+
+    Args:
+        keys: ``[rows, S]`` float ranking keys (higher first; ties keep span order).
+        lengths: ``[S]`` int64 span lengths (>= 1).
+        budget: Token budget per row.
+
+    Only the first ``prefix + _TAIL`` ranks are read (``prefix``: the ranked spans that fit), and ``prefix`` is at
+    most ``budget // shortest``. So each row ranks only candidates: the spans whose key reaches the ``m``-th
+    largest (``np.partition``, linear time), ordered by key then span index (the stable order of a full sort).
+    ``m`` is first a guess from the mean length (twice the spans of a mean length the budget holds); when the
+    ranks needed run past the candidates, the row is ranked again with the bound ``budget // shortest``.
     """
     rows, num_spans = keys.shape
     selected = np.zeros((rows, num_spans), dtype=bool)
     if num_spans == 0 or budget <= 0:
-        return torch.from_numpy(selected)
-    k = keys.detach().double().numpy()
-    lens = lengths.numpy().astype(np.int64)
-    m = min(num_spans, budget // max(int(lens.min()), 1) + _TAIL + 1)
+        return selected
+    bound = min(num_spans, budget // max(int(lengths.min()), 1) + _TAIL + 1)
+    guess = min(bound, 2 * budget * num_spans // max(int(lengths.sum()), 1) + _TAIL + 1)
     for row in range(rows):
-        key = k[row]
-        if m < num_spans:
-            threshold = np.partition(key, num_spans - m)[num_spans - m]  # the m-th largest
-            cand = np.flatnonzero(key >= threshold)  # increasing span index: ties keep span order below
-        else:
-            cand = np.arange(num_spans)
-        order = cand[np.argsort(-key[cand], kind="stable")]
-        ranked = lens[order]
-        prefix = int(np.searchsorted(np.cumsum(ranked), budget, side="right"))  # lengths >= 1: increasing sums
+        key = keys[row]
+        for m in (guess, bound):
+            if m < num_spans:
+                threshold = np.partition(key, num_spans - m)[num_spans - m]  # the m-th largest
+                cand = np.flatnonzero(key >= threshold)  # increasing span index: ties keep span order below
+            else:
+                cand = np.arange(num_spans)
+            order = cand[np.argsort(-key[cand], kind="stable")]
+            ranked = lengths[order]
+            filled = np.cumsum(ranked)
+            prefix = int(np.searchsorted(filled, budget, side="right"))  # lengths >= 1: increasing sums
+            if order.size == num_spans or prefix + _TAIL <= order.size:  # every rank the walk reads is ranked
+                break
         selected[row, order[:prefix]] = True
-        left = budget - int(ranked[:prefix].sum())
-        for span, length in zip(order[prefix:prefix + _TAIL].tolist(), ranked[prefix:prefix + _TAIL].tolist()):
+        left = budget - (int(filled[prefix - 1]) if prefix else 0)
+        tail, tail_len = order[prefix:prefix + _TAIL], ranked[prefix:prefix + _TAIL]
+        # walk the next ranks greedily; a span longer than what is left at the start never fits later
+        for j in np.flatnonzero(tail_len <= left).tolist():
+            length = int(tail_len[j])
             if length <= left:
-                selected[row, span] = True
+                selected[row, tail[j]] = True
                 left -= length
-    return torch.from_numpy(selected)
+    return selected
 
 
 def update_recency(recency: torch.Tensor, selected: torch.Tensor, decay: float) -> torch.Tensor:
