@@ -121,7 +121,8 @@ class SqlSpanStore:
     @classmethod
     def open(cls, path_or_url: str | os.PathLike[str], fingerprint: Fingerprint | None, *,
              data_dir: str | os.PathLike[str] | None = None, read_only: bool = False) -> SqlSpanStore:
-        """Open an existing store; for writing, also repair what a crash can leave (orphan files, stale indexes).
+        """Open an existing store; for writing, also repair what a crash can leave (orphan files, stale indexes),
+        after cheap checks say the last writer did not close cleanly (:func:`integrity.closed_cleanly`).
 
         Args:
             fingerprint: What the caller's model/tokenizer/config give; ``None`` accepts the stored one.
@@ -148,7 +149,8 @@ class SqlSpanStore:
             store._attach(stored)
             if not read_only:
                 store._take_writer_lock()
-                integrity.repair(store, deep=False)
+                if not integrity.closed_cleanly(store):  # what a crash can leave: see integrity.repair
+                    integrity.repair(store, deep=False)
                 store._persisted_vectors = store._index_size()
         except BaseException:
             store.close()

@@ -294,6 +294,37 @@ def test_index_changes_not_yet_written_are_searched_and_survive_a_crash(loc: Loc
 
 
 # ------------------------------------------------------------------------------------------ verify / repair
+def test_a_writer_opening_a_cleanly_closed_store_skips_the_id_comparison(loc: Location, monkeypatch) -> None:
+    """After a clean close a writer's open runs only the cheap checks (no listing of every vector id); a store left
+    with an index that lost vectors, or an orphan K/V file, still gets the full repair at open."""
+    from ltri_rag.storage import integrity
+
+    repairs: list[int] = []
+    real = integrity.repair
+
+    def spy(*args, **kwargs):
+        repairs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integrity, "repair", spy)
+    with loc.create() as s:
+        s.add([make_doc(f"d{i}", seed=i) for i in range(4)])
+        expected = [s.search(layer, q, 50) for layer in STORED_LAYERS for q in _queries(2)]
+    with loc.open() as s:
+        assert not repairs and s.verify().clean
+        assert [s.search(layer, q, 50) for layer in STORED_LAYERS for q in _queries(2)] == expected
+    index_file = loc.files / "faiss" / "layer0.index"
+    index = faiss.read_index(str(index_file))
+    index.remove_ids(faiss.vector_to_array(index.id_map)[:3].astype(np.int64))  # vectors lost, same generation
+    faiss.write_index(index, str(index_file))
+    with loc.open() as s:
+        assert repairs == [1] and s.verify().clean
+        assert [s.search(layer, q, 50) for layer in STORED_LAYERS for q in _queries(2)] == expected
+    (loc.files / "kv" / "stray.safetensors").write_bytes(b"x")  # a K/V file no document row names
+    with loc.open() as s:
+        assert repairs == [1, 1] and s.verify().clean and not (loc.files / "kv" / "stray.safetensors").exists()
+
+
 def test_verify_and_repair(loc: Location) -> None:
     path = loc.files
     with loc.create() as s:

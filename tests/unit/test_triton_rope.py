@@ -227,10 +227,11 @@ def test_slot_lists_match_the_span_table() -> None:
             assert got.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("mode,extra", [("ltri", {}), ("infllm", {}), ("ltri", {"retrieval_scope": "per_kv_head"})])
+@pytest.mark.parametrize("mode,extra", [("infllm", {}), ("ltri", {"retrieval_scope": "per_kv_head"})])
 def test_engine_builds_its_memory_in_one_launch(mode, extra, monkeypatch) -> None:
     """With the Triton backend the engine takes the one-launch assembly (spied), and its logits, through prefill
-    and decode, for a batch of two, equal the torch backend's."""
+    and decode, for a batch of two, equal the torch backend's (``ltri`` with one selection for every head and a
+    batch of one: ``test_triton_local``'s engine test, which takes the same path)."""
     from ltri_rag import LtriConfig, LtriSession
     from tests.unit.tiny_models import random_ids, tiny_model
 
@@ -244,8 +245,8 @@ def test_engine_builds_its_memory_in_one_launch(mode, extra, monkeypatch) -> Non
     monkeypatch.setattr("ltri_rag.layer.build_memory", spy)
     model = tiny_model("llama").to(DEVICE)
     common = dict(mode=mode, num_sink_tokens=3, local_window=16, chunk_size=8, budget=24, page_size=5,
-                  evict_stride=4, span_min_len=2, span_max_len=12, **extra)
-    ids = random_ids(2, 60).to(DEVICE)
+                  evict_stride=4, span_min_len=2, span_max_len=12, block_size=4, **extra)
+    ids = random_ids(2, 44).to(DEVICE)
     sessions = [LtriSession(model, LtriConfig(**common, attention_backend=b), batch_size=2)
                 for b in ("torch", "triton")]
     logits = [sessions[0].feed(ids)]
@@ -253,6 +254,7 @@ def test_engine_builds_its_memory_in_one_launch(mode, extra, monkeypatch) -> Non
     logits.append(sessions[1].feed(ids))
     assert calls
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert sessions[1].cache.memory_tokens() == sessions[0].cache.memory_tokens() > 0  # spans were retrieved from
     for _ in range(3):
         token = logits[0].argmax(-1)
         logits = [s.step(token) for s in sessions]
