@@ -18,9 +18,11 @@ from transformers import Cache
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
-from ltri_rag.layer import GlobalLayerState, SlidingLayerState, StepPlan, evict_layers
+from ltri_rag.eviction import evict_layers
+from ltri_rag.layer import GlobalLayerState, StepPlan
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import find_inv_freq
+from ltri_rag.sliding import SlidingLayerState
 
 __all__ = ["LtriCache", "MemoryExport", "layer_sliding_windows"]
 

@@ -9,6 +9,7 @@ equals the layer-by-layer computation (``tests/unit/test_eviction.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -17,9 +18,12 @@ from ltri_rag.config import LtriConfig
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens_batch, static_counts
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.rope import rotate
+
+if TYPE_CHECKING:
+    from ltri_rag.layer import GlobalLayerState, StepPlan
 from ltri_rag.spans import Spans, segment_fixed, segment_triangle_batch
 
-__all__ = ["SegmentCut", "cut_segments"]
+__all__ = ["SegmentCut", "cut_segments", "evict_layers"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +98,39 @@ def cut_segments(config: LtriConfig, keys: torch.Tensor, band: torch.Tensor | No
     else:
         per_layer = [rotate(v, d, f) for v, d, f in zip(vectors.split(sizes), shift.split(sizes), inv_freqs)]
     return [SegmentCut(s.starts, s.ends, v, o) for s, v, o in zip(spans, per_layer, owners)]
+
+
+def evict_layers(states: list[GlobalLayerState], plan: StepPlan) -> None:
+    """Evict the oldest ``plan.num_evict`` window tokens of every layer in ``states`` at once: in retrieving modes
+    write them to the pool and cut them into spans (one batch over the layers, see :mod:`ltri_rag.eviction`), then
+    drop them from the windows. The layers share one pool and one window layout (they absorb the same tokens)."""
+    n = plan.num_evict
+    if not n or not states:
+        return
+    first = states[0]
+    if first.pool is not None:
+        with record_function("ltri.evict_segment_store"):
+            for state in states:
+                state._ensure_tables(state.win_k)
+            for seq in range(first.batch_size):
+                _store_segments(states, seq, n, plan.first_slot)
+    for state in states:
+        state._drop_oldest(n)
+
+
+def _store_segments(states: list[GlobalLayerState], seq: int, n: int, first_slot: int) -> None:
+    """Write sequence ``seq``'s ``n`` oldest window tokens of every layer to the pool at ``first_slot`` on, and add
+    their spans to the layers' tables."""
+    first = states[0]
+    keys = torch.stack([s.win_k[seq, :, :n] for s in states])  # [L, Hkv, n, D]
+    values = torch.stack([s.win_v[seq, :, :n] for s in states])
+    first.pool.write_layers([s.layer_idx for s in states], seq, first_slot, keys.transpose(1, 2),
+                            values.transpose(1, 2))
+    band = None
+    if first.cfg.segmentation == "triangle":
+        rows = min(first.win_band.shape[1], n + first.band_width - 1)
+        band = torch.stack([s.win_band[seq, :rows] for s in states])  # [L, rows, band_width]
+    mass = torch.stack([s.win_mass[seq, :, :n] for s in states])  # [L, Hkv, n]
+    cuts = cut_segments(first.cfg, keys, band, mass, first.win_start, [s.inv_freq for s in states])
+    for state, cut in zip(states, cuts):
+        state.tables[seq].append(cut.starts + first_slot, cut.ends + first_slot, cut.vectors, cut.owner)

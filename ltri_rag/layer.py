@@ -21,9 +21,7 @@ from torch.profiler import record_function
 from ltri_rag.assembly import build_memory, plan_memory, position_shifts
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
-from ltri_rag.eviction import cut_segments
 from ltri_rag.kernels.attention import (
-    attention_with_lse,
     decode_attention_backend,
     local_attention_backend,
 )
@@ -34,7 +32,7 @@ from ltri_rag.retrieval import query_summary, scored_queries, select_spans, upda
 from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
 
-__all__ = ["GlobalLayerState", "SlidingLayerState", "StepPlan", "evict_layers"]
+__all__ = ["GlobalLayerState", "StepPlan"]
 
 
 @dataclass(frozen=True)
@@ -62,41 +60,6 @@ class StepPlan:
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
-
-
-class SlidingLayerState:
-    """A sliding-window layer: keeps the last ``sliding_window - 1`` keys; exact.
-
-    Like :class:`GlobalLayerState`, :meth:`attend` changes no state: the new window is kept by :meth:`commit`.
-    """
-
-    def __init__(self, sliding_window: int) -> None:
-        self.sliding_window = sliding_window
-        self.k: torch.Tensor | None = None  # [B, Hkv, w, D]
-        self.v: torch.Tensor | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # window after the pass being run
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
-               softcap: float | None, dry: bool = False) -> torch.Tensor:
-        """``q: [B, H, C, D]``, ``k, v: [B, Hkv, C, D]`` -> ``[B, H, C, D]`` float32 (``dry``: keep no state)."""
-        keys, values = _cat(self.k, k, 2), _cat(self.v, v, 2)
-        offset = keys.shape[2] - q.shape[2]
-        out, _ = attention_with_lse(q, keys, values, scaling=scaling, causal_offset=offset,
-                                    sliding_window=self.sliding_window, softcap=softcap)
-        if not dry:
-            keep = self.sliding_window - 1
-            self._pending = (keys[:, :, -keep:], values[:, :, -keep:]) if keep else (keys[:, :, :0], values[:, :, :0])
-        return out
-
-    def commit(self, plan: StepPlan) -> None:
-        """Keep the window of the pass just attended (called once every layer has attended)."""
-        if self._pending is not None:
-            self.k, self.v = self._pending
-        self._pending = None
-
-    def discard(self) -> None:
-        """Forget the pass just attended (the forward failed)."""
-        self._pending = None
 
 
 class GlobalLayerState:
@@ -417,7 +380,7 @@ class GlobalLayerState:
 
     def commit(self, plan: StepPlan) -> None:
         """Apply the pass just attended: absorb the chunk, update persistence. The evicted tokens are cut into spans
-        afterwards, for every layer at once (:func:`evict_layers`, called by the cache).
+        afterwards, for every layer at once (:func:`ltri_rag.eviction.evict_layers`, called by the cache).
 
         Called by the cache once every layer has attended, so that a forward pass that fails part-way changes no
         layer (see :meth:`discard`).
@@ -506,39 +469,3 @@ class GlobalLayerState:
         if self.win_band is not None:
             self.win_band = self.win_band[:, n:]
         self.win_start += n
-
-
-def evict_layers(states: list[GlobalLayerState], plan: StepPlan) -> None:
-    """Evict the oldest ``plan.num_evict`` window tokens of every layer in ``states`` at once: in retrieving modes
-    write them to the pool and cut them into spans (one batch over the layers, see :mod:`ltri_rag.eviction`), then
-    drop them from the windows. The layers share one pool and one window layout (they absorb the same tokens)."""
-    n = plan.num_evict
-    if not n or not states:
-        return
-    first = states[0]
-    if first.pool is not None:
-        with record_function("ltri.evict_segment_store"):
-            for state in states:
-                state._ensure_tables(state.win_k)
-            for seq in range(first.batch_size):
-                _store_segments(states, seq, n, plan.first_slot)
-    for state in states:
-        state._drop_oldest(n)
-
-
-def _store_segments(states: list[GlobalLayerState], seq: int, n: int, first_slot: int) -> None:
-    """Write sequence ``seq``'s ``n`` oldest window tokens of every layer to the pool at ``first_slot`` on, and add
-    their spans to the layers' tables."""
-    first = states[0]
-    keys = torch.stack([s.win_k[seq, :, :n] for s in states])  # [L, Hkv, n, D]
-    values = torch.stack([s.win_v[seq, :, :n] for s in states])
-    first.pool.write_layers([s.layer_idx for s in states], seq, first_slot, keys.transpose(1, 2),
-                            values.transpose(1, 2))
-    band = None
-    if first.cfg.segmentation == "triangle":
-        rows = min(first.win_band.shape[1], n + first.band_width - 1)
-        band = torch.stack([s.win_band[seq, :rows] for s in states])  # [L, rows, band_width]
-    mass = torch.stack([s.win_mass[seq, :, :n] for s in states])  # [L, Hkv, n]
-    cuts = cut_segments(first.cfg, keys, band, mass, first.win_start, [s.inv_freq for s in states])
-    for state, cut in zip(states, cuts):
-        state.tables[seq].append(cut.starts + first_slot, cut.ends + first_slot, cut.vectors, cut.owner)

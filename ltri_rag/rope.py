@@ -50,18 +50,10 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, backend
 
 
 def _triton_rotates(backend: str, device: torch.device) -> bool:
-    """Whether :func:`rotate` takes the Triton kernel for ``backend`` on ``device``."""
-    if backend not in ("torch", "triton", "auto"):
-        raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return False
-    from ltri_rag.kernels._triton_support import triton_available
+    """Whether :func:`rotate` takes the Triton kernel for ``backend`` on ``device`` (where the attention does)."""
+    from ltri_rag.kernels.attention import local_attention, local_attention_backend
 
-    if triton_available():
-        return True
-    if backend == "triton":
-        raise ValueError("backend 'triton' needs the triton package, which did not import")
-    return False
+    return local_attention_backend(backend, device) is not local_attention
 
 
 def _rotate_triton(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

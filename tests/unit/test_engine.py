@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ltri_rag import LtriConfig, LtriSession
-from ltri_rag.layer import GlobalLayerState, SlidingLayerState
+from ltri_rag.layer import GlobalLayerState
+from ltri_rag.sliding import SlidingLayerState
 from tests.unit.tiny_models import VOCAB, exact_config, reference_logits, tiny_model
 from tests.unit.tiny_models import random_ids as _ids
 

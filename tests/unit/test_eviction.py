@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ltri_rag import LtriConfig, LtriSession
-from ltri_rag.eviction import cut_segments
+from ltri_rag.eviction import cut_segments, evict_layers
 from ltri_rag.index_vectors import dynamic_counts, select_index_tokens, select_index_tokens_batch, static_counts
-from ltri_rag.layer import GlobalLayerState, evict_layers
+from ltri_rag.layer import GlobalLayerState
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import rotate
 from ltri_rag.spans import segment_fixed, segment_triangle, segment_triangle_batch
