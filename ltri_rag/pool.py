@@ -200,17 +200,9 @@ class PagedKVPool:
                 v_rows.index_select(0, rows).view(num_kv_heads, n, head_dim))
 
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
-        """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``."""
-        table = self._table_tensors[seq]
-        if table is None:
-            table = self._table_tensors[seq] = torch.tensor(self.page_tables[seq], dtype=torch.int64)
-        slots = slots.to("cpu", torch.int64)
-        if slots.numel():
-            hi, lo = int(slots.max()), int(slots.min())
-            if hi >= self.num_slots[seq] or lo < 0:
-                bad = hi if hi >= self.num_slots[seq] else lo
-                raise IndexError(f"slot {bad} not reserved (sequence {seq} has {self.num_slots[seq]})")
-        return table[slots // self.page_size] * self.page_size + slots % self.page_size
+        """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``
+        (:meth:`token_index_host` on a tensor)."""
+        return torch.from_numpy(self.token_index_host(seq, slots.to("cpu", torch.int64).numpy()))
 
     # ---------------------------------------------------------------- host plans for one-launch gathers
     def token_index_host(self, seq: int, slots: np.ndarray) -> np.ndarray:
