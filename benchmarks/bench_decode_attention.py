@@ -19,7 +19,8 @@ layer, replayed, divided by the number of layers (what a graph-captured decode s
 failed). ``floor %`` = K+V bytes read / 4.3 TB/s / time (graph time where there is one). Errors are against the
 float32 composition on the same bf16 values.
 
-``--splits`` / ``--block-n`` add Triton rows with those settings (tuning). Prints a Markdown table and writes
+``--splits`` / ``--block-n`` add Triton rows with those settings (tuning); ``--grid KEY=V1,V2 ...`` adds one Triton
+row per combination of the listed settings (keys: ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``). Prints a Markdown table and writes
 ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with ``TRITON_INTERPRET=1`` for the Triton
 row) it runs tiny shapes: a check that the script works, not a speed result.
 """
@@ -27,6 +28,7 @@ row) it runs tiny shapes: a check that the script works, not a speed result.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -198,6 +200,20 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_GRID_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")
+
+
+def _grid(items: list[str]) -> list[dict[str, int]]:
+    """Every combination of ``KEY=V1,V2`` settings (``--grid``)."""
+    axes: list[list[tuple[str, int]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or key not in _GRID_KEYS:
+            raise SystemExit(f"--grid expects KEY=V1,V2 with KEY one of {_GRID_KEYS}, got {item!r}")
+        axes.append([(key, int(v)) for v in values.split(",") if v])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -208,13 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=None, choices=sorted(MODELS))
     parser.add_argument("--splits", type=int, nargs="*", default=[], help="extra Triton rows with num_splits=N")
     parser.add_argument("--block-n", type=int, nargs="*", default=[], help="extra Triton rows with block_n=N")
+    parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                        help="extra Triton rows: every combination of these settings")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = SMALL_MODELS if args.small else {m: MODELS[m] for m in (args.models or MODELS)}
     contexts = args.contexts or (SMALL_CONTEXTS if args.small else CONTEXTS)
-    tuning = [{"num_splits": s} for s in args.splits] + [{"block_n": b} for b in args.block_n]
+    tuning = [{"num_splits": s} for s in args.splits] + [{"block_n": b} for b in args.block_n] + _grid(args.grid)
     band = min(args.band, 8) if args.small else args.band
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "band": band}

@@ -1,11 +1,14 @@
-"""Where the host (Python) time of an ltri prefill goes: cProfile of one prefill per chunk size.
+"""Where the host (Python) time of an ltri prefill (and decode) goes: cProfile of one prefill per chunk size.
 
     python -m benchmarks.host_profile --length 16384 --chunks 2048 512 [--model llama3-8b-random] [--top 30]
+        [--decode-tokens 16] [--set decode_retrieval_stride=4 ...]
 
 For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill
 under cProfile; prints the wall time per layer and pass and the functions with the most internal and cumulative
 time. On a GPU, calls that read a result back (``.cpu()``, ``.item()``) also carry the time the host waits for the
-device. A diagnostic next to ``benchmarks.profile_engine`` (which splits device time by engine stage).
+device. With ``--decode-tokens N``, N decode steps after each prefill are timed, then N more are profiled.
+``--set KEY=VALUE`` overrides a field of the engine's configuration (an int, float, bool or string). A diagnostic
+next to ``benchmarks.profile_engine`` (which splits device time by engine stage).
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[2048, 512], help="chunk sizes to profile")
     parser.add_argument("--top", type=int, default=30, help="functions listed per table")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decode-tokens", type=int, default=0, help="decode steps timed, then profiled, per prefill")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides")
     args = parser.parse_args(argv)
+    overrides = dict(_override(item) for item in args.set)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_random_model(args.model, device, dtype, 0, 1 << 21)
     layers = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (args.length,), generator=torch.Generator().manual_seed(0))
     for chunk in args.chunks:
-        config = LtriConfig(mode="ltri", chunk_size=chunk)
+        config = LtriConfig(**{"mode": "ltri", "chunk_size": chunk, **overrides})
         LtriSession(model, config).feed(ids)  # warm-up at the same shapes
         _sync(device)
         start = time.perf_counter()
@@ -51,15 +57,62 @@ def main(argv: list[str] | None = None) -> None:
         passes = -(-args.length // chunk)
         profiler = cProfile.Profile()
         profiler.enable()
-        LtriSession(model, config).feed(ids)
+        session = LtriSession(model, config)
+        session.feed(ids)
         _sync(device)
         profiler.disable()
         print(f"==== chunk {chunk}: {seconds:.2f} s, {passes} passes, {1000 * seconds / passes / layers:.2f} ms "
               f"per layer and pass", flush=True)
-        for key in ("tottime", "cumtime"):
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(args.top)
-            print(out.getvalue(), flush=True)
+        _print_stats(profiler, args.top)
+        if args.decode_tokens > 0:
+            _profile_decode(session, args.decode_tokens, layers, device, args.top)
+
+
+def _override(item: str) -> tuple[str, object]:
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+    value: object = text
+    if text in ("true", "false", "True", "False"):
+        value = text.lower() == "true"
+    else:
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+    return key, value
+
+
+def _print_stats(profiler: cProfile.Profile, top: int) -> None:
+    for key in ("tottime", "cumtime"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
+        print(out.getvalue(), flush=True)
+
+
+def _profile_decode(session: LtriSession, tokens: int, layers: int, device: torch.device, top: int) -> None:
+    """Times ``tokens`` decode steps after the prefill, then profiles ``tokens`` more."""
+    token = torch.zeros(1, dtype=torch.int64)
+    times = []
+    for _ in range(tokens):
+        _sync(device)
+        began = time.perf_counter()
+        token = session.step(token).argmax(-1).cpu()
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    times.sort()
+    median = times[len(times) // 2]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(tokens):
+        token = session.step(token).argmax(-1).cpu()
+    _sync(device)
+    profiler.disable()
+    print(f"==== decode: {1000 * median:.1f} ms per token (median of {tokens}; min {1000 * times[0]:.1f}, max "
+          f"{1000 * times[-1]:.1f}), {1000 * median / layers:.2f} ms per layer", flush=True)
+    _print_stats(profiler, top)
 
 
 if __name__ == "__main__":

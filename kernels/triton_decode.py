@@ -371,6 +371,8 @@ def decode_attention_triton(
     q_mem: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> LocalAttention:
     """Triton version of :func:`decode_attention`; same arguments and result (see the module docstring).
 
@@ -382,6 +384,7 @@ def decode_attention_triton(
             :func:`decode_attention` (any strides; float16, bfloat16 or float32).
         num_splits: Programs sharing the keys of one KV head (None: :func:`num_splits_for`).
         block_n: Keys per tile of the split pass (power of two >= 16; None: :func:`block_sizes`).
+        num_warps, num_stages: The split pass's launch settings (None: :func:`block_sizes`; tuning).
 
     Returns:
         A :class:`~ltri_rag.kernels.attention.LocalAttention` (float32 tensors on ``q``'s device).
@@ -419,8 +422,14 @@ def decode_attention_triton(
         mem_k, mem_v = (t if t.dtype == compute else t.to(compute) for t in (mem_k, mem_v))
     dot_precision = "ieee"  # ignored for 16-bit inputs; float32 inputs take IEEE products (no TF32)
 
-    default_n, block_w, num_warps, num_stages = block_sizes(head_dim, device, compute)
+    default_n, block_w, default_warps, default_stages = block_sizes(head_dim, device, compute)
     block_n = _pow2_block(block_n, default_n, "block_n")
+    for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None and (value < 1 or (name == "num_warps" and value & (value - 1))):
+            raise ValueError(f"{name} must be {'a power of two' if name == 'num_warps' else 'an int'} >= 1, "
+                             f"got {value}")
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_stages = stages_that_fit(num_stages, block_n, block_d, compute.itemsize, device)
     group_p = max(16, triton.next_power_of_2(group))

@@ -122,6 +122,23 @@ def test_splits_agree() -> None:
         torch.testing.assert_close(got.key_mass, results[0].key_mass, rtol=1e-5, atol=1e-8)
 
 
+def test_launch_settings_change_nothing_but_speed() -> None:
+    """Explicit ``num_warps`` / ``num_stages`` (the tuning knobs of bench_decode_attention's ``--grid``) give the
+    default's result; bad values are named."""
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(1, 8, 2, 64, 50, 30, "random", seed=2)
+    args = {"scaling": 0.125, "band_width": 5, "want_key_mass": True}
+    ref = decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+    for warps, stages in ((1, 1), (2, 2), (8, 4)):
+        got = decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_warps=warps, num_stages=stages,
+                                      **args)
+        torch.testing.assert_close(got.out, ref.out, atol=2e-6, rtol=0)
+        torch.testing.assert_close(got.key_mass, ref.key_mass, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="num_warps must be a power of two >= 1, got 3"):
+        decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_warps=3, **args)
+    with pytest.raises(ValueError, match="num_stages must be an int >= 1, got 0"):
+        decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_stages=0, **args)
+
+
 def test_num_splits_from_shapes_only(monkeypatch) -> None:
     """About two programs per multiprocessor, >= 2 tiles per split, <= 256 splits, no empty split."""
     monkeypatch.setattr(triton_decode, "_multiprocessors", lambda index: 132)
