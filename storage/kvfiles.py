@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 TMP_SUFFIX = ".tmp"
 FILE_SUFFIX = ".safetensors"
@@ -54,11 +54,65 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+# safetensors' names of the dtypes a store file holds
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors prefix of a file holding ``tensors`` in the dict's order: the header's length (8 bytes,
+    little-endian) and its JSON, padded with spaces so that the data starts 8-byte aligned.
+
+    Raises:
+        TypeError: a tensor's dtype has no safetensors name here, or a metadata value is not a string.
+    """
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    if any(not isinstance(v, str) for v in metadata.values()):
+        raise TypeError(f"safetensors metadata values must be strings, got {metadata!r}")
+    offset = 0
+    for name, t in tensors.items():
+        dtype = _SAFETENSORS_DTYPES.get(t.dtype)
+        if dtype is None:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be written to a store file")
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
 def write_kv_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Serialise ``tensors`` to ``path`` atomically and return the file's sha256 (hex)."""
-    data = save({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata)
-    write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    """Write ``tensors`` (CPU) to ``path`` as a safetensors file, atomically, and return the file's sha256 (hex).
+
+    The tensors' bytes go from their own memory to the file (no serialised copy of the whole file in between) and
+    are hashed on the way: temp file, write, fsync, rename, fsync the folder, as :func:`write_atomic`.
+    """
+    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {t.device}; store files are written from host tensors")
+    prefix = safetensors_header(tensors, metadata)
+    digest = hashlib.sha256(prefix)
+    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(prefix)
+            for t in tensors.values():
+                if t.numel() == 0:
+                    continue
+                raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not a copy
+                digest.update(raw)
+                f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

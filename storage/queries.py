@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from .schema import CollectionRow, DocumentRow, SpanRow, VectorRow
@@ -94,3 +94,35 @@ def vector_locations(s: Session, layer: int, vector_ids: Sequence[int]) -> dict[
         for kv_file, vid, row in s.execute(q):
             out.setdefault(kv_file, []).append((vid, row))
     return out
+
+
+def bulk_insert(s: Session, table: Table, columns: dict[str, np.ndarray]) -> int:
+    """Insert rows given column-wise (``columns``: every column of ``table`` by name, equal-length integer arrays) in
+    one executemany; returns the number of rows.
+
+    On SQLite the rows go to the driver's ``executemany`` as plain tuples: SQLAlchemy's per-row parameter processing
+    is most of the cost of a large insert there. Elsewhere SQLAlchemy Core's ``insert`` is used (on PostgreSQL it
+    batches the rows into multi-row statements, which a plain ``executemany`` would not).
+
+    Raises:
+        ValueError: a column is missing or unknown, or the lengths differ.
+    """
+    names = [c.name for c in table.columns]
+    if sorted(columns) != sorted(names):
+        raise ValueError(f"columns {sorted(columns)} do not match table {table.name!r}'s {sorted(names)}")
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"columns of table {table.name!r} differ in length: {sorted(lengths)}")
+    count = lengths.pop() if lengths else 0
+    if count == 0:
+        return 0
+    rows = np.stack([np.asarray(columns[n], dtype=np.int64) for n in names], axis=1).tolist()
+    dialect = s.get_bind().dialect
+    if dialect.name == "sqlite":
+        quote = dialect.identifier_preparer.quote
+        sql = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+               f"VALUES ({', '.join('?' * len(names))})")
+        s.connection().exec_driver_sql(sql, [tuple(r) for r in rows])
+    else:
+        s.execute(insert(table), [dict(zip(names, r)) for r in rows])
+    return count

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, func, insert, inspect, select
+from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.orm import Session
 from typing_extensions import Self
 
@@ -45,7 +45,7 @@ from . import integrity
 from .faiss_index import LayerIndexes
 from .kvfiles import new_file_name, read_layer, sha256_file, write_kv_file
 from .prepare import PreparedDocument, check_ids, prepare_document
-from .queries import collection_id, document_rows, ensure_collection, search_rows, vector_ids_by_layer
+from .queries import bulk_insert, collection_id, document_rows, ensure_collection, search_rows, vector_ids_by_layer
 from .schema import SCHEMA_VERSION, Base, CollectionRow, DocumentRow, SpanRow, StoreMeta, VectorRow, make_engine
 
 
@@ -252,24 +252,28 @@ class SqlSpanStore:
                               num_tokens=rec.num_tokens, kv_file=name, kv_sha256=sha)
             s.add(row)
             s.flush()
-            span_rows, vector_rows = [], []
+            span_cols: list[dict[str, np.ndarray]] = []
+            vector_cols: list[dict[str, np.ndarray]] = []
             for layer in p.layers:
-                span_ids = np.arange(meta.next_span_id, meta.next_span_id + len(layer.spans))
-                meta.next_span_id += len(layer.spans)
-                for i, (ts, te, cs, ce, vs, ve) in enumerate(layer.spans.tolist()):
-                    span_rows.append({"id": int(span_ids[i]), "document_id": row.id, "layer": layer.layer, "span_idx": i,
-                                          "token_start": ts, "token_end": te, "char_start": cs, "char_end": ce,
-                                          "vector_start": vs, "vector_end": ve})
-                vec_ids = np.arange(meta.next_vector_id, meta.next_vector_id + len(layer.owner), dtype=np.int64)
-                meta.next_vector_id += len(layer.owner)
-                owners = span_ids[layer.owner.numpy()] if len(layer.owner) else np.zeros(0, np.int64)
-                vector_rows += [{"id": int(v), "span_id": int(o), "layer": layer.layer, "row": r}
-                                for r, (v, o) in enumerate(zip(vec_ids.tolist(), owners.tolist()))]
+                n = len(layer.spans)
+                span_ids = np.arange(meta.next_span_id, meta.next_span_id + n, dtype=np.int64)
+                meta.next_span_id += n
+                spans = layer.spans.reshape(n, 6)
+                span_cols.append({"id": span_ids, "document_id": np.full(n, row.id, np.int64),
+                                  "layer": np.full(n, layer.layer, np.int64), "span_idx": np.arange(n, dtype=np.int64),
+                                  "token_start": spans[:, 0], "token_end": spans[:, 1], "char_start": spans[:, 2],
+                                  "char_end": spans[:, 3], "vector_start": spans[:, 4], "vector_end": spans[:, 5]})
+                m = len(layer.owner)
+                vec_ids = np.arange(meta.next_vector_id, meta.next_vector_id + m, dtype=np.int64)
+                meta.next_vector_id += m
+                owners = span_ids[layer.owner.numpy()] if m else np.zeros(0, np.int64)
+                vector_cols.append({"id": vec_ids, "span_id": owners, "layer": np.full(m, layer.layer, np.int64),
+                                    "row": np.arange(m, dtype=np.int64)})
                 new.setdefault(layer.layer, []).append((vec_ids, layer.flat_vectors))
-            if span_rows:
-                s.execute(insert(SpanRow.__table__), span_rows)  # Core: no ORM per-row work
-            if vector_rows:
-                s.execute(insert(VectorRow.__table__), vector_rows)
+            # column-wise, one executemany per table (Core, or the driver itself on SQLite: no ORM per-row work)
+            for table, cols in ((SpanRow.__table__, span_cols), (VectorRow.__table__, vector_cols)):
+                if cols:
+                    bulk_insert(s, table, {k: np.concatenate([c[k] for c in cols]) for k in cols[0]})
         merged_old = {layer: np.concatenate(v) for layer, v in old_ids.items()}
         merged_new = {layer: (np.concatenate([i for i, _ in v]), np.concatenate([x for _, x in v]))
                       for layer, v in new.items()}
