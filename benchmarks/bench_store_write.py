@@ -6,7 +6,7 @@
 Each document carries, per layer, bf16 K/V for its tokens, spans of 8-64 tokens and 4-8 float32 index vectors per
 span (the engine's defaults; Qwen2.5-0.5B's K/V shape by default). Times ``SqlSpanStore.add`` (K/V file written
 and fsynced, SQL rows, FAISS adds) one document at a time, as an ingest does, then the final close (the FAISS files),
-and prints tokens/s, MB/s of K/V and bytes on disk per token. ``--profile`` adds the functions with the most
+and prints tokens/s, MB/s of K/V and bytes on disk per token; then times a writer's reopen of the closed store. ``--profile`` adds the functions with the most
 cumulative time. A host-side benchmark: the numbers depend on this machine's disk and CPU.
 """
 
@@ -85,11 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     if profiler:
         profiler.disable()
     total = time.perf_counter() - began
+    reopened = time.perf_counter()
+    SqlSpanStore.open(args.url or folder, fingerprint, data_dir=folder if args.url else None).close()
+    open_s = time.perf_counter() - reopened
     kv_bytes = 2 * args.tokens * args.layers * args.kv_heads * args.head_dim * 2
     disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"{args.tokens:,} tokens in {len(docs)} documents ({args.layers} layers x {args.kv_heads} KV heads x "
           f"{args.head_dim}, bf16): add {added:.2f} s, close {total - added:.2f} s -> {args.tokens / total:,.0f} "
-          f"tokens/s, {kv_bytes / total / 1e6:,.0f} MB/s of K/V; {disk / args.tokens:,.0f} bytes on disk per token")
+          f"tokens/s, {kv_bytes / total / 1e6:,.0f} MB/s of K/V; {disk / args.tokens:,.0f} bytes on disk per token; "
+          f"reopen {open_s:.2f} s")
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumtime").print_stats(25)
