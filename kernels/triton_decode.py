@@ -44,6 +44,11 @@ Design (two kernels, no atomics, deterministic, no host sync: graph-capturable):
   probabilities of keys ``W - 1 - o`` over all ``H`` heads: ``band[b, 0, o]`` is that sum over ``H`` (0 where
   ``W - 1 - o < 0``). With ``q_len = 1``, band is the head mean of the last ``band_width`` columns.
 
+Window length on the device (``win_len=``, for a decode step replayed as a CUDA graph): ``win_k`` / ``win_v`` are
+then buffers of capacity ``W`` and both kernels read the window's length from a one-element device tensor. Launch
+shapes (splits, tiles, window blocks) come from the capacity; split programs skip the tiles past the length, the key
+mass is 0 there, and the band is taken at the length. Without it the length is ``W`` (the same code path).
+
 Dtypes: float16 / bfloat16 inputs of one dtype are multiplied in that dtype on tensor cores (``p`` rounded to it for
 ``p @ v``, as flash attention does) with float32 accumulation; anything else is computed in float32 with IEEE
 products. Under the interpreter bfloat16 is computed in float32 (its ``tl.dot`` does not support bfloat16, triton
@@ -196,20 +201,23 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit(do_not_specialize=("mem_len", "win_len", "mem_tiles", "total_tiles", "tiles_per_split", "num_splits"))
+    @triton.jit(do_not_specialize=("mem_len", "win_len", "win_cap", "mem_tiles", "total_tiles", "tiles_per_split",
+                                   "num_splits"))
     def _decode_split_kernel(
-            Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores,
+            Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores, WinLen,
             stride_qb, stride_qh, stride_qd, stride_qmb, stride_qmh, stride_qmd,
             stride_mkb, stride_mkh, stride_mkn, stride_mkd,
             stride_mvb, stride_mvh, stride_mvn, stride_mvd,
             stride_mmb, stride_mmh, stride_mmn,
             stride_wkb, stride_wkh, stride_wkn, stride_wkd,
             stride_wvb, stride_wvh, stride_wvn, stride_wvd,
-            num_kv_heads, mem_len, win_len, mem_tiles, total_tiles, tiles_per_split, num_splits, qk_scale, cap2,
-            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            num_kv_heads, mem_len, win_len, win_cap, mem_tiles, total_tiles, tiles_per_split, num_splits, qk_scale,
+            cap2, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            DEVICE_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_s = tl.program_id(0)
+        if DEVICE_LEN:  # the window's length read from device memory, clamped to [1, win_cap]
+            win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
         pid_bh = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
         kvh = (pid_bh % num_kv_heads).to(tl.int64)
@@ -225,7 +233,7 @@ if triton is not None:
         acc = tl.full([GROUP_P, BLOCK_D], 0.0, dtype=tl.float32)
         l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
         m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
-        score_ptr = Scores + (b * num_heads + head) * win_len  # [G_P] rows of [B, H, W]
+        score_ptr = Scores + (b * num_heads + head) * win_cap  # [G_P] rows of [B, H, W]
 
         # memory tiles [t_lo, min(t_hi, mem_tiles)): queries q_mem
         qm = tl.load(QM + b * stride_qmb + head[:, None] * stride_qmh + d[None, :] * stride_qmd, mask=q_mask,
@@ -243,7 +251,8 @@ if triton is not None:
         q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
         wk_base = WK + b * stride_wkb + kvh * stride_wkh
         wv_base = WV + b * stride_wvb + kvh * stride_wvh
-        for t in range(tl.maximum(t_lo, mem_tiles), t_hi):
+        win_end = tl.minimum(t_hi, mem_tiles + (win_len + BLOCK_N - 1) // BLOCK_N)  # tiles past the length: none
+        for t in range(tl.maximum(t_lo, mem_tiles), win_end):
             acc, l_i, m_i = _split_tile(
                 acc, l_i, m_i, q, wk_base, wv_base, mm_base, score_ptr, (t - mem_tiles) * BLOCK_N, win_len,
                 stride_wkn, stride_wkd, stride_wvn, stride_wvd, stride_mmn, qk_scale, cap2, row_ok,
@@ -273,10 +282,12 @@ if triton is not None:
         return tl.where(total > 0.0, safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
 
     @triton.jit
-    def _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, num_splits, num_wblocks,
+    def _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
+                     num_wblocks,
                      GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, MASS: tl.constexpr):
-        """Program ``(b, kvh, wblock)``: total LSE; block 0 merges ``out`` / ``lse``; key mass of its window keys."""
+        """Program ``(b, kvh, wblock)``: total LSE; block 0 merges ``out`` / ``lse``; key mass of its window keys
+        (rows of ``win_cap``; 0 past ``win_len``)."""
         g = tl.arange(0, GROUP_P)
         row_ok = g < GROUP
         pid_bh = pid // num_wblocks
@@ -305,12 +316,12 @@ if triton is not None:
             n = wb * BLOCK_W + tl.arange(0, BLOCK_W)
             n_ok = n < win_len
             ok = row_ok[:, None] & n_ok[None, :]
-            s = tl.load(Scores + head_row[:, None] * win_len + n[None, :], mask=ok, other=float("-inf"))
+            s = tl.load(Scores + head_row[:, None] * win_cap + n[None, :], mask=ok, other=float("-inf"))
             p = tl.where(ok, tl.exp2(s - total2[:, None]), 0.0)
-            tl.store(Mass + pid_bh.to(tl.int64) * win_len + n, tl.reduce(p, 0, _sum_combine), mask=n_ok)
+            tl.store(Mass + pid_bh.to(tl.int64) * win_cap + n, tl.reduce(p, 0, _sum_combine), mask=n < win_cap)
 
     @triton.jit
-    def _finish_band(PartLse, Scores, Band, b, num_kv_heads, win_len, num_splits, band_width, inv_heads,
+    def _finish_band(PartLse, Scores, Band, b, num_kv_heads, win_len, win_cap, num_splits, band_width, inv_heads,
                      GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS_P: tl.constexpr, BAND_P: tl.constexpr):
         """Band program of sequence ``b``: head mean over every KV head's group of the probabilities of keys
         ``W - 1 - o``."""
@@ -324,24 +335,26 @@ if triton is not None:
             pid_bh = b * num_kv_heads + kvh
             total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
             head_row = pid_bh * GROUP + g  # = b * H + kvh * G + g
-            s = tl.load(Scores + head_row[:, None] * win_len + col[None, :], mask=ok, other=float("-inf"))
+            s = tl.load(Scores + head_row[:, None] * win_cap + col[None, :], mask=ok, other=float("-inf"))
             band += tl.reduce(tl.where(ok, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
         tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
 
-    @triton.jit(do_not_specialize=("win_len", "num_splits", "num_wblocks", "num_main"))
+    @triton.jit(do_not_specialize=("win_len", "win_cap", "num_splits", "num_wblocks", "num_main"))
     def _decode_finish_kernel(
-            PartO, PartLse, Scores, Out, Lse, Mass, Band,
-            num_kv_heads, win_len, num_splits, num_wblocks, num_main, band_width, inv_heads,
+            PartO, PartLse, Scores, Out, Lse, Mass, Band, WinLen,
+            num_kv_heads, win_len, win_cap, num_splits, num_wblocks, num_main, band_width, inv_heads,
             GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BAND_P: tl.constexpr,
-            MASS: tl.constexpr, BAND: tl.constexpr):
+            MASS: tl.constexpr, BAND: tl.constexpr, DEVICE_LEN: tl.constexpr):
         pid = tl.program_id(0)
+        if DEVICE_LEN:
+            win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
         if pid < num_main:
-            _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, num_splits, num_wblocks,
-                         GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W, MASS)
+            _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
+                         num_wblocks, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W, MASS)
         elif BAND:
-            _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, num_splits,
-                         band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
+            _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, win_cap,
+                         num_splits, band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
 
 
 def _pow2_block(value: int | None, default: int, name: str) -> int:
@@ -373,6 +386,7 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    win_len: torch.Tensor | None = None,
 ) -> LocalAttention:
     """Triton version of :func:`decode_attention`; same arguments and result (see the module docstring).
 
@@ -385,6 +399,11 @@ def decode_attention_triton(
         num_splits: Programs sharing the keys of one KV head (None: :func:`num_splits_for`).
         block_n: Keys per tile of the split pass (power of two >= 16; None: :func:`block_sizes`).
         num_warps, num_stages: The split pass's launch settings (None: :func:`block_sizes`; tuning).
+        win_len: A one-element integer tensor on ``q``'s device, or None. Given, ``win_k`` / ``win_v`` are buffers of
+            capacity ``W`` of which only the first ``win_len`` keys are the window (the new token last); the kernels
+            read the length from device memory (clamped to ``[1, W]``), so one launch (one captured graph) serves
+            every length. ``key_mass`` keeps ``W`` columns, 0 past the length; ``band`` is taken at the length.
+            The result equals the call on ``win_k[:, :, :win_len]``.
 
     Returns:
         A :class:`~ltri_rag.kernels.attention.LocalAttention` (float32 tensors on ``q``'s device).
@@ -397,13 +416,18 @@ def decode_attention_triton(
         raise RuntimeError("triton is not installed: use ltri_rag.kernels.attention.decode_attention instead")
     group, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
     batch, num_heads, _, head_dim = q.shape
-    num_kv_heads, win_len = win_k.shape[1], win_k.shape[2]
+    num_kv_heads, win_cap = win_k.shape[1], win_k.shape[2]  # the window's length, or its capacity with win_len
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the triton kernels")
     device = q.device
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set "
                          "before ltri_rag.kernels.triton_decode is imported")
+    if win_len is not None and (not isinstance(win_len, torch.Tensor) or win_len.numel() != 1
+                                or win_len.device != device or win_len.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"win_len must be a one-element int32 / int64 tensor on {device}, got "
+                         f"{getattr(win_len, 'shape', None)} {getattr(win_len, 'dtype', type(win_len).__name__)} on "
+                         f"{getattr(win_len, 'device', None)}")
     if batch == 0 or num_heads == 0 or head_dim == 0:  # nothing to launch: the reference handles the empty shapes
         return decode_attention(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=scaling, band_width=band_width,
                                 want_key_mass=want_key_mass, softcap=softcap, q_mem=q_mem)
@@ -435,7 +459,7 @@ def decode_attention_triton(
     group_p = max(16, triton.next_power_of_2(group))
     mem_len = mem_k.shape[2] if has_memory else 0
     mem_tiles = triton.cdiv(mem_len, block_n)
-    total_tiles = mem_tiles + triton.cdiv(win_len, block_n)
+    total_tiles = mem_tiles + triton.cdiv(win_cap, block_n)
     programs = batch * num_kv_heads
     splits = num_splits_for(total_tiles, programs, device, num_splits)
     tiles_per_split = triton.cdiv(total_tiles, splits)
@@ -449,35 +473,38 @@ def decode_attention_triton(
     f32 = {"dtype": torch.float32, "device": device}
     part_o = torch.empty(programs, splits, group, head_dim, **f32)
     part_lse = torch.empty(programs, splits, group, **f32)
-    scores = torch.empty(batch, num_heads, win_len, **f32) if store_scores else part_lse
+    scores = torch.empty(batch, num_heads, win_cap, **f32) if store_scores else part_lse
     out = torch.empty(batch, num_heads, 1, head_dim, **f32)
     lse = torch.empty(batch, num_heads, 1, **f32)
-    key_mass = torch.empty(batch, num_kv_heads, win_len, **f32) if want_key_mass else None
+    key_mass = torch.empty(batch, num_kv_heads, win_cap, **f32) if want_key_mass else None
     band = torch.empty(batch, 1, band_width, **f32) if band_width > 0 else None
 
     mk, mv = (mem_k, mem_v) if has_memory else (win_k, win_v)  # dummies when there is no memory (no tile read)
     mask = mem_mask.view(torch.uint8) if mem_mask is not None else lse
     mask_strides = mem_mask.stride() if mem_mask is not None else (0, 0, 0)
+    device_len = win_len is not None
+    len_ptr = win_len if device_len else lse  # a dummy pointer without a device length (never read)
     _decode_split_kernel[(splits, programs)](
-        q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores,
+        q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores, len_ptr,
         q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
         *mk.stride(), *mv.stride(), *mask_strides, *win_k.stride(), *win_v.stride(),
-        num_kv_heads, mem_len, win_len, mem_tiles, total_tiles, tiles_per_split, splits, qk_scale, cap2,
+        num_kv_heads, mem_len, win_cap, win_cap, mem_tiles, total_tiles, tiles_per_split, splits, qk_scale, cap2,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         SOFTCAP=softcap is not None, HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores,
-        DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages)
+        DEVICE_LEN=device_len, DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages)
 
     finish_group_p = _next_pow2(group)
     splits_p = _next_pow2(splits)
     chunk = max(1, min(splits_p, 4096 // (finish_group_p * block_d)))  # [G, chunk, D] tile: powers of two
-    num_wblocks = triton.cdiv(win_len, block_w) if want_key_mass else 1
+    num_wblocks = triton.cdiv(win_cap, block_w) if want_key_mass else 1
     num_main = programs * num_wblocks
     grid = (num_main + (batch if band is not None else 0),)
     _decode_finish_kernel[grid](
         part_o, part_lse, scores, out, lse, key_mass if key_mass is not None else lse,
-        band if band is not None else lse,
-        num_kv_heads, win_len, splits, num_wblocks, num_main, band_width, 1.0 / num_heads,
+        band if band is not None else lse, len_ptr,
+        num_kv_heads, win_cap, win_cap, splits, num_wblocks, num_main, band_width, 1.0 / num_heads,
         GROUP=group, GROUP_P=finish_group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P=splits_p,
         SPLIT_CHUNK=chunk, BLOCK_W=block_w,
-        BAND_P=max(2, _next_pow2(band_width)), MASS=want_key_mass, BAND=band is not None, num_warps=4)
+        BAND_P=max(2, _next_pow2(band_width)), MASS=want_key_mass, BAND=band is not None, DEVICE_LEN=device_len,
+        num_warps=4)
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)

@@ -139,6 +139,42 @@ def test_launch_settings_change_nothing_but_speed() -> None:
         decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_stages=0, **args)
 
 
+@pytest.mark.parametrize("length", [1, 5, 16, 17, 40])
+def test_window_length_read_from_device_memory(length: int) -> None:
+    """With ``win_len`` (a device tensor) the window is the first ``length`` keys of a 40-key buffer: the result
+    equals the call on that slice (key mass 0 past it), whatever garbage the rest of the buffer holds; the split
+    count and tiling come from the capacity (tiles past the length are skipped)."""
+    q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(2, 8, 2, 32, 37, 40, "random", seed=3)
+    args = {"scaling": 0.17, "band_width": 6, "want_key_mass": True}
+    ref = decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k[:, :, :length], win_v[:, :, :length],
+                                  block_n=16, **args)
+    junk_k, junk_v = win_k.clone(), win_v.clone()
+    junk_k[:, :, length:] = 1e4  # what lies past the length must not count
+    junk_v[:, :, length:] = float("nan")
+    for dtype in (torch.int32, torch.int64):
+        got = decode_attention_triton(q, mem_k, mem_v, mem_mask, junk_k, junk_v, block_n=16,
+                                      win_len=torch.tensor([length], dtype=dtype, device=q.device), **args)
+        torch.testing.assert_close(got.out, ref.out, atol=2e-6, rtol=0)
+        torch.testing.assert_close(got.lse, ref.lse, atol=2e-6, rtol=0)
+        torch.testing.assert_close(got.band, ref.band, atol=1e-6, rtol=1e-5)
+        assert got.key_mass.shape == (2, 2, 40)
+        torch.testing.assert_close(got.key_mass[:, :, :length], ref.key_mass, rtol=1e-5, atol=1e-8)
+        assert not got.key_mass[:, :, length:].any()
+
+
+def test_window_length_without_memory_and_bad_lengths() -> None:
+    q, _, _, _, win_k, win_v = _inputs(1, 4, 4, 16, None, 20, None, seed=4)
+    args = {"scaling": 0.25, "band_width": 3, "want_key_mass": True}
+    ref = decode_attention_triton(q, None, None, None, win_k[:, :, :9], win_v[:, :, :9], **args)
+    got = decode_attention_triton(q, None, None, None, win_k, win_v, win_len=torch.tensor([9], device=q.device),
+                                  **args)
+    torch.testing.assert_close(got.out, ref.out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(got.key_mass[:, :, :9], ref.key_mass, rtol=1e-5, atol=1e-8)
+    for bad in (torch.tensor([1, 2]), torch.tensor([2.0]), 3):
+        with pytest.raises(ValueError, match="win_len must be a one-element int32 / int64 tensor"):
+            decode_attention_triton(q, None, None, None, win_k, win_v, win_len=bad, **args)
+
+
 def test_num_splits_from_shapes_only(monkeypatch) -> None:
     """About two programs per multiprocessor, >= 2 tiles per split, <= 256 splits, no empty split."""
     monkeypatch.setattr(triton_decode, "_multiprocessors", lambda index: 132)
