@@ -31,6 +31,7 @@ from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, scored_queries, select_spans, update_recency
 from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
+from ltri_rag.window import WindowBuffer
 
 __all__ = ["GlobalLayerState", "StepPlan"]
 
@@ -84,6 +85,8 @@ class GlobalLayerState:
         self.consensus = consensus
         self.sink_k: torch.Tensor | None = None  # [B, Hkv, s, D]
         self.sink_v: torch.Tensor | None = None
+        # the window's tensors are views of buffers that grow in place (ltri_rag.window): same address between passes
+        self._win_buffers = (WindowBuffer(2), WindowBuffer(2), WindowBuffer(2), WindowBuffer(1))
         self.win_k: torch.Tensor | None = None  # [B, Hkv, w, D]
         self.win_v: torch.Tensor | None = None
         self.win_start = 0  # position of the window's first token
@@ -360,7 +363,8 @@ class GlobalLayerState:
         if fused is not None:  # one decoded token: memory, window and merge in the fused split-K kernel
             with record_function("ltri.attend_decode"):
                 q_mem, mem_k, mem_v, mask = memory if memory is not None else (None,) * 4
-                local = fused(q, mem_k, mem_v, mask, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+                win_k, win_v = self._staged_window(k, v)
+                local = fused(q, mem_k, mem_v, mask, win_k, win_v, scaling=scaling,
                               band_width=self.band_width, want_key_mass=self.cfg.retrieves, softcap=softcap,
                               q_mem=q_mem)
             if not plan.dry:
@@ -370,7 +374,8 @@ class GlobalLayerState:
         with record_function("ltri.attend_local"):
             win_len = 0 if self.win_k is None else self.win_k.shape[2]
             local_fn = local_attention_backend(self.cfg.attention_backend, q.device)
-            local = local_fn(q, _cat(self.win_k, k, 2), _cat(self.win_v, v, 2), scaling=scaling,
+            win_k, win_v = self._staged_window(k, v)
+            local = local_fn(q, win_k, win_v, scaling=scaling,
                              causal_offset=win_len, band_width=self.band_width, want_key_mass=self.cfg.retrieves,
                              softcap=softcap, memory=memory)
             out = local.out
@@ -407,23 +412,33 @@ class GlobalLayerState:
         self._pending_prompt_selection = {}
         self._pending_decode_memory = None
 
+    def _staged_window(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[window | chunk]`` keys and values for attention: the chunk written after the window in its buffers,
+        not yet part of it (:meth:`_absorb` takes it in)."""
+        wk, wv = self._win_buffers[:2]
+        win_k, win_v = wk.stage(k), wv.stage(v)
+        if self.win_k is not None:  # the same entries (a grown buffer holds them at a new address)
+            self.win_k, self.win_v = wk.view, wv.view
+        return win_k, win_v
+
     def _absorb(self, k: torch.Tensor, v: torch.Tensor, key_mass: torch.Tensor | None, band: torch.Tensor | None,
                 plan: StepPlan) -> None:
         """Move the chunk into sinks / window and accumulate the window statistics."""
-        win_len = 0 if self.win_k is None else self.win_k.shape[2]
-        if key_mass is not None and self.win_mass is not None:
-            self.win_mass = self.win_mass + key_mass[:, :, :win_len]
+        wk, wv, wmass, wband = self._win_buffers
+        win_len = wk.length
+        if key_mass is not None and self.win_mass is not None and win_len:
+            self.win_mass.add_(key_mass[:, :, :win_len])  # in place, in the buffer
         n_s = plan.num_to_sinks
         if n_s:
             self.sink_k = _cat(self.sink_k, k[:, :, :n_s], 2)
             self.sink_v = _cat(self.sink_v, v[:, :, :n_s], 2)
-        self.win_k = _cat(self.win_k, k[:, :, n_s:], 2)
-        self.win_v = _cat(self.win_v, v[:, :, n_s:], 2)
-        self.win_start = plan.pos0 + plan.q_len - self.win_k.shape[2]  # the window holds the latest tokens
+        self.win_k = wk.append(k[:, :, n_s:])
+        self.win_v = wv.append(v[:, :, n_s:])
+        self.win_start = plan.pos0 + plan.q_len - wk.length  # the window holds the latest tokens
         if key_mass is not None:
-            self.win_mass = _cat(self.win_mass, key_mass[:, :, win_len + n_s:], 2)
+            self.win_mass = wmass.append(key_mass[:, :, win_len + n_s:])
         if band is not None:
-            self.win_band = _cat(self.win_band, band[:, n_s:], 1)
+            self.win_band = wband.append(band[:, n_s:])
 
     def _ensure_tables(self, keys: torch.Tensor) -> None:
         """Create the per-sequence span tables on first use (``keys``: ``[..., num_kv_heads, tokens, head_dim]``
@@ -463,9 +478,10 @@ class GlobalLayerState:
 
     def _drop_oldest(self, n: int) -> None:
         """Drop the ``n`` oldest window tokens (stored already, or discarded by a mode without a span memory)."""
-        self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
+        wk, wv, wmass, wband = self._win_buffers
+        self.win_k, self.win_v = wk.drop_front(n), wv.drop_front(n)
         if self.win_mass is not None:
-            self.win_mass = self.win_mass[:, :, n:]
+            self.win_mass = wmass.drop_front(n)
         if self.win_band is not None:
-            self.win_band = self.win_band[:, n:]
+            self.win_band = wband.drop_front(n)
         self.win_start += n
