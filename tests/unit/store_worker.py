@@ -4,7 +4,8 @@ Run as a script (``python tests/unit/store_worker.py MODE ...``) it loads only t
 ``ltri_rag.storage``), not the model stack ``import ltri_rag`` pulls in (seconds of transformers import per process):
 
 - ``zygote STORE``: imports everything once, then for each stdin line ``RUN_ID START`` forks a writer child that
-  opens the store and adds / replaces / deletes documents in a loop until killed; prints ``pid <pid>`` per child.
+  opens the store and adds / replaces / deletes documents in a loop until killed; prints ``pid <pid>`` per child,
+  and the child ``writing <pid>`` once it has opened the store.
   Forking from a warm process makes 20+ SIGKILLs take seconds instead of minutes.
 - ``reader STORE SECONDS``: opens read-only and searches in a loop; each hit's document must load completely.
 """
@@ -80,6 +81,7 @@ def writer_loop(path: str, run_id: int, start: int, data_dir: str | None = None)
     """Add documents forever; every 3rd step also replaces an earlier one, every 5th deletes one."""
     store_types, storage = load_store_modules()
     store = storage.SqlSpanStore.open(path, storage.Fingerprint(fingerprint_items()), data_dir=data_dir)
+    print(f"writing {os.getpid()}", flush=True)  # opened (and repaired): the writes start now
     i = start
     while True:
         store.add(make_doc(f"r{run_id}-d{i}", seed=i, records=store_types))
@@ -100,6 +102,8 @@ def zygote(path: str, data_dir: str | None = None) -> None:
         if pid == 0:
             try:
                 writer_loop(path, run_id, start, data_dir)
+            except Exception as exc:  # noqa: BLE001  a writer that cannot run says so (the test must not wait)
+                print(f"failed {os.getpid()} {exc!r}", flush=True)
             finally:
                 os._exit(1)
         print(f"pid {pid}", flush=True)

@@ -436,18 +436,36 @@ def _check_all_complete(s: SqlSpanStore) -> int:
     return len(docs)
 
 
+def _worker_line(zygote: subprocess.Popen, kind: str, writing: set[int]) -> int:
+    """Read the zygote's output up to the next ``kind`` line (``pid`` / ``writing``); returns its pid. ``writing``
+    lines met on the way (children print them, in any order with the zygote's ``pid`` lines) are noted."""
+    while True:
+        parts = zygote.stdout.readline().split()
+        assert parts and parts[0] != "failed", f"store worker: {' '.join(parts) or 'ended'}"
+        if parts[0] == "writing":
+            writing.add(int(parts[1]))
+        if parts[0] == kind:
+            return int(parts[1])
+
+
 def test_sigkill_during_writes_leaves_whole_documents(loc: Location) -> None:
     loc.create().close()
     zygote = subprocess.Popen([sys.executable, str(WORKER), "zygote", *loc.worker_args()], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""})
     rng = random.Random(1234)
     kills, counts = 0, []
+    writing: set[int] = set()  # children that have opened the store
     try:
         assert zygote.stdout.readline().strip() == "zygote-ready"
         for run in range(24):
             zygote.stdin.write(f"{run} {run * 1000}\n")
             zygote.stdin.flush()
-            pid = int(zygote.stdout.readline().split()[1])
+            pid = _worker_line(zygote, "pid", writing)
+            if run % 2 == 0:
+                # every other kill lands among the writes whatever the machine's load: wait until the child has
+                # opened (and repaired) the store; the odd ones may also land in the open / repair itself
+                while pid not in writing:
+                    _worker_line(zygote, "writing", writing)
             time.sleep(rng.uniform(0.05, 0.6))
             os.kill(pid, signal.SIGKILL)
             kills += 1
