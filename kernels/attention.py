@@ -372,6 +372,7 @@ def decode_attention(
     want_key_mass: bool = False,
     softcap: float | None = None,
     q_mem: torch.Tensor | None = None,
+    win_len: torch.Tensor | None = None,
 ) -> LocalAttention:
     """Reference (plain torch): one decode step over ``[memory | window]``, the engine's composition today.
 
@@ -387,11 +388,29 @@ def decode_attention(
         want_key_mass: Whether to return ``key_mass`` (``[batch, num_kv_heads, W]``).
         softcap: Optional score soft-capping.
         q_mem: Queries for the memory keys (a position scheme may rotate them differently); None = ``q``.
+        win_len: A one-element integer tensor, or None: ``win_k`` / ``win_v`` are then buffers of capacity ``W`` whose
+            first ``win_len`` keys (clamped to ``[1, W]``) are the window, as for the Triton kernel. Here the length
+            is read on the host (one synchronisation): the result is the call on ``win_k[:, :, :win_len]``, with
+            ``key_mass`` padded to ``W`` columns with zeros.
 
     Returns:
         A :class:`~ltri_rag.kernels.attention.LocalAttention`: ``out`` / ``lse`` over both parts, ``key_mass`` /
         ``band`` of the window keys normalised by the total LSE.
     """
+    if win_len is not None:
+        if not isinstance(win_len, torch.Tensor) or win_len.numel() != 1 or win_len.dtype not in (torch.int32,
+                                                                                                   torch.int64):
+            raise ValueError(f"win_len must be a one-element int32 / int64 tensor, got "
+                             f"{getattr(win_len, 'shape', None)} {getattr(win_len, 'dtype', type(win_len).__name__)}")
+        capacity = win_k.shape[2]
+        length = min(max(int(win_len.reshape(())), 1), capacity)
+        part = decode_attention(q, mem_k, mem_v, mem_mask, win_k[:, :, :length], win_v[:, :, :length],
+                                scaling=scaling, band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
+                                q_mem=q_mem)
+        if part.key_mass is None or length == capacity:
+            return part
+        key_mass = torch.nn.functional.pad(part.key_mass, (0, capacity - length))
+        return LocalAttention(out=part.out, lse=part.lse, key_mass=key_mass, band=part.band)
     _, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
     lse_m = out_m = None
     if has_memory:

@@ -134,6 +134,9 @@ class LtriCache(Cache):
         self.num_sinks = 0
         self.window_len = 0
         self.plan: StepPlan | None = None
+        # graph-form decode steps (ltri_rag.decode_graph): one-element int64 device tensors, the window length
+        # before the step (where each layer writes the new token) and after it
+        self.graph_window: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --------------------------------------------------------------------------------------- transformers API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -152,11 +155,12 @@ class LtriCache(Cache):
         return length, 0
 
     # ------------------------------------------------------------------------------------------- stepping
-    def begin_step(self, num_tokens: int, dry: bool = False, decode: bool = False) -> StepPlan:
+    def begin_step(self, num_tokens: int, dry: bool = False, decode: bool = False, graph: bool = False) -> StepPlan:
         """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer).
 
         A ``dry`` pass (look-ahead) attends and gathers cross-layer evidence but changes no state; ``decode``
-        marks a generated token (as opposed to prompt text).
+        marks a generated token (as opposed to prompt text); ``graph`` a decode step in the form a CUDA graph
+        replays (:mod:`ltri_rag.decode_graph`; it needs :attr:`graph_window` set).
         """
         if self.plan is not None:
             raise RuntimeError("begin_step called twice without end_step")
@@ -171,9 +175,12 @@ class LtriCache(Cache):
         evict = 0
         if over >= cfg.evict_stride or (over > 0 and num_tokens > 1):
             evict = over if cfg.segmentation == "triangle" else (over // cfg.block_size) * cfg.block_size
+        if graph and (not decode or num_tokens != 1 or to_sinks):
+            raise ValueError(f"a graph-form step decodes one token once the sinks are full, got {num_tokens} "
+                             f"token(s), decode={decode}, {to_sinks} going to the sinks")
         first_slot = self._reserve_stream(evict, to_sinks)
         self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=to_sinks, num_evict=evict,
-                             first_slot=first_slot, decode=decode)
+                             first_slot=first_slot, decode=decode, graph=graph)
         return self.plan
 
     def _reserve_stream(self, num_evict: int, to_sinks: int = 0) -> int:
@@ -314,7 +321,8 @@ class LtriCache(Cache):
         if isinstance(state, SlidingLayerState):
             out = state.attend(query, key, value, scaling=scaling, softcap=softcap, dry=self.plan.dry)
         else:
-            out = state.attend(query, key, value, self.plan, scaling=scaling, softcap=softcap)
+            out = state.attend(query, key, value, self.plan, scaling=scaling, softcap=softcap,
+                               graph_window=self.graph_window if self.plan.graph else None)
         return out.transpose(1, 2).to(query.dtype).contiguous()
 
     # ------------------------------------------------------------------------------------------- reporting

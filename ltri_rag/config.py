@@ -131,6 +131,10 @@ class LtriConfig:
             long context): ``torch`` (the plain-torch paths, everywhere), ``triton`` (CUDA tensors, or CPU under
             ``TRITON_INTERPRET=1``) or ``auto`` (the default: Triton on CUDA when triton imports, torch elsewhere;
             every compiled-kernel test passed on an H200, and the Triton local attention is 4-5x the torch path).
+        decode_graph: With ``decode_retrieval_stride`` > 1 on CUDA with the Triton backend, run the decode steps that
+            reuse the memory part (all but one in ``stride``) as a captured CUDA graph: one replay instead of the
+            host launching every layer's kernels (:mod:`ltri_rag.decode_graph`; the same results as the eager step).
+            Not with the ``fixed`` position scheme or sliding-window layers, which stay eager. True by default.
     """
 
     mode: Mode = "ltri"
@@ -169,6 +173,7 @@ class LtriConfig:
     selection_on_device: bool = False
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
+    decode_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -200,7 +205,7 @@ class LtriConfig:
                 raise TypeError(f"kv_device_gib must be a finite number or None, got {value!r}")
             if value < 0:
                 raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
-        for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget",
+        for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget", "decode_graph",
                      "selection_on_device"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
+from ltri_rag.decode_graph import DecodeGraph, graph_unsupported, warn_disabled
 from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
 from ltri_rag.kernels.transfer import to_device
 
@@ -28,6 +29,12 @@ class LtriSession:
         config: Engine configuration.
         batch_size: Sequences fed together (all of equal length).
         progress: Show a progress bar while prefilling many chunks.
+
+    Attributes:
+        decode_graph: Runs the decode steps that reuse their memory part as a CUDA graph
+            (:mod:`ltri_rag.decode_graph`; ``config.decode_graph``), or None where they cannot (see
+            :func:`~ltri_rag.decode_graph.graph_unsupported`). If capturing fails, decoding goes on eagerly, with a
+            warning.
 
     Example:
         >>> session = LtriSession(model, LtriConfig(mode="ltri"))
@@ -49,6 +56,14 @@ class LtriSession:
         else:
             self.cache = LtriCache(model, config, batch_size=batch_size, device=self.device)
         self.num_tokens = 0
+        self.decode_graph: DecodeGraph | None = None
+        if isinstance(self.cache, LtriCache) and graph_unsupported(self.cache, self.device) is None:
+            self.decode_graph = DecodeGraph(model, self.cache, self._cache_kw)
+
+    @property
+    def cache_kwarg(self) -> str:
+        """The model's keyword argument for its cache (``cache`` or ``past_key_values``)."""
+        return self._cache_kw
 
     def _forward(self, input_ids: torch.Tensor, keep_all: bool, dry: bool = False, decode: bool = False
                  ) -> torch.Tensor:
@@ -139,6 +154,18 @@ class LtriSession:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per sequence: ``token_ids: [batch]`` -> next-token logits ``[batch, vocab]``."""
         token_ids = self._check_ids(token_ids.reshape(-1, 1))
+        graph = self.decode_graph
+        if graph is not None and graph.ready():
+            try:
+                logits = graph.step(token_ids, self.num_tokens)
+            except Exception as exc:  # the step left no trace: run it eagerly, and the next ones too
+                if not graph.capture:
+                    raise
+                warn_disabled(exc)
+                self.decode_graph = None
+            else:
+                self.num_tokens += 1
+                return logits
         return self._forward(token_ids, keep_all=False, decode=True)[:, -1]
 
     def usage(self) -> dict[str, int]:

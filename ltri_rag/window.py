@@ -52,6 +52,29 @@ class WindowBuffer:
             storage.narrow(self.dim, 0, self.length).copy_(self.view)
         self.storage = storage
 
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` entries (after the first append; a no-op when there is room already). A captured
+        decode step needs the room for a whole eviction cycle before it is captured: the allocation must not move
+        while the graph replays."""
+        if self.storage is None:
+            raise ValueError("reserve before the first append: the entries' shape is not known yet")
+        if not isinstance(total, int) or total < 0:
+            raise ValueError(f"total must be an int >= 0, got {total!r}")
+        self._reserve(self.storage, total)
+
+    def stage_at(self, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Write ``new`` (one entry along ``dim``) at entry ``index`` (a one-element int64 tensor on ``storage``'s
+        device, normally holding ``length``: where :meth:`stage` would write) and return the whole allocation. The
+        write position comes from device memory, so a captured CUDA graph can replay it at any length; the caller
+        passes the length to whatever reads the allocation (a kernel's ``win_len``)."""
+        if self.storage is None:
+            raise ValueError("stage_at before the first append: there is no allocation yet")
+        if new.shape[self.dim] != 1 or index.numel() != 1:
+            raise ValueError(f"stage_at writes one entry at one index, got {new.shape[self.dim]} entries at "
+                             f"{index.numel()} indices")
+        self.storage.index_copy_(self.dim, index.reshape(1), new)
+        return self.storage
+
     def stage(self, new: torch.Tensor) -> torch.Tensor:
         """Write ``new`` right after the current entries, without counting it yet; returns the view of the current
         entries followed by ``new`` (what attention reads). :meth:`advance` counts it in; a later :meth:`stage`

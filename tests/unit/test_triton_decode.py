@@ -318,3 +318,27 @@ def test_engine_decode_steps_through_the_fused_kernel(mode, monkeypatch) -> None
         logits = [s.step(token) for s in sessions]
         torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert len(calls) == 3 * model.config.num_hidden_layers and max(calls) > 0
+
+
+def test_engine_graph_form_decode_through_the_fused_kernel() -> None:
+    """Graph-form decode steps (``ltri_rag.decode_graph``: the window a buffer of fixed capacity with its length on
+    the device, the memory part in fixed-width buffers) through the fused kernel give the eager Triton session's
+    logits; on CUDA the steps are captured and replayed as a CUDA graph, here (interpreter) they run eagerly."""
+    from ltri_rag import LtriConfig, LtriSession
+    from ltri_rag.decode_graph import DecodeGraph
+    from tests.unit.tiny_models import random_ids, tiny_model
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).to(DEVICE)
+    cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                     evict_stride=6, span_max_len=8, decode_retrieval_stride=4, attention_backend="triton")
+    eager = LtriSession(model, cfg.replace(decode_graph=False))
+    graphed = LtriSession(model, cfg)
+    if graphed.decode_graph is None:  # no CUDA: graph form without capture
+        graphed.decode_graph = DecodeGraph(model, graphed.cache, graphed.cache_kwarg, capture=False)
+    ids = random_ids(1, 30, seed=12).to(DEVICE)
+    logits = [s.feed(ids) for s in (eager, graphed)]
+    for _ in range(10):
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert graphed.decode_graph.steps >= 5

@@ -1,0 +1,200 @@
+"""Decode steps replayed as a CUDA graph.
+
+With ``decode_retrieval_stride`` > 1 most decode steps retrieve nothing: every global layer reuses the memory part
+placed by the last retrieving step (:meth:`GlobalLayerState.reuses_memory`). Such a step is pure device work, yet
+run eagerly the host launches every kernel of every layer (hundreds of launches, tens of milliseconds on an 8B
+model, against a few milliseconds of device time). :class:`DecodeGraph` runs these steps in *graph form*
+(``StepPlan.graph``), where nothing the device reads moves or depends on a host value:
+
+* the token id and its position are copied into fixed input tensors;
+* each layer's reused memory part is copied (once per retrieval) into buffers of fixed width
+  (:meth:`GlobalLayerState.load_graph_memory`; mask False past the part);
+* the new token's K / V are written into the window's allocation at a device index, and the decode kernel reads the
+  window length from device memory (``win_len=``); the allocations hold a whole eviction cycle
+  (:meth:`GlobalLayerState.reserve_window`), so they do not move between evictions;
+* the Python side of a step (the staged changes each layer leaves for :meth:`LtriCache.end_step`) is the same for
+  every replay and is restored after it; the step's commit (window statistics, evictions) stays eager.
+
+The first graph-form step runs eagerly on a side stream (Triton compiles, libraries initialise), the next one is
+captured with ``torch.cuda.graph`` and replayed, and later ones replay. A graph is captured again when an address it
+holds changes (a window allocation or a memory buffer grew). Without CUDA (``capture=False``) graph-form steps run
+eagerly: that is how the CPU tests check that the graph form computes what the eager reuse step computes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ltri_rag.cache import LtriCache
+from ltri_rag.hook import ltri_attention_enabled
+from ltri_rag.kernels.attention import local_attention_backend
+from ltri_rag.kernels.attention import local_attention as torch_local_attention
+from ltri_rag.layer import GlobalLayerState, StepPlan
+
+__all__ = ["DecodeGraph", "graph_unsupported"]
+
+_MEMORY_ROUND = 256  # memory buffers are at least sinks + budget keys wide, rounded up to this
+
+
+def graph_unsupported(cache: LtriCache, device: torch.device, capture: bool = True) -> str | None:
+    """Why the decode steps of ``cache`` cannot run in graph form (None when they can).
+
+    Args:
+        cache: The session's cache.
+        device: The model's device.
+        capture: Whether the steps are to be captured (CUDA and the Triton backend needed) or run eagerly in graph
+            form (any device and backend; for tests).
+    """
+    cfg = cache.config
+    if not cfg.decode_graph:
+        return "decode_graph is False"
+    if cfg.decode_retrieval_stride < 2:
+        return "decode_retrieval_stride is 1: every decode step retrieves"
+    if cfg.position_scheme == "fixed":
+        return "the 'fixed' position scheme rotates the memory queries by the step's position"
+    if len(cache.global_states) != len(cache.states):
+        return "the model has sliding-window layers"
+    if capture:
+        if device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, not {device}"
+        if local_attention_backend(cfg.attention_backend, device) is torch_local_attention:
+            return f"attention_backend {cfg.attention_backend!r} does not run the Triton kernels on {device}"
+    return None
+
+
+class DecodeGraph:
+    """Runs one session's reuse decode steps in graph form, captured as a CUDA graph (or eagerly).
+
+    Args:
+        model: The Hugging Face causal LM.
+        cache: The session's :class:`LtriCache` (batch ``B``).
+        cache_kw: The model's keyword argument for its cache (``cache`` or ``past_key_values``).
+        capture: Capture and replay (True: needs :func:`graph_unsupported` to return None), or run graph-form steps
+            eagerly (False).
+    """
+
+    def __init__(self, model: nn.Module, cache: LtriCache, cache_kw: str, capture: bool = True) -> None:
+        device = cache.device
+        reason = graph_unsupported(cache, device, capture)
+        if reason is not None:
+            raise ValueError(f"decode steps cannot run in graph form: {reason}")
+        self.model = model
+        self.cache = cache
+        self.cache_kw = cache_kw
+        self.capture = capture
+        batch = cache.num_sequences
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
+        self.window = (torch.zeros(1, dtype=torch.int64, device=device),  # where the new token goes
+                       torch.ones(1, dtype=torch.int64, device=device))  # the window's length with it
+        cfg = cache.config
+        # the most a decode step's window holds: fixed segmentation evicts whole blocks, so it may wait longer
+        block = cfg.block_size if cfg.segmentation == "fixed" else 0
+        self._window_room = cfg.local_window + cfg.evict_stride + block + 1
+        self._memory_width = -(-(cfg.num_sink_tokens + cfg.budget) // _MEMORY_ROUND) * _MEMORY_ROUND
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._logits: torch.Tensor | None = None  # the graph's output
+        self._staged: list[tuple] = []  # per global layer: the ``_pending`` a replay leaves
+        self._warmed = False
+        self.steps = 0  # steps run in graph form (replayed, captured, warm-up, or eager without capture)
+        self.replays = 0  # of which replayed from a captured graph
+        self.captures = 0  # graphs captured
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def ready(self) -> bool:
+        """Whether the next decode step can run in graph form: the sinks are full and every global layer reuses
+        its memory part."""
+        cache = self.cache
+        if cache.plan is not None or cache.num_sinks < cache.config.num_sink_tokens or cache.window_len < 1:
+            return False
+        probe = StepPlan(pos0=cache.seen_tokens, q_len=1, num_to_sinks=0, num_evict=0, first_slot=0, decode=True)
+        return all(state.reuses_memory(probe) for state in cache.global_states)
+
+    # -------------------------------------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor, position: int) -> torch.Tensor:
+        """Decode one token per sequence in graph form (the caller checked :meth:`ready`).
+
+        Args:
+            token_ids: ``[B, 1]`` int64 on the model's device.
+            position: The tokens' position (the tokens read so far).
+
+        Returns:
+            ``[B, vocab]`` next-token logits (a tensor of its own, not the graph's output buffer).
+        """
+        cache = self.cache
+        states: list[GlobalLayerState] = cache.global_states
+        for state in states:
+            state.reserve_window(self._window_room)
+            state.load_graph_memory(self._memory_width)
+        key = tuple(t.data_ptr() for state in states for t in (*state.window_storage(), *state._graph_memory))
+        if key != self._graph_key:
+            self._graph = None
+            self._graph_key = key
+        self.input_ids.copy_(token_ids)
+        self.position_ids.fill_(position)
+        self.window[0].fill_(cache.window_len)
+        self.window[1].fill_(cache.window_len + 1)
+        cache.graph_window = self.window
+        cache.begin_step(1, decode=True, graph=True)
+        try:
+            if not self.capture:
+                logits = self._forward()
+            elif self._graph is not None:
+                self._graph.replay()
+                for state, staged in zip(states, self._staged):
+                    state.stage_graph_step(staged, cache.plan)
+                logits = self._logits
+                self.replays += 1
+            elif not self._warmed:
+                logits = self._warm_up()
+            else:
+                logits = self._capture()
+        except BaseException:
+            cache.abort_step()
+            raise
+        finally:
+            cache.graph_window = None
+        cache.end_step()
+        self.steps += 1
+        return logits[:, -1].clone()
+
+    def _forward(self) -> torch.Tensor:
+        """The model on the fixed inputs: ``[B, 1, vocab]`` logits."""
+        kwargs: dict[str, Any] = {self.cache_kw: self.cache, "use_cache": True, "logits_to_keep": 1,
+                                  "position_ids": self.position_ids}
+        with ltri_attention_enabled(self.model):
+            return self.model(input_ids=self.input_ids, ltri_cache=self.cache, **kwargs).logits
+
+    def _warm_up(self) -> torch.Tensor:
+        """Run the step eagerly on a side stream (kernels compile, libraries set up their workspaces)."""
+        stream = torch.cuda.Stream(device=self.cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(stream):
+            logits = self._forward()
+        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+        self._warmed = True
+        return logits
+
+    def _capture(self) -> torch.Tensor:
+        """Capture the step (nothing runs while capturing), then replay it once: this step's result."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._forward()
+        # what each layer staged while being captured is what every replay leaves (the same tensors)
+        self._staged = [state.staged_step() for state in self.cache.global_states]
+        self._graph, self._logits = graph, logits
+        self.captures += 1
+        graph.replay()
+        return logits
+
+
+def warn_disabled(reason: BaseException) -> None:
+    """Say once per failure that graph-form decoding stopped (the steps go on eagerly)."""
+    warnings.warn(f"decode_graph: capturing a decode step failed ({type(reason).__name__}: {reason}); decoding "
+                  "continues without CUDA graphs", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,79 @@
+"""On CUDA: decode steps captured and replayed as a CUDA graph (``ltri_rag.decode_graph``) compute what the eager
+steps compute. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltri_rag import LtriConfig, LtriSession
+from ltri_rag.decode_graph import DecodeGraph
+from tests.unit.tiny_models import random_ids, tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _config(**overrides) -> LtriConfig:
+    base = dict(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                evict_stride=6, span_max_len=8, decode_retrieval_stride=4, attention_backend="triton")
+    base.update(overrides)
+    return LtriConfig(**base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(), dict(mode="streaming", decode_retrieval_stride=5),
+                                  dict(batch=2, position_scheme="absolute", kv_offload=True),
+                                  dict(mode="infllm", position_scheme="contiguous", evict_stride=9)],
+                         ids=["ltri", "streaming", "batch2-host-pool", "infllm"])
+def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtype, case) -> None:
+    """Three sessions decode the same 48 tokens: eager, graph form without capture, graph form captured. The
+    replays are bit-for-bit the uncaptured graph form (the same kernels on the same shapes) and match the eager
+    steps to float rounding; most steps are replays, and one graph serves every eviction cycle."""
+    case = dict(case)
+    batch = case.pop("batch", 1)
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda().to(dtype)
+    cfg = _config(**case)
+    eager = LtriSession(model, cfg.replace(decode_graph=False), batch_size=batch)
+    plain = LtriSession(model, cfg, batch_size=batch)
+    plain.decode_graph = DecodeGraph(model, plain.cache, plain.cache_kwarg, capture=False)
+    captured = LtriSession(model, cfg, batch_size=batch)
+    assert captured.decode_graph is not None and captured.decode_graph.capture
+    sessions = (eager, plain, captured)
+    ids = random_ids(batch, 45, seed=11).cuda()
+    logits = [s.feed(ids) for s in sessions]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    agree = 0
+    for _ in range(48):
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in sessions]
+        torch.testing.assert_close(logits[2], logits[1], atol=0, rtol=0)
+        if dtype == torch.float32:
+            torch.testing.assert_close(logits[2], logits[0], **tol)
+        agree += int((logits[2].argmax(-1) == logits[0].argmax(-1)).all())
+    assert agree >= 44
+    graph = captured.decode_graph
+    assert graph.captures == 1 and graph.replays >= 20 and graph.steps == plain.decode_graph.steps
+    for a, b in zip(plain.cache.global_states, captured.cache.global_states):
+        torch.testing.assert_close(b.win_k, a.win_k, atol=0, rtol=0)
+        torch.testing.assert_close(b.win_mass, a.win_mass, atol=0, rtol=0)
+
+
+def test_capture_failure_falls_back_to_eager_steps(monkeypatch) -> None:
+    """If capturing fails, the session warns, drops the graph and decodes eagerly from the same state."""
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda()
+    cfg = _config()
+    eager = LtriSession(model, cfg.replace(decode_graph=False))
+    captured = LtriSession(model, cfg)
+
+    def broken(self):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(DecodeGraph, "_capture", broken)
+    ids = random_ids(1, 45, seed=11).cuda()
+    logits = [s.feed(ids) for s in (eager, captured)]
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        for _ in range(12):
+            token = logits[0].argmax(-1)
+            logits = [s.step(token) for s in (eager, captured)]
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert captured.decode_graph is None

@@ -1,0 +1,191 @@
+"""Graph-form decode steps (``ltri_rag.decode_graph``) compute what the eager reuse steps compute.
+
+On CPU nothing is captured: :class:`DecodeGraph` with ``capture=False`` runs the graph form eagerly (fixed input
+tensors, memory parts copied into fixed-width buffers, the new token written into the window's allocation at a
+device index, the window length read by the decode attention from a tensor). These tests check that form against
+the ordinary eager step, token for token and state for state; ``tests/gpu/test_decode_graph_gpu.py`` checks the
+captured replays on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltri_rag import LtriConfig, LtriSession
+from ltri_rag.decode_graph import DecodeGraph, graph_unsupported
+from tests.unit.tiny_models import random_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3)
+
+
+def _config(**overrides) -> LtriConfig:
+    base = dict(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                evict_stride=6, span_min_len=2, span_max_len=8, decode_retrieval_stride=4, attention_backend="torch")
+    base.update(overrides)
+    return LtriConfig(**base)
+
+
+def _pair(model, cfg: LtriConfig, batch: int = 1) -> tuple[LtriSession, LtriSession]:
+    """(eager session, session running its reuse steps in graph form, eagerly)."""
+    eager = LtriSession(model, cfg.replace(decode_graph=False), batch_size=batch)
+    graphed = LtriSession(model, cfg, batch_size=batch)
+    assert eager.decode_graph is None and graphed.decode_graph is None  # CPU: nothing is captured
+    graphed.decode_graph = DecodeGraph(model, graphed.cache, graphed.cache_kwarg, capture=False)
+    return eager, graphed
+
+
+def _assert_same_state(a: LtriSession, b: LtriSession) -> None:
+    # on the torch backend the eager step composes its attention differently (one local pass over the memory and
+    # the window, against the decode composition): equal up to float rounding, carried into the next layers' K/V
+    for sa, sb in zip(a.cache.global_states, b.cache.global_states):
+        torch.testing.assert_close(sb.win_k, sa.win_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sb.win_v, sa.win_v, atol=1e-5, rtol=1e-5)
+        if sa.win_mass is not None:
+            torch.testing.assert_close(sb.win_mass, sa.win_mass, atol=1e-6, rtol=1e-5)
+        if sa.win_band is not None:
+            torch.testing.assert_close(sb.win_band, sa.win_band, atol=1e-6, rtol=1e-5)
+        assert [len(t) for t in sb.tables] == [len(t) for t in sa.tables]
+        for ta, tb in zip(sa.tables, sb.tables):
+            torch.testing.assert_close(tb.starts, ta.starts, atol=0, rtol=0)
+            torch.testing.assert_close(tb.ends, ta.ends, atol=0, rtol=0)
+        assert (sb._decode_memory is None) == (sa._decode_memory is None)
+        if sa._decode_memory is not None:
+            assert sb._decode_memory[:2] == sa._decode_memory[:2]  # same key, same use count
+    assert b.cache.window_len == a.cache.window_len and b.cache.memory_tokens() == a.cache.memory_tokens()
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # ltri: contiguous positions, triangle spans, persistence
+    dict(position_scheme="absolute", decode_retrieval_stride=3),
+    dict(mode="infllm", position_scheme="contiguous", segmentation="fixed", block_size=4),
+    dict(mode="streaming", decode_retrieval_stride=5),
+    dict(batch=2, evict_stride=5, budget=9),
+], ids=["ltri", "absolute", "infllm-contiguous", "streaming", "batch2"])
+def test_graph_form_steps_equal_eager_steps(qwen2, case: dict) -> None:
+    """40 decoded tokens (several eviction cycles): the logits and the whole engine state (window K/V, key mass,
+    band, spans, reuse counters) of the graph-form session equal the eager session's after every token, and most
+    steps ran in graph form."""
+    case = dict(case)
+    batch = case.pop("batch", 1)
+    cfg = _config(**case)
+    eager, graphed = _pair(qwen2, cfg, batch)
+    ids = random_ids(batch, 45, seed=11)
+    logits = [s.feed(ids) for s in (eager, graphed)]
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+    forms = []
+    for _ in range(40):
+        token = logits[0].argmax(-1)
+        forms.append(graphed.decode_graph.ready())
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+        _assert_same_state(eager, graphed)
+    assert graphed.num_tokens == eager.num_tokens == 85
+    stride = cfg.decode_retrieval_stride
+    assert graphed.decode_graph.steps == sum(forms) >= 40 * (stride - 2) // stride  # evictions end some cycles
+    assert not all(forms)  # the retrieving steps stayed eager
+
+
+@pytest.mark.parametrize("case", [dict(evict_stride=4, decode_retrieval_stride=3),
+                                  dict(mode="streaming", decode_retrieval_stride=5, block_size=90),
+                                  dict(mode="infllm", position_scheme="contiguous", segmentation="fixed",
+                                       block_size=10, evict_stride=3)], ids=["ltri", "streaming", "infllm"])
+def test_buffers_keep_their_address_and_reload_per_retrieval(qwen2, case: dict) -> None:
+    """The window allocations and memory buffers a graph holds keep their address through evictions and new
+    retrievals (only their contents change; fixed segmentation evicts whole blocks, so its window waits longer),
+    and each retrieval's memory part is copied in once."""
+    cfg = _config(**case)
+    _, graphed = _pair(qwen2, cfg)
+    logits = graphed.feed(random_ids(1, 40, seed=2))
+    addresses, sources = set(), set()
+    for _ in range(120):
+        logits = graphed.step(logits.argmax(-1))
+        for state in graphed.cache.global_states:
+            if state._graph_memory is not None:
+                addresses.add(tuple(t.data_ptr() for t in (*state.window_storage(), *state._graph_memory)))
+                sources.add(id(state._graph_memory_source))
+    layers = len(graphed.cache.global_states)
+    assert len(addresses) == layers  # one set of addresses per layer for the whole run
+    assert len(sources) > layers  # several retrievals, each loaded
+    assert graphed.decode_graph.steps >= 10
+
+
+def test_ready_needs_full_sinks_and_reuse_in_every_layer(qwen2) -> None:
+    cfg = _config(num_sink_tokens=8)
+    _, graphed = _pair(qwen2, cfg)
+    graph = graphed.decode_graph
+    graphed.feed(random_ids(1, 5, seed=4))  # sinks not full yet
+    assert not graph.ready()
+    graphed.step(torch.tensor([7]))
+    assert not graph.ready()
+    graphed.feed(random_ids(1, 30, seed=5))
+    assert not graph.ready()  # a prompt pass ended any reuse
+    graphed.step(torch.tensor([7]))  # a retrieving step
+    assert graph.ready()
+    state = graphed.cache.global_states[-1]
+    kept = state._decode_memory
+    state._decode_memory = None  # one layer without a memory part to reuse: the step must stay eager
+    assert not graph.ready()
+    state._decode_memory = kept
+    assert graph.ready()
+
+
+def test_a_failed_graph_form_step_leaves_no_trace(qwen2) -> None:
+    """A graph-form step that fails part-way changes nothing: the next step gives the eager session's logits."""
+    eager, graphed = _pair(qwen2, _config())
+    ids = random_ids(1, 40, seed=6)
+    logits = [s.feed(ids) for s in (eager, graphed)]
+    token = logits[0].argmax(-1)
+    logits = [s.step(token) for s in (eager, graphed)]  # retrieves
+    assert graphed.decode_graph.ready()
+    state = graphed.cache.global_states[-1]
+    original = state.attend
+
+    def failing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("boom")
+
+    state.attend = failing  # type: ignore[method-assign]
+    before = (graphed.num_tokens, graphed.cache.window_len, state._decode_memory[1])
+    token = logits[0].argmax(-1)
+    with pytest.raises(RuntimeError, match="boom"):
+        graphed.step(token)
+    state.attend = original  # type: ignore[method-assign]
+    assert (graphed.num_tokens, graphed.cache.window_len, state._decode_memory[1]) == before
+    assert graphed.cache.plan is None and graphed.cache.graph_window is None
+    logits = [s.step(token) for s in (eager, graphed)]
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+    _assert_same_state(eager, graphed)
+
+
+def test_where_graph_form_is_unsupported() -> None:
+    """The reasons are named; an unsupported config gets no graph (nor a DecodeGraph built by hand)."""
+    model = tiny_model("qwen2")
+    cases = {
+        "decode_graph is False": _config(decode_graph=False),
+        "decode_retrieval_stride is 1": _config(decode_retrieval_stride=1),
+        "'fixed' position scheme": _config(position_scheme="fixed"),
+    }
+    for reason, cfg in cases.items():
+        session = LtriSession(model, cfg)
+        assert reason in graph_unsupported(session.cache, session.device, capture=False)
+        with pytest.raises(ValueError, match="cannot run in graph form"):
+            DecodeGraph(model, session.cache, session.cache_kwarg, capture=False)
+    gemma = tiny_model("gemma3", sliding_window=8)
+    session = LtriSession(gemma, _config())
+    assert "sliding-window layers" in graph_unsupported(session.cache, session.device, capture=False)
+    session = LtriSession(model, _config())
+    assert "CUDA" in graph_unsupported(session.cache, torch.device("cpu"))
+    assert session.decode_graph is None
+    with pytest.raises(TypeError, match="decode_graph must be a bool"):
+        LtriConfig(decode_graph=1)
+
+
+def test_graph_form_plan_is_checked(qwen2) -> None:
+    session = LtriSession(qwen2, _config())
+    with pytest.raises(ValueError, match="graph-form step decodes one token once the sinks are full"):
+        session.cache.begin_step(2, decode=True, graph=True)
+    assert session.cache.plan is None
