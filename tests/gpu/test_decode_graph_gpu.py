@@ -77,3 +77,31 @@ def test_capture_failure_falls_back_to_eager_steps(monkeypatch) -> None:
             logits = [s.step(token) for s in (eager, captured)]
             torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert captured.decode_graph is None
+
+
+def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) -> None:
+    """A model whose forward reads a value back to the host cannot be captured: the capture fails for real (CUDA
+    refuses the synchronisation while the stream is capturing), the session warns and goes on eagerly from the
+    same state, with the eager session's logits."""
+    from ltri_rag.layer import GlobalLayerState
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda()
+    cfg = _config()
+    eager = LtriSession(model, cfg.replace(decode_graph=False))
+    captured = LtriSession(model, cfg)
+    original = GlobalLayerState._attend_graph
+
+    def syncing(self, q, *args, **kwargs):
+        float(q.sum())  # a read-back: fine eagerly, refused while capturing
+        return original(self, q, *args, **kwargs)
+
+    monkeypatch.setattr(GlobalLayerState, "_attend_graph", syncing)
+    ids = random_ids(1, 45, seed=11).cuda()
+    logits = [s.feed(ids) for s in (eager, captured)]
+    with pytest.warns(RuntimeWarning, match="capturing a decode step failed"):
+        for _ in range(16):
+            token = logits[0].argmax(-1)
+            logits = [s.step(token) for s in (eager, captured)]
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert captured.decode_graph is None
+    torch.cuda.synchronize()  # the device is still usable
