@@ -31,8 +31,8 @@ from torch import nn
 
 from ltri_rag.cache import LtriCache
 from ltri_rag.hook import ltri_attention_enabled
-from ltri_rag.kernels.attention import local_attention_backend
 from ltri_rag.kernels.attention import local_attention as torch_local_attention
+from ltri_rag.kernels.attention import local_attention_backend
 from ltri_rag.layer import GlobalLayerState, StepPlan
 
 __all__ = ["DecodeGraph", "graph_unsupported"]

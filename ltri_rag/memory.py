@@ -35,6 +35,7 @@ from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
 from ltri_rag.memory_cache import DocumentCache
+from ltri_rag.memory_coarse import CoarseScorer
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
 from ltri_rag.memory_ingest import (
     check_collection,
@@ -84,8 +85,8 @@ class KVMemory(MemorySearch):
         max_document_tokens: Longest document accepted by :meth:`add_documents` (longer ones are refused before
             anything is written; split them).
         max_memory_tokens: Most stored tokens :meth:`retrieve` / :meth:`generate` import into a session: when the
-            candidate documents hold more, only those the store's FAISS search ranks first are imported (at least
-            one).
+            candidate documents hold more, only those the coarse stage ranks first are imported (at least one; see
+            ``coarse_bytes``).
         batch_bytes: Ingested documents are written to the store in batches of about this many tensor bytes.
         ranking: How :meth:`retrieve` scores spans from the model's attention (one of
             :data:`~ltri_rag.memory_query.RANKINGS`): ``excess`` (the default: the share of the question's attention
@@ -100,6 +101,10 @@ class KVMemory(MemorySearch):
             when the model is on a GPU, 0 (off) on a CPU model, whose device tier is host memory already.
         prefetch: Documents read from the store ahead of the one being imported, by that many background threads
             (file reads and checksums overlap the import); 0 reads them one after another in the calling thread.
+        coarse_bytes: Budget of the index vectors the coarse stage keeps (on the model's device) to rank documents
+            by the question's attention over them (:mod:`ltri_rag.memory_coarse`; 4 bytes per vector value: about
+            1.8 GB for 1M tokens of Qwen2.5-0.5B). A store whose vectors exceed it is ranked by the FAISS search
+            with the question's mean query instead (at chance on the measured corpus); 0 always does.
 
     Raises:
         FingerprintMismatch: the store was written with another model, tokenizer or configuration.
@@ -109,7 +114,7 @@ class KVMemory(MemorySearch):
     def __init__(self, store: SpanStore, model: nn.Module, tokenizer: Any, config: LtriConfig | None = None, *,
                  max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
                  batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING, cache_bytes: int = 1 << 30,
-                 host_cache_bytes: int | None = None, prefetch: int = 2) -> None:
+                 host_cache_bytes: int | None = None, prefetch: int = 2, coarse_bytes: int = 4 << 30) -> None:
         if config is None:
             config = config_from_fingerprint(store.fingerprint)
         if not isinstance(config, LtriConfig):
@@ -144,6 +149,9 @@ class KVMemory(MemorySearch):
         self.document_cache = DocumentCache(cache_bytes, device, host_cache_bytes)
         self.prefetch = prefetch
         self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._coarse = (CoarseScorer(store, self.global_layers, self.scaling, device, coarse_bytes)
+                        if coarse_bytes else None)
+        self._neutral_queries: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -158,7 +166,7 @@ class KVMemory(MemorySearch):
             store: Entry point name of the store (``"sql"``) or a factory class.
             store_options: Extra keyword arguments of the factory's ``create``.
             **options: ``max_document_tokens``, ``max_memory_tokens``, ``batch_bytes``, ``ranking``, ``cache_bytes``,
-                ``host_cache_bytes``, ``prefetch`` (see the class).
+                ``host_cache_bytes``, ``prefetch``, ``coarse_bytes`` (see the class).
         """
         config = config or LtriConfig()
         factory = resolve_store(store)

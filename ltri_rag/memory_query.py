@@ -64,7 +64,8 @@ from ltri_rag.rope import rotate
 from ltri_rag.store import DocumentInfo, SpanHit, SpanRecord
 
 __all__ = ["DEFAULT_RANKING", "NEUTRAL_QUESTION", "RANKINGS", "MemoryAnswer", "MemoryStream", "Placement", "QueryRecorder",
-           "aggregate_hits", "choose_documents", "decode", "query_vectors", "read_neutral", "recording_session",
+           "aggregate_hits", "choose_documents", "choose_ranked", "decode", "documents_of_hits", "query_vectors",
+           "question_queries", "read_neutral", "recording_session",
            "session_hits", "span_scores", "stream_pieces"]
 
 RANKINGS = ("attention", "excess", "pmi")
@@ -182,9 +183,10 @@ def recording_session(model: nn.Module, config: LtriConfig) -> tuple[LtriSession
 
 
 @torch.inference_mode()
-def query_vectors(model: nn.Module, config: LtriConfig, sink_ids: torch.Tensor, query_ids: torch.Tensor,
-                  num_kv_heads: int) -> dict[int, torch.Tensor]:
-    """Per global layer, the question's mean query ``[num_kv_heads, head_dim]`` float32 (the coarse stage).
+def question_queries(model: nn.Module, config: LtriConfig, sink_ids: torch.Tensor,
+                     query_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per global layer, the position-free queries ``[H, Q, D]`` of the question read alone after the sink prefix
+    (on the model's device).
 
     Args:
         sink_ids: ``[num_sink_tokens]`` sink prefix ids (read first, not recorded).
@@ -195,9 +197,22 @@ def query_vectors(model: nn.Module, config: LtriConfig, sink_ids: torch.Tensor, 
         session.feed(sink_ids)
     recorder.recording = True
     session.feed(query_ids)
+    return {layer: recorder.recorded(layer) for layer in sorted(recorder.queries)}
+
+
+@torch.inference_mode()
+def query_vectors(model: nn.Module, config: LtriConfig, sink_ids: torch.Tensor, query_ids: torch.Tensor,
+                  num_kv_heads: int) -> dict[int, torch.Tensor]:
+    """Per global layer, the question's mean query ``[num_kv_heads, head_dim]`` float32 (the FAISS coarse stage,
+    used when the store's index vectors exceed ``coarse_bytes``; see :mod:`ltri_rag.memory_coarse`).
+
+    Args:
+        sink_ids: ``[num_sink_tokens]`` sink prefix ids (read first, not recorded).
+        query_ids: ``[Q]`` the question's ids.
+    """
     out = {}
-    for layer in sorted(recorder.queries):
-        mean = recorder.recorded(layer).mean(dim=1).cpu()  # [H, D]
+    for layer, queries in question_queries(model, config, sink_ids, query_ids).items():
+        mean = queries.mean(dim=1).cpu()  # [H, D]
         out[layer] = mean.view(num_kv_heads, mean.shape[0] // num_kv_heads, mean.shape[1]).mean(dim=1)
     return out
 
@@ -353,24 +368,32 @@ def aggregate_hits(per_layer: dict[int, list[SpanHit]], k: int, temperature: flo
     return [_merged(r, r.mass / layers) for r in ranked[:k]]
 
 
+def documents_of_hits(docs: Sequence[DocumentInfo], spans: Sequence[SpanHit]) -> list[DocumentInfo]:
+    """``docs`` in the order of their first span among ``spans`` (documents without a span left out)."""
+    by_key = {(d.collection, d.doc_id): d for d in docs}
+    ranked = dict.fromkeys((h.collection, h.doc_id) for h in spans if (h.collection, h.doc_id) in by_key)
+    return [by_key[key] for key in ranked]
+
+
+def choose_ranked(ranked: Sequence[DocumentInfo], cap: int) -> list[DocumentInfo]:
+    """Documents taken in rank order (the first always, the next ones while they fit ``cap`` tokens in all), in
+    (collection, id) order."""
+    chosen: list[DocumentInfo] = []
+    used = 0
+    for doc in ranked:
+        if chosen and used + doc.num_tokens > cap:
+            continue
+        chosen.append(doc)
+        used += doc.num_tokens
+    return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
+
+
 def choose_documents(docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
     """All documents if they fit ``cap`` tokens; else those of the best spans (in rank order, at least one) while
     they fit, in (collection, id) order."""
     if sum(d.num_tokens for d in docs) <= cap:
         return docs
-    by_key = {(d.collection, d.doc_id): d for d in docs}
-    chosen: list[DocumentInfo] = []
-    taken: set[tuple[str, str]] = set()
-    used = 0
-    for hit in spans:
-        key = (hit.collection, hit.doc_id)
-        doc = by_key.get(key)
-        if doc is None or key in taken or (chosen and used + doc.num_tokens > cap):
-            continue
-        chosen.append(doc)
-        taken.add(key)
-        used += doc.num_tokens
-    return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
+    return choose_ranked(documents_of_hits(docs, spans), cap)
 
 
 def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch.Tensor, *, max_new_tokens: int,

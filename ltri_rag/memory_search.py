@@ -23,14 +23,17 @@ from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.layer import GlobalLayerState
 from ltri_rag.memory_cache import CacheInfo, DocumentCache
+from ltri_rag.memory_coarse import CoarseScorer
 from ltri_rag.memory_ingest import check_collection, load_document_memory
 from ltri_rag.memory_query import (
     NEUTRAL_QUESTION,
     Placement,
     QueryRecorder,
     aggregate_hits,
-    choose_documents,
+    choose_ranked,
+    documents_of_hits,
     query_vectors,
+    question_queries,
     read_neutral,
     recording_session,
     session_hits,
@@ -56,6 +59,7 @@ class MemorySearch:
     config: LtriConfig
     sink_ids: torch.Tensor
     num_kv_heads: int
+    head_dim: int
     scaling: float
     max_memory_tokens: int
     ranking: str
@@ -65,6 +69,8 @@ class MemorySearch:
     prefetch: int
     _prefetch_pool: ThreadPoolExecutor | None
     _lock: threading.RLock
+    _coarse: CoarseScorer | None
+    _neutral_queries: dict[int, torch.Tensor] | None
 
     def _question_ids(self, text: str) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
@@ -137,7 +143,7 @@ class MemorySearch:
         with self._lock:
             docs = self._documents(collection, filter)
             if sum(d.num_tokens for d in docs) > cap:
-                docs = choose_documents(docs, self._coarse_hits(ids, collection, filter), cap)
+                docs = choose_ranked(self._coarse_order(ids, docs, collection, filter), cap)
             if not docs:
                 return {}, [], []
             session, recorder, placements, loaded = self._load_session(docs, record=True)
@@ -152,6 +158,21 @@ class MemorySearch:
             per_layer = session_hits(recorder, placements, self.scaling, fetch,
                                      backend=self.config.attention_backend, neutral=neutral, ranking=self.ranking)
         return per_layer, docs, loaded
+
+    def _coarse_order(self, ids: torch.Tensor, docs: list[DocumentInfo], collection: str | None,
+                      filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
+        """The candidate documents ``docs`` in the order the coarse stage ranks them for question ids ``[Q]``: by
+        the question's attention over their index vectors beyond the neutral question's
+        (:class:`~ltri_rag.memory_coarse.CoarseScorer`) while the store's vectors fit ``coarse_bytes``, else by the
+        FAISS search (documents without a hit left out). The caller holds the lock."""
+        coarse = self._coarse
+        if coarse is None or not coarse.usable(self.num_kv_heads, self.head_dim):
+            return documents_of_hits(docs, self._coarse_hits(ids, collection, filter))
+        if self._neutral_queries is None:
+            self._neutral_queries = question_queries(self.model, self.config, self.sink_ids,
+                                                     self._question_ids(NEUTRAL_QUESTION))
+        question = question_queries(self.model, self.config, self.sink_ids, ids)
+        return [doc for doc, _ in coarse.rank(docs, question, self._neutral_queries)]
 
     def _coarse_hits(self, ids: torch.Tensor, collection: str | None, filter: Mapping[str, Any] | None
                      ) -> list[SpanHit]:

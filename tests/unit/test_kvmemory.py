@@ -202,13 +202,14 @@ def test_memory_cap_imports_the_documents_of_the_best_spans(tmp_path, llama, tok
         question = "Where does the Seine flow?"
         assert all(len(text) < 100 for text in DOCS.values()) and all(
             len(a) + len(b) > 100 for a, b in itertools.combinations(DOCS.values(), 2))  # one document fits
-        coarse = mem._coarse_hits(mem._question_ids(question), None, None)  # the FAISS stage's ranking
+        ids = mem._question_ids(question)
+        ranked = [d.doc_id for d in mem._coarse_order(ids, mem._documents(None, None), None, None)]
+        assert sorted(ranked) == sorted(DOCS)  # every candidate ranked (by attention over its index vectors)
         answer = mem.generate(question, max_new_tokens=2)
-        assert answer.documents == [("default", coarse[0].doc_id)] and answer.memory_tokens <= 100
-        assert {h.doc_id for h in answer.spans} == {coarse[0].doc_id}
+        assert answer.documents == [("default", ranked[0])] and answer.memory_tokens <= 100
+        assert {h.doc_id for h in answer.spans} == {ranked[0]}
         assert mem.retrieve(question, k=4) == answer.spans
         capped = mem.generate(question, max_new_tokens=2, max_memory_tokens=170)  # two fit, in coarse rank order
-        ranked = list(dict.fromkeys(h.doc_id for h in coarse))
         fitting = [ranked[0]] + [d for d in ranked[1:] if len(DOCS[ranked[0]]) + len(DOCS[d]) <= 170][:1]
         assert capped.documents == sorted(("default", d) for d in fitting)
         assert len(mem.generate(question, max_new_tokens=2, max_memory_tokens=10_000).documents) == 3
