@@ -132,7 +132,8 @@ class DecodeGraph:
         for state in states:
             state.reserve_window(self._window_room)
             state.load_graph_memory(self._memory_width)
-        key = tuple(t.data_ptr() for state in states for t in (*state.window_storage(), *state._graph_memory))
+        key = tuple((t.data_ptr(), tuple(t.shape)) for state in states
+                    for t in (*state.window_storage(), *state._graph_memory))
         if key != self._graph_key:
             self._graph = None
             self._graph_key = key

@@ -179,6 +179,7 @@ def recording_session(model: nn.Module, config: LtriConfig) -> tuple[LtriSession
     session = LtriSession(model, config)
     recorder = QueryRecorder(model, config)
     session.cache = recorder
+    session.decode_graph = None  # built for the replaced cache; the recorder's steps run eagerly
     return session, recorder
 
 
