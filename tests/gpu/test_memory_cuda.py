@@ -24,17 +24,19 @@ def _run(model, folder: Path, max_memory_tokens: int) -> tuple[list, str, str]:
     with KVMemory.create(folder, model, tok, _config(), store=SqlSpanStore,
                          max_memory_tokens=max_memory_tokens) as mem:
         mem.add_documents(list(DOCS.values()), [META[k] for k in DOCS], list(DOCS), progress=False)
-    with KVMemory.open(folder, model, tok) as mem:
+    with KVMemory.open(folder, model, tok, max_memory_tokens=max_memory_tokens) as mem:
         hits = mem.retrieve(QUESTION, k=3)
         again = mem.retrieve(QUESTION, k=3)  # the second read comes from the document cache
         assert [(h.doc_id, h.token_start, h.token_end) for h in again] == \
             [(h.doc_id, h.token_start, h.token_end) for h in hits]
         answer = mem.generate(QUESTION, max_new_tokens=6)
+        if max_memory_tokens < 100:  # the coarse stage chose (one document fits)
+            assert len(answer.documents) == 1
         streamed = "".join(mem.stream(QUESTION, max_new_tokens=6))
     return hits, answer.text, streamed
 
 
-@pytest.mark.parametrize("max_memory_tokens", [1 << 17, 40])  # every document, or FAISS chooses them
+@pytest.mark.parametrize("max_memory_tokens", [1 << 17, 40])  # every document, or the coarse stage chooses them
 def test_cuda_memory_agrees_with_the_cpu(tmp_path: Path, max_memory_tokens: int) -> None:
     model = tiny_model("llama")
     cpu_hits, cpu_text, cpu_stream = _run(model, tmp_path / "cpu", max_memory_tokens)

@@ -70,7 +70,7 @@ def test_ranking_equals_the_spelled_out_scores(tmp_path, llama, tok) -> None:
             ranked = mem._coarse.rank(docs, question_q, neutral_q)
             assert [d.doc_id for d, _ in ranked] == sorted(expected, key=lambda d: (-expected[d], d))
             for doc, score in ranked:
-                assert score == pytest.approx(expected[doc.doc_id], rel=1e-5, abs=1e-9)
+                assert score == pytest.approx(expected[doc.doc_id], rel=2e-4, abs=1e-7)  # float32 scoring
             with mem._lock:
                 order = mem._coarse_order(mem._question_ids(question), docs, None, None)
             assert [d.doc_id for d in order] == [d.doc_id for d, _ in ranked]
