@@ -23,6 +23,7 @@ eagerly: that is how the CPU tests check that the graph form computes what the e
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -200,10 +201,8 @@ class DecodeGraph:
             try:
                 logits = self._forward()
             except BaseException:
-                try:
+                with contextlib.suppress(Exception):  # the capture is broken already; the first error is the one
                     graph.capture_end()
-                except Exception:  # noqa: BLE001  (the capture is broken already; the first error is the one)
-                    pass
                 raise
             graph.capture_end()
         current.wait_stream(stream)

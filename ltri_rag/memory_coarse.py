@@ -73,6 +73,8 @@ class CoarseScorer:
             max_bytes
         self._docs: OrderedDict[DocKey, _DocVectors] = OrderedDict()
         self._bytes = 0
+        # the neutral question's shares per layer for the last candidate set: (its keys, the queries, shares)
+        self._neutral_shares: tuple[tuple, dict | None, dict[int, torch.Tensor]] = ((), None, {})
 
     def usable(self, num_kv_heads: int, head_dim: int) -> bool:
         """Whether every stored index vector fits the byte budget (else the caller searches FAISS)."""
@@ -99,20 +101,26 @@ class CoarseScorer:
             self._bytes -= old.nbytes
         return entry
 
-    def _layer_shares(self, entries: list[_DocVectors], layer: int, queries: torch.Tensor) -> torch.Tensor:
-        """``[num_docs]`` share of the heads' mean attention over the layer's spans held by each document's."""
-        vectors = torch.cat([e.vectors[layer] for e in entries])
+    def _layer_table(self, entries: list[_DocVectors], layer: int) -> tuple[torch.Tensor, ...]:
+        """The candidates' spans of one layer as one table: ``(vectors [n, Hkv, D], owner [n], span_doc [S])``."""
         counts = [e.num_spans[layer] for e in entries]
         offsets = torch.tensor([0] + counts[:-1], device=self.device).cumsum(0)
+        vectors = torch.cat([e.vectors[layer] for e in entries])
         owner = torch.cat([e.owner[layer] + offsets[i] for i, e in enumerate(entries)])
-        total = sum(counts)
-        if total == 0:
-            return torch.zeros(len(entries), device=self.device)
-        probs = span_probabilities(queries.to(self.device, torch.float32), vectors, owner, total, self.scaling)
         span_doc = torch.repeat_interleave(torch.arange(len(entries), device=self.device),
                                            torch.tensor(counts, device=self.device))
-        return torch.zeros(len(entries), device=self.device, dtype=torch.float64).index_add_(
-            0, span_doc, probs.mean(0).to(torch.float64))
+        return vectors, owner, span_doc
+
+    def _shares(self, table: tuple[torch.Tensor, ...], num_docs: int, queries: torch.Tensor) -> torch.Tensor:
+        """``[num_docs]`` float64: each document's share of the heads' mean attention of ``queries`` ``[H, Q, D]``
+        over the table's spans."""
+        vectors, owner, span_doc = table
+        shares = torch.zeros(num_docs, device=self.device, dtype=torch.float64)
+        if span_doc.numel() == 0:
+            return shares
+        probs = span_probabilities(queries.to(self.device, torch.float32), vectors, owner, span_doc.numel(),
+                                   self.scaling)
+        return shares.index_add_(0, span_doc, probs.mean(0).to(torch.float64))
 
     @torch.inference_mode()
     def rank(self, docs: Sequence[DocumentInfo], question: dict[int, torch.Tensor],
@@ -127,12 +135,20 @@ class CoarseScorer:
         if not docs:
             return []
         entries = [self._vectors(doc) for doc in docs]
+        keys = tuple(document_key(doc) for doc in docs)
+        held_keys, held_neutral, _ = self._neutral_shares
+        if held_keys != keys or held_neutral is not neutral:  # the neutral question's shares: once per candidate set
+            self._neutral_shares = (keys, neutral, {})
+        neutral_shares = self._neutral_shares[2]
         score = torch.zeros(len(docs), dtype=torch.float64, device=self.device)
         for layer in self.layers:
             if layer not in question or layer not in neutral:
                 continue
-            p_q = self._layer_shares(entries, layer, question[layer])
-            p_0 = self._layer_shares(entries, layer, neutral[layer])
+            table = self._layer_table(entries, layer)
+            p_q = self._shares(table, len(docs), question[layer])
+            if layer not in neutral_shares:
+                neutral_shares[layer] = self._shares(table, len(docs), neutral[layer])
+            p_0 = neutral_shares[layer]
             score += (1.0 - EXCESS_TIE_WEIGHT) * (p_q - p_0).clamp(min=0) + EXCESS_TIE_WEIGHT * p_q
         values = score.cpu().tolist()
         order = sorted(range(len(docs)), key=lambda i: (-values[i], docs[i].collection, docs[i].doc_id))

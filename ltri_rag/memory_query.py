@@ -64,7 +64,7 @@ from ltri_rag.rope import rotate
 from ltri_rag.store import DocumentInfo, SpanHit, SpanRecord
 
 __all__ = ["DEFAULT_RANKING", "NEUTRAL_QUESTION", "RANKINGS", "MemoryAnswer", "MemoryStream", "Placement", "QueryRecorder",
-           "aggregate_hits", "choose_documents", "choose_ranked", "decode", "documents_of_hits", "query_vectors",
+           "aggregate_hits", "choose_ranked", "decode", "documents_of_hits", "query_vectors",
            "question_queries", "read_neutral", "recording_session",
            "session_hits", "span_scores", "stream_pieces"]
 
@@ -387,14 +387,6 @@ def choose_ranked(ranked: Sequence[DocumentInfo], cap: int) -> list[DocumentInfo
         chosen.append(doc)
         used += doc.num_tokens
     return sorted(chosen, key=lambda d: (d.collection, d.doc_id))
-
-
-def choose_documents(docs: list[DocumentInfo], spans: list[SpanHit], cap: int) -> list[DocumentInfo]:
-    """All documents if they fit ``cap`` tokens; else those of the best spans (in rank order, at least one) while
-    they fit, in (collection, id) order."""
-    if sum(d.num_tokens for d in docs) <= cap:
-        return docs
-    return choose_ranked(documents_of_hits(docs, spans), cap)
 
 
 def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch.Tensor, *, max_new_tokens: int,

@@ -58,25 +58,31 @@ def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtyp
         torch.testing.assert_close(b.win_mass, a.win_mass, atol=0, rtol=0)
 
 
-def test_capture_failure_falls_back_to_eager_steps(monkeypatch) -> None:
-    """If capturing fails, the session warns, drops the graph and decodes eagerly from the same state."""
+def _decodes_eagerly_after_a_failed_capture(match: str, steps: int) -> None:
+    """An eager session and a graph-enabled one decode the same tokens; the capture fails (the caller patched it):
+    a warning matching ``match``, the graph dropped, and every step's logits the eager session's."""
     model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda()
     cfg = _config()
     eager = LtriSession(model, cfg.replace(decode_graph=False))
     captured = LtriSession(model, cfg)
+    ids = random_ids(1, 45, seed=11).cuda()
+    logits = [s.feed(ids) for s in (eager, captured)]
+    with pytest.warns(RuntimeWarning, match=match):
+        for _ in range(steps):
+            token = logits[0].argmax(-1)
+            logits = [s.step(token) for s in (eager, captured)]
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert captured.decode_graph is None
+
+
+def test_capture_failure_falls_back_to_eager_steps(monkeypatch) -> None:
+    """If capturing fails, the session warns, drops the graph and decodes eagerly from the same state."""
 
     def broken(self):
         raise RuntimeError("capture refused")
 
     monkeypatch.setattr(DecodeGraph, "_capture", broken)
-    ids = random_ids(1, 45, seed=11).cuda()
-    logits = [s.feed(ids) for s in (eager, captured)]
-    with pytest.warns(RuntimeWarning, match="capture refused"):
-        for _ in range(12):
-            token = logits[0].argmax(-1)
-            logits = [s.step(token) for s in (eager, captured)]
-            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
-    assert captured.decode_graph is None
+    _decodes_eagerly_after_a_failed_capture("capture refused", 12)
 
 
 def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) -> None:
@@ -85,10 +91,6 @@ def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) ->
     same state, with the eager session's logits."""
     from ltri_rag.layer import GlobalLayerState
 
-    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda()
-    cfg = _config()
-    eager = LtriSession(model, cfg.replace(decode_graph=False))
-    captured = LtriSession(model, cfg)
     original = GlobalLayerState._attend_graph
 
     def syncing(self, q, *args, **kwargs):
@@ -96,12 +98,5 @@ def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) ->
         return original(self, q, *args, **kwargs)
 
     monkeypatch.setattr(GlobalLayerState, "_attend_graph", syncing)
-    ids = random_ids(1, 45, seed=11).cuda()
-    logits = [s.feed(ids) for s in (eager, captured)]
-    with pytest.warns(RuntimeWarning, match="capturing a decode step failed"):
-        for _ in range(16):
-            token = logits[0].argmax(-1)
-            logits = [s.step(token) for s in (eager, captured)]
-            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
-    assert captured.decode_graph is None
+    _decodes_eagerly_after_a_failed_capture("capturing a decode step failed", 16)
     torch.cuda.synchronize()  # the device is still usable

@@ -9,21 +9,7 @@ import torch
 
 from ltri_rag.memory_coarse import CoarseScorer
 from ltri_rag.memory_query import EXCESS_TIE_WEIGHT, NEUTRAL_QUESTION, documents_of_hits, question_queries
-from tests.unit.test_kvmemory import DOCS, _add_all, _create
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from tests.unit.tiny_models import tiny_model
-
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from tests.unit.tiny_tokenizer import tiny_tokenizer
-
-    return tiny_tokenizer()
+from tests.unit.test_kvmemory import DOCS, _add_all, _create, llama, tok  # noqa: F401  (fixtures)
 
 
 def _reference_scores(mem, docs, question: str) -> dict[str, float]:
