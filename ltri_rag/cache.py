@@ -135,8 +135,8 @@ class LtriCache(Cache):
         self.window_len = 0
         self.plan: StepPlan | None = None
         # graph-form decode steps (ltri_rag.decode_graph): one-element int64 device tensors, the window length
-        # before the step (where each layer writes the new token) and after it
-        self.graph_window: tuple[torch.Tensor, torch.Tensor] | None = None
+        # before the step (where each layer writes the new token), after it, and the step's position
+        self.graph_window: tuple[torch.Tensor, ...] | None = None
 
     # --------------------------------------------------------------------------------------- transformers API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,

@@ -131,10 +131,14 @@ class LtriConfig:
             long context): ``torch`` (the plain-torch paths, everywhere), ``triton`` (CUDA tensors, or CPU under
             ``TRITON_INTERPRET=1``) or ``auto`` (the default: Triton on CUDA when triton imports, torch elsewhere;
             every compiled-kernel test passed on an H200, and the Triton local attention is 4-5x the torch path).
-        decode_graph: With ``decode_retrieval_stride`` > 1 on CUDA with the Triton backend, run the decode steps that
-            reuse the memory part (all but one in ``stride``) as a captured CUDA graph: one replay instead of the
-            host launching every layer's kernels (:mod:`ltri_rag.decode_graph`; the same results as the eager step).
-            Not with the ``fixed`` position scheme or sliding-window layers, which stay eager. True by default.
+        decode_graph: On CUDA with the Triton backend, run decode steps as captured CUDA graphs: one replay
+            instead of the host launching every layer's kernels (:mod:`ltri_rag.decode_graph`). With
+            ``decode_retrieval_stride`` > 1 the steps that reuse the memory part; with ``decode_graph_retrieval`` the
+            retrieving steps too. Not with the ``fixed`` position scheme or sliding-window layers, which stay eager.
+            True by default.
+        decode_graph_retrieval: With ``decode_graph``: retrieving decode steps select their spans on the device
+            and are captured once per set of spans (an eviction changes the spans) and replayed until the next
+            eviction, when every pool page is in the device tier (otherwise they stay eager). True by default.
     """
 
     mode: Mode = "ltri"
@@ -174,6 +178,7 @@ class LtriConfig:
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
     decode_graph: bool = True
+    decode_graph_retrieval: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -206,7 +211,7 @@ class LtriConfig:
             if value < 0:
                 raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
         for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget", "decode_graph",
-                     "selection_on_device"):
+                     "decode_graph_retrieval", "selection_on_device"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

@@ -44,7 +44,20 @@ class LayerConsensus:
             cached = self._sums[seq] = (prior, sums)
         return cached[1]
 
-    def span_prior(self, seq: int, lengths: torch.Tensor, device: torch.device | None = None) -> torch.Tensor | None:
+    def prior_on(self, seq: int, device: torch.device) -> torch.Tensor | None:
+        """The prior of ``seq`` moved to ``device`` (and kept there), or None without evidence."""
+        prior = self.prior[seq]
+        if prior is not None and prior.device != torch.device(device):
+            prior = self.prior[seq] = prior.to(device)
+        return prior
+
+    def forget_sums(self) -> None:
+        """Drop the cached running sums of the priors (a CUDA graph being captured must compute them itself: the
+        prior it reads is refilled in place before every replay)."""
+        self._sums = [None] * len(self._sums)
+
+    def span_prior(self, seq: int, lengths: torch.Tensor, device: torch.device | None = None,
+                   geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Mean prior vote over each span of a partition of slots ``[0, lengths.sum())``, or None without evidence.
 
         Args:
@@ -52,6 +65,8 @@ class LayerConsensus:
             lengths: ``[num_spans]`` span lengths, in slot order, starting at slot 0 (best on the host).
             device: Where the result is wanted (default: the host); the prior moves there once if it lives
                 elsewhere.
+            geometry: The lengths and partition bounds already on ``device``
+                (:meth:`~ltri_rag.span_memory.SpanTable.geometry_on`): then nothing is copied from the host.
 
         Returns:
             ``[num_spans]`` float32 on ``device``, in [0, 1]; slots the prior does not cover read as 0.
@@ -63,16 +78,23 @@ class LayerConsensus:
         if prior.device != device:
             prior = self.prior[seq] = prior.to(device)
         sums = self._prior_sums(seq, prior)
-        lengths = lengths.to("cpu", torch.int64)
         last = sums.numel() - 1
-        ends = torch.cumsum(lengths, 0)
-        bounds = to_device(torch.stack([ends.clamp(max=last), (ends - lengths).clamp(max=last)]), device)
+        if geometry is not None:
+            lengths_on, bounds = geometry
+            bounds = bounds.clamp(max=last)
+        else:
+            lengths = lengths.to("cpu", torch.int64)
+            ends = torch.cumsum(lengths, 0)
+            bounds = to_device(torch.stack([ends.clamp(max=last), (ends - lengths).clamp(max=last)]), device)
+            lengths_on = to_device(lengths, device)
         inside = sums[bounds[0]] - sums[bounds[1]]
-        return (inside / to_device(lengths, device)).to(torch.float32)
+        return (inside / lengths_on).to(torch.float32)
 
-    def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor) -> None:
+    def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor,
+                geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths
-        (``[num_spans]``, in slot order from slot 0, best on the host). The evidence is kept on ``votes``' device."""
+        (``[num_spans]``, in slot order from slot 0, best on the host). The evidence is kept on ``votes``' device.
+        ``geometry``: as in :meth:`span_prior` (then the bounds are not copied from the host)."""
         lengths = lengths.to("cpu", torch.int64)
         device = votes.device
         weight = votes.to(torch.float64)
@@ -86,8 +108,12 @@ class LayerConsensus:
             if acc is not None:
                 grown[: acc.numel()] = acc
             acc = grown
-        acc.index_add_(0, to_device(ends - lengths, device), weight)
-        acc.index_add_(0, to_device(ends, device), -weight)
+        if geometry is not None:
+            starts_on, ends_on = geometry[1][1], geometry[1][0]
+        else:
+            starts_on, ends_on = to_device(ends - lengths, device), to_device(ends, device)
+        acc.index_add_(0, starts_on, weight)
+        acc.index_add_(0, ends_on, -weight)
         self._acc[seq] = acc
         self._count[seq] += 1
 
@@ -98,6 +124,17 @@ class LayerConsensus:
                 self.prior[seq] = (torch.cumsum(acc[:-1], 0) / self._count[seq]).to(torch.float32)
         self._acc = [None] * len(self._acc)
         self._count = [0] * len(self._count)
+
+    def effects(self) -> tuple:
+        """The evidence gathered since the last commit (what a replayed CUDA graph of a step leaves: see
+        :meth:`restore_effects`)."""
+        return list(self._acc), list(self._count)
+
+    def restore_effects(self, effects: tuple) -> None:
+        """Take ``effects`` (:meth:`effects` of a captured step, whose tensors a replay has refilled) as the
+        evidence gathered since the last commit."""
+        acc, count = effects
+        self._acc, self._count = list(acc), list(count)
 
     def discard(self) -> None:
         """Drop the evidence gathered since the last commit (the pass that gathered it failed)."""

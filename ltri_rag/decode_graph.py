@@ -53,8 +53,8 @@ def graph_unsupported(cache: LtriCache, device: torch.device, capture: bool = Tr
     cfg = cache.config
     if not cfg.decode_graph:
         return "decode_graph is False"
-    if cfg.decode_retrieval_stride < 2:
-        return "decode_retrieval_stride is 1: every decode step retrieves"
+    if cfg.decode_retrieval_stride < 2 and not (cfg.decode_graph_retrieval and cfg.retrieves):
+        return "decode_retrieval_stride is 1 and retrieving steps are not captured: every decode step retrieves"
     if cfg.position_scheme == "fixed":
         return "the 'fixed' position scheme rotates the memory queries by the step's position"
     if len(cache.global_states) != len(cache.states):
@@ -78,7 +78,8 @@ class DecodeGraph:
             eagerly (False).
     """
 
-    def __init__(self, model: nn.Module, cache: LtriCache, cache_kw: str, capture: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache: LtriCache, cache_kw: str, capture: bool = True,
+                 retrieve: bool = True) -> None:
         device = cache.device
         reason = graph_unsupported(cache, device, capture)
         if reason is not None:
@@ -87,34 +88,61 @@ class DecodeGraph:
         self.cache = cache
         self.cache_kw = cache_kw
         self.capture = capture
+        self.retrieve = retrieve and cache.config.decode_graph_retrieval and cache.pool is not None
         batch = cache.num_sequences
         self.input_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
         self.position_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1]
         self.window = (torch.zeros(1, dtype=torch.int64, device=device),  # where the new token goes
-                       torch.ones(1, dtype=torch.int64, device=device))  # the window's length with it
+                       torch.ones(1, dtype=torch.int64, device=device),  # the window's length with it
+                       self.position_ids[0])  # [1] the step's position (a view of the model's input)
         cfg = cache.config
         # the most a decode step's window holds: fixed segmentation evicts whole blocks, so it may wait longer
         block = cfg.block_size if cfg.segmentation == "fixed" else 0
         self._window_room = cfg.local_window + cfg.evict_stride + block + 1
         self._memory_width = -(-(cfg.num_sink_tokens + cfg.budget) // _MEMORY_ROUND) * _MEMORY_ROUND
+        self._mode: str | None = None  # what ready() found the next step to be: "reuse" or "retrieve"
+        # reuse steps: one graph, captured again when an address it holds changes
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._logits: torch.Tensor | None = None  # the graph's output
         self._staged: list[tuple] = []  # per global layer: the ``_pending`` a replay leaves
         self._warmed = False
+        # retrieving steps: one graph per set of spans (an eviction changes the spans: a new graph)
+        self._retrieve_graph: torch.cuda.CUDAGraph | None = None
+        self._retrieve_key: tuple | None = None
+        self._retrieve_seen = False  # a step with this key ran eagerly (its kernels are compiled)
+        self._retrieve_logits: torch.Tensor | None = None
+        self._retrieve_inputs: list[torch.Tensor] = []  # the state tensors the graph reads, refilled per replay
+        self._retrieve_effects: list[tuple] = []  # per global layer: what a replay stages
+        self._consensus_effects: tuple | None = None
         self.steps = 0  # steps run in graph form (replayed, captured, warm-up, or eager without capture)
         self.replays = 0  # of which replayed from a captured graph
         self.captures = 0  # graphs captured
+        self.retrieving_steps = 0  # graph-form steps that retrieved (replayed or not)
+        self.retrieving_replays = 0  # of which replayed
 
     # ------------------------------------------------------------------------------------------------ checks
     def ready(self) -> bool:
-        """Whether the next decode step can run in graph form: the sinks are full and every global layer reuses
-        its memory part."""
+        """Whether the next decode step can run in graph form: the sinks are full, and every global layer reuses
+        its memory part, or (``retrieve``) every one retrieves and can select on the device (spans in every
+        sequence, every pool page in the pool's device tier, see :meth:`GlobalLayerState.graph_retrievable`)."""
         cache = self.cache
+        self._mode = None
         if cache.plan is not None or cache.num_sinks < cache.config.num_sink_tokens or cache.window_len < 1:
             return False
         probe = StepPlan(pos0=cache.seen_tokens, q_len=1, num_to_sinks=0, num_evict=0, first_slot=0, decode=True)
-        return all(state.reuses_memory(probe) for state in cache.global_states)
+        reuses = [state.reuses_memory(probe) for state in cache.global_states]
+        if all(reuses):
+            self._mode = "reuse"
+        elif self.retrieve and not any(reuses) and self._retrievable():
+            self._mode = "retrieve"
+        return self._mode is not None
+
+    def _retrievable(self) -> bool:
+        pool, device = self.cache.pool, self.cache.device
+        if not all(pool.on_device_tier(seq, device) for seq in range(self.cache.num_sequences)):
+            return False  # a page in host memory: selection stays on the host
+        return all(state.graph_retrievable(self.cache.device) is None for state in self.cache.global_states)
 
     # -------------------------------------------------------------------------------------------------- step
     @torch.inference_mode()
@@ -130,14 +158,14 @@ class DecodeGraph:
         """
         cache = self.cache
         states: list[GlobalLayerState] = cache.global_states
+        retrieving = self._mode == "retrieve"
+        if self._mode is None:
+            raise RuntimeError("DecodeGraph.step without a successful ready()")
+        self._mode = None
         for state in states:
             state.reserve_window(self._window_room)
-            state.load_graph_memory(self._memory_width)
-        key = tuple((t.data_ptr(), tuple(t.shape)) for state in states
-                    for t in (*state.window_storage(), *state._graph_memory))
-        if key != self._graph_key:
-            self._graph = None
-            self._graph_key = key
+            if not retrieving:
+                state.load_graph_memory(self._memory_width)
         self.input_ids.copy_(token_ids)
         self.position_ids.fill_(position)
         self.window[0].fill_(cache.window_len)
@@ -145,18 +173,7 @@ class DecodeGraph:
         cache.graph_window = self.window
         cache.begin_step(1, decode=True, graph=True)
         try:
-            if not self.capture:
-                logits = self._forward()
-            elif self._graph is not None:
-                self._graph.replay()
-                for state, staged in zip(states, self._staged):
-                    state.stage_graph_step(staged, cache.plan)
-                logits = self._logits
-                self.replays += 1
-            elif not self._warmed:
-                logits = self._warm_up()
-            else:
-                logits = self._capture()
+            logits = self._retrieving_step(states) if retrieving else self._reuse_step(states)
         except BaseException:
             cache.abort_step()
             raise
@@ -164,7 +181,82 @@ class DecodeGraph:
             cache.graph_window = None
         cache.end_step()
         self.steps += 1
+        self.retrieving_steps += retrieving
         return logits[:, -1].clone()
+
+    def _reuse_step(self, states: list[GlobalLayerState]) -> torch.Tensor:
+        """A step reusing every layer's memory part: warm-up, capture, then replays of one graph."""
+        key = tuple((t.data_ptr(), tuple(t.shape)) for state in states
+                    for t in (*state.window_storage(), *state._graph_memory))
+        if key != self._graph_key:
+            self._graph = None
+            self._graph_key = key
+        if not self.capture:
+            return self._forward()
+        if self._graph is not None:
+            self._graph.replay()
+            for state, staged in zip(states, self._staged):
+                state.stage_graph_step(staged, self.cache.plan)
+            self.replays += 1
+            return self._logits
+        if not self._warmed:
+            return self._warm_up()
+        graph, logits = self._capture_graph()
+        # what each layer staged while being captured is what every replay leaves (the same tensors)
+        self._staged = [state.staged_step() for state in states]
+        self._graph, self._logits = graph, logits
+        graph.replay()
+        return logits
+
+    def _retrieving_step(self, states: list[GlobalLayerState]) -> torch.Tensor:
+        """A step where every layer retrieves, selecting on the device. Per set of spans (they change at each
+        eviction): the first such step runs eagerly (Triton compiles for the new shapes), the second is captured,
+        later ones replay, with the state they read refilled in place (persistence, the cross-layer prior) and what
+        they stage restored."""
+        for state in states:
+            state.prepare_graph_retrieval(self._memory_width)
+        inputs = self._graph_inputs(states)
+        key = (tuple(state._memory_key(self.cache.plan) for state in states),
+               tuple(state.graph_addresses() for state in states),
+               tuple(None if t is None else (t.dtype, tuple(t.shape)) for t in inputs))
+        if key != self._retrieve_key:
+            self._retrieve_graph = None
+            self._retrieve_key = key
+            self._retrieve_seen = False
+        if not self.capture or not self._retrieve_seen:
+            self._retrieve_seen = True
+            return self._forward()
+        consensus = self.cache.consensus
+        if self._retrieve_graph is not None:
+            for captured, current in zip(self._retrieve_inputs, inputs):
+                if current is not None and current is not captured:
+                    captured.copy_(current)
+            self._retrieve_graph.replay()
+            for state, effects in zip(states, self._retrieve_effects):
+                state.restore_graph_effects(effects)
+            if consensus is not None:
+                consensus.restore_effects(self._consensus_effects)
+            self.replays += 1
+            self.retrieving_replays += 1
+            return self._retrieve_logits
+        if consensus is not None:
+            consensus.forget_sums()  # the graph computes the prior's sums from the prior it reads
+        graph, logits = self._capture_graph()
+        self._retrieve_inputs = inputs
+        self._retrieve_effects = [state.graph_effects() for state in states]
+        self._consensus_effects = None if consensus is None else consensus.effects()
+        self._retrieve_graph, self._retrieve_logits = graph, logits
+        graph.replay()
+        return logits
+
+    def _graph_inputs(self, states: list[GlobalLayerState]) -> list[torch.Tensor | None]:
+        """The state tensors a retrieving step reads that change between its replays: each layer's persistence
+        state and each sequence's cross-layer prior."""
+        inputs: list[torch.Tensor | None] = [t for state in states for t in state.graph_inputs()]
+        consensus = self.cache.consensus
+        if consensus is not None and self.cache.config.consensus_weight > 0:
+            inputs.extend(consensus.prior)
+        return inputs
 
     def _forward(self) -> torch.Tensor:
         """The model on the fixed inputs: ``[B, 1, vocab]`` logits."""
@@ -183,8 +275,8 @@ class DecodeGraph:
         self._warmed = True
         return logits
 
-    def _capture(self) -> torch.Tensor:
-        """Capture the step (nothing runs while capturing), then replay it once: this step's result.
+    def _capture_graph(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the step (nothing runs while capturing): the graph and its logits tensor (filled by a replay).
 
         Captured on a side stream with ``CUDAGraph.capture_begin`` / ``capture_end`` rather than the
         ``torch.cuda.graph`` context, which first empties PyTorch's device and pinned-host caches: at 512K tokens
@@ -206,12 +298,8 @@ class DecodeGraph:
                 raise
             graph.capture_end()
         current.wait_stream(stream)
-        # what each layer staged while being captured is what every replay leaves (the same tensors)
-        self._staged = [state.staged_step() for state in self.cache.global_states]
-        self._graph, self._logits = graph, logits
         self.captures += 1
-        graph.replay()
-        return logits
+        return graph, logits
 
 
 def warn_disabled(reason: BaseException) -> None:

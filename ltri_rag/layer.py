@@ -150,12 +150,15 @@ class GlobalLayerState(GraphFormSteps):
         recency = table.recency_on(scores.device) if cfg.persistence else None
         pinned = self._pinned(seq, plan, len(table))
         extra = pinned if cfg.pin_extra_budget else None  # pinned on top of the budget, not within it
+        # selecting on a GPU: the span geometry is kept there, so the step copies nothing from the host
+        geometry = table.geometry_on(scores.device) if scores.device.type != "cpu" else None
         kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
-                      recency=recency, bonus=cfg.persistence_bonus, pinned=None if extra is not None else pinned)
+                      recency=recency, bonus=cfg.persistence_bonus, pinned=None if extra is not None else pinned,
+                      device_lengths=None if geometry is None else geometry[0])
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
-            prior = self.consensus.span_prior(seq, table.lengths, device=scores.device)
-            self.consensus.deposit(seq, table.lengths, selected.any(dim=0))
+            prior = self.consensus.span_prior(seq, table.lengths, device=scores.device, geometry=geometry)
+            self.consensus.deposit(seq, table.lengths, selected.any(dim=0), geometry=geometry)
             if prior is not None:
                 selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
                                         prior_weight=cfg.consensus_weight, **kwargs)
@@ -176,13 +179,17 @@ class GlobalLayerState(GraphFormSteps):
             return False
         return all(self.pool.on_device_tier(seq, q.device) for seq in range(len(self.tables)))
 
-    def _selections(self, q: torch.Tensor, plan: StepPlan, scaling: float,
-                    on_device: bool) -> list[torch.Tensor | None]:
+    def _selections(self, q: torch.Tensor, plan: StepPlan, scaling: float, on_device: bool,
+                    position: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """Per sequence the ``[rows, S]`` bool selection of its spans for this step (on the host, or on the compute
-        device when ``on_device``), or None for a sequence without spans."""
+        device when ``on_device``), or None for a sequence without spans. ``position``: ``[1]`` int64 on ``q``'s
+        device holding ``plan.pos0`` (a graph-form step: the queries' positions are then read from the device)."""
         out: list[torch.Tensor | None] = []
         picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
-        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        if position is None:
+            q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        else:
+            q_pos = position.reshape(1) + torch.arange(plan.q_len, device=position.device)
         if picks is not None:
             q_pos = q_pos[picks]
             picks = to_device(picks, q.device)
@@ -196,15 +203,15 @@ class GlobalLayerState(GraphFormSteps):
                 out.append(self._select(seq, table, q_free, scaling, plan, on_device))
         return out
 
-    def _retrieved(self, q: torch.Tensor, plan: StepPlan,
-                   scaling: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _retrieved(self, q: torch.Tensor, plan: StepPlan, scaling: float,
+                   position: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots: on the
         host with ``n`` the most tokens a row selected; or, selecting on the device, there, with ``n`` the most any
-        row can select and -1 past a row's tokens)."""
+        row can select and -1 past a row's tokens). A graph-form step (``position`` given) selects on the device."""
         out = []
-        on_device = self._selects_on_device(q)
+        on_device = position is not None or self._selects_on_device(q)
         num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
-        for seq, selected in enumerate(self._selections(q, plan, scaling, on_device)):
+        for seq, selected in enumerate(self._selections(q, plan, scaling, on_device, position)):
             if selected is None:
                 out.append((None, None, None))
                 continue
@@ -254,14 +261,15 @@ class GlobalLayerState(GraphFormSteps):
         self._last_slots = [torch.from_numpy(s) for s in memory_plan.slots if s is not None]
         return self._memory_queries(q, plan), mem_k, mem_v, mask
 
-    def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float) -> tuple[torch.Tensor, ...] | None:
+    def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float,
+                position: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
         """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device, and where the slot lists were
         made), positions ``[B, Hkv, M]`` (where the slot lists were made), or None if empty:
-        ``(mem_k, mem_v, mask, pos, slot_mask)``."""
+        ``(mem_k, mem_v, mask, pos, slot_mask)``. ``position``: see :meth:`_selections`."""
         if self.sink_k is None and not any(len(t) for t in self.tables):
             return None
         batch = q.shape[0]
-        parts = self._retrieved(q, plan, scaling) if self.tables else [(None, None, None)] * batch
+        parts = self._retrieved(q, plan, scaling, position) if self.tables else [(None, None, None)] * batch
         num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         ref = self.sink_k if self.sink_k is not None else self.win_k
         num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
@@ -347,7 +355,7 @@ class GlobalLayerState(GraphFormSteps):
 
     # ------------------------------------------------------------------------------------------------------ step
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, *, scaling: float,
-               softcap: float | None, graph_window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               softcap: float | None, graph_window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """One forward pass of this layer.
 
         Args:
@@ -358,7 +366,8 @@ class GlobalLayerState(GraphFormSteps):
             scaling: Score multiplier.
             softcap: Optional score soft-capping.
             graph_window: For a graph-form step (``plan.graph``): one-element int64 device tensors holding the
-                window's length before the step (where the new token goes) and after it (see :meth:`_attend_graph`).
+                window's length before the step (where the new token goes), after it, and the step's position
+                (see :meth:`_attend_graph`).
 
         Returns:
             ``[B, H, C, D]`` float32 attention output.

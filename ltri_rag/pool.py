@@ -180,18 +180,36 @@ class PagedKVPool:
         mine, other = self.device, torch.device(device)
         if mine.type != other.type or (mine.index is not None and other.index is not None and mine.index != other.index):
             return False
+        if self._split is None or self._next_page <= self._split:  # every page handed out is in the first tier
+            return True
         table = self.page_tables[seq]
-        return self._split is None or not table or max(table) < self._split
+        return not table or max(table) < self._split
+
+    def _device_table(self, seq: int, device: torch.device) -> torch.Tensor:
+        """``[pages]`` int64 page table of ``seq`` on ``device`` (copied again only when pages were added)."""
+        table = self._device_tables[seq]
+        if table is None or table.device != torch.device(device):
+            table = self._device_tables[seq] = to_device(torch.tensor(self.page_tables[seq], dtype=torch.int64),
+                                                         device)
+        return table
+
+    def prepare_on_device(self, seq: int, device: torch.device) -> None:
+        """Bring ``seq``'s page table and slot positions up to date on ``device`` now, so that
+        :meth:`gather_on_device` and :meth:`positions` of device slots copy nothing until the pool changes (what
+        a step captured as a CUDA graph needs)."""
+        self._device_table(seq, device)
+        self._positions_on(seq, torch.device(device))
+
+    def device_lookups(self, seq: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The device page table and positions of ``seq`` as last prepared (None where none is kept)."""
+        return self._device_tables[seq], self._device_positions[seq]
 
     def gather_on_device(self, layer: int, seq: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`gather` for ``slots: [num_kv_heads, n]`` (valid, reserved slots) on the first tier's device, with
         the slot arithmetic on that device: nothing is read back (see :meth:`on_device_tier`)."""
         num_kv_heads, n = slots.shape
         device = slots.device
-        table = self._device_tables[seq]
-        if table is None or table.device != device:
-            table = self._device_tables[seq] = to_device(torch.tensor(self.page_tables[seq], dtype=torch.int64),
-                                                         device)
+        table = self._device_table(seq, device)
         flat = table[slots // self.page_size] * self.page_size + slots % self.page_size  # [Hkv, n]
         rows = (flat * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None]).reshape(-1)
         k_rows, v_rows = self._fast.rows(layer)

@@ -101,6 +101,7 @@ def select_spans(
     prior: torch.Tensor | None = None,
     prior_weight: float = 0.0,
     pinned: torch.Tensor | None = None,
+    device_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spans to load, filling ``budget`` tokens in rank order.
 
@@ -116,6 +117,8 @@ def select_spans(
         prior: ``[num_spans]`` cross-layer evidence (see :mod:`ltri_rag.consensus`) or None.
         prior_weight: Weight in [0, 1] of ``prior`` against the layer's own scores (both z-normalised).
         pinned: ``[num_spans]`` bool, spans ranked before all others (still within the budget), or None.
+        device_lengths: ``lengths`` already on ``scores``' device, for device scores (the torch path then copies
+            nothing from the host; see :meth:`~ltri_rag.span_memory.SpanTable.geometry_on`).
 
     Returns:
         ``[rows, num_spans]`` bool, ``rows`` = 1 (shared) or ``num_kv_heads``, on ``scores``' device.
@@ -127,9 +130,11 @@ def select_spans(
     uses_recency = recency is not None and bonus > 0
     host = (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.is_contiguous()
             and not (uses_recency and recency.dtype != torch.float32))
-    select = _select_spans_host if host else _select_spans_torch
-    return select(scores, lengths, budget, num_kv_heads=num_kv_heads, scope=scope, voting=voting, recency=recency,
-                  bonus=bonus, prior=prior, prior_weight=prior_weight, pinned=pinned)
+    kwargs = dict(num_kv_heads=num_kv_heads, scope=scope, voting=voting, recency=recency, bonus=bonus, prior=prior,
+                  prior_weight=prior_weight, pinned=pinned)
+    if host:
+        return _select_spans_host(scores, lengths, budget, **kwargs)
+    return _select_spans_torch(scores, lengths, budget, device_lengths=device_lengths, **kwargs)
 
 
 def _selection_rows(scope: str, num_kv_heads: int) -> int:
@@ -142,7 +147,7 @@ def _selection_rows(scope: str, num_kv_heads: int) -> int:
 def _select_spans_torch(
     scores: torch.Tensor, lengths: torch.Tensor, budget: int, *, num_kv_heads: int, scope: str = "shared",
     voting: bool = False, recency: torch.Tensor | None = None, bonus: float = 0.0, prior: torch.Tensor | None = None,
-    prior_weight: float = 0.0, pinned: torch.Tensor | None = None,
+    prior_weight: float = 0.0, pinned: torch.Tensor | None = None, device_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_spans` in torch operations on ``scores``' device (any device and float dtype): the reference
     of the host path. Same arguments and result."""
@@ -158,7 +163,7 @@ def _select_spans_torch(
         # above every unpinned key (keys are z-scores, or votes + sigmoid), order among the pinned kept
         lift = keys.abs().max() + float(num_heads) + 1.0
         keys = keys + lift * 2 * pinned.to(keys.device)[None, :].float()
-    return _fill_budget(keys, lengths, budget)
+    return _fill_budget(keys, lengths, budget, device_lengths)
 
 
 def _select_spans_host(
@@ -235,7 +240,8 @@ def _rank_keys_host(
 _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
 
 
-def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
+                 device_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits (the prefix of
     ranked spans that fits, then up to ``_TAIL`` more ranks), on the keys' device (see :func:`_fill_budget_host`
     and :func:`_fill_budget_device`).
@@ -244,19 +250,22 @@ def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torc
         keys: ``[rows, S]`` ranking keys (higher first; ties keep span order).
         lengths: ``[S]`` span lengths (>= 1), best kept on the host.
         budget: Token budget per row.
+        device_lengths: ``lengths`` on the keys' device, if the caller has them there.
     """
-    if keys.device.type == "cpu":
+    if keys.device.type == "cpu" and device_lengths is None:
         return _fill_budget_host(keys, lengths.cpu(), budget)
-    return _fill_budget_device(keys, lengths, budget)
+    return _fill_budget_device(keys, lengths, budget, device_lengths)
 
 
-def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
+def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
+                        device_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, S]`` bool: walk each row's spans in rank order, taking every span that still fits.
 
     Args:
         keys: ``[rows, S]`` ranking keys (higher first; ties keep span order).
         lengths: ``[S]`` span lengths (>= 1), best kept on the host: the longest is read from it.
         budget: Token budget per row.
+        device_lengths: ``lengths`` already on the keys' device (nothing is then copied from the host).
 
     The prefix of ranked spans that fits is taken at once; then the next ``_TAIL`` ranked spans are walked
     greedily, each taken if it fits in what is left. Everything stays on the keys' device, without a read-back:
@@ -267,7 +276,7 @@ def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int) 
     """
     rows, num_spans = keys.shape
     longest = int(lengths.max()) if num_spans else 1  # a host read when ``lengths`` lives on the host
-    lengths = to_device(lengths, keys.device)
+    lengths = to_device(lengths, keys.device) if device_lengths is None else device_lengths
     order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
     ranked = lengths[order]  # [R, S]
     fits = torch.cumsum(ranked, dim=1) <= budget  # the prefix that fits (lengths >= 1)

@@ -42,6 +42,8 @@ class SpanTable:
         self._slot_mapped = 0
         self._slot_device: torch.Tensor | None = None
         self._slot_synced = 0
+        # device copies of the span geometry (selection on the device), dropped when spans are appended
+        self._geometry: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.starts.numel())
@@ -70,6 +72,7 @@ class SpanTable:
         self._owner_host = torch.cat([self._owner_host, owner + offset])
         self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
         self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
+        self._geometry = None
 
     def _map_slots(self) -> None:
         """Record the spans appended since the last call in the slot -> span map."""
@@ -101,6 +104,24 @@ class SpanTable:
                                           device)
         self._slot_synced = self._slot_end
         return self._slot_device
+
+    def geometry_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span lengths and their partition bounds on ``device``, copied once per set of spans (what selecting
+        on the device reads, so that a step there copies nothing from the host: a CUDA graph can capture it).
+
+        Returns:
+            ``lengths`` ``[S]`` int64 and ``bounds`` ``[2, S]`` int64: row 0 the running sum of the lengths (each
+            span's end when the spans are laid end to end from slot 0, as :class:`~ltri_rag.consensus.LayerConsensus`
+            counts them), row 1 that minus the lengths (each span's start).
+        """
+        device = torch.device(device)
+        cached = self._geometry
+        if cached is None or cached[0] != device:
+            lengths = self.lengths
+            ends = torch.cumsum(lengths, 0)
+            cached = self._geometry = (device, to_device(lengths, device),
+                                       to_device(torch.stack([ends, ends - lengths]), device))
+        return cached[1], cached[2]
 
     def recency_on(self, device: torch.device) -> torch.Tensor:
         """The persistence state, moved to ``device`` (where selection runs) and kept there."""

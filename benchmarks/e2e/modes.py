@@ -12,15 +12,21 @@ import torch
 
 from ltri_rag import LtriConfig
 
-MODES = ("full", "streaming", "infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
-         "ltri_stride8_eager", "ltri_c512", "ltri_device_select", "ltri_all_queries")
-RETRIEVING = ("infllm", "ltri", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager", "ltri_c512",
-              "ltri_device_select", "ltri_all_queries")
+MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
+         "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
+         "ltri_all_queries")
+RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
+              "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
+              "ltri_all_queries")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
 # decoded token retrieves once in 8 and reuses the memory part in between (``decode_retrieval_stride``), those
-# steps replayed as a CUDA graph on CUDA (``decode_graph``); ``ltri_stride8_eager``: the same with every step eager;
+# steps replayed as a CUDA graph on CUDA (``decode_graph``), the retrieving steps too while the pool is on the GPU
+# (``decode_graph_retrieval``); ``ltri_stride8_eager``: the same with every step eager; ``ltri_stride8_reuse_graph``:
+# only the reuse steps as graphs (the session 13 engine); ``ltri_stride8_gpu_pool``: ``ltri_stride8`` with the whole
+# pool on the GPU (so retrieving steps are captured at any length that fits); ``ltri_eager``: ``ltri`` (every decode
+# step retrieves) without CUDA graphs;
 # ``ltri_c512``: prompts read in chunks of 512 tokens instead of the default 2,048 (4x the passes, so 4x the per-pass
 # host work; a finer retrieval: one selection serves 512 queries); ``ltri_device_select``: spans chosen on the
 # device, without a read-back (``selection_on_device``); ``ltri_all_queries``: span
@@ -30,6 +36,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
                                                    "ltri_stride8_eager": ("ltri", {"decode_retrieval_stride": 8,
                                                                                    "decode_graph": False}),
+                                                   "ltri_stride8_reuse_graph": ("ltri", {
+                                                       "decode_retrieval_stride": 8,
+                                                       "decode_graph_retrieval": False}),
+                                                   "ltri_stride8_gpu_pool": ("ltri", {"decode_retrieval_stride": 8,
+                                                                                      "kv_offload": False}),
+                                                   "ltri_eager": ("ltri", {"decode_graph": False}),
                                                    "ltri_c512": ("ltri", {"chunk_size": 512}),
                                                    "ltri_device_select": ("ltri", {"selection_on_device": True}),
                                                    "ltri_all_queries": ("ltri", {"score_queries": None})}

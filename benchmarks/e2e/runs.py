@@ -203,16 +203,19 @@ class Bench:
             median = statistics.median(times)
             graph = getattr(session, "decode_graph", None)
             if graph is not None:  # steps in graph form / replayed / graphs captured (the rest ran eagerly)
-                row.update(graph_steps=graph.steps, graph_replays=graph.replays, graph_captures=graph.captures)
+                row.update(graph_steps=graph.steps, graph_replays=graph.replays, graph_captures=graph.captures,
+                           graph_retrieving_steps=graph.retrieving_steps,
+                           graph_retrieving_replays=graph.retrieving_replays)
             row.update(status="ok", tokens=len(times), median_ms=median, mean_ms=statistics.fmean(times),
                        min_ms=min(times), max_ms=max(times), times_ms=[round(t, 3) for t in times],
                        peak_gib=peak_gib(self.device), floor_weights_ms=weights_ms, floor_weights_kv_ms=kv_ms,
                        x_floor=median / kv_ms,
                        baseline=("Hugging Face eager, DynamicCache (engine mode full)" if mode == "full"
                                  else "ltri_rag engine, eager" if graph is None
-                                 else "ltri_rag engine, reuse steps replayed as a CUDA graph"))
+                                 else "ltri_rag engine, decode steps replayed as CUDA graphs"))
             print(f"{tag} decode {median:.1f} ms/token median, {statistics.fmean(times):.1f} mean of {len(times)} "
-                  f"(floor {kv_ms:.2f} ms)" + (f"; {graph.replays} replays, {graph.captures} captures"
+                  f"(floor {kv_ms:.2f} ms)" + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving), "
+                                               f"{graph.captures} captures"
                                                if graph is not None else ""), flush=True)
         except Exception as err:  # noqa: BLE001
             self._failure(row, err, tag + " decode")

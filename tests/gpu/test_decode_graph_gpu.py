@@ -23,12 +23,20 @@ def _config(**overrides) -> LtriConfig:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [dict(), dict(mode="streaming", decode_retrieval_stride=5),
                                   dict(batch=2, position_scheme="absolute", kv_offload=True),
-                                  dict(mode="infllm", position_scheme="contiguous", evict_stride=9)],
-                         ids=["ltri", "streaming", "batch2-host-pool", "infllm"])
+                                  dict(mode="infllm", position_scheme="contiguous", evict_stride=9),
+                                  dict(evict_stride=24, decode_retrieval_stride=2),
+                                  dict(batch=2, evict_stride=30, decode_retrieval_stride=3, voting=True,
+                                       retrieval_scope="per_kv_head"),
+                                  dict(evict_stride=24, decode_retrieval_stride=1)],
+                         ids=["ltri", "streaming", "batch2-host-pool", "infllm", "ltri-long-cycles",
+                              "batch2-voting-per-kv-head", "ltri-stride1"])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that fails (and falls back) fails the test
 def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtype, case) -> None:
     """Three sessions decode the same 48 tokens: eager, graph form without capture, graph form captured. The
     replays are bit-for-bit the uncaptured graph form (the same kernels on the same shapes) and match the eager
-    steps to float rounding; most steps are replays, and one graph serves every eviction cycle."""
+    steps to float rounding; most steps are replays. One graph serves every reuse step; a retrieving step (pool on
+    the device) is captured once per set of spans and replayed until the next eviction, its persistence state
+    and cross-layer prior refilled in place: with long cycles most retrieving steps are replays too."""
     case = dict(case)
     batch = case.pop("batch", 1)
     model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda().to(dtype)
@@ -52,10 +60,24 @@ def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtyp
         agree += int((logits[2].argmax(-1) == logits[0].argmax(-1)).all())
     assert agree >= 44
     graph = captured.decode_graph
-    assert graph.captures == 1 and graph.replays >= 20 and graph.steps == plain.decode_graph.steps
+    assert graph.replays >= 20 and graph.steps == plain.decode_graph.steps
+    assert graph.retrieving_steps == plain.decode_graph.retrieving_steps
+    if cfg.mode == "streaming" or cfg.kv_offload is True:  # no device selection: only the reuse graph
+        assert graph.captures == 1 and graph.retrieving_steps == 0
+    elif cfg.mode == "ltri":  # (InfLLM's 128-token blocks: no span is stored in this short run)
+        assert graph.retrieving_steps >= 48 // (2 * cfg.decode_retrieval_stride)
+    if cfg.evict_stride >= 24:
+        assert graph.retrieving_replays >= graph.retrieving_steps // 2
     for a, b in zip(plain.cache.global_states, captured.cache.global_states):
         torch.testing.assert_close(b.win_k, a.win_k, atol=0, rtol=0)
         torch.testing.assert_close(b.win_mass, a.win_mass, atol=0, rtol=0)
+        for ta, tb in zip(a.tables, b.tables):
+            torch.testing.assert_close(tb.recency, ta.recency, atol=0, rtol=0)
+    if plain.cache.consensus is not None:
+        for pa, pb in zip(plain.cache.consensus.prior, captured.cache.consensus.prior):
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                torch.testing.assert_close(pb, pa, atol=0, rtol=0)
 
 
 def _decodes_eagerly_after_a_failed_capture(match: str, steps: int) -> None:
@@ -81,7 +103,7 @@ def test_capture_failure_falls_back_to_eager_steps(monkeypatch) -> None:
     def broken(self):
         raise RuntimeError("capture refused")
 
-    monkeypatch.setattr(DecodeGraph, "_capture", broken)
+    monkeypatch.setattr(DecodeGraph, "_capture_graph", broken)
     _decodes_eagerly_after_a_failed_capture("capture refused", 12)
 
 

@@ -29,12 +29,14 @@ def _config(**overrides) -> LtriConfig:
     return LtriConfig(**base)
 
 
-def _pair(model, cfg: LtriConfig, batch: int = 1) -> tuple[LtriSession, LtriSession]:
-    """(eager session, session running its reuse steps in graph form, eagerly)."""
-    eager = LtriSession(model, cfg.replace(decode_graph=False), batch_size=batch)
+def _pair(model, cfg: LtriConfig, batch: int = 1, retrieve: bool = False) -> tuple[LtriSession, LtriSession]:
+    """(eager session, session running its reuse steps, and with ``retrieve`` its retrieving steps, in graph
+    form, eagerly). With ``retrieve`` the eager session selects spans on the device too (the CPU here), as the
+    graph form does."""
+    eager = LtriSession(model, cfg.replace(decode_graph=False, selection_on_device=retrieve), batch_size=batch)
     graphed = LtriSession(model, cfg, batch_size=batch)
     assert eager.decode_graph is None and graphed.decode_graph is None  # CPU: nothing is captured
-    graphed.decode_graph = DecodeGraph(model, graphed.cache, graphed.cache_kwarg, capture=False)
+    graphed.decode_graph = DecodeGraph(model, graphed.cache, graphed.cache_kwarg, capture=False, retrieve=retrieve)
     return eager, graphed
 
 
@@ -87,6 +89,60 @@ def test_graph_form_steps_equal_eager_steps(qwen2, case: dict) -> None:
     stride = cfg.decode_retrieval_stride
     assert graphed.decode_graph.steps == sum(forms) >= 40 * (stride - 2) // stride  # evictions end some cycles
     assert not all(forms)  # the retrieving steps stayed eager
+    assert graphed.decode_graph.retrieving_steps == 0
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # ltri: contiguous positions, triangle spans, persistence, cross-layer votes
+    dict(position_scheme="absolute", decode_retrieval_stride=3, retrieval_scope="per_kv_head"),
+    dict(mode="infllm", position_scheme="contiguous", segmentation="fixed", block_size=4),
+    dict(voting=True, consensus_weight=0.0, decode_retrieval_stride=2),
+    dict(batch=2, evict_stride=5, budget=9),
+], ids=["ltri", "absolute-per-kv-head", "infllm-contiguous", "voting", "batch2"])
+def test_retrieving_steps_in_graph_form_equal_eager_device_selection(qwen2, case: dict) -> None:
+    """With ``retrieve``, the retrieving steps run in graph form too (spans selected, gathered and placed with
+    the position read from a device tensor, the memory part written into the fixed buffers): over 40 tokens every
+    decode step once the sinks are full runs in graph form, and logits and state equal the eager session that
+    selects on the device."""
+    case = dict(case)
+    batch = case.pop("batch", 1)
+    cfg = _config(**case)
+    eager, graphed = _pair(qwen2, cfg, batch, retrieve=True)
+    ids = random_ids(batch, 45, seed=11)
+    logits = [s.feed(ids) for s in (eager, graphed)]
+    forms = []
+    for _ in range(40):
+        token = logits[0].argmax(-1)
+        forms.append(graphed.decode_graph.ready())
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+        _assert_same_state(eager, graphed)
+        for sa, sb in zip(eager.cache.global_states, graphed.cache.global_states):
+            for ta, tb in zip(sa.tables, sb.tables):
+                torch.testing.assert_close(tb.recency, ta.recency, atol=1e-6, rtol=0)
+    if eager.cache.consensus is not None:
+        for pa, pb in zip(eager.cache.consensus.prior, graphed.cache.consensus.prior):
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                torch.testing.assert_close(pb, pa, atol=1e-6, rtol=0)
+    graph = graphed.decode_graph
+    assert all(forms) and graph.steps == 40
+    assert graph.retrieving_steps >= 40 // cfg.decode_retrieval_stride
+
+
+def test_retrieving_steps_stay_eager_where_selection_cannot_run_on_the_device(qwen2) -> None:
+    """Named reasons: pinned prompt spans (a host selection), a layer without spans yet; such steps run eagerly."""
+    _, graphed = _pair(qwen2, _config(pin_prompt_spans=True), retrieve=True)
+    logits = graphed.feed(random_ids(1, 45, seed=3))
+    state = graphed.cache.global_states[0]
+    assert "pin_prompt_spans" in state.graph_retrievable(graphed.device)
+    for _ in range(12):
+        logits = graphed.step(logits.argmax(-1))
+    assert graphed.decode_graph.retrieving_steps == 0 and graphed.decode_graph.steps > 0
+    _, fresh = _pair(qwen2, _config(), retrieve=True)
+    fresh.feed(random_ids(1, 10, seed=3))  # nothing evicted yet
+    assert "no spans" in fresh.cache.global_states[0].graph_retrievable(fresh.device)
+    assert not fresh.decode_graph.ready()
 
 
 @pytest.mark.parametrize("case", [dict(evict_stride=4, decode_retrieval_stride=3),
@@ -166,7 +222,7 @@ def test_where_graph_form_is_unsupported() -> None:
     model = tiny_model("qwen2")
     cases = {
         "decode_graph is False": _config(decode_graph=False),
-        "decode_retrieval_stride is 1": _config(decode_retrieval_stride=1),
+        "decode_retrieval_stride is 1": _config(decode_retrieval_stride=1, decode_graph_retrieval=False),
         "'fixed' position scheme": _config(position_scheme="fixed"),
     }
     for reason, cfg in cases.items():
@@ -189,3 +245,21 @@ def test_graph_form_plan_is_checked(qwen2) -> None:
     with pytest.raises(ValueError, match="graph-form step decodes one token once the sinks are full"):
         session.cache.begin_step(2, decode=True, graph=True)
     assert session.cache.plan is None
+
+
+def test_every_step_retrieving_runs_in_graph_form(qwen2) -> None:
+    """``decode_retrieval_stride=1`` (every decoded token retrieves): with ``decode_graph_retrieval`` every step
+    once the sinks are full runs in graph form and equals the eager session that selects on the device; without
+    it the configuration is unsupported (nothing to reuse)."""
+    cfg = _config(decode_retrieval_stride=1)
+    session = LtriSession(qwen2, cfg)
+    assert graph_unsupported(session.cache, session.device, capture=False) is None
+    eager, graphed = _pair(qwen2, cfg, retrieve=True)
+    logits = [s.feed(random_ids(1, 45, seed=8)) for s in (eager, graphed)]
+    for _ in range(20):
+        token = logits[0].argmax(-1)
+        assert graphed.decode_graph.ready()
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+        _assert_same_state(eager, graphed)
+    assert graphed.decode_graph.retrieving_steps == graphed.decode_graph.steps == 20
