@@ -55,8 +55,8 @@ def recording(log: list[dict]):
     """Record every global layer's retrieved token positions (``slot + sinks``) per call of ``_retrieved``."""
     original = GlobalLayerState._retrieved
 
-    def traced(self: GlobalLayerState, q: torch.Tensor, plan: Any, scaling: float):
-        parts = original(self, q, plan, scaling)
+    def traced(self: GlobalLayerState, q: torch.Tensor, plan: Any, scaling: float, position: Any = None):
+        parts = original(self, q, plan, scaling, position)
         _, _, slots = parts[0]
         positions = None if slots is None else [
             (row[row >= 0] + self.cfg.num_sink_tokens).tolist() for row in slots]

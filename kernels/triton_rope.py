@@ -19,12 +19,17 @@ Shapes:
         ``i + rot_dim / 2``; dimensions from ``rot_dim`` on are copied);
     out_k / out_v: ``[N, D]`` of the output dtype.
 
-Angles are ``delta * inv_freq`` in float64 and their cosine and sine taken in float64, then rounded to float32,
-as :func:`ltri_rag.rope.rotate` does; the products run in float32 (so large positions stay exact). Under the
-interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kernel runs on CPU tensors.
+Angles are ``delta * inv_freq`` counted in turns in float64 and reduced to one turn there (so large positions stay
+exact), then their cosine and sine are taken in float32 (float64 ``cos`` / ``sin`` of large arguments take a slow
+reduction path on the GPU: 0.37 ms per layer's memory part on the H200, most of a captured retrieving decode step).
+:func:`ltri_rag.rope.rotate` takes them in float64 and rounds: the two agree to a few float32 ulps. The products run
+in float32. Under the interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kernel runs on CPU
+tensors.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
@@ -60,11 +65,14 @@ if triton is not None:
             in_rot = cols < 2 * HALF
             partner = tl.where(cols < HALF, cols + HALF, tl.where(in_rot, cols - HALF, cols))
             sign = tl.where(cols < HALF, -1.0, 1.0)
-            freq = tl.load(inv_freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64
+            freq = tl.load(inv_freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
             shift = tl.load(delta + (rows % period), mask=live, other=0).to(tl.float64)  # [R]
-            angle = shift[:, None] * freq[None, :]  # [R, C] float64
-            cos = tl.where(in_rot[None, :], tl.cos(angle).to(tl.float32), 1.0)
-            sin = tl.where(in_rot[None, :], tl.sin(angle).to(tl.float32), 0.0)
+            turns = shift[:, None] * freq[None, :]  # [R, C] float64
+            # the angle reduced to [-pi, pi] in float64 (exact for shifts far beyond any context), then a float32
+            # cosine and sine: float64 cos / sin of large arguments take a slow reduction path on the GPU
+            angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
+            cos = tl.where(in_rot[None, :], tl.cos(angle), 1.0)
+            sin = tl.where(in_rot[None, :], tl.sin(angle), 0.0)
             partner_off = tl.where(src >= 0, src, 0)[:, None] + partner[None, :]
         k = tl.load(main_k + main_off, mask=from_main, other=0.0).to(tl.float32)
         if ROTATE:
@@ -176,7 +184,8 @@ def gather_rotate_triton(
         return out_k, out_v
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_r = max(1, min(64, 4096 // block_d))
-    freq = inv_freq.to(device=device, dtype=torch.float64).contiguous() if rotate else main_k
+    # frequencies in turns per position (float64, computed where inv_freq lives: nothing is copied from the host)
+    freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else main_k
     _gather_rotate_kernel[(triton.cdiv(n_rows, block_r),)](
         main_k, main_k if main_v is None else main_v,
         main_k if aux_k is None else aux_k, main_k if aux_v is None else aux_v,

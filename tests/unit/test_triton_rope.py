@@ -55,7 +55,8 @@ def _reference_rows(main: torch.Tensor, aux: torch.Tensor | None, source: torch.
     (128, 64, torch.bfloat16), (12, 0, torch.float32)])
 def test_gather_rotate_matches_the_torch_rotation(head_dim, half, dtype) -> None:
     """Rows from main (any offset), from aux and empty rows, keys rotated by per-row shifts up to 10M positions
-    (partial rotary dims copied), values copied: equal to index + :func:`rotate` (exactly in float32 on CPU)."""
+    (partial rotary dims copied), values copied: equal to index + :func:`rotate` (to float32 rounding: the kernel
+    reduces the angle in float64 and takes a float32 cosine and sine, ``rotate`` a float64 one)."""
     gen = torch.Generator().manual_seed(head_dim)
     main_k = torch.randn(40, 3, head_dim, generator=gen).to(dtype).to(DEVICE)
     main_v = torch.randn(40, 3, head_dim, generator=gen).to(dtype).to(DEVICE)
@@ -72,7 +73,7 @@ def test_gather_rotate_matches_the_torch_rotation(head_dim, half, dtype) -> None
         ref_k = rotate(ref_k, delta, inv_freq)
     assert k.dtype == v.dtype == dtype and k.shape == (11, head_dim)
     torch.testing.assert_close(v, ref_v, atol=0, rtol=0)
-    tol = 0 if DEVICE == "cpu" else (1e-5 if dtype == torch.float32 else 1e-2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(k.float(), ref_k.float(), atol=tol, rtol=tol)
     assert not k[2].any() and not v[7].any()
 
