@@ -51,6 +51,16 @@ class LayerConsensus:
             prior = self.prior[seq] = prior.to(device)
         return prior
 
+    def pad_prior(self, seq: int, size: int) -> None:
+        """Extend the prior of ``seq`` with zero votes to ``size`` slots (slots it does not cover read as 0 votes
+        anyway, so every :meth:`span_prior` stays the same, bit for bit); a prior that large already, or none, is
+        kept."""
+        prior = self.prior[seq]
+        if prior is not None and prior.numel() < size:
+            grown = torch.zeros(size, dtype=prior.dtype, device=prior.device)
+            grown[: prior.numel()] = prior
+            self.prior[seq] = grown
+
     def forget_sums(self) -> None:
         """Drop the cached running sums of the priors (a CUDA graph being captured must compute them itself: the
         prior it reads is refilled in place before every replay)."""

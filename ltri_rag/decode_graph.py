@@ -111,6 +111,11 @@ class DecodeGraph:
         self._retrieve_graph: torch.cuda.CUDAGraph | None = None
         self._retrieve_key: tuple | None = None
         self._retrieve_seen = False  # a step with this key ran eagerly (its kernels are compiled)
+        # memory-part widths (per layer and sequence) a retrieving step has run at: the Triton kernels of a step
+        # are compiled for them, so a new set of spans of the same widths is captured at once (no eager step);
+        # only where span scoring of one decoded token is torch's (the Triton scorer specialises on span counts)
+        self._compiled_widths: set[tuple] = set()
+        self._direct = cache.config.attention_backend != "triton"
         self._retrieve_logits: torch.Tensor | None = None
         self._retrieve_inputs: list[torch.Tensor] = []  # the state tensors the graph reads, refilled per replay
         self._retrieve_effects: list[tuple] = []  # per global layer: what a replay stages
@@ -120,6 +125,7 @@ class DecodeGraph:
         self.captures = 0  # graphs captured
         self.retrieving_steps = 0  # graph-form steps that retrieved (replayed or not)
         self.retrieving_replays = 0  # of which replayed
+        self.direct_capture_failures = 0  # captures at a span set's first step that failed (that step ran eagerly)
 
     # ------------------------------------------------------------------------------------------------ checks
     def ready(self) -> bool:
@@ -212,21 +218,34 @@ class DecodeGraph:
         """A step where every layer retrieves, selecting on the device. Per set of spans (they change at each
         eviction): the first such step runs eagerly (Triton compiles for the new shapes), the second is captured,
         later ones replay, with the state they read refilled in place (persistence, the cross-layer prior) and what
-        they stage restored."""
+        they stage restored. A set of spans whose memory parts have the widths of an earlier one (once the memory
+        holds a budget's worth of tokens: every set) is captured at its first step; if that capture fails, the
+        step runs eagerly and the next one is captured as usual."""
         for state in states:
             state.prepare_graph_retrieval(self._memory_width)
+        if self.cache.plan.num_evict:  # the spans change after this step: a graph of it would serve it alone
+            return self._forward()
+        consensus = self.cache.consensus
+        if consensus is not None:  # the prior at the size it has after the next commit: one key per span set
+            for seq in range(self.cache.num_sequences):
+                consensus.pad_prior(seq, self.cache.pool.num_slots[seq])
         inputs = self._graph_inputs(states)
         key = (tuple(state._memory_key(self.cache.plan) for state in states),
                tuple(state.graph_addresses() for state in states),
                tuple(None if t is None else (t.dtype, tuple(t.shape)) for t in inputs))
+        budget = self.cache.config.budget
+        widths = tuple((state.sink_k.shape[2], tuple(min(budget, t.num_tokens) for t in state.tables))
+                       for state in states)
+        direct = False
         if key != self._retrieve_key:
             self._retrieve_graph = None
             self._retrieve_key = key
-            self._retrieve_seen = False
+            direct = self._direct and widths in self._compiled_widths
+            self._retrieve_seen = direct
         if not self.capture or not self._retrieve_seen:
             self._retrieve_seen = True
+            self._compiled_widths.add(widths)
             return self._forward()
-        consensus = self.cache.consensus
         if self._retrieve_graph is not None:
             for captured, current in zip(self._retrieve_inputs, inputs):
                 if current is not None and current is not captured:
@@ -241,7 +260,20 @@ class DecodeGraph:
             return self._retrieve_logits
         if consensus is not None:
             consensus.forget_sums()  # the graph computes the prior's sums from the prior it reads
-        graph, logits = self._capture_graph()
+        try:
+            graph, logits = self._capture_graph()
+        except Exception:
+            if not direct:
+                raise
+            # nothing ran while capturing: forget what the capture staged and run the step eagerly
+            self._compiled_widths.discard(widths)
+            for state in self.cache.states:
+                state.discard()
+            if consensus is not None:
+                consensus.discard()
+                consensus.forget_sums()
+            self.direct_capture_failures += 1
+            return self._forward()
         self._retrieve_inputs = inputs
         self._retrieve_effects = [state.graph_effects() for state in states]
         self._consensus_effects = None if consensus is None else consensus.effects()

@@ -68,6 +68,7 @@ def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtyp
         assert graph.retrieving_steps >= 48 // (2 * cfg.decode_retrieval_stride)
     if cfg.evict_stride >= 24:
         assert graph.retrieving_replays >= graph.retrieving_steps // 2
+    assert graph.direct_capture_failures == 0  # span sets after the first were captured at their first step
     for a, b in zip(plain.cache.global_states, captured.cache.global_states):
         torch.testing.assert_close(b.win_k, a.win_k, atol=0, rtol=0)
         torch.testing.assert_close(b.win_mass, a.win_mass, atol=0, rtol=0)

@@ -142,3 +142,21 @@ def test_prior_values_stay_in_unit_interval() -> None:
         n = min(covered, c.prior[0].numel())
         slots[:n] = c.prior[0][:n]
         torch.testing.assert_close((prior * lengths).sum(), slots.sum(), atol=1e-5, rtol=0)
+
+
+def test_a_prior_padded_with_zero_votes_gives_the_same_span_priors() -> None:
+    """``pad_prior`` (what a captured retrieving step reads, at the size of the next commit) changes no span's
+    prior, bit for bit, whether the spans end inside, across or past the old prior."""
+    from ltri_rag.consensus import LayerConsensus
+
+    gen = torch.Generator().manual_seed(5)
+    consensus = LayerConsensus(1)
+    consensus.prior[0] = torch.rand(37, generator=gen)
+    lengths = torch.tensor([5, 9, 3, 12, 8, 7, 4])  # 48 slots: the last spans reach past the 37 covered
+    before = consensus.span_prior(0, lengths)
+    consensus.pad_prior(0, 48)
+    assert consensus.prior[0].numel() == 48
+    torch.testing.assert_close(consensus.span_prior(0, lengths), before, atol=0, rtol=0)
+    kept = consensus.prior[0]
+    consensus.pad_prior(0, 40)  # large enough already: kept
+    assert consensus.prior[0] is kept

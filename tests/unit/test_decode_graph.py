@@ -263,3 +263,58 @@ def test_every_step_retrieving_runs_in_graph_form(qwen2) -> None:
         torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
         _assert_same_state(eager, graphed)
     assert graphed.decode_graph.retrieving_steps == graphed.decode_graph.steps == 20
+
+
+def test_a_failed_capture_at_a_span_sets_first_step_runs_that_step_eagerly(qwen2, monkeypatch) -> None:
+    """A span set whose widths were seen before is captured at its first step. If that capture fails, whatever it
+    staged is dropped and the step runs eagerly (same logits as the eager session); a capture that fails later
+    (the usual second step) ends graph decoding with a warning, as before. The failing capture here first runs the
+    step, so that it leaves staged changes behind."""
+    cfg = _config(decode_retrieval_stride=1)
+    eager, graphed = _pair(qwen2, cfg, retrieve=True)
+    graph = graphed.decode_graph
+
+    def failing_capture(self):
+        self._forward()  # stages everything a real capture would, then fails
+        raise RuntimeError("capture refused")
+
+    class Everything(set):
+        def __contains__(self, item) -> bool:
+            return True
+
+    monkeypatch.setattr(DecodeGraph, "_capture_graph", failing_capture)
+    graph.capture, graph._compiled_widths = True, Everything()
+    logits = [s.feed(random_ids(1, 45, seed=8)) for s in (eager, graphed)]
+    token = logits[0].argmax(-1)
+    logits = [s.step(token) for s in (eager, graphed)]  # first step of the span set: direct capture fails
+    assert graph.direct_capture_failures == 1 and graph.replays == 0
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+    _assert_same_state(eager, graphed)
+    token = logits[0].argmax(-1)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        logits = [s.step(token) for s in (eager, graphed)]
+    assert graphed.decode_graph is None
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+    for _ in range(4):
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+    _assert_same_state(eager, graphed)
+
+
+def test_one_retrieving_graph_key_per_span_set(qwen2) -> None:
+    """The retrieving steps between two evictions share one graph key (the prior is padded to the size of its next
+    commit), and the evicting step itself runs eagerly without changing it: one capture per span set."""
+    _, graphed = _pair(qwen2, _config(decode_retrieval_stride=1), retrieve=True)
+    graph = graphed.decode_graph
+    graphed.feed(random_ids(1, 45, seed=8))
+    token, keys, span_sets = torch.tensor([3]), [], []
+    for _ in range(24):
+        assert graph.ready()
+        graphed.step(token)
+        keys.append(graph._retrieve_key)
+        span_sets.append(tuple(len(t) for s in graphed.cache.global_states for t in s.tables))
+    # the key changes exactly when the spans did (an eviction at the end of the step before)
+    changes = [i for i in range(1, 24) if keys[i] != keys[i - 1]]
+    evictions = [i + 1 for i in range(1, 23) if span_sets[i] != span_sets[i - 1]]
+    assert changes and changes == [i for i in evictions if i < 24]
