@@ -155,6 +155,19 @@ class LtriCache(Cache):
         return length, 0
 
     # ------------------------------------------------------------------------------------------- stepping
+    def expect_tokens(self, num_tokens: int) -> None:
+        """Size the span pool for ``num_tokens`` more tokens about to be read (a prompt of known length): the
+        tokens that will leave the window, plus some room for decoding (a sixteenth, at least four evictions), in
+        one allocation per tier instead of doubling while reading (which copies the pool and, in pinned host
+        memory, leaves the smaller buffers in torch's pinned cache). A pool already that large is kept."""
+        if self.pool is None or num_tokens <= 0:
+            return
+        cfg = self.config
+        evicted = self.seen_tokens + num_tokens - cfg.local_window - cfg.num_sink_tokens
+        if evicted <= 0:
+            return
+        self.pool.reserve_capacity(evicted + max(4 * cfg.evict_stride, evicted // 16))
+
     def begin_step(self, num_tokens: int, dry: bool = False, decode: bool = False, graph: bool = False) -> StepPlan:
         """Plan the next forward pass of ``num_tokens`` tokens (identical for every layer).
 

@@ -116,6 +116,8 @@ class LtriSession:
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
         bounds = self._chunk_bounds(input_ids.shape[1])
+        if isinstance(self.cache, LtriCache):
+            self.cache.expect_tokens(input_ids.shape[1])  # the span pool sized once for the whole prompt
         pieces = []
         bar = tqdm(bounds, desc=f"prefill ({self.config.mode})", unit="chunk", disable=not self.progress or
                    len(bounds) < 2, leave=False)

@@ -43,12 +43,17 @@ class _Tier:
     def _empty(self, pages: int, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(pages, *like.shape[1:], dtype=like.dtype, device=self.device, pin_memory=self.pin_memory)
 
-    def grow(self, pages: int) -> None:
-        """Room for ``pages`` pages (at most ``limit``); existing pages are copied over."""
+    def grow(self, pages: int, exact: bool = False) -> None:
+        """Room for ``pages`` pages (at most ``limit``); existing pages are copied over. The capacity at least
+        doubles (amortised O(1) per page); ``exact`` (a size known in advance) takes ``pages`` as it is when that is
+        at least a doubling (smaller requests still double, so many small exact requests stay linear)."""
         pages = pages if self.limit is None else min(pages, self.limit)
         if pages <= self.capacity:
             return
-        new_capacity = max(pages, 2 * self.capacity, 16)
+        if exact and pages >= 2 * self.capacity:
+            new_capacity = max(pages, 16)
+        else:
+            new_capacity = max(pages, 2 * self.capacity, 16)
         if self.limit is not None:
             new_capacity = min(new_capacity, self.limit)
         for store in (self.k, self.v):
@@ -143,6 +148,19 @@ class PagedKVPool:
         if self._slow is not None:
             self._slow.grow(max(self._next_page - self._split, 0))
         return first
+
+    def reserve_capacity(self, num_slots: int) -> None:
+        """Make room, at once and without doubling, for every sequence to hold ``num_slots`` slots in all (e.g. a
+        prompt of known length about to be read): the tiers are sized to the pages that needs, so they are not
+        regrown (copied) while it is read, and hold no doubling's spare room (at 1M tokens of an 8B model, tens of
+        GiB of pinned host memory). Growth past it doubles as usual."""
+        if num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        per_seq = -(-num_slots // self.page_size)
+        pages = self._next_page + sum(max(0, per_seq - len(table)) for table in self.page_tables)
+        self._fast.grow(pages, exact=True)
+        if self._slow is not None and pages > self._split:
+            self._slow.grow(pages - self._split, exact=True)
 
     def unreserve(self, first_slot: int) -> None:
         """Give back slots from ``first_slot`` on (a step that reserved them failed); their pages stay for reuse."""

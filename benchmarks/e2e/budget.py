@@ -65,15 +65,17 @@ class Track:
 
 
 def pool_host_bytes(info: ModelInfo, length: int, engine: LtriConfig, device_free_bytes: float = 0.0) -> int:
-    """Pinned host memory the span pool of a retrieving mode may hold after ``length`` tokens.
+    """Pinned host memory the span pool of a retrieving mode may hold after a prompt of ``length`` tokens.
 
-    The pool grows by doubling (pages); torch's pinned-memory cache keeps the buffers it grew out of, about as
-    much again, so this is twice the final capacity. With ``kv_offload="auto"`` the pages that fit in the device
-    budget (``kv_device_gib``, else the engine's share of ``device_free_bytes``) are not counted.
+    The engine sizes the pool once for a prompt it is fed (``LtriCache.expect_tokens``: the evicted tokens plus a
+    sixteenth for decoding), so this is that size, not a doubled capacity. With ``kv_offload="auto"`` the pages that
+    fit in the device budget (``kv_device_gib``, else the engine's share of ``device_free_bytes``) are not counted.
     """
     if engine.kv_offload is False:
         return 0
     evicted = max(0, length - engine.local_window - engine.num_sink_tokens)
+    if evicted:
+        evicted += max(4 * engine.evict_stride, evicted // 16)
     if engine.kv_offload == "auto":
         from ltri_rag.cache import DEVICE_POOL_SHARE
 
@@ -81,7 +83,4 @@ def pool_host_bytes(info: ModelInfo, length: int, engine: LtriConfig, device_fre
                         else DEVICE_POOL_SHARE * device_free_bytes)
         evicted = max(0, evicted - int(device_bytes // max(info.kv_bytes_per_token, 1)))
     pages = -(-evicted // engine.page_size)
-    capacity = 16
-    while capacity < pages:
-        capacity *= 2
-    return 2 * capacity * engine.page_size * info.kv_bytes_per_token
+    return pages * engine.page_size * info.kv_bytes_per_token

@@ -134,7 +134,7 @@ class Bench:
             need = pool_host_bytes(info, length, config, device_free) / GIB
             free = 0.9 * self.args.host_mem_gib - (rss_gib() or 0.0)
             if need > free:
-                return (f"host memory: the pinned span pool may need {need:.0f} GiB (twice its capacity), "
+                return (f"host memory: the pinned span pool may need {need:.0f} GiB, "
                         f"{free:.0f} GiB usable of --host-mem-gib {self.args.host_mem_gib:.0f}")
         return None
 

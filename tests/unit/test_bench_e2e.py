@@ -140,3 +140,26 @@ def test_time_split_files_triton_kernels_by_name_once():
     events[0] = cpu("aten::linear", 11000.0)
     split = split_time(events, cuda=True)
     assert split["busy_ms"] == 11.0 and split["categories_ms"]["attention"] == 0.0
+
+
+def test_host_pool_estimate_is_the_reserved_size() -> None:
+    """The pinned-pool estimate behind ``--host-mem-gib`` is the size the engine reserves for a prompt (evicted
+    tokens plus a sixteenth, in pages), less what fits in the device tier: no doubling (the engine no longer grows
+    the pool while reading a prompt). Llama-3-8B's K/V at 1M tokens then fits a 128 GiB host beside a 48 GiB tier."""
+    from types import SimpleNamespace
+
+    from benchmarks.e2e.budget import pool_host_bytes
+    from ltri_rag import LtriConfig
+
+    info = SimpleNamespace(kv_bytes_per_token=2 * 32 * 8 * 128 * 2)  # Llama-3-8B, bf16: 128 KiB
+    cfg = LtriConfig(mode="ltri", kv_offload=True)
+    evicted = 1 << 20
+    evicted -= cfg.local_window + cfg.num_sink_tokens
+    reserved = evicted + max(4 * cfg.evict_stride, evicted // 16)
+    pages = -(-reserved // cfg.page_size)
+    assert pool_host_bytes(info, 1 << 20, cfg) == pages * cfg.page_size * info.kv_bytes_per_token
+    tiered = LtriConfig(mode="ltri", kv_device_gib=48)
+    host_gib = pool_host_bytes(info, 1 << 20, tiered) / 2**30
+    assert 80 < host_gib < 90
+    assert pool_host_bytes(info, 1 << 20, LtriConfig(mode="ltri", kv_offload=False)) == 0
+    assert pool_host_bytes(info, 1000, cfg) == 0  # nothing leaves the window

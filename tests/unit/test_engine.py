@@ -459,3 +459,27 @@ def test_decode_retrieval_stride_with_a_small_budget_and_a_failed_step(llama) ->
     assert state._decode_memory[1] == 2 and state._decode_memory[2] is kept[2]
     with pytest.raises(ValueError, match="decode_retrieval_stride"):
         LtriConfig(decode_retrieval_stride=0)
+
+
+def test_a_prompt_sizes_the_span_pool_once_and_changes_no_logit(monkeypatch) -> None:
+    """Feeding a prompt sizes the span pool for it up front (the evicted tokens plus room for decoding, no doubling
+    while reading), and the logits equal a session whose pool grows by doubling."""
+    from ltri_rag.cache import LtriCache
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3)
+    cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                     evict_stride=6, span_min_len=2, span_max_len=8, attention_backend="torch")
+    ids = _ids(1, 300, seed=5)
+    sized = LtriSession(model, cfg)
+    logits = sized.feed(ids)
+    evicted = 300 - 16 - 3
+    pages = -(-(evicted + max(4 * 6, evicted // 16)) // 5)
+    assert sized.cache.pool._fast.capacity == pages
+    monkeypatch.setattr(LtriCache, "expect_tokens", lambda self, n: None)
+    doubling = LtriSession(model, cfg)
+    torch.testing.assert_close(doubling.feed(ids), logits, atol=0, rtol=0)
+    assert doubling.cache.pool._fast.capacity != pages
+    for _ in range(5):
+        token = logits.argmax(-1)
+        logits = sized.step(token)
+        torch.testing.assert_close(doubling.step(token), logits, atol=0, rtol=0)

@@ -241,3 +241,35 @@ def test_gather_empty_and_dtype_cast():
     gk, _ = pool.gather(0, 0, torch.tensor([[1], [1]]), CPU)
     assert gk.dtype == torch.float32
     assert torch.equal(gk[:, 0], k[0])
+
+
+def test_reserve_capacity_sizes_the_tiers_once_and_keeps_data():
+    """A known total (a prompt's length) sizes each tier exactly, split at ``device_pages``; reserving up to it
+    grows nothing; data written before and after stay; past it growth doubles again; small exact requests
+    double like ordinary growth (so many of them stay linear)."""
+    gen = torch.Generator().manual_seed(4)
+    pool = PagedKVPool(batch_size=2, page_size=4, device=CPU, device_pages=10)
+    mirror = Mirror()
+    first = pool.reserve(6)
+    for seq in (0, 1):
+        k, v = torch.randn(6, 2, 3, generator=gen), torch.randn(6, 2, 3, generator=gen)
+        pool.write(0, seq, first, k, v)
+        mirror.write(0, seq, first, k, v)
+    pool.reserve_capacity(70)  # 18 pages per sequence: 36 in all, 10 in the first tier and 26 in the second
+    assert (pool._fast.capacity, pool._slow.capacity) == (10, 26)
+    stored = (pool._fast.k[0], pool._slow.k[0])
+    while pool.num_slots[0] < 70:
+        n = min(9, 70 - pool.num_slots[0])
+        first = pool.reserve(n)
+        for seq in (0, 1):
+            k, v = torch.randn(n, 2, 3, generator=gen), torch.randn(n, 2, 3, generator=gen)
+            pool.write(0, seq, first, k, v)
+            mirror.write(0, seq, first, k, v)
+    assert pool._fast.k[0] is stored[0] and pool._slow.k[0] is stored[1]  # never regrown
+    check_all(pool, mirror, gen)
+    pool.reserve(8)  # past the reserved total: doubling growth again
+    assert pool._slow.capacity == 52
+    pool.reserve_capacity(pool.num_slots[0] + 8)  # a small exact request: doubles, does not creep
+    assert pool._slow.capacity in (52, 104)
+    with pytest.raises(ValueError, match="num_slots must be >= 0"):
+        pool.reserve_capacity(-1)
