@@ -28,6 +28,7 @@ from ltri_rag.kernels.attention import (
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.layer_graph import GraphFormSteps
+from ltri_rag.layer_spans import SpanExchange
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.retrieval import query_summary, scored_queries, select_spans, update_recency
 from ltri_rag.rope import _triton_rotates, rotate
@@ -67,7 +68,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
 
-class GlobalLayerState(GraphFormSteps):
+class GlobalLayerState(GraphFormSteps, SpanExchange):
     """Sinks, local window, and (retrieving modes) span memory of one global-attention layer.
 
     Args:
@@ -461,42 +462,6 @@ class GlobalLayerState(GraphFormSteps):
             self.win_mass = wmass.append(key_mass[:, :, win_len + n_s:])
         if band is not None:
             self.win_band = wband.append(band[:, n_s:])
-
-    def _ensure_tables(self, keys: torch.Tensor) -> None:
-        """Create the per-sequence span tables on first use (``keys``: ``[..., num_kv_heads, tokens, head_dim]``
-        K of this layer on the compute device)."""
-        if not self.tables:
-            self.tables = [SpanTable(keys.shape[-3], keys.shape[-1], keys.dtype, keys.device)
-                           for _ in range(self.batch_size)]
-
-    def reset_recency(self) -> None:
-        """Forget the persistence state (after a flush: what the text before recalled says nothing about what
-        comes next)."""
-        for table in self.tables:
-            table.recency = torch.zeros_like(table.recency)
-
-    def export_spans(self, seq: int, first_slot: int) -> dict[str, torch.Tensor]:
-        """Spans of ``seq`` from slot ``first_slot`` on, with their index vectors and K/V (slots relative to
-        ``first_slot``): ``starts, ends [S]``, ``vectors [N, Hkv, D]``, ``owner [N]``, ``keys, values [T, Hkv, D]``."""
-        table = self.tables[seq]
-        keep = table.starts >= first_slot
-        if keep.any() and int(table.starts[keep][0]) != first_slot:
-            raise ValueError(f"slot {first_slot} is inside a span of layer {self.layer_idx}")
-        first_span = int((~keep).sum())
-        first_vector = int((table.owner < first_span).sum())
-        total = self.pool.num_slots[seq] - first_slot
-        slots = torch.arange(first_slot, first_slot + total)[None, :].expand(table.vectors.shape[1], -1)
-        keys, values = self.pool.gather(self.layer_idx, seq, slots, table.vectors.device)  # [Hkv, T, D]
-        return {"starts": table.starts[keep] - first_slot, "ends": table.ends[keep] - first_slot,
-                "vectors": table.vectors[first_vector:], "owner": table.owner[first_vector:] - first_span,
-                "keys": keys.transpose(0, 1), "values": values.transpose(0, 1)}
-
-    def import_spans(self, seq: int, first_slot: int, starts: torch.Tensor, ends: torch.Tensor,
-                     vectors: torch.Tensor, owner: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store spans read elsewhere (``export_spans``' layout) at slots from ``first_slot`` on (reserved)."""
-        self._ensure_tables(self.sink_k if self.sink_k is not None else keys.transpose(0, 1))
-        self.pool.write(self.layer_idx, seq, first_slot, keys, values)
-        self.tables[seq].append(starts + first_slot, ends + first_slot, vectors, owner)
 
     def _drop_oldest(self, n: int) -> None:
         """Drop the ``n`` oldest window tokens (stored already, or discarded by a mode without a span memory)."""

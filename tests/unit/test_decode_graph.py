@@ -60,6 +60,25 @@ def _assert_same_state(a: LtriSession, b: LtriSession) -> None:
     assert b.cache.window_len == a.cache.window_len and b.cache.memory_tokens() == a.cache.memory_tokens()
 
 
+def _decode_side_by_side(eager: LtriSession, graphed: LtriSession, logits: list[torch.Tensor], steps: int,
+                         recency: bool = False) -> list[bool]:
+    """Decode ``steps`` greedy tokens (the eager session's choice) in both sessions from ``logits``, checking
+    logits and state after each (with ``recency``, every table's persistence state too); returns per step
+    whether the graph-form session was ready for a graph-form step."""
+    forms = []
+    for _ in range(steps):
+        token = logits[0].argmax(-1)
+        forms.append(graphed.decode_graph.ready())
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+        _assert_same_state(eager, graphed)
+        if recency:
+            for sa, sb in zip(eager.cache.global_states, graphed.cache.global_states):
+                for ta, tb in zip(sa.tables, sb.tables):
+                    torch.testing.assert_close(tb.recency, ta.recency, atol=1e-6, rtol=0)
+    return forms
+
+
 @pytest.mark.parametrize("case", [
     dict(),  # ltri: contiguous positions, triangle spans, persistence
     dict(position_scheme="absolute", decode_retrieval_stride=3),
@@ -78,13 +97,7 @@ def test_graph_form_steps_equal_eager_steps(qwen2, case: dict) -> None:
     ids = random_ids(batch, 45, seed=11)
     logits = [s.feed(ids) for s in (eager, graphed)]
     torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
-    forms = []
-    for _ in range(40):
-        token = logits[0].argmax(-1)
-        forms.append(graphed.decode_graph.ready())
-        logits = [s.step(token) for s in (eager, graphed)]
-        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
-        _assert_same_state(eager, graphed)
+    forms = _decode_side_by_side(eager, graphed, logits, 40)
     assert graphed.num_tokens == eager.num_tokens == 85
     stride = cfg.decode_retrieval_stride
     assert graphed.decode_graph.steps == sum(forms) >= 40 * (stride - 2) // stride  # evictions end some cycles
@@ -110,16 +123,7 @@ def test_retrieving_steps_in_graph_form_equal_eager_device_selection(qwen2, case
     eager, graphed = _pair(qwen2, cfg, batch, retrieve=True)
     ids = random_ids(batch, 45, seed=11)
     logits = [s.feed(ids) for s in (eager, graphed)]
-    forms = []
-    for _ in range(40):
-        token = logits[0].argmax(-1)
-        forms.append(graphed.decode_graph.ready())
-        logits = [s.step(token) for s in (eager, graphed)]
-        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
-        _assert_same_state(eager, graphed)
-        for sa, sb in zip(eager.cache.global_states, graphed.cache.global_states):
-            for ta, tb in zip(sa.tables, sb.tables):
-                torch.testing.assert_close(tb.recency, ta.recency, atol=1e-6, rtol=0)
+    forms = _decode_side_by_side(eager, graphed, logits, 40, recency=True)
     if eager.cache.consensus is not None:
         for pa, pb in zip(eager.cache.consensus.prior, graphed.cache.consensus.prior):
             assert (pa is None) == (pb is None)
