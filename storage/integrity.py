@@ -4,8 +4,9 @@ What a crash between the ordered writes can leave, and the fix:
 
 - a temp file, or a K/V file no document row references (crash before / after the file, before the commit; an old
   file of a replaced or deleted document) -> removed;
-- index ids without a vector row, or vector rows missing from an index (crash after the commit, before the index files
-  were written) -> ids removed / vectors re-added from the K/V files; an unreadable index is rebuilt from the files.
+- index ids no span row names, or vectors of span rows missing from an index (crash after the commit, before the
+  index files were written) -> ids removed / vectors re-added from the K/V files; an unreadable index is rebuilt from
+  the files.
 
 Missing or corrupt K/V files cannot be fixed; ``repair(drop_broken=True)`` deletes their documents.
 """
@@ -17,14 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ltri_rag.store import VerifyReport
 
 from .kvfiles import is_temp, layer_shapes, read_layer, sha256_file
-from .queries import layer_vector_ids, vector_locations
-from .schema import CollectionRow, DocumentRow, SpanRow, StoreMeta, VectorRow
+from .queries import layer_vector_ids, vector_counts, vector_locations
+from .schema import CollectionRow, DocumentRow, StoreMeta
 
 if TYPE_CHECKING:
     from .span_store import SqlSpanStore
@@ -41,9 +42,7 @@ def _index_ids(store: SqlSpanStore, layer: int) -> np.ndarray | None:
 
 def _shape_problems(store: SqlSpanStore, s: Session, rows: Mapping[str, DocumentRow]) -> list[str]:
     counts: dict[int, dict[int, int]] = {}
-    q = (select(SpanRow.document_id, VectorRow.layer, func.count(VectorRow.id))
-         .join(SpanRow, VectorRow.span_id == SpanRow.id).group_by(SpanRow.document_id, VectorRow.layer))
-    for doc_pk, layer, n in s.execute(q):
+    for (doc_pk, layer), n in vector_counts(s, by_document=True).items():
         counts.setdefault(doc_pk, {})[layer] = n
     problems = []
     for name, row in rows.items():
@@ -51,7 +50,7 @@ def _shape_problems(store: SqlSpanStore, s: Session, rows: Mapping[str, Document
         for layer, n in counts.get(row.id, {}).items():
             got = shapes.get(f"layer{layer}.vectors", (None,))[0]
             if got != n:
-                problems.append(f"{name}: layer {layer} has {got} vectors in the file, {n} rows")
+                problems.append(f"{name}: layer {layer} has {got} vectors in the file, its span rows {n}")
             if shapes.get(f"layer{layer}.k", (None,))[0] != row.num_tokens:
                 problems.append(f"{name}: layer {layer} keys do not cover {row.num_tokens} tokens")
     return problems
@@ -108,7 +107,7 @@ def closed_cleanly(store: SqlSpanStore) -> bool:
     """Whether the store is as its last writer left it after a clean close, by cheap checks only: the index files
     reflect the last committed change (``index_generation == data_generation``), the K/V folder holds exactly the
     files the document rows name, no temp file is left in the FAISS folder, and every layer's index holds as many
-    vectors as the layer has vector rows (counted in SQL, not listed).
+    vectors as the layer's span rows name (summed in SQL, not listed).
 
     A crash between the ordered writes always fails one of these (an uncommitted K/V file, a commit whose index
     files were not written, a temp file), so a writer's open runs the full :func:`repair` only then, instead of
@@ -121,7 +120,7 @@ def closed_cleanly(store: SqlSpanStore) -> bool:
         if meta is None or meta.index_generation != meta.data_generation:
             return False
         named = set(s.scalars(select(DocumentRow.kv_file)))
-        counts = dict(s.execute(select(VectorRow.layer, func.count(VectorRow.id)).group_by(VectorRow.layer)).all())
+        counts = vector_counts(s)
     if {p.name for p in store.kv_dir.iterdir()} != named:
         return False
     if any(is_temp(p.name) for p in store.faiss_dir.iterdir()):

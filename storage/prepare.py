@@ -14,6 +14,8 @@ import torch
 
 from ltri_rag.store import DocumentRecord, Fingerprint
 
+from .schema import MAX_SPAN_VECTORS
+
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedLayer:
@@ -61,7 +63,8 @@ def prepare_document(doc: DocumentRecord, fingerprint: Fingerprint) -> PreparedD
 
     Raises:
         TypeError: ``doc`` is not a DocumentRecord, or its K/V dtype differs from the store's.
-        ValueError: a layer is out of range, or heads / head_dim differ from the store's.
+        ValueError: a layer is out of range, heads / head_dim differ from the store's, or a span has more than
+            :data:`~ltri_rag.storage.schema.MAX_SPAN_VECTORS` index vectors.
     """
     if not isinstance(doc, DocumentRecord):
         raise TypeError(f"expected a DocumentRecord, got {type(doc).__name__}")
@@ -82,6 +85,9 @@ def prepare_document(doc: DocumentRecord, fingerprint: Fingerprint) -> PreparedD
         owner_sorted = owner[order].contiguous()
         vectors = rec.vectors.detach().cpu().to(torch.float32)[order].contiguous()  # [num_vectors, heads, head_dim]
         counts = torch.bincount(owner_sorted, minlength=rec.num_spans)
+        if len(counts) and int(counts.max()) > MAX_SPAN_VECTORS:
+            raise ValueError(f"{where}: span {int(counts.argmax())} has {int(counts.max())} index vectors, a span may "
+                             f"hold at most {MAX_SPAN_VECTORS}")
         ends = torch.cumsum(counts, 0)
         starts = ends - counts
         spans = torch.stack([rec.token_starts.cpu(), rec.token_ends.cpu(), rec.char_starts.cpu(), rec.char_ends.cpu(),

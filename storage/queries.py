@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import Row, Table, func, insert, select
 from sqlalchemy.orm import Session
 
-from .schema import CollectionRow, DocumentRow, SpanRow, VectorRow
+from .schema import CollectionRow, DocumentRow, SpanRow, split_vector_ids, vector_ids
 
 BATCH = 5000  # ids per IN (...) clause
 
@@ -46,15 +46,31 @@ def document_rows(s: Session, collection: str, doc_ids: Sequence[str]) -> dict[s
     return out
 
 
+def _by_layer(rows: Iterator[Any]) -> dict[int, np.ndarray]:
+    """``{layer: [n] int64 vector ids}`` from ``(layer, span id, vector count)`` rows (ids increasing when the rows
+    come in span-id order)."""
+    found: dict[int, list[tuple[int, int]]] = {}
+    for layer, span_id, count in rows:
+        found.setdefault(layer, []).append((span_id, count))
+    out = {}
+    for layer, pairs in found.items():
+        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        out[layer] = vector_ids(arr[:, 0], arr[:, 1])
+    return out
+
+
+_VECTOR_COUNT = (SpanRow.vector_end - SpanRow.vector_start)
+
+
 def vector_ids_by_layer(s: Session, document_pks: Sequence[int]) -> dict[int, np.ndarray]:
     """``{layer: [n] int64 vector ids}`` of the given documents (primary keys)."""
-    found: dict[int, list[int]] = {}
+    parts: dict[int, list[np.ndarray]] = {}
     for batch in _batches(list(document_pks)):
-        q = (select(VectorRow.layer, VectorRow.id).join(SpanRow, VectorRow.span_id == SpanRow.id)
-             .where(SpanRow.document_id.in_(batch)))
-        for layer, vid in s.execute(q):
-            found.setdefault(layer, []).append(vid)
-    return {layer: np.asarray(ids, dtype=np.int64) for layer, ids in found.items()}
+        q = (select(SpanRow.layer, SpanRow.id, _VECTOR_COUNT).where(SpanRow.document_id.in_(batch))
+             .order_by(SpanRow.id))
+        for layer, ids in _by_layer(iter(s.execute(q))).items():
+            parts.setdefault(layer, []).append(ids)
+    return {layer: np.concatenate(v) for layer, v in parts.items()}
 
 
 def search_rows(s: Session, vector_ids: Sequence[int], collection_pk: int | None) -> dict[int, Row[Any]]:
@@ -63,36 +79,54 @@ def search_rows(s: Session, vector_ids: Sequence[int], collection_pk: int | None
     The span text is cut in SQL (``substr``, 1-based in SQLite and PostgreSQL alike) so long documents stay there.
     """
     text = func.substr(DocumentRow.text, SpanRow.char_start + 1, SpanRow.char_end - SpanRow.char_start)
-    out: dict[int, Row[Any]] = {}
-    for batch in _batches(list(vector_ids)):
-        q = (select(VectorRow.id.label("vid"), SpanRow.id.label("span_pk"), SpanRow.span_idx, SpanRow.token_start,
-                    SpanRow.token_end, SpanRow.char_start, SpanRow.char_end, text.label("text"), DocumentRow.doc_id,
-                    DocumentRow.meta, CollectionRow.name.label("collection"))
-             .join(SpanRow, VectorRow.span_id == SpanRow.id).join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-             .join(CollectionRow, DocumentRow.collection_id == CollectionRow.id).where(VectorRow.id.in_(batch)))
+    ids = np.asarray(vector_ids, dtype=np.int64)
+    spans, rows = split_vector_ids(ids)
+    by_span: dict[int, Row[Any]] = {}
+    for batch in _batches(sorted(set(spans.tolist()))):
+        q = (select(SpanRow.id.label("span_pk"), _VECTOR_COUNT.label("num_vectors"), SpanRow.span_idx,
+                    SpanRow.token_start, SpanRow.token_end, SpanRow.char_start, SpanRow.char_end, text.label("text"),
+                    DocumentRow.doc_id, DocumentRow.meta, CollectionRow.name.label("collection"))
+             .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+             .join(CollectionRow, DocumentRow.collection_id == CollectionRow.id).where(SpanRow.id.in_(batch)))
         if collection_pk is not None:
             q = q.where(DocumentRow.collection_id == collection_pk)
-        out.update((r.vid, r) for r in s.execute(q))
+        by_span.update((r.span_pk, r) for r in s.execute(q))
+    out: dict[int, Row[Any]] = {}
+    for vid, span, row in zip(ids.tolist(), spans.tolist(), rows.tolist()):
+        hit = by_span.get(span)
+        if hit is not None and row < hit.num_vectors:
+            out[vid] = hit
     return out
 
 
 def layer_vector_ids(s: Session) -> dict[int, np.ndarray]:
-    """``{layer: sorted [n] int64 ids}`` of every vector row."""
-    found: dict[int, list[int]] = {}
-    for layer, vid in s.execute(select(VectorRow.layer, VectorRow.id).order_by(VectorRow.id)):
-        found.setdefault(layer, []).append(vid)
-    return {layer: np.asarray(ids, dtype=np.int64) for layer, ids in found.items()}
+    """``{layer: sorted [n] int64 ids}`` of every index vector the span rows describe."""
+    return _by_layer(iter(s.execute(select(SpanRow.layer, SpanRow.id, _VECTOR_COUNT).order_by(SpanRow.id))))
+
+
+def vector_counts(s: Session, *, by_document: bool = False) -> dict[Any, int]:
+    """Index vectors the span rows describe: ``{layer: n}``, or ``{(document pk, layer): n}`` with ``by_document``."""
+    keys = (SpanRow.document_id, SpanRow.layer) if by_document else (SpanRow.layer,)
+    q = select(*keys, func.sum(_VECTOR_COUNT)).group_by(*keys)
+    return {(tuple(r[:-1]) if by_document else r[0]): int(r[-1] or 0) for r in s.execute(q)}
 
 
 def vector_locations(s: Session, layer: int, vector_ids: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
-    """``{kv_file: [(vector id, row in the file's layer vectors)]}`` for vectors of one layer."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for batch in _batches(list(vector_ids)):
-        q = (select(DocumentRow.kv_file, VectorRow.id, VectorRow.row).join(SpanRow, VectorRow.span_id == SpanRow.id)
+    """``{kv_file: [(vector id, row in the file's layer vectors)]}`` for vectors of one layer (ids that name no
+    vector of a span of this layer are left out)."""
+    ids = np.asarray(vector_ids, dtype=np.int64)
+    spans, rows = split_vector_ids(ids)
+    where: dict[int, tuple[str, int, int]] = {}
+    for batch in _batches(sorted(set(spans.tolist()))):
+        q = (select(SpanRow.id, DocumentRow.kv_file, SpanRow.vector_start, _VECTOR_COUNT)
              .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-             .where(VectorRow.layer == layer, VectorRow.id.in_(batch)))
-        for kv_file, vid, row in s.execute(q):
-            out.setdefault(kv_file, []).append((vid, row))
+             .where(SpanRow.layer == layer, SpanRow.id.in_(batch)))
+        where.update((span_id, (kv_file, start, count)) for span_id, kv_file, start, count in s.execute(q))
+    out: dict[str, list[tuple[int, int]]] = {}
+    for vid, span, row in zip(ids.tolist(), spans.tolist(), rows.tolist()):
+        found = where.get(span)
+        if found is not None and row < found[2]:
+            out.setdefault(found[0], []).append((vid, found[1] + row))
     return out
 
 

@@ -1,7 +1,13 @@
 """SQLAlchemy 2 models of the span store's metadata, and engine setup (SQLite by default, any URL accepted).
 
-Portable SQL only (no SQLite-only types): the same models run on PostgreSQL. Ids of spans and vectors are assigned by
-the store from counters in ``store_meta`` (a vector's id is its FAISS id), so no database sequence is involved.
+Portable SQL only (no SQLite-only types): the same models run on PostgreSQL. Span ids are assigned by the store from a
+counter in ``store_meta``, so no database sequence is involved.
+
+Index vectors have no rows of their own (schema 2): a vector's id in its layer's FAISS index is
+``(span id << VECTOR_ID_BITS) | its row within the span`` (:func:`vector_ids`), and a span's ``vector_start`` /
+``vector_end`` give its rows in the document file's ``layer{L}.vectors``. Schema 1 kept one ``vectors`` row per index
+vector (about 85% of all rows, and of the SQL share of an ingest); a writer's open upgrades such a store in place
+(``SqlSpanStore.open``).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -25,7 +32,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# bits of a FAISS id that number a vector within its span: a span may hold at most 2**VECTOR_ID_BITS index vectors
+VECTOR_ID_BITS = 20
+MAX_SPAN_VECTORS = 1 << VECTOR_ID_BITS
 
 
 class Base(DeclarativeBase):
@@ -50,7 +60,6 @@ class StoreMeta(Base):
     data_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     index_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     next_span_id: Mapped[int] = mapped_column(BigInteger, default=1)
-    next_vector_id: Mapped[int] = mapped_column(BigInteger, default=1)
 
 
 class CollectionRow(Base):
@@ -74,7 +83,8 @@ class DocumentRow(Base):
 
 
 class SpanRow(Base):
-    """A span of one layer of one document; ``vector_start``/``vector_end`` index the file's ``layer{L}.vectors``."""
+    """A span of one layer of one document; ``vector_start``/``vector_end`` index the file's ``layer{L}.vectors``, and
+    its vectors' FAISS ids are ``vector_ids([id], [vector_end - vector_start])``."""
 
     __tablename__ = "spans"
     __table_args__ = (Index("ix_spans_document_layer", "document_id", "layer", "span_idx"),)
@@ -90,15 +100,22 @@ class SpanRow(Base):
     vector_end: Mapped[int] = mapped_column(Integer)
 
 
-class VectorRow(Base):
-    """An index vector; ``id`` is its id in the layer's FAISS index, ``row`` its row in the document's file."""
+def vector_ids(span_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """FAISS ids of the index vectors of spans ``span_ids [n]`` holding ``counts [n]`` vectors each: ``[counts.sum()]``
+    int64, span by span, rows in order (increasing when ``span_ids`` is)."""
+    span_ids = np.asarray(span_ids, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(span_ids << VECTOR_ID_BITS, counts) + (np.arange(total, dtype=np.int64) - first)
 
-    __tablename__ = "vectors"
-    __table_args__ = (Index("ix_vectors_layer", "layer"),)
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    span_id: Mapped[int] = mapped_column(ForeignKey("spans.id", ondelete="CASCADE"), index=True)
-    layer: Mapped[int] = mapped_column(Integer)
-    row: Mapped[int] = mapped_column(Integer)
+
+def split_vector_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(span ids, rows within the span)`` of FAISS ids ``[n]`` (the inverse of :func:`vector_ids`)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids >> VECTOR_ID_BITS, ids & (MAX_SPAN_VECTORS - 1)
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:

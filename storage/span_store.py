@@ -7,10 +7,11 @@ Layout of a store folder (``data_dir``)::
     faiss/layer{L}.index           one exact inner-product index per layer (ids = vectors.id)
     writer.lock          flock held by the one process that has the store open for writing
 
-Crash safety by write order. Add: K/V file (temp, fsync, rename) -> one SQL transaction (document + spans + vectors,
-replacing an existing (collection, id) in the same transaction) -> FAISS files -> old file removed. Delete: SQL
-transaction -> FAISS ``remove_ids`` -> file removed. A crash leaves at worst unreferenced files or an index out of step
-with the ``vectors`` table; opening for writing repairs both (see :mod:`ltri_rag.storage.integrity`).
+Crash safety by write order. Add: K/V file (temp, fsync, rename) -> one SQL transaction (document + spans, replacing
+an existing (collection, id) in the same transaction) -> FAISS files -> old file removed. Delete: SQL transaction ->
+FAISS ``remove_ids`` -> file removed. A crash leaves at worst unreferenced files or an index out of step with the span
+rows (each span names its vectors' FAISS ids: :func:`~ltri_rag.storage.schema.vector_ids`); opening for writing
+repairs both (see :mod:`ltri_rag.storage.integrity`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import delete, func, inspect, select
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session
 from typing_extensions import Self
 
@@ -45,8 +47,16 @@ from . import integrity
 from .faiss_index import LayerIndexes
 from .kvfiles import new_file_name, read_layer, sha256_file, write_kv_file
 from .prepare import PreparedDocument, check_ids, prepare_document
-from .queries import bulk_insert, collection_id, document_rows, ensure_collection, search_rows, vector_ids_by_layer
-from .schema import SCHEMA_VERSION, Base, CollectionRow, DocumentRow, SpanRow, StoreMeta, VectorRow, make_engine
+from .queries import (
+    bulk_insert,
+    collection_id,
+    document_rows,
+    ensure_collection,
+    search_rows,
+    vector_counts,
+    vector_ids_by_layer,
+)
+from .schema import SCHEMA_VERSION, Base, CollectionRow, DocumentRow, SpanRow, StoreMeta, make_engine, vector_ids
 
 
 def _resolve(path_or_url: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> tuple[str, Path, Path | None]:
@@ -110,8 +120,7 @@ class SqlSpanStore:
             with Session(store.engine) as s, s.begin():
                 s.add(StoreMeta(id=1, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
                                 num_layers=fp["num_layers"], num_kv_heads=fp["num_kv_heads"], head_dim=fp["head_dim"],
-                                dtype=fp["dtype"], data_generation=0, index_generation=0, next_span_id=1,
-                                next_vector_id=1))
+                                dtype=fp["dtype"], data_generation=0, index_generation=0, next_span_id=1))
             store._attach(fingerprint)
         except BaseException:
             store.close()
@@ -128,8 +137,14 @@ class SqlSpanStore:
             fingerprint: What the caller's model/tokenizer/config give; ``None`` accepts the stored one.
             read_only: Open as a reader (no lock, no repair, no writes).
 
+        A store of schema 1 (one SQL row per index vector) is upgraded in place by a writer's open: the ``vectors``
+        table is dropped and every layer's FAISS index rebuilt from the K/V files under the new ids (seconds per
+        million vectors; a crash midway leaves a store that the next writer's open repairs). A reader cannot open
+        it before that.
+
         Raises:
-            StoreError: no store there, or another process has it open for writing.
+            StoreError: no store there, another process has it open for writing, or its schema is unknown (or 1
+                and ``read_only``).
             FingerprintMismatch: ``fingerprint`` differs from the stored one (every differing key is named).
         """
         url, folder, db_file = _resolve(path_or_url, data_dir)
@@ -141,14 +156,20 @@ class SqlSpanStore:
                 meta = s.get(StoreMeta, 1) if inspect(store.engine).has_table("store_meta") else None
                 if meta is None:
                     raise StoreError(f"no store at {os.fspath(path_or_url)!r} (no store_meta table or row)")
-                if meta.schema_version != SCHEMA_VERSION:
-                    raise StoreError(f"store schema version {meta.schema_version}, this code reads {SCHEMA_VERSION}")
+                version = meta.schema_version
+                if version not in (1, SCHEMA_VERSION):
+                    raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
+                if version == 1 and read_only:
+                    raise StoreError(f"the store at {os.fspath(path_or_url)!r} has schema version 1; open it once for "
+                                     f"writing to upgrade it to {SCHEMA_VERSION}")
                 stored = Fingerprint.from_json(meta.fingerprint)
             if fingerprint is not None and stored.diff(fingerprint):
                 raise FingerprintMismatch(stored.diff(fingerprint))
             store._attach(stored)
             if not read_only:
                 store._take_writer_lock()
+                if version == 1:
+                    store._upgrade_from_schema_1()
                 if not integrity.closed_cleanly(store):  # what a crash can leave: see integrity.repair
                     integrity.repair(store, deep=False)
                 store._persisted_vectors = store._index_size()
@@ -156,6 +177,20 @@ class SqlSpanStore:
             store.close()
             raise
         return store
+
+    def _upgrade_from_schema_1(self) -> None:
+        """Drop schema 1's ``vectors`` table and its FAISS files (ids of the old numbering), in that order; the
+        caller's repair then rebuilds every layer's index from the K/V files. The commit marks the indexes stale, so
+        a crash after it is finished by the next writer's open."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(sql_text("DROP TABLE IF EXISTS vectors"))
+            meta = s.execute(select(StoreMeta).where(StoreMeta.id == 1).with_for_update()).scalar_one()
+            meta.schema_version = SCHEMA_VERSION
+            meta.data_generation += 1
+        assert self.indexes is not None
+        for layer in self.indexes.layers_on_disk():
+            self.indexes.path(layer).unlink(missing_ok=True)
+            self.indexes.forget(layer)
 
     def _attach(self, fingerprint: Fingerprint) -> None:
         self.fingerprint = fingerprint
@@ -237,7 +272,7 @@ class SqlSpanStore:
         meta = s.execute(select(StoreMeta).where(StoreMeta.id == 1).with_for_update()).scalar_one()
         old_files: list[str] = []
         old_ids: dict[int, list[np.ndarray]] = {}
-        new: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        new: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # layer -> [(FAISS ids, vectors)]
         for p, name, sha in zip(prepared, files, shas):
             rec = p.record
             coll = ensure_collection(s, rec.collection)
@@ -253,7 +288,6 @@ class SqlSpanStore:
             s.add(row)
             s.flush()
             span_cols: list[dict[str, np.ndarray]] = []
-            vector_cols: list[dict[str, np.ndarray]] = []
             for layer in p.layers:
                 n = len(layer.spans)
                 span_ids = np.arange(meta.next_span_id, meta.next_span_id + n, dtype=np.int64)
@@ -263,17 +297,12 @@ class SqlSpanStore:
                                   "layer": np.full(n, layer.layer, np.int64), "span_idx": np.arange(n, dtype=np.int64),
                                   "token_start": spans[:, 0], "token_end": spans[:, 1], "char_start": spans[:, 2],
                                   "char_end": spans[:, 3], "vector_start": spans[:, 4], "vector_end": spans[:, 5]})
-                m = len(layer.owner)
-                vec_ids = np.arange(meta.next_vector_id, meta.next_vector_id + m, dtype=np.int64)
-                meta.next_vector_id += m
-                owners = span_ids[layer.owner.numpy()] if m else np.zeros(0, np.int64)
-                vector_cols.append({"id": vec_ids, "span_id": owners, "layer": np.full(m, layer.layer, np.int64),
-                                    "row": np.arange(m, dtype=np.int64)})
+                # vectors are grouped by span in file order, so these ids follow the file's rows
+                vec_ids = vector_ids(span_ids, spans[:, 5] - spans[:, 4])
                 new.setdefault(layer.layer, []).append((vec_ids, layer.flat_vectors))
-            # column-wise, one executemany per table (Core, or the driver itself on SQLite: no ORM per-row work)
-            for table, cols in ((SpanRow.__table__, span_cols), (VectorRow.__table__, vector_cols)):
-                if cols:
-                    bulk_insert(s, table, {k: np.concatenate([c[k] for c in cols]) for k in cols[0]})
+            # column-wise, one executemany (Core, or the driver itself on SQLite: no ORM per-row work)
+            if span_cols:
+                bulk_insert(s, SpanRow.__table__, {k: np.concatenate([c[k] for c in span_cols]) for k in span_cols[0]})
         merged_old = {layer: np.concatenate(v) for layer, v in old_ids.items()}
         merged_new = {layer: (np.concatenate([i for i, _ in v]), np.concatenate([x for _, x in v]))
                       for layer, v in new.items()}
@@ -460,7 +489,7 @@ class SqlSpanStore:
             docs, tokens = s.execute(select(func.count(DocumentRow.id), func.coalesce(func.sum(DocumentRow.num_tokens),
                                                                                        0))).one()
             spans = s.scalar(select(func.count(SpanRow.id))) or 0
-            vectors = s.scalar(select(func.count(VectorRow.id))) or 0
+            vectors = sum(vector_counts(s).values())
         files = [*self.kv_dir.iterdir(), *self.faiss_dir.iterdir()]
         if self.db_file is not None:
             files += [p for p in self.db_file.parent.glob(self.db_file.name + "*")]
@@ -475,7 +504,7 @@ class SqlSpanStore:
         return integrity.verify(self, deep=True)
 
     def repair(self, *, drop_broken: bool = False) -> VerifyReport:
-        """Fix what can be fixed: remove orphan files, bring indexes in line with the ``vectors`` table (rebuilding
+        """Fix what can be fixed: remove orphan files, bring indexes in line with the span rows (rebuilding
         unreadable ones from the files); with ``drop_broken``, delete documents whose file is missing or corrupt.
         Returns the report from before the repair."""
         self._writable()

@@ -112,7 +112,8 @@ def _snapshot(s: SqlSpanStore) -> dict:
 def _db_counts(loc: Location) -> dict[str, int]:
     engine = create_engine(loc.db_url)
     with engine.connect() as c:
-        out = {t: c.execute(text(f"select count(*) from {t}")).scalar_one() for t in ("documents", "spans", "vectors")}
+        out = {t: c.execute(text(f"select count(*) from {t}")).scalar_one() for t in ("documents", "spans")}
+        out["vectors"] = c.execute(text("select coalesce(sum(vector_end - vector_start), 0) from spans")).scalar_one()
     engine.dispose()
     return out
 
