@@ -1,12 +1,14 @@
 """What the store's writes cost per ingested token (no model): synthetic documents in a model's K/V shape.
 
     python -m benchmarks.bench_store_write [--tokens 200000] [--doc-tokens 4000] [--layers 24 --kv-heads 2
-        --head-dim 64] [--url sqlite-or-postgresql-url] [--profile]
+        --head-dim 64] [--batch-docs 1] [--url sqlite-or-postgresql-url] [--profile]
 
 Each document carries, per layer, bf16 K/V for its tokens, spans of 8-64 tokens and 4-8 float32 index vectors per
 span (the engine's defaults; Qwen2.5-0.5B's K/V shape by default). Times ``SqlSpanStore.add`` (K/V file written
-and fsynced, SQL rows, FAISS adds) one document at a time, as an ingest does, then the final close (the FAISS files),
-and prints tokens/s, MB/s of K/V and bytes on disk per token; then times a writer's reopen of the closed store. ``--profile`` adds the functions with the most
+and fsynced, SQL rows, FAISS adds) on ``--batch-docs`` documents per call (``KVMemory.add_documents`` hands the
+store batches of about ``batch_bytes``, 256 MB by default: six 4,000-token documents of this shape; a batch's files
+are written in parallel), then the final close (the FAISS files), and prints tokens/s, MB/s of K/V and bytes on disk
+per token; then times a writer's reopen of the closed store. ``--profile`` adds the functions with the most
 cumulative time. A host-side benchmark: the numbers depend on this machine's disk and CPU.
 """
 
@@ -56,11 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch-docs", type=int, default=1, help="documents per add() call")
     parser.add_argument("--url", default=None, help="a SQLAlchemy URL for the tables (default: SQLite in the folder)")
     parser.add_argument("--dir", type=Path, default=None, help="where the store goes (default: a temp folder)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("tokens", "doc_tokens", "layers", "kv_heads", "head_dim"):
+    for name in ("tokens", "doc_tokens", "layers", "kv_heads", "head_dim", "batch_docs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     rng = np.random.default_rng(0)
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     if profiler:
         profiler.enable()
-    for doc in docs:
-        store.add(doc)
+    for i in range(0, len(docs), args.batch_docs):
+        store.add(docs[i:i + args.batch_docs])
     added = time.perf_counter() - began
     store.close()
     if profiler:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     open_s = time.perf_counter() - reopened
     kv_bytes = 2 * args.tokens * args.layers * args.kv_heads * args.head_dim * 2
     disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    print(f"{args.tokens:,} tokens in {len(docs)} documents ({args.layers} layers x {args.kv_heads} KV heads x "
+    print(f"{args.tokens:,} tokens in {len(docs)} documents, {args.batch_docs} per add ({args.layers} layers x {args.kv_heads} KV heads x "
           f"{args.head_dim}, bf16): add {added:.2f} s, close {total - added:.2f} s -> {args.tokens / total:,.0f} "
           f"tokens/s, {kv_bytes / total / 1e6:,.0f} MB/s of K/V; {disk / args.tokens:,.0f} bytes on disk per token; "
           f"reopen {open_s:.2f} s")

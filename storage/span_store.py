@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ def _resolve(path_or_url: str | os.PathLike[str], data_dir: str | os.PathLike[st
 
 
 INDEX_WRITE_GROWTH = 0.25  # index files are rewritten once the changes since the last write reach this share
+FILE_WRITERS = 4  # K/V files of one add() written at once, at most (and at most one per CPU)
 
 
 class SqlSpanStore:
@@ -242,18 +244,14 @@ class SqlSpanStore:
         for coll in {d.collection for d in docs}:
             check_ids([d.doc_id for d in docs if d.collection == coll])
         files = [new_file_name(d.collection, d.doc_id) for d in docs]
-        written: list[Path] = []
+        paths = [self.kv_dir / name for name in files]
         try:
-            shas = []
-            for p, name in zip(prepared, files):
-                shas.append(write_kv_file(self.kv_dir / name, p.tensors(),
-                                          {"doc_id": p.record.doc_id, "collection": p.record.collection}))
-                written.append(self.kv_dir / name)
+            shas = self._write_files(prepared, paths)
             with Session(self.engine) as s, s.begin():
                 old_files, old_ids, new_ids = self._insert(s, prepared, files, shas)
                 generation = self._bump(s)
         except BaseException:
-            for path in written:
+            for path in paths:  # written or not: unlinking a name never written is a no-op
                 path.unlink(missing_ok=True)
             raise
         for layer, ids in old_ids.items():
@@ -265,6 +263,24 @@ class SqlSpanStore:
         for name in old_files:
             (self.kv_dir / name).unlink(missing_ok=True)
         return [d.doc_id for d in docs]
+
+    def _write_files(self, prepared: list[PreparedDocument], paths: list[Path]) -> list[str]:
+        """Write each document's K/V file (:func:`write_kv_file`); returns their sha256 in order.
+
+        Several documents are written by up to :data:`FILE_WRITERS` threads at once: hashing, writing and fsync
+        release the GIL, so a batch's files are written in parallel on a multi-core host with a fast disk. Every
+        write is waited for before this returns or raises (the caller then removes every path on failure).
+        """
+        def write(p: PreparedDocument, path: Path) -> str:
+            return write_kv_file(path, p.tensors(), {"doc_id": p.record.doc_id, "collection": p.record.collection})
+
+        workers = min(FILE_WRITERS, len(paths), os.cpu_count() or 1)
+        if workers <= 1:
+            return [write(p, path) for p, path in zip(prepared, paths)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ltri-store-file") as pool:
+            futures = [pool.submit(write, p, path) for p, path in zip(prepared, paths)]
+            wait(futures)
+        return [f.result() for f in futures]  # the first failure in document order is raised
 
     def _insert(self, s: Session, prepared: list[PreparedDocument], files: list[str], shas: list[str]
                 ) -> tuple[list[str], dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
