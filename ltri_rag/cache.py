@@ -54,7 +54,10 @@ def layer_sliding_windows(model: nn.Module) -> list[int | None]:
     return [None] * num_layers
 
 
-DEVICE_POOL_SHARE = 0.4  # kv_offload="auto", kv_device_gib None: share of the free device memory for the pool
+# kv_offload="auto", kv_device_gib None: share of the free device memory for the pool. 0.6 holds a 512K-token prompt's
+# pool of a Llama-3-8B-shaped model (64 GiB) on an H200 beside the weights (peak 92 GiB there); its retrieving decode
+# steps then run as CUDA graphs (benchmarks/results/e2e_llama8b_h200/session15)
+DEVICE_POOL_SHARE = 0.6
 
 
 def _make_pool(model: nn.Module, config: LtriConfig, batch_size: int, device: torch.device) -> PagedKVPool:

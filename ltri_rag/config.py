@@ -73,8 +73,9 @@ class LtriConfig:
             pages at HBM speed and copies host pages over PCIe); ``True``: all in (pinned) host memory; ``False``:
             all on the model's device, unbounded. On a CPU model the pool is host memory in every case.
         kv_device_gib: With ``kv_offload="auto"`` on a GPU: GiB of device memory the pool may take (every layer's
-            K and V). None: 40% of the device memory free when the cache is built (the device tier grows by
-            doubling, so its peak while growing is 1.5 times that).
+            K and V). None: 60% of the device memory free when the cache is built. A prompt's pool is sized
+            once when it is fed (``LtriCache.expect_tokens``); otherwise the tier grows by doubling, one layer at a
+            time (the freed smaller blocks stay in PyTorch's cache, which it empties before it would fail).
         segmentation: ``triangle`` (semantic spans, Ltri) or ``fixed`` (blocks of ``block_size``, InfLLM).
         block_size: Length of a fixed block (InfLLM: 128).
         span_min_len: Shortest semantic span a candidate may have.

@@ -212,7 +212,8 @@ class Bench:
                        x_floor=median / kv_ms,
                        baseline=("Hugging Face eager, DynamicCache (engine mode full)" if mode == "full"
                                  else "ltri_rag engine, eager" if graph is None
-                                 else "ltri_rag engine, decode steps replayed as CUDA graphs"))
+                                 else "ltri_rag engine, decode steps replayed as CUDA graphs" if graph.replays
+                                 else "ltri_rag engine, graphs on but every step eager (see graph_steps)"))
             print(f"{tag} decode {median:.1f} ms/token median, {statistics.fmean(times):.1f} mean of {len(times)} "
                   f"(floor {kv_ms:.2f} ms)" + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving), "
                                                f"{graph.captures} captures"
