@@ -1,0 +1,110 @@
+"""Where a replayed decode step's device time goes: the kernels of CUDA-graph replays, by total device time.
+
+    python -m benchmarks.profile_decode_graph --model llama3-8b-random --length 32768 --warm 24 --steps 16 \\
+        --out results/profile_decode
+
+Reads ``--length`` random tokens with the default engine (``LtriConfig()`` on CUDA: every decoded token retrieves,
+retrieving and reusing steps replayed as graphs while the pool is on the GPU), decodes ``--warm`` greedy tokens
+(compiles, the first steps of a span set, captures), then ``--steps`` more under ``torch.profiler`` (CPU + CUDA).
+Prints and saves (``profile.md``, ``profile.json``): how many of the profiled steps were replays, their wall time,
+and the kernels ranked by device time (total, calls, mean), so a step's device time can be split into the model's
+own kernels and the retrieval's. GPU only; a CPU run would profile the torch path, not graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.e2e.models import BUILTIN_MODELS, build_random_model
+from ltri_rag import LtriConfig, LtriSession
+
+
+def kernel_table(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` kernels by device time: name, total ms, calls, mean µs, ms per step."""
+    rows = []
+    for event in prof.key_averages():
+        if "CUDA" not in str(getattr(event, "device_type", "")):  # kernels only (an operator's row repeats them)
+            continue
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if device_us <= 0 or event.count == 0:
+            continue
+        rows.append({"name": event.key[:110], "total_ms": device_us / 1e3, "calls": event.count,
+                     "mean_us": device_us / event.count, "ms_per_step": device_us / 1e3 / steps})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:top]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-8b-random", choices=sorted(BUILTIN_MODELS))
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--warm", type=int, default=24, help="decode steps before the profiled ones")
+    parser.add_argument("--steps", type=int, default=16, help="profiled decode steps")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides (ints)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (it profiles CUDA-graph replays)")
+    for name in ("length", "warm", "steps", "top"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    device = torch.device("cuda")
+    model = build_random_model(args.model, device, torch.bfloat16, args.seed, args.length + args.warm + args.steps + 64)
+    config = LtriConfig(mode="ltri", **overrides)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=gen).to(device)
+    session = LtriSession(model, config)
+    logits = session.feed(ids)
+    token = logits.argmax(-1)
+    for _ in range(args.warm):
+        token = session.step(token).argmax(-1)
+    torch.cuda.synchronize()
+    graph = session.decode_graph
+    before = (graph.replays, graph.retrieving_replays) if graph is not None else (0, 0)
+    times = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            began = time.perf_counter()
+            token = session.step(token).argmax(-1)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - began) * 1e3)
+    replays = (graph.replays - before[0], graph.retrieving_replays - before[1]) if graph is not None else (0, 0)
+    table = kernel_table(prof, args.steps, args.top)
+    result = {"model": args.model, "length": args.length, "config": overrides, "steps": args.steps,
+              "replays": replays[0], "retrieving_replays": replays[1], "median_ms": statistics.median(times),
+              "times_ms": [round(t, 3) for t in times], "kernels": table,
+              "device_ms_per_step": sum(r["ms_per_step"] for r in kernel_table(prof, args.steps, 10**6))}
+    lines = [f"# Decode-step kernels: {args.model}, {args.length:,} tokens, overrides {overrides or 'none'}", "",
+             (f"{args.steps} profiled steps ({replays[0]} replays, {replays[1]} of them retrieving); wall per step "
+              f"under the profiler {result['median_ms']:.2f} ms median; device time per step "
+              f"{result['device_ms_per_step']:.2f} ms (every kernel)."), "",
+             "| kernel | ms per step | calls per step | mean µs |", "|---|---:|---:|---:|"]
+    lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls'] / args.steps:.1f} | {r['mean_us']:.1f} |"
+              for r in table]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(result, indent=1))
+    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
