@@ -11,8 +11,11 @@ from ltri_rag.storage.faiss_index import LayerIndexes
 from ltri_rag.storage.schema import MAX_SPAN_VECTORS, split_vector_ids, vector_ids
 from sqlalchemy import create_engine, inspect, text
 
+from tests.unit import test_storage
 from tests.unit.store_worker import STORED_LAYERS, make_doc
-from tests.unit.test_storage import Location, _queries, _snapshot, loc  # noqa: F401  (loc: the fixture)
+from tests.unit.test_storage import Location, _queries, _snapshot
+
+loc = test_storage.loc  # the store-location fixture (SQLite and PostgreSQL)
 
 
 def test_vector_ids_round_trip() -> None:

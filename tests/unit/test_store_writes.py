@@ -9,8 +9,11 @@ import threading
 import pytest
 from ltri_rag.storage import span_store
 
+from tests.unit import test_storage
 from tests.unit.store_worker import make_doc
-from tests.unit.test_storage import Location, _db_counts, _snapshot, loc  # noqa: F401  (loc: the fixture)
+from tests.unit.test_storage import Location, _db_counts, _snapshot
+
+loc = test_storage.loc  # the store-location fixture (SQLite and PostgreSQL)
 
 
 def _batch(n: int = 7):
