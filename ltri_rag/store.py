@@ -337,11 +337,12 @@ class VerifyReport:
     Attributes:
         missing_files: K/V file names a document row points to that do not exist.
         checksum_failures: K/V file names whose sha256 differs from the recorded one.
-        shape_mismatches: ``"file: why"`` for files whose tensors disagree with the span / vector rows.
+        shape_mismatches: ``"file: why"`` for files whose tensors disagree with the span rows.
         orphan_files: Files under the data folder no document references (leftovers of a crash or a delete).
-        index_missing: ``{layer: count}`` of vector rows absent from that layer's index.
-        index_extra: ``{layer: count}`` of index ids without a vector row.
-        stale_layers: Layers whose index file disagrees with the ``vectors`` table or cannot be read.
+        index_missing: ``{layer: count}`` of index vectors the span rows name that are absent from that layer's
+            index.
+        index_extra: ``{layer: count}`` of index ids that name no stored index vector.
+        stale_layers: Layers whose index file disagrees with the span rows or cannot be read.
     """
 
     missing_files: tuple[str, ...] = ()

@@ -1,5 +1,5 @@
 """The store's low-level writes: K/V files streamed in the safetensors format (read back by safetensors itself,
-checksummed on the way) and the column-wise bulk insert of span / vector rows."""
+checksummed on the way) and the column-wise bulk insert of rows."""
 
 from __future__ import annotations
 
