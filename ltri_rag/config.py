@@ -142,6 +142,12 @@ class LtriConfig:
         decode_graph_retrieval: With ``decode_graph``: retrieving decode steps select their spans on the device
             and are captured once per set of spans (an eviction changes the spans) and replayed until the next
             eviction, when every pool page is in the device tier (otherwise they stay eager). True by default.
+        graph_host_pages: Let device-side selection and retrieving graph-form decode steps run while some pool pages
+            live in the pinned host tier (``kv_offload="auto"`` past the device tier, e.g. a 1M-token prompt of an
+            8B model on one GPU): the selected rows of host pages are read by the GPU straight from pinned host
+            memory inside the step (:mod:`ltri_rag.kernels.triton_gather`) instead of being staged by the host.
+            Experimental and off by default: checked on CPU (the same results as one tier), not yet measured on a
+            GPU.
     """
 
     mode: Mode = "ltri"
@@ -182,6 +188,7 @@ class LtriConfig:
     attention_backend: Backend = "auto"
     decode_graph: bool = True
     decode_graph_retrieval: bool = True
+    graph_host_pages: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -214,7 +221,7 @@ class LtriConfig:
             if value < 0:
                 raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
         for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget", "decode_graph",
-                     "decode_graph_retrieval", "selection_on_device"):
+                     "decode_graph_retrieval", "selection_on_device", "graph_host_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ltri_rag.kernels.transfer import extend_mirror, to_device
+from ltri_rag.kernels.triton_gather import gather_two_tiers, triton_available
 
 __all__ = ["PagedKVPool"]
 
@@ -203,6 +204,27 @@ class PagedKVPool:
         table = self.page_tables[seq]
         return not table or max(table) < self._split
 
+    def readable_on(self, seq: int, device: torch.device, host_pages: bool = False) -> bool:
+        """Whether :meth:`gather_on_device` can read every page of ``seq`` from ``device``: all of them in the
+        first tier on that device (:meth:`on_device_tier`), or, with ``host_pages``, some in the host tier too where
+        ``device`` can read it directly (the CPU, or a GPU reading pinned host memory through a Triton kernel:
+        :mod:`ltri_rag.kernels.triton_gather`)."""
+        if self.on_device_tier(seq, device):
+            return True
+        if not host_pages or self._slow is None:
+            return False
+        mine, other = self.device, torch.device(device)
+        if mine.type != other.type or (mine.index is not None and other.index is not None and mine.index != other.index):
+            return False
+        return other.type == "cpu" or (other.type == "cuda" and self._slow.pin_memory and triton_available())
+
+    def host_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The host tier's K and V of ``layer`` as ``[tokens * Hkv, D]`` rows (tokens counted from the tier's
+        first), or None without a host tier or before the layer stored anything."""
+        if self._slow is None or layer not in self._slow.k:
+            return None
+        return self._slow.rows(layer)
+
     def _device_table(self, seq: int, device: torch.device) -> torch.Tensor:
         """``[pages]`` int64 page table of ``seq`` on ``device`` (copied again only when pages were added)."""
         table = self._device_tables[seq]
@@ -224,7 +246,8 @@ class PagedKVPool:
 
     def gather_on_device(self, layer: int, seq: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`gather` for ``slots: [num_kv_heads, n]`` (valid, reserved slots) on the first tier's device, with
-        the slot arithmetic on that device: nothing is read back (see :meth:`on_device_tier`)."""
+        the slot arithmetic on that device: nothing is read back. Pages in the host tier are read from there
+        directly (:func:`~ltri_rag.kernels.triton_gather.gather_two_tiers`; see :meth:`readable_on`)."""
         num_kv_heads, n = slots.shape
         device = slots.device
         table = self._device_table(seq, device)
@@ -232,8 +255,12 @@ class PagedKVPool:
         rows = (flat * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None]).reshape(-1)
         k_rows, v_rows = self._fast.rows(layer)
         head_dim = k_rows.shape[1]
-        return (k_rows.index_select(0, rows).view(num_kv_heads, n, head_dim),
-                v_rows.index_select(0, rows).view(num_kv_heads, n, head_dim))
+        host = None if self.on_device_tier(seq, device) else self.host_rows(layer)
+        if host is None:
+            k, v = k_rows.index_select(0, rows), v_rows.index_select(0, rows)
+        else:  # rows from the host tier's first token on live there
+            k, v = gather_two_tiers(k_rows, v_rows, host[0], host[1], rows, self._split * self.page_size * num_kv_heads)
+        return k.view(num_kv_heads, n, head_dim), v.view(num_kv_heads, n, head_dim)
 
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``

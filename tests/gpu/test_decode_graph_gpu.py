@@ -27,9 +27,11 @@ def _config(**overrides) -> LtriConfig:
                                   dict(evict_stride=24, decode_retrieval_stride=2),
                                   dict(batch=2, evict_stride=30, decode_retrieval_stride=3, voting=True,
                                        retrieval_scope="per_kv_head"),
-                                  dict(evict_stride=24, decode_retrieval_stride=1)],
+                                  dict(evict_stride=24, decode_retrieval_stride=1),
+                                  dict(evict_stride=24, decode_retrieval_stride=1, kv_device_gib=1e-9,
+                                       graph_host_pages=True)],
                          ids=["ltri", "streaming", "batch2-host-pool", "infllm", "ltri-long-cycles",
-                              "batch2-voting-per-kv-head", "ltri-stride1"])
+                              "batch2-voting-per-kv-head", "ltri-stride1", "ltri-host-tier-read-in-graph"])
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that fails (and falls back) fails the test
 def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtype, case) -> None:
     """Three sessions decode the same 48 tokens: eager, graph form without capture, graph form captured. The

@@ -50,6 +50,12 @@ def check_all(pool: PagedKVPool, mirror: Mirror, gen: torch.Generator, n: int = 
         rk, rv = mirror.gather(layer, seq, slots)
         assert k.shape == (num_kv_heads, n, k_ref.shape[2])
         assert torch.equal(k, rk) and torch.equal(v, rv), (layer, seq)
+        # the same slots gathered with the slot arithmetic on the device (here the CPU), reading host-tier pages
+        # in place (graph_host_pages); without host pages allowed only a pool wholly in its first tier qualifies
+        assert pool.readable_on(seq, CPU) == pool.on_device_tier(seq, CPU)
+        assert pool.readable_on(seq, CPU, host_pages=True)
+        k, v = pool.gather_on_device(layer, seq, slots)
+        assert torch.equal(k, rk) and torch.equal(v, rv), (layer, seq)
 
 
 def test_reserve_returns_first_new_slot_and_builds_page_tables():
