@@ -87,7 +87,8 @@ def gather_two_tiers(fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.T
     if not use_kernel:
         return gather_two_tiers_torch(fast_k, fast_v, slow_k, slow_v, rows, split_row)
     _check(fast_k, fast_v, slow_k, slow_v, rows)
-    if rows.is_cuda and slow_k.device.type == "cpu" and not (slow_k.is_pinned() and slow_v.is_pinned()):
+    if (rows.is_cuda and slow_k.device.type == "cpu" and not torch.cuda.is_current_stream_capturing()
+            and not (slow_k.is_pinned() and slow_v.is_pinned())):  # (a pointer query: not while capturing)
         raise ValueError("the second tier must be pinned host memory for a GPU to read it directly")
     n, head_dim = rows.numel(), fast_k.shape[1]
     out_k = torch.empty(n, head_dim, dtype=fast_k.dtype, device=rows.device)
