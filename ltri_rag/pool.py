@@ -57,6 +57,10 @@ class _Tier:
             new_capacity = max(pages, 2 * self.capacity, 16)
         if self.limit is not None:
             new_capacity = min(new_capacity, self.limit)
+        if self.pin_memory and self.k and torch.cuda.is_available():
+            # kernels may still be reading the old pinned pages in place (graph_host_pages), and a freed pinned
+            # block can be handed out again at once: let the device finish with them first (growth is rare)
+            torch.cuda.synchronize()
         for store in (self.k, self.v):
             for layer, old in store.items():
                 new = self._empty(new_capacity, old)
