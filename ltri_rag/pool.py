@@ -197,11 +197,15 @@ class PagedKVPool:
         self._positions_synced[seq] = end
         return self._device_positions[seq]
 
+    def _first_tier_on(self, device: torch.device) -> bool:
+        """Whether the first tier lives on ``device`` (an unindexed device matches any index of its type)."""
+        mine, other = self.device, torch.device(device)
+        return mine.type == other.type and (mine.index is None or other.index is None or mine.index == other.index)
+
     def on_device_tier(self, seq: int, device: torch.device) -> bool:
         """Whether every page of ``seq`` lives in the first tier and that tier is ``device`` (so
         :meth:`gather_on_device` can read them)."""
-        mine, other = self.device, torch.device(device)
-        if mine.type != other.type or (mine.index is not None and other.index is not None and mine.index != other.index):
+        if not self._first_tier_on(device):
             return False
         if self._split is None or self._next_page <= self._split:  # every page handed out is in the first tier
             return True
@@ -215,12 +219,10 @@ class PagedKVPool:
         :mod:`ltri_rag.kernels.triton_gather`)."""
         if self.on_device_tier(seq, device):
             return True
-        if not host_pages or self._slow is None:
+        if not host_pages or self._slow is None or not self._first_tier_on(device):
             return False
-        mine, other = self.device, torch.device(device)
-        if mine.type != other.type or (mine.index is not None and other.index is not None and mine.index != other.index):
-            return False
-        return other.type == "cpu" or (other.type == "cuda" and self._slow.pin_memory and triton_available())
+        kind = torch.device(device).type
+        return kind == "cpu" or (kind == "cuda" and self._slow.pin_memory and triton_available())
 
     def host_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The host tier's K and V of ``layer`` as ``[tokens * Hkv, D]`` rows (tokens counted from the tier's
