@@ -64,7 +64,8 @@ def _make_pool(model: nn.Module, config: LtriConfig, batch_size: int, device: to
     """The span pool placed as ``config.kv_offload`` / ``kv_device_gib`` say (see :class:`LtriConfig`)."""
     pin = torch.cuda.is_available() and device.type == "cuda"
     if config.kv_offload is True or device.type == "cpu":
-        return PagedKVPool(batch_size, config.page_size, torch.device("cpu"), pin_memory=pin)
+        return PagedKVPool(batch_size, config.page_size, torch.device("cpu"), pin_memory=pin,
+                           zero_copy=config.zero_copy_host_pages)
     if config.kv_offload is False:
         return PagedKVPool(batch_size, config.page_size, device)
     # auto: the first pages on the device, up to a byte budget over every global layer's K and V
@@ -81,7 +82,8 @@ def _make_pool(model: nn.Module, config: LtriConfig, batch_size: int, device: to
     num_global = sum(window is None for window in layer_sliding_windows(model))
     page_bytes = 2 * num_global * config.page_size * num_kv_heads * head_dim * dtype.itemsize
     device_pages = int(budget // max(page_bytes, 1))
-    return PagedKVPool(batch_size, config.page_size, device, pin_memory=pin, device_pages=device_pages)
+    return PagedKVPool(batch_size, config.page_size, device, pin_memory=pin, device_pages=device_pages,
+                       zero_copy=config.zero_copy_host_pages)
 
 
 class _LayerSlot:

@@ -146,7 +146,7 @@ class DecodeGraph:
 
     def _retrievable(self) -> bool:
         pool, device = self.cache.pool, self.cache.device
-        host_pages = self.cache.config.graph_host_pages
+        host_pages = self.cache.config.zero_copy_host_pages
         if not all(pool.readable_on(seq, device, host_pages) for seq in range(self.cache.num_sequences)):
             return False  # a page in host memory the device may not read: selection stays on the host
         return all(state.graph_retrievable(self.cache.device) is None for state in self.cache.global_states)

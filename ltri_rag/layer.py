@@ -174,11 +174,12 @@ class GlobalLayerState(GraphFormSteps, SpanExchange):
     def _selects_on_device(self, q: torch.Tensor) -> bool:
         """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``): the whole
         retrieval then runs there without a read-back. Needs every page of the batch readable from the device
-        (in the pool's device tier, or with ``graph_host_pages`` in its pinned host tier) and no
+        (in the pool's device tier, or with ``zero_copy_host_pages`` in its pinned host tier) and no
         ``pin_extra_budget`` (whose selection may outgrow the fixed slot list)."""
         if not self.cfg.selection_on_device or self.pool is None or self.cfg.pin_extra_budget:
             return False
-        return all(self.pool.readable_on(seq, q.device, self.cfg.graph_host_pages) for seq in range(len(self.tables)))
+        host_pages = self.cfg.zero_copy_host_pages
+        return all(self.pool.readable_on(seq, q.device, host_pages) for seq in range(len(self.tables)))
 
     def _selections(self, q: torch.Tensor, plan: StepPlan, scaling: float, on_device: bool,
                     position: torch.Tensor | None = None) -> list[torch.Tensor | None]:

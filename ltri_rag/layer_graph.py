@@ -179,8 +179,8 @@ class GraphFormSteps:
             return "pin_prompt_spans keeps a host selection"
         if self.sink_k is None or not self.tables or not all(len(t) for t in self.tables):
             return "a sequence has no sinks or no spans yet"
-        if not all(self.pool.readable_on(seq, device, cfg.graph_host_pages) for seq in range(len(self.tables))):
-            return "pool pages live in host memory (kv_offload; graph_host_pages reads them from the step)"
+        if not all(self.pool.readable_on(seq, device, cfg.zero_copy_host_pages) for seq in range(len(self.tables))):
+            return "pool pages live in host memory (kv_offload; zero_copy_host_pages reads them from the step)"
         return None
 
     def prepare_graph_retrieval(self, min_width: int) -> None:
@@ -261,7 +261,7 @@ class GraphFormSteps:
         device = self.sink_k.device
         tensors = [*self.window_storage(), *self._graph_memory, self.sink_k, self.sink_v]
         tensors.extend(self.pool.device_rows(self.layer_idx) or ())
-        tensors.extend(self.pool.host_rows(self.layer_idx) or ())  # read in place with graph_host_pages
+        tensors.extend(self.pool.host_rows(self.layer_idx) or ())  # read in place with zero_copy_host_pages
         for seq, table in enumerate(self.tables):
             padded, valid, _ = table.layout()
             tensors.extend((table.vectors, table.owner, padded, valid, table.slot_spans(device),

@@ -32,9 +32,9 @@ __all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memor
            "tokenizer_sha256", "weights_sha256"]
 
 FORMAT_VERSION = 1
-RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget", "full_chunk_size",
-                  "page_size", "decode_retrieval_stride", "selection_on_device", "decode_graph",
-                  "decode_graph_retrieval", "graph_host_pages")
+RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget",
+                  "full_chunk_size", "page_size", "decode_retrieval_stride", "selection_on_device", "decode_graph",
+                  "decode_graph_retrieval", "zero_copy_host_pages")
 # Fields added to LtriConfig after stores were first written, with the value a store without the key was ingested
 # with: a fingerprint leaves such a field out at that value (so old stores still match), and reading a config back
 # from a fingerprint without the key gives that value.

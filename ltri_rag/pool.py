@@ -12,6 +12,10 @@ pinned buffer and copies it over PCIe). Pages are handed out in order, so a stre
 (across its sequences) stay on the device and the rest spill to the host; nothing moves between tiers. With
 ``device_pages`` None there is one tier.
 
+``zero_copy``: the GPU reads and writes pinned host pages itself (:mod:`ltri_rag.kernels.triton_gather`), so the
+host neither gathers nor scatters rows nor waits for a device-to-host copy. Its writes land in stream order; a
+host-side read of a tier the device wrote waits for them first (:meth:`PagedKVPool._await_device_writes`).
+
 Each slot also records the position its token was read at (host ``int64``), set by whoever fills the slot: a
 stream evicts its tokens in order, a stored document's tokens keep the positions they had when it was read.
 """
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from ltri_rag.kernels.transfer import extend_mirror, to_device
-from ltri_rag.kernels.triton_gather import gather_two_tiers, triton_available
+from ltri_rag.kernels.triton_gather import gather_two_tiers, scatter_rows, triton_available
 
 __all__ = ["PagedKVPool"]
 
@@ -58,7 +62,7 @@ class _Tier:
         if self.limit is not None:
             new_capacity = min(new_capacity, self.limit)
         if self.pin_memory and self.k and torch.cuda.is_available():
-            # kernels may still be reading the old pinned pages in place (graph_host_pages), and a freed pinned
+            # kernels may still be reading the old pinned pages in place (zero_copy_host_pages), and a freed pinned
             # block can be handed out again at once: let the device finish with them first (growth is rare)
             torch.cuda.synchronize()
         for store in (self.k, self.v):
@@ -91,16 +95,20 @@ class PagedKVPool:
         pin_memory: Pin host pages (faster, asynchronous copies to a GPU).
         device_pages: Most pages kept on ``device`` (a GPU); pages past them live in (pinned) host memory. None:
             every page on ``device`` (with ``device`` the CPU, both tiers are host memory).
+        zero_copy: A GPU reads and writes the pinned host pages in place (module docstring); needs
+            ``pin_memory`` and Triton, and is ignored without them.
     """
 
     def __init__(self, batch_size: int, page_size: int, device: torch.device, pin_memory: bool = False,
-                 device_pages: int | None = None) -> None:
+                 device_pages: int | None = None, zero_copy: bool = False) -> None:
         if device_pages is not None and (not isinstance(device_pages, int) or device_pages < 0):
             raise ValueError(f"device_pages must be a non-negative int or None, got {device_pages!r}")
         self.page_size = page_size
         self.device = device
         self.pin_memory = pin_memory and device.type == "cpu"
         self.device_pages = device_pages
+        self.zero_copy = bool(zero_copy) and pin_memory and triton_available()
+        self._device_writes: torch.cuda.Event | None = None  # the last in-place write into a host tier
         self.page_tables: list[list[int]] = [[] for _ in range(batch_size)]
         self.num_slots: list[int] = [0] * batch_size
         self._next_page = 0
@@ -347,6 +355,9 @@ class PagedKVPool:
                 idx = flat[pick] - offset
                 pick_dev = to_device(pick, k.device)
                 src_k, src_v = k.index_select(1, pick_dev), v.index_select(1, pick_dev)
+            if self._in_place(tier, k.device):  # the device writes the pinned host pages itself
+                self._scatter_in_place(tier, layers, idx, src_k, src_v)
+                continue
             idx = to_device(idx, tier.device)  # slot arithmetic on the host, copied without a device sync
             src_k, src_v = src_k.to(tier.device), src_v.to(tier.device)
             for i, layer in enumerate(layers):
@@ -355,13 +366,45 @@ class PagedKVPool:
                 tk[idx] = src_k[i].to(tk.dtype)
                 tv[idx] = src_v[i].to(tv.dtype)
 
+    def _in_place(self, tier: _Tier, device: torch.device) -> bool:
+        """Whether ``device`` reads and writes ``tier`` in place: ``zero_copy``, a pinned host tier, a GPU."""
+        return self.zero_copy and tier.pin_memory and torch.device(device).type == "cuda"
+
+    def _scatter_in_place(self, tier: _Tier, layers: list[int], idx: torch.Tensor, src_k: torch.Tensor,
+                          src_v: torch.Tensor) -> None:
+        """Write ``src_k[i], src_v[i]`` (``[L, n, Hkv, D]`` on the GPU) at the tier's token rows ``idx`` (``[n]``
+        host int64) of ``layers[i]``, by the GPU into the pinned pages (recorded for host readers)."""
+        device = src_k.device
+        num_kv_heads, head_dim = src_k.shape[2], src_k.shape[3]
+        idx = to_device(idx, device)
+        rows = (idx[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)).reshape(-1)  # [n * Hkv]
+        for i, layer in enumerate(layers):
+            dst_k, dst_v = tier.rows(layer)
+            scatter_rows(dst_k, dst_v, rows, src_k[i].reshape(-1, head_dim).to(dst_k.dtype).contiguous(),
+                         src_v[i].reshape(-1, head_dim).to(dst_v.dtype).contiguous())
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._device_writes = event
+
+    def _await_device_writes(self) -> None:
+        """Wait until the device's in-place writes into host pages have landed (before the host reads them)."""
+        if self._device_writes is not None:
+            self._device_writes.synchronize()
+            self._device_writes = None
+
     def _gather_tier(self, tier: _Tier, layer: int, rows: torch.Tensor, device: torch.device,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[n]`` (host int64, indices into the tier's ``[pages * page_size * Hkv, D]``) as ``[n, D]`` K
         and V on ``device``. From pinned host pages to a GPU the rows are gathered into a pinned buffer and copied
         asynchronously (torch's pinned allocator keeps the buffer alive until the copy is done), so the host does
-        not wait for the transfer."""
+        not wait for the transfer; with ``zero_copy`` the GPU reads them in place instead."""
+        if self._in_place(tier, device):
+            src_k, src_v = tier.rows(layer)
+            none = torch.empty(0, src_k.shape[1], dtype=src_k.dtype, device=device)  # no first tier
+            return gather_two_tiers(none, none, src_k, src_v, to_device(rows, device), 0)
         staged = tier.pin_memory and device.type == "cuda"
+        if tier.device.type == "cpu":
+            self._await_device_writes()
         rows = to_device(rows, tier.device)
         out = []
         for src in tier.rows(layer):

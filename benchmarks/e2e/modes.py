@@ -14,10 +14,10 @@ from ltri_rag import LtriConfig
 
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
          "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
-         "ltri_all_queries", "ltri_host_graph")
+         "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
-              "ltri_all_queries", "ltri_host_graph")
+              "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -31,8 +31,11 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
 # host work; a finer retrieval: one selection serves 512 queries); ``ltri_device_select``: spans chosen on the
 # device, without a read-back (``selection_on_device``); ``ltri_all_queries``: span
 # scoring reads every query of a chunk (the default before ``score_queries``: the session 8 engine);
-# ``ltri_host_graph``: ``ltri`` with ``graph_host_pages`` (retrieving steps stay graphs with pages in host memory,
-# the GPU reading the selected host rows in place)
+# ``ltri_staged_host_pages``: ``ltri`` without ``zero_copy_host_pages`` (pool pages in pinned host memory are gathered
+# and scattered by the host and copied over, and a retrieving step touching them runs eagerly: the default before
+# session 16); ``ltri_small_tier`` / ``ltri_small_tier_zero_copy``: staged and in-place host pages with the device tier
+# held to 4 GiB (``kv_device_gib``), so that a 128K prompt of an 8B model already keeps most of its pages in host
+# memory: the 1M situation at a tenth of the cost
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"kv_offload": True}),
                                                    "ltri_gpu_pool": ("ltri", {"kv_offload": False}),
                                                    "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
@@ -44,7 +47,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_stride8_gpu_pool": ("ltri", {"decode_retrieval_stride": 8,
                                                                                       "kv_offload": False}),
                                                    "ltri_eager": ("ltri", {"decode_graph": False}),
-                                                   "ltri_host_graph": ("ltri", {"graph_host_pages": True}),
+                                                   "ltri_staged_host_pages": ("ltri", {"zero_copy_host_pages": False}),
+                                                   "ltri_small_tier": ("ltri", {"kv_device_gib": 4.0,
+                                                                                "zero_copy_host_pages": False}),
+                                                   "ltri_small_tier_zero_copy": ("ltri", {
+                                                       "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_c512": ("ltri", {"chunk_size": 512}),
                                                    "ltri_device_select": ("ltri", {"selection_on_device": True}),
                                                    "ltri_all_queries": ("ltri", {"score_queries": None})}

@@ -29,7 +29,7 @@ def _config(**overrides) -> LtriConfig:
                                        retrieval_scope="per_kv_head"),
                                   dict(evict_stride=24, decode_retrieval_stride=1),
                                   dict(evict_stride=24, decode_retrieval_stride=1, kv_device_gib=1e-9,
-                                       graph_host_pages=True)],
+                                       zero_copy_host_pages=True)],
                          ids=["ltri", "streaming", "batch2-host-pool", "infllm", "ltri-long-cycles",
                               "batch2-voting-per-kv-head", "ltri-stride1", "ltri-host-tier-read-in-graph"])
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that fails (and falls back) fails the test

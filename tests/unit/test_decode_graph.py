@@ -326,7 +326,7 @@ def test_one_retrieving_graph_key_per_span_set(qwen2) -> None:
 
 @pytest.mark.parametrize("device_pages", [0, 3])
 def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, device_pages: int) -> None:
-    """``graph_host_pages``: with span pages in the pool's host tier (a pool of ``device_pages`` first-tier pages,
+    """``zero_copy_host_pages``: with span pages in the pool's host tier (a pool of ``device_pages`` first-tier pages,
     both tiers host memory on the CPU), retrieving steps still run in graph form, gathering host-tier rows in
     place, and equal an eager session whose pool is one tier (logits and state, 40 tokens). Without the flag the
     same pool keeps them eager, naming why."""
@@ -336,8 +336,8 @@ def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, devi
     def split_pool(model, config, batch_size, device):
         return PagedKVPool(batch_size, config.page_size, device, device_pages=device_pages)
 
-    cfg = _config(graph_host_pages=True)
-    eager = LtriSession(qwen2, cfg.replace(decode_graph=False, selection_on_device=True, graph_host_pages=False))
+    cfg = _config(zero_copy_host_pages=True)
+    eager = LtriSession(qwen2, cfg.replace(decode_graph=False, selection_on_device=True, zero_copy_host_pages=False))
     assert eager.cache.pool.host_tier_first_token is None  # one tier
     monkeypatch.setattr(cache_module, "_make_pool", split_pool)
     _, graphed = _pair(qwen2, cfg, retrieve=True)
@@ -349,7 +349,7 @@ def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, devi
     forms = _decode_side_by_side(eager, graphed, logits, 40, recency=True)
     assert all(forms) and graphed.decode_graph.retrieving_steps >= 40 // cfg.decode_retrieval_stride
     # the same split pool without the flag: retrieving steps stay eager, and say why
-    _, plain = _pair(qwen2, cfg.replace(graph_host_pages=False), retrieve=True)
+    _, plain = _pair(qwen2, cfg.replace(zero_copy_host_pages=False), retrieve=True)
     logits = plain.feed(ids)
     assert plain.cache.pool.host_tier_first_token == device_pages * cfg.page_size
     assert "host memory" in plain.cache.global_states[0].graph_retrievable(plain.device)

@@ -51,7 +51,7 @@ def check_all(pool: PagedKVPool, mirror: Mirror, gen: torch.Generator, n: int = 
         assert k.shape == (num_kv_heads, n, k_ref.shape[2])
         assert torch.equal(k, rk) and torch.equal(v, rv), (layer, seq)
         # the same slots gathered with the slot arithmetic on the device (here the CPU), reading host-tier pages
-        # in place (graph_host_pages); without host pages allowed only a pool wholly in its first tier qualifies
+        # in place (zero_copy_host_pages); without host pages allowed only a pool wholly in its first tier qualifies
         assert pool.readable_on(seq, CPU) == pool.on_device_tier(seq, CPU)
         assert pool.readable_on(seq, CPU, host_pages=True)
         k, v = pool.gather_on_device(layer, seq, slots)

@@ -57,3 +57,40 @@ def test_bad_arguments_are_named() -> None:
         triton_gather.gather_two_tiers(fk, fv, sk, sv, torch.zeros(3, dtype=torch.int32, device=DEVICE), 4)
     with pytest.raises(ValueError, match="slow_k"):
         triton_gather.gather_two_tiers(fk, fv, sk.double(), sv, torch.zeros(3, dtype=torch.int64, device=DEVICE), 4)
+
+
+@pytest.mark.parametrize("dst_rows,n,head_dim,dtype", [
+    (100, 37, 64, torch.float32),
+    (70, 70, 128, torch.bfloat16),  # every row written
+    (50, 17, 96, torch.float16),    # head_dim not a power of two
+    (8, 0, 64, torch.float32),      # nothing to write
+])
+def test_scatter_rows_equals_index_copy(dst_rows, n, head_dim, dtype) -> None:
+    gen = torch.Generator().manual_seed(dst_rows + n)
+    dst = [torch.randn(dst_rows, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    if DEVICE == "cuda":  # the GPU writes pinned host memory in place
+        dst = [t.pin_memory() for t in dst]
+    expect = [t.clone() for t in dst]
+    rows = torch.randperm(dst_rows, generator=gen)[:n]
+    src = [torch.randn(n, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    for e, s in zip(expect, src):
+        e[rows] = s
+    triton_gather.scatter_rows(dst[0], dst[1], rows.to(DEVICE), src[0].to(DEVICE), src[1].to(DEVICE))
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # the kernel's writes land when the stream reaches them
+    assert torch.equal(dst[0], expect[0]) and torch.equal(dst[1], expect[1])
+    ref = [t.clone() for t in expect]
+    triton_gather.scatter_rows_torch(ref[0], ref[1], rows, src[0], src[1])  # idempotent on the same rows
+    assert torch.equal(ref[0], expect[0]) and torch.equal(ref[1], expect[1])
+
+
+def test_scatter_bad_arguments_are_named() -> None:
+    dst = [torch.zeros(4, 8) for _ in range(2)]
+    src = [torch.ones(3, 8, device=DEVICE) for _ in range(2)]
+    with pytest.raises(ValueError, match="rows must be"):
+        triton_gather.scatter_rows(*dst, torch.zeros(2, dtype=torch.int64, device=DEVICE), *src)
+    with pytest.raises(ValueError, match="src_k"):
+        triton_gather.scatter_rows(*dst, torch.zeros(3, dtype=torch.int64, device=DEVICE), src[0].double(), src[1])
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="pinned"):
+            triton_gather.scatter_rows(*dst, torch.arange(3, device=DEVICE), *src)
