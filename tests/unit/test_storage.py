@@ -79,7 +79,8 @@ def _db_counts(loc: Location) -> dict[str, int]:
 def _index_ids(path: Path) -> set[int]:
     ids: set[int] = set()
     for f in (path / "faiss").glob("layer*.index"):
-        ids |= set(faiss.vector_to_array(faiss.read_index(str(f)).id_map).tolist())
+        index = faiss.read_index(str(f))  # kept alive while its id map is read (the map is the index's memory)
+        ids |= set(faiss.vector_to_array(index.id_map).tolist())
     return ids
 
 
