@@ -185,14 +185,14 @@ class GraphFormSteps:
 
     def prepare_graph_retrieval(self, min_width: int) -> None:
         """Put on the compute device, eagerly, everything a retrieving graph-form step reads (persistence state,
-        span geometry and layout, slot map, pool page tables and positions, the cross-layer prior), and make the
+        span geometry, starts and layout, pool page tables and positions, the cross-layer prior), and make the
         memory buffers ``min_width`` keys wide, so that the step itself copies nothing from the host."""
         device = self.sink_k.device
         for seq, table in enumerate(self.tables):
             table.recency_on(device)
             table.geometry_on(device)
             table.layout()
-            table.slot_spans(device)
+            table.starts_on(device)
             self.pool.prepare_on_device(seq, device)
             if self.consensus is not None:
                 self.consensus.prior_on(seq, device)
@@ -264,6 +264,6 @@ class GraphFormSteps:
         tensors.extend(self.pool.host_rows(self.layer_idx) or ())  # read in place with zero_copy_host_pages
         for seq, table in enumerate(self.tables):
             padded, valid, _ = table.layout()
-            tensors.extend((table.vectors, table.owner, padded, valid, table.slot_spans(device),
+            tensors.extend((table.vectors, table.owner, padded, valid, table.starts_on(device),
                             *table.geometry_on(device), *self.pool.device_lookups(seq)))
         return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors if t is not None)

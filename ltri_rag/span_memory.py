@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ltri_rag.kernels.scoring import SpanLayout, span_layout, span_scores
-from ltri_rag.kernels.transfer import extend_mirror, to_device
+from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["SpanTable"]
 
@@ -34,16 +34,9 @@ class SpanTable:
         self._owner_host = torch.zeros(0, dtype=torch.int64)  # the same, on the host (layout arithmetic)
         self.recency = torch.zeros(0, dtype=torch.float32)
         self._layout: SpanLayout | None = None
-        # span id of each slot (-1: a slot no span covers), on the host, grown by doubling and filled only when
-        # asked for (selection on the device): entries up to ``_slot_end`` cover the first ``_slot_mapped`` spans.
-        # A device copy is kept, of which the first ``_slot_synced`` entries are current.
-        self._slot_span = torch.zeros(0, dtype=torch.int64)
-        self._slot_end = 0
-        self._slot_mapped = 0
-        self._slot_device: torch.Tensor | None = None
-        self._slot_synced = 0
         # device copies of the span geometry (selection on the device), dropped when spans are appended
         self._geometry: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._starts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.starts.numel())
@@ -72,38 +65,7 @@ class SpanTable:
         self._owner_host = torch.cat([self._owner_host, owner + offset])
         self.owner = torch.cat([self.owner, to_device(owner + offset, self.owner.device)])
         self.recency = torch.cat([self.recency, torch.zeros(starts.numel(), device=self.recency.device)])
-        self._geometry = None
-
-    def _map_slots(self) -> None:
-        """Record the spans appended since the last call in the slot -> span map."""
-        offset = self._slot_mapped
-        starts, ends = self.starts[offset:], self.ends[offset:]
-        if starts.numel() == 0:
-            return
-        lengths = ends - starts
-        total = int(lengths.sum())
-        end = int(ends.max())
-        if self._slot_span.numel() < end:
-            grown = torch.full((max(end, 2 * self._slot_span.numel(), 64),), -1, dtype=torch.int64)
-            grown[: self._slot_end] = self._slot_span[: self._slot_end]
-            self._slot_span = grown
-        ids = torch.repeat_interleave(torch.arange(offset, offset + starts.numel()), lengths, output_size=total)
-        first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
-        self._slot_span[first + torch.arange(total)] = ids
-        self._slot_end = max(self._slot_end, end)
-        self._slot_mapped = len(self)
-        self._slot_synced = min(self._slot_synced, int(starts.min()))  # the device copy is stale from here on
-
-    def slot_spans(self, device: torch.device) -> torch.Tensor:
-        """``[num_slots]`` int64 span id of each slot up to the last span's end (-1 where no span is), on
-        ``device``; on a GPU the copy is extended asynchronously with only the entries that changed."""
-        self._map_slots()
-        if device.type == "cpu":
-            return self._slot_span[: self._slot_end]
-        self._slot_device = extend_mirror(self._slot_span, self._slot_end, self._slot_device, self._slot_synced,
-                                          device)
-        self._slot_synced = self._slot_end
-        return self._slot_device
+        self._geometry = self._starts = None
 
     def geometry_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The span lengths and their partition bounds on ``device``, copied once per set of spans (what selecting
@@ -122,6 +84,15 @@ class SpanTable:
             cached = self._geometry = (device, to_device(lengths, device),
                                        to_device(torch.stack([ends, ends - lengths]), device))
         return cached[1], cached[2]
+
+    def starts_on(self, device: torch.device) -> torch.Tensor:
+        """``[S]`` int64 first slot of each span on ``device``, copied once per set of spans (with
+        :meth:`geometry_on`)."""
+        device = torch.device(device)
+        cached = self._starts
+        if cached is None or cached.device != device:
+            cached = self._starts = to_device(self.starts, device)
+        return cached
 
     def recency_on(self, device: torch.device) -> torch.Tensor:
         """The persistence state, moved to ``device`` (where selection runs) and kept there."""
@@ -155,6 +126,10 @@ class SpanTable:
     def slot_matrix_fixed(self, selected: torch.Tensor, num_kv_heads: int, width: int) -> torch.Tensor:
         """:meth:`slot_matrix` at a fixed ``width``, on ``selected``'s device and without reading anything back.
 
+        Made from the selected spans alone: each row's running sum of selected span lengths places every span's
+        tokens at output columns, and each column finds its span by a binary search of those sums, so the work is
+        ``O(S + width log S)`` per row, not proportional to the tokens in memory (at 1M tokens ~30x more than spans).
+
         Args:
             selected: ``[rows, num_spans]`` bool, ``rows`` 1 or ``num_kv_heads``; no row may select more than
                 ``width`` tokens (tokens past it are dropped).
@@ -162,20 +137,23 @@ class SpanTable:
             width: Columns of the result.
 
         Returns:
-            ``[num_kv_heads, width]`` int64 on ``selected``'s device: each row's selected slots in text order, then
-            -1. Equal to :meth:`slot_matrix` padded with -1 to ``width``.
+            ``[num_kv_heads, width]`` int64 on ``selected``'s device: each row's selected slots in span order (text
+            order), then -1. Equal to :meth:`slot_matrix` padded with -1 to ``width``.
         """
-        rows = selected.shape[0]
+        rows, num_spans = selected.shape
         if rows not in (1, num_kv_heads):
             raise ValueError(f"selected has {rows} rows, expected 1 or {num_kv_heads}")
         device = selected.device
-        span_of = self.slot_spans(device)  # [T]
-        tokens = selected[:, span_of.clamp(min=0)] & (span_of >= 0)  # [rows, T] slots of selected spans
-        column = torch.cumsum(tokens, dim=1) - 1  # where each selected slot goes
-        column = torch.where(tokens & (column < width), column, width)  # the rest to a spare column
-        out = torch.full((rows, width + 1), -1, dtype=torch.int64, device=device)
-        out.scatter_(1, column, torch.arange(span_of.numel(), device=device).expand(rows, -1))
-        out = out[:, :width]
+        if num_spans == 0 or width == 0:
+            return torch.full((num_kv_heads, width), -1, dtype=torch.int64, device=device)
+        lengths, _ = self.geometry_on(device)
+        starts = self.starts_on(device)
+        taken = torch.where(selected, lengths, 0)  # [rows, S] tokens each span gives
+        ends = torch.cumsum(taken, dim=1)  # [rows, S] output column past each span's last token
+        column = torch.arange(width, device=device).expand(rows, -1)  # [rows, width]
+        span = torch.searchsorted(ends, column.contiguous(), right=True).clamp_(max=num_spans - 1)  # [rows, width]
+        first = ends.gather(1, span) - taken.gather(1, span)  # output column of the span's first token
+        out = torch.where(column < ends[:, -1:], starts[span] + (column - first), -1)
         return out.expand(num_kv_heads, -1) if rows == 1 else out
 
     def slot_matrix(self, selected: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
