@@ -264,7 +264,8 @@ class LtriStore(BaseStore):
                 try:
                     json.dumps(dict(op.value), allow_nan=False)
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"ops[{i}]: the value of key {op.key!r} is not JSON-serialisable ({err})") from None
+                    raise ValueError(f"ops[{i}]: the value of key {op.key!r} is not JSON-serialisable "
+                                     f"({err})") from None
             if op.index is not None and op.index is not False and (
                     isinstance(op.index, str) or not all(isinstance(f, str) and f for f in op.index)):
                 raise TypeError(f"ops[{i}]: index must be False, None or a list of JSON paths, got {op.index!r}")

@@ -190,7 +190,8 @@ class LtriSession:
         return self._memory_cache().flush()
 
     def export_memory(self, first_slot: int = 0) -> MemoryExport:
-        """The span memory from slot ``first_slot`` on, with positions (batch of 1; see :meth:`LtriCache.export_memory`)."""
+        """The span memory from slot ``first_slot`` on, with positions (batch of 1; see
+        :meth:`LtriCache.export_memory`)."""
         return self._memory_cache().export_memory(first_slot)
 
     @torch.inference_mode()

@@ -58,7 +58,8 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> torch.Tensor:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
-        raise TypeError(f"prompt must be a str or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}")
+        raise TypeError("prompt must be a str or a list of {'role', 'content'} messages, "
+                        f"got {type(prompt).__name__}")
     return torch.tensor(ids, dtype=torch.int64)
 
 

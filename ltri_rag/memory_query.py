@@ -40,8 +40,8 @@ otherwise it starts a region. A region's score is its probability mass summed ov
 layers, in ``[0, 1]``: the share of the layers' attention over the memory that points at it. Regions are ranked by
 score (ties by collection, document, offset), which is deterministic; with ``excess`` the mass is the attention
 paid beyond the neutral question's, so a region's score is the share of the layers' attention that the question adds
-to it (plus the small tie-breaking share of its raw attention). The returned :class:`~ltri_rag.store.SpanHit` carries the region's offsets and text and the layer and span
-index of the hit that started it.
+to it (plus the small tie-breaking share of its raw attention). The returned :class:`~ltri_rag.store.SpanHit`
+carries the region's offsets and text and the layer and span index of the hit that started it.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from ltri_rag.layer import GlobalLayerState
 from ltri_rag.rope import rotate
 from ltri_rag.store import DocumentInfo, SpanHit, SpanRecord
 
-__all__ = ["DEFAULT_RANKING", "NEUTRAL_QUESTION", "RANKINGS", "MemoryAnswer", "MemoryStream", "Placement", "QueryRecorder",
-           "aggregate_hits", "choose_ranked", "decode", "documents_of_hits", "query_vectors",
+__all__ = ["DEFAULT_RANKING", "NEUTRAL_QUESTION", "RANKINGS", "MemoryAnswer", "MemoryStream", "Placement",
+           "QueryRecorder", "aggregate_hits", "choose_ranked", "decode", "documents_of_hits", "query_vectors",
            "question_queries", "read_neutral", "recording_session",
            "session_hits", "span_scores", "stream_pieces"]
 

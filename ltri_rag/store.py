@@ -35,7 +35,8 @@ class FingerprintMismatch(StoreError):
 
     def __init__(self, differences: Mapping[str, tuple[Any, Any]]) -> None:
         self.differences = dict(differences)
-        lines = [f"{key}: store has {old!r}, opening with {new!r}" for key, (old, new) in sorted(self.differences.items())]
+        lines = [f"{key}: store has {old!r}, opening with {new!r}"
+                 for key, (old, new) in sorted(self.differences.items())]
         super().__init__("store fingerprint mismatch (" + str(len(lines)) + " keys differ):\n  " + "\n  ".join(lines))
 
 
@@ -77,7 +78,8 @@ class Fingerprint(Mapping[str, JsonScalar]):
         for key in ("num_layers", "num_kv_heads", "head_dim"):
             if not isinstance(merged[key], int) or isinstance(merged[key], bool) or merged[key] <= 0:
                 raise ValueError(f"fingerprint {key} must be a positive int, got {merged[key]!r}")
-        if not hasattr(torch, str(merged["dtype"])) or not isinstance(getattr(torch, str(merged["dtype"])), torch.dtype):
+        dtype_name = str(merged["dtype"])
+        if not hasattr(torch, dtype_name) or not isinstance(getattr(torch, dtype_name), torch.dtype):
             raise ValueError(f"fingerprint dtype must name a torch dtype (e.g. 'bfloat16'), got {merged['dtype']!r}")
         object.__setattr__(self, "_items", MappingProxyType(dict(sorted(merged.items()))))
 
@@ -213,7 +215,8 @@ class DocumentRecord:
                              f"{self.text[err.start]!r} at character {err.start}); decode the bytes with "
                              "errors='replace' first") from None
         if not isinstance(self.metadata, Mapping) or not all(isinstance(k, str) for k in self.metadata):
-            raise TypeError(f"document {self.doc_id!r}: metadata must be a dict with str keys, got {self.metadata!r:.80}")
+            raise TypeError(f"document {self.doc_id!r}: metadata must be a dict with str keys, "
+                            f"got {self.metadata!r:.80}")
         try:
             json.dumps(dict(self.metadata), allow_nan=False)
         except (TypeError, ValueError) as err:

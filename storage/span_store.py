@@ -51,7 +51,8 @@ from .schema import SCHEMA_VERSION, Base, DocumentRow, SpanRow, StoreMeta, make_
 from .span_reads import SpanReads
 
 
-def _resolve(path_or_url: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> tuple[str, Path, Path | None]:
+def _resolve(path_or_url: str | os.PathLike[str],
+             data_dir: str | os.PathLike[str] | None) -> tuple[str, Path, Path | None]:
     """``(url, data_dir, local database file or None)`` for a folder path or an SQLAlchemy URL."""
     text = os.fspath(path_or_url)
     if "://" in text:

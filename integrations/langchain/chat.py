@@ -167,7 +167,8 @@ class _LtriParams(BaseModel):
                                      "memory=, or the same objects")
         if self.hf_model is None or self.tokenizer is None:
             raise ValueError(f"{type(self).__name__} needs memory=KVMemory(...) or hf_model= and tokenizer= "
-                             f"(got hf_model={type(self.hf_model).__name__}, tokenizer={type(self.tokenizer).__name__})")
+                             f"(got hf_model={type(self.hf_model).__name__}, "
+                             f"tokenizer={type(self.tokenizer).__name__})")
         if self.config is not None and not isinstance(self.config, LtriConfig):
             raise TypeError(f"config must be an LtriConfig, got {type(self.config).__name__}")
         if not self.model_name:
