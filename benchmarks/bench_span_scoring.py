@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ SHAPES = {  # name: (num_heads, num_kv_heads, head_dim, num_spans, q_len)
     f"qwen2.5-0.5b S={spans} q={q_len}": (14, 2, 64, spans, q_len)
     for q_len in (2048, 1) for spans in (1000, 4000, 16000)
 }
+# a decoded token's scoring at Llama-3-8B heads over the span counts of 128K-2M-token memories (32 layers)
+LLAMA8B_DECODE = {f"llama3-8b S={spans} q=1": (32, 8, 128, spans, 1) for spans in (4000, 16000, 32000, 64000)}
 SMALL = {"tiny S=40 q=16": (4, 2, 32, 40, 16), "tiny S=40 q=1": (4, 2, 32, 40, 1)}
 MIN_WIDTH, MAX_WIDTH = 4, 8
 
@@ -64,6 +67,9 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     backends: dict[str, Callable[[], torch.Tensor]] = {
         "torch": lambda: span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout),
         "torch + layout": lambda: span_probabilities(queries, vectors, owner, num_spans, scaling)}
+    if dtype != torch.float32:  # the torch path before session 16: the kept layout copied to float32 at every call
+        backends["torch, float32 copy"] = lambda: span_probabilities(
+            queries, vectors, owner, num_spans, scaling, layout=(layout[0].float(), *layout[1:]))
     triton_fn = _triton_scorer(device)
     if triton_fn is not None:
         backends["triton"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout)
@@ -87,11 +93,11 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table of every row, times relative to the torch path of the same shape."""
     torch_ms = {r["shape"]: r["ms"] for r in rows if r["backend"] == "torch"}
     lines = [f"# Span scoring (span_probabilities), {meta['device']} ({meta['dtype']}, torch {meta['torch']})", "",
-             (f"| shape | backend | ms | x {LAYERS} layers (ms) | TFLOP/s | vs torch path | max abs err | "
+             (f"| shape | backend | ms | x {meta['layers']} layers (ms) | TFLOP/s | vs torch path | max abs err | "
               "max rel err (vs max(p, 1e-6)) |"),
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['ms'] * LAYERS:.1f} | "
+        lines.append(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['ms'] * meta['layers']:.1f} | "
                      f"{r['tflops']:.1f} | {torch_ms[r['shape']] / r['ms']:.2f}x | {r['max_abs_err']:.1e} | "
                      f"{r['max_rel_err']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -102,14 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--shapes", choices=("qwen", "llama8b-decode"), default="qwen",
+                        help="qwen: Qwen2.5-0.5B heads, chunks and decode at 1K-16K spans (default); llama8b-decode: "
+                             "one decoded token at Llama-3-8B heads, 4K-64K spans")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    for name, shape in (SMALL if args.small else SHAPES).items():
+    shapes = SMALL if args.small else LLAMA8B_DECODE if args.shapes == "llama8b-decode" else SHAPES
+    for name, shape in shapes.items():
         rows += bench_shape(name, shape, device, dtype, args.reps)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "torch": torch.__version__, "reps": args.reps, "widths": [MIN_WIDTH, MAX_WIDTH], "layers": LAYERS}
+            "torch": torch.__version__, "reps": args.reps, "widths": [MIN_WIDTH, MAX_WIDTH],
+            "layers": 32 if shapes is LLAMA8B_DECODE else LAYERS,
+            "command": " ".join(["python -m benchmarks.bench_span_scoring",
+                                 *(argv if argv is not None else sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     text = render(rows, meta)

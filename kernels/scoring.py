@@ -49,6 +49,28 @@ def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
     return padded, valid, width
 
 
+_HALF_MATMUL: dict[torch.device, bool] = {}  # device -> whether bmm(..., out_dtype=float32) runs there
+
+
+def _half_matmul_ok(queries: torch.Tensor) -> bool:
+    """Whether half-precision ``queries`` can be multiplied into float32 sums by ``torch.bmm(..., out_dtype=)``
+    on their device: CUDA, a half dtype, and a torch that has it (probed once per device, never while a CUDA graph
+    is being captured, where an unknown answer means no)."""
+    if queries.device.type != "cuda" or queries.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    known = _HALF_MATMUL.get(queries.device)
+    if known is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            probe = torch.ones(1, 1, 16, dtype=queries.dtype, device=queries.device)
+            known = torch.bmm(probe, probe.transpose(1, 2), out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            known = False
+        _HALF_MATMUL[queries.device] = known
+    return known
+
+
 def _resolve_layout(layout: SpanLayout | None, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
                     dtype: torch.dtype) -> SpanLayout:
     """``layout`` (checked against ``vectors`` / ``num_spans``, cast to ``dtype``) or a fresh one."""
@@ -191,13 +213,24 @@ def span_probabilities(
         return total
     num_kv_heads, head_dim = vectors.shape[1], vectors.shape[2]
     group = num_heads // num_kv_heads
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, torch.float32)
+    # half-precision queries and kept layout on a GPU: multiplied as they are into float32 sums (the products of
+    # half values are exact in float32, so this equals the float32 path up to summation order) instead of copying
+    # the whole layout to float32 at every call: at 1M tokens that copy moved ~5x the layout's bytes per layer
+    half = layout is not None and queries.dtype == layout[0].dtype and _half_matmul_ok(queries)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans,
+                                           queries.dtype if half else torch.float32)
     keys = padded.transpose(0, 1).transpose(1, 2)  # [Hkv, D, S * width]
     for start in range(0, q_len, query_block):
-        block = queries[:, start:start + query_block].float() * scaling  # [H, c, D]
+        if half:
+            block = queries[:, start:start + query_block]  # [H, c, D]
+        else:
+            block = queries[:, start:start + query_block].float() * scaling  # [H, c, D]
         c = block.shape[1]
         qg = block.reshape(num_kv_heads, group * c, head_dim)
-        dots = torch.bmm(qg, keys).view(num_heads * c, -1)  # [H*c, S * width], heads in the group's order
+        if half:
+            dots = torch.bmm(qg, keys, out_dtype=torch.float32).view(num_heads * c, -1).mul_(scaling)
+        else:
+            dots = torch.bmm(qg, keys).view(num_heads * c, -1)  # [H*c, S * width], heads in the group's order
         scores = _span_max(dots, valid, num_spans, width)  # [H*c, S]
         probs = torch.softmax(scores, dim=-1).view(num_heads, c, num_spans)
         total += probs.sum(dim=1)

@@ -85,3 +85,21 @@ def test_splits_and_blocks_agree() -> None:
                    {"block_m": 128, "block_s": 32}, {"block_m": 16, "block_s": 128}]:
         got = span_probabilities_triton(queries, vectors, owner, 3001, 0.125, **kwargs)
         torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["qwen-decode", "llama-chunk", "g7-decode"])
+def test_torch_path_multiplies_half_layouts_without_a_float32_copy(case, dtype) -> None:
+    """The plain-torch path given a kept half-precision layout and queries of its dtype multiplies them as they are
+    into float32 sums (``bmm(..., out_dtype=float32)``): the float32 path's result on the same values, to float32
+    summation-order rounding."""
+    from ltri_rag.kernels import scoring
+
+    queries, vectors, owner = _inputs(*case)
+    queries, vectors, num_spans = queries.to(dtype), vectors.to(dtype), case[3]
+    layout = scoring.span_layout(vectors, owner, num_spans, dtype=dtype)
+    scaling = case[2] ** -0.5
+    got = scoring.span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout)
+    assert scoring._HALF_MATMUL.get(queries.device) is True  # the half path ran (torch has bmm's out_dtype)
+    ref = scoring.span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
