@@ -95,12 +95,14 @@ def split_time(events: Any, cuda: bool) -> dict[str, Any]:
             "triton_ms": dict(triton), "stages_ms": dict(stage_ms)}
 
 
-def profile_pass(model: nn.Module, device: torch.device, run: Callable[[], Any], active_pass: int
-                 ) -> dict[str, Any]:
+def profile_pass(model: nn.Module, device: torch.device, run: Callable[[], Any], active_pass: int,
+                 passes: list[Callable[[], Any]] | None = None) -> dict[str, Any]:
     """Profile model pass number ``active_pass`` (0-based) of ``run()``: wall ms and the split of its time.
 
     A forward pre-hook on the model synchronises, time-stamps and steps the profiler before every pass, so the
     recorded window holds exactly one pass and whatever the engine does after it (``commit``) until the next.
+    ``passes`` (then ``run`` is ignored): the passes as calls of their own, stepped between the calls instead of by
+    the hook: what a decode step replayed as a CUDA graph needs, as a replay runs no model forward.
     """
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -112,14 +114,20 @@ def profile_pass(model: nn.Module, device: torch.device, run: Callable[[], Any],
         stamps.append(time.perf_counter())
         prof.step()
 
-    handle = model.register_forward_pre_hook(step)
+    handle = None if passes is not None else model.register_forward_pre_hook(step)
     try:
         with prof:
-            run()
+            if passes is None:
+                run()
+            else:
+                for one in passes:
+                    step()
+                    one()
             sync(device)
             stamps.append(time.perf_counter())
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     if len(stamps) < active_pass + 2:
         raise RuntimeError(f"only {len(stamps) - 1} model passes ran; cannot profile pass {active_pass}")
     wall_ms = (stamps[active_pass + 1] - stamps[active_pass]) * 1e3
