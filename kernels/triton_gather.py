@@ -85,6 +85,22 @@ def _check(fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.Tensor, slo
         raise ValueError(f"rows must be [N] int64, got {rows.dtype} {tuple(rows.shape)}")
 
 
+def _require_pinned(on: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` if a GPU (``on``'s device) would touch non-empty host tensors that are not
+    pinned. (A pointer query, skipped while a CUDA graph is captured; an empty tensor has no storage to pin and is
+    never touched.)"""
+    if (on.is_cuda and host_k.device.type == "cpu" and host_k.shape[0]
+            and not torch.cuda.is_current_stream_capturing()
+            and not (host_k.is_pinned() and host_v.is_pinned())):
+        raise ValueError(message)
+
+
+def _blocks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)`` of the row kernels: a row per lane group, about 4K elements per program."""
+    block_d = triton.next_power_of_2(head_dim)
+    return max(1, min(64, 4096 // block_d)), block_d
+
+
 def gather_two_tiers_torch(fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.Tensor, slow_v: torch.Tensor,
                            rows: torch.Tensor, split_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: every tensor on one device. Rows must be valid (``< split_row + S``, and ``< F`` where
@@ -112,11 +128,7 @@ def gather_two_tiers(fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.T
     if not use_kernel:
         return gather_two_tiers_torch(fast_k, fast_v, slow_k, slow_v, rows, split_row)
     _check(fast_k, fast_v, slow_k, slow_v, rows)
-    # (a pointer query: not while capturing; an empty tier has no storage to pin and is never read)
-    if (rows.is_cuda and slow_k.device.type == "cpu" and slow_k.shape[0]
-            and not torch.cuda.is_current_stream_capturing()
-            and not (slow_k.is_pinned() and slow_v.is_pinned())):
-        raise ValueError("the second tier must be pinned host memory for a GPU to read it directly")
+    _require_pinned(rows, slow_k, slow_v, "the second tier must be pinned host memory for a GPU to read it directly")
     n, head_dim = rows.numel(), fast_k.shape[1]
     out_k = torch.empty(n, head_dim, dtype=fast_k.dtype, device=rows.device)
     out_v = torch.empty_like(out_k)
@@ -125,8 +137,7 @@ def gather_two_tiers(fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.T
     # an empty tier is never read (every row is masked off for it): any valid pointer stands in for it
     fk, fv = (fast_k, fast_v) if fast_k.shape[0] else (out_k, out_v)
     sk, sv = (slow_k, slow_v) if slow_k.shape[0] else (out_k, out_v)
-    block_d = triton.next_power_of_2(head_dim)
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r, block_d = _blocks(head_dim)
     _gather_two_tiers_kernel[(triton.cdiv(n, block_r),)](fk, fv, sk, sv, rows, out_k, out_v, n, split_row,
                                                          HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d)
     return out_k, out_v
@@ -166,14 +177,10 @@ def scatter_rows(dst_k: torch.Tensor, dst_v: torch.Tensor, rows: torch.Tensor, s
         scatter_rows_torch(dst_k, dst_v, rows, src_k, src_v)
         return
     _check_scatter(dst_k, dst_v, rows, src_k, src_v)
-    if (src_k.is_cuda and dst_k.device.type == "cpu" and dst_k.shape[0]
-            and not torch.cuda.is_current_stream_capturing()
-            and not (dst_k.is_pinned() and dst_v.is_pinned())):
-        raise ValueError("a host destination must be pinned memory for a GPU to write it directly")
+    _require_pinned(src_k, dst_k, dst_v, "a host destination must be pinned memory for a GPU to write it directly")
     n, head_dim = rows.numel(), dst_k.shape[1]
     if n == 0:
         return
-    block_d = triton.next_power_of_2(head_dim)
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r, block_d = _blocks(head_dim)
     _scatter_rows_kernel[(triton.cdiv(n, block_r),)](src_k, src_v, rows, dst_k, dst_v, n,
                                                      HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d)
