@@ -141,7 +141,9 @@ class LtriConfig:
             True by default.
         decode_graph_retrieval: With ``decode_graph``: retrieving decode steps select their spans on the device
             and are captured once per set of spans (an eviction changes the spans) and replayed until the next
-            eviction, when every pool page is in the device tier (otherwise they stay eager). True by default.
+            eviction, when every pool page is readable from the device: in its device tier, or, with
+            ``zero_copy_host_pages``, in the pinned host tier of ``kv_offload="auto"`` (``kv_offload=True`` keeps
+            them eager). True by default.
         zero_copy_host_pages: Let the GPU read and write the span pool's pinned host pages in place (Triton
             kernels over mapped host memory, :mod:`ltri_rag.kernels.triton_gather`) where they exist
             (``kv_offload=True``, or ``"auto"`` past the device tier, e.g. a 1M-token prompt of an 8B model on one

@@ -131,7 +131,7 @@ class DecodeGraph:
     def ready(self) -> bool:
         """Whether the next decode step can run in graph form: the sinks are full, and every global layer reuses
         its memory part, or (``retrieve``) every one retrieves and can select on the device (spans in every
-        sequence, every pool page in the pool's device tier, see :meth:`GlobalLayerState.graph_retrievable`)."""
+        sequence, every pool page readable from the device, see :meth:`GlobalLayerState.graph_retrievable`)."""
         cache = self.cache
         self._mode = None
         if cache.plan is not None or cache.num_sinks < cache.config.num_sink_tokens or cache.window_len < 1:

@@ -171,7 +171,8 @@ class GraphFormSteps:
     # ------------------------------------------------------------------------------- graph form: retrieving steps
     def graph_retrievable(self, device: torch.device) -> str | None:
         """Why this layer's retrieving decode steps cannot run in graph form (None when they can): selection on
-        the device needs every sequence's spans, sinks, and every pool page in the pool's device tier."""
+        the device needs every sequence's spans, sinks, and every pool page readable from the device (its device
+        tier, or the pinned host tier with ``zero_copy_host_pages``: :meth:`~ltri_rag.pool.PagedKVPool.readable_on`)."""
         cfg = self.cfg
         if self.pool is None:
             return "the mode keeps no span memory"

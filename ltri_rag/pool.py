@@ -7,10 +7,10 @@ at the same time); a sequence's evicted tokens get consecutive *slots* ``0, 1, 2
 spans, kernels and persistence all read the same layout.
 
 Tiers: pages ``0 .. device_pages - 1`` live on ``device`` (the GPU: a retrieval gathers them at HBM speed), pages
-from ``device_pages`` on live in host memory (pinned for asynchronous copies: a retrieval gathers their rows into a
-pinned buffer and copies it over PCIe). Pages are handed out in order, so a stream's first ``device_pages`` pages
-(across its sequences) stay on the device and the rest spill to the host; nothing moves between tiers. With
-``device_pages`` None there is one tier.
+from ``device_pages`` on live in host memory (pinned: the GPU reads and writes them in place with ``zero_copy``;
+otherwise a retrieval gathers their rows into a pinned buffer and copies it over PCIe). Pages are handed out in
+order, so a stream's first ``device_pages`` pages (across its sequences) stay on the device and the rest spill to
+the host; nothing moves between tiers. With ``device_pages`` None there is one tier.
 
 ``zero_copy``: the GPU reads and writes pinned host pages itself (:mod:`ltri_rag.kernels.triton_gather`), so the
 host neither gathers nor scatters rows nor waits for a device-to-host copy. Its writes land in stream order; a
