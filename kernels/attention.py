@@ -279,6 +279,10 @@ def local_attention(
     Returns:
         A :class:`LocalAttention`.
     """
+    if q.device.type == "cpu" and q.shape[2] > CPU_QUERY_BLOCK:
+        return _local_attention_blocked(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=extra_lse,
+                                        band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
+                                        memory=memory)
     if memory is not None:
         _check_memory(q, k, memory, extra_lse)
         q_mem, mem_k, mem_v, mem_mask = memory
@@ -304,6 +308,49 @@ def local_attention(
         if band_width > 0:
             band = _band(e, weight, causal_offset, band_width)
     return LocalAttention(out=out, lse=lse.reshape(q.shape[:3]), key_mass=key_mass, band=band)
+
+
+# On a CPU a chunk's queries are attended CPU_QUERY_BLOCK at a time: each block's score tensor stays in cache across
+# the passes over it (mask, exponentials, output, key mass, band), and keys past the block's last query are skipped.
+# A 2,048-query chunk over 6,144 local keys (Qwen2.5-0.5B heads): 0.52 -> 0.21 s on the 2-core development CPU;
+# results equal to float32 rounding (the key mass summed block by block).
+CPU_QUERY_BLOCK = 64
+
+
+def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
+                             causal_offset: int, extra_lse: torch.Tensor | None, band_width: int,
+                             want_key_mass: bool, softcap: float | None,
+                             memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                             ) -> LocalAttention:
+    """:func:`local_attention` over blocks of ``CPU_QUERY_BLOCK`` queries (same arguments and result): block
+    ``[i0, i1)`` sees the local keys up to its last query, ``causal_offset + i1``."""
+    _check_qkv(q, k, v)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if causal_offset + q_len != kv_len:
+        raise ValueError(f"causal_offset {causal_offset} + q_len {q_len} must equal kv_len {kv_len}")
+    if memory is not None:
+        _check_memory(q, k, memory, extra_lse)
+    outs, lses, bands = [], [], []
+    key_mass = None
+    for i0 in range(0, q_len, CPU_QUERY_BLOCK):
+        i1 = min(q_len, i0 + CPU_QUERY_BLOCK)
+        end = causal_offset + i1
+        block_memory = None if memory is None else (memory[0][:, :, i0:i1], *memory[1:])
+        part = local_attention(q[:, :, i0:i1], k[:, :, :end], v[:, :, :end], scaling=scaling,
+                               causal_offset=causal_offset + i0,
+                               extra_lse=None if extra_lse is None else extra_lse[:, :, i0:i1],
+                               band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
+                               memory=block_memory)
+        outs.append(part.out)
+        lses.append(part.lse)
+        if part.band is not None:
+            bands.append(part.band)
+        if part.key_mass is not None:
+            if key_mass is None:
+                key_mass = part.key_mass.new_zeros(*part.key_mass.shape[:2], kv_len)
+            key_mass[:, :, :end] += part.key_mass
+    return LocalAttention(out=torch.cat(outs, dim=2), lse=torch.cat(lses, dim=2), key_mass=key_mass,
+                          band=torch.cat(bands, dim=1) if bands else None)
 
 
 def local_attention_backend(backend: str, device: torch.device):
