@@ -61,10 +61,10 @@ before the import.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
+                                              multiprocessors as _multiprocessors, next_pow2 as _next_pow2,
+                                              pow2_block as _pow2_block)
 from ltri_rag.kernels.attention import LocalAttention, _check_decode, decode_attention
 
 __all__ = ["block_sizes", "decode_attention", "decode_attention_triton", "num_splits_for", "triton_available"]
@@ -114,11 +114,6 @@ def stages_that_fit(num_stages: int, block_n: int, block_d: int, itemsize: int, 
         return num_stages
     per_stage = 2 * block_n * block_d * itemsize
     return max(1, min(num_stages, _SHARED_BYTES // per_stage))
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits_for(num_tiles: int, programs: int, device: torch.device, value: int | None = None) -> int:
@@ -355,18 +350,6 @@ if triton is not None:
         elif BAND:
             _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, win_cap,
                          num_splits, band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
-
-
-def _pow2_block(value: int | None, default: int, name: str) -> int:
-    if value is None:
-        return default
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    return value
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(0, value - 1).bit_length()
 
 
 def decode_attention_triton(

@@ -48,7 +48,8 @@ CPU tensors), spill-free but untimed defaults on CUDA (8 warps, ``64 x 64``; ``6
 
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
+                                              pow2_block as _pow2_block)
 from ltri_rag.kernels.attention import LocalAttention, _check_memory, _check_qkv, local_attention
 
 __all__ = ["block_sizes", "local_attention_triton", "triton_available"]
@@ -320,14 +321,6 @@ if triton is not None:
             seen = (n[None, :] <= causal_offset + qi[:, None]) & row_ok[:, None] & n_ok[None, :]
             mass += tl.reduce(tl.where(seen, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
         tl.store(Mass + (b * num_kv_heads + kvh) * kv_len + n, mass, mask=n_ok)
-
-
-def _pow2_block(value: int | None, default: int, name: str) -> int:
-    if value is None:
-        return default
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    return value
 
 
 def local_attention_triton(

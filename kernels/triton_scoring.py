@@ -46,10 +46,10 @@ how to build the kernels): set it before the import.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
+                                              multiprocessors as _multiprocessors,
+                                              pow2_block as _pow2_block)
 from ltri_rag.kernels.scoring import SpanLayout, _check_span_inputs, _resolve_layout, span_probabilities
 
 __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
@@ -192,14 +192,6 @@ if triton is not None:
                  mask=(g[:, None] < GROUP) & (span[None, :] < num_spans))
 
 
-def _pow2_block(value: int | None, default: int, name: str) -> int:
-    if value is None:
-        return default
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    return value
-
-
 def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
     """Splits of ``work`` tiles (each split a program per ``others`` of the grid): ``value`` if given (capped at
     ``work``), else on CUDA enough for about two programs per multiprocessor, else 1."""
@@ -211,11 +203,6 @@ def _num_splits(value: int | None, name: str, work: int, others: int, device: to
         return 1
     target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(work, triton.cdiv(target, others)))
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def span_probabilities_triton(
