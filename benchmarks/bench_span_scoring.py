@@ -74,6 +74,10 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     if triton_fn is not None:
         backends["triton"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout)
         backends["triton + layout"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling)
+        if q_len == 1:  # the one-query kernel's span tile (the default is block_sizes')
+            for block_s in (32, 128):
+                backends[f"triton, block_s {block_s}"] = (
+                    lambda b=block_s: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout, block_s=b))
     ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
     rows = []
     for backend, fn in backends.items():

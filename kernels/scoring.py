@@ -149,12 +149,21 @@ def span_scores(
     return _span_max(dots, valid, num_spans, width)
 
 
+AUTO_ONE_QUERY_TRITON = True
+"""Whether ``auto`` scores a single query (a decoded token) with the Triton kernel (True since it measured
+1.6-2.2x faster than the torch path on the H200 at Llama-3-8B heads, 4K-64K spans: ``benchmarks/results/
+span_scoring_h200/session17_llama8b_decode``); False restores the torch path for comparisons."""
+
+
 def scoring_uses_triton(backend: str, queries: torch.Tensor) -> bool:
     """Whether :func:`span_probabilities` takes the Triton kernels for ``queries [H, q_len, D]`` under ``backend``:
-    always for ``triton``; for ``auto`` on CUDA tensors with ``q_len > 1`` (see ``backend`` there)."""
+    always for ``triton``; for ``auto`` on CUDA tensors (a single query too, unless ``AUTO_ONE_QUERY_TRITON`` is
+    off; see ``backend`` there)."""
     if backend == "triton":
         return True
-    return backend == "auto" and queries.device.type == "cuda" and queries.dim() == 3 and queries.shape[1] > 1
+    if backend != "auto" or queries.device.type != "cuda" or queries.dim() != 3:
+        return False
+    return queries.shape[1] > 1 or AUTO_ONE_QUERY_TRITON
 
 
 def span_probabilities(
@@ -184,10 +193,9 @@ def span_probabilities(
             the Triton kernels materialise no score matrix and ignore it).
         backend: ``torch`` (this plain-torch path, everywhere), ``triton`` (the fused kernels of
             :mod:`ltri_rag.kernels.triton_scoring`: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto``
-            (Triton for CUDA tensors of more than one query when triton imports, torch elsewhere: for a
-            decoded token's single query the torch path was faster on the H200, 0.25 against 0.49 ms per layer at
-            1,000-16,000 spans, ``benchmarks/results/span_scoring_h200``). The engine passes
-            ``LtriConfig.attention_backend``.
+            (Triton for CUDA tensors when triton imports, torch elsewhere; a decoded token's single query takes
+            a one-pass kernel of its own, 1.6-2.2x faster than the torch path on the H200: see
+            ``AUTO_ONE_QUERY_TRITON``). The engine passes ``LtriConfig.attention_backend``.
         layout: :func:`span_layout` of these vectors (any dtype), if the caller keeps one: the engine's span tables
             do, so that scoring does not rebuild it (nor sync the device) at every chunk and decoded token.
 

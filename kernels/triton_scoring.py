@@ -32,6 +32,11 @@ Two kernels, no atomics, deterministic:
 Every score is thus computed twice (as in the two passes of the torch path: one for the normaliser, one for the
 probabilities), and each span column is written by one program per query split.
 
+A decoded token (``Lq = 1``) takes a third kernel instead (``_span_decode_scores_kernel``), grid
+``(cdiv(S, BLOCK_S), Hkv)``: the group's heads are the rows (padded to the 16 of ``tl.dot``), each program writes
+its tile of ``[H, S]`` float32 scores once, and ``torch.softmax`` turns them into the distribution. The layout is
+read once (the two passes read it twice and combine split statistics in torch).
+
 Dtypes. float16 / bfloat16 queries *and* vectors of the same dtype are multiplied in that dtype on tensor cores
 with float32 accumulation: a product of two 16-bit floats is exact in float32, so this is the float32 reference
 up to the order of the additions. Anything else is computed in float32: IEEE products, or TF32 when torch's own
@@ -57,6 +62,7 @@ __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _HALF = (torch.float16, torch.bfloat16)
+_ONE_QUERY_WIDE_FROM = 16384  # spans from which the one-query kernel takes tiles of 128 spans (64 below)
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
@@ -192,6 +198,28 @@ if triton is not None:
                  mask=(g[:, None] < GROUP) & (span[None, :] < num_spans))
 
 
+    @triton.jit(do_not_specialize=("num_spans", "width"))
+    def _span_decode_scores_kernel(Q, Vec, Valid, Out,
+                                   stride_qh, stride_qd, stride_vn, stride_vh, stride_vd,
+                                   num_spans, width, scale,
+                                   GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr):
+        """One query per head: ``Out[h, s] = scale * max_v q_h . v`` (``-inf`` without a vector), one program per
+        (tile of ``BLOCK_S`` spans, KV head), each vector tile read once for the group's heads."""
+        pid_s = tl.program_id(0)
+        kvh = tl.program_id(1)
+        q, head, qi, row_ok = _load_rows(Q, kvh, 0, 1, stride_qh, 0, stride_qd,
+                                         GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
+        vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        s0 = pid_s * BLOCK_S
+        s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, scale,
+                              BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        span = s0 + tl.arange(0, BLOCK_S)
+        tl.store(Out + head[:, None].to(tl.int64) * num_spans + span[None, :], s,
+                 mask=row_ok[:, None] & (span[None, :] < num_spans))
+
+
 def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
     """Splits of ``work`` tiles (each split a program per ``others`` of the grid): ``value`` if given (capped at
     ``work``), else on CUDA enough for about two programs per multiprocessor, else 1."""
@@ -256,6 +284,8 @@ def span_probabilities_triton(
                          "before ltri_rag.kernels.triton_scoring is imported")
     if num_spans == 0 or q_len == 0:  # nothing to launch: the reference handles the empty shapes
         return span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout)
+    if q_len == 1:  # a decoded token: one pass writes the scores, a softmax makes them the distribution
+        return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout)
 
     half = queries.dtype == vectors.dtype and queries.dtype in _HALF
     if INTERPRETED and queries.dtype == torch.bfloat16:
@@ -309,3 +339,39 @@ def span_probabilities_triton(
         num_heads, q_len, num_spans, width, queries_per_split, qk_scale, GROUP_P=group_p, **common)
     total = out[0] if splits == 1 else out.sum(dim=0)
     return total / q_len
+
+
+def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor,
+                                  num_spans: int, scaling: float, block_s: int | None,
+                                  layout: SpanLayout | None) -> torch.Tensor:
+    """:func:`span_probabilities_triton` for ``q_len == 1`` (checked inputs, ``num_spans > 0``): one launch of
+    ``_span_decode_scores_kernel`` writes the ``[H, S]`` float32 scores (each vector tile read once, from the
+    layout as it is kept), then ``torch.softmax``; a head without any vector gets 0 everywhere, as in the two-pass
+    kernels. No host synchronisation: capturable in a CUDA graph."""
+    num_heads, _, head_dim = queries.shape
+    num_kv_heads = vectors.shape[1]
+    group = num_heads // num_kv_heads
+    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
+    if INTERPRETED and queries.dtype == torch.bfloat16:
+        half = False  # see span_probabilities_triton
+    compute = queries.dtype if half else torch.float32
+    if queries.dtype != compute:
+        queries = queries.to(compute)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
+    valid = valid.view(torch.uint8)
+    device = queries.device
+    dot_precision = "ieee" if half or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    _, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
+    if device.type == "cuda" and num_spans >= _ONE_QUERY_WIDE_FROM:
+        default_s = 128  # measured on the H200 (bench_span_scoring --shapes llama8b-decode): 64 wins below
+    block_s = _pow2_block(block_s, default_s, "block_s")
+    group_p = triton.next_power_of_2(group)
+    block_q = max(1, 16 // min(group_p, 16))  # tl.dot needs 16 rows: the group's heads, padded
+    scores = torch.empty(num_heads, num_spans, dtype=torch.float32, device=device)
+    _span_decode_scores_kernel[(triton.cdiv(num_spans, block_s), num_kv_heads)](
+        queries, padded, valid, scores, queries.stride(0), queries.stride(2), *padded.stride(),
+        num_spans, width, float(scaling),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=group_p * block_q, BLOCK_S=block_s, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=num_stages)
+    return torch.softmax(scores, dim=-1)  # no vector at all: a row of -inf, NaN as in the reference

@@ -103,3 +103,32 @@ def test_torch_path_multiplies_half_layouts_without_a_float32_copy(case, dtype) 
     assert scoring._HALF_MATMUL.get(queries.device) is True  # the half path ran (torch has bmm's out_dtype)
     ref = scoring.span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], (32, 8, 128, 16000, 4, 8, 1)],
+                         ids=["qwen-decode", "g7-decode", "llama-decode-16k-spans"])
+def test_one_query_kernel_in_a_cuda_graph(case) -> None:
+    """A decoded token's scoring (one pass + softmax, bf16 kept layout) captured in a CUDA graph and replayed with
+    new queries equals the eager call and the float32 reference."""
+    kernel = _kernel()
+    from ltri_rag.kernels.scoring import span_layout, span_probabilities
+
+    queries, vectors, owner = _inputs(*case, seed=3)
+    queries, vectors, num_spans = queries.bfloat16(), vectors.bfloat16(), case[3]
+    layout = span_layout(vectors, owner, num_spans, dtype=torch.bfloat16)
+    scaling = case[2] ** -0.5
+    static_q = queries.clone()
+    kernel(static_q, vectors, owner, num_spans, scaling, layout=layout)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(static_q, vectors, owner, num_spans, scaling, layout=layout)
+    for seed in (4, 5):
+        fresh = _inputs(*case, seed=seed)[0].bfloat16()
+        static_q.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = kernel(fresh, vectors, owner, num_spans, scaling, layout=layout)
+        assert torch.equal(out, eager)
+        ref = span_probabilities(fresh.float(), vectors.float(), owner, num_spans, scaling)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

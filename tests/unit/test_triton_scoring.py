@@ -78,6 +78,48 @@ def test_matches_reference(case) -> None:
     torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads, device=DEVICE))
 
 
+# decoded tokens (one query): one pass writing the scores, then a softmax
+# (num_heads, num_kv_heads, head_dim, num_spans, max_width, empty_every)
+ONE_QUERY_CASES = [
+    (4, 1, 32, 33, 4, 5),  # G=4 over one KV head, spans not a multiple of the tile, some without vectors
+    (32, 8, 128, 70, 6, 0),  # Llama-3-8B heads
+    (14, 2, 64, 17, 8, 3),  # Qwen-like G=7 (padded to 8 rows of a head group)
+    (2, 2, 24, 5, 1, 0),  # MHA (16 rows for one head), head_dim 24, width 1
+]
+
+
+@pytest.mark.parametrize("case", ONE_QUERY_CASES, ids=lambda c: "H{}kv{}D{}S{}w{}e{}".format(*c))
+def test_one_query_matches_reference(case) -> None:
+    num_heads, num_kv_heads, head_dim, num_spans, width, empty_every = case
+    counts = _counts(num_spans, width, seed=num_spans, empty_every=empty_every)
+    queries, vectors, owner = _inputs(num_heads, num_kv_heads, 1, head_dim, counts, seed=num_spans)
+    for block_s in (None, 16):
+        got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 3.0, block_s=block_s)
+        assert (got[:, torch.tensor(counts, device=DEVICE) == 0] == 0).all()
+        torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads, device=DEVICE))
+
+
+def test_one_query_reads_a_kept_layout_and_skips_the_two_passes(monkeypatch) -> None:
+    """A kept layout wider than its spans need (padding rows) is read as it is; the two-pass kernels do not run."""
+    from ltri_rag.kernels.scoring import span_layout
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a two-pass kernel ran for one query")
+
+    monkeypatch.setattr(triton_scoring, "_span_stats_kernel", Refuse())
+    monkeypatch.setattr(triton_scoring, "_span_mass_kernel", Refuse())
+    counts = _counts(29, 3, seed=9, empty_every=4)
+    queries, vectors, owner = _inputs(8, 2, 1, 32, counts, seed=9)
+    layout = span_layout(vectors, owner.cpu(), 29, dtype=torch.float32, min_width=6)
+    assert layout[2] == 6
+    _check(queries, vectors, owner, 29, 0.4, layout=layout)
+    _check(queries.transpose(0, 1).contiguous().transpose(0, 1), vectors, owner, 29, -0.3)  # strides, sign
+    # spans but no vector at all: NaN rows, as the reference's softmax over -inf only
+    got = span_probabilities_triton(queries, vectors[:0], owner[:0], 3, 0.5)
+    torch.testing.assert_close(got, span_probabilities(queries, vectors[:0], owner[:0], 3, 0.5), equal_nan=True)
+
+
 def test_small_blocks_and_splits() -> None:
     """Rows that split the group (block_m 16, G=7: 2 queries a block), several span tiles per split, and both
     passes split (span shares combined by logsumexp, query shares summed)."""
@@ -154,9 +196,10 @@ def test_auto_on_cpu_uses_the_torch_path(monkeypatch) -> None:
     span_probabilities(queries.cpu(), vectors.cpu(), owner.cpu(), 2, 1.0)  # the default is torch
 
 
-def test_auto_keeps_single_queries_on_the_torch_path() -> None:
-    """``auto`` takes Triton for a CUDA chunk of queries, not for a decoded token's single query (measured faster
-    on the torch path); ``triton`` always does, and CPU tensors never under ``auto``."""
+def test_auto_takes_triton_on_cuda_for_chunks_and_single_queries(monkeypatch) -> None:
+    """``auto`` takes Triton for CUDA queries, a chunk or a decoded token's single query (the one-query kernel; the
+    torch path again with ``AUTO_ONE_QUERY_TRITON`` off); ``triton`` always does, CPU tensors never under ``auto``."""
+    from ltri_rag.kernels import scoring
     from ltri_rag.kernels.scoring import scoring_uses_triton
 
     class FakeCuda:  # shape and device are all the rule reads
@@ -167,7 +210,9 @@ def test_auto_keeps_single_queries_on_the_torch_path() -> None:
             return 3
 
     assert scoring_uses_triton("auto", FakeCuda(2048)) and scoring_uses_triton("auto", FakeCuda(2))
-    assert not scoring_uses_triton("auto", FakeCuda(1))
+    assert scoring_uses_triton("auto", FakeCuda(1))
+    monkeypatch.setattr(scoring, "AUTO_ONE_QUERY_TRITON", False)
+    assert not scoring_uses_triton("auto", FakeCuda(1)) and scoring_uses_triton("auto", FakeCuda(2))
     assert scoring_uses_triton("triton", FakeCuda(1)) and scoring_uses_triton("triton", torch.zeros(4, 1, 16))
     assert not scoring_uses_triton("auto", torch.zeros(4, 9, 16)) and not scoring_uses_triton("torch", FakeCuda(9))
 
