@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ltri_rag.kernels.transfer import extend_mirror, to_device
+from ltri_rag.kernels.transfer import extend_mirror, pinned_empty, to_device
 from ltri_rag.kernels.triton_gather import gather_two_tiers, scatter_rows, triton_available
 
 __all__ = ["PagedKVPool"]
@@ -45,8 +45,14 @@ class _Tier:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised pages of this tier (pinned host pages: :func:`~ltri_rag.kernels.transfer.pinned_empty`)."""
+        if self.pin_memory:
+            return pinned_empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
     def _empty(self, pages: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(pages, *like.shape[1:], dtype=like.dtype, device=self.device, pin_memory=self.pin_memory)
+        return self._alloc((pages, *like.shape[1:]), like.dtype)
 
     def grow(self, pages: int, exact: bool = False) -> None:
         """Room for ``pages`` pages (at most ``limit``); existing pages are copied over. The capacity at least
@@ -76,8 +82,8 @@ class _Tier:
                      dtype: torch.dtype) -> None:
         if layer not in self.k:
             shape = (self.capacity, page_size, num_kv_heads, head_dim)
-            self.k[layer] = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
-            self.v[layer] = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+            self.k[layer] = self._alloc(shape, dtype)
+            self.v[layer] = self._alloc(shape, dtype)
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's K and V seen as ``[pages * page_size * Hkv, D]`` rows."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,10 +15,12 @@ from ltri_rag import LtriConfig
 
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
          "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
-         "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy")
+         "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
+         "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
-              "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy")
+              "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
+              "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -54,7 +57,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_c512": ("ltri", {"chunk_size": 512}),
                                                    "ltri_device_select": ("ltri", {"selection_on_device": True}),
-                                                   "ltri_all_queries": ("ltri", {"score_queries": None})}
+                                                   "ltri_all_queries": ("ltri", {"score_queries": None}),
+                                                   "ltri_torch_decode_scoring": ("ltri", {}),
+                                                   "ltri_small_tier_torch_pinned": ("ltri", {
+                                                       "kv_device_gib": 4.0, "zero_copy_host_pages": True})}
+# modes that differ from their variant by a library module setting, patched while the mode runs (for A/B runs of
+# a change in one call): ``ltri_torch_decode_scoring``: a decoded token's span scoring on the torch path (the default
+# before session 17's one-query Triton kernel); ``ltri_small_tier_torch_pinned``: ``ltri_small_tier_zero_copy`` with
+# the host tier from torch's pinned allocator (before session 17: power-of-two blocks) instead of registered memory
+MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),
+    "ltri_small_tier_torch_pinned": (("ltri_rag.kernels.transfer", "REGISTER_HOST_MEMORY", False),)}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:
@@ -68,7 +81,21 @@ def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig
 
 @contextmanager
 def sdpa_context(mode: str, sdpa_backend: str) -> Iterator[None]:
-    """Pin PyTorch's SDPA backend for the ``full`` mode (``auto``: torch's own choice)."""
+    """Pin PyTorch's SDPA backend for the ``full`` mode (``auto``: torch's own choice); apply a mode's
+    ``MODULE_PATCHES`` while it runs."""
+    patches = MODULE_PATCHES.get(mode, ())
+    if patches:
+        saved = []
+        for module_name, name, value in patches:
+            module = importlib.import_module(module_name)
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        try:
+            yield
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+        return
     if mode != "full" or sdpa_backend == "auto":
         yield
         return
