@@ -145,7 +145,13 @@ class GlobalLayerState(GraphFormSteps, SpanExchange):
         dry = plan.dry
         scores = self._own_scores(table, q_free, scaling).float()
         if not on_device:
-            # the retrieval's one read-back: ranking, budget fill, votes and persistence are a few dozen small
+            if not cfg.voting:
+                # without votes the ranking reads only each row's mean over its query heads: taken where the
+                # scores are, so that the read-back and the host's work scale with rows, not heads (at 1M tokens
+                # of an 8B model a layer's scores are 32 x ~64K floats)
+                rows = 1 if cfg.retrieval_scope == "shared" else table.vectors.shape[1]
+                scores = scores.reshape(rows, -1, scores.shape[-1]).mean(dim=1)
+            # the retrieval's one read-back: ranking, budget fill and persistence are a few dozen small
             # operations, cheaper on the host than as device launches when the host must wait anyway
             scores = scores.cpu()
         recency = table.recency_on(scores.device) if cfg.persistence else None
