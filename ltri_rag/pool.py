@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ltri_rag.kernels.transfer import extend_mirror, pinned_empty, to_device
+from ltri_rag.host_memory import pinned_empty
+from ltri_rag.kernels.transfer import extend_mirror, to_device
 from ltri_rag.kernels.triton_gather import gather_two_tiers, scatter_rows, triton_available
 
 __all__ = ["PagedKVPool"]
@@ -46,7 +47,7 @@ class _Tier:
         self.v: dict[int, torch.Tensor] = {}
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Uninitialised pages of this tier (pinned host pages: :func:`~ltri_rag.kernels.transfer.pinned_empty`)."""
+        """Uninitialised pages of this tier (pinned host pages: :func:`~ltri_rag.host_memory.pinned_empty`)."""
         if self.pin_memory:
             return pinned_empty(shape, dtype)
         return torch.empty(shape, dtype=dtype, device=self.device)

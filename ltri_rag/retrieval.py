@@ -25,6 +25,8 @@ import torch
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.kernels.transfer import to_device
+from ltri_rag.kernels.triton_select import fill_ranked
+from ltri_rag.kernels.triton_select import triton_available as _fill_kernel_available
 
 __all__ = ["query_summary", "scored_queries", "select_spans", "update_recency"]
 
@@ -239,6 +241,11 @@ def _rank_keys_host(
 
 _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
 
+FUSED_FILL = True
+"""Whether the device fill of CUDA keys runs after the sort as one Triton launch
+(:func:`ltri_rag.kernels.triton_select.fill_ranked`, the same spans) instead of the torch operations of
+:func:`_fill_budget_device`; False keeps the torch path (for comparisons)."""
+
 
 def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
                  device_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,10 +282,13 @@ def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
     those maps, computed in ``log2(_TAIL)`` gathers (a Hillis-Steele scan). Equal to the walk on the host.
     """
     rows, num_spans = keys.shape
-    longest = int(lengths.max()) if num_spans else 1  # a host read when ``lengths`` lives on the host
+    host_lengths = lengths
     lengths = to_device(lengths, keys.device) if device_lengths is None else device_lengths
     order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
     ranked = lengths[order]  # [R, S]
+    if FUSED_FILL and keys.is_cuda and _fill_kernel_available():
+        return fill_ranked(order, ranked.long(), torch.cumsum(ranked, dim=1, dtype=torch.int64), budget, _TAIL)
+    longest = int(host_lengths.max()) if num_spans else 1  # a host read when ``lengths`` lives on the host
     fits = torch.cumsum(ranked, dim=1) <= budget  # the prefix that fits (lengths >= 1)
     selected = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
     selected.scatter_(1, order, fits)

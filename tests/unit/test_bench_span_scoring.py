@@ -22,10 +22,12 @@ def test_small_run_writes_rows_for_every_backend(tmp_path, monkeypatch) -> None:
             importlib.reload(triton_scoring)
     main(["--small", "--reps", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
-    backends = {r["backend"] for r in result["rows"]}
-    expected = {"torch", "torch + layout"} | ({"triton", "triton + layout"} if have_triton else set())
-    assert backends == expected
-    assert len(result["rows"]) == 2 * len(backends)  # two shapes
+    chunk = {"torch", "torch + layout"} | ({"triton", "triton + layout"} if have_triton else set())
+    one_query = chunk | ({"triton, block_s 32", "triton, block_s 128"} if have_triton else set())  # the tile sizes
+    rows = result["rows"]
+    assert {r["backend"] for r in rows if r["q_len"] > 1} == chunk
+    assert {r["backend"] for r in rows if r["q_len"] == 1} == one_query
+    assert len(rows) == len(chunk) + len(one_query)  # one row per backend and shape
     for row in result["rows"]:
         assert row["ms"] > 0 and row["tflops"] > 0
         assert row["max_abs_err"] < 1e-5

@@ -9,7 +9,7 @@ import mmap
 import pytest
 import torch
 
-from ltri_rag.kernels import transfer
+from ltri_rag import host_memory
 from ltri_rag.pool import PagedKVPool
 
 
@@ -48,7 +48,7 @@ def runtime(monkeypatch):
 
 
 def test_exact_pages_registered_and_released_with_the_last_view(runtime) -> None:
-    t = transfer.pinned_empty((3, 5, 2, 7), torch.bfloat16)
+    t = host_memory.pinned_empty((3, 5, 2, 7), torch.bfloat16)
     assert t.shape == (3, 5, 2, 7) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
     assert t.data_ptr() % mmap.PAGESIZE == 0
     (ptr, size), = runtime.registered.items()
@@ -64,9 +64,9 @@ def test_exact_pages_registered_and_released_with_the_last_view(runtime) -> None
 
 
 def test_buffers_never_share_a_page(runtime) -> None:
-    kept = [transfer.pinned_empty((n, 64), torch.float32) for n in (1, 17, 16, 1000, 3)]
+    kept = [host_memory.pinned_empty((n, 64), torch.float32) for n in (1, 17, 16, 1000, 3)]
     assert len(runtime.registered) == len(kept)  # the fake refuses overlapping registrations
-    big = transfer.pinned_empty((1025, 1024), torch.float16)  # 2 MiB + 2 KiB: whole pages
+    big = host_memory.pinned_empty((1025, 1024), torch.float16)  # 2 MiB + 2 KiB: whole pages
     assert runtime.registered[big.data_ptr()] == -(-1025 * 2048 // mmap.PAGESIZE) * mmap.PAGESIZE
     del kept, big
     gc.collect()
@@ -83,11 +83,11 @@ def test_fallbacks(runtime, monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", empty)
     runtime.fail = True  # registration refused: torch's pinned allocator
-    assert transfer.pinned_empty((4, 4), torch.float32).shape == (4, 4) and calls == [True]
+    assert host_memory.pinned_empty((4, 4), torch.float32).shape == (4, 4) and calls == [True]
     runtime.fail = False
-    assert transfer.pinned_empty((0, 4), torch.float32).numel() == 0 and calls == [True, True]  # nothing to lock
-    monkeypatch.setattr(transfer, "REGISTER_HOST_MEMORY", False)
-    transfer.pinned_empty((2, 2), torch.float32)
+    assert host_memory.pinned_empty((0, 4), torch.float32).numel() == 0 and calls == [True, True]  # nothing to lock
+    monkeypatch.setattr(host_memory, "REGISTER_HOST_MEMORY", False)
+    host_memory.pinned_empty((2, 2), torch.float32)
     assert calls == [True, True, True] and not runtime.registered
 
 

@@ -1,0 +1,76 @@
+"""The one-launch budget fill (``kernels.triton_select.fill_ranked``) equals the torch reference
+(``retrieval._fill_budget_device``) exactly: prefixes that end anywhere in a block or take everything, long spans
+skipped by the walk, budgets of 0, several rows, ties. On CPU under ``TRITON_INTERPRET`` (set here, before the kernel
+module is imported); compiled on a GPU."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from ltri_rag import retrieval
+from ltri_rag.kernels import triton_select
+
+if DEVICE == "cpu" and not triton_select.INTERPRETED:
+    triton_select = importlib.reload(triton_select)
+
+
+def _fill(keys, lengths, budget, block):
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    ranked = lengths.to(keys.device)[order]
+    return triton_select.fill_ranked(order, ranked, torch.cumsum(ranked, dim=1), budget, retrieval._TAIL,
+                                     block=block)
+
+
+# (rows, num_spans, max_len, budget, block)
+CASES = [
+    (1, 1, 5, 3, 16),  # one span longer than the budget
+    (1, 40, 9, 60, 16),  # the prefix ends inside the third block
+    (3, 200, 30, 500, 64),  # several rows, the walk crosses blocks
+    (2, 50, 4, 10_000, 16),  # everything fits: no walk
+    (1, 37, 6, 0, 16),  # a budget of 0 takes nothing
+    (4, 300, 64, 2048, 128),  # long spans the walk skips, then shorter ones it takes
+    (1, 16, 1, 16, 16),  # the prefix is exactly every span
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "R{}S{}L{}b{}B{}".format(*c))
+def test_matches_the_torch_fill(case) -> None:
+    rows, num_spans, max_len, budget, block = case
+    gen = torch.Generator().manual_seed(num_spans * 7 + rows)
+    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
+    keys = torch.randn(rows, num_spans, generator=gen)
+    keys[:, ::5] = keys[:, :1].clone()  # ties: the stable order decides
+    keys = keys.to(DEVICE)
+    got = _fill(keys, lengths, budget, block)
+    want = retrieval._fill_budget_device(keys, lengths, budget, device_lengths=lengths.to(DEVICE))
+    assert got.dtype == torch.bool and got.shape == (rows, num_spans)
+    assert torch.equal(got.cpu(), want.cpu())
+    taken = (got.cpu().long() * lengths).sum(dim=1)
+    assert (taken <= budget).all()
+
+
+def test_walk_takes_short_spans_after_a_long_one() -> None:
+    """Ranks: 3, 3, then 9 (does not fit in 4 left), then 2 and 2 (fit): the walk takes those after the skip."""
+    lengths = torch.tensor([3, 3, 9, 2, 2, 5])
+    keys = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]], device=DEVICE)
+    got = _fill(keys, lengths, 10, 16).cpu()
+    assert got.tolist() == [[True, True, False, True, True, False]]
+
+
+def test_bad_inputs() -> None:
+    order = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="one \\[R, S\\] shape"):
+        triton_select.fill_ranked(order, order[:, :2], order, 4, 64)
+    with pytest.raises(ValueError, match="int64"):
+        triton_select.fill_ranked(order, order.int(), order, 4, 64)
+    with pytest.raises(ValueError, match="powers of two"):
+        triton_select.fill_ranked(order, order, order, 4, 48)
+    assert triton_select.fill_ranked(order[:, :0], order[:, :0], order[:, :0], 4, 64).shape == (2, 0)
