@@ -1,4 +1,17 @@
-"""The budget fill of span selection on the device, in one Triton launch after the ranking's sort.
+"""Span selection on the device in few launches: the ranking keys in two, the budget fill in one after the sort.
+
+**Ranking keys** (:func:`rank_keys`; reference :func:`ltri_rag.retrieval._rank_keys` without votes, some
+twenty-five torch operations): per row ``r`` (one, or one per KV head) the mean of its ``G`` query heads' span
+scores (non-finite scores replaced by the lowest finite score minus 1), z-normalised over the spans, optionally
+mixed with the z-normalised cross-layer prior (``(1 - w) z + w z_prior``) and plus ``bonus * recency``. A first
+kernel (grid: rows x span blocks) sums each span's finite scores over its heads and counts the non-finite ones,
+and writes per block the lowest finite score and float64 sums (of the finite sums, the counts, their squares and
+products, and of the prior and its square); the second (same grid) reads every block's partials (the global
+floor, the row's mean and variance in float64: the floor enters them linearly, so nothing is read twice) and
+writes the keys. The reduction order differs from torch's, so keys agree with the reference to float32 rounding
+(not bit for bit); the kernels are deterministic (no atomics), so a captured step replays its eager form exactly.
+
+**Budget fill** (:func:`fill_ranked`):
 
 Span selection ranks a layer's spans by a key and fills a token budget greedily in rank order: the prefix of
 ranked spans whose lengths fit, then up to ``tail`` more ranks walked one by one, each taken if it still fits
@@ -26,7 +39,7 @@ from __future__ import annotations
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
 
-__all__ = ["fill_ranked", "triton_available"]
+__all__ = ["fill_ranked", "rank_keys", "triton_available"]
 
 INTERPRETED = interpreted()
 
@@ -69,6 +82,88 @@ if triton is not None:
             tl.store(Out + base + spans, tl.full([TAIL], 1, tl.int8), mask=keep)
 
 
+    @triton.jit
+    def _minimum(a, b):
+        return tl.minimum(a, b)
+
+    @triton.jit(do_not_specialize=("num_spans",))
+    def _rank_partials_kernel(Scores, Prior, Sums, Counts, Part, num_spans,
+                              GROUP: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        block = tl.program_id(1)
+        span = block * BLOCK + tl.arange(0, BLOCK)
+        live = span < num_spans
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        for g in range(GROUP):
+            x = tl.load(Scores + (row * GROUP + g).to(tl.int64) * num_spans + span, mask=live, other=0.0)
+            finite = (x == x) & (tl.abs(x) < float("inf"))
+            total += tl.where(finite, x, 0.0)
+            count += tl.where(finite | (span >= num_spans), 0, 1)
+            low = tl.minimum(low, tl.where(finite & live, x, float("inf")))
+        out = row.to(tl.int64) * num_spans + span
+        tl.store(Sums + out, total, mask=live)
+        tl.store(Counts + out, count, mask=live)
+        a = tl.where(live, total, 0.0).to(tl.float64)
+        n = count.to(tl.float64)
+        part = Part + (row * tl.num_programs(1) + block).to(tl.int64) * 8
+        tl.store(part, tl.reduce(low, 0, _minimum).to(tl.float64))
+        tl.store(part + 1, tl.reduce(a, 0, _add))
+        tl.store(part + 2, tl.reduce(n, 0, _add))
+        tl.store(part + 3, tl.reduce(a * a, 0, _add))
+        tl.store(part + 4, tl.reduce(a * n, 0, _add))
+        tl.store(part + 5, tl.reduce(n * n, 0, _add))
+        if HAS_PRIOR:
+            p = tl.load(Prior + span, mask=live, other=0.0).to(tl.float64)
+            tl.store(part + 6, tl.reduce(p, 0, _add))
+            tl.store(part + 7, tl.reduce(p * p, 0, _add))
+
+    @triton.jit(do_not_specialize=("num_spans", "num_parts"))
+    def _rank_keys_kernel(Sums, Counts, Part, Prior, Recency, Keys, num_spans, num_parts, prior_weight, bonus,
+                          GROUP: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_RECENCY: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+        row = tl.program_id(0)
+        block = tl.program_id(1)
+        blocks = tl.num_programs(1)
+        # the floor for non-finite scores: the lowest finite score of every row, minus 1 (0 if there is none)
+        i = tl.arange(0, BLOCK_P)
+        lows = tl.load(Part + i.to(tl.int64) * 8, mask=i < num_parts, other=float("inf")).to(tl.float32)
+        low = tl.reduce(lows, 0, _minimum)
+        floor = tl.where(low < 3.4028234663852886e38, low - 1.0, 0.0)
+        # the row's mean and variance of base = (finite sum + count * floor) / G, from its blocks' partials
+        j = tl.arange(0, BLOCK_P)
+        mine = Part + (row * blocks + j).to(tl.int64) * 8
+        ok = j < blocks
+        sa = tl.reduce(tl.load(mine + 1, mask=ok, other=0.0), 0, _add)
+        sn = tl.reduce(tl.load(mine + 2, mask=ok, other=0.0), 0, _add)
+        saa = tl.reduce(tl.load(mine + 3, mask=ok, other=0.0), 0, _add)
+        san = tl.reduce(tl.load(mine + 4, mask=ok, other=0.0), 0, _add)
+        snn = tl.reduce(tl.load(mine + 5, mask=ok, other=0.0), 0, _add)
+        f = floor.to(tl.float64)
+        size = num_spans.to(tl.float64)
+        mean = (sa + f * sn) / GROUP / size
+        var = (saa + 2.0 * f * san + f * f * snn) / (GROUP * GROUP) / size - mean * mean
+        std = tl.sqrt(tl.maximum(var, 0.0)).to(tl.float32)
+        span = block * BLOCK + tl.arange(0, BLOCK)
+        live = span < num_spans
+        at = row.to(tl.int64) * num_spans + span
+        total = tl.load(Sums + at, mask=live, other=0.0)
+        count = tl.load(Counts + at, mask=live, other=0).to(tl.float32)
+        base = (total + count * floor) / GROUP
+        z = (base - mean.to(tl.float32)) / (std + 1e-6)
+        if HAS_PRIOR:
+            psum = tl.reduce(tl.load(mine + 6, mask=ok, other=0.0), 0, _add)
+            psq = tl.reduce(tl.load(mine + 7, mask=ok, other=0.0), 0, _add)
+            pmean = psum / size
+            pstd = tl.sqrt(tl.maximum(psq / size - pmean * pmean, 0.0)).to(tl.float32)
+            p = tl.load(Prior + span, mask=live, other=0.0)
+            z = (1.0 - prior_weight) * z + prior_weight * ((p - pmean.to(tl.float32)) / (pstd + 1e-6))
+        if HAS_RECENCY:
+            z = z + bonus * tl.load(Recency + span, mask=live, other=0.0)
+        tl.store(Keys + at, z, mask=live)
+
+
 def fill_ranked(order: torch.Tensor, ranked: torch.Tensor, ranked_sums: torch.Tensor, budget: int,
                 tail: int, block: int = 1024) -> torch.Tensor:
     """``[R, S]`` bool spans taken by the greedy budget fill over ranked spans (module docstring).
@@ -105,3 +200,58 @@ def fill_ranked(order: torch.Tensor, ranked: torch.Tensor, ranked_sums: torch.Te
     _fill_ranked_kernel[(rows, triton.cdiv(num_spans, block))](
         order, ranked_sums, ranked, out.view(torch.int8), num_spans, int(budget), TAIL=tail, BLOCK=block)
     return out
+
+
+def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
+              recency: torch.Tensor | None = None, bonus: float = 0.0, block: int = 1024) -> torch.Tensor:
+    """``[rows, S]`` float32 ranking keys from ``[H, S]`` span scores (module docstring), in two launches.
+
+    Args:
+        scores: ``[H, S]`` float32 span scores, ``H`` a multiple of ``rows``.
+        rows: Selection rows (1: shared; the KV heads: per KV head); row ``r`` averages heads
+            ``r * H / rows .. (r + 1) * H / rows - 1``.
+        prior: ``[S]`` cross-layer evidence, mixed in with weight ``prior_weight`` when that is > 0.
+        prior_weight: In [0, 1].
+        recency: ``[S]`` float32 persistence state, added times ``bonus`` when that is > 0.
+        bonus: Weight of ``recency``.
+        block: Spans per program (a power of two >= 16).
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: shapes, dtypes or devices that do not match.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if scores.dim() != 2 or scores.dtype != torch.float32 or rows < 1 or scores.shape[0] % rows:
+        raise ValueError(f"scores must be float32 [H, S] with H a multiple of rows ({rows}), got "
+                         f"{scores.dtype} {tuple(scores.shape)}")
+    if scores.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the kernels need CUDA tensors (got {scores.device}), or TRITON_INTERPRET=1 set before "
+                         "ltri_rag.kernels.triton_select is imported")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    num_heads, num_spans = scores.shape
+    device = scores.device
+    keys = torch.empty(rows, num_spans, dtype=torch.float32, device=device)
+    if num_spans == 0:
+        return keys
+    use_prior = prior is not None and prior_weight > 0
+    use_recency = recency is not None and bonus > 0
+    for name, t in (("prior", prior if use_prior else None), ("recency", recency if use_recency else None)):
+        if t is not None and (t.shape != (num_spans,) or t.device != device):
+            raise ValueError(f"{name} must be [{num_spans}] on {device}, got {tuple(t.shape)} on {t.device}")
+    prior_f = prior.float().contiguous() if use_prior else keys
+    recency_f = recency.float().contiguous() if use_recency else keys
+    scores = scores.contiguous()
+    blocks = triton.cdiv(num_spans, block)
+    sums = torch.empty(rows, num_spans, dtype=torch.float32, device=device)
+    counts = torch.empty(rows, num_spans, dtype=torch.int32, device=device)
+    part = torch.zeros(rows * blocks, 8, dtype=torch.float64, device=device)
+    group = num_heads // rows
+    _rank_partials_kernel[(rows, blocks)](scores, prior_f, sums, counts, part, num_spans,
+                                          GROUP=group, HAS_PRIOR=use_prior, BLOCK=block)
+    _rank_keys_kernel[(rows, blocks)](sums, counts, part, prior_f, recency_f, keys, num_spans, rows * blocks,
+                                      float(prior_weight), float(bonus), GROUP=group, HAS_PRIOR=use_prior,
+                                      HAS_RECENCY=use_recency, BLOCK=block,
+                                      BLOCK_P=max(16, triton.next_power_of_2(rows * blocks)))
+    return keys

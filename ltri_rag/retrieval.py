@@ -25,7 +25,7 @@ import torch
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.kernels.transfer import to_device
-from ltri_rag.kernels.triton_select import fill_ranked
+from ltri_rag.kernels.triton_select import fill_ranked, rank_keys
 from ltri_rag.kernels.triton_select import triton_available as _fill_kernel_available
 
 __all__ = ["query_summary", "scored_queries", "select_spans", "update_recency"]
@@ -66,8 +66,14 @@ def _rank_keys(
     scores: torch.Tensor, rows: int, recency: torch.Tensor | None, bonus: float, voting: bool, top_k: int,
     prior: torch.Tensor | None, prior_weight: float,
 ) -> torch.Tensor:
-    """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores."""
+    """``[rows, num_spans]`` ranking keys from ``[num_heads, num_spans]`` scores (CUDA scores without votes: two
+    Triton launches, :func:`ltri_rag.kernels.triton_select.rank_keys`, equal up to float32 rounding)."""
     num_heads, num_spans = scores.shape
+    if FUSED_RANK and not voting and scores.is_cuda and _fill_kernel_available():
+        uses_prior = prior is not None and prior_weight > 0
+        uses_recency = recency is not None and bonus > 0
+        return rank_keys(scores.float(), rows, prior.to(scores.device).float() if uses_prior else None, prior_weight,
+                         recency.to(scores.device).float() if uses_recency else None, bonus)
     # spans without vectors (-inf) rank below every scored span (worked out on the device: no read-back)
     finite = torch.isfinite(scores)
     big = torch.finfo(scores.dtype).max
@@ -242,9 +248,14 @@ def _rank_keys_host(
 _TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
 
 FUSED_FILL = True
-"""Whether the device fill of CUDA keys runs after the sort as one Triton launch
+"""Whether span selection on CUDA runs its budget fill after the sort as one Triton launch
 (:func:`ltri_rag.kernels.triton_select.fill_ranked`, the same spans) instead of the torch operations of
 :func:`_fill_budget_device`; False keeps the torch path (for comparisons)."""
+
+FUSED_RANK = True
+"""Whether span selection on CUDA computes its ranking keys (without votes) in two Triton launches
+(:func:`ltri_rag.kernels.triton_select.rank_keys`, equal up to float32 rounding) instead of the torch operations
+of :func:`_rank_keys`; False keeps the torch path (for comparisons)."""
 
 
 def _fill_budget(keys: torch.Tensor, lengths: torch.Tensor, budget: int,

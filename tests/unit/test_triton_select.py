@@ -74,3 +74,48 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="powers of two"):
         triton_select.fill_ranked(order, order, order, 4, 48)
     assert triton_select.fill_ranked(order[:, :0], order[:, :0], order[:, :0], 4, 64).shape == (2, 0)
+
+
+# (num_heads, rows, num_spans, prior, recency, nonfinite, block)
+RANK_CASES = [
+    (4, 1, 37, False, False, False, 16),  # shared selection, three blocks
+    (8, 2, 300, True, True, False, 64),  # per KV head, prior and persistence
+    (32, 1, 1000, True, True, True, 128),  # Llama-like heads, -inf and NaN scores (the floor)
+    (6, 3, 5, False, True, True, 16),  # a tail block, recency only
+]
+
+
+def _rank_inputs(num_heads, num_spans, nonfinite, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_heads, num_spans, generator=gen) ** 3 / num_spans
+    if nonfinite:
+        scores[:, ::7] = -float("inf")
+        scores[1, 3] = float("nan")
+    prior = torch.rand(num_spans, generator=gen)
+    recency = torch.rand(num_spans, generator=gen) * 2
+    return scores.to(DEVICE), prior.to(DEVICE), recency.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", RANK_CASES, ids=lambda c: "H{}R{}S{}p{:d}r{:d}n{:d}B{}".format(*c))
+def test_rank_keys_match_the_torch_keys(case) -> None:
+    num_heads, rows, num_spans, use_prior, use_recency, nonfinite, block = case
+    scores, prior, recency = _rank_inputs(num_heads, num_spans, nonfinite, seed=num_spans)
+    kwargs = dict(prior=prior if use_prior else None, prior_weight=0.5 if use_prior else 0.0,
+                  recency=recency if use_recency else None, bonus=1.5 if use_recency else 0.0)
+    got = triton_select.rank_keys(scores, rows, block=block, **kwargs)
+    want = retrieval._rank_keys(scores, rows, kwargs["recency"], kwargs["bonus"], False, 1, kwargs["prior"],
+                                kwargs["prior_weight"])
+    assert got.shape == (rows, num_spans) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    again = triton_select.rank_keys(scores, rows, block=block, **kwargs)
+    assert torch.equal(got, again)  # deterministic: no atomics
+
+
+def test_rank_keys_without_any_finite_score() -> None:
+    scores = torch.full((4, 9), -float("inf"), device=DEVICE)
+    got = triton_select.rank_keys(scores, 2)
+    want = retrieval._rank_keys(scores, 2, None, 0.0, False, 1, None, 0.0)
+    assert torch.equal(got, want) and (got == 0).all()
+    assert triton_select.rank_keys(scores[:, :0], 1).shape == (1, 0)
+    with pytest.raises(ValueError, match="multiple of rows"):
+        triton_select.rank_keys(scores[:3], 2)
