@@ -38,7 +38,7 @@ INTERPRETED = interpreted()
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("n_rows", "split_row"))
     def _gather_two_tiers_kernel(fast_k, fast_v, slow_k, slow_v, rows, out_k, out_v, n_rows, split_row,
                                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)
@@ -59,7 +59,7 @@ if triton is not None:
         tl.store(out_k + out, k, mask=live[:, None] & col_ok)
         tl.store(out_v + out, v, mask=live[:, None] & col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("n_rows",))
     def _scatter_rows_kernel(src_k, src_v, rows, dst_k, dst_v, n_rows,
                              HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)

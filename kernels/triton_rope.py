@@ -42,7 +42,7 @@ INTERPRETED = interpreted()
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("n_rows", "period"))
     def _gather_rotate_kernel(
         main_k, main_v, aux_k, aux_v, source, delta, inv_freq, out_k, out_v,
         n_rows, period, stride_aux,

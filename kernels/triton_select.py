@@ -71,7 +71,7 @@ if triton is not None:
             walked = prefix + step
             exists = walked < num_spans
             lens = tl.load(Ranked + base + walked, mask=exists, other=budget + 1)
-            taken = tl.zeros([TAIL], dtype=tl.int32)
+            taken = tl.full([TAIL], 0, dtype=tl.int32)
             for j in range(TAIL):
                 length = tl.reduce(tl.where(step == j, lens, 0), 0, _add)
                 take = length <= left
@@ -93,8 +93,8 @@ if triton is not None:
         block = tl.program_id(1)
         span = block * BLOCK + tl.arange(0, BLOCK)
         live = span < num_spans
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        count = tl.zeros([BLOCK], dtype=tl.int32)
+        total = tl.full([BLOCK], 0.0, dtype=tl.float32)
+        count = tl.full([BLOCK], 0, dtype=tl.int32)
         low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
         for g in range(GROUP):
             x = tl.load(Scores + (row * GROUP + g).to(tl.int64) * num_spans + span, mask=live, other=0.0)

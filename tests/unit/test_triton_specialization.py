@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -100,4 +101,51 @@ def test_scoring_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
         counts = scoring_tests._counts(num_spans, width)
         queries, vectors, owner = scoring_tests._inputs(4, 2, q_len, 16, counts)
         ts.span_probabilities_triton(queries, vectors, owner, num_spans, 0.25)
+    _check(seen, kernels)
+
+
+def test_one_query_scoring_kernel_does_not_specialise_on_lengths(monkeypatch) -> None:
+    ts = scoring_tests.triton_scoring
+    kernels = [ts._span_decode_scores_kernel]
+    seen = _record(monkeypatch, kernels)
+    for num_spans, width in ((7, 2), (33, 5)):
+        counts = scoring_tests._counts(num_spans, width)
+        queries, vectors, owner = scoring_tests._inputs(4, 2, 1, 16, counts)
+        ts.span_probabilities_triton(queries, vectors, owner, num_spans, 0.25)
+    _check(seen, kernels)
+
+
+def test_selection_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
+    from tests.unit import test_triton_select as select_tests
+
+    tsel = select_tests.triton_select
+    kernels = [tsel._fill_ranked_kernel, tsel._rank_partials_kernel, tsel._rank_keys_kernel]
+    seen = _record(monkeypatch, kernels)
+    for num_spans, budget in ((7, 5), (48, 33)):
+        scores, prior, recency = select_tests._rank_inputs(4, num_spans, False, seed=num_spans)
+        keys = tsel.rank_keys(scores, 1, prior=prior, prior_weight=0.5, recency=recency, bonus=1.0, block=16)
+        lengths = torch.randint(1, 5, (num_spans,))
+        select_tests._fill(keys, lengths, budget, 16)
+    _check(seen, kernels)
+
+
+def test_row_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
+    from tests.unit import test_triton_gather as gather_tests
+    from tests.unit import test_triton_rope as rope_tests
+
+    tg, tr = gather_tests.triton_gather, rope_tests.triton_rope
+    kernels = [tg._gather_two_tiers_kernel, tg._scatter_rows_kernel, tr._gather_rotate_kernel]
+    seen = _record(monkeypatch, kernels)
+    device = gather_tests.DEVICE
+    for n, fast_rows in ((5, 7), (32, 16)):
+        (fk, fv), (sk, sv), gen = gather_tests._tiers(fast_rows, 40, 16, torch.float32, seed=n)
+        rows = torch.randperm(fast_rows + 40, generator=gen)[:n]
+        tg.gather_two_tiers(fk, fv, sk, sv, rows.to(device), fast_rows)
+        dst = torch.zeros(64, 16, device=device)
+        src = torch.randn(n, 16, generator=gen).to(device)
+        tg.scatter_rows(dst, dst.clone(), torch.randperm(64, generator=gen)[:n].to(device), src, src)
+        main = torch.randn(50, 16, device=device)
+        source = (torch.randperm(50, generator=gen)[:n] * 16).to(device)
+        delta = torch.arange(n, device=device) - 3
+        tr.gather_rotate_triton(main, main, source, delta, rope_tests._inv_freq(8).to(device))
     _check(seen, kernels)
