@@ -228,20 +228,26 @@ class GraphFormSteps:
                                "prepare_graph_retrieval and the step's position")
         index, length, position = graph_window
         key = self._memory_key(plan)  # before the step: what the reuse steps after it compare against
-        with record_function("ltri.retrieve"):
-            memory = self._memory(q, plan, scaling, position)
-            if memory is None:
-                raise RuntimeError(f"layer {self.layer_idx}: no memory part to retrieve")
-            mem_k, mem_v, mask, pos, host_mask = memory
-            q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
         buf_k, buf_v, buf_mask = self._graph_memory
+        with record_function("ltri.retrieve"):
+            if self._assembles_on_device(q, position):  # one launch per sequence, straight into the buffers
+                placed = self._device_assembled_memory(q, plan, scaling, position, out=self._graph_memory)
+                if placed is None:
+                    raise RuntimeError(f"layer {self.layer_idx}: no memory part to retrieve")
+                q_mem, mem_k = placed[0], placed[1]
+            else:
+                memory = self._memory(q, plan, scaling, position)
+                if memory is None:
+                    raise RuntimeError(f"layer {self.layer_idx}: no memory part to retrieve")
+                mem_k, mem_v, mask, pos, host_mask = memory
+                q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+                if mem_k.shape[2] > buf_k.shape[2]:
+                    raise RuntimeError(f"layer {self.layer_idx}: a memory part of {mem_k.shape[2]} keys exceeds "
+                                       f"the graph buffers' {buf_k.shape[2]}")
+                buf_k[:, :, :mem_k.shape[2]].copy_(mem_k)
+                buf_v[:, :, :mem_k.shape[2]].copy_(mem_v)
+                buf_mask[:, :, :mem_k.shape[2]].copy_(mask)
         width = mem_k.shape[2]
-        if width > buf_k.shape[2]:
-            raise RuntimeError(f"layer {self.layer_idx}: a memory part of {width} keys exceeds the graph buffers' "
-                               f"{buf_k.shape[2]}")
-        buf_k[:, :, :width].copy_(mem_k)
-        buf_v[:, :, :width].copy_(mem_v)
-        buf_mask[:, :, :width].copy_(mask)
         buf_mask[:, :, width:] = False
         self._graph_memory_source = buf_k
         if self.cfg.decode_retrieval_stride > 1:  # reused by the next steps, as the eager step's part would be

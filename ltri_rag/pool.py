@@ -283,6 +283,24 @@ class PagedKVPool:
             k, v = gather_two_tiers(k_rows, v_rows, host[0], host[1], rows, self._split * self.page_size * num_kv_heads)
         return k.view(num_kv_heads, n, head_dim), v.view(num_kv_heads, n, head_dim)
 
+    def device_sources(self, layer: int, seq: int, device: torch.device) -> tuple:
+        """What a one-launch memory assembly reads for ``seq`` (:mod:`ltri_rag.kernels.triton_assemble`), on
+        ``device`` (copied only when the pool changed): ``(page_table, positions, fast_k, fast_v, slow_k, slow_v,
+        split_row)``, the tiers as ``[rows, D]`` (``slow_k`` / ``slow_v`` None when every page of ``seq`` is in the
+        device tier, all four None before the layer stored anything; ``split_row``: the host tier's first row,
+        tiers counted as one)."""
+        device = torch.device(device)
+        table = self._device_table(seq, device)
+        positions = self._positions_on(seq, device)
+        if layer not in self._fast.k:  # the layer stored nothing yet
+            return table, positions, None, None, None, None, 0
+        fast_k, fast_v = self._fast.rows(layer)
+        host = None if self.on_device_tier(seq, device) else self.host_rows(layer)
+        if host is None:
+            return table, positions, fast_k, fast_v, None, None, fast_k.shape[0]
+        num_kv_heads = self._fast.k[layer].shape[2]
+        return table, positions, fast_k, fast_v, host[0], host[1], self._split * self.page_size * num_kv_heads
+
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``
         (:meth:`token_index_host` on a tensor)."""

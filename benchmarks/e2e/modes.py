@@ -17,12 +17,12 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
          "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
          "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
-         "ltri_torch_rank")
+         "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
               "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
-              "ltri_torch_rank")
+              "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_torch_decode_scoring": ("ltri", {}),
                                                    "ltri_torch_fill": ("ltri", {}),
                                                    "ltri_torch_rank": ("ltri", {}),
+                                                   "ltri_fused_assembly": ("ltri", {}),
+                                                   "ltri_device_select_fused": ("ltri", {"selection_on_device": True}),
                                                    "ltri_small_tier_torch_pinned": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True})}
 # modes that differ from their variant by a library module setting, patched while the mode runs (for A/B runs of
@@ -70,8 +72,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # before session 17's one-query Triton kernel); ``ltri_small_tier_torch_pinned``: ``ltri_small_tier_zero_copy`` with
 # the host tier from torch's pinned allocator (before session 17: power-of-two blocks) instead of registered memory;
 # ``ltri_torch_fill``: the device-side budget fill of span selection (decode steps) in torch operations instead of
-# session 17's one Triton launch; ``ltri_torch_rank``: its ranking keys in torch operations instead of two launches
+# session 17's one Triton launch; ``ltri_torch_rank``: its ranking keys in torch operations instead of two launches;
+# ``ltri_fused_assembly`` / ``ltri_device_select_fused``: ``ltri`` / ``ltri_device_select`` with the memory part of a
+# device-side selection built in one launch per sequence (``layer.FUSED_DEVICE_ASSEMBLY``, off by default until timed)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    "ltri_fused_assembly": (("ltri_rag.layer", "FUSED_DEVICE_ASSEMBLY", True),),
+    "ltri_device_select_fused": (("ltri_rag.layer", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),

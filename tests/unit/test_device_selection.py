@@ -200,3 +200,68 @@ def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
         assert state._selects_on_device(q) is expected
     with pytest.raises(TypeError, match="selection_on_device"):
         LtriConfig(selection_on_device="auto")
+
+
+def _record_placed_slots(session: LtriSession) -> list[list[torch.Tensor]]:
+    """Record every global layer's slot lists after each memory part it places (either assembly path)."""
+    seen: list[list[torch.Tensor]] = []
+    for state in session.cache.states:
+        if isinstance(state, GlobalLayerState):
+            inner = state._placed_memory
+
+            def recorded(*args, _inner=inner, _state=state, **kwargs):
+                out = _inner(*args, **kwargs)
+                seen.append([s[:, : int((s >= 0).sum(dim=1).max())] if s.numel() else s for s in _state._last_slots])
+                return out
+
+            state._placed_memory = recorded  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
+def test_fused_device_assembly_equals_the_torch_path(scheme: str, monkeypatch) -> None:
+    """``layer.FUSED_DEVICE_ASSEMBLY`` (the memory part of a device selection in one Triton launch per sequence,
+    here under the interpreter on the CPU with the Triton backend): the same slots and logits as the torch
+    assembly, prompt and decode, batch of two."""
+    import importlib
+    import os
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from ltri_rag import layer as layer_mod
+    from ltri_rag.kernels import triton_assemble, triton_local, triton_rope, triton_scoring, triton_select
+
+    for module in (triton_assemble, triton_local, triton_rope, triton_scoring, triton_select):
+        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
+            importlib.reload(module)
+    importlib.reload(importlib.import_module("ltri_rag.kernels.triton_decode"))
+    importlib.reload(importlib.import_module("ltri_rag.kernels.triton_gather"))
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    kernel = importlib.import_module("ltri_rag.kernels.triton_assemble").assemble_memory
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(layer_mod, "assemble_memory", counted)
+    model = tiny_model("llama")
+    ids = _ids(2, 60, seed=8)
+    cfg = LtriConfig(num_sink_tokens=3, local_window=16, chunk_size=9, final_chunk_size=4, budget=12, page_size=5,
+                     evict_stride=4, span_min_len=2, span_max_len=8, position_scheme=scheme,
+                     selection_on_device=True, attention_backend="triton")
+    outputs = []
+    for fused in (False, True):
+        monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", fused)
+        session = LtriSession(model, cfg, batch_size=2)
+        slots = _record_placed_slots(session)
+        logits = [session.feed(ids)]
+        for token in (7, 100, 3):
+            logits.append(session.step(torch.tensor([token, token + 1])))
+        outputs.append((logits, slots))
+    for a, b in zip(outputs[0][0], outputs[1][0]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert launches  # the fused path ran (only with the flag on)
+    assert len(outputs[0][1]) == len(outputs[1][1]) > 0
+    for host, dev in zip(outputs[0][1], outputs[1][1]):
+        assert all(torch.equal(x, y) for x, y in zip(host, dev))

@@ -149,3 +149,16 @@ def test_row_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
         delta = torch.arange(n, device=device) - 3
         tr.gather_rotate_triton(main, main, source, delta, rope_tests._inv_freq(8).to(device))
     _check(seen, kernels)
+
+
+def test_assembly_kernel_does_not_specialise_on_lengths(monkeypatch) -> None:
+    from tests.unit import test_triton_assemble as assemble_tests
+
+    ta = assemble_tests.triton_assemble
+    kernels = [ta._assemble_kernel]
+    seen = _record(monkeypatch, kernels)
+    for width, sinks, split in ((5, 2, 3), (16, 3, 6)):
+        args, _ = assemble_tests._case(2, width, sinks, 16, 8, split, torch.float32, seed=width)
+        args["base"] += width
+        ta.assemble_memory(**args, scheme="contiguous")
+    _check(seen, kernels)

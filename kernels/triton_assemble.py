@@ -1,0 +1,238 @@
+"""A layer's memory part from a device-side slot list, in one Triton launch (no host plan, no read-back).
+
+When spans are selected on the device (captured decode steps; prefill with ``selection_on_device``), the memory
+part of one sequence is ``[sink tokens | the selected slots]`` per KV head, each key moved from the position it was
+read at to the one the scheme gives it. In torch that is some twenty-five launches per layer (zero-filled buffers,
+sink copies, the two-tier gather, the slot positions, the count / cumsum / shift arithmetic, the rotation, copies
+into the graph buffers). Here each output row finds its source itself: a sink, or the slot's page through the page
+table, in the pool's device tier or (read in place) its pinned host tier; its position; its shift; and writes the
+rotated key, the value and the mask bit straight into the destination (the graph buffers, or a fresh part).
+
+Shapes (one sequence):
+    slots: ``[Hkv, W]`` int64 pool slots per KV head, valid ones first, -1 past a row's tokens;
+    count: ``[Hkv]`` int64 valid entries per head including the sinks (``num_sinks + (slots >= 0).sum(1)``);
+    page_table: ``[P]`` int64 page of each of the sequence's slot pages; positions: ``[num_slots]`` int64;
+    fast_k / fast_v: ``[F, D]`` pool rows of the device tier (row ``token * Hkv + head``);
+    slow_k / slow_v: ``[R, D]`` rows of the host tier (rows ``>= split_row`` of the two counted as one), or None;
+    sink_k / sink_v: ``[Hkv, num_sinks, D]`` (any strides with a dense last dim), or None;
+    out_k / out_v: ``[Hkv, >= num_sinks + W, D]`` and out_mask ``[Hkv, >= num_sinks + W]`` (bool), written in
+        entries ``0 .. num_sinks + W - 1`` (later entries untouched).
+
+Positions: sink ``i`` was read at position ``i``; ``contiguous`` moves valid entry ``i`` of head ``h`` to
+``base - count[h] + i`` (``base``: the first position of the local window), ``fixed`` to 0 (the queries move
+instead), ``absolute`` leaves keys where they are. Empty entries are zeros with a False mask. Angles as in
+:mod:`ltri_rag.kernels.triton_rope` (float64 turns, float32 cosine and sine). Reference:
+:func:`assemble_memory_torch`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+
+__all__ = ["SCHEMES", "assemble_memory", "assemble_memory_torch", "triton_available"]
+
+SCHEMES = ("contiguous", "fixed", "absolute")
+_MAX_HEAD_DIM = 256
+INTERPRETED = interpreted()
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=("width", "num_sinks", "split_row", "base"))
+    def _assemble_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
+                         OutK, OutV, OutMask,
+                         width, num_sinks, split_row, base, page_size, num_kv_heads,
+                         stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
+                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+        head = tl.program_id(0)
+        entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+        live = entry < num_sinks + width
+        is_sink = live & (entry < num_sinks)
+        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
+        from_pool = live & ~is_sink & (slot >= 0)
+        safe = tl.where(from_pool, slot, 0)
+        page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
+        row = (page * page_size + safe % page_size) * num_kv_heads + head  # [R] int64
+        pos = tl.where(is_sink, entry.to(tl.int64), tl.load(Positions + safe, mask=from_pool, other=0))
+        valid = is_sink | from_pool
+        if HAS_SLOW:
+            in_fast = from_pool & (row < split_row)
+            in_slow = from_pool & (row >= split_row)
+        else:
+            in_fast = from_pool
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < HEAD_DIM
+        fast_off = tl.where(in_fast, row, 0)[:, None] * HEAD_DIM
+        sink_off = head.to(tl.int64) * stride_sh + tl.where(is_sink, entry, 0).to(tl.int64)[:, None] * stride_sn
+        if HAS_SLOW:
+            slow_off = tl.where(in_slow, row - split_row, 0)[:, None] * HEAD_DIM
+        if SCHEME != 2:
+            in_rot = cols < 2 * HALF
+            partner = tl.where(cols < HALF, cols + HALF, tl.where(in_rot, cols - HALF, cols))
+            sign = tl.where(cols < HALF, -1.0, 1.0)
+        k = tl.load(FastK + fast_off + cols[None, :], mask=in_fast[:, None] & col_ok[None, :], other=0.0)
+        k = k.to(tl.float32)
+        v = tl.load(FastV + fast_off + cols[None, :], mask=in_fast[:, None] & col_ok[None, :], other=0.0)
+        if SCHEME != 2:
+            kp = tl.load(FastK + fast_off + partner[None, :], mask=in_fast[:, None] & col_ok[None, :], other=0.0)
+            kp = kp.to(tl.float32)
+        if HAS_SINKS:
+            sink_mask = is_sink[:, None] & col_ok[None, :]
+            k += tl.load(SinkK + sink_off + cols[None, :], mask=sink_mask, other=0.0).to(tl.float32)
+            v += tl.load(SinkV + sink_off + cols[None, :], mask=sink_mask, other=0.0)
+            if SCHEME != 2:
+                kp += tl.load(SinkK + sink_off + partner[None, :], mask=sink_mask, other=0.0).to(tl.float32)
+        if HAS_SLOW:
+            slow_mask = in_slow[:, None] & col_ok[None, :]
+            k += tl.load(SlowK + slow_off + cols[None, :], mask=slow_mask, other=0.0).to(tl.float32)
+            v += tl.load(SlowV + slow_off + cols[None, :], mask=slow_mask, other=0.0)
+            if SCHEME != 2:
+                kp += tl.load(SlowK + slow_off + partner[None, :], mask=slow_mask, other=0.0).to(tl.float32)
+        if SCHEME != 2:
+            if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
+                count = tl.load(Count + head)
+                shift = tl.where(valid, base - count + entry - pos, 0)
+            else:  # fixed: every key at position 0
+                shift = tl.where(valid, -pos, 0)
+            freq = tl.load(Freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
+            turns = shift.to(tl.float64)[:, None] * freq[None, :]
+            angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
+            cos = tl.where(in_rot[None, :], tl.cos(angle), 1.0)
+            sin = tl.where(in_rot[None, :], tl.sin(angle), 0.0)
+            k = k * cos + sign[None, :] * (kp * sin)
+        out = head.to(tl.int64) * stride_oh + entry.to(tl.int64)[:, None] * stride_on + cols[None, :]
+        store = live[:, None] & col_ok[None, :]
+        tl.store(OutK + out, k.to(OutK.dtype.element_ty), mask=store)
+        tl.store(OutV + out, v.to(OutV.dtype.element_ty), mask=store)
+        tl.store(OutMask + head.to(tl.int64) * stride_mh + entry, valid.to(tl.int8), mask=live)
+
+
+def _rotate_rows(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` (float32) rotated by ``shift [...]`` positions, rotate-half layout, float64 angles."""
+    half = inv_freq.numel()
+    if half == 0:
+        return x
+    angle = shift.to(torch.float64)[..., None] * inv_freq.to(x.device, torch.float64)  # [..., half]
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
+
+
+def assemble_memory_torch(slots: torch.Tensor, page_table: torch.Tensor, page_size: int, positions: torch.Tensor,
+                          fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.Tensor | None,
+                          slow_v: torch.Tensor | None, split_row: int, sink_k: torch.Tensor | None,
+                          sink_v: torch.Tensor | None, base: int, inv_freq: torch.Tensor,
+                          scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of :func:`assemble_memory` (module docstring): ``(k, v, mask)`` as ``[Hkv, num_sinks + W, D]``
+    (the tiers' dtype) and ``[Hkv, num_sinks + W]`` bool, on ``slots``' device, in float32 arithmetic."""
+    num_kv_heads, width = slots.shape
+    num_sinks = 0 if sink_k is None else sink_k.shape[1]
+    device = slots.device
+    valid_slot = slots >= 0
+    safe = slots.clamp(min=0)
+    rows = (page_table[safe // page_size] * page_size + safe % page_size) * num_kv_heads \
+        + torch.arange(num_kv_heads, device=device)[:, None]
+    both_k = fast_k if slow_k is None else torch.cat([fast_k[:split_row], slow_k.to(device)])
+    both_v = fast_v if slow_v is None else torch.cat([fast_v[:split_row], slow_v.to(device)])
+    k = torch.where(valid_slot[..., None], both_k[rows].float(), 0.0)
+    v = torch.where(valid_slot[..., None], both_v[rows], torch.zeros((), dtype=both_v.dtype, device=device))
+    pos = torch.where(valid_slot, positions[safe], 0)
+    mask = valid_slot
+    if num_sinks:
+        k = torch.cat([sink_k.float(), k], dim=1)
+        v = torch.cat([sink_v.to(v.dtype), v], dim=1)
+        pos = torch.cat([torch.arange(num_sinks, device=device).expand(num_kv_heads, -1), pos], dim=1)
+        mask = torch.cat([torch.ones(num_kv_heads, num_sinks, dtype=torch.bool, device=device), mask], dim=1)
+    if scheme != "absolute":
+        entry = torch.arange(num_sinks + width, device=device)[None, :]
+        if scheme == "contiguous":
+            shift = base - mask.sum(dim=1, keepdim=True) + entry - pos
+        else:
+            shift = -pos
+        k = _rotate_rows(k, torch.where(mask, shift, 0), inv_freq)
+    return k.to(fast_k.dtype), v, mask
+
+
+def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: int, positions: torch.Tensor,
+                    fast_k: torch.Tensor, fast_v: torch.Tensor, slow_k: torch.Tensor | None,
+                    slow_v: torch.Tensor | None, split_row: int, sink_k: torch.Tensor | None,
+                    sink_v: torch.Tensor | None, base: int, inv_freq: torch.Tensor, scheme: str,
+                    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's memory part in one launch (module docstring); returns ``(k, v, mask)``, the first
+    ``num_sinks + W`` entries of ``out`` when given (the graph buffers ``[Hkv, cap, D]`` twice and ``[Hkv, cap]``).
+
+    Args:
+        slots: ``[Hkv, W]`` int64 slots, -1 past each row's valid prefix.
+        page_table, page_size, positions: The pool's page table and slot positions of the sequence (device).
+        fast_k, fast_v: ``[F, D]`` device-tier rows; slow_k / slow_v: ``[R, D]`` host-tier rows or None;
+        split_row: First row of the host tier in the two tiers counted as one.
+        sink_k, sink_v: ``[Hkv, num_sinks, D]`` or None.
+        base: The local window's first position (``contiguous``).
+        inv_freq: ``[rot_dim / 2]`` rotary inverse frequencies.
+        scheme: ``contiguous``, ``fixed`` or ``absolute``.
+        out: Destination tensors, or None for fresh ones.
+        count: ``[Hkv]`` valid entries per head with the sinks, if the caller has it (else one reduction).
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: an unknown scheme, tensors on other devices, or CPU tensors without the interpreter.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use assemble_memory_torch")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    device = slots.device
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the kernel needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before "
+                         "ltri_rag.kernels.triton_assemble is imported")
+    num_kv_heads, width = slots.shape
+    head_dim = fast_k.shape[1]
+    if head_dim > _MAX_HEAD_DIM or 2 * inv_freq.numel() > head_dim:
+        raise ValueError(f"head_dim {head_dim} with rotary dim {2 * inv_freq.numel()} is not supported")
+    for name, t in (("page_table", page_table), ("positions", positions), ("fast_k", fast_k)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, slots on {device}")
+    num_sinks = 0 if sink_k is None else sink_k.shape[1]
+    total = num_sinks + width
+    dtype = fast_k.dtype
+    if out is None:
+        out = (torch.empty(num_kv_heads, total, head_dim, dtype=dtype, device=device),
+               torch.empty(num_kv_heads, total, head_dim, dtype=dtype, device=device),
+               torch.empty(num_kv_heads, total, dtype=torch.bool, device=device))
+    out_k, out_v, out_mask = out
+    if out_k.shape[1] < total or out_mask.shape[1] < total or out_k.stride(2) != 1:
+        raise ValueError(f"out holds {out_k.shape[1]} entries per head, {total} needed")
+    if total == 0:
+        return out_k[:, :0], out_v[:, :0], out_mask[:, :0]
+    if INTERPRETED and dtype == torch.bfloat16:  # the interpreter truncates float32 -> bfloat16: round in torch
+        tmp = (torch.empty(num_kv_heads, total, head_dim, dtype=torch.float32, device=device),
+               torch.empty(num_kv_heads, total, head_dim, dtype=torch.float32, device=device), out_mask)
+        k, v, mask = assemble_memory(slots, page_table, page_size, positions, fast_k.float(), fast_v.float(),
+                                     None if slow_k is None else slow_k.float(),
+                                     None if slow_v is None else slow_v.float(), split_row,
+                                     None if sink_k is None else sink_k.float(),
+                                     None if sink_v is None else sink_v.float(), base, inv_freq, scheme, tmp, count)
+        out_k[:, :total].copy_(k)
+        out_v[:, :total].copy_(v)
+        return out_k[:, :total], out_v[:, :total], mask
+    if count is None:
+        count = (slots >= 0).sum(dim=1) + num_sinks
+    has_slow = slow_k is not None and slow_k.shape[0] > 0
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_r = max(1, min(64, 4096 // block_d))
+    rotate = scheme != "absolute" and inv_freq.numel() > 0
+    freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else count
+    sink_k_, sink_v_ = (sink_k, sink_v) if sink_k is not None else (out_k, out_v)
+    _assemble_kernel[(num_kv_heads, triton.cdiv(total, block_r))](
+        slots.contiguous(), count, page_table, positions, fast_k, fast_v,
+        slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,
+        out_k, out_v, out_mask.view(torch.int8),
+        width, num_sinks, int(split_row), int(base), page_size, num_kv_heads,
+        sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0),
+        HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
+        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None)
+    return out_k[:, :total], out_v[:, :total], out_mask[:, :total]
