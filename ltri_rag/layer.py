@@ -270,7 +270,8 @@ class GlobalLayerState(GraphFormSteps, SpanExchange):
         total = num_sinks + max(widths, default=0)
         if total == 0:
             return None
-        if out is None:
+        fresh = out is None
+        if fresh:
             make = torch.zeros if batch > 1 else torch.empty  # rows a shorter sequence leaves must read as empty
             out = (make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
                    make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
@@ -291,6 +292,8 @@ class GlobalLayerState(GraphFormSteps, SpanExchange):
                             self.cfg.position_scheme, out=(out[0][seq], out[1][seq], out[2][seq]))
             if selected is not None:
                 slot_lists.append(slots)
+            if not fresh and num_sinks + widths[seq] < total:  # a shorter part than another sequence's
+                out[2][seq, :, num_sinks + widths[seq]:total] = False
         self._last_slots = slot_lists
         return self._memory_queries(q, plan), out[0][:, :, :total], out[1][:, :, :total], out[2][:, :, :total]
 

@@ -356,3 +356,46 @@ def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, devi
     for _ in range(8):
         logits = plain.step(logits.argmax(-1))
     assert plain.decode_graph.retrieving_steps == 0
+
+
+def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> None:
+    """``layer.FUSED_DEVICE_ASSEMBLY``: a retrieving graph-form step writes its memory part straight into the
+    graph buffers with one Triton launch per sequence (here under the interpreter, Triton backend). Batch of two
+    (the sequences' parts may differ in width: the shorter one's tail must read as empty): logits and state equal
+    the same session with the torch assembly, every step in graph form."""
+    import importlib
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from ltri_rag import layer as layer_mod
+
+    for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
+                 "triton_decode", "triton_gather"):
+        module = importlib.import_module(f"ltri_rag.kernels.{name}")
+        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
+            importlib.reload(module)
+    kernel = importlib.import_module("ltri_rag.kernels.triton_assemble").assemble_memory
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs.get("out") is not None)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(layer_mod, "assemble_memory", counted)
+    cfg = _config(attention_backend="triton", evict_stride=5, budget=9, decode_retrieval_stride=2)
+    ids = random_ids(2, 40, seed=12)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", fused)
+        session = LtriSession(qwen2, cfg, batch_size=2)
+        session.decode_graph = DecodeGraph(qwen2, session.cache, session.cache_kwarg, capture=False, retrieve=True)
+        logits = [session.feed(ids)]
+        for _ in range(12):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        runs.append((session, logits))
+    (plain, plain_logits), (fused_session, fused_logits) = runs
+    for a, b in zip(plain_logits, fused_logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    _assert_same_state(plain, fused_session)
+    assert fused_session.decode_graph.retrieving_steps >= 4 and fused_session.decode_graph.steps == 12
+    assert any(launches)  # the fused assembly ran, into the graph buffers, only with the flag on
