@@ -25,9 +25,9 @@ from ltri_rag.kernels.attention import (
     decode_attention_backend,
     local_attention_backend,
 )
-from ltri_rag.kernels.triton_assemble import assemble_memory
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
+from ltri_rag.layer_assembly import DeviceAssembly
 from ltri_rag.layer_graph import GraphFormSteps
 from ltri_rag.layer_spans import SpanExchange
 from ltri_rag.pool import PagedKVPool
@@ -36,14 +36,7 @@ from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
 from ltri_rag.window import WindowBuffer
 
-__all__ = ["FUSED_DEVICE_ASSEMBLY", "GlobalLayerState", "StepPlan"]
-
-FUSED_DEVICE_ASSEMBLY = False
-"""Whether a layer that selects its spans on the device (captured decode steps, ``selection_on_device``) builds its
-memory part in one Triton launch per sequence (:mod:`ltri_rag.kernels.triton_assemble`: sinks and selected slots
-looked up, rotated and written straight into the destination) instead of the torch path of :meth:`GlobalLayerState.
-_memory` / :meth:`GlobalLayerState._place` (some twenty-five launches per layer). Off until it has been run and
-timed on a GPU (session 17 built and tested it on the CPU under the Triton interpreter)."""
+__all__ = ["GlobalLayerState", "StepPlan"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +69,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
 
-class GlobalLayerState(GraphFormSteps, SpanExchange):
+class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
     """Sinks, local window, and (retrieving modes) span memory of one global-attention layer.
 
     Args:
@@ -243,59 +236,6 @@ class GlobalLayerState(GraphFormSteps, SpanExchange):
                     k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
             out.append((k, v, slots))
         return out
-
-    def _assembles_on_device(self, q: torch.Tensor, position: torch.Tensor | None = None) -> bool:
-        """Whether this pass selects on the device and builds its memory part there in one launch per sequence
-        (``FUSED_DEVICE_ASSEMBLY``, the Triton backend on ``q``'s device, a span pool)."""
-        if not FUSED_DEVICE_ASSEMBLY or self.pool is None or not _triton_rotates(self.cfg.attention_backend, q.device):
-            return False
-        return position is not None or self._selects_on_device(q)
-
-    def _device_assembled_memory(self, q: torch.Tensor, plan: StepPlan, scaling: float,
-                                 position: torch.Tensor | None = None,
-                                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """:meth:`_placed_memory`'s ``(q_mem, mem_k, mem_v, mask)`` with the spans selected on the device and the
-        part built by :func:`~ltri_rag.kernels.triton_assemble.assemble_memory` (into ``out``, ``[B, Hkv, cap, D]``
-        twice and ``[B, Hkv, cap]``, when given: the graph buffers), or None when the memory is empty."""
-        if self.sink_k is None and not any(len(t) for t in self.tables):
-            return None
-        batch = q.shape[0]
-        selections = self._selections(q, plan, scaling, True, position) if self.tables else [None] * batch
-        ref = self.sink_k if self.sink_k is not None else self.win_k
-        num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
-        num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
-        widths = [0 if s is None else min(self.cfg.budget, self.tables[i].num_tokens)
-                  for i, s in enumerate(selections)]
-        total = num_sinks + max(widths, default=0)
-        if total == 0:
-            return None
-        fresh = out is None
-        if fresh:
-            make = torch.zeros if batch > 1 else torch.empty  # rows a shorter sequence leaves must read as empty
-            out = (make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
-                   make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
-                   make(batch, num_kv_heads, total, dtype=torch.bool, device=q.device))
-        win_len = 0 if self.win_k is None else self.win_k.shape[2]
-        empty = torch.full((num_kv_heads, 0), -1, dtype=torch.int64, device=q.device)
-        slot_lists = []
-        for seq, selected in enumerate(selections):
-            slots = empty if selected is None else self.tables[seq].slot_matrix_fixed(selected, num_kv_heads,
-                                                                                        widths[seq])
-            table, positions, fast_k, fast_v, slow_k, slow_v, split_row = self.pool.device_sources(
-                self.layer_idx, seq, q.device)
-            if fast_k is None:  # nothing stored yet, so no slot to read: any rows of the right width stand in
-                fast_k = fast_v = ref[seq].reshape(-1, head_dim)
-            assemble_memory(slots, table, self.pool.page_size, positions, fast_k, fast_v, slow_k, slow_v, split_row,
-                            None if self.sink_k is None else self.sink_k[seq],
-                            None if self.sink_v is None else self.sink_v[seq], plan.pos0 - win_len, self.inv_freq,
-                            self.cfg.position_scheme, out=(out[0][seq], out[1][seq], out[2][seq]))
-            if selected is not None:
-                slot_lists.append(slots)
-            if not fresh and num_sinks + widths[seq] < total:  # a shorter part than another sequence's
-                out[2][seq, :, num_sinks + widths[seq]:total] = False
-        self._last_slots = slot_lists
-        return self._memory_queries(q, plan), out[0][:, :, :total], out[1][:, :, :total], out[2][:, :, :total]
 
     def _assembles_in_one_launch(self, q: torch.Tensor) -> bool:
         """Whether the memory part is planned on the host and built in one Triton launch (:mod:`ltri_rag.assembly`):

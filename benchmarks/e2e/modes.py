@@ -74,10 +74,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # ``ltri_torch_fill``: the device-side budget fill of span selection (decode steps) in torch operations instead of
 # session 17's one Triton launch; ``ltri_torch_rank``: its ranking keys in torch operations instead of two launches;
 # ``ltri_fused_assembly`` / ``ltri_device_select_fused``: ``ltri`` / ``ltri_device_select`` with the memory part of a
-# device-side selection built in one launch per sequence (``layer.FUSED_DEVICE_ASSEMBLY``, off by default until timed)
+# device-side selection built in one launch per sequence (``layer_assembly.FUSED_DEVICE_ASSEMBLY``, off by default
+# until timed)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
-    "ltri_fused_assembly": (("ltri_rag.layer", "FUSED_DEVICE_ASSEMBLY", True),),
-    "ltri_device_select_fused": (("ltri_rag.layer", "FUSED_DEVICE_ASSEMBLY", True),),
+    "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
+    "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),

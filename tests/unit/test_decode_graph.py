@@ -359,7 +359,7 @@ def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, devi
 
 
 def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> None:
-    """``layer.FUSED_DEVICE_ASSEMBLY``: a retrieving graph-form step writes its memory part straight into the
+    """``layer_assembly.FUSED_DEVICE_ASSEMBLY``: a retrieving graph-form step writes its memory part straight into the
     graph buffers with one Triton launch per sequence (here under the interpreter, Triton backend). Batch of two
     (the sequences' parts may differ in width: the shorter one's tail must read as empty): logits and state equal
     the same session with the torch assembly, every step in graph form."""
@@ -367,7 +367,7 @@ def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> No
 
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from ltri_rag import layer as layer_mod
+    from ltri_rag import layer_assembly as layer_mod
 
     for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
                  "triton_decode", "triton_gather"):

@@ -220,15 +220,15 @@ def _record_placed_slots(session: LtriSession) -> list[list[torch.Tensor]]:
 
 @pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
 def test_fused_device_assembly_equals_the_torch_path(scheme: str, monkeypatch) -> None:
-    """``layer.FUSED_DEVICE_ASSEMBLY`` (the memory part of a device selection in one Triton launch per sequence,
-    here under the interpreter on the CPU with the Triton backend): the same slots and logits as the torch
+    """``layer_assembly.FUSED_DEVICE_ASSEMBLY`` (the memory part of a device selection in one Triton launch per
+    sequence, here under the interpreter on the CPU with the Triton backend): the same slots and logits as the torch
     assembly, prompt and decode, batch of two."""
     import importlib
     import os
 
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from ltri_rag import layer as layer_mod
+    from ltri_rag import layer_assembly as layer_mod
     from ltri_rag.kernels import triton_assemble, triton_local, triton_rope, triton_scoring, triton_select
 
     for module in (triton_assemble, triton_local, triton_rope, triton_scoring, triton_select):
