@@ -220,6 +220,25 @@ if triton is not None:
                  mask=row_ok[:, None] & (span[None, :] < num_spans))
 
 
+def _operands(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
+              layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.dtype, str]:
+    """What the kernels read: ``(queries, padded, valid, width, compute dtype, dot precision)``. 16-bit queries and
+    vectors of one dtype are multiplied in it (float32 sums); anything else in float32 (TF32 where torch's float32
+    matmuls may use it). ``valid`` is viewed as uint8."""
+    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
+    if INTERPRETED and queries.dtype == torch.bfloat16:
+        half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
+    compute = queries.dtype if half else torch.float32
+    if queries.dtype != compute:
+        queries = queries.to(compute)
+    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
+    if half or queries.device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        dot_precision = "ieee"  # ignored for 16-bit inputs
+    else:
+        dot_precision = "tf32"
+    return queries, padded, valid.view(torch.uint8), width, compute, dot_precision
+
+
 def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
     """Splits of ``work`` tiles (each split a program per ``others`` of the grid): ``value`` if given (capped at
     ``work``), else on CUDA enough for about two programs per multiprocessor, else 1."""
@@ -287,18 +306,7 @@ def span_probabilities_triton(
     if q_len == 1:  # a decoded token: one pass writes the scores, a softmax makes them the distribution
         return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout)
 
-    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
-    if INTERPRETED and queries.dtype == torch.bfloat16:
-        half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
-    compute = queries.dtype if half else torch.float32
-    if queries.dtype != compute:
-        queries = queries.to(compute)
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
-    valid = valid.view(torch.uint8)
-    if half or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
-        dot_precision = "ieee"  # ignored for 16-bit inputs
-    else:
-        dot_precision = "tf32"
+    queries, padded, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans, layout)
 
     default_m, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
     block_m = _pow2_block(block_m, default_m, "block_m")
@@ -346,21 +354,13 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
                                   layout: SpanLayout | None) -> torch.Tensor:
     """:func:`span_probabilities_triton` for ``q_len == 1`` (checked inputs, ``num_spans > 0``): one launch of
     ``_span_decode_scores_kernel`` writes the ``[H, S]`` float32 scores (each vector tile read once, from the
-    layout as it is kept), then ``torch.softmax``; a head without any vector gets 0 everywhere, as in the two-pass
-    kernels. No host synchronisation: capturable in a CUDA graph."""
+    layout as it is kept), then ``torch.softmax`` (spans without vectors get 0; with no vector at all a row is NaN,
+    as in the reference). No host synchronisation: capturable in a CUDA graph."""
     num_heads, _, head_dim = queries.shape
     num_kv_heads = vectors.shape[1]
     group = num_heads // num_kv_heads
-    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
-    if INTERPRETED and queries.dtype == torch.bfloat16:
-        half = False  # see span_probabilities_triton
-    compute = queries.dtype if half else torch.float32
-    if queries.dtype != compute:
-        queries = queries.to(compute)
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
-    valid = valid.view(torch.uint8)
+    queries, padded, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans, layout)
     device = queries.device
-    dot_precision = "ieee" if half or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     _, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
     if device.type == "cuda" and num_spans >= _ONE_QUERY_WIDE_FROM:
         default_s = 128  # measured on the H200 (bench_span_scoring --shapes llama8b-decode): 64 wins below

@@ -246,7 +246,8 @@ def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None
     blocks = triton.cdiv(num_spans, block)
     sums = torch.empty(rows, num_spans, dtype=torch.float32, device=device)
     counts = torch.empty(rows, num_spans, dtype=torch.int32, device=device)
-    part = torch.zeros(rows * blocks, 8, dtype=torch.float64, device=device)
+    # per block: lowest finite score, five sums; the prior's two sums are written and read only with a prior
+    part = torch.empty(rows * blocks, 8, dtype=torch.float64, device=device)
     group = num_heads // rows
     _rank_partials_kernel[(rows, blocks)](scores, prior_f, sums, counts, part, num_spans,
                                           GROUP=group, HAS_PRIOR=use_prior, BLOCK=block)

@@ -111,9 +111,10 @@ def _sessions(model, config: LtriConfig, batch_size: int = 1) -> list[LtriSessio
             LtriSession(model, config.replace(selection_on_device=True), batch_size=batch_size)]
 
 
-def _record_slots(session: LtriSession) -> list[list[torch.Tensor]]:
-    """Wrap every global layer's ``_memory`` to record its slot lists (per sequence, ``-1`` columns dropped), and
-    count the session's gathers by device slot lists in ``session.device_gathers``."""
+def _record_slots(session: LtriSession, method: str = "_memory") -> list[list[torch.Tensor]]:
+    """Wrap every global layer's ``method`` (``_memory``, or ``_placed_memory``, which either assembly path
+    passes) to record its slot lists (per sequence, ``-1`` columns dropped), and count the session's gathers by
+    device slot lists in ``session.device_gathers``."""
     seen: list[list[torch.Tensor]] = []
     session.device_gathers = 0  # type: ignore[attr-defined]
     pool = session.cache.pool
@@ -126,14 +127,14 @@ def _record_slots(session: LtriSession) -> list[list[torch.Tensor]]:
     pool.gather_on_device = counted  # type: ignore[method-assign]
     for state in session.cache.states:
         if isinstance(state, GlobalLayerState):
-            inner = state._memory
+            inner = getattr(state, method)
 
             def recorded(*args, _inner=inner, _state=state, **kwargs):
                 out = _inner(*args, **kwargs)
                 seen.append([s[:, : int((s >= 0).sum(dim=1).max())] if s.numel() else s for s in _state._last_slots])
                 return out
 
-            state._memory = recorded  # type: ignore[method-assign]
+            setattr(state, method, recorded)
     return seen
 
 
@@ -202,22 +203,6 @@ def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
         LtriConfig(selection_on_device="auto")
 
 
-def _record_placed_slots(session: LtriSession) -> list[list[torch.Tensor]]:
-    """Record every global layer's slot lists after each memory part it places (either assembly path)."""
-    seen: list[list[torch.Tensor]] = []
-    for state in session.cache.states:
-        if isinstance(state, GlobalLayerState):
-            inner = state._placed_memory
-
-            def recorded(*args, _inner=inner, _state=state, **kwargs):
-                out = _inner(*args, **kwargs)
-                seen.append([s[:, : int((s >= 0).sum(dim=1).max())] if s.numel() else s for s in _state._last_slots])
-                return out
-
-            state._placed_memory = recorded  # type: ignore[method-assign]
-    return seen
-
-
 @pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
 def test_fused_device_assembly_equals_the_torch_path(scheme: str, monkeypatch) -> None:
     """``layer_assembly.FUSED_DEVICE_ASSEMBLY`` (the memory part of a device selection in one Triton launch per
@@ -254,7 +239,7 @@ def test_fused_device_assembly_equals_the_torch_path(scheme: str, monkeypatch) -
     for fused in (False, True):
         monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", fused)
         session = LtriSession(model, cfg, batch_size=2)
-        slots = _record_placed_slots(session)
+        slots = _record_slots(session, "_placed_memory")
         logits = [session.feed(ids)]
         for token in (7, 100, 3):
             logits.append(session.step(torch.tensor([token, token + 1])))
