@@ -95,7 +95,7 @@ def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig
 
 
 @contextmanager
-def sdpa_context(mode: str, sdpa_backend: str) -> Iterator[None]:
+def mode_context(mode: str, sdpa_backend: str) -> Iterator[None]:
     """Pin PyTorch's SDPA backend for the ``full`` mode (``auto``: torch's own choice); apply a mode's
     ``MODULE_PATCHES`` while it runs."""
     patches = MODULE_PATCHES.get(mode, ())

@@ -17,7 +17,7 @@ from benchmarks.e2e.budget import BudgetExceeded, Track, deadline_guard, pool_ho
 from benchmarks.e2e.device import GIB, free_memory, is_oom, peak_gib, pinned_stats, reset_peak, rss_gib, sync
 from benchmarks.e2e.floors import chunk_floor_ms, decode_floor_ms, prefill_floor_seconds
 from benchmarks.e2e.models import ModelInfo
-from benchmarks.e2e.modes import RETRIEVING, engine_config, random_ids, sdpa_context
+from benchmarks.e2e.modes import RETRIEVING, engine_config, random_ids, mode_context
 from benchmarks.e2e.plot import plot_results
 from benchmarks.e2e.report import fmt, render, summarize
 from benchmarks.e2e.timesplit import profile_pass
@@ -114,7 +114,7 @@ class Bench:
         ids = random_ids(info.vocab_size, length, self.args.seed + 1)
         began = time.perf_counter()
         try:
-            with sdpa_context(mode, self.args.sdpa_backend):
+            with mode_context(mode, self.args.sdpa_backend):
                 session = LtriSession(info.model, config)
                 _, logits = run_prefill(session, ids)
                 run_decode(session, logits, 2)
@@ -164,7 +164,7 @@ class Bench:
         drow = dict(base, phase="decode") if with_decode else None
         extra_s = 0.0
         session = logits = None
-        with sdpa_context(mode, args.sdpa_backend), deadline_guard(info.model, self.deadline):
+        with mode_context(mode, args.sdpa_backend), deadline_guard(info.model, self.deadline):
             try:
                 session = LtriSession(info.model, config)
                 reset_peak(self.device)
