@@ -44,6 +44,24 @@ def kernel_table(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
     return rows[:top]
 
 
+def memory_stats(session: LtriSession) -> dict[str, Any]:
+    """Spans and index vectors over the session's layers: counts, the padded layout's widths, GiB of each."""
+    spans = vectors = 0
+    vector_bytes = layout_bytes = 0
+    widths: set[int] = set()
+    for state in session.cache.global_states:
+        for table in state.tables:
+            spans += len(table)
+            vectors += table.vectors.shape[0]
+            vector_bytes += table.vectors.numel() * table.vectors.element_size()
+            layout = getattr(table, "_layout", None)
+            if layout is not None:
+                layout_bytes += layout[0].numel() * layout[0].element_size()
+                widths.add(int(layout[2]))
+    return {"spans": spans, "vectors": vectors, "vector_gib": vector_bytes / 2**30,
+            "layout_gib": layout_bytes / 2**30, "widths": sorted(widths)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b-random", choices=sorted(BUILTIN_MODELS))
@@ -88,10 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times.append((time.perf_counter() - began) * 1e3)
     replays = (graph.replays - before[0], graph.retrieving_replays - before[1]) if graph is not None else (0, 0)
     table = kernel_table(prof, args.steps, args.top)
+    memory = memory_stats(session)
     result = {"model": args.model, "length": args.length, "config": overrides, "steps": args.steps,
               "replays": replays[0], "retrieving_replays": replays[1], "median_ms": statistics.median(times),
               "times_ms": [round(t, 3) for t in times], "kernels": table,
-              "device_ms_per_step": sum(r["ms_per_step"] for r in kernel_table(prof, args.steps, 10**6))}
+              "device_ms_per_step": sum(r["ms_per_step"] for r in kernel_table(prof, args.steps, 10**6)),
+              "memory": memory, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     lines = [f"# Decode-step kernels: {args.model}, {args.length:,} tokens, overrides {overrides or 'none'}", "",
              (f"{args.steps} profiled steps ({replays[0]} replays, {replays[1]} of them retrieving); wall per step "
               f"under the profiler {result['median_ms']:.2f} ms median; device time per step "
@@ -99,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "| kernel | ms per step | calls per step | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls'] / args.steps:.1f} | {r['mean_us']:.1f} |"
               for r in table]
+    lines += ["", (f"Span memory (all layers): {memory['spans']:,} spans, {memory['vectors']:,} index vectors "
+                   f"({memory['vectors'] / max(memory['spans'], 1):.2f} per span, padded width "
+                   f"{memory['widths']}); index vectors {memory['vector_gib']:.2f} GiB, their per-span layout "
+                   f"{memory['layout_gib']:.2f} GiB; peak GPU memory {result['peak_gib']:.1f} GiB.")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")

@@ -118,14 +118,15 @@ class LtriConfig:
             retrieval (scoring, selection, gathering, re-rotation) costs several times its attention. A reused
             memory part is exact for the spans it holds: the window only grows between evictions, so the memory's
             positions do not move; an eviction (every ``evict_stride`` tokens) or a prompt pass ends the reuse.
-        selection_on_device: Where a layer chooses its spans. False (the default): on the host, after one read-back
-            of the layer's span scores (ranking a few thousand spans is a few dozen small operations, cheaper there
-            than as device launches). True: on the model's device whenever every page of the pool is in its device
-            tier, with fixed-width slot lists and nothing read back (the shape a captured CUDA graph needs). Both
-            select the same spans, up to float rounding of the ranking keys. On an H200 the engine is bound by host
-            work, so the extra launches cost more than the read-backs save: True read a 128K-token prompt in 19.3 s
-            against 18.1 s, and decoded at 225-368 against 175-210 ms per token
-            (``benchmarks/results/e2e_llama8b_h200/session9``).
+        selection_on_device: Where a layer chooses its spans. ``"auto"`` (the default): on the model's device when
+            the attention runs there in Triton (CUDA), on the host otherwise. False: on the host, after one
+            read-back of the layer's span scores (ranking a few thousand spans is a few dozen NumPy operations, the
+            cheaper way on a CPU). True: on the model's device whenever every page of the pool is readable from
+            there, with fixed-width slot lists and nothing read back (the shape a captured CUDA graph needs). Both
+            select the same spans, up to float rounding of the ranking keys. With the selection kernels
+            (:mod:`ltri_rag.kernels.triton_select`) and the one-launch memory assembly, an H200 read a 128K-token
+            prompt in 10.0 s on the device against 12.7 s on the host, and decoded at 20.1 against 23.8 ms per
+            token (``benchmarks/results/e2e_llama8b_h200/session18``); before those kernels the host was faster.
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).
@@ -189,7 +190,7 @@ class LtriConfig:
     pin_prompt_spans: bool = False
     pin_extra_budget: bool = False
     decode_retrieval_stride: int = 1
-    selection_on_device: bool = False
+    selection_on_device: bool | Literal["auto"] = "auto"
     position_scheme: PositionScheme | None = None
     attention_backend: Backend = "auto"
     decode_graph: bool = True
@@ -226,8 +227,10 @@ class LtriConfig:
                 raise TypeError(f"kv_device_gib must be a finite number or None, got {value!r}")
             if value < 0:
                 raise ValueError(f"kv_device_gib must be >= 0, got {value!r}")
+        if self.selection_on_device != "auto" and not isinstance(self.selection_on_device, bool):
+            raise TypeError(f"selection_on_device must be a bool or 'auto', got {self.selection_on_device!r}")
         for name in ("voting", "persistence", "lookahead", "pin_prompt_spans", "pin_extra_budget", "decode_graph",
-                     "decode_graph_retrieval", "selection_on_device", "zero_copy_host_pages"):
+                     "decode_graph_retrieval", "zero_copy_host_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("triangle_alpha", "persistence_bonus", "nms_min_score", "persistence_decay",

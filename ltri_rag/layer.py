@@ -179,11 +179,14 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         return selected
 
     def _selects_on_device(self, q: torch.Tensor) -> bool:
-        """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``): the whole
-        retrieval then runs there without a read-back. Needs every page of the batch readable from the device
+        """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``; ``"auto"``:
+        where the attention runs in Triton, i.e. on CUDA): the whole retrieval then runs there without a read-back. Needs every page of the batch readable from the device
         (in the pool's device tier, or with ``zero_copy_host_pages`` in its pinned host tier) and no
         ``pin_extra_budget`` (whose selection may outgrow the fixed slot list)."""
-        if not self.cfg.selection_on_device or self.pool is None or self.cfg.pin_extra_budget:
+        choice = self.cfg.selection_on_device
+        if choice == "auto":
+            choice = q.device.type == "cuda" and _triton_rotates(self.cfg.attention_backend, q.device)
+        if not choice or self.pool is None or self.cfg.pin_extra_budget:
             return False
         host_pages = self.cfg.zero_copy_host_pages
         return all(self.pool.readable_on(seq, q.device, host_pages) for seq in range(len(self.tables)))

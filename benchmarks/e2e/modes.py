@@ -17,12 +17,14 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
          "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
          "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
-         "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused")
+         "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
+         "ltri_torch_assembly")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
               "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
-              "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused")
+              "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
+              "ltri_torch_assembly")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -34,7 +36,9 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
 # step retrieves) without CUDA graphs;
 # ``ltri_c512``: prompts read in chunks of 512 tokens instead of the default 2,048 (4x the passes, so 4x the per-pass
 # host work; a finer retrieval: one selection serves 512 queries); ``ltri_device_select``: spans chosen on the
-# device, without a read-back (``selection_on_device``); ``ltri_all_queries``: span
+# device, without a read-back (``selection_on_device=True``; on CUDA the default ``"auto"`` does the same since
+# session 18); ``ltri_host_select``: spans of prompt passes and eager steps chosen on the host after a read-back of
+# the scores (``selection_on_device=False``, the default before session 18); ``ltri_all_queries``: span
 # scoring reads every query of a chunk (the default before ``score_queries``: the session 8 engine);
 # ``ltri_staged_host_pages``: ``ltri`` without ``zero_copy_host_pages`` (pool pages in pinned host memory are gathered
 # and scattered by the host and copied over, and a retrieving step touching them runs eagerly: the default before
@@ -65,6 +69,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_torch_rank": ("ltri", {}),
                                                    "ltri_fused_assembly": ("ltri", {}),
                                                    "ltri_device_select_fused": ("ltri", {"selection_on_device": True}),
+                                                   "ltri_host_select": ("ltri", {"selection_on_device": False}),
+                                                   "ltri_torch_assembly": ("ltri", {}),
                                                    "ltri_small_tier_torch_pinned": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True})}
 # modes that differ from their variant by a library module setting, patched while the mode runs (for A/B runs of
@@ -74,11 +80,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # ``ltri_torch_fill``: the device-side budget fill of span selection (decode steps) in torch operations instead of
 # session 17's one Triton launch; ``ltri_torch_rank``: its ranking keys in torch operations instead of two launches;
 # ``ltri_fused_assembly`` / ``ltri_device_select_fused``: ``ltri`` / ``ltri_device_select`` with the memory part of a
-# device-side selection built in one launch per sequence (``layer_assembly.FUSED_DEVICE_ASSEMBLY``, off by default
-# until timed)
+# device-side selection built in one launch per sequence (``layer_assembly.FUSED_DEVICE_ASSEMBLY``; the default since
+# session 18, so both are now ``ltri``); ``ltri_torch_assembly``: ``ltri`` with that part built by torch operations
+# (the default before session 18)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
+    "ltri_torch_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", False),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),

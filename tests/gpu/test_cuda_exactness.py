@@ -85,5 +85,8 @@ def test_cuda_device_selection_matches_the_host_and_never_waits(family: str, poo
         torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=0)
     if pool == "gpu":
         assert checked[0] > 0
+        state = next(s for s in sessions[1].cache.states if isinstance(s, GlobalLayerState))
+        state.cfg = state.cfg.replace(selection_on_device="auto")  # the default: the device path on CUDA
+        assert state._selects_on_device(torch.zeros(2, 4, 1, 16, device="cuda"))
     else:
         assert 0 < sessions[1].cache.pool.pages_on_device < sessions[1].cache.pool.num_pages

@@ -125,3 +125,30 @@ def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) ->
     monkeypatch.setattr(GlobalLayerState, "_attend_graph", syncing)
     _decodes_eagerly_after_a_failed_capture("capturing a decode step failed", 16)
     torch.cuda.synchronize()  # the device is still usable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(evict_stride=24, decode_retrieval_stride=2),
+                                  dict(batch=2, evict_stride=30, decode_retrieval_stride=3, voting=True,
+                                       retrieval_scope="per_kv_head"),
+                                  dict(evict_stride=24, decode_retrieval_stride=1, kv_device_gib=1e-9,
+                                       zero_copy_host_pages=True)],
+                         ids=["ltri-long-cycles", "batch2-voting-per-kv-head", "ltri-host-tier-read-in-graph"])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_replayed_steps_with_the_fused_device_assembly(dtype, case, monkeypatch) -> None:
+    """The same comparison with ``layer_assembly.FUSED_DEVICE_ASSEMBLY`` on: the retrieving steps build their memory
+    part in one Triton launch per sequence (compiled here), replays bit-for-bit the uncaptured graph form and the
+    eager steps (which select on the host) to float rounding."""
+    from ltri_rag import layer_assembly
+
+    kernel = layer_assembly.assemble_memory
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(layer_assembly, "FUSED_DEVICE_ASSEMBLY", True)
+    monkeypatch.setattr(layer_assembly, "assemble_memory", counted)
+    test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtype, case)
+    assert launches  # the fused path built the retrieving steps' memory part

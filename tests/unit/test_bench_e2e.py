@@ -55,7 +55,8 @@ def test_gpu_pool_variant_and_host_load(tmp_path) -> None:
     assert engine_config("ltri_stride8", {}, "torch").decode_retrieval_stride == 8
     assert engine_config("ltri_device_select", {}, "torch").selection_on_device is True
     assert engine_config("ltri_all_queries", {}, "torch").score_queries is None
-    assert (plain.selection_on_device, plain.score_queries) == (False, 256)
+    assert engine_config("ltri_host_select", {}, "torch").selection_on_device is False
+    assert (plain.selection_on_device, plain.score_queries) == ("auto", 256)
     result = main(["--small", "--modes", "ltri_gpu_pool", "--lengths", "256", "--decode-lengths", "256",
                    "--decode-tokens", "2", "--no-profile", "--out", str(tmp_path)])
     assert [r["status"] for r in result["prefill"] + result["decode"]] == ["ok", "ok"]

@@ -185,7 +185,7 @@ def test_device_selection_with_other_selection_options(overrides: dict) -> None:
 
 def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
     """Every span retrieved at its true position: still the unmodified model. ``pin_extra_budget`` (a selection
-    that may outgrow the fixed width) and ``False`` (the default) select on the host."""
+    that may outgrow the fixed width), ``False`` and ``"auto"`` (the default) on a CPU select on the host."""
     model = tiny_model("qwen2")
     ids = _ids(2, 70, seed=2)
     session = LtriSession(model, exact_config("ltri", 7, selection_on_device=True), batch_size=2)
@@ -194,13 +194,16 @@ def test_device_selection_stays_exact_and_falls_back_when_it_must() -> None:
     state = next(s for s in session.cache.states if isinstance(s, GlobalLayerState))
     q = torch.zeros(2, 4, 1, 16)
     assert state._selects_on_device(q)
-    assert LtriConfig().selection_on_device is False
+    assert LtriConfig().selection_on_device == "auto"
     for changes, expected in (({"selection_on_device": False}, False),
+                              ({"selection_on_device": "auto"}, False),  # on the CPU: the host path
+                              ({"selection_on_device": "auto", "attention_backend": "triton"}, False),
                               ({"pin_prompt_spans": True, "pin_extra_budget": True}, False)):
         state.cfg = session.cache.config.replace(**changes)
         assert state._selects_on_device(q) is expected
-    with pytest.raises(TypeError, match="selection_on_device"):
-        LtriConfig(selection_on_device="auto")
+    for bad in ("on", 1, None):
+        with pytest.raises(TypeError, match="selection_on_device"):
+            LtriConfig(selection_on_device=bad)
 
 
 @pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
