@@ -4,11 +4,13 @@
 twenty-five torch operations): per row ``r`` (one, or one per KV head) the mean of its ``G`` query heads' span
 scores (non-finite scores replaced by the lowest finite score minus 1), z-normalised over the spans, optionally
 mixed with the z-normalised cross-layer prior (``(1 - w) z + w z_prior``) and plus ``bonus * recency``. A first
-kernel (grid: rows x span blocks) sums each span's finite scores over its heads and counts the non-finite ones,
-and writes per block the lowest finite score and float64 sums (of the finite sums, the counts, their squares and
-products, and of the prior and its square); the second (same grid) reads every block's partials (the global
-floor, the row's mean and variance in float64: the floor enters them linearly, so nothing is read twice) and
-writes the keys. The reduction order differs from torch's, so keys agree with the reference to float32 rounding
+kernel (grid: rows x at most 128 parts, each a run of 128-span tiles) sums each span's finite scores over its
+heads and counts the non-finite ones, and writes per part the lowest finite score and float64 sums (of the finite
+sums, the counts, their squares and products, and of the prior and its square); the second (grid: rows x span
+blocks) reads every part's partials (the global floor, the row's mean and variance in float64: the floor enters
+them linearly, so nothing is read twice) and writes the keys. A fixed number of parts keeps a long memory spread
+over the GPU (one program per 1,024 spans took 34 us per call at 16K spans on an H200, 16 programs) and the second
+kernel's reduction one size, so a growing memory compiles nothing new. The reduction order differs from torch's, so keys agree with the reference to float32 rounding
 (not bit for bit); the kernels are deterministic (no atomics), so a captured step replays its eager form exactly.
 
 **Budget fill** (:func:`fill_ranked`):
@@ -42,6 +44,8 @@ from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_ava
 __all__ = ["fill_ranked", "rank_keys", "triton_available"]
 
 INTERPRETED = interpreted()
+_PARTIAL_TILE = 128  # spans per tile of the ranking's partial sums
+_MAX_PARTS = 128  # programs (sets of partials) per selection row: a long memory spreads over the GPU
 
 if triton is not None:
 
@@ -86,55 +90,75 @@ if triton is not None:
     def _minimum(a, b):
         return tl.minimum(a, b)
 
-    @triton.jit(do_not_specialize=("num_spans",))
-    def _rank_partials_kernel(Scores, Prior, Sums, Counts, Part, num_spans,
+    @triton.jit(do_not_specialize=("num_spans", "span_chunk"))
+    def _rank_partials_kernel(Scores, Prior, Sums, Counts, Part, num_spans, span_chunk,
                               GROUP: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr):
+        # program (row, part) walks spans part * span_chunk .. + span_chunk - 1 in tiles of BLOCK, keeping each
+        # lane's partial sums in float64, and writes one set of partials (a fixed number of parts per row, so
+        # that a long memory still spreads over the GPU and the key kernel's reduction stays one size)
         row = tl.program_id(0)
-        block = tl.program_id(1)
-        span = block * BLOCK + tl.arange(0, BLOCK)
-        live = span < num_spans
-        total = tl.full([BLOCK], 0.0, dtype=tl.float32)
-        count = tl.full([BLOCK], 0, dtype=tl.int32)
+        part_id = tl.program_id(1)
+        first = part_id * span_chunk
+        acc_a = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_n = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_aa = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_an = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_nn = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_p = tl.full([BLOCK], 0.0, dtype=tl.float64)
+        acc_pp = tl.full([BLOCK], 0.0, dtype=tl.float64)
         low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        for g in range(GROUP):
-            x = tl.load(Scores + (row * GROUP + g).to(tl.int64) * num_spans + span, mask=live, other=0.0)
-            finite = (x == x) & (tl.abs(x) < float("inf"))
-            total += tl.where(finite, x, 0.0)
-            count += tl.where(finite | (span >= num_spans), 0, 1)
-            low = tl.minimum(low, tl.where(finite & live, x, float("inf")))
-        out = row.to(tl.int64) * num_spans + span
-        tl.store(Sums + out, total, mask=live)
-        tl.store(Counts + out, count, mask=live)
-        a = tl.where(live, total, 0.0).to(tl.float64)
-        n = count.to(tl.float64)
-        part = Part + (row * tl.num_programs(1) + block).to(tl.int64) * 8
+        for start in range(0, span_chunk, BLOCK):
+            span = first + start + tl.arange(0, BLOCK)
+            live = span < num_spans
+            total = tl.full([BLOCK], 0.0, dtype=tl.float32)
+            count = tl.full([BLOCK], 0, dtype=tl.int32)
+            for g in range(GROUP):
+                x = tl.load(Scores + (row * GROUP + g).to(tl.int64) * num_spans + span, mask=live, other=0.0)
+                finite = (x == x) & (tl.abs(x) < float("inf"))
+                total += tl.where(finite, x, 0.0)
+                count += tl.where(finite | (span >= num_spans), 0, 1)
+                low = tl.minimum(low, tl.where(finite & live, x, float("inf")))
+            out = row.to(tl.int64) * num_spans + span
+            tl.store(Sums + out, total, mask=live)
+            tl.store(Counts + out, count, mask=live)
+            a = tl.where(live, total, 0.0).to(tl.float64)
+            n = count.to(tl.float64)
+            acc_a += a
+            acc_n += n
+            acc_aa += a * a
+            acc_an += a * n
+            acc_nn += n * n
+            if HAS_PRIOR:
+                p = tl.load(Prior + span, mask=live, other=0.0).to(tl.float64)
+                acc_p += p
+                acc_pp += p * p
+        part = Part + (row * tl.num_programs(1) + part_id).to(tl.int64) * 8
         tl.store(part, tl.reduce(low, 0, _minimum).to(tl.float64))
-        tl.store(part + 1, tl.reduce(a, 0, _add))
-        tl.store(part + 2, tl.reduce(n, 0, _add))
-        tl.store(part + 3, tl.reduce(a * a, 0, _add))
-        tl.store(part + 4, tl.reduce(a * n, 0, _add))
-        tl.store(part + 5, tl.reduce(n * n, 0, _add))
+        tl.store(part + 1, tl.reduce(acc_a, 0, _add))
+        tl.store(part + 2, tl.reduce(acc_n, 0, _add))
+        tl.store(part + 3, tl.reduce(acc_aa, 0, _add))
+        tl.store(part + 4, tl.reduce(acc_an, 0, _add))
+        tl.store(part + 5, tl.reduce(acc_nn, 0, _add))
         if HAS_PRIOR:
-            p = tl.load(Prior + span, mask=live, other=0.0).to(tl.float64)
-            tl.store(part + 6, tl.reduce(p, 0, _add))
-            tl.store(part + 7, tl.reduce(p * p, 0, _add))
+            tl.store(part + 6, tl.reduce(acc_p, 0, _add))
+            tl.store(part + 7, tl.reduce(acc_pp, 0, _add))
 
-    @triton.jit(do_not_specialize=("num_spans", "num_parts"))
-    def _rank_keys_kernel(Sums, Counts, Part, Prior, Recency, Keys, num_spans, num_parts, prior_weight, bonus,
+    @triton.jit(do_not_specialize=("num_spans", "num_parts", "parts_per_row"))
+    def _rank_keys_kernel(Sums, Counts, Part, Prior, Recency, Keys, num_spans, num_parts, parts_per_row,
+                          prior_weight, bonus,
                           GROUP: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_RECENCY: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
         row = tl.program_id(0)
         block = tl.program_id(1)
-        blocks = tl.num_programs(1)
         # the floor for non-finite scores: the lowest finite score of every row, minus 1 (0 if there is none)
         i = tl.arange(0, BLOCK_P)
         lows = tl.load(Part + i.to(tl.int64) * 8, mask=i < num_parts, other=float("inf")).to(tl.float32)
         low = tl.reduce(lows, 0, _minimum)
         floor = tl.where(low < 3.4028234663852886e38, low - 1.0, 0.0)
-        # the row's mean and variance of base = (finite sum + count * floor) / G, from its blocks' partials
+        # the row's mean and variance of base = (finite sum + count * floor) / G, from its parts' partials
         j = tl.arange(0, BLOCK_P)
-        mine = Part + (row * blocks + j).to(tl.int64) * 8
-        ok = j < blocks
+        mine = Part + (row * parts_per_row + j).to(tl.int64) * 8
+        ok = j < parts_per_row
         sa = tl.reduce(tl.load(mine + 1, mask=ok, other=0.0), 0, _add)
         sn = tl.reduce(tl.load(mine + 2, mask=ok, other=0.0), 0, _add)
         saa = tl.reduce(tl.load(mine + 3, mask=ok, other=0.0), 0, _add)
@@ -243,16 +267,20 @@ def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None
     prior_f = prior.float().contiguous() if use_prior else keys
     recency_f = recency.float().contiguous() if use_recency else keys
     scores = scores.contiguous()
-    blocks = triton.cdiv(num_spans, block)
+    group = num_heads // rows
+    # the partials: at most _MAX_PARTS programs per row, each over a run of whole tiles
+    tile = min(block, _PARTIAL_TILE)
+    parts = min(_MAX_PARTS, triton.cdiv(num_spans, tile))
+    span_chunk = triton.cdiv(triton.cdiv(num_spans, parts), tile) * tile
+    parts = triton.cdiv(num_spans, span_chunk)
     sums = torch.empty(rows, num_spans, dtype=torch.float32, device=device)
     counts = torch.empty(rows, num_spans, dtype=torch.int32, device=device)
-    # per block: lowest finite score, five sums; the prior's two sums are written and read only with a prior
-    part = torch.empty(rows * blocks, 8, dtype=torch.float64, device=device)
-    group = num_heads // rows
-    _rank_partials_kernel[(rows, blocks)](scores, prior_f, sums, counts, part, num_spans,
-                                          GROUP=group, HAS_PRIOR=use_prior, BLOCK=block)
-    _rank_keys_kernel[(rows, blocks)](sums, counts, part, prior_f, recency_f, keys, num_spans, rows * blocks,
-                                      float(prior_weight), float(bonus), GROUP=group, HAS_PRIOR=use_prior,
-                                      HAS_RECENCY=use_recency, BLOCK=block,
-                                      BLOCK_P=max(16, triton.next_power_of_2(rows * blocks)))
+    # per part: lowest finite score, five sums; the prior's two sums are written and read only with a prior
+    part = torch.empty(rows * parts, 8, dtype=torch.float64, device=device)
+    _rank_partials_kernel[(rows, parts)](scores, prior_f, sums, counts, part, num_spans, span_chunk,
+                                         GROUP=group, HAS_PRIOR=use_prior, BLOCK=tile)
+    _rank_keys_kernel[(rows, triton.cdiv(num_spans, block))](
+        sums, counts, part, prior_f, recency_f, keys, num_spans, rows * parts, parts, float(prior_weight),
+        float(bonus), GROUP=group, HAS_PRIOR=use_prior, HAS_RECENCY=use_recency, BLOCK=block,
+        BLOCK_P=max(16, triton.next_power_of_2(rows * _MAX_PARTS)))
     return keys

@@ -111,6 +111,19 @@ def test_rank_keys_match_the_torch_keys(case) -> None:
     assert torch.equal(got, again)  # deterministic: no atomics
 
 
+@pytest.mark.parametrize("num_spans", [300, 321])
+def test_rank_keys_when_each_part_walks_several_tiles(num_spans, monkeypatch) -> None:
+    """A long memory: the partial sums have a fixed number of parts per row (128 on a GPU, 4 here), each
+    program walking a run of tiles; the keys still match the torch keys and are deterministic."""
+    monkeypatch.setattr(triton_select, "_MAX_PARTS", 4)
+    scores, prior, recency = _rank_inputs(4, num_spans, True, seed=5)
+    got = triton_select.rank_keys(scores, 2, prior=prior, prior_weight=0.5, recency=recency, bonus=1.5, block=16)
+    want = retrieval._rank_keys(scores, 2, recency, 1.5, False, 1, prior, 0.5)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert torch.equal(got, triton_select.rank_keys(scores, 2, prior=prior, prior_weight=0.5, recency=recency,
+                                                    bonus=1.5, block=16))
+
+
 def test_rank_keys_without_any_finite_score() -> None:
     scores = torch.full((4, 9), -float("inf"), device=DEVICE)
     got = triton_select.rank_keys(scores, 2)
