@@ -5,10 +5,13 @@
 
 Reads ``--length`` random tokens with the default engine (``LtriConfig()`` on CUDA: every decoded token retrieves,
 retrieving and reusing steps replayed as graphs while the pool is on the GPU), decodes ``--warm`` greedy tokens
-(compiles, the first steps of a span set, captures), then ``--steps`` more under ``torch.profiler`` (CPU + CUDA).
-Prints and saves (``profile.md``, ``profile.json``): how many of the profiled steps were replays, their wall time,
-and the kernels ranked by device time (total, calls, mean), so a step's device time can be split into the model's
-own kernels and the retrieval's. GPU only; a CPU run would profile the torch path, not graphs.
+(compiles, the first steps of a span set, captures), times ``--timed`` more without any profiler, then ``--steps``
+more under ``torch.profiler`` (CPU + CUDA) and ``--host-steps`` under cProfile. Prints and saves (``profile.md``,
+``profile.json``): the prompt's time, the unprofiled steps' median, how many of the profiled steps were replays,
+their wall time, the kernels ranked by device time (total, calls, mean), so a step's device time can be split into
+the model's own kernels and the retrieval's, the host functions ranked by own time (the host's share of a step:
+time not spent waiting for the device), and the span memory's size (spans, index vectors, their layout). GPU only;
+a CPU run would profile the torch path, not graphs.
 """
 
 from __future__ import annotations
@@ -62,6 +65,28 @@ def memory_stats(session: LtriSession) -> dict[str, Any]:
             "layout_gib": layout_bytes / 2**30, "widths": sorted(widths)}
 
 
+def host_table(session: LtriSession, token: torch.Tensor, steps: int, top: int) -> list[dict[str, Any]]:
+    """Decode ``steps`` more tokens under cProfile (each step synchronised): the ``top`` functions by own time,
+    per step. A replayed step's device work shows as the synchronisation's wait; the rest is the host's."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        token = session.step(token).argmax(-1)
+        torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (path, line, name), (_, calls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{Path(path).name}:{line}" if line else path
+        rows.append({"function": f"{name} ({where})", "own_ms_per_step": own * 1e3 / steps,
+                     "cum_ms_per_step": cum * 1e3 / steps, "calls_per_step": calls / steps})
+    rows.sort(key=lambda r: -r["own_ms_per_step"])
+    return rows[:top]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b-random", choices=sorted(BUILTIN_MODELS))
@@ -69,15 +94,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm", type=int, default=24, help="decode steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=16, help="profiled decode steps")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--timed", type=int, default=16, help="decode steps timed without any profiler first")
+    parser.add_argument("--host-steps", type=int, default=8,
+                        help="decode steps run under cProfile last (the host's share of a step); 0: none")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides (ints)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (it profiles CUDA-graph replays)")
-    for name in ("length", "warm", "steps", "top"):
+    for name in ("length", "warm", "steps", "top", "timed"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.host_steps < 0:
+        parser.error(f"--host-steps must be >= 0, got {args.host_steps}")
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -90,11 +120,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=gen).to(device)
     session = LtriSession(model, config)
+    began = time.perf_counter()
     logits = session.feed(ids)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - began
     token = logits.argmax(-1)
     for _ in range(args.warm):
         token = session.step(token).argmax(-1)
     torch.cuda.synchronize()
+    plain_times = []
+    for _ in range(args.timed):  # no profiler: what the step costs as it runs
+        began = time.perf_counter()
+        token = session.step(token).argmax(-1)
+        torch.cuda.synchronize()
+        plain_times.append((time.perf_counter() - began) * 1e3)
     graph = session.decode_graph
     before = (graph.replays, graph.retrieving_replays) if graph is not None else (0, 0)
     times = []
@@ -106,12 +145,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times.append((time.perf_counter() - began) * 1e3)
     replays = (graph.replays - before[0], graph.retrieving_replays - before[1]) if graph is not None else (0, 0)
     table = kernel_table(prof, args.steps, args.top)
+    host = host_table(session, token, args.host_steps, args.top) if args.host_steps else []
     memory = memory_stats(session)
     result = {"model": args.model, "length": args.length, "config": overrides, "steps": args.steps,
               "replays": replays[0], "retrieving_replays": replays[1], "median_ms": statistics.median(times),
               "times_ms": [round(t, 3) for t in times], "kernels": table,
               "device_ms_per_step": sum(r["ms_per_step"] for r in kernel_table(prof, args.steps, 10**6)),
-              "memory": memory, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+              "memory": memory, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "prefill_s": prefill_s, "plain_median_ms": statistics.median(plain_times),
+              "plain_times_ms": [round(t, 3) for t in plain_times], "host_steps": args.host_steps,
+              "host_functions": host}
     lines = [f"# Decode-step kernels: {args.model}, {args.length:,} tokens, overrides {overrides or 'none'}", "",
              (f"{args.steps} profiled steps ({replays[0]} replays, {replays[1]} of them retrieving); wall per step "
               f"under the profiler {result['median_ms']:.2f} ms median; device time per step "
@@ -119,6 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "| kernel | ms per step | calls per step | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls'] / args.steps:.1f} | {r['mean_us']:.1f} |"
               for r in table]
+    lines += ["", (f"Prefill {prefill_s:.1f} s; {args.timed} decode steps without a profiler: "
+                   f"{result['plain_median_ms']:.2f} ms median.")]
+    if host:
+        lines += ["", f"Host functions of {args.host_steps} steps under cProfile, by own time:", "",
+                  "| function | own ms per step | cumulative ms per step | calls per step |", "|---|---:|---:|---:|"]
+        lines += [f"| `{h['function']}` | {h['own_ms_per_step']:.3f} | {h['cum_ms_per_step']:.3f} | "
+                  f"{h['calls_per_step']:.1f} |" for h in host]
     lines += ["", (f"Span memory (all layers): {memory['spans']:,} spans, {memory['vectors']:,} index vectors "
                    f"({memory['vectors'] / max(memory['spans'], 1):.2f} per span, padded width "
                    f"{memory['widths']}); index vectors {memory['vector_gib']:.2f} GiB, their per-span layout "

@@ -180,9 +180,10 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
 
     def _selects_on_device(self, q: torch.Tensor) -> bool:
         """Whether this pass selects spans on the compute device (``LtriConfig.selection_on_device``; ``"auto"``:
-        where the attention runs in Triton, i.e. on CUDA): the whole retrieval then runs there without a read-back. Needs every page of the batch readable from the device
-        (in the pool's device tier, or with ``zero_copy_host_pages`` in its pinned host tier) and no
-        ``pin_extra_budget`` (whose selection may outgrow the fixed slot list)."""
+        where the attention runs in Triton, i.e. on CUDA): the whole retrieval then runs there without a
+        read-back. Needs every page of the batch readable from the device (in the pool's device tier, or with
+        ``zero_copy_host_pages`` in its pinned host tier) and no ``pin_extra_budget`` (whose selection may outgrow
+        the fixed slot list)."""
         choice = self.cfg.selection_on_device
         if choice == "auto":
             choice = q.device.type == "cuda" and _triton_rotates(self.cfg.attention_backend, q.device)
