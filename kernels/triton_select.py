@@ -11,7 +11,8 @@ blocks) reads every part's partials (the global floor, the row's mean and varian
 them linearly, so nothing is read twice) and writes the keys. A fixed number of parts keeps a long memory spread
 over the GPU (one program per 1,024 spans took 34 us per call at 16K spans on an H200, 16 programs) and the second
 kernel's reduction one size, so a growing memory compiles nothing new. The reduction order differs from
-torch's, so keys agree with the reference to float32 rounding (not bit for bit); the kernels are deterministic (no atomics), so a captured step replays its eager form exactly.
+torch's, so keys agree with the reference to float32 rounding (not bit for bit); the kernels are deterministic
+(no atomics), so a captured step replays its eager form exactly.
 
 **Budget fill** (:func:`fill_ranked`):
 
