@@ -48,19 +48,19 @@ def kernel_table(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
 
 
 def memory_stats(session: LtriSession) -> dict[str, Any]:
-    """Spans and index vectors over the session's layers: counts, the padded layout's widths, GiB of each."""
+    """Spans and index vectors over the session's layers: counts, the padded layout's widths, the GiB the vectors
+    themselves take and the GiB of the layout that holds them (the only copy kept since session 18)."""
     spans = vectors = 0
     vector_bytes = layout_bytes = 0
     widths: set[int] = set()
     for state in session.cache.global_states:
         for table in state.tables:
             spans += len(table)
-            vectors += table.vectors.shape[0]
-            vector_bytes += table.vectors.numel() * table.vectors.element_size()
-            layout = getattr(table, "_layout", None)
-            if layout is not None:
-                layout_bytes += layout[0].numel() * layout[0].element_size()
-                widths.add(int(layout[2]))
+            vectors += table.num_vectors
+            vector_bytes += table.num_vectors * table.num_kv_heads * table.head_dim * table.dtype.itemsize
+            padded, _, width = table.layout()
+            layout_bytes += padded.numel() * padded.element_size()
+            widths.add(int(width))
     return {"spans": spans, "vectors": vectors, "vector_gib": vector_bytes / 2**30,
             "layout_gib": layout_bytes / 2**30, "widths": sorted(widths)}
 
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{h['calls_per_step']:.1f} |" for h in host]
     lines += ["", (f"Span memory (all layers): {memory['spans']:,} spans, {memory['vectors']:,} index vectors "
                    f"({memory['vectors'] / max(memory['spans'], 1):.2f} per span, padded width "
-                   f"{memory['widths']}); index vectors {memory['vector_gib']:.2f} GiB, their per-span layout "
-                   f"{memory['layout_gib']:.2f} GiB; peak GPU memory {result['peak_gib']:.1f} GiB.")]
+                   f"{memory['widths']}); the vectors {memory['vector_gib']:.2f} GiB, the per-span layout that "
+                   f"holds them {memory['layout_gib']:.2f} GiB; peak GPU memory {result['peak_gib']:.1f} GiB.")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")

@@ -91,10 +91,26 @@ def _span_max(dots: torch.Tensor, valid: torch.Tensor, num_spans: int, width: in
     return dots.view(dots.shape[0], num_spans, width).amax(dim=-1)
 
 
-def _check_span_inputs(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int) -> int:
-    """Validate the arguments of :func:`span_probabilities` (and its Triton backend); returns the GQA group size."""
+def _from_layout(vectors: torch.Tensor | None, owner: torch.Tensor | None,
+                 layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(vectors, owner)`` as given, or, when either is None, the layout's padded rows standing in for the
+    vectors (their shape, dtype and device are what the checks read) and no owner: a caller that keeps only the
+    layout (the engine's span tables) passes it alone."""
+    if vectors is not None and owner is not None:
+        return vectors, owner
+    if layout is None:
+        raise ValueError("vectors and owner are required without a layout")
+    return layout[0], None
+
+
+def _check_span_inputs(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor | None,
+                       num_spans: int) -> int:
+    """Validate the arguments of :func:`span_probabilities` (and its Triton backend); returns the GQA group size.
+    ``owner`` None: ``vectors`` are a layout's padded rows (see :func:`_from_layout`)."""
     if queries.dim() != 3:
         raise ValueError(f"queries must be [num_heads, q_len, head_dim], got {tuple(queries.shape)}")
+    if owner is None:
+        owner = torch.empty(vectors.shape[0], dtype=torch.int64, device="meta")
     if vectors.dim() != 3 or owner.dim() != 1:
         raise ValueError(f"expected vectors [num_vectors, num_kv_heads, head_dim] and owner [num_vectors]; got "
                          f"{tuple(vectors.shape)} and {tuple(owner.shape)}")
@@ -113,8 +129,8 @@ def _check_span_inputs(queries: torch.Tensor, vectors: torch.Tensor, owner: torc
 
 def span_scores(
     query: torch.Tensor,
-    vectors: torch.Tensor,
-    owner: torch.Tensor,
+    vectors: torch.Tensor | None,
+    owner: torch.Tensor | None,
     num_spans: int,
     layout: SpanLayout | None = None,
 ) -> torch.Tensor:
@@ -125,12 +141,16 @@ def span_scores(
         vectors: ``[num_vectors, num_kv_heads, head_dim]`` index vectors, one per (vector, KV head).
         owner: ``[num_vectors]`` int64 span id of each vector, in ``[0, num_spans)``.
         num_spans: Number of spans.
-        layout: :func:`span_layout` of these vectors, if the caller keeps one (saves rebuilding it).
+        layout: :func:`span_layout` of these vectors, if the caller keeps one (saves rebuilding it). With a
+            layout, ``vectors`` and ``owner`` may be None.
 
     Returns:
         ``[num_heads, num_spans]`` float32: ``max`` over the span's vectors of ``query_h . vector_{kv(h)}``;
         ``-inf`` for a span without vectors.
     """
+    vectors, owner = _from_layout(vectors, owner, layout)
+    if owner is None:
+        owner = torch.empty(vectors.shape[0], dtype=torch.int64, device="meta")
     if query.dim() != 2 or vectors.dim() != 3 or owner.dim() != 1:
         raise ValueError(f"expected query [H, D], vectors [N, Hkv, D], owner [N]; got {tuple(query.shape)}, "
                          f"{tuple(vectors.shape)}, {tuple(owner.shape)}")
@@ -168,8 +188,8 @@ def scoring_uses_triton(backend: str, queries: torch.Tensor) -> bool:
 
 def span_probabilities(
     queries: torch.Tensor,
-    vectors: torch.Tensor,
-    owner: torch.Tensor,
+    vectors: torch.Tensor | None,
+    owner: torch.Tensor | None,
     num_spans: int,
     scaling: float,
     query_block: int = 128,
@@ -197,7 +217,8 @@ def span_probabilities(
             a one-pass kernel of its own, 1.6-2.2x faster than the torch path on the H200: see
             ``AUTO_ONE_QUERY_TRITON``). The engine passes ``LtriConfig.attention_backend``.
         layout: :func:`span_layout` of these vectors (any dtype), if the caller keeps one: the engine's span tables
-            do, so that scoring does not rebuild it (nor sync the device) at every chunk and decoded token.
+            do, so that scoring does not rebuild it (nor sync the device) at every chunk and decoded token. With a
+            layout, ``vectors`` and ``owner`` may be None (the tables keep only the layout).
 
     Returns:
         ``[num_heads, num_spans]`` float32, each row summing to 1 (0 rows if there are no spans).
@@ -207,6 +228,7 @@ def span_probabilities(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
+    vectors, owner = _from_layout(vectors, owner, layout)
     if scoring_uses_triton(backend, queries):
         from ltri_rag.kernels.triton_scoring import span_probabilities_triton, triton_available  # triton is optional
 

@@ -55,7 +55,8 @@ import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
                                               multiprocessors as _multiprocessors,
                                               pow2_block as _pow2_block)
-from ltri_rag.kernels.scoring import SpanLayout, _check_span_inputs, _resolve_layout, span_probabilities
+from ltri_rag.kernels.scoring import (SpanLayout, _check_span_inputs, _from_layout, _resolve_layout,
+                                      span_probabilities)
 
 __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
 
@@ -254,8 +255,8 @@ def _num_splits(value: int | None, name: str, work: int, others: int, device: to
 
 def span_probabilities_triton(
     queries: torch.Tensor,
-    vectors: torch.Tensor,
-    owner: torch.Tensor,
+    vectors: torch.Tensor | None,
+    owner: torch.Tensor | None,
     num_spans: int,
     scaling: float,
     *,
@@ -280,7 +281,8 @@ def span_probabilities_triton(
         span_splits: Programs sharing the spans of one row block in the statistics pass (None: enough to fill a
             GPU, 1 off CUDA).
         query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
-        layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one.
+        layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one (then
+            ``vectors`` and ``owner`` may be None).
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -292,6 +294,7 @@ def span_probabilities_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed: use ltri_rag.kernels.scoring.span_probabilities instead")
+    vectors, owner = _from_layout(vectors, owner, layout)
     group = _check_span_inputs(queries, vectors, owner, num_spans)
     num_heads, q_len, head_dim = queries.shape
     num_kv_heads = vectors.shape[1]

@@ -123,10 +123,11 @@ class LtriConfig:
             read-back of the layer's span scores (ranking a few thousand spans is a few dozen NumPy operations, the
             cheaper way on a CPU). True: on the model's device whenever every page of the pool is readable from
             there, with fixed-width slot lists and nothing read back (the shape a captured CUDA graph needs). Both
-            select the same spans, up to float rounding of the ranking keys. With the selection kernels
-            (:mod:`ltri_rag.kernels.triton_select`) and the one-launch memory assembly, an H200 read a 128K-token
-            prompt in 10.0 s on the device against 12.7 s on the host, and decoded at 20.1 against 23.8 ms per
-            token (``benchmarks/results/e2e_llama8b_h200/session18``); before those kernels the host was faster.
+            select the same spans, up to float rounding of the ranking keys. Before the selection kernels
+            (:mod:`ltri_rag.kernels.triton_select`) and the one-launch memory assembly the host path was faster;
+            with them, on an H200 (Llama-3-8B shape), the device path read a 128K-token prompt in 10.0 s against
+            12.7 s in one run and 15.0 against 15.5 s in another (prompt reading is host-bound and its time moves
+            by 20% between runs), and leaves the host free (``benchmarks/results/e2e_llama8b_h200/session18``).
         position_scheme: Positions of retrieved tokens: ``fixed`` (InfLLM: all at distance ``local_window``),
             ``contiguous`` (laid in order right before the local window), or ``absolute`` (their true positions,
             exact inside the trained window).

@@ -125,7 +125,7 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
     def _own_scores(self, table: SpanTable, q_free: torch.Tensor, scaling: float) -> torch.Tensor:
         """``[H, S]`` per-query-head span scores of this layer."""
         if self.cfg.span_scoring == "softmax":
-            return span_probabilities(q_free, table.vectors, table.owner, len(table), scaling,
+            return span_probabilities(q_free, None, None, len(table), scaling,
                                       backend=self.cfg.attention_backend, layout=table.layout())
         return table.scores(query_summary(q_free))
 
@@ -150,7 +150,7 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
                 # without votes the ranking reads only each row's mean over its query heads: taken where the
                 # scores are, so that the read-back and the host's work scale with rows, not heads (at 1M tokens
                 # of an 8B model a layer's scores are 32 x ~64K floats)
-                rows = 1 if cfg.retrieval_scope == "shared" else table.vectors.shape[1]
+                rows = 1 if cfg.retrieval_scope == "shared" else table.num_kv_heads
                 scores = scores.reshape(rows, -1, scores.shape[-1]).mean(dim=1)
             # the retrieval's one read-back: ranking, budget fill and persistence are a few dozen small
             # operations, cheaper on the host than as device launches when the host must wait anyway
@@ -160,7 +160,7 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         extra = pinned if cfg.pin_extra_budget else None  # pinned on top of the budget, not within it
         # selecting on a GPU: the span geometry is kept there, so the step copies nothing from the host
         geometry = table.geometry_on(scores.device) if scores.device.type != "cpu" else None
-        kwargs = dict(num_kv_heads=table.vectors.shape[1], scope=cfg.retrieval_scope, voting=cfg.voting,
+        kwargs = dict(num_kv_heads=table.num_kv_heads, scope=cfg.retrieval_scope, voting=cfg.voting,
                       recency=recency, bonus=cfg.persistence_bonus, pinned=None if extra is not None else pinned,
                       device_lengths=None if geometry is None else geometry[0])
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)

@@ -47,12 +47,13 @@ class SpanExchange:
         if keep.any() and int(table.starts[keep][0]) != first_slot:
             raise ValueError(f"slot {first_slot} is inside a span of layer {self.layer_idx}")
         first_span = int((~keep).sum())
-        first_vector = int((table.owner < first_span).sum())
+        owner = table.owner
+        first_vector = int((owner < first_span).sum())
         total = self.pool.num_slots[seq] - first_slot
-        slots = torch.arange(first_slot, first_slot + total)[None, :].expand(table.vectors.shape[1], -1)
-        keys, values = self.pool.gather(self.layer_idx, seq, slots, table.vectors.device)  # [Hkv, T, D]
+        slots = torch.arange(first_slot, first_slot + total)[None, :].expand(table.num_kv_heads, -1)
+        keys, values = self.pool.gather(self.layer_idx, seq, slots, table.device)  # [Hkv, T, D]
         return {"starts": table.starts[keep] - first_slot, "ends": table.ends[keep] - first_slot,
-                "vectors": table.vectors[first_vector:], "owner": table.owner[first_vector:] - first_span,
+                "vectors": table.vectors[first_vector:], "owner": owner[first_vector:] - first_span,
                 "keys": keys.transpose(0, 1), "values": values.transpose(0, 1)}
 
     def import_spans(self, seq: int, first_slot: int, starts: torch.Tensor, ends: torch.Tensor,

@@ -257,16 +257,16 @@ def session_hits(recorder: QueryRecorder, placements: dict[int, list[Placement]]
         table, places = state.tables[0], placements.get(state.layer_idx, [])
         if len(table) == 0 or not places:
             continue
-        queries = recorder.recorded(state.layer_idx).to(table.vectors.device, table.vectors.dtype)
-        probs = span_probabilities(queries, table.vectors, table.owner, len(table), scaling,
-                                   backend=backend).float().mean(dim=0).cpu()  # [S]
+        queries = recorder.recorded(state.layer_idx).to(table.device, table.dtype)
+        probs = span_probabilities(queries, None, None, len(table), scaling, backend=backend,
+                                   layout=table.layout()).float().mean(dim=0).cpu()  # [S]
         base = None
         if ranking != "attention":
             if neutral is None or state.layer_idx not in neutral:
                 raise ValueError(f"ranking {ranking!r} needs the neutral queries of layer {state.layer_idx}")
-            base = span_probabilities(neutral[state.layer_idx].to(table.vectors.device, table.vectors.dtype),
-                                      table.vectors, table.owner, len(table), scaling,
-                                      backend=backend).float().mean(dim=0).cpu()  # [S]
+            base = span_probabilities(neutral[state.layer_idx].to(table.device, table.dtype),
+                                      None, None, len(table), scaling, backend=backend,
+                                      layout=table.layout()).float().mean(dim=0).cpu()  # [S]
         probs = span_scores(probs, base, ranking)
         order = torch.argsort(probs, descending=True, stable=True)
         firsts = [p.first_span for p in places]

@@ -77,8 +77,9 @@ def test_span_scores_half_precision_inputs_and_no_vectors():
 
 
 def test_span_table_keeps_its_layout_as_spans_arrive():
-    """The layout a span table keeps (extended at each append, rebuilt when a wider span comes) is the one built
-    from scratch, and scoring with it gives the same numbers as without."""
+    """The layout a span table keeps (its only copy of the vectors: extended at each append, widened when a wider
+    span comes) is the one built from scratch from every vector appended, its compact vectors are those vectors, and
+    scoring with it gives the same numbers as without."""
     from ltri_rag.kernels.scoring import span_layout
 
     from ltri_rag.span_memory import SpanTable
@@ -87,7 +88,8 @@ def test_span_table_keeps_its_layout_as_spans_arrive():
     table = SpanTable(2, 8, torch.bfloat16, torch.device("cpu"))
     queries = torch.randn(4, 5, 8, generator=gen)
     slot = 0
-    # vectors per new span, per append: equal widths extend the layout, a wider span forces a rebuild
+    appended, owners = [], []
+    # vectors per new span, per append: equal widths extend the layout, a wider span widens it
     for counts in ([2, 1], [2, 2, 0], [4], [1, 3], [0]):
         n = len(counts)
         lengths = torch.randint(1, 6, (n,), generator=gen)
@@ -95,17 +97,22 @@ def test_span_table_keeps_its_layout_as_spans_arrive():
         slot += int(lengths.sum())
         owner = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
         vectors = torch.randn(owner.numel(), 2, 8, generator=gen)
+        owners.append(owner + len(table))
         table.append(starts, starts + lengths, vectors, owner)
+        appended.append(vectors.to(torch.bfloat16))
+        assert table.num_tokens == int(table.lengths.sum()) and table.num_vectors == sum(map(len, owners))
+        every, every_owner = torch.cat(appended), torch.cat(owners)
+        assert torch.equal(table.vectors, every) and torch.equal(table.owner, every_owner)
         kept = table.layout()
-        fresh = span_layout(table.vectors, table.owner, len(table), dtype=table.vectors.dtype)
+        fresh = span_layout(every, every_owner, len(table), dtype=torch.bfloat16)
         assert kept[2] == fresh[2]
         assert torch.equal(kept[0], fresh[0]) and torch.equal(kept[1], fresh[1])
         scale = 8 ** -0.5
         torch.testing.assert_close(
-            span_probabilities(queries, table.vectors, table.owner, len(table), scale, layout=kept),
-            span_probabilities(queries, table.vectors, table.owner, len(table), scale), rtol=0, atol=0)
+            span_probabilities(queries, None, None, len(table), scale, layout=kept),
+            span_probabilities(queries, every, every_owner, len(table), scale), rtol=0, atol=0)
         torch.testing.assert_close(table.scores(queries[:, 0]),
-                                   span_scores(queries[:, 0], table.vectors, table.owner, len(table)), rtol=0, atol=0)
+                                   span_scores(queries[:, 0], every, every_owner, len(table)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="layout"):
         span_probabilities(queries, table.vectors, table.owner, len(table) - 1, 1.0, layout=table.layout())
 
@@ -438,3 +445,22 @@ def test_slot_matrix_matches_per_row_walk():
             assert (got[head, e.numel():] == -1).all()
     with pytest.raises(ValueError, match="rows"):
         table.slot_matrix(torch.zeros(3, num_spans, dtype=torch.bool), 4)
+
+
+def test_span_table_groups_vectors_given_out_of_order_and_names_bad_owners():
+    """Vectors whose owners come unsorted are grouped by span (each span's in the order given); an owner outside
+    the new spans is refused, naming the range; scoring without vectors needs a layout."""
+    from ltri_rag.span_memory import SpanTable
+
+    gen = torch.Generator().manual_seed(4)
+    table = SpanTable(1, 4, torch.float32, torch.device("cpu"))
+    vectors = torch.randn(4, 1, 4, generator=gen)
+    table.append(torch.tensor([0, 3]), torch.tensor([3, 5]), vectors, torch.tensor([1, 0, 1, 0]))
+    assert torch.equal(table.owner, torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(table.vectors, vectors[[1, 3, 0, 2]])
+    assert table.num_tokens == 5
+    with pytest.raises(ValueError, match=r"owner must lie in \[0, 1\).*\[0, 1\]"):
+        table.append(torch.tensor([5]), torch.tensor([7]), torch.randn(2, 1, 4), torch.tensor([0, 1]))
+    assert len(table) == 2 and table.num_vectors == 4  # nothing appended
+    with pytest.raises(ValueError, match="without a layout"):
+        span_probabilities(torch.randn(2, 1, 4), None, None, 2, 1.0)
