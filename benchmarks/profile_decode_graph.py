@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logits = session.feed(ids)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - began
+    print(f"prefill {args.length:,} tokens: {prefill_s:.1f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+          flush=True)
     token = logits.argmax(-1)
     for _ in range(args.warm):
         token = session.step(token).argmax(-1)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         token = session.step(token).argmax(-1)
         torch.cuda.synchronize()
         plain_times.append((time.perf_counter() - began) * 1e3)
+    print(f"{args.timed} unprofiled steps: {statistics.median(plain_times):.2f} ms median", flush=True)
     graph = session.decode_graph
     before = (graph.replays, graph.retrieving_replays) if graph is not None else (0, 0)
     times = []
