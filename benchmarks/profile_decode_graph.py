@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logits = session.feed(ids)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - began
-    print(f"prefill {args.length:,} tokens: {prefill_s:.1f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
-          flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"prefill {args.length:,} tokens: {prefill_s:.1f} s, peak {peak:.1f} GiB", flush=True)
     token = logits.argmax(-1)
     for _ in range(args.warm):
         token = session.step(token).argmax(-1)
