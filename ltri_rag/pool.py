@@ -225,7 +225,9 @@ class PagedKVPool:
         if self._split is None or self._next_page <= self._split:  # every page handed out is in the first tier
             return True
         table = self.page_tables[seq]
-        return not table or max(table) < self._split
+        # pages are handed out in increasing order and only appended, so the last is the largest (a max over the
+        # table was a pass over ~16K pages per layer and decode step at 1M tokens: 4.9 ms per step on the H200)
+        return not table or table[-1] < self._split
 
     def readable_on(self, seq: int, device: torch.device, host_pages: bool = False) -> bool:
         """Whether :meth:`gather_on_device` can read every page of ``seq`` from ``device``: all of them in the

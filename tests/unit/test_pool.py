@@ -72,6 +72,8 @@ def test_reserve_returns_first_new_slot_and_builds_page_tables():
     assert pool.reserve(4) == 9
     assert [len(t) for t in pool.page_tables] == [4, 4]
     assert pool.num_pages == 8
+    # each table increases (on_device_tier reads its last page as its largest)
+    assert all(all(a < b for a, b in zip(t, t[1:])) for t in pool.page_tables)
 
 
 def test_reserve_rejects_sequences_out_of_step():
