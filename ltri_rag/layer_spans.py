@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ltri_rag.kernels.transfer import to_device
 from ltri_rag.span_memory import SpanTable
 
 if TYPE_CHECKING:
@@ -47,13 +48,12 @@ class SpanExchange:
         if keep.any() and int(table.starts[keep][0]) != first_slot:
             raise ValueError(f"slot {first_slot} is inside a span of layer {self.layer_idx}")
         first_span = int((~keep).sum())
-        owner = table.owner
-        first_vector = int((owner < first_span).sum())
         total = self.pool.num_slots[seq] - first_slot
         slots = torch.arange(first_slot, first_slot + total)[None, :].expand(table.num_kv_heads, -1)
         keys, values = self.pool.gather(self.layer_idx, seq, slots, table.device)  # [Hkv, T, D]
         return {"starts": table.starts[keep] - first_slot, "ends": table.ends[keep] - first_slot,
-                "vectors": table.vectors[first_vector:], "owner": owner[first_vector:] - first_span,
+                "vectors": table.vectors_from(first_span),
+                "owner": to_device(table.owner_from(first_span), table.device),
                 "keys": keys.transpose(0, 1), "values": values.transpose(0, 1)}
 
     def import_spans(self, seq: int, first_slot: int, starts: torch.Tensor, ends: torch.Tensor,

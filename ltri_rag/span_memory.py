@@ -64,13 +64,23 @@ class SpanTable:
     def vectors(self) -> torch.Tensor:
         """``[num_vectors, num_kv_heads, head_dim]`` the index vectors grouped by span (each span's in the order it
         brought them), made from the layout (a copy; on a GPU it waits for the device)."""
-        padded, valid, _ = self._layout
-        return padded[valid]
+        return self.vectors_from(0)
 
     @property
     def owner(self) -> torch.Tensor:
         """``[num_vectors]`` int64 span of each of :attr:`vectors` (increasing), on the compute device."""
         return to_device(self._owner_host, self.device)
+
+    def vectors_from(self, first_span: int) -> torch.Tensor:
+        """The vectors of spans ``first_span`` onwards (:attr:`vectors`' tail), made from that part of the layout
+        only (exporting a document's spans copies that document's vectors, not the whole table's)."""
+        padded, valid, width = self._layout
+        return padded[first_span * width:][valid[first_span * width:]]
+
+    def owner_from(self, first_span: int) -> torch.Tensor:
+        """``[n]`` host int64 owners of :meth:`vectors_from`, counting from ``first_span`` as 0."""
+        first_vector = int(torch.searchsorted(self._owner_host, first_span))
+        return self._owner_host[first_vector:] - first_span
 
     def append(self, starts: torch.Tensor, ends: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor) -> None:
         """Add spans (slot ranges) with vectors whose ``owner`` counts from 0 within the new spans.

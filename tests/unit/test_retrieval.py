@@ -458,6 +458,9 @@ def test_span_table_groups_vectors_given_out_of_order_and_names_bad_owners():
     table.append(torch.tensor([0, 3]), torch.tensor([3, 5]), vectors, torch.tensor([1, 0, 1, 0]))
     assert torch.equal(table.owner, torch.tensor([0, 0, 1, 1]))
     assert torch.equal(table.vectors, vectors[[1, 3, 0, 2]])
+    assert torch.equal(table.vectors_from(1), vectors[[0, 2]])
+    assert torch.equal(table.owner_from(1), torch.tensor([0, 0]))
+    assert table.vectors_from(2).shape == (0, 1, 4) and table.owner_from(2).numel() == 0
     assert table.num_tokens == 5
     with pytest.raises(ValueError, match=r"owner must lie in \[0, 1\).*\[0, 1\]"):
         table.append(torch.tensor([5]), torch.tensor([7]), torch.randn(2, 1, 4), torch.tensor([0, 1]))
