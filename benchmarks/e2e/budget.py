@@ -55,13 +55,14 @@ class Track:
                 return min(2.2, max(1.0, math.log(t1 / t0) / math.log(l1 / l0)))
         return 2.0 if mode == "full" else 1.15
 
-    def predict(self, mode: str, length: int, with_decode: bool) -> float | None:
-        """Seconds the next length should take, or None before any length ran."""
+    def predict(self, mode: str, length: int, with_decode: bool, prefill_repeats: int = 1) -> float | None:
+        """Seconds the next length should take (``prefill_repeats`` reads of its prompt), or None before any
+        length ran."""
         if self.last_length is None:
             return None
         ratio = length / self.last_length
         extra = self.last_extra_s * (ratio if mode == "full" else 1.2) if with_decode else 0.0
-        return self.last_prefill_s * ratio ** self.exponent(mode) + extra
+        return prefill_repeats * self.last_prefill_s * ratio ** self.exponent(mode) + extra
 
 
 def pool_host_bytes(info: ModelInfo, length: int, engine: LtriConfig, device_free_bytes: float = 0.0) -> int:

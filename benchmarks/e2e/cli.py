@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-lengths", type=int, nargs="*",
                         help="contexts to decode at (default 8K 32K 128K 512K 1M); each is also a prefill row")
     parser.add_argument("--decode-tokens", type=int, help="timed decode steps per context (default 32)")
+    parser.add_argument("--prefill-repeats", type=int, default=1,
+                        help="prompts read per (mode, length), each by a fresh session; the row keeps the median "
+                             "and every time (prompt times are host-bound and move between reads)")
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help="modes, run in this order at each length (default ltri full streaming infllm)")
     parser.add_argument("--backend", default="auto", choices=("torch", "triton", "auto"),
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("nothing to run: --lengths and --decode-lengths are both empty")
     if args.decode_tokens < 1:
         parser.error(f"--decode-tokens must be >= 1, got {args.decode_tokens}")
+    if args.prefill_repeats < 1:
+        parser.error(f"--prefill-repeats must be >= 1, got {args.prefill_repeats}")
     if len(set(args.modes)) != len(args.modes):
         parser.error(f"--modes lists a mode twice: {args.modes}")
     for key in ("time_limit", "hbm_tbps", "peak_tflops"):
@@ -126,7 +131,8 @@ def run_meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
             "host_mem_gib": args.host_mem_gib, "command": shlex.join(["python", "-m", "benchmarks.bench_e2e",
                                                                         *words]),
             "modes": args.modes, "lengths": args.lengths, "decode_lengths": args.decode_lengths,
-            "decode_tokens": args.decode_tokens, "backend": args.backend, "sdpa_backend": args.sdpa_backend,
+            "decode_tokens": args.decode_tokens, "prefill_repeats": args.prefill_repeats, "backend": args.backend,
+            "sdpa_backend": args.sdpa_backend,
             "engine": {k: getattr(shown, k) for k in ("num_sink_tokens", "local_window", "chunk_size",
                                                       "final_chunk_size", "budget", "kv_offload", "page_size")},
             "time_limit": args.time_limit, "hbm_tbps": args.hbm_tbps, "peak_tflops": args.peak_tflops,

@@ -86,6 +86,18 @@ def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch) -> No
     assert json.loads((tmp_path / "bench.json").read_text())["prefill"][0]["status"] == "OOM"
 
 
+def test_prefill_repeats_keep_the_median_and_every_time(tmp_path) -> None:
+    """``--prefill-repeats 3``: each (mode, length) reads its prompt three times, each by a fresh session; the row's
+    seconds are the median of the three and the decode continues the last read."""
+    result = main(["--small", "--modes", "ltri", "--lengths", "256", "--decode-lengths", "256", "--decode-tokens", "2",
+                   "--prefill-repeats", "3", "--no-profile", "--out", str(tmp_path)])
+    row = _rows(result, "prefill")[("ltri", 256)]
+    assert row["status"] == "ok" and len(row["repeat_seconds"]) == 3
+    assert row["seconds"] == sorted(row["repeat_seconds"])[1]
+    assert _rows(result, "decode")[("ltri", 256)]["status"] == "ok"
+    assert result["meta"]["prefill_repeats"] == 3
+
+
 def test_time_limit_skips_and_says_why(tmp_path) -> None:
     result = main(["--small", "--modes", "streaming", "--time-limit", "0.001", "--no-profile", "--out", str(tmp_path)])
     assert result["prefill"] and all(r["status"] == "skipped" and "time" in r["reason"] for r in result["prefill"])
@@ -99,12 +111,14 @@ def test_prediction_scales_the_last_length() -> None:
     assert track.predict("ltri", 4096, with_decode=False) == pytest.approx(2.0 * 4 ** 1.15)
     track.history = [(512, 1.0), (1024, 2.0)]  # measured growth: linear
     assert track.predict("full", 4096, with_decode=False) == pytest.approx(8.0)
+    assert track.predict("full", 4096, with_decode=False, prefill_repeats=3) == pytest.approx(24.0)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "llama-9b"], "unknown model 'llama-9b'"),
     (["--lengths", "0", "512"], "--lengths must be positive, got [0]"),
     (["--decode-tokens", "0"], "--decode-tokens must be >= 1, got 0"),
+    (["--prefill-repeats", "0"], "--prefill-repeats must be >= 1, got 0"),
     (["--model", "a=x", "--model", "a=y"], "--model names must differ"),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, argv, message) -> None:
