@@ -8,8 +8,9 @@ What it measures, for every model, context length and mode, side by side in one 
 
 * **Prefill**: one timed prefill (``torch.cuda.synchronize()`` on both sides, after one short warm-up per mode) of a
   fresh :class:`~ltri_rag.LtriSession` (``--prefill-repeats N``: N reads, each by a fresh session, the median kept
-  with every time in ``repeat_seconds``: the engine's prompts are host-bound and one read can be 20% off): seconds, tokens/s, peak GPU memory (``max_memory_allocated`` after
-  ``reset_peak_memory_stats``, weights included) and the host process's resident memory (the span memory of
+  with every time in ``repeat_seconds``: the engine's prompts are host-bound and one read can be 20% off):
+  seconds, tokens/s, peak GPU memory (``max_memory_allocated`` after ``reset_peak_memory_stats``, weights
+  included) and the host process's resident memory (the span memory of
   ``infllm`` / ``ltri`` lives in pinned host memory). ``full`` is the engine's ``full`` mode, which is the plain
   Hugging Face forward (``attn_implementation="sdpa"``, ``DynamicCache``, the whole prompt in one pass, logits of
   the last token only); ``--sdpa-backend`` pins SDPA to flash / cuDNN / efficient (default: torch's own choice).
