@@ -2,23 +2,14 @@
 reference, and the reference equals the engine's torch path (a gather, then ``rotate`` by the scheme's shifts).
 On CPU under ``TRITON_INTERPRET`` (set here, before the kernel module is imported); compiled on a GPU."""
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
+triton_assemble = kernel_module("triton_assemble")
 
-from ltri_rag.kernels import triton_assemble
 from ltri_rag.rope import rotate
-
-if DEVICE == "cpu" and not triton_assemble.INTERPRETED:
-    triton_assemble = importlib.reload(triton_assemble)
 
 
 def _case(num_kv_heads, width, num_sinks, head_dim, half, split_pages, dtype, seed):

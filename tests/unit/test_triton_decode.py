@@ -7,23 +7,15 @@ whose kernels Triton builds at import) is loaded. With CUDA the same cases run c
 triton does not import.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
+triton_decode = kernel_module("triton_decode")
 
-from ltri_rag.kernels import triton_decode
 from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
 
-if DEVICE == "cpu" and not triton_decode.INTERPRETED:  # imported earlier in this process without the interpreter
-    triton_decode = importlib.reload(triton_decode)
 
 decode_attention = triton_decode.decode_attention
 decode_attention_triton = triton_decode.decode_attention_triton

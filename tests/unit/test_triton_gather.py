@@ -5,22 +5,12 @@ import, before the kernel module is loaded); with CUDA it runs compiled, reading
 memory. Skipped where triton does not import.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
-
-from ltri_rag.kernels import triton_gather
-
-if DEVICE == "cpu" and not triton_gather.INTERPRETED:  # imported earlier in this process without the interpreter
-    triton_gather = importlib.reload(triton_gather)
+triton_gather = kernel_module("triton_gather")
 
 
 def _tiers(fast_rows: int, slow_rows: int, head_dim: int, dtype: torch.dtype, seed: int):

@@ -5,24 +5,17 @@ import, before triton (and the kernel module, whose kernels Triton builds at imp
 cases run compiled on the GPU. Skipped where triton does not import.
 """
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
+triton_local = kernel_module("triton_local")
 
-from ltri_rag.kernels import triton_local
 from ltri_rag.kernels.attention import local_attention
 
-if DEVICE == "cpu" and not triton_local.INTERPRETED:  # imported earlier in this process without the interpreter
-    triton_local = importlib.reload(triton_local)
 
 local_attention_triton = triton_local.local_attention_triton
 

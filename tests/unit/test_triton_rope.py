@@ -6,27 +6,18 @@ import, before the kernel module is loaded); with CUDA the same cases run compil
 import.
 """
 
-import importlib
-import os
-
 import numpy as np
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
-
-from ltri_rag.kernels import triton_rope
+triton_rope = kernel_module("triton_rope")
 
 from ltri_rag import assembly
 from ltri_rag.pool import PagedKVPool
 from ltri_rag.rope import rotate
 
-if DEVICE == "cpu" and not triton_rope.INTERPRETED:  # imported earlier in this process without the interpreter
-    triton_rope = importlib.reload(triton_rope)
 
 gather_rotate_triton = triton_rope.gather_rotate_triton
 

@@ -5,23 +5,15 @@ import, before triton (and the kernel module, whose kernels Triton builds at imp
 cases run compiled on the GPU. Skipped where triton does not import.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
+triton_scoring = kernel_module("triton_scoring")
 
-from ltri_rag.kernels import triton_scoring
 from ltri_rag.kernels.scoring import span_probabilities
 
-if DEVICE == "cpu" and not triton_scoring.INTERPRETED:  # imported earlier in this process without the interpreter
-    triton_scoring = importlib.reload(triton_scoring)
 
 span_probabilities_triton = triton_scoring.span_probabilities_triton
 

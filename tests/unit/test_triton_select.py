@@ -3,23 +3,14 @@
 skipped by the walk, budgets of 0, several rows, ties. On CPU under ``TRITON_INTERPRET`` (set here, before the kernel
 module is imported); compiled on a GPU."""
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.unit.triton_modules import DEVICE, kernel_module
 
-pytest.importorskip("triton")
+triton_select = kernel_module("triton_select")
 
 from ltri_rag import retrieval
-from ltri_rag.kernels import triton_select
-
-if DEVICE == "cpu" and not triton_select.INTERPRETED:
-    triton_select = importlib.reload(triton_select)
 
 
 def _fill(keys, lengths, budget, block):
