@@ -276,14 +276,24 @@ class PagedKVPool:
         table = self._device_table(seq, device)
         flat = table[slots // self.page_size] * self.page_size + slots % self.page_size  # [Hkv, n]
         rows = (flat * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None]).reshape(-1)
-        k_rows, v_rows = self._fast.rows(layer)
+        k_rows, v_rows, slow_k, slow_v, split_row = self._tier_rows(layer, seq, device)
         head_dim = k_rows.shape[1]
+        if slow_k is None:
+            k, v = k_rows.index_select(0, rows), v_rows.index_select(0, rows)
+        else:  # rows from split_row on live in the host tier
+            k, v = gather_two_tiers(k_rows, v_rows, slow_k, slow_v, rows, split_row)
+        return k.view(num_kv_heads, n, head_dim), v.view(num_kv_heads, n, head_dim)
+
+    def _tier_rows(self, layer: int, seq: int, device: torch.device) -> tuple:
+        """``(fast_k, fast_v, slow_k, slow_v, split_row)``: the layer's tiers as ``[rows, D]`` (the host tier's None
+        when every page of ``seq`` is in the device tier; ``split_row`` its first row, the tiers counted as one).
+        The layer must have stored something."""
+        fast_k, fast_v = self._fast.rows(layer)
         host = None if self.on_device_tier(seq, device) else self.host_rows(layer)
         if host is None:
-            k, v = k_rows.index_select(0, rows), v_rows.index_select(0, rows)
-        else:  # rows from the host tier's first token on live there
-            k, v = gather_two_tiers(k_rows, v_rows, host[0], host[1], rows, self._split * self.page_size * num_kv_heads)
-        return k.view(num_kv_heads, n, head_dim), v.view(num_kv_heads, n, head_dim)
+            return fast_k, fast_v, None, None, fast_k.shape[0]
+        num_kv_heads = self._fast.k[layer].shape[2]
+        return fast_k, fast_v, host[0], host[1], self._split * self.page_size * num_kv_heads
 
     def device_sources(self, layer: int, seq: int, device: torch.device) -> tuple:
         """What a one-launch memory assembly reads for ``seq`` (:mod:`ltri_rag.kernels.triton_assemble`), on
@@ -296,12 +306,7 @@ class PagedKVPool:
         positions = self._positions_on(seq, device)
         if layer not in self._fast.k:  # the layer stored nothing yet
             return table, positions, None, None, None, None, 0
-        fast_k, fast_v = self._fast.rows(layer)
-        host = None if self.on_device_tier(seq, device) else self.host_rows(layer)
-        if host is None:
-            return table, positions, fast_k, fast_v, None, None, fast_k.shape[0]
-        num_kv_heads = self._fast.k[layer].shape[2]
-        return table, positions, fast_k, fast_v, host[0], host[1], self._split * self.page_size * num_kv_heads
+        return (table, positions, *self._tier_rows(layer, seq, device))
 
     def _flat_index(self, seq: int, slots: torch.Tensor) -> torch.Tensor:
         """Host ``int64`` flat token index (``page * page_size + offset``) of each of ``slots``
