@@ -1,14 +1,17 @@
 """Where the host (Python) time of an ltri prefill (and decode) goes: cProfile of one prefill per chunk size.
 
     python -m benchmarks.host_profile --length 16384 --chunks 2048 512 [--model llama3-8b-random] [--top 30]
-        [--decode-tokens 16] [--set decode_retrieval_stride=4 ...]
+        [--decode-tokens 16] [--syncs] [--set decode_retrieval_stride=4 ...]
 
 For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill
 under cProfile; prints the wall time per layer and pass and the functions with the most internal and cumulative
 time. On a GPU, calls that read a result back (``.cpu()``, ``.item()``) also carry the time the host waits for the
 device. With ``--decode-tokens N``, N decode steps after each prefill are timed, then N more are profiled.
-``--set KEY=VALUE`` overrides a field of the engine's configuration (an int, float, bool or string). A diagnostic
-next to ``benchmarks.profile_engine`` (which splits device time by engine stage).
+With ``--syncs`` (CUDA), one more prefill per chunk size runs under ``torch.cuda.set_sync_debug_mode("warn")``
+and the host-device synchronisations are counted by the line of this project that caused them
+(:func:`benchmarks.profile_engine.count_syncs`): each one makes the host wait until the device has drained its
+queue. ``--set KEY=VALUE`` overrides a field of the engine's configuration (an int, float, bool or string). A
+diagnostic next to ``benchmarks.profile_engine`` (which splits device time by engine stage).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import torch
 
 from benchmarks.e2e.models import BUILTIN_MODELS, build_random_model
+from benchmarks.profile_engine import count_syncs
 from ltri_rag import LtriConfig, LtriSession
 
 
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=30, help="functions listed per table")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-tokens", type=int, default=0, help="decode steps timed, then profiled, per prefill")
+    parser.add_argument("--syncs", action="store_true",
+                        help="CUDA: count host-device synchronisations per source line (one more prefill per chunk)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides")
     args = parser.parse_args(argv)
     overrides = dict(_override(item) for item in args.set)
@@ -64,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"==== chunk {chunk}: {seconds:.2f} s, {passes} passes, {1000 * seconds / passes / layers:.2f} ms "
               f"per layer and pass", flush=True)
         _print_stats(profiler, args.top)
+        if args.syncs:
+            syncs = count_syncs(model, ids, config, args.top)
+            print(f"==== chunk {chunk}: {sum(x['syncs'] for x in syncs)} host-device synchronisations in one prefill "
+                  f"(the {len(syncs)} lines causing the most; CUDA only)", flush=True)
+            for row in syncs:
+                print(f"{row['syncs']:8d}  {row['where']}", flush=True)
         if args.decode_tokens > 0:
             _profile_decode(session, args.decode_tokens, layers, device, args.top)
 

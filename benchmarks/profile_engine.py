@@ -89,7 +89,8 @@ def timed_prefill(model: Any, ids: torch.Tensor, config: LtriConfig) -> float:
 
 def count_syncs(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> list[dict[str, Any]]:
     """One more prefill under ``torch.cuda.set_sync_debug_mode("warn")``: every host-device synchronisation the
-    engine triggers, counted by the line of this project (or the first Python line) that caused it, most first.
+    engine triggers, counted by the line of this project that caused it and that line's caller (or the first Python
+line), most first.
 
     Each one stalls the host until the device has drained its queue, so a count of thousands per prefill means the
     host and the device take turns instead of overlapping. CUDA only (empty on CPU)."""
@@ -102,8 +103,9 @@ def count_syncs(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> 
 
     def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         frames = [f for f in traceback.extract_stack()[:-1] if "ltri_rag" in f.filename or "kernels" in f.filename]
-        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else \
-            f"{Path(filename).name}:{lineno}"
+        # the innermost two lines of this project: the one that synchronised and its caller
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} ({f.name})" for f in frames[::-1][:2]) \
+            if frames else f"{Path(filename).name}:{lineno}"
         counts[where] = counts.get(where, 0) + 1
 
     torch.cuda.set_sync_debug_mode("warn")

@@ -14,13 +14,14 @@ import torch
 from ltri_rag import LtriConfig
 
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
-         "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
-         "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
-         "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
+         "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096",
+         "ltri_c8192", "ltri_device_select", "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier",
+         "ltri_small_tier_zero_copy", "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
          "ltri_torch_assembly")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
-              "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_device_select",
+              "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
+              "ltri_device_select",
               "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
@@ -35,11 +36,13 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
 # pool on the GPU (so retrieving steps are captured at any length that fits); ``ltri_eager``: ``ltri`` (every decode
 # step retrieves) without CUDA graphs;
 # ``ltri_c512``: prompts read in chunks of 512 tokens instead of the default 2,048 (4x the passes, so 4x the per-pass
-# host work; a finer retrieval: one selection serves 512 queries); ``ltri_device_select``: spans chosen on the
-# device, without a read-back (``selection_on_device=True``; on CUDA the default ``"auto"`` does the same since
-# session 18); ``ltri_host_select``: spans of prompt passes and eager steps chosen on the host after a read-back of
-# the scores (``selection_on_device=False``, the default before session 18); ``ltri_all_queries``: span
-# scoring reads every query of a chunk (the default before ``score_queries``: the session 8 engine);
+# host work; a finer retrieval: one selection serves 512 queries); ``ltri_c4096`` / ``ltri_c8192``: chunks of 4,096 /
+# 8,192 tokens (half / a quarter of the passes, each selection serving more queries); ``ltri_device_select``:
+# spans chosen on the device, without a read-back (``selection_on_device=True``; on CUDA the default ``"auto"``
+# does the same since session 18); ``ltri_host_select``: spans of prompt passes and eager steps chosen on the host
+# after a read-back of the scores (``selection_on_device=False``, the default before session 18);
+# ``ltri_all_queries``: span scoring reads every query of a chunk (the default before ``score_queries``: the
+# session 8 engine);
 # ``ltri_staged_host_pages``: ``ltri`` without ``zero_copy_host_pages`` (pool pages in pinned host memory are gathered
 # and scattered by the host and copied over, and a retrieving step touching them runs eagerly: the default before
 # session 16); ``ltri_small_tier`` / ``ltri_small_tier_zero_copy``: staged and in-place host pages with the device tier
@@ -62,6 +65,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_small_tier_zero_copy": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_c512": ("ltri", {"chunk_size": 512}),
+                                                   "ltri_c4096": ("ltri", {"chunk_size": 4096}),
+                                                   "ltri_c8192": ("ltri", {"chunk_size": 8192}),
                                                    "ltri_device_select": ("ltri", {"selection_on_device": True}),
                                                    "ltri_all_queries": ("ltri", {"score_queries": None}),
                                                    "ltri_torch_decode_scoring": ("ltri", {}),
