@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ContextManager, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,11 @@ from torch import nn
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 
-__all__ = ["GenerationResult", "encode_prompt", "eos_token_ids", "generate", "stream_generate", "generate_ids"]
+__all__ = ["GenerationResult", "decoded_tokens", "encode_prompt", "eos_token_ids", "generate", "stream_generate",
+           "generate_ids"]
+
+# Whether greedy decoding runs one step ahead (:func:`decoded_tokens`) when a caller does not say: None = on CUDA.
+DECODE_AHEAD: bool | None = None
 
 Messages = Sequence[dict[str, Any]]
 Prompt = Union[str, Messages]
@@ -86,6 +91,65 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def decoded_tokens(session: LtriSession, logits: torch.Tensor, max_tokens: int, *, temperature: float = 0.0,
+                   top_p: float = 1.0, generator: torch.Generator | None = None,
+                   lock: ContextManager[Any] | None = None, ahead: bool | None = None) -> Iterator[int]:
+    """The tokens a one-sequence session decodes from ``logits``, one at a time; the session reads each of them
+    (one :meth:`LtriSession.step`) before the next is chosen.
+
+    Greedy decoding (``temperature`` 0) can run one step ahead (``ahead``; None: when the session is on CUDA): the
+    step that reads token ``i`` is queued on the device, from the token the device chose, before token ``i`` is
+    copied to the host and yielded. The host's work for a step (the engine's bookkeeping, launching its kernels or
+    graph) then overlaps the device's work on the step before, and the caller's work on a token (detokenizing,
+    checking stop strings) overlaps the next step. The tokens are the same as one step at a time; the difference:
+    a caller that stops at token ``i`` (an end-of-sequence token, a stop string) leaves the session having read
+    token ``i`` too, which a step-at-a-time loop reads only when asked for token ``i + 1``. Sampling runs one step
+    at a time.
+
+    Args:
+        session: A session of batch size 1 that has read a prompt.
+        logits: ``[vocab]`` next-token logits of the last token read.
+        max_tokens: Most tokens yielded; the last one is never read by the session.
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: Nucleus sampling mass.
+        generator: Seeded generator of the sampler.
+        lock: Held around each model call (several threads sharing one model).
+        ahead: Run greedy decoding one step ahead (see above); None: :data:`DECODE_AHEAD`, whose None means on
+            CUDA.
+
+    Yields:
+        Token ids.
+    """
+    guard = lock if lock is not None else contextlib.nullcontext()
+    if ahead is None:
+        ahead = DECODE_AHEAD if DECODE_AHEAD is not None else logits.device.type == "cuda"
+    if temperature > 0 or not ahead:
+        for i in range(max_tokens):
+            token = _pick(logits, temperature, top_p, generator)
+            yield token
+            if i + 1 < max_tokens:
+                with guard:
+                    logits = session.step(torch.tensor([token]))[0]
+        return
+    cuda = logits.device.type == "cuda"
+    host = torch.empty(1, dtype=torch.int64, pin_memory=cuda)  # where the device writes each token for the host
+    copied = torch.cuda.Event() if cuda else None
+    token_dev = logits.argmax().reshape(1)
+    for i in range(max_tokens):
+        host.copy_(token_dev, non_blocking=cuda)
+        if copied is not None:
+            copied.record()
+        if i + 1 < max_tokens:  # the step reading this token, queued behind the copy
+            with guard:
+                logits = session.step(token_dev)[0]
+            next_dev = logits.argmax().reshape(1)
+        if copied is not None:
+            copied.synchronize()  # the token only, not the step queued after it
+        yield int(host[0])
+        if i + 1 < max_tokens:
+            token_dev = next_dev
+
+
 def _check_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -108,8 +172,8 @@ def _stream_ids(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out: list[int] = []
     text = ""
-    for _ in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, generator)
+    for token in decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                                generator=generator):
         if token in eos:
             yield out, text, "stop", session, ids.numel()
             return
@@ -120,8 +184,6 @@ def _stream_ids(
             yield out, text[:cut], "stop", session, ids.numel()
             return
         yield out, text, None, session, ids.numel()
-        if len(out) < max_new_tokens:
-            logits = session.step(torch.tensor([token]))[0]
     yield out, text, "length", session, ids.numel()
 
 

@@ -57,7 +57,7 @@ from torch import nn
 from ltri_rag.cache import LtriCache
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
-from ltri_rag.generation import _check_args, _pick, eos_token_ids
+from ltri_rag.generation import _check_args, decoded_tokens, eos_token_ids
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.layer import GlobalLayerState
 from ltri_rag.rope import rotate
@@ -399,8 +399,8 @@ def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out: list[int] = []
     text = ""
-    for _ in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, generator)
+    for token in decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                                generator=generator, lock=lock):
         if token in eos:
             yield out, text, "stop"
             return
@@ -411,9 +411,6 @@ def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch
             yield out, text[:cut], "stop"
             return
         yield out, text, None
-        if len(out) < max_new_tokens:
-            with lock:
-                logits = session.step(torch.tensor([token]))[0]
     yield out, text, "length"
 
 

@@ -28,6 +28,7 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
     for row in decode.values():
         assert row["status"] == "ok", row
         assert row["tokens"] == 4 and len(row["times_ms"]) == 4 and row["median_ms"] > 0
+        assert row["loop_steps"] == 4 and row["loop_ms"] > 0  # the generation loop, one step ahead
         assert row["floor_weights_kv_ms"] > row["floor_weights_ms"] > 0
     profiles = {(p["mode"], p["length"], p["kind"]): p for p in result["profile"]}
     assert all(p["status"] == "ok" for p in profiles.values())
@@ -39,6 +40,7 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
     assert result["meta"]["command"].startswith("python -m benchmarks.bench_e2e --small")
     text = (tmp_path / "bench.md").read_text()
     assert "| 512 |" in text and "Where the time goes" in text and "## Targets" in text
+    assert "Time per output token in the generation loop" in text
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 

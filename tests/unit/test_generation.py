@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltri_rag import LtriConfig, encode_prompt, generate, generate_ids, stream_generate
-from ltri_rag.generation import _pick
+import ltri_rag.generation as generation
+from ltri_rag import LtriConfig, LtriSession, encode_prompt, generate, generate_ids, stream_generate
+from ltri_rag.generation import _pick, decoded_tokens
 from tests.unit.tiny_models import reference_greedy, tiny_model
 from tests.unit.tiny_tokenizer import BOS_ID, EOS_ID, tiny_tokenizer
 
@@ -227,6 +228,68 @@ def test_max_new_tokens_zero_and_one(model, tok, expected) -> None:
     assert generate(model, tok, PROMPT, FULL, max_new_tokens=0) == ""
     one = generate_ids(model, tok, PROMPT, FULL, max_new_tokens=1)
     assert one.token_ids == expected[:1] and one.finish_reason == "length"
+
+
+# ------------------------------------------------------------------------------------------ one step ahead
+def _session(model, tok, config: LtriConfig, prompt: str) -> tuple[LtriSession, torch.Tensor]:
+    session = LtriSession(model, config)
+    return session, session.feed(encode_prompt(tok, prompt))[0]
+
+
+@pytest.mark.parametrize("config", [FULL, exact_ltri(), exact_ltri(position_scheme="contiguous", budget=24)],
+                         ids=["full", "ltri_exact", "ltri_budget"])
+def test_decoding_ahead_yields_the_tokens_of_one_step_at_a_time(model, tok, config) -> None:
+    """Greedy decoding one step ahead (the step reading a token queued before the token is yielded) chooses the same
+    tokens and leaves the session where one step at a time does, once every token is taken."""
+    prompt = LONG_PROMPT if config.mode == "ltri" else PROMPT
+    plain, logits = _session(model, tok, config, prompt)
+    want = list(decoded_tokens(plain, logits, N, ahead=False))
+    ahead, logits = _session(model, tok, config, prompt)
+    got = list(decoded_tokens(ahead, logits, N, ahead=True))
+    assert got == want and len(got) == N
+    assert ahead.num_tokens == plain.num_tokens == len(encode_prompt(tok, prompt)) + N - 1
+    assert ahead.usage() == plain.usage()
+    if config.mode == "full":
+        assert got == _greedy(model, tok, prompt)
+
+
+def test_decoding_ahead_has_read_the_token_it_stopped_at(model, tok, expected) -> None:
+    """A caller that stops after token k: one step at a time, the session has read k tokens; one step ahead, k + 1
+    (the step for token k was queued before token k was seen)."""
+    k = 5
+    prompt_tokens = len(encode_prompt(tok, PROMPT))
+    for ahead, read in ((False, k), (True, k + 1)):
+        session, logits = _session(model, tok, FULL, PROMPT)
+        tokens = decoded_tokens(session, logits, N, ahead=ahead)
+        taken = [next(tokens) for _ in range(k + 1)]
+        tokens.close()
+        assert taken == expected[: k + 1]
+        assert session.num_tokens == prompt_tokens + read
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 2])
+def test_decoding_ahead_short_runs(model, tok, expected, max_tokens) -> None:
+    session, logits = _session(model, tok, FULL, PROMPT)
+    assert list(decoded_tokens(session, logits, max_tokens, ahead=True)) == expected[:max_tokens]
+    assert session.num_tokens == len(encode_prompt(tok, PROMPT)) + max(0, max_tokens - 1)
+
+
+def test_generation_ahead_stops_at_eos_and_stop_strings(model, tok, expected, monkeypatch) -> None:
+    """``generate`` / ``stream_generate`` with decoding ahead forced on (the CUDA default) on a CPU model: the same
+    text, tokens and finish reasons as one step at a time."""
+    k = next(i for i in range(3, N) if expected[i] not in expected[:i])
+    stop_text = tok.decode(expected[k:k + 2])
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [expected[k], EOS_ID])
+    runs = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(generation, "DECODE_AHEAD", ahead)
+        runs[ahead] = (generate_ids(model, tok, PROMPT, FULL, max_new_tokens=N),
+                       generate_ids(model, tok, LONG_PROMPT, exact_ltri(), max_new_tokens=N, stop=[stop_text]),
+                       "".join(stream_generate(model, tok, PROMPT, FULL, max_new_tokens=N)))
+    for a, b in zip(runs[False][:2], runs[True][:2]):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    assert runs[True][0].finish_reason == "stop" and runs[True][0].token_ids == expected[:k]
+    assert runs[True][2] == runs[False][2] == tok.decode(expected[:k])
 
 
 # ------------------------------------------------------------------------------------------------- sampling
