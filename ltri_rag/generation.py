@@ -208,6 +208,9 @@ def generate_ids(
 
     Returns:
         A :class:`GenerationResult`.
+
+    On CUDA, greedy decoding runs one step ahead (:func:`decoded_tokens`): the same tokens, the host's work on a
+    step overlapping the device's on the one before.
     """
     last = None
     for last in _stream_ids(model, tokenizer, prompt, config or LtriConfig(), max_new_tokens=max_new_tokens,

@@ -113,12 +113,20 @@ def render(result: dict[str, Any]) -> str:
         lines += ["Time per output token, ms (median):", ""]
         lines += _pivot(result["decode"], name, modes, "median_ms", ".1f", ratio_to_full=True) + [""]
         if any(r.get("loop_ms") for r in result["decode"] if r["model"] == name):
-            lines += [("Time per output token in the generation loop, ms (mean over the run's decode steps, taken "
-                       "after the timed ones; greedy, one step ahead as `ltri_rag.generate` runs on CUDA: each token "
-                       "is copied to the host while the step reading it is already queued, so the host's work on a "
-                       "step overlaps the device's on the one before; the median above synchronises every step):"),
-                      ""]
-            lines += _pivot(result["decode"], name, modes, "loop_ms", ".1f", ratio_to_full=True) + [""]
+            both = any(r.get("loop_sync_ms") for r in result["decode"] if r["model"] == name)  # (older runs: ahead)
+            lines += [("Time per output token in the generation loop, ms: `ltri_rag.generate`'s greedy loop run "
+                       "for the run's decode-token count "
+                       + ("one step at a time (each token read back before the next step is launched), then as "
+                          "many steps " if both else "")
+                       + "one step ahead (as on CUDA by default: each token copied to the host while the step "
+                       "reading it is already queued, so the host's work on a step overlaps the device's on the one "
+                       "before); " + ("each " if both else "") + "the mean over its steps, after the timed steps "
+                       "above (whose median synchronises every step):"), ""]
+            if both:
+                lines += ["One step at a time:", ""] + _pivot(result["decode"], name, modes, "loop_sync_ms",
+                                                              ".1f") + [""]
+            lines += ["One step ahead:", ""] + _pivot(result["decode"], name, modes, "loop_ms", ".1f",
+                                                      ratio_to_full=True) + [""]
         lines += ["Peak GPU memory during prefill, GiB (weights included):", ""]
         lines += _pivot(result["prefill"], name, modes, "peak_gib", ".2f") + [""]
         lines += ["Peak GPU memory while decoding, GiB:", ""]

@@ -51,18 +51,22 @@ def run_decode(session: LtriSession, logits: torch.Tensor, num_tokens: int) -> t
     return times, logits
 
 
-def run_generation_loop(session: LtriSession, logits: torch.Tensor, num_steps: int) -> float:
-    """Mean milliseconds per token of ``num_steps`` greedy steps run the way ``ltri_rag.generate`` runs them on
-    CUDA (:func:`ltri_rag.generation.decoded_tokens`, one step ahead: each token copied to the host while the step
-    reading it is already queued), synchronised only at the start and the end. ``logits``: ``[1, vocab]`` of the
-    last token read."""
+def run_generation_loop(session: LtriSession, logits: torch.Tensor, num_steps: int, ahead: bool
+                        ) -> tuple[float, torch.Tensor]:
+    """Mean milliseconds per token of ``num_steps`` greedy steps run the way ``ltri_rag.generate`` runs them
+    (:func:`ltri_rag.generation.decoded_tokens`; ``ahead``: one step ahead, as on CUDA by default, each token copied
+    to the host while the step reading it is already queued; otherwise one step at a time, each token read back
+    before the next step is launched), synchronised only at the start and the end; and the ``[1, vocab]`` logits
+    after one more, untimed step that reads the last token. ``logits``: ``[1, vocab]`` of the last token read."""
     device = session.device
     sync(device)
     began = time.perf_counter()
-    for _ in decoded_tokens(session, logits[0], num_steps + 1, ahead=True):  # n + 1 tokens take n steps
+    token = 0
+    for token in decoded_tokens(session, logits[0], num_steps + 1, ahead=ahead):  # n + 1 tokens take n steps
         pass
     sync(device)
-    return (time.perf_counter() - began) * 1e3 / max(1, num_steps)
+    ms = (time.perf_counter() - began) * 1e3 / max(1, num_steps)
+    return ms, session.step(torch.tensor([token]))
 
 
 class Bench:
@@ -135,7 +139,8 @@ class Bench:
                 session = LtriSession(info.model, config)
                 _, logits = run_prefill(session, ids)
                 _, logits = run_decode(session, logits, 2)
-                run_generation_loop(session, logits, 2)
+                _, logits = run_generation_loop(session, logits, 2, ahead=False)
+                run_generation_loop(session, logits, 2, ahead=True)
             del session, logits
         except Exception as err:  # noqa: BLE001 - recorded; the timed runs will show the same error
             return f"error: {type(err).__name__}: {err}"
@@ -243,10 +248,12 @@ class Bench:
                 row.update(graph_steps=graph.steps, graph_replays=graph.replays, graph_captures=graph.captures,
                            graph_retrieving_steps=graph.retrieving_steps,
                            graph_retrieving_replays=graph.retrieving_replays)
-            loop_ms = run_generation_loop(session, logits, args.decode_tokens)  # (after the counts: timed steps only)
+            # (after the counts: those are the timed steps') the generation loop one step at a time, then ahead
+            loop_sync_ms, logits = run_generation_loop(session, logits, args.decode_tokens, ahead=False)
+            loop_ms, _ = run_generation_loop(session, logits, args.decode_tokens, ahead=True)
             row.update(status="ok", tokens=len(times), median_ms=median, mean_ms=statistics.fmean(times),
                        min_ms=min(times), max_ms=max(times), times_ms=[round(t, 3) for t in times],
-                       loop_ms=loop_ms, loop_steps=args.decode_tokens,
+                       loop_sync_ms=loop_sync_ms, loop_ms=loop_ms, loop_steps=args.decode_tokens,
                        peak_gib=peak_gib(self.device), floor_weights_ms=weights_ms, floor_weights_kv_ms=kv_ms,
                        x_floor=median / kv_ms,
                        baseline=("Hugging Face eager, DynamicCache (engine mode full)" if mode == "full"
@@ -254,8 +261,8 @@ class Bench:
                                  else "ltri_rag engine, decode steps replayed as CUDA graphs" if graph.replays
                                  else "ltri_rag engine, graphs on but every step eager (see graph_steps)"))
             print(f"{tag} decode {median:.1f} ms/token median, {statistics.fmean(times):.1f} mean of {len(times)} "
-                  f"(floor {kv_ms:.2f} ms); generation loop one step ahead {loop_ms:.1f} ms/token (mean of "
-                  f"{args.decode_tokens} more)"
+                  f"(floor {kv_ms:.2f} ms); generation loop {loop_sync_ms:.1f} ms/token one step at a time, "
+                  f"{loop_ms:.1f} one step ahead (means of {args.decode_tokens} more each)"
                   + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving), {graph.captures} captures"
                      if graph is not None else ""), flush=True)
         except Exception as err:  # noqa: BLE001

@@ -28,7 +28,7 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
     for row in decode.values():
         assert row["status"] == "ok", row
         assert row["tokens"] == 4 and len(row["times_ms"]) == 4 and row["median_ms"] > 0
-        assert row["loop_steps"] == 4 and row["loop_ms"] > 0  # the generation loop, one step ahead
+        assert row["loop_steps"] == 4 and row["loop_ms"] > 0 and row["loop_sync_ms"] > 0  # the generation loop
         assert row["floor_weights_kv_ms"] > row["floor_weights_ms"] > 0
     profiles = {(p["mode"], p["length"], p["kind"]): p for p in result["profile"]}
     assert all(p["status"] == "ok" for p in profiles.values())
