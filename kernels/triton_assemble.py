@@ -36,6 +36,9 @@ __all__ = ["SCHEMES", "assemble_memory", "assemble_memory_torch", "triton_availa
 
 SCHEMES = ("contiguous", "fixed", "absolute")
 _MAX_HEAD_DIM = 256
+BLOCK_ROWS: int | None = None
+"""Output rows (entries of one KV head) per program; None: ``min(64, 4096 // padded head_dim)`` (32 at head_dim
+128). A power of two; settable for timing runs (``benchmarks.bench_e2e`` modes ``ltri_assemble_r*``)."""
 INTERPRETED = interpreted()
 
 if triton is not None:
@@ -223,7 +226,7 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
         count = (slots >= 0).sum(dim=1) + num_sinks
     has_slow = slow_k is not None and slow_k.shape[0] > 0
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r = BLOCK_ROWS if BLOCK_ROWS is not None else max(1, min(64, 4096 // block_d))
     rotate = scheme != "absolute" and inv_freq.numel() > 0
     freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else count
     sink_k_, sink_v_ = (sink_k, sink_v) if sink_k is not None else (out_k, out_v)

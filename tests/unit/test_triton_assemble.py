@@ -64,6 +64,19 @@ def test_kernel_matches_the_reference(case, scheme) -> None:
     assert (got_k[~got_mask] == 0).all() and (got_v[~got_mask] == 0).all()
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_other_rows_per_program(rows, monkeypatch) -> None:
+    """``BLOCK_ROWS`` (output rows per program) changes the launch, not the result: values and mask exact, rotated
+    keys to float32 rounding (compiled, another tile shape may contract the rotation's products differently)."""
+    case = CASES[1]
+    args, _ = _case(*case, seed=5)
+    want_k, want_v, want_mask = triton_assemble.assemble_memory(**args, scheme="contiguous")
+    monkeypatch.setattr(triton_assemble, "BLOCK_ROWS", rows)
+    got_k, got_v, got_mask = triton_assemble.assemble_memory(**args, scheme="contiguous")
+    assert torch.equal(got_v.cpu(), want_v.cpu()) and torch.equal(got_mask.cpu(), want_mask.cpu())
+    torch.testing.assert_close(got_k.cpu(), want_k.cpu(), atol=2e-5, rtol=1e-5)
+
+
 def test_writes_into_wider_buffers_and_leaves_the_rest() -> None:
     args, _ = _case(2, 6, 2, 32, 16, 4, torch.float32, seed=5)
     out = (torch.full((2, 12, 32), 7.0, device=DEVICE), torch.full((2, 12, 32), 7.0, device=DEVICE),
