@@ -138,7 +138,7 @@ def decoded_tokens(session: LtriSession, logits: torch.Tensor, max_tokens: int, 
     for i in range(max_tokens):
         host.copy_(token_dev, non_blocking=cuda)
         if copied is not None:
-            copied.record()
+            copied.record(torch.cuda.current_stream(logits.device))  # the stream the copy was queued on
         if i + 1 < max_tokens:  # the step reading this token, queued behind the copy
             with guard:
                 logits = session.step(token_dev)[0]
