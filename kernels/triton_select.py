@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
 
-__all__ = ["fill_in_order", "fill_ranked", "rank_keys", "triton_available"]
+__all__ = ["fill_ranked", "rank_keys", "triton_available"]
 
 INTERPRETED = interpreted()
 _PARTIAL_TILE = 128  # spans per tile of the ranking's partial sums
@@ -86,45 +86,6 @@ if triton is not None:
             spans = tl.load(Order + base + walked, mask=keep, other=0)
             tl.store(Out + base + spans, tl.full([TAIL], 1, tl.int8), mask=keep)
 
-
-    @triton.jit(do_not_specialize=("num_spans", "budget"))
-    def _fill_order_kernel(Order, Lengths, Out, num_spans, budget, TAIL: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per row: the ranks in blocks, each span's length read through the order, a running sum
-        # carried from block to block until the prefix that fits ends; then the walk of the next TAIL ranks
-        row = tl.program_id(0)
-        base = row.to(tl.int64) * num_spans
-        lanes = tl.arange(0, BLOCK)
-        used = tl.full([], 0, tl.int64)  # tokens of the prefix so far
-        start = tl.full([], 0, tl.int64)
-        prefix = tl.full([], -1, tl.int64)  # ranks in the prefix, once known
-        while prefix < 0:
-            rank = start + lanes
-            live = rank < num_spans
-            span = tl.load(Order + base + rank, mask=live, other=0)
-            length = tl.load(Lengths + span, mask=live, other=0).to(tl.int64)
-            sums = used + tl.cumsum(length, 0)
-            fits = live & (sums <= budget)  # lengths >= 1: the sums increase, so ``fits`` is a prefix of the block
-            tl.store(Out + base + span, tl.full([BLOCK], 1, tl.int8), mask=fits)
-            count = tl.sum(fits.to(tl.int64), 0)
-            used = used + tl.sum(tl.where(fits, length, 0), 0)
-            prefix = tl.where((count < BLOCK) | (start + BLOCK >= num_spans), start + count, -1)
-            start = start + BLOCK
-        if prefix < num_spans:
-            left = budget - used
-            step = tl.arange(0, TAIL)
-            walked = prefix + step
-            exists = walked < num_spans
-            spans = tl.load(Order + base + walked, mask=exists, other=0)
-            lens = tl.load(Lengths + spans, mask=exists, other=0).to(tl.int64)
-            lens = tl.where(exists, lens, budget + 1)
-            taken = tl.full([TAIL], 0, dtype=tl.int32)
-            for j in range(TAIL):
-                length = tl.reduce(tl.where(step == j, lens, 0), 0, _add)
-                take = length <= left
-                left = left - tl.where(take, length, 0)
-                taken = tl.where(step == j, take.to(tl.int32), taken)
-            keep = exists & (taken != 0)
-            tl.store(Out + base + spans, tl.full([TAIL], 1, tl.int8), mask=keep)
 
     @triton.jit
     def _minimum(a, b):
@@ -263,48 +224,6 @@ def fill_ranked(order: torch.Tensor, ranked: torch.Tensor, ranked_sums: torch.Te
     order, ranked, ranked_sums = order.contiguous(), ranked.contiguous(), ranked_sums.contiguous()
     _fill_ranked_kernel[(rows, triton.cdiv(num_spans, block))](
         order, ranked_sums, ranked, out.view(torch.int8), num_spans, int(budget), TAIL=tail, BLOCK=block)
-    return out
-
-
-def fill_in_order(order: torch.Tensor, lengths: torch.Tensor, budget: int, tail: int,
-                  block: int = 1024) -> torch.Tensor:
-    """``[R, S]`` bool spans taken by the greedy budget fill over ranked spans, like :func:`fill_ranked` but from
-    the order and the spans' lengths alone: one program per row reads each rank's length through the order and
-    carries the running sum from block to block until the prefix that fits ends (a budget's worth of spans: a
-    block or two), then walks ``tail`` more ranks. No gathered lengths or running sums are made before the launch
-    (three to five kernels less per selection).
-
-    Args:
-        order: ``[R, S]`` int64 span indices in rank order (a permutation per row).
-        lengths: ``[S]`` int64 or int32 span lengths (>= 1), on ``order``'s device.
-        budget: Token budget per row (>= 0).
-        tail: Ranks walked after the prefix (a power of two).
-        block: Ranks per step of a row's walk (a power of two >= 16).
-
-    Raises:
-        RuntimeError: triton is not installed.
-        ValueError: shapes, dtypes or devices that do not match, or tensors the kernel cannot run on.
-    """
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    if order.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != order.shape[1]:
-        raise ValueError(f"order must be [R, S] and lengths [S], got {tuple(order.shape)} and "
-                         f"{tuple(lengths.shape)}")
-    if order.dtype != torch.int64 or lengths.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"order must be int64 and lengths int64 or int32, got {order.dtype} and {lengths.dtype}")
-    if lengths.device != order.device:
-        raise ValueError(f"lengths are on {lengths.device}, order on {order.device}")
-    if order.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the kernel needs CUDA tensors (got {order.device}), or TRITON_INTERPRET=1 set before "
-                         "ltri_rag.kernels.triton_select is imported")
-    if tail < 1 or tail & (tail - 1) or block < 16 or block & (block - 1):
-        raise ValueError(f"tail ({tail}) and block ({block}) must be powers of two (block >= 16)")
-    rows, num_spans = order.shape
-    out = torch.zeros(rows, num_spans, dtype=torch.bool, device=order.device)
-    if rows == 0 or num_spans == 0:
-        return out
-    _fill_order_kernel[(rows,)](order.contiguous(), lengths.contiguous(), out.view(torch.int8), num_spans,
-                                int(budget), TAIL=tail, BLOCK=block)
     return out
 
 

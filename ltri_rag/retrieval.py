@@ -25,7 +25,7 @@ import torch
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.kernels.transfer import to_device
-from ltri_rag.kernels.triton_select import fill_in_order, fill_ranked, rank_keys
+from ltri_rag.kernels.triton_select import fill_ranked, rank_keys
 from ltri_rag.kernels.triton_select import triton_available as _fill_kernel_available
 
 __all__ = ["query_summary", "scored_queries", "select_spans", "update_recency"]
@@ -252,12 +252,6 @@ FUSED_FILL = True
 (:func:`ltri_rag.kernels.triton_select.fill_ranked`, the same spans) instead of the torch operations of
 :func:`_fill_budget_device`; False keeps the torch path (for comparisons)."""
 
-FILL_IN_ORDER = True
-"""With ``FUSED_FILL``: the fill reads the spans' lengths through the sort's order itself and carries the running
-sum in one program per row (:func:`ltri_rag.kernels.triton_select.fill_in_order`, the same spans) instead of a
-gather, a cast and a cumulative sum before :func:`~ltri_rag.kernels.triton_select.fill_ranked` (False: that path,
-the default before session 19, kept for comparisons)."""
-
 FUSED_RANK = True
 """Whether span selection on CUDA computes its ranking keys (without votes) in two Triton launches
 (:func:`ltri_rag.kernels.triton_select.rank_keys`, equal up to float32 rounding) instead of the torch operations
@@ -302,13 +296,9 @@ def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
     host_lengths = lengths
     lengths = to_device(lengths, keys.device) if device_lengths is None else device_lengths
     order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
-    if FUSED_FILL and keys.is_cuda and _fill_kernel_available():
-        if FILL_IN_ORDER:
-            exact = lengths if lengths.dtype in (torch.int64, torch.int32) else lengths.long()
-            return fill_in_order(order, exact, budget, _TAIL)
-        ranked = lengths[order]
-        return fill_ranked(order, ranked.long(), torch.cumsum(ranked, dim=1, dtype=torch.int64), budget, _TAIL)
     ranked = lengths[order]  # [R, S]
+    if FUSED_FILL and keys.is_cuda and _fill_kernel_available():
+        return fill_ranked(order, ranked.long(), torch.cumsum(ranked, dim=1, dtype=torch.int64), budget, _TAIL)
     longest = int(host_lengths.max()) if num_spans else 1  # a host read when ``lengths`` lives on the host
     fits = torch.cumsum(ranked, dim=1) <= budget  # the prefix that fits (lengths >= 1)
     selected = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)

@@ -19,7 +19,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_small_tier_zero_copy", "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
          "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_assemble_reread",
-         "ltri_small_tier_assemble_reread", "ltri_fill_ranked")
+         "ltri_small_tier_assemble_reread")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -27,7 +27,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
               "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_assemble_reread",
-              "ltri_small_tier_assemble_reread", "ltri_fill_ranked")
+              "ltri_small_tier_assemble_reread")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -81,7 +81,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_assemble_r8": ("ltri", {}),
                                                    "ltri_assemble_r16": ("ltri", {}),
                                                    "ltri_assemble_reread": ("ltri", {}),
-                                                   "ltri_fill_ranked": ("ltri", {}),
                                                    "ltri_small_tier_assemble_reread": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_small_tier_torch_pinned": ("ltri", {
@@ -99,8 +98,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # output rows per program instead of 32 (``kernels.triton_assemble.BLOCK_ROWS``; 4x / 2x the programs);
 # ``ltri_assemble_reread`` / ``ltri_small_tier_assemble_reread``: ``ltri`` / ``ltri_small_tier_zero_copy`` with the
 # assembly loading each key's rotation partners a second time (``kernels.triton_assemble.REREAD_PARTNERS``: the
-# kernel before session 19); ``ltri_fill_ranked``: ``ltri`` with the budget fill after the sort fed gathered lengths
-# and their running sums (``retrieval.FILL_IN_ORDER = False``: the default before session 19)
+# kernel before session 19)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -108,7 +106,6 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_assemble_r8": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 8),),
     "ltri_assemble_r16": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 16),),
     "ltri_assemble_reread": (("ltri_rag.kernels.triton_assemble", "REREAD_PARTNERS", True),),
-    "ltri_fill_ranked": (("ltri_rag.retrieval", "FILL_IN_ORDER", False),),
     "ltri_small_tier_assemble_reread": (("ltri_rag.kernels.triton_assemble", "REREAD_PARTNERS", True),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),

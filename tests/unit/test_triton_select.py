@@ -48,56 +48,6 @@ def test_matches_the_torch_fill(case) -> None:
     assert (taken <= budget).all()
 
 
-# (rows, num_spans, max_len, budget, block): CASES and prefixes that end on a block's last rank or run many blocks
-ORDER_CASES = CASES + [(1, 64, 1, 32, 16), (1, 64, 1, 48, 16), (2, 1000, 3, 1500, 16), (1, 100, 2, 10_000, 16)]
-
-
-@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "R{}S{}L{}b{}B{}".format(*c))
-def test_fill_in_order_matches_the_torch_fill(case) -> None:
-    """The one-program-per-row fill reading lengths through the order equals the torch fill (and so
-    ``fill_ranked``): prefixes ending inside a block, on a block's last rank, after many blocks, or never."""
-    rows, num_spans, max_len, budget, block = case
-    gen = torch.Generator().manual_seed(num_spans * 7 + rows + budget)
-    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
-    keys = torch.randn(rows, num_spans, generator=gen)
-    keys[:, ::5] = keys[:, :1].clone()
-    keys = keys.to(DEVICE)
-    order = torch.argsort(keys, dim=1, descending=True, stable=True)
-    want = retrieval._fill_budget_device(keys, lengths, budget, device_lengths=lengths.to(DEVICE))
-    for dtype in (torch.int64, torch.int32):
-        got = triton_select.fill_in_order(order, lengths.to(DEVICE, dtype), budget, retrieval._TAIL, block=block)
-        assert got.dtype == torch.bool and torch.equal(got.cpu(), want.cpu())
-
-
-@pytest.mark.parametrize("end", [15, 16, 17])
-def test_fill_in_order_walks_tail_ranks_only_after_the_prefix(end) -> None:
-    """The prefix ends at rank ``end`` (at, or one past, the first block's last rank): the walk covers the next
-    ``_TAIL`` ranks only, so a short span just past them is not taken, one at their end is (the torch fill's rule)."""
-    tail = retrieval._TAIL
-    ones = torch.ones(end, dtype=torch.int64)
-    lengths = torch.cat([ones, torch.full((tail,), 100), torch.ones(3, dtype=torch.int64)])
-    lengths[end + tail - 1] = 1  # the walk's last rank fits
-    num_spans = lengths.numel()
-    keys = -torch.arange(num_spans, dtype=torch.float32)[None, :].to(DEVICE)  # rank r = span r
-    want = retrieval._fill_budget_device(keys, lengths, end + 5, device_lengths=lengths.to(DEVICE))
-    got = triton_select.fill_in_order(torch.arange(num_spans, device=DEVICE)[None, :], lengths.to(DEVICE), end + 5,
-                                      tail, block=16)
-    assert torch.equal(got.cpu(), want.cpu())
-    assert got[0, :end].all() and got[0, end + tail - 1] and not got[0, end + tail:].any()
-
-
-def test_fill_in_order_bad_inputs() -> None:
-    order = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
-    lengths = torch.ones(3, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="lengths \[S\]"):
-        triton_select.fill_in_order(order, lengths[:2], 4, 64)
-    with pytest.raises(ValueError, match="int64"):
-        triton_select.fill_in_order(order.int(), lengths, 4, 64)
-    with pytest.raises(ValueError, match="powers of two"):
-        triton_select.fill_in_order(order, lengths, 4, 64, block=48)
-    assert triton_select.fill_in_order(order[:, :0], lengths[:0], 4, 64).shape == (2, 0)
-
-
 def test_walk_takes_short_spans_after_a_long_one() -> None:
     """Ranks: 3, 3, then 9 (does not fit in 4 left), then 2 and 2 (fit): the walk takes those after the skip."""
     lengths = torch.tensor([3, 3, 9, 2, 2, 5])

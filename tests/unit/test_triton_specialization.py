@@ -119,16 +119,13 @@ def test_selection_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
     from tests.unit import test_triton_select as select_tests
 
     tsel = select_tests.triton_select
-    kernels = [tsel._fill_ranked_kernel, tsel._fill_order_kernel, tsel._rank_partials_kernel,
-               tsel._rank_keys_kernel]
+    kernels = [tsel._fill_ranked_kernel, tsel._rank_partials_kernel, tsel._rank_keys_kernel]
     seen = _record(monkeypatch, kernels)
     for num_spans, budget in ((7, 5), (48, 33)):
         scores, prior, recency = select_tests._rank_inputs(4, num_spans, False, seed=num_spans)
         keys = tsel.rank_keys(scores, 1, prior=prior, prior_weight=0.5, recency=recency, bonus=1.0, block=16)
         lengths = torch.randint(1, 5, (num_spans,))
         select_tests._fill(keys, lengths, budget, 16)
-        order = torch.argsort(keys, dim=1, descending=True, stable=True)
-        tsel.fill_in_order(order, lengths.to(order.device), budget, 64, block=16)
     _check(seen, kernels)
 
 
