@@ -36,10 +36,6 @@ __all__ = ["SCHEMES", "assemble_memory", "assemble_memory_torch", "triton_availa
 
 SCHEMES = ("contiguous", "fixed", "absolute")
 _MAX_HEAD_DIM = 256
-REREAD_PARTNERS = False
-"""Load each key row's rotation partners from memory a second time (the kernel before session 19) instead of taking
-them from the loaded tile; for timing runs only (``benchmarks.bench_e2e`` modes ``*_assemble_reread``): host-tier
-rows are then read twice over PCIe."""
 BLOCK_ROWS: int | None = None
 """Output rows (entries of one KV head) per program; None: ``min(64, 4096 // padded head_dim)`` (32 at head_dim
 128). A power of two; settable for timing runs (``benchmarks.bench_e2e`` modes ``ltri_assemble_r*``)."""
@@ -53,8 +49,7 @@ if triton is not None:
                          width, num_sinks, split_row, base, page_size, num_kv_heads,
                          stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-                         REREAD: tl.constexpr):
+                         SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr):
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
         live = entry < num_sinks + width
@@ -94,16 +89,8 @@ if triton is not None:
             slow_mask = in_slow[:, None] & col_ok[None, :]
             k += tl.load(SlowK + slow_off + cols[None, :], mask=slow_mask, other=0.0).to(tl.float32)
             v += tl.load(SlowV + slow_off + cols[None, :], mask=slow_mask, other=0.0)
-        if SCHEME != 2 and REREAD:  # (the kernel before session 19, kept for timing runs: partners loaded again)
-            pmask = in_fast[:, None] & col_ok[None, :]
-            kp = tl.load(FastK + fast_off + partner[None, :], mask=pmask, other=0.0).to(tl.float32)
-            if HAS_SINKS:
-                kp += tl.load(SinkK + sink_off + partner[None, :], mask=sink_mask, other=0.0).to(tl.float32)
-            if HAS_SLOW:
-                kp += tl.load(SlowK + slow_off + partner[None, :], mask=slow_mask, other=0.0).to(tl.float32)
-        elif SCHEME != 2:
-            kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
         if SCHEME != 2:
+            kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
             if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
                 count = tl.load(Count + head)
                 shift = tl.where(valid, base - count + entry - pos, 0)
@@ -246,6 +233,5 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
         width, num_sinks, int(split_row), int(base), page_size, num_kv_heads,
         sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0),
         HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
-        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None,
-        REREAD=REREAD_PARTNERS)
+        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None)
     return out_k[:, :total], out_v[:, :total], out_mask[:, :total]

@@ -18,16 +18,14 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_c8192", "ltri_device_select", "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier",
          "ltri_small_tier_zero_copy", "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
-         "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_assemble_reread",
-         "ltri_small_tier_assemble_reread")
+         "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
               "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
-              "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_assemble_reread",
-              "ltri_small_tier_assemble_reread")
+              "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -80,9 +78,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_torch_assembly": ("ltri", {}),
                                                    "ltri_assemble_r8": ("ltri", {}),
                                                    "ltri_assemble_r16": ("ltri", {}),
-                                                   "ltri_assemble_reread": ("ltri", {}),
-                                                   "ltri_small_tier_assemble_reread": ("ltri", {
-                                                       "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_small_tier_torch_pinned": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True})}
 # modes that differ from their variant by a library module setting, patched while the mode runs (for A/B runs of
@@ -95,18 +90,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # device-side selection built in one launch per sequence (``layer_assembly.FUSED_DEVICE_ASSEMBLY``; the default since
 # session 18, so both are now ``ltri``); ``ltri_torch_assembly``: ``ltri`` with that part built by torch operations
 # (the default before session 18); ``ltri_assemble_r8`` / ``ltri_assemble_r16``: the one-launch assembly with 8 / 16
-# output rows per program instead of 32 (``kernels.triton_assemble.BLOCK_ROWS``; 4x / 2x the programs);
-# ``ltri_assemble_reread`` / ``ltri_small_tier_assemble_reread``: ``ltri`` / ``ltri_small_tier_zero_copy`` with the
-# assembly loading each key's rotation partners a second time (``kernels.triton_assemble.REREAD_PARTNERS``: the
-# kernel before session 19)
+# output rows per program instead of 32 (``kernels.triton_assemble.BLOCK_ROWS``; 4x / 2x the programs)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_torch_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", False),),
     "ltri_assemble_r8": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 8),),
     "ltri_assemble_r16": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 16),),
-    "ltri_assemble_reread": (("ltri_rag.kernels.triton_assemble", "REREAD_PARTNERS", True),),
-    "ltri_small_tier_assemble_reread": (("ltri_rag.kernels.triton_assemble", "REREAD_PARTNERS", True),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),

@@ -77,18 +77,6 @@ def test_other_rows_per_program(rows, monkeypatch) -> None:
     torch.testing.assert_close(got_k.cpu(), want_k.cpu(), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES[1:3], ids=["two-tiers", "partial-rotary-bf16"])
-def test_partners_from_the_tile_equal_partners_loaded_again(case, monkeypatch) -> None:
-    """The rotation's partner columns taken from the loaded tile (``tl.gather``) equal the earlier kernel's second
-    load of them (``REREAD_PARTNERS``, kept for timing runs), every source tier included."""
-    args, _ = _case(*case, seed=9)
-    got = triton_assemble.assemble_memory(**args, scheme="contiguous")
-    monkeypatch.setattr(triton_assemble, "REREAD_PARTNERS", True)
-    want = triton_assemble.assemble_memory(**args, scheme="contiguous")
-    for a, b in zip(got, want):
-        assert torch.equal(a.cpu(), b.cpu())
-
-
 def test_writes_into_wider_buffers_and_leaves_the_rest() -> None:
     args, _ = _case(2, 6, 2, 32, 16, 4, torch.float32, seed=5)
     out = (torch.full((2, 12, 32), 7.0, device=DEVICE), torch.full((2, 12, 32), 7.0, device=DEVICE),
