@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.syncs:
             syncs = count_syncs(model, ids, config, args.top)
             print(f"==== chunk {chunk}: {sum(x['syncs'] for x in syncs)} host-device synchronisations in one prefill "
-                  f"(the {len(syncs)} lines causing the most; CUDA only)", flush=True)
+                  f"from the {len(syncs)} lines causing the most (at most --top lines; CUDA only)", flush=True)
             for row in syncs:
                 print(f"{row['syncs']:8d}  {row['where']}", flush=True)
         if args.decode_tokens > 0:

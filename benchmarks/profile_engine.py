@@ -89,8 +89,8 @@ def timed_prefill(model: Any, ids: torch.Tensor, config: LtriConfig) -> float:
 
 def count_syncs(model: Any, ids: torch.Tensor, config: LtriConfig, top: int) -> list[dict[str, Any]]:
     """One more prefill under ``torch.cuda.set_sync_debug_mode("warn")``: every host-device synchronisation the
-    engine triggers, counted by the line of this project that caused it and that line's caller (or the first Python
-line), most first.
+    engine triggers, counted by the line of this project that caused it and that line's caller (or the first
+    Python line), most first.
 
     Each one stalls the host until the device has drained its queue, so a count of thousands per prefill means the
     host and the device take turns instead of overlapping. CUDA only (empty on CPU)."""

@@ -150,6 +150,27 @@ def decoded_tokens(session: LtriSession, logits: torch.Tensor, max_tokens: int, 
             token_dev = next_dev
 
 
+def texts_of(tokens: Iterator[int], tokenizer: Any, eos: set[int], stop: Sequence[str]
+             ) -> Iterator[tuple[list[int], str, str | None]]:
+    """``(ids so far, text so far, finish reason or None)`` after each of ``tokens``, ending with a finish reason:
+    ``stop`` at an end-of-sequence token (not included) or at a stop string (the text cut before it), ``length``
+    when ``tokens`` runs out. Stops drawing from ``tokens`` once finished."""
+    out: list[int] = []
+    text = ""
+    for token in tokens:
+        if token in eos:
+            yield out, text, "stop"
+            return
+        out.append(token)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+            yield out, text[:cut], "stop"
+            return
+        yield out, text, None
+    yield out, text, "length"
+
+
 def _check_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -170,21 +191,10 @@ def _stream_ids(
     logits = session.feed(ids)[0]
     eos = eos_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    text = ""
-    for token in decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
-                                generator=generator):
-        if token in eos:
-            yield out, text, "stop", session, ids.numel()
-            return
-        out.append(token)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-        if cut >= 0:
-            yield out, text[:cut], "stop", session, ids.numel()
-            return
-        yield out, text, None, session, ids.numel()
-    yield out, text, "length", session, ids.numel()
+    tokens = decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                            generator=generator)
+    for out, text, reason in texts_of(tokens, tokenizer, eos, stop):
+        yield out, text, reason, session, ids.numel()
 
 
 def generate_ids(

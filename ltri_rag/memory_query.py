@@ -57,7 +57,7 @@ from torch import nn
 from ltri_rag.cache import LtriCache
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
-from ltri_rag.generation import _check_args, decoded_tokens, eos_token_ids
+from ltri_rag.generation import _check_args, decoded_tokens, eos_token_ids, texts_of
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.layer import GlobalLayerState
 from ltri_rag.rope import rotate
@@ -397,21 +397,9 @@ def decode(model: nn.Module, tokenizer: Any, session: LtriSession, logits: torch
     _check_args(max_new_tokens, temperature, top_p)
     eos = eos_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    text = ""
-    for token in decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
-                                generator=generator, lock=lock):
-        if token in eos:
-            yield out, text, "stop"
-            return
-        out.append(token)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-        if cut >= 0:
-            yield out, text[:cut], "stop"
-            return
-        yield out, text, None
-    yield out, text, "length"
+    tokens = decoded_tokens(session, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                            generator=generator, lock=lock)
+    yield from texts_of(tokens, tokenizer, eos, stop)
 
 
 def stream_pieces(steps: Iterator[tuple[list[int], str, str | None]], stop: Sequence[str]

@@ -61,12 +61,10 @@ def run_generation_loop(session: LtriSession, logits: torch.Tensor, num_steps: i
     device = session.device
     sync(device)
     began = time.perf_counter()
-    token = 0
-    for token in decoded_tokens(session, logits[0], num_steps + 1, ahead=ahead):  # n + 1 tokens take n steps
-        pass
+    tokens = list(decoded_tokens(session, logits[0], num_steps + 1, ahead=ahead))  # n + 1 tokens take n steps
     sync(device)
     ms = (time.perf_counter() - began) * 1e3 / max(1, num_steps)
-    return ms, session.step(torch.tensor([token]))
+    return ms, session.step(torch.tensor(tokens[-1:]))
 
 
 class Bench:
