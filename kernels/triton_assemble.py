@@ -18,6 +18,19 @@ Shapes (one sequence):
     out_k / out_v: ``[Hkv, >= num_sinks + W, D]`` and out_mask ``[Hkv, >= num_sinks + W]`` (bool), written in
         entries ``0 .. num_sinks + W - 1`` (later entries untouched).
 
+Host-tier cache (``cache``: ``(tags [C], cache_k [C, D], cache_v [C, D], epoch [1])`` int64 / rows / int64 on the
+GPU): a direct-mapped device copy of host-tier rows that recent launches read. Host row ``r`` (counted from the host
+tier's first) may sit at line ``r % C``; ``tags`` holds ``(r + 1) << EPOCH_BITS | e`` for the row it holds (0: none)
+and the last launch ``e`` that used the line. Each launch first counts ``epoch`` up by one; then each host row takes
+its line with one compare-and-swap of the tag it read: a row that finds itself there (and wins the exchange) is
+read from the cache at HBM speed instead of over PCIe; a row that finds another row, not yet used by this launch,
+takes the line over, and having read itself from the host anyway, stores its K / V there (no second read). A line
+changes hands at most once per launch, and never after a row was read from it in that launch (whoever loses an
+exchange reads the host), so what a launch reads from a line is what an earlier launch stored. Output is the same
+with or without the cache (exact copies; :meth:`ltri_rag.pool.PagedKVPool.write_layers` drops the lines of host rows
+it overwrites). A decode step retrieves mostly what the step before it did (Qwen2.5-0.5B on 16K tokens of essays:
+94% of the (token, head) rows), so after the first steps most host rows come from the cache.
+
 Positions: sink ``i`` was read at position ``i``; ``contiguous`` moves valid entry ``i`` of head ``h`` to
 ``base - count[h] + i`` (``base``: the first position of the local window), ``fixed`` to 0 (the queries move
 instead), ``absolute`` leaves keys where they are. Empty entries are zeros with a False mask. Angles as in
@@ -39,17 +52,24 @@ _MAX_HEAD_DIM = 256
 BLOCK_ROWS: int | None = None
 """Output rows (entries of one KV head) per program; None: ``min(64, 4096 // padded head_dim)`` (32 at head_dim
 128). A power of two; settable for timing runs (``benchmarks.bench_e2e`` modes ``ltri_assemble_r*``)."""
+EPOCH_BITS = 23
+"""Low bits of a cache tag holding the launch count (the row above them; 40 bits leave room for 2**40 rows)."""
+COUNT_HOST_CACHE = False
+"""Whether :func:`assemble_memory` adds its host-tier rows read from the cache and in all to the ``stats`` tensor it
+is given (two atomic adds per program; for benchmarks: :attr:`ltri_rag.pool.PagedKVPool.host_cache_stats`)."""
 INTERPRETED = interpreted()
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=("width", "num_sinks", "split_row", "base"))
     def _assemble_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
-                         OutK, OutV, OutMask,
-                         width, num_sinks, split_row, base, page_size, num_kv_heads,
+                         OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
+                         width, num_sinks, split_row, base, page_size, num_kv_heads, cache_rows,
                          stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+                         SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+                         HAS_CACHE: tl.constexpr, COUNT: tl.constexpr, EPOCH_BITS: tl.constexpr,
+                         EPOCH_MASK: tl.constexpr):
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
         live = entry < num_sinks + width
@@ -86,9 +106,35 @@ if triton is not None:
             k += tl.load(SinkK + sink_off + cols[None, :], mask=sink_mask, other=0.0).to(tl.float32)
             v += tl.load(SinkV + sink_off + cols[None, :], mask=sink_mask, other=0.0)
         if HAS_SLOW:
-            slow_mask = in_slow[:, None] & col_ok[None, :]
+            from_host = in_slow
+            if HAS_CACHE:  # host rows held by the device cache are read there (module docstring)
+                cur = tl.load(Epoch) & EPOCH_MASK
+                srow = tl.where(in_slow, row - split_row, 0)
+                # entries without a host row try no line (an exchange that cannot succeed, spread over lines)
+                line = tl.where(in_slow, srow, head * width + entry) % cache_rows
+                word = tl.load(Tags + line, mask=in_slow, other=0)
+                held = (word >> EPOCH_BITS) == srow + 1
+                free = (word & EPOCH_MASK) != cur  # no entry of this launch took the line yet
+                attempt = in_slow & (held | free)
+                old = tl.atomic_cas(Tags + line, tl.where(attempt, word, -1), ((srow + 1) << EPOCH_BITS) | cur)
+                won = attempt & (old == word)  # this entry owns the line for the launch
+                hit = won & held
+                store_line = won & ~held  # a row read from the host that takes over the line
+                from_host = in_slow & ~hit
+                hit_mask = hit[:, None] & col_ok[None, :]
+                k += tl.load(CacheK + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0).to(
+                    tl.float32)
+                v += tl.load(CacheV + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0)
+                if COUNT:
+                    tl.atomic_add(Stats, tl.sum(hit.to(tl.int64), axis=0))
+                    tl.atomic_add(Stats + 1, tl.sum(in_slow.to(tl.int64), axis=0))
+            slow_mask = from_host[:, None] & col_ok[None, :]
             k += tl.load(SlowK + slow_off + cols[None, :], mask=slow_mask, other=0.0).to(tl.float32)
             v += tl.load(SlowV + slow_off + cols[None, :], mask=slow_mask, other=0.0)
+            if HAS_CACHE:  # the row as stored (before any rotation) into the line it took over
+                put = store_line[:, None] & col_ok[None, :]
+                tl.store(CacheK + line[:, None] * HEAD_DIM + cols[None, :], k.to(CacheK.dtype.element_ty), mask=put)
+                tl.store(CacheV + line[:, None] * HEAD_DIM + cols[None, :], v.to(CacheV.dtype.element_ty), mask=put)
         if SCHEME != 2:
             kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
             if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
@@ -160,7 +206,9 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
                     slow_v: torch.Tensor | None, split_row: int, sink_k: torch.Tensor | None,
                     sink_v: torch.Tensor | None, base: int, inv_freq: torch.Tensor, scheme: str,
                     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    count: torch.Tensor | None = None,
+                    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sequence's memory part in one launch (module docstring); returns ``(k, v, mask)``, the first
     ``num_sinks + W`` entries of ``out`` when given (the graph buffers ``[Hkv, cap, D]`` twice and ``[Hkv, cap]``).
 
@@ -175,6 +223,11 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
         scheme: ``contiguous``, ``fixed`` or ``absolute``.
         out: Destination tensors, or None for fresh ones.
         count: ``[Hkv]`` valid entries per head with the sinks, if the caller has it (else one reduction).
+        cache: ``(tags [C] int64, cache_k [C, D], cache_v [C, D], epoch [1] int64)``, the device cache of host-tier
+            rows (module docstring; tags 0 and any epoch to start), or None; used only with a host tier (updated in
+            place: rows read from the host may take lines over).
+        stats: ``[2]`` int64 on the device, with ``COUNT_HOST_CACHE``: host-tier rows found in the cache and in
+            all are added to it.
 
     Raises:
         RuntimeError: triton is not installed.
@@ -214,13 +267,21 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
                                      None if slow_k is None else slow_k.float(),
                                      None if slow_v is None else slow_v.float(), split_row,
                                      None if sink_k is None else sink_k.float(),
-                                     None if sink_v is None else sink_v.float(), base, inv_freq, scheme, tmp, count)
+                                     None if sink_v is None else sink_v.float(), base, inv_freq, scheme, tmp, count,
+                                     cache, stats)  # the cache as it is: its rows are stored, not rounded
         out_k[:, :total].copy_(k)
         out_v[:, :total].copy_(v)
         return out_k[:, :total], out_v[:, :total], mask
     if count is None:
         count = (slots >= 0).sum(dim=1) + num_sinks
     has_slow = slow_k is not None and slow_k.shape[0] > 0
+    has_cache = has_slow and cache is not None
+    if has_cache:
+        _check_cache(cache, head_dim, device)
+    tags, cache_k, cache_v, epoch = cache if has_cache else (count, out_k, out_v, count)
+    if has_cache:
+        epoch.add_(1)  # this launch's number (a device op: a replayed graph counts on)
+    count_hits = has_cache and COUNT_HOST_CACHE and stats is not None
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_r = BLOCK_ROWS if BLOCK_ROWS is not None else max(1, min(64, 4096 // block_d))
     rotate = scheme != "absolute" and inv_freq.numel() > 0
@@ -229,9 +290,29 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
     _assemble_kernel[(num_kv_heads, triton.cdiv(total, block_r))](
         slots.contiguous(), count, page_table, positions, fast_k, fast_v,
         slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,
-        out_k, out_v, out_mask.view(torch.int8),
-        width, num_sinks, int(split_row), int(base), page_size, num_kv_heads,
+        out_k, out_v, out_mask.view(torch.int8), tags, cache_k, cache_v, epoch, stats if count_hits else count,
+        width, num_sinks, int(split_row), int(base), page_size, num_kv_heads, tags.shape[0] if has_cache else 1,
         sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0),
         HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
-        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None)
+        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None,
+        HAS_CACHE=has_cache, COUNT=count_hits, EPOCH_BITS=EPOCH_BITS, EPOCH_MASK=(1 << EPOCH_BITS) - 1)
     return out_k[:, :total], out_v[:, :total], out_mask[:, :total]
+
+
+def _check_cache(cache: tuple[torch.Tensor, ...], head_dim: int, device: torch.device) -> None:
+    """Raise ValueError unless ``cache`` is ``(tags [C] int64, cache_k [C, D], cache_v [C, D], epoch [1] int64)`` on
+    ``device``."""
+    if len(cache) != 4:
+        raise ValueError(f"cache must be (tags, cache_k, cache_v, epoch), got {len(cache)} tensors")
+    tags, cache_k, cache_v, epoch = cache
+    if tags.dtype != torch.int64 or tags.dim() != 1 or tags.numel() == 0 or not tags.is_contiguous():
+        raise ValueError(f"cache tags must be a non-empty [C] int64 tensor, got {tuple(tags.shape)} {tags.dtype}")
+    if epoch.dtype != torch.int64 or epoch.numel() != 1:
+        raise ValueError(f"cache epoch must be a [1] int64 tensor, got {tuple(epoch.shape)} {epoch.dtype}")
+    for name, t in (("tags", tags), ("cache_k", cache_k), ("cache_v", cache_v), ("epoch", epoch)):
+        if t.device != device:
+            raise ValueError(f"cache {name} is on {t.device}, slots on {device}")
+    if cache_k.shape != (tags.numel(), head_dim) or cache_v.shape != cache_k.shape or not cache_k.is_contiguous() \
+            or not cache_v.is_contiguous():
+        raise ValueError(f"cache rows must be contiguous [{tags.numel()}, {head_dim}], got {tuple(cache_k.shape)} / "
+                         f"{tuple(cache_v.shape)}")

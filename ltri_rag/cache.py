@@ -80,10 +80,14 @@ def _make_pool(model: nn.Module, config: LtriConfig, batch_size: int, device: to
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     dtype = next(model.parameters()).dtype
     num_global = sum(window is None for window in layer_sliding_windows(model))
-    page_bytes = 2 * num_global * config.page_size * num_kv_heads * head_dim * dtype.itemsize
-    device_pages = int(budget // max(page_bytes, 1))
+    token_bytes = 2 * num_global * num_kv_heads * head_dim * dtype.itemsize  # every global layer's K and V
+    # the device cache of host-tier rows (read in place by the GPU) comes out of the same budget, at most a quarter
+    cache_tokens = 0
+    if config.zero_copy_host_pages and pin:
+        cache_tokens = min(config.host_cache_tokens, int(budget / 4 // max(token_bytes, 1)))
+    device_pages = int((budget - cache_tokens * token_bytes) // max(config.page_size * token_bytes, 1))
     return PagedKVPool(batch_size, config.page_size, device, pin_memory=pin, device_pages=device_pages,
-                       zero_copy=config.zero_copy_host_pages)
+                       zero_copy=config.zero_copy_host_pages, host_cache_tokens=cache_tokens)
 
 
 class _LayerSlot:

@@ -156,6 +156,13 @@ class LtriConfig:
             with a 4 GiB device tier read in 24.7 against 30.3 s (a prefill chunk's device time 119 against 353 ms)
             and decoded at 46 against 139 ms per token (``benchmarks/results/e2e_llama8b_h200/session16``). No
             effect without CUDA.
+        host_cache_tokens: With pool pages in pinned host memory read in place (``zero_copy_host_pages``, CUDA):
+            tokens per global layer of a device cache of host-tier rows that retrievals read (direct-mapped, all
+            KV heads; :mod:`ltri_rag.kernels.triton_assemble`). A decode step retrieves mostly what the step
+            before it did (Qwen2.5-0.5B, 16K tokens: 94% of its rows), so these come from HBM instead of over
+            PCIe. Its memory (``2 * tokens * Hkv * head_dim`` elements per layer; 4 GiB for an 8B model at the
+            default 32,768) is taken from the pool's device budget (at most a quarter of it), and allocated only
+            once a layer has pages in host memory. 0: no cache. Results are the same with or without it.
     """
 
     mode: Mode = "ltri"
@@ -197,6 +204,7 @@ class LtriConfig:
     decode_graph: bool = True
     decode_graph_retrieval: bool = True
     zero_copy_host_pages: bool = True
+    host_cache_tokens: int = 32768
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -220,6 +228,7 @@ class LtriConfig:
             if getattr(self, name) is not None:
                 self._check_int(name, minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
+        self._check_int("host_cache_tokens", minimum=0)
         if self.kv_offload != "auto" and not isinstance(self.kv_offload, bool):
             raise TypeError(f"kv_offload must be a bool or 'auto', got {self.kv_offload!r}")
         if self.kv_device_gib is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ltri_rag.kernels import triton_assemble
 from ltri_rag.kernels.triton_assemble import assemble_memory
 from ltri_rag.rope import _triton_rotates
 
@@ -90,10 +91,13 @@ class DeviceAssembly:
                 self.layer_idx, seq, q.device)
             if fast_k is None:  # nothing stored yet, so no slot to read: any rows of the right width stand in
                 fast_k = fast_v = ref[seq].reshape(-1, head_dim)
+            cache = None if slow_k is None else self.pool.host_cache(self.layer_idx, q.device)
+            stats = self.pool.host_cache_stats if cache is not None and triton_assemble.COUNT_HOST_CACHE else None
             assemble_memory(slots, table, self.pool.page_size, positions, fast_k, fast_v, slow_k, slow_v, split_row,
                             None if self.sink_k is None else self.sink_k[seq],
                             None if self.sink_v is None else self.sink_v[seq], plan.pos0 - win_len, self.inv_freq,
-                            self.cfg.position_scheme, out=(out[0][seq], out[1][seq], out[2][seq]))
+                            self.cfg.position_scheme, out=(out[0][seq], out[1][seq], out[2][seq]), cache=cache,
+                            stats=stats)
             if selected is not None:
                 slot_lists.append(slots)
             if not fresh and num_sinks + widths[seq] < total:  # a shorter part than another sequence's

@@ -186,8 +186,8 @@ class GraphFormSteps:
 
     def prepare_graph_retrieval(self, min_width: int) -> None:
         """Put on the compute device, eagerly, everything a retrieving graph-form step reads (persistence state,
-        span geometry, starts and layout, pool page tables and positions, the cross-layer prior), and make the
-        memory buffers ``min_width`` keys wide, so that the step itself copies nothing from the host."""
+        span geometry, starts and layout, pool page tables and positions, the cross-layer prior, the pool's
+        host-row cache), and make the memory buffers ``min_width`` keys wide, so that the step itself copies nothing from the host."""
         device = self.sink_k.device
         for seq, table in enumerate(self.tables):
             table.recency_on(device)
@@ -197,6 +197,7 @@ class GraphFormSteps:
             self.pool.prepare_on_device(seq, device)
             if self.consensus is not None:
                 self.consensus.prior_on(seq, device)
+        self.pool.host_cache(self.layer_idx, device)  # the host-row cache, allocated before any capture
         batch, num_kv_heads, _, head_dim = self.sink_k.shape
         self._graph_buffers(batch, num_kv_heads, min_width, head_dim, self.sink_k, min_width)
 
@@ -269,6 +270,7 @@ class GraphFormSteps:
         tensors = [*self.window_storage(), *self._graph_memory, self.sink_k, self.sink_v]
         tensors.extend(self.pool.device_rows(self.layer_idx) or ())
         tensors.extend(self.pool.host_rows(self.layer_idx) or ())  # read in place with zero_copy_host_pages
+        tensors.extend(self.pool.host_cache(self.layer_idx, device) or ())
         for seq, table in enumerate(self.tables):
             padded, valid, _ = table.layout()
             tensors.extend((padded, valid, table.starts_on(device),

@@ -34,7 +34,7 @@ __all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memor
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget",
                   "full_chunk_size", "page_size", "decode_retrieval_stride", "selection_on_device", "decode_graph",
-                  "decode_graph_retrieval", "zero_copy_host_pages")
+                  "decode_graph_retrieval", "zero_copy_host_pages", "host_cache_tokens")
 # Fields added to LtriConfig after stores were first written, with the value a store without the key was ingested
 # with: a fingerprint leaves such a field out at that value (so old stores still match), and reading a config back
 # from a fingerprint without the key gives that value.

@@ -16,6 +16,12 @@ the host; nothing moves between tiers. With ``device_pages`` None there is one t
 host neither gathers nor scatters rows nor waits for a device-to-host copy. Its writes land in stream order; a
 host-side read of a tier the device wrote waits for them first (:meth:`PagedKVPool._await_device_writes`).
 
+Host-row cache (``host_cache_tokens`` > 0, with a host tier): per layer a direct-mapped device copy of host-tier rows
+that recent retrievals read (``host_cache_tokens * Hkv`` rows), used by the one-launch assembly
+(:mod:`ltri_rag.kernels.triton_assemble`, which explains the lines and tags). A decode step mostly retrieves what the
+step before it did, so after the first steps most selected host rows are read from HBM instead of over PCIe.
+Writes into the host tier drop the lines of the rows they overwrite.
+
 Each slot also records the position its token was read at (host ``int64``), set by whoever fills the slot: a
 stream evicts its tokens in order, a stored document's tokens keep the positions they had when it was read.
 """
@@ -27,6 +33,7 @@ import torch
 
 from ltri_rag.host_memory import pinned_empty
 from ltri_rag.kernels.transfer import extend_mirror, to_device
+from ltri_rag.kernels.triton_assemble import EPOCH_BITS
 from ltri_rag.kernels.triton_gather import gather_two_tiers, scatter_rows, triton_available
 
 __all__ = ["PagedKVPool"]
@@ -104,12 +111,20 @@ class PagedKVPool:
             every page on ``device`` (with ``device`` the CPU, both tiers are host memory).
         zero_copy: A GPU reads and writes the pinned host pages in place (module docstring); needs
             ``pin_memory`` and Triton, and is ignored without them.
+        host_cache_tokens: Tokens per layer of the device cache of host-tier rows (module docstring); 0: none.
+            Allocated on ``device`` for a layer when it first reads a host tier through :meth:`host_cache`.
     """
 
     def __init__(self, batch_size: int, page_size: int, device: torch.device, pin_memory: bool = False,
-                 device_pages: int | None = None, zero_copy: bool = False) -> None:
+                 device_pages: int | None = None, zero_copy: bool = False, host_cache_tokens: int = 0) -> None:
         if device_pages is not None and (not isinstance(device_pages, int) or device_pages < 0):
             raise ValueError(f"device_pages must be a non-negative int or None, got {device_pages!r}")
+        if not isinstance(host_cache_tokens, int) or host_cache_tokens < 0:
+            raise ValueError(f"host_cache_tokens must be a non-negative int, got {host_cache_tokens!r}")
+        self.host_cache_tokens = host_cache_tokens
+        # per layer (tags [C] int64, k [C, D], v [C, D], epoch [1] int64) with C = host_cache_tokens * Hkv
+        self._host_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._host_cache_stats: torch.Tensor | None = None
         self.page_size = page_size
         self.device = device
         self.pin_memory = pin_memory and device.type == "cpu"
@@ -247,6 +262,53 @@ class PagedKVPool:
         if self._slow is None or layer not in self._slow.k:
             return None
         return self._slow.rows(layer)
+
+    def host_cache(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """The layer's device cache of host-tier rows, ``(tags [C] int64, k [C, D], v [C, D], epoch [1] int64)`` on
+        the first tier's device (:mod:`ltri_rag.kernels.triton_assemble` says what they hold; allocated at the first
+        call, empty), or None: no cache configured, no host tier, nothing stored in the layer yet, or ``device`` is
+        not the first tier's."""
+        if self.host_cache_tokens <= 0 or self._slow is None or layer not in self._slow.k \
+                or not self._first_tier_on(device):
+            return None
+        cache = self._host_cache.get(layer)
+        if cache is None:
+            ref = self._slow.k[layer]  # [pages, page_size, Hkv, D]
+            lines = self.host_cache_tokens * ref.shape[2]
+            with torch.inference_mode(False):  # plain tensors: updated in place in and out of inference mode
+                cache = (torch.zeros(lines, dtype=torch.int64, device=self.device),
+                         torch.zeros(lines, ref.shape[3], dtype=ref.dtype, device=self.device),
+                         torch.zeros(lines, ref.shape[3], dtype=ref.dtype, device=self.device),
+                         torch.zeros(1, dtype=torch.int64, device=self.device))
+            self._host_cache[layer] = cache
+            self.host_cache_stats  # allocated now, not inside a captured step that counts
+        return cache
+
+    @property
+    def host_cache_stats(self) -> torch.Tensor:
+        """``[2]`` int64 on the first tier's device: host-tier rows the assembly found in the cache, and host-tier
+        rows it read in all, summed over layers and steps while
+        :data:`ltri_rag.kernels.triton_assemble.COUNT_HOST_CACHE` is set (zero it to restart the count)."""
+        if self._host_cache_stats is None:
+            with torch.inference_mode(False):
+                self._host_cache_stats = torch.zeros(2, dtype=torch.int64, device=self.device)
+        return self._host_cache_stats
+
+    def _drop_cached(self, layers: list[int], idx: torch.Tensor, num_kv_heads: int) -> None:
+        """Forget cached copies of host-tier rows about to be overwritten: tokens ``idx`` (``[n]`` int64, counted
+        from the host tier's first) of ``layers``, every head."""
+        caches = [self._host_cache[layer] for layer in layers if layer in self._host_cache]
+        if not caches:
+            return
+        tags = caches[0][0]
+        rows = (to_device(idx, tags.device)[:, None] * num_kv_heads
+                + torch.arange(num_kv_heads, device=tags.device)).reshape(-1)
+        lines = rows % tags.numel()
+        big = torch.iinfo(torch.int64).max
+        for tags, *_ in caches:
+            # a line holding one of the rows becomes 0 (empty); others keep their tag (min with the largest int)
+            drop = torch.where((tags[lines] >> EPOCH_BITS) == rows + 1, 0, big)
+            tags.scatter_reduce_(0, lines, drop, reduce="amin")
 
     def _device_table(self, seq: int, device: torch.device) -> torch.Tensor:
         """``[pages]`` int64 page table of ``seq`` on ``device`` (copied again only when pages were added)."""
@@ -387,6 +449,8 @@ class PagedKVPool:
                 idx = flat[pick] - offset
                 pick_dev = to_device(pick, k.device)
                 src_k, src_v = k.index_select(1, pick_dev), v.index_select(1, pick_dev)
+            if tier is self._slow:
+                self._drop_cached(layers, idx, num_kv_heads)
             if self._in_place(tier, k.device):  # the device writes the pinned host pages itself
                 self._scatter_in_place(tier, layers, idx, src_k, src_v)
                 continue

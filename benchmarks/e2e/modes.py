@@ -18,14 +18,16 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_c8192", "ltri_device_select", "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier",
          "ltri_small_tier_zero_copy", "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
-         "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16")
+         "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache", "ltri_count_host_cache",
+         "ltri_small_tier_no_cache", "ltri_small_tier_count")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
               "ltri_all_queries", "ltri_staged_host_pages", "ltri_small_tier", "ltri_small_tier_zero_copy",
               "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
-              "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16")
+              "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache",
+              "ltri_count_host_cache", "ltri_small_tier_no_cache", "ltri_small_tier_count")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -47,7 +49,9 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
 # and scattered by the host and copied over, and a retrieving step touching them runs eagerly: the default before
 # session 16); ``ltri_small_tier`` / ``ltri_small_tier_zero_copy``: staged and in-place host pages with the device tier
 # held to 4 GiB (``kv_device_gib``), so that a 128K prompt of an 8B model already keeps most of its pages in host
-# memory: the 1M situation at a tenth of the cost
+# memory: the 1M situation at a tenth of the cost (both now with the device cache of host rows);
+# ``ltri_no_host_cache`` / ``ltri_small_tier_no_cache``: ``ltri`` / ``ltri_small_tier_zero_copy`` without that cache
+# (``host_cache_tokens=0``: every selected host row read over PCIe, the default before session 20)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"kv_offload": True}),
                                                    "ltri_gpu_pool": ("ltri", {"kv_offload": False}),
                                                    "ltri_stride8": ("ltri", {"decode_retrieval_stride": 8}),
@@ -78,6 +82,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_torch_assembly": ("ltri", {}),
                                                    "ltri_assemble_r8": ("ltri", {}),
                                                    "ltri_assemble_r16": ("ltri", {}),
+                                                   "ltri_no_host_cache": ("ltri", {"host_cache_tokens": 0}),
+                                                   "ltri_count_host_cache": ("ltri", {}),
+                                                   "ltri_small_tier_no_cache": ("ltri", {
+                                                       "kv_device_gib": 4.0, "zero_copy_host_pages": True,
+                                                       "host_cache_tokens": 0}),
+                                                   "ltri_small_tier_count": ("ltri", {
+                                                       "kv_device_gib": 4.0, "zero_copy_host_pages": True}),
                                                    "ltri_small_tier_torch_pinned": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True})}
 # modes that differ from their variant by a library module setting, patched while the mode runs (for A/B runs of
@@ -90,12 +101,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # device-side selection built in one launch per sequence (``layer_assembly.FUSED_DEVICE_ASSEMBLY``; the default since
 # session 18, so both are now ``ltri``); ``ltri_torch_assembly``: ``ltri`` with that part built by torch operations
 # (the default before session 18); ``ltri_assemble_r8`` / ``ltri_assemble_r16``: the one-launch assembly with 8 / 16
-# output rows per program instead of 32 (``kernels.triton_assemble.BLOCK_ROWS``; 4x / 2x the programs)
+# output rows per program instead of 32 (``kernels.triton_assemble.BLOCK_ROWS``; 4x / 2x the programs);
+# ``ltri_count_host_cache`` / ``ltri_small_tier_count``: ``ltri`` / ``ltri_small_tier_zero_copy`` counting the host
+# rows the decode steps read and how many came from the cache (``COUNT_HOST_CACHE``: two atomic adds per program;
+# the row gets ``host_cache_hits`` / ``host_cache_rows``)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_torch_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", False),),
     "ltri_assemble_r8": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 8),),
+    "ltri_count_host_cache": (("ltri_rag.kernels.triton_assemble", "COUNT_HOST_CACHE", True),),
+    "ltri_small_tier_count": (("ltri_rag.kernels.triton_assemble", "COUNT_HOST_CACHE", True),),
     "ltri_assemble_r16": (("ltri_rag.kernels.triton_assemble", "BLOCK_ROWS", 16),),
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),

@@ -25,6 +25,15 @@ from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.generation import decoded_tokens
 
 
+def _counts_host_cache() -> bool:
+    """Whether the one-launch assembly counts host rows read from its device cache (a mode's patch sets it)."""
+    try:
+        from ltri_rag.kernels import triton_assemble
+    except ImportError:  # no triton
+        return False
+    return bool(triton_assemble.COUNT_HOST_CACHE)
+
+
 def run_prefill(session: LtriSession, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Seconds of one prefill of ``ids`` (``[1, length]``) on ``session``, synchronised; and the last logits."""
     device = session.device
@@ -238,7 +247,15 @@ class Bench:
         args = self.args
         try:
             reset_peak(self.device)
+            pool = getattr(getattr(session, "cache", None), "pool", None)
+            counting = pool is not None and pool.host_cache_tokens > 0 and _counts_host_cache()
+            if counting:  # host rows read by the timed steps, and how many came from the device cache
+                pool.host_cache_stats.zero_()
             times, logits = run_decode(session, logits, args.decode_tokens)
+            if counting:
+                hits, host_rows = pool.host_cache_stats.tolist()
+                row.update(host_cache_hits=hits, host_cache_rows=host_rows)
+                print(f"{tag} host rows read by the timed steps: {host_rows}, {hits} from the device cache", flush=True)
             weights_ms, kv_ms = decode_floor_ms(info, length, mode, config, args.hbm_tbps)
             median = statistics.median(times)
             graph = getattr(session, "decode_graph", None)

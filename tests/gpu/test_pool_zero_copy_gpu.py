@@ -59,3 +59,35 @@ def test_session_with_in_place_host_pages_equals_one_without(case) -> None:
         token = logits[0].argmax(-1)
         logits = [s.step(token) for s in sessions]
     torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cache_tokens", [4, 4096], ids=["colliding", "roomy"])
+def test_session_through_the_host_row_cache_equals_one_without(cache_tokens, monkeypatch) -> None:
+    """Most pool pages in pinned host memory, read in place by the one-launch assembly, retrieving decode steps
+    captured and replayed as CUDA graphs: with the device cache of host rows (a small one whose lines collide, and
+    a roomy one) the logits are those without it, bit for bit, and the replayed steps read host rows from it."""
+    from ltri_rag import cache as cache_mod
+    from ltri_rag.kernels import triton_assemble
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda().to(torch.bfloat16)
+    cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                     evict_stride=6, span_max_len=8, attention_backend="triton")
+    sessions = []
+    for tokens in (0, cache_tokens):
+        monkeypatch.setattr(cache_mod, "_make_pool", lambda model, config, batch, device, n=tokens: PagedKVPool(
+            batch, config.page_size, CUDA, pin_memory=True, device_pages=3, zero_copy=True, host_cache_tokens=n))
+        sessions.append(LtriSession(model, cfg))
+    monkeypatch.setattr(triton_assemble, "COUNT_HOST_CACHE", True)
+    ids = random_ids(1, 160, seed=4).cuda()
+    logits = [s.feed(ids) for s in sessions]
+    pool = sessions[1].cache.pool
+    pool.host_cache_stats.zero_()  # a plain tensor (made outside inference mode)
+    for _ in range(24):
+        torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in sessions]
+    graph = sessions[1].decode_graph
+    assert graph is not None and graph.retrieving_replays > 0
+    hits, host_rows = pool.host_cache_stats.tolist()
+    assert host_rows > 0 and hits > 0
+    assert not sessions[0].cache.pool._host_cache
