@@ -187,7 +187,8 @@ class GraphFormSteps:
     def prepare_graph_retrieval(self, min_width: int) -> None:
         """Put on the compute device, eagerly, everything a retrieving graph-form step reads (persistence state,
         span geometry, starts and layout, pool page tables and positions, the cross-layer prior, the pool's
-        host-row cache), and make the memory buffers ``min_width`` keys wide, so that the step itself copies nothing from the host."""
+        host-row cache), and make the memory buffers ``min_width`` keys wide, so that the step itself copies
+        nothing from the host."""
         device = self.sink_k.device
         for seq, table in enumerate(self.tables):
             table.recency_on(device)
