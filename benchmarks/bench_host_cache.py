@@ -7,12 +7,13 @@ Example (the lent GPU)::
         --kv-device-gib 1.0 --out benchmarks/results/host_cache_qwen_h200
 
 A prompt of ``length`` tokens of essay text (``$LTRI_DATA_DIR``, :func:`benchmarks.tasks.haystack_text`, repeated as
-needed) is read with the span pool's device tier held to ``--kv-device-gib`` (so most pages live in pinned host
-memory and decode steps read them in place), then ``--tokens`` greedy decode steps are timed one by one
-(synchronised), with ``host_cache_tokens`` = 0 (no cache) and each of ``--cache-tokens``. The cached runs count the
-host rows their timed steps read and those read from the cache (``COUNT_HOST_CACHE``: two atomic adds per program, on
-in every run so that the runs do the same work). Every run must decode the same tokens (the cache holds exact
-copies); the script stops with an error otherwise. Writes ``bench.json`` and ``bench.md``.
+needed) is read with the span pool's device budget held to ``--kv-device-gib`` (so most pages live in pinned host
+memory and decode steps read them in place; the cache's size is capped at a quarter of it), then ``--tokens``
+greedy decode steps are timed one by one (synchronised), with ``host_cache_tokens`` = 0 (no cache) and each of
+``--cache-tokens``; each cached setting runs a second time counting the host rows its steps read and those read
+from the cache (``COUNT_HOST_CACHE``, two atomic adds per host row: not timed). Every run must decode the same
+tokens (the cache holds exact copies); the script stops with an error otherwise. Writes ``bench.json`` and
+``bench.md``.
 """
 
 from __future__ import annotations
@@ -38,19 +39,20 @@ def prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
     return ids.repeat(reps)[:length][None, :]
 
 
-def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int) -> dict[str, Any]:
-    """Prefill, then ``tokens`` timed greedy steps; ms per step, the tokens, and the cache counts."""
+def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int, count: bool) -> dict[str, Any]:
+    """Prefill, then ``tokens`` greedy steps timed one by one; ms per step, the tokens, and (``count``) how many
+    host rows the steps read and how many of them came from the cache."""
     from ltri_rag.kernels import triton_assemble
 
-    session = LtriSession(model, config)
-    device = session.device
-    start = time.perf_counter()
-    logits = session.feed(ids.to(device))
-    torch.cuda.synchronize(device)
-    prefill_s = time.perf_counter() - start
-    pool = session.cache.pool
-    triton_assemble.COUNT_HOST_CACHE = True
+    triton_assemble.COUNT_HOST_CACHE = count  # (read when a step is captured: set for the whole session)
     try:
+        session = LtriSession(model, config)
+        device = session.device
+        start = time.perf_counter()
+        logits = session.feed(ids.to(device))
+        torch.cuda.synchronize(device)
+        prefill_s = time.perf_counter() - start
+        pool = session.cache.pool
         stats = pool.host_cache_stats
         stats.zero_()
         times, out = [], []
@@ -59,17 +61,19 @@ def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int) -> dict[
             out.append(int(token))
             torch.cuda.synchronize(device)
             start = time.perf_counter()
-            logits = session.step(token.view(1, 1))
+            logits = session.step(token.view(1))
             torch.cuda.synchronize(device)
             times.append(1000 * (time.perf_counter() - start))
         hits, host_rows = stats.tolist()
     finally:
         triton_assemble.COUNT_HOST_CACHE = False
     graph = session.decode_graph
-    return {"prefill_s": prefill_s, "median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-            "times_ms": [round(t, 3) for t in times], "tokens": out, "host_rows": host_rows, "cache_hits": hits,
-            "hit_rate": hits / host_rows if host_rows else None, "host_pages": pool.num_pages - pool.pages_on_device,
-            "pages": pool.num_pages, "cache_tokens": pool.host_cache_tokens,
+    return {"counted": count, "prefill_s": prefill_s, "median_ms": statistics.median(times),
+            "mean_ms": statistics.fmean(times), "times_ms": [round(t, 3) for t in times], "tokens": out,
+            "host_rows": host_rows if count else None, "cache_hits": hits if count else None,
+            "hit_rate": hits / host_rows if count and host_rows else None,
+            "host_pages": pool.num_pages - pool.pages_on_device, "pages": pool.num_pages,
+            "cache_tokens": pool.host_cache_tokens,
             "retrieving_replays": None if graph is None else graph.retrieving_replays,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
@@ -94,22 +98,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
-        for cache_tokens in [0, *args.cache_tokens]:
+        runs = [(0, False)] + [(n, count) for n in args.cache_tokens for count in (False, True)]
+        for cache_tokens, count in runs:
             config = LtriConfig(kv_device_gib=args.kv_device_gib, host_cache_tokens=cache_tokens)
-            row = {"length": length, "cache_tokens_asked": cache_tokens, **run(model, ids, config, args.tokens)}
+            row = {"length": length, "cache_tokens_asked": cache_tokens, **run(model, ids, config, args.tokens, count)}
             rows.append(row)
-            print(f"[{length} cache {cache_tokens}] prefill {row['prefill_s']:.2f} s, decode {row['median_ms']:.2f} ms"
-                  f" median ({row['mean_ms']:.2f} mean), host rows {row['host_rows']}, from the cache "
-                  f"{row['cache_hits']} ({row['hit_rate']}), pages {row['host_pages']} of {row['pages']} in host "
-                  f"memory, cache {row['cache_tokens']} tokens", flush=True)
+            print(f"[{length} cache {row['cache_tokens']}{' counted' if count else ''}] prefill "
+                  f"{row['prefill_s']:.2f} s, decode {row['median_ms']:.2f} ms median ({row['mean_ms']:.2f} mean), "
+                  f"host rows {row['host_rows']}, from the cache {row['cache_hits']}, pages {row['host_pages']} of "
+                  f"{row['pages']} in host memory, {row['retrieving_replays']} retrieving replays", flush=True)
             if row["tokens"] != next(r for r in rows if r["length"] == length)["tokens"]:
                 raise SystemExit(f"length {length}: cache {cache_tokens} decoded other tokens than without it")
-    lines = ["| length | cache tokens | host pages / pages | decode ms (median) | host rows read | from the cache |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| length | cache tokens | counted | host pages / pages | decode ms (median) | host rows read | "
+             "from the cache |", "|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        rate = "-" if r["hit_rate"] is None or not r["cache_tokens"] else f"{100 * r['hit_rate']:.1f}%"
-        lines.append(f"| {r['length']:,} | {r['cache_tokens']:,} | {r['host_pages']:,} / {r['pages']:,} | "
-                     f"{r['median_ms']:.2f} | {r['host_rows']:,} | {rate} |")
+        rate = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
+        read = "-" if r["host_rows"] is None else f"{r['host_rows']:,}"
+        lines.append(f"| {r['length']:,} | {r['cache_tokens']:,} | {'yes' if r['counted'] else 'no'} | "
+                     f"{r['host_pages']:,} / {r['pages']:,} | {r['median_ms']:.2f} | {read} | {rate} |")
     text = "\n".join(lines)
     print(text)
     meta = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

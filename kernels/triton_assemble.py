@@ -56,7 +56,8 @@ EPOCH_BITS = 23
 """Low bits of a cache tag holding the launch count (the row above them; 40 bits leave room for 2**40 rows)."""
 COUNT_HOST_CACHE = False
 """Whether :func:`assemble_memory` adds its host-tier rows read from the cache and in all to the ``stats`` tensor it
-is given (two atomic adds per program; for benchmarks: :attr:`ltri_rag.pool.PagedKVPool.host_cache_stats`)."""
+is given (two atomic adds per host row, on two addresses: for benchmarks, which time without it;
+:attr:`ltri_rag.pool.PagedKVPool.host_cache_stats`)."""
 INTERPRETED = interpreted()
 
 if triton is not None:
@@ -125,9 +126,10 @@ if triton is not None:
                 k += tl.load(CacheK + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0).to(
                     tl.float32)
                 v += tl.load(CacheV + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0)
-                if COUNT:
-                    tl.atomic_add(Stats, tl.sum(hit.to(tl.int64), axis=0))
-                    tl.atomic_add(Stats + 1, tl.sum(in_slow.to(tl.int64), axis=0))
+                if COUNT:  # one atomic add per host row (no tl.sum: a jit'd helper the interpreter may not patch)
+                    none = entry * 0  # (tl.zeros_like is jit'd too)
+                    tl.atomic_add(Stats + none, hit.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + 1 + none, in_slow.to(tl.int64), mask=in_slow)
             slow_mask = from_host[:, None] & col_ok[None, :]
             k += tl.load(SlowK + slow_off + cols[None, :], mask=slow_mask, other=0.0).to(tl.float32)
             v += tl.load(SlowV + slow_off + cols[None, :], mask=slow_mask, other=0.0)
