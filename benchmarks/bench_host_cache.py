@@ -53,8 +53,9 @@ def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int, count: b
         torch.cuda.synchronize(device)
         prefill_s = time.perf_counter() - start
         pool = session.cache.pool
-        stats = pool.host_cache_stats
-        stats.zero_()
+        stats = pool.host_cache_stats  # None without a cache
+        if stats is not None:
+            stats.zero_()
         times, out = [], []
         for _ in range(tokens):
             token = logits[0].argmax()
@@ -64,7 +65,7 @@ def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int, count: b
             logits = session.step(token.view(1))
             torch.cuda.synchronize(device)
             times.append(1000 * (time.perf_counter() - start))
-        hits, host_rows = stats.tolist()
+        hits, host_rows = stats.tolist() if stats is not None else (0, 0)
     finally:
         triton_assemble.COUNT_HOST_CACHE = False
     graph = session.decode_graph

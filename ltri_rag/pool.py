@@ -17,10 +17,10 @@ host neither gathers nor scatters rows nor waits for a device-to-host copy. Its 
 host-side read of a tier the device wrote waits for them first (:meth:`PagedKVPool._await_device_writes`).
 
 Host-row cache (``host_cache_tokens`` > 0, with a host tier): per layer a direct-mapped device copy of host-tier rows
-that recent retrievals read (``host_cache_tokens * Hkv`` rows), used by the one-launch assembly
-(:mod:`ltri_rag.kernels.triton_assemble`, which explains the lines and tags). A decode step mostly retrieves what the
-step before it did, so after the first steps most selected host rows are read from HBM instead of over PCIe.
-Writes into the host tier drop the lines of the rows they overwrite.
+that recent retrievals read (``host_cache_tokens * Hkv`` rows; :mod:`ltri_rag.host_cache`), read and filled by the
+one-launch assembly (:mod:`ltri_rag.kernels.triton_assemble` explains lines and tags). A decode step mostly
+retrieves what the step before it did, so after the first steps most selected host rows are read from HBM instead
+of over PCIe. Writes into the host tier drop the lines of the rows they overwrite.
 
 Each slot also records the position its token was read at (host ``int64``), set by whoever fills the slot: a
 stream evicts its tokens in order, a stored document's tokens keep the positions they had when it was read.
@@ -31,72 +31,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ltri_rag.host_memory import pinned_empty
+from ltri_rag.host_cache import HostRowCache
+from ltri_rag.pool_tier import PoolTier
 from ltri_rag.kernels.transfer import extend_mirror, to_device
-from ltri_rag.kernels.triton_assemble import EPOCH_BITS
 from ltri_rag.kernels.triton_gather import gather_two_tiers, scatter_rows, triton_available
 
 __all__ = ["PagedKVPool"]
 
 _CPU = torch.device("cpu")
-
-
-class _Tier:
-    """Pages of one tier: per layer ``k, v: [capacity, page_size, Hkv, D]`` on ``device``, growing by doubling
-    up to ``limit`` pages (None: no limit)."""
-
-    def __init__(self, device: torch.device, pin_memory: bool, limit: int | None) -> None:
-        self.device = device
-        self.pin_memory = pin_memory and device.type == "cpu"
-        self.limit = limit
-        self.capacity = 0
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Uninitialised pages of this tier (pinned host pages: :func:`~ltri_rag.host_memory.pinned_empty`)."""
-        if self.pin_memory:
-            return pinned_empty(shape, dtype)
-        return torch.empty(shape, dtype=dtype, device=self.device)
-
-    def _empty(self, pages: int, like: torch.Tensor) -> torch.Tensor:
-        return self._alloc((pages, *like.shape[1:]), like.dtype)
-
-    def grow(self, pages: int, exact: bool = False) -> None:
-        """Room for ``pages`` pages (at most ``limit``); existing pages are copied over. The capacity at least
-        doubles (amortised O(1) per page); ``exact`` (a size known in advance) takes ``pages`` as it is when that is
-        at least a doubling (smaller requests still double, so many small exact requests stay linear)."""
-        pages = pages if self.limit is None else min(pages, self.limit)
-        if pages <= self.capacity:
-            return
-        if exact and pages >= 2 * self.capacity:
-            new_capacity = max(pages, 16)
-        else:
-            new_capacity = max(pages, 2 * self.capacity, 16)
-        if self.limit is not None:
-            new_capacity = min(new_capacity, self.limit)
-        if self.pin_memory and self.k and torch.cuda.is_available():
-            # kernels may still be reading the old pinned pages in place (zero_copy_host_pages), and a freed pinned
-            # block can be handed out again at once: let the device finish with them first (growth is rare)
-            torch.cuda.synchronize()
-        for store in (self.k, self.v):
-            for layer, old in store.items():
-                new = self._empty(new_capacity, old)
-                new[: old.shape[0]].copy_(old)
-                store[layer] = new
-        self.capacity = new_capacity
-
-    def ensure_layer(self, layer: int, page_size: int, num_kv_heads: int, head_dim: int,
-                     dtype: torch.dtype) -> None:
-        if layer not in self.k:
-            shape = (self.capacity, page_size, num_kv_heads, head_dim)
-            self.k[layer] = self._alloc(shape, dtype)
-            self.v[layer] = self._alloc(shape, dtype)
-
-    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K and V seen as ``[pages * page_size * Hkv, D]`` rows."""
-        k, v = self.k[layer], self.v[layer]
-        return k.view(-1, k.shape[3]), v.view(-1, v.shape[3])
 
 
 class PagedKVPool:
@@ -122,9 +64,7 @@ class PagedKVPool:
         if not isinstance(host_cache_tokens, int) or host_cache_tokens < 0:
             raise ValueError(f"host_cache_tokens must be a non-negative int, got {host_cache_tokens!r}")
         self.host_cache_tokens = host_cache_tokens
-        # per layer (tags [C] int64, k [C, D], v [C, D], epoch [1] int64) with C = host_cache_tokens * Hkv
-        self._host_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._host_cache_stats: torch.Tensor | None = None
+        self._host_cache = HostRowCache(host_cache_tokens, device) if host_cache_tokens else None
         self.page_size = page_size
         self.device = device
         self.pin_memory = pin_memory and device.type == "cpu"
@@ -134,9 +74,9 @@ class PagedKVPool:
         self.page_tables: list[list[int]] = [[] for _ in range(batch_size)]
         self.num_slots: list[int] = [0] * batch_size
         self._next_page = 0
-        self._fast = _Tier(device, pin_memory, device_pages)
+        self._fast = PoolTier(device, pin_memory, device_pages)
         # the overflow tier (pages from device_pages on): host memory, pinned for copies to a GPU
-        self._slow = None if device_pages is None else _Tier(_CPU, pin_memory, None)
+        self._slow = None if device_pages is None else PoolTier(_CPU, pin_memory, None)
         self._split = device_pages  # first page of the overflow tier
         # host int64 position per slot, in buffers that grow by doubling (slot s of sequence q at _positions[q][s];
         # entries at or past num_slots[q] are unused); the page tables as tensors, rebuilt only when pages are added
@@ -265,50 +205,17 @@ class PagedKVPool:
 
     def host_cache(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """The layer's device cache of host-tier rows, ``(tags [C] int64, k [C, D], v [C, D], epoch [1] int64)`` on
-        the first tier's device (:mod:`ltri_rag.kernels.triton_assemble` says what they hold; allocated at the first
-        call, empty), or None: no cache configured, no host tier, nothing stored in the layer yet, or ``device`` is
-        not the first tier's."""
-        if self.host_cache_tokens <= 0 or self._slow is None or layer not in self._slow.k \
+        the first tier's device (:mod:`ltri_rag.host_cache`; allocated at the first call, empty), or None: no cache
+        configured, no host tier, nothing stored in the layer yet, or ``device`` is not the first tier's."""
+        if self._host_cache is None or self._slow is None or layer not in self._slow.k \
                 or not self._first_tier_on(device):
             return None
-        cache = self._host_cache.get(layer)
-        if cache is None:
-            ref = self._slow.k[layer]  # [pages, page_size, Hkv, D]
-            lines = self.host_cache_tokens * ref.shape[2]
-            with torch.inference_mode(False):  # plain tensors: updated in place in and out of inference mode
-                cache = (torch.zeros(lines, dtype=torch.int64, device=self.device),
-                         torch.zeros(lines, ref.shape[3], dtype=ref.dtype, device=self.device),
-                         torch.zeros(lines, ref.shape[3], dtype=ref.dtype, device=self.device),
-                         torch.zeros(1, dtype=torch.int64, device=self.device))
-            self._host_cache[layer] = cache
-            self.host_cache_stats  # allocated now, not inside a captured step that counts
-        return cache
+        return self._host_cache.layer(layer, self._slow.k[layer])
 
     @property
-    def host_cache_stats(self) -> torch.Tensor:
-        """``[2]`` int64 on the first tier's device: host-tier rows the assembly found in the cache, and host-tier
-        rows it read in all, summed over layers and steps while
-        :data:`ltri_rag.kernels.triton_assemble.COUNT_HOST_CACHE` is set (zero it to restart the count)."""
-        if self._host_cache_stats is None:
-            with torch.inference_mode(False):
-                self._host_cache_stats = torch.zeros(2, dtype=torch.int64, device=self.device)
-        return self._host_cache_stats
-
-    def _drop_cached(self, layers: list[int], idx: torch.Tensor, num_kv_heads: int) -> None:
-        """Forget cached copies of host-tier rows about to be overwritten: tokens ``idx`` (``[n]`` int64, counted
-        from the host tier's first) of ``layers``, every head."""
-        caches = [self._host_cache[layer] for layer in layers if layer in self._host_cache]
-        if not caches:
-            return
-        tags = caches[0][0]
-        rows = (to_device(idx, tags.device)[:, None] * num_kv_heads
-                + torch.arange(num_kv_heads, device=tags.device)).reshape(-1)
-        lines = rows % tags.numel()
-        big = torch.iinfo(torch.int64).max
-        for tags, *_ in caches:
-            # a line holding one of the rows becomes 0 (empty); others keep their tag (min with the largest int)
-            drop = torch.where((tags[lines] >> EPOCH_BITS) == rows + 1, 0, big)
-            tags.scatter_reduce_(0, lines, drop, reduce="amin")
+    def host_cache_stats(self) -> torch.Tensor | None:
+        """The cache's hit counters (:attr:`ltri_rag.host_cache.HostRowCache.stats`), or None without a cache."""
+        return None if self._host_cache is None else self._host_cache.stats
 
     def _device_table(self, seq: int, device: torch.device) -> torch.Tensor:
         """``[pages]`` int64 page table of ``seq`` on ``device`` (copied again only when pages were added)."""
@@ -449,8 +356,8 @@ class PagedKVPool:
                 idx = flat[pick] - offset
                 pick_dev = to_device(pick, k.device)
                 src_k, src_v = k.index_select(1, pick_dev), v.index_select(1, pick_dev)
-            if tier is self._slow:
-                self._drop_cached(layers, idx, num_kv_heads)
+            if tier is self._slow and self._host_cache is not None:
+                self._host_cache.drop(layers, idx, num_kv_heads)
             if self._in_place(tier, k.device):  # the device writes the pinned host pages itself
                 self._scatter_in_place(tier, layers, idx, src_k, src_v)
                 continue
@@ -462,11 +369,11 @@ class PagedKVPool:
                 tk[idx] = src_k[i].to(tk.dtype)
                 tv[idx] = src_v[i].to(tv.dtype)
 
-    def _in_place(self, tier: _Tier, device: torch.device) -> bool:
+    def _in_place(self, tier: PoolTier, device: torch.device) -> bool:
         """Whether ``device`` reads and writes ``tier`` in place: ``zero_copy``, a pinned host tier, a GPU."""
         return self.zero_copy and tier.pin_memory and torch.device(device).type == "cuda"
 
-    def _scatter_in_place(self, tier: _Tier, layers: list[int], idx: torch.Tensor, src_k: torch.Tensor,
+    def _scatter_in_place(self, tier: PoolTier, layers: list[int], idx: torch.Tensor, src_k: torch.Tensor,
                           src_v: torch.Tensor) -> None:
         """Write ``src_k[i], src_v[i]`` (``[L, n, Hkv, D]`` on the GPU) at the tier's token rows ``idx`` (``[n]``
         host int64) of ``layers[i]``, by the GPU into the pinned pages (recorded for host readers)."""
@@ -488,7 +395,7 @@ class PagedKVPool:
             self._device_writes.synchronize()
             self._device_writes = None
 
-    def _gather_tier(self, tier: _Tier, layer: int, rows: torch.Tensor, device: torch.device,
+    def _gather_tier(self, tier: PoolTier, layer: int, rows: torch.Tensor, device: torch.device,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[n]`` (host int64, indices into the tier's ``[pages * page_size * Hkv, D]``) as ``[n, D]`` K
         and V on ``device``. From pinned host pages to a GPU the rows are gathered into a pinned buffer and copied
