@@ -58,6 +58,10 @@ COUNT_HOST_CACHE = False
 """Whether :func:`assemble_memory` adds its host-tier rows read from the cache and in all to the ``stats`` tensor it
 is given (two atomic adds per host row, on two addresses: for benchmarks, which time without it;
 :attr:`ltri_rag.pool.PagedKVPool.host_cache_stats`)."""
+HALF_TILES = True
+"""Whether the kernel holds keys as the rotate-half layout's two halves (angles, cosines and sines once per
+frequency, no gathered partner columns; ``_assemble_halves_kernel``) instead of one tile with gathered partners
+(``_assemble_kernel``; kept for timing runs, ``benchmarks.bench_small_kernels``). The same formula either way."""
 INTERPRETED = interpreted()
 
 if triton is not None:
@@ -154,6 +158,120 @@ if triton is not None:
         store = live[:, None] & col_ok[None, :]
         tl.store(OutK + out, k.to(OutK.dtype.element_ty), mask=store)
         tl.store(OutV + out, v.to(OutV.dtype.element_ty), mask=store)
+        tl.store(OutMask + head.to(tl.int64) * stride_mh + entry, valid.to(tl.int8), mask=live)
+
+
+    @triton.jit(do_not_specialize=("width", "num_sinks", "split_row", "base"))
+    def _assemble_halves_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
+                                OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
+                                width, num_sinks, split_row, base, page_size, num_kv_heads, cache_rows,
+                                stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
+                                HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SCHEME: tl.constexpr,
+                                HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CACHE: tl.constexpr,
+                                COUNT: tl.constexpr, EPOCH_BITS: tl.constexpr, EPOCH_MASK: tl.constexpr):
+        # _assemble_kernel with the keys held as the rotate-half layout's two halves, ``a`` (columns
+        # 0 .. HALF - 1) and ``b`` (HALF .. 2 HALF - 1), plus the columns past them: angles, cosines and sines are
+        # computed once per frequency and no partner column is gathered
+        head = tl.program_id(0)
+        entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+        live = entry < num_sinks + width
+        is_sink = live & (entry < num_sinks)
+        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
+        from_pool = live & ~is_sink & (slot >= 0)
+        safe = tl.where(from_pool, slot, 0)
+        page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
+        row = (page * page_size + safe % page_size) * num_kv_heads + head  # [R] int64
+        pos = tl.where(is_sink, entry.to(tl.int64), tl.load(Positions + safe, mask=from_pool, other=0))
+        valid = is_sink | from_pool
+        if HAS_SLOW:
+            in_fast = from_pool & (row < split_row)
+            in_slow = from_pool & (row >= split_row)
+        else:
+            in_fast = from_pool
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < HEAD_DIM
+        ch = tl.arange(0, BLOCK_H)
+        h_ok = ch < HALF
+        past = (cols >= 2 * HALF) & col_ok  # columns past the rotary pairs (none for a full rotary head)
+        fast_row = tl.where(in_fast, row, 0)[:, None] * HEAD_DIM
+        sink_row = head.to(tl.int64) * stride_sh + tl.where(is_sink, entry, 0).to(tl.int64)[:, None] * stride_sn
+        m = in_fast[:, None]
+        a = tl.load(FastK + fast_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(FastK + fast_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+        if 2 * HALF < HEAD_DIM:
+            r = tl.load(FastK + fast_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
+        v = tl.load(FastV + fast_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+        if HAS_SINKS:
+            m = is_sink[:, None]
+            a += tl.load(SinkK + sink_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+            b += tl.load(SinkK + sink_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+            if 2 * HALF < HEAD_DIM:
+                r += tl.load(SinkK + sink_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
+            v += tl.load(SinkV + sink_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+        if HAS_SLOW:
+            from_host = in_slow
+            if HAS_CACHE:  # host rows held by the device cache are read there (module docstring)
+                cur = tl.load(Epoch) & EPOCH_MASK
+                srow = tl.where(in_slow, row - split_row, 0)
+                line = tl.where(in_slow, srow, head * width + entry) % cache_rows
+                word = tl.load(Tags + line, mask=in_slow, other=0)
+                held = (word >> EPOCH_BITS) == srow + 1
+                free = (word & EPOCH_MASK) != cur  # no entry of this launch took the line yet
+                attempt = in_slow & (held | free)
+                old = tl.atomic_cas(Tags + line, tl.where(attempt, word, -1), ((srow + 1) << EPOCH_BITS) | cur)
+                won = attempt & (old == word)  # this entry owns the line for the launch
+                hit = won & held
+                store_line = won & ~held  # a row read from the host that takes over the line
+                from_host = in_slow & ~hit
+                line_row = line[:, None] * HEAD_DIM
+                m = hit[:, None]
+                a += tl.load(CacheK + line_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+                b += tl.load(CacheK + line_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(
+                    tl.float32)
+                if 2 * HALF < HEAD_DIM:
+                    r += tl.load(CacheK + line_row + cols[None, :], mask=m & past[None, :], other=0.0).to(
+                        tl.float32)
+                v += tl.load(CacheV + line_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+                if COUNT:  # one atomic add per host row (no tl.sum: a jit'd helper the interpreter may not patch)
+                    none = entry * 0  # (tl.zeros_like is jit'd too)
+                    tl.atomic_add(Stats + none, hit.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + 1 + none, in_slow.to(tl.int64), mask=in_slow)
+            slow_row = tl.where(from_host, row - split_row, 0)[:, None] * HEAD_DIM
+            m = from_host[:, None]
+            a += tl.load(SlowK + slow_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+            b += tl.load(SlowK + slow_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+            if 2 * HALF < HEAD_DIM:
+                r += tl.load(SlowK + slow_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
+            v += tl.load(SlowV + slow_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+            if HAS_CACHE:  # the row as stored (before any rotation) into the line it took over
+                m = store_line[:, None]
+                ty = CacheK.dtype.element_ty
+                tl.store(CacheK + line_row + ch[None, :], a.to(ty), mask=m & h_ok[None, :])
+                tl.store(CacheK + line_row + HALF + ch[None, :], b.to(ty), mask=m & h_ok[None, :])
+                if 2 * HALF < HEAD_DIM:
+                    tl.store(CacheK + line_row + cols[None, :], r.to(ty), mask=m & past[None, :])
+                tl.store(CacheV + line_row + cols[None, :], v.to(CacheV.dtype.element_ty), mask=m & col_ok[None, :])
+        if SCHEME != 2:
+            if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
+                count = tl.load(Count + head)
+                shift = tl.where(valid, base - count + entry - pos, 0)
+            else:  # fixed: every key at position 0
+                shift = tl.where(valid, -pos, 0)
+            freq = tl.load(Freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
+            turns = shift.to(tl.float64)[:, None] * freq[None, :]
+            angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+            a, b = a * cos - b * sin, b * cos + a * sin
+        out = head.to(tl.int64) * stride_oh + entry.to(tl.int64)[:, None] * stride_on
+        m = live[:, None]
+        ty = OutK.dtype.element_ty
+        tl.store(OutK + out + ch[None, :], a.to(ty), mask=m & h_ok[None, :])
+        tl.store(OutK + out + HALF + ch[None, :], b.to(ty), mask=m & h_ok[None, :])
+        if 2 * HALF < HEAD_DIM:
+            tl.store(OutK + out + cols[None, :], r.to(ty), mask=m & past[None, :])
+        tl.store(OutV + out + cols[None, :], v.to(OutV.dtype.element_ty), mask=m & col_ok[None, :])
         tl.store(OutMask + head.to(tl.int64) * stride_mh + entry, valid.to(tl.int8), mask=live)
 
 
@@ -289,15 +407,19 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
     rotate = scheme != "absolute" and inv_freq.numel() > 0
     freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else count
     sink_k_, sink_v_ = (sink_k, sink_v) if sink_k is not None else (out_k, out_v)
-    _assemble_kernel[(num_kv_heads, triton.cdiv(total, block_r))](
-        slots.contiguous(), count, page_table, positions, fast_k, fast_v,
-        slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,
-        out_k, out_v, out_mask.view(torch.int8), tags, cache_k, cache_v, epoch, stats if count_hits else count,
-        width, num_sinks, int(split_row), int(base), page_size, num_kv_heads, tags.shape[0] if has_cache else 1,
-        sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0),
-        HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
-        SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None,
-        HAS_CACHE=has_cache, COUNT=count_hits, EPOCH_BITS=EPOCH_BITS, EPOCH_MASK=(1 << EPOCH_BITS) - 1)
+    args = (slots.contiguous(), count, page_table, positions, fast_k, fast_v,
+            slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,
+            out_k, out_v, out_mask.view(torch.int8), tags, cache_k, cache_v, epoch, stats if count_hits else count,
+            width, num_sinks, int(split_row), int(base), page_size, num_kv_heads, tags.shape[0] if has_cache else 1,
+            sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0))
+    flags = dict(HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
+                 SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None,
+                 HAS_CACHE=has_cache, COUNT=count_hits, EPOCH_BITS=EPOCH_BITS, EPOCH_MASK=(1 << EPOCH_BITS) - 1)
+    grid = (num_kv_heads, triton.cdiv(total, block_r))
+    if HALF_TILES:
+        _assemble_halves_kernel[grid](*args, BLOCK_H=max(16, triton.next_power_of_2(flags["HALF"])), **flags)
+    else:
+        _assemble_kernel[grid](*args, **flags)
     return out_k[:, :total], out_v[:, :total], out_mask[:, :total]
 
 

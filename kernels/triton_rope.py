@@ -32,11 +32,20 @@ from __future__ import annotations
 import math
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import interpreted, multiprocessors, tl, triton, triton_available
 
 __all__ = ["gather_rotate_triton", "triton_available"]
 
 _MAX_HEAD_DIM = 256
+HALF_TILES = True
+"""Whether the rotation works on the two halves of the rotate-half layout as separate ``[rows, rot_dim / 2]`` tiles
+(angles, cosines and sines computed once per frequency, no gather of partner columns) instead of one
+``[rows, head_dim]`` tile with each column's partner gathered from it and its angle computed twice (False: kept for
+timing runs, ``benchmarks.bench_small_kernels``). The same formula either way."""
+SPREAD_FEW_ROWS = True
+"""Whether a launch over few rows (a decoded token's queries) uses fewer rows per program, down to 4, so that it
+runs on about two programs per multiprocessor instead of one program (False: 32 rows per program at head_dim 128
+whatever the count, the previous launch; for timing runs)."""
 INTERPRETED = interpreted()
 
 
@@ -48,6 +57,7 @@ if triton is not None:
         n_rows, period, stride_aux,
         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_V: tl.constexpr, HAS_AUX: tl.constexpr, ROTATE: tl.constexpr, IDENTITY: tl.constexpr,
+        BLOCK_H: tl.constexpr, HALF_TILES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
@@ -60,36 +70,67 @@ if triton is not None:
         col_ok = cols < HEAD_DIM
         from_main = (src >= 0)[:, None] & col_ok[None, :]
         main_off = tl.where(src >= 0, src, 0)[:, None] + cols[None, :]
-        if ROTATE:
-            # the rotate-half partner of each column (itself past rot_dim) and the sign of its term
-            in_rot = cols < 2 * HALF
-            partner = tl.where(cols < HALF, cols + HALF, tl.where(in_rot, cols - HALF, cols))
-            sign = tl.where(cols < HALF, -1.0, 1.0)
-            freq = tl.load(inv_freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
-            shift = tl.load(delta + (rows % period), mask=live, other=0).to(tl.float64)  # [R]
-            turns = shift[:, None] * freq[None, :]  # [R, C] float64
-            # the angle reduced to [-pi, pi] in float64 (exact for shifts far beyond any context), then a float32
-            # cosine and sine: float64 cos / sin of large arguments take a slow reduction path on the GPU
-            angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
-            cos = tl.where(in_rot[None, :], tl.cos(angle), 1.0)
-            sin = tl.where(in_rot[None, :], tl.sin(angle), 0.0)
-            partner_off = tl.where(src >= 0, src, 0)[:, None] + partner[None, :]
-        k = tl.load(main_k + main_off, mask=from_main, other=0.0).to(tl.float32)
-        if ROTATE:
-            kp = tl.load(main_k + partner_off, mask=from_main, other=0.0).to(tl.float32)
         if HAS_AUX:
             from_aux = (src <= -2)[:, None] & col_ok[None, :]
             aux_row = tl.where(src <= -2, -2 - src, 0)
             aux_off = aux_row[:, None] * stride_aux + cols[None, :]
-            k += tl.load(aux_k + aux_off, mask=from_aux, other=0.0).to(tl.float32)
-            if ROTATE:
-                kp += tl.load(aux_k + aux_row[:, None] * stride_aux + partner[None, :], mask=from_aux,
-                              other=0.0).to(tl.float32)
-        if ROTATE:
-            k = k * cos + sign[None, :] * (kp * sin)
         out_off = rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
         store_mask = live[:, None] & col_ok[None, :]
-        tl.store(out_k + out_off, k.to(out_k.dtype.element_ty), mask=store_mask)
+        if ROTATE:
+            shift = tl.load(delta + (rows % period), mask=live, other=0).to(tl.float64)  # [R]
+        if ROTATE and HALF_TILES:
+            # the rotate-half pairs as two [R, HALF] tiles: column c of the first half pairs with c of the second
+            ch = tl.arange(0, BLOCK_H)
+            h_ok = ch < HALF
+            main_h = tl.where(src >= 0, src, 0)[:, None] + ch[None, :]
+            in_main = (src >= 0)[:, None] & h_ok[None, :]
+            a = tl.load(main_k + main_h, mask=in_main, other=0.0).to(tl.float32)
+            b = tl.load(main_k + main_h + HALF, mask=in_main, other=0.0).to(tl.float32)
+            if HAS_AUX:
+                aux_h = aux_row[:, None] * stride_aux + ch[None, :]
+                in_aux = (src <= -2)[:, None] & h_ok[None, :]
+                a += tl.load(aux_k + aux_h, mask=in_aux, other=0.0).to(tl.float32)
+                b += tl.load(aux_k + aux_h + HALF, mask=in_aux, other=0.0).to(tl.float32)
+            freq = tl.load(inv_freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
+            turns = shift[:, None] * freq[None, :]  # [R, H] float64
+            angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+            out_h = rows[:, None].to(tl.int64) * HEAD_DIM + ch[None, :]
+            put = live[:, None] & h_ok[None, :]
+            tl.store(out_k + out_h, (a * cos - b * sin).to(out_k.dtype.element_ty), mask=put)
+            tl.store(out_k + out_h + HALF, (b * cos + a * sin).to(out_k.dtype.element_ty), mask=put)
+            if 2 * HALF < HEAD_DIM:  # dimensions past the rotary ones are copied
+                past = (cols >= 2 * HALF)[None, :]
+                k = tl.load(main_k + main_off, mask=from_main & past, other=0.0).to(tl.float32)
+                if HAS_AUX:
+                    k += tl.load(aux_k + aux_off, mask=from_aux & past, other=0.0).to(tl.float32)
+                tl.store(out_k + out_off, k.to(out_k.dtype.element_ty), mask=store_mask & past)
+        else:
+            if ROTATE:
+                # the rotate-half partner of each column (itself past rot_dim) and the sign of its term
+                in_rot = cols < 2 * HALF
+                partner = tl.where(cols < HALF, cols + HALF, tl.where(in_rot, cols - HALF, cols))
+                sign = tl.where(cols < HALF, -1.0, 1.0)
+                freq = tl.load(inv_freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
+                turns = shift[:, None] * freq[None, :]  # [R, C] float64
+                # the angle reduced to [-pi, pi] in float64 (exact for shifts far beyond any context), then a
+                # float32 cosine and sine: float64 cos / sin of large arguments take a slow path on the GPU
+                angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
+                cos = tl.where(in_rot[None, :], tl.cos(angle), 1.0)
+                sin = tl.where(in_rot[None, :], tl.sin(angle), 0.0)
+                partner_off = tl.where(src >= 0, src, 0)[:, None] + partner[None, :]
+            k = tl.load(main_k + main_off, mask=from_main, other=0.0).to(tl.float32)
+            if ROTATE:
+                kp = tl.load(main_k + partner_off, mask=from_main, other=0.0).to(tl.float32)
+            if HAS_AUX:
+                k += tl.load(aux_k + aux_off, mask=from_aux, other=0.0).to(tl.float32)
+                if ROTATE:
+                    kp += tl.load(aux_k + aux_row[:, None] * stride_aux + partner[None, :], mask=from_aux,
+                                  other=0.0).to(tl.float32)
+            if ROTATE:
+                k = k * cos + sign[None, :] * (kp * sin)
+            tl.store(out_k + out_off, k.to(out_k.dtype.element_ty), mask=store_mask)
         if HAS_V:
             v = tl.load(main_v + main_off, mask=from_main, other=0.0)
             if HAS_AUX:
@@ -184,6 +225,9 @@ def gather_rotate_triton(
         return out_k, out_v
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_r = max(1, min(64, 4096 // block_d))
+    if device.type == "cuda" and SPREAD_FEW_ROWS:  # few rows (a decoded token's queries): more programs
+        while block_r > 4 and triton.cdiv(n_rows, block_r) < 2 * multiprocessors(device.index or 0):
+            block_r //= 2
     # frequencies in turns per position (float64, computed where inv_freq lives: nothing is copied from the host)
     freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else main_k
     _gather_rotate_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -193,5 +237,6 @@ def gather_rotate_triton(
         n_rows, delta.numel() if rotate else 1, 0 if aux_k is None else aux_k.stride(0),
         HEAD_DIM=head_dim, HALF=max(half, 1), BLOCK_D=block_d, BLOCK_R=block_r,
         HAS_V=main_v is not None, HAS_AUX=aux_k is not None, ROTATE=rotate, IDENTITY=source is None,
+        BLOCK_H=max(16, triton.next_power_of_2(max(half, 1))), HALF_TILES=HALF_TILES,
     )
     return out_k, out_v

@@ -47,6 +47,10 @@ __all__ = ["fill_ranked", "rank_keys", "triton_available"]
 INTERPRETED = interpreted()
 _PARTIAL_TILE = 128  # spans per tile of the ranking's partial sums
 _MAX_PARTS = 128  # programs (sets of partials) per selection row: a long memory spreads over the GPU
+SCALAR_WALK = True
+"""Whether :func:`fill_ranked` walks the tail over unrolled scalar loads (True) or picks each step's length out of
+a register tile with a reduction over the tile (False: 64 dependent cross-warp reductions per call; kept for
+timing runs, ``benchmarks.bench_small_kernels``). The same spans either way."""
 
 if triton is not None:
 
@@ -56,7 +60,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=("num_spans", "budget"))
     def _fill_ranked_kernel(Order, Sums, Ranked, Out, num_spans, budget,
-                            TAIL: tl.constexpr, BLOCK: tl.constexpr):
+                            TAIL: tl.constexpr, BLOCK: tl.constexpr, SCALAR_WALK: tl.constexpr):
         row = tl.program_id(0)
         block = tl.program_id(1)
         base = row.to(tl.int64) * num_spans
@@ -72,19 +76,29 @@ if triton is not None:
         if tl.reduce(first_over.to(tl.int32), 0, _add) > 0:
             prefix = tl.reduce(tl.where(first_over, rank, 0), 0, _add)
             left = budget - tl.reduce(tl.where(first_over, before, 0), 0, _add)
-            step = tl.arange(0, TAIL)
-            walked = prefix + step
-            exists = walked < num_spans
-            lens = tl.load(Ranked + base + walked, mask=exists, other=budget + 1)
-            taken = tl.full([TAIL], 0, dtype=tl.int32)
-            for j in range(TAIL):
-                length = tl.reduce(tl.where(step == j, lens, 0), 0, _add)
-                take = length <= left
-                left = left - tl.where(take, length, 0)
-                taken = tl.where(step == j, take.to(tl.int32), taken)
-            keep = exists & (taken != 0)
-            spans = tl.load(Order + base + walked, mask=keep, other=0)
-            tl.store(Out + base + spans, tl.full([TAIL], 1, tl.int8), mask=keep)
+            if SCALAR_WALK:  # the walk unrolled over scalar loads (no reduction per step)
+                for j in tl.static_range(TAIL):
+                    r = prefix + j
+                    exists = r < num_spans
+                    length = tl.load(Ranked + base + r, mask=exists, other=budget + 1)
+                    walked_span = tl.load(Order + base + r, mask=exists, other=0)
+                    take = exists & (length <= left)
+                    left = left - tl.where(take, length, 0)
+                    tl.store(Out + base + walked_span, take.to(tl.int8), mask=take)
+            else:  # each step picks its length out of a register tile by a masked sum
+                step = tl.arange(0, TAIL)
+                walked = prefix + step
+                exists = walked < num_spans
+                lens = tl.load(Ranked + base + walked, mask=exists, other=budget + 1)
+                taken = tl.full([TAIL], 0, dtype=tl.int32)
+                for j in range(TAIL):
+                    length = tl.reduce(tl.where(step == j, lens, 0), 0, _add)
+                    take = length <= left
+                    left = left - tl.where(take, length, 0)
+                    taken = tl.where(step == j, take.to(tl.int32), taken)
+                keep = exists & (taken != 0)
+                spans = tl.load(Order + base + walked, mask=keep, other=0)
+                tl.store(Out + base + spans, tl.full([TAIL], 1, tl.int8), mask=keep)
 
 
     @triton.jit
@@ -223,7 +237,8 @@ def fill_ranked(order: torch.Tensor, ranked: torch.Tensor, ranked_sums: torch.Te
         return out
     order, ranked, ranked_sums = order.contiguous(), ranked.contiguous(), ranked_sums.contiguous()
     _fill_ranked_kernel[(rows, triton.cdiv(num_spans, block))](
-        order, ranked_sums, ranked, out.view(torch.int8), num_spans, int(budget), TAIL=tail, BLOCK=block)
+        order, ranked_sums, ranked, out.view(torch.int8), num_spans, int(budget), TAIL=tail, BLOCK=block,
+        SCALAR_WALK=SCALAR_WALK)
     return out
 
 

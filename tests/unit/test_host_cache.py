@@ -44,7 +44,10 @@ def _check_lines(cache, slow_k, slow_v) -> None:
 
 @pytest.mark.parametrize("lines_per_head", [3, 64])  # 3: rows collide in the cache; 64: every host row fits
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_assembly_through_the_cache_equals_the_assembly_without(lines_per_head, dtype) -> None:
+@pytest.mark.parametrize("half_tiles", [True, False], ids=["half_tiles", "full_tile"])
+def test_assembly_through_the_cache_equals_the_assembly_without(lines_per_head, dtype, half_tiles,
+                                                               monkeypatch) -> None:
+    monkeypatch.setattr(triton_assemble, "HALF_TILES", half_tiles)
     num_kv_heads, head_dim = 3, 32
     args, _ = _case(num_kv_heads, 20, 2, head_dim, 16, 4, dtype, seed=11)
     cache = _cache(lines_per_head * num_kv_heads, head_dim, dtype)

@@ -51,9 +51,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("half_tiles", [True, False], ids=["half_tiles", "full_tile"])
 @pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}W{}s{}D{}r{}t{}-{}".format(*c[:6], str(c[6])[6:]))
-def test_kernel_matches_the_reference(case, scheme) -> None:
+def test_kernel_matches_the_reference(case, scheme, half_tiles, monkeypatch) -> None:
+    """Both kernel forms (keys as two rotary halves, the default; one tile with gathered partner columns)."""
+    monkeypatch.setattr(triton_assemble, "HALF_TILES", half_tiles)
     args, _ = _case(*case, seed=sum(case[:5]))
     want_k, want_v, want_mask = triton_assemble.assemble_memory_torch(**args, scheme=scheme)
     got_k, got_v, got_mask = triton_assemble.assemble_memory(**args, scheme=scheme)

@@ -44,10 +44,13 @@ def _reference_rows(main: torch.Tensor, aux: torch.Tensor | None, source: torch.
 @pytest.mark.parametrize("head_dim,half,dtype", [
     (16, 8, torch.float32), (20, 8, torch.float32), (64, 32, torch.float16), (48, 24, torch.bfloat16),
     (128, 64, torch.bfloat16), (12, 0, torch.float32)])
-def test_gather_rotate_matches_the_torch_rotation(head_dim, half, dtype) -> None:
+@pytest.mark.parametrize("half_tiles", [True, False], ids=["half_tiles", "full_tile"])
+def test_gather_rotate_matches_the_torch_rotation(head_dim, half, dtype, half_tiles, monkeypatch) -> None:
     """Rows from main (any offset), from aux and empty rows, keys rotated by per-row shifts up to 10M positions
     (partial rotary dims copied), values copied: equal to index + :func:`rotate` (to float32 rounding: the kernel
-    reduces the angle in float64 and takes a float32 cosine and sine, ``rotate`` a float64 one)."""
+    reduces the angle in float64 and takes a float32 cosine and sine, ``rotate`` a float64 one), with the rotation
+    on two half tiles (the default) or on one tile with gathered partner columns."""
+    monkeypatch.setattr(triton_rope, "HALF_TILES", half_tiles)
     gen = torch.Generator().manual_seed(head_dim)
     main_k = torch.randn(40, 3, head_dim, generator=gen).to(dtype).to(DEVICE)
     main_v = torch.randn(40, 3, head_dim, generator=gen).to(dtype).to(DEVICE)
@@ -237,6 +240,7 @@ def test_engine_builds_its_memory_in_one_launch(mode, extra, monkeypatch) -> Non
     monkeypatch.setattr("ltri_rag.layer.build_memory", spy)
     model = tiny_model("llama").to(DEVICE)
     common = dict(mode=mode, num_sink_tokens=3, local_window=16, chunk_size=8, budget=24, page_size=5,
+                  selection_on_device=False,  # the host-planned path (on CUDA "auto" selects on the device)
                   evict_stride=4, span_min_len=2, span_max_len=12, block_size=4, **extra)
     ids = random_ids(2, 44).to(DEVICE)
     sessions = [LtriSession(model, LtriConfig(**common, attention_backend=b), batch_size=2)

@@ -32,9 +32,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("scalar_walk", [True, False], ids=["scalar_walk", "reduce_walk"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "R{}S{}L{}b{}B{}".format(*c))
-def test_matches_the_torch_fill(case) -> None:
+def test_matches_the_torch_fill(case, scalar_walk, monkeypatch) -> None:
     rows, num_spans, max_len, budget, block = case
+    monkeypatch.setattr(triton_select, "SCALAR_WALK", scalar_walk)
+    monkeypatch.setattr(retrieval, "FUSED_FILL", False)  # the reference is the torch walk, also on a GPU
     gen = torch.Generator().manual_seed(num_spans * 7 + rows)
     lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
     keys = torch.randn(rows, num_spans, generator=gen)

@@ -1,0 +1,188 @@
+"""The small Triton kernels of a retrieving decode step, each in its current form and its previous one, in one run.
+
+    python -m benchmarks.bench_small_kernels --out benchmarks/results/small_kernels_h200
+
+A profile of an 8K decode step of the Llama-3-8B shape (``benchmarks.profile_decode_graph``) spends ~2.4 ms per
+token in three small kernels whose bytes would take a few µs: the memory part's assembly (35 µs per layer), the
+query rotation (16 µs per layer for 32 rows) and the budget fill (12 µs per call, two per layer). Each row here times
+one of them at the shapes of that step (and larger ones), with a module switch set to the current or the previous
+form:
+
+* ``fill``: :func:`ltri_rag.kernels.triton_select.fill_ranked` over ``8 x S`` ranked spans (lengths 1-64, budget
+  2,048, tail 64); ``SCALAR_WALK`` (the tail walked over unrolled scalar loads) against the previous reduction per
+  step;
+* ``rotate``: :func:`ltri_rag.kernels.triton_rope.gather_rotate_triton` of ``N`` dense rows by per-row shifts;
+  ``HALF_TILES`` (the rotate-half pairs as two half tiles) against one tile with gathered partner columns;
+* ``assemble``: :func:`ltri_rag.kernels.triton_assemble.assemble_memory` of ``Hkv x (sinks + W)`` rows from an 8K-token
+  pool (device tier; ``--host-share`` of its pages in pinned host memory for the ``host`` rows), contiguous scheme;
+  ``HALF_TILES`` likewise.
+
+Each call is captured ``--calls`` times into one CUDA graph over as many separate input sets (so the assembly's pool
+rows are not all in L2), the graph replayed ``--reps`` times; µs per call = replay time / calls (what a captured
+decode step pays, launch gaps included). Both forms must give the same result: the script stops otherwise (equal
+bit for bit for the fill and the values, keys to 1e-2 in bfloat16). Writes ``bench.json`` and ``bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _graph_us(fns: list[Callable[[], Any]], reps: int) -> float:
+    """µs per call of ``fns`` captured in one CUDA graph and replayed ``reps`` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(fns))
+
+
+def fill_case(num_spans: int, calls: int, gen: torch.Generator) -> tuple[list[Callable[[], Any]], Callable[[], Any]]:
+    from ltri_rag.kernels import triton_select
+
+    rows, budget, tail = 8, 2048, 64
+    inputs = []
+    for _ in range(calls):
+        lengths = torch.randint(1, 65, (num_spans,), generator=gen)
+        keys = torch.randn(rows, num_spans, generator=gen)
+        order = torch.argsort(keys, dim=1, descending=True, stable=True)
+        ranked = lengths[order]
+        inputs.append(tuple(t.cuda() for t in (order, ranked, torch.cumsum(ranked, dim=1))))
+    fns = [lambda i=i: triton_select.fill_ranked(i[0], i[1], i[2], budget, tail) for i in inputs]
+    return fns, fns[0]
+
+
+def rotate_case(n_rows: int, head_dim: int, calls: int, gen: torch.Generator):
+    from ltri_rag.kernels import triton_rope
+
+    inv_freq = (1.0 / 500000 ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))).cuda()
+    inputs = [(torch.randn(n_rows, head_dim, generator=gen).bfloat16().cuda(),
+               torch.randint(0, 1_000_000, (n_rows,), generator=gen).cuda()) for _ in range(calls)]
+    fns = [lambda i=i: triton_rope.gather_rotate_triton(i[0], None, None, i[1], inv_freq)[0] for i in inputs]
+    return fns, fns[0]
+
+
+def assemble_case(width: int, host_share: float, calls: int, gen: torch.Generator):
+    from ltri_rag.kernels import triton_assemble
+
+    num_kv_heads, head_dim, sinks, page_size, tokens = 8, 128, 128, 128, 8192
+    pages = tokens // page_size
+    rows = tokens * num_kv_heads
+    split = int(round(pages * (1 - host_share))) * page_size * num_kv_heads
+    inv_freq = (1.0 / 500000 ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))).float().cuda()
+    inputs = []
+    for _ in range(calls):
+        pool_k = torch.randn(rows, head_dim, generator=gen).bfloat16()
+        pool_v = torch.randn(rows, head_dim, generator=gen).bfloat16()
+        slots = torch.stack([torch.randperm(tokens, generator=gen)[:width].sort().values
+                             for _ in range(num_kv_heads)])
+        slow = (None, None) if split >= rows else (pool_k[split:].pin_memory(), pool_v[split:].pin_memory())
+        inputs.append(dict(
+            slots=slots.cuda(), page_table=torch.randperm(pages, generator=gen).cuda(), page_size=page_size,
+            positions=torch.randint(0, 1_000_000, (tokens,), generator=gen).cuda(), fast_k=pool_k[:split].cuda(),
+            fast_v=pool_v[:split].cuda(), slow_k=slow[0], slow_v=slow[1], split_row=min(split, rows),
+            sink_k=torch.randn(num_kv_heads, sinks, head_dim, generator=gen).bfloat16().cuda(),
+            sink_v=torch.randn(num_kv_heads, sinks, head_dim, generator=gen).bfloat16().cuda(),
+            base=1_000_000, inv_freq=inv_freq, scheme="contiguous"))
+    fns = [lambda i=i: triton_assemble.assemble_memory(**i) for i in inputs]
+    return fns, fns[0]
+
+
+CASES: dict[str, tuple[str, str]] = {  # kind: (module, switch)
+    "fill": ("triton_select", "SCALAR_WALK"),
+    "rotate": ("triton_rope", "HALF_TILES"),
+    "assemble": ("triton_assemble", "HALF_TILES"),
+}
+
+
+def _same(a: Any, b: Any, kind: str) -> bool:
+    pairs = list(zip(a, b)) if isinstance(a, tuple) else [(a, b)]
+    if kind == "assemble":
+        k, v, m = pairs
+        return torch.equal(v[0], v[1]) and torch.equal(m[0], m[1]) and torch.allclose(
+            k[0].float(), k[1].float(), atol=1e-2, rtol=1e-2)
+    if kind == "rotate":
+        return torch.allclose(pairs[0][0].float(), pairs[0][1].float(), atol=1e-2, rtol=1e-2)
+    return torch.equal(pairs[0][0], pairs[0][1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=32, help="calls (input sets) per captured graph")
+    parser.add_argument("--reps", type=int, default=50, help="graph replays timed")
+    parser.add_argument("--spans", type=int, nargs="+", default=[256, 4096, 16384], help="fill: spans per row")
+    parser.add_argument("--rows", type=int, nargs="+", default=[32, 17408], help="rotate: rows (head_dim 128)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[2048], help="assemble: slots per KV head")
+    parser.add_argument("--host-share", type=float, default=0.5, help="assemble host rows: pages in host memory")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_small_kernels times compiled kernels: it needs a CUDA device")
+    import importlib
+
+    gen = torch.Generator().manual_seed(0)
+    cases: list[tuple[str, str, Any]] = []
+    cases += [("fill", f"8 x {s} spans", fill_case(s, args.calls, gen)) for s in args.spans]
+    cases += [("rotate", f"{n} rows x 128", rotate_case(n, 128, args.calls, gen)) for n in args.rows]
+    for w in args.widths:
+        cases.append(("assemble", f"8 heads x {128 + w} rows, device tier", assemble_case(w, 0.0, args.calls, gen)))
+        cases.append(("assemble", f"8 heads x {128 + w} rows, {args.host_share:.0%} host pages",
+                      assemble_case(w, args.host_share, args.calls, gen)))
+    rows = []
+    for kind, shape, (fns, probe) in cases:
+        module = importlib.import_module(f"ltri_rag.kernels.{CASES[kind][0]}")
+        switch = CASES[kind][1]
+        saved = getattr(module, switch)
+        result: dict[str, Any] = {"kernel": kind, "shape": shape, "switch": switch}
+        outs = {}
+        try:
+            for value in (True, False):
+                setattr(module, switch, value)
+                outs[value] = probe()
+                result[f"us_{str(value).lower()}"] = round(_graph_us(fns, args.reps), 2)
+        finally:
+            setattr(module, switch, saved)
+        if not _same(outs[True], outs[False], kind):
+            raise SystemExit(f"{kind} {shape}: the two forms disagree")
+        result["speedup"] = round(result["us_false"] / result["us_true"], 2) if result["us_true"] else math.nan
+        rows.append(result)
+        print(f"{kind:9s} {shape:40s} {switch}=True {result['us_true']:8.2f} us   False {result['us_false']:8.2f} us"
+              f"   x{result['speedup']}", flush=True)
+    lines = ["| kernel | shape | switch | µs per call, current (True) | previous (False) | speed-up |",
+             "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['kernel']} | {r['shape']} | `{r['switch']}` | {r['us_true']} | {r['us_false']} | "
+              f"{r['speedup']}x |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "calls": args.calls,
+                "reps": args.reps}
+        (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "bench.md").write_text(f"# Small decode-step kernels, two forms ({meta['device']})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
