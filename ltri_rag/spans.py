@@ -165,6 +165,24 @@ def span_rank(dense: torch.Tensor, theta: torch.Tensor, num_rows: int, min_len: 
     return (s - cut) / n.double()
 
 
+
+def _key_totals(b: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` column totals of band rows ``b [B, T, W]`` (``b[:, i, d]`` on key ``i - d``, zero where that is
+    before key 0): key ``j`` sits at offset ``d`` of row ``j + d``, so its total is a sum along a diagonal. The keys
+    whose diagonal stays inside the rows are read as one strided view, the last ``W - 1`` by a small gather: a sum in
+    a fixed order on every device (an ``index_add_`` on CUDA adds in an order that varies from run to run, so its
+    float rounding, and a near-tie between candidate spans, would too)."""
+    batch, total, width = b.shape
+    b = b.contiguous()
+    bulk = max(total - width + 1, 0)
+    column = b.as_strided((batch, bulk, width), (total * width, width, width + 1), b.storage_offset()).sum(2)
+    keys = torch.arange(bulk, total, device=b.device)[:, None]  # [T - bulk, 1]
+    offsets = torch.arange(width, device=b.device)[None, :]  # [1, W]
+    rows = keys + offsets
+    tail = torch.where(rows < total, b[:, rows.clamp(max=total - 1), offsets.expand_as(rows)], 0.0).sum(2)
+    return torch.cat([column, tail], dim=1)
+
+
 def span_rank_band(band: torch.Tensor, theta: torch.Tensor, num_rows: int, min_len: int,
                    max_len: int) -> torch.Tensor:
     """:func:`span_rank` computed from the band itself, without the dense map.
@@ -205,8 +223,7 @@ def span_rank_band(band: torch.Tensor, theta: torch.Tensor, num_rows: int, min_l
     steps = row_mass[:, rows.clamp(max=total - 1), t.clamp(max=width - 1).expand_as(rows)]  # [B, N, L]
     steps = torch.where(rows < num_rows, steps, zero)
     mass = steps.cumsum(2)[:, :, min_len - 1:max_len]  # [B, N, L']: triangle mass of [x, x + n)
-    column = torch.zeros(batch, total, dtype=torch.float64, device=dev).index_add_(
-        1, key.clamp(min=0).flatten(), b.reshape(batch, -1))  # [B, T] column totals
+    column = _key_totals(b)  # [B, T] column totals
     zeros = torch.zeros(batch, 1, dtype=torch.float64, device=dev)
     col_prefix = torch.cat([zeros, column.cumsum(1)], dim=1)
     n = torch.arange(min_len, max_len + 1, device=dev)[None, :]  # [1, L']
