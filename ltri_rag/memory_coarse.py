@@ -120,7 +120,7 @@ class CoarseScorer:
             return shares
         probs = span_probabilities(queries.to(self.device, torch.float32), vectors, owner, span_doc.numel(),
                                    self.scaling)
-        return shares.index_add_(0, span_doc, probs.mean(0).to(torch.float64))
+        return _segment_sums(probs.mean(0).to(torch.float64), span_doc, num_docs)
 
     @torch.inference_mode()
     def rank(self, docs: Sequence[DocumentInfo], question: dict[int, torch.Tensor],
@@ -153,3 +153,15 @@ class CoarseScorer:
         values = score.cpu().tolist()
         order = sorted(range(len(docs)), key=lambda i: (-values[i], docs[i].collection, docs[i].doc_id))
         return [(docs[i], values[i]) for i in order]
+
+
+def _segment_sums(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """``[num_segments]`` sums of ``values [S]`` per ``segment [S]`` (non-decreasing ids), each added in a fixed
+    order (a padded ``[num_segments, longest]`` table summed along its rows): an ``index_add_`` on CUDA adds in an
+    order that varies from run to run, so its rounding, and a near-tie between two documents, would too."""
+    counts = torch.bincount(segment, minlength=num_segments)  # [N]
+    starts = torch.cumsum(counts, 0) - counts
+    longest = int(counts.max()) if counts.numel() else 0
+    step = torch.arange(longest, device=values.device)[None, :]
+    index = (starts[:, None] + step).clamp(max=max(values.numel() - 1, 0))
+    return torch.where(step < counts[:, None], values[index], 0.0).sum(1)

@@ -107,3 +107,15 @@ def test_a_small_budget_evicts_and_past_the_store_falls_back_to_faiss(tmp_path, 
         assert len(mem.generate("Where does the Seine flow?", max_new_tokens=1).documents) == 1
     with pytest.raises(ValueError, match="coarse_bytes must be an int >= 0"):
         _create(tmp_path / "bad", llama, tok, coarse_bytes=-1)
+
+
+def test_segment_sums_equal_the_scattered_sums() -> None:
+    """Per-document sums in a fixed order equal index_add_'s, with empty documents between and after."""
+    from ltri_rag.memory_coarse import _segment_sums
+
+    gen = torch.Generator().manual_seed(3)
+    segment = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 5])
+    values = torch.rand(segment.numel(), generator=gen, dtype=torch.float64)
+    want = torch.zeros(7, dtype=torch.float64).index_add_(0, segment, values)
+    torch.testing.assert_close(_segment_sums(values, segment, 7), want, rtol=1e-12, atol=1e-12)
+    assert _segment_sums(values[:0], segment[:0], 2).tolist() == [0.0, 0.0]
