@@ -36,6 +36,8 @@ def kernel_table(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
     for event in prof.key_averages():
         if "CUDA" not in str(getattr(event, "device_type", "")):  # kernels only (an operator's row repeats them)
             continue
+        if getattr(event, "is_user_annotation", False) or event.key.startswith("ltri."):
+            continue  # a record_function range on the device timeline: its kernels have rows of their own
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
             device_us = getattr(event, "self_cuda_time_total", 0.0)
