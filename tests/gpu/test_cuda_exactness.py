@@ -93,3 +93,26 @@ def test_cuda_device_selection_matches_the_host_and_never_waits(family: str, poo
         assert state._selects_on_device(torch.zeros(2, 4, 1, 16, device="cuda"))
     else:
         assert 0 < sessions[1].cache.pool.pages_on_device < sessions[1].cache.pool.num_pages
+
+
+@pytest.mark.parametrize("pool", ["gpu", "auto_split"])
+def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
+    """Two sessions over the same prompt, bfloat16, many evictions (spans cut on the attention band, index vectors,
+    device selection, the one-launch assembly, graph-replayed decode steps; with ``auto_split`` host pages read in
+    place through the host-row cache): the same logits bit for bit at every step. Nothing in the engine may add
+    floats in an order that changes between runs (an ``index_add_`` did, in span detection)."""
+    from ltri_rag import LtriConfig
+
+    model = tiny_model("llama").cuda().to(torch.bfloat16)
+    ids = _ids(1, 400).cuda()
+    cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
+                     span_min_len=2, span_max_len=12, **POOLS[pool])
+    runs = []
+    for _ in range(2):
+        session = LtriSession(model, cfg)
+        logits = [session.feed(ids)]
+        for _ in range(6):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        runs.append(logits)
+    for step, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"step {step}"
