@@ -151,11 +151,13 @@ def test_row_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
     _check(seen, kernels)
 
 
-def test_assembly_kernel_does_not_specialise_on_lengths(monkeypatch) -> None:
+@pytest.mark.parametrize("half_tiles", [True, False], ids=["half_tiles", "full_tile"])
+def test_assembly_kernel_does_not_specialise_on_lengths(half_tiles, monkeypatch) -> None:
     from tests.unit import test_triton_assemble as assemble_tests
 
     ta = assemble_tests.triton_assemble
-    kernels = [ta._assemble_kernel]
+    monkeypatch.setattr(ta, "HALF_TILES", half_tiles)
+    kernels = [ta._assemble_halves_kernel if half_tiles else ta._assemble_kernel]
     seen = _record(monkeypatch, kernels)
     for width, sinks, split in ((5, 2, 3), (16, 3, 6)):
         args, _ = assemble_tests._case(2, width, sinks, 16, 8, split, torch.float32, seed=width)
