@@ -5,7 +5,7 @@
 # time limit, one device call per group (a call may run 10 minutes):
 #
 #   STEPS="tests local" bash benchmarks/gpu_checks.sh            # ~8 min
-#   STEPS="scoring decode e2e" bash benchmarks/gpu_checks.sh     # ~7 min
+#   STEPS="scoring decode small e2e" bash benchmarks/gpu_checks.sh   # ~8 min
 #   STEPS="profile" ... ; STEPS="e2e8b" ...                       # ~5 / ~9.5 min
 #
 # Timings of host-side work (e2e, profile) are only meaningful while no quality grid shares the host's CPUs (a grid
@@ -16,7 +16,7 @@
 # back at most 8 files). Default STEPS: all of them.
 set -uo pipefail
 out=$(mktemp -d)
-steps=${STEPS:-tests local scoring decode e2e profile e2e8b}
+steps=${STEPS:-tests local scoring decode small e2e profile e2e8b}
 # this checkout's scripts and tests, in their own folder (a grid running from /tmp/run keeps its copy)
 run=/tmp/checks_run
 rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests pyproject.toml "$run"/  # pyproject: the pytest marks
@@ -37,6 +37,7 @@ for s in $steps; do
     scoring) step scoring 90 python3 -m benchmarks.bench_span_scoring --out "$out/span_scoring" ;;
     decode) [ -f benchmarks/bench_decode_attention.py ] && \
               step decode 90 python3 -m benchmarks.bench_decode_attention --out "$out/decode_attention" ;;
+    small) step small 120 python3 -m benchmarks.bench_small_kernels --out "$out/small_kernels" ;;
     e2e) step e2e 240 python3 -m benchmarks.bench_e2e --model qwen2.5-0.5b-random --lengths 8192 32768 131072 \
            --decode-lengths 8192 32768 131072 --decode-tokens 16 --modes full streaming ltri ltri_gpu_pool \
            --chunk 2048 --backend auto --time-limit 220 --out "$out/e2e_qwen" ;;
