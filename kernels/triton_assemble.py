@@ -34,8 +34,8 @@ it overwrites). A decode step retrieves mostly what the step before it did (Qwen
 Positions: sink ``i`` was read at position ``i``; ``contiguous`` moves valid entry ``i`` of head ``h`` to
 ``base - count[h] + i`` (``base``: the first position of the local window), ``fixed`` to 0 (the queries move
 instead), ``absolute`` leaves keys where they are. Empty entries are zeros with a False mask. Angles as in
-:mod:`ltri_rag.kernels.triton_rope` (float64 turns, float32 cosine and sine). Reference:
-:func:`assemble_memory_torch`.
+:mod:`ltri_rag.kernels.triton_rope` (float64 turns, float32 cosine and sine), on the rotate-half layout's two halves
+held as separate tiles (``HALF_TILES``, ``_assemble_halves_kernel``). Reference: :func:`assemble_memory_torch`.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ Angles are ``delta * inv_freq`` counted in turns in float64 and reduced to one t
 exact), then their cosine and sine are taken in float32 (float64 ``cos`` / ``sin`` of large arguments take a slow
 reduction path on the GPU: 0.37 ms per layer's memory part on the H200, most of a captured retrieving decode step).
 :func:`ltri_rag.rope.rotate` takes them in float64 and rounds: the two agree to a few float32 ulps. The products run
-in float32. Under the interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kernel runs on CPU
-tensors.
+in float32, on the rotate-half layout's two halves held as separate tiles (``HALF_TILES``: each angle, cosine and
+sine once per frequency, ``a cos - b sin`` and ``b cos + a sin``; before session 21 one ``[rows, head_dim]`` tile with
+every angle computed twice and the partner columns gathered: 23.8 against 10.3 µs for 17K rows on an H200). Under the
+interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kernel runs on CPU tensors.
 """
 
 from __future__ import annotations

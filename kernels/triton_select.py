@@ -24,8 +24,10 @@ the sort's order and the running sum of the ranked lengths, everything else is o
 
 * each program takes ``BLOCK`` consecutive ranks of a row and marks the spans of those inside the prefix
   (``running sum <= budget``; lengths are >= 1, so the sums increase and the prefix is where they stay within);
-* the one program whose block holds the first rank past the prefix also walks the next ``tail`` ranks: their
-  lengths are loaded at once and the walk runs in registers (each step picks its rank's length by a masked sum).
+* the one program whose block holds the first rank past the prefix also walks the next ``tail`` ranks, unrolled,
+  each step a scalar load of its rank's length and span (``SCALAR_WALK``; before session 21 each step picked its
+  length out of a register tile by a masked sum, a cross-warp reduction per step: 13.2 against 6.8 µs per call on an
+  H200, ``benchmarks.bench_small_kernels``).
 
 Every span is written at most once and only with True (the output starts all False), so the programs never race.
 The result is the reference's, exactly (integer arithmetic only).
