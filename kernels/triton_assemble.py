@@ -66,6 +66,55 @@ INTERPRETED = interpreted()
 
 if triton is not None:
 
+    @triton.jit
+    def _entry_sources(Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads,
+                       HAS_SLOW: tl.constexpr):
+        """Per output entry ``[R]``: ``(live, is_sink, valid, row, pos, in_fast, in_slow)``; ``row`` the pool row of
+        a slot through the page table (both tiers counted as one), ``pos`` the position it was read at."""
+        live = entry < num_sinks + width
+        is_sink = live & (entry < num_sinks)
+        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
+        from_pool = live & ~is_sink & (slot >= 0)
+        safe = tl.where(from_pool, slot, 0)
+        page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
+        row = (page * page_size + safe % page_size) * num_kv_heads + head  # [R] int64
+        pos = tl.where(is_sink, entry.to(tl.int64), tl.load(Positions + safe, mask=from_pool, other=0))
+        if HAS_SLOW:
+            in_fast = from_pool & (row < split_row)
+            in_slow = from_pool & (row >= split_row)
+        else:
+            in_fast = from_pool
+            in_slow = from_pool & False
+        return live, is_sink, is_sink | from_pool, row, pos, in_fast, in_slow
+
+    @triton.jit
+    def _claim_lines(Tags, Epoch, in_slow, srow, spread, cache_rows, EPOCH_BITS: tl.constexpr,
+                     EPOCH_MASK: tl.constexpr):
+        """Each host row's compare-and-swap on its cache line (module docstring): ``(line, hit, store_line)``.
+        ``srow``: the row counted from the host tier's first; ``spread``: a line index for entries without one."""
+        cur = tl.load(Epoch) & EPOCH_MASK
+        srow = tl.where(in_slow, srow, 0)
+        # entries without a host row try no line (an exchange that cannot succeed, spread over lines)
+        line = tl.where(in_slow, srow, spread) % cache_rows
+        word = tl.load(Tags + line, mask=in_slow, other=0)
+        held = (word >> EPOCH_BITS) == srow + 1
+        free = (word & EPOCH_MASK) != cur  # no entry of this launch took the line yet
+        attempt = in_slow & (held | free)
+        old = tl.atomic_cas(Tags + line, tl.where(attempt, word, -1), ((srow + 1) << EPOCH_BITS) | cur)
+        won = attempt & (old == word)  # this entry owns the line for the launch
+        # a hit reads the line; a row read from the host that takes the line over stores itself there
+        return line, won & held, won & ~held
+
+    @triton.jit
+    def _shift(Count, head, entry, pos, valid, base, SCHEME: tl.constexpr):
+        """Positions each entry's key moves by: ``contiguous`` (0) puts valid entry ``i`` of the head at
+        ``base - count + i``, ``fixed`` (1) every key at 0."""
+        if SCHEME == 0:
+            shift = tl.where(valid, base - tl.load(Count + head) + entry - pos, 0)
+        else:
+            shift = tl.where(valid, -pos, 0)
+        return shift
+
     @triton.jit(do_not_specialize=("width", "num_sinks", "split_row", "base"))
     def _assemble_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
                          OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
@@ -77,20 +126,8 @@ if triton is not None:
                          EPOCH_MASK: tl.constexpr):
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
-        live = entry < num_sinks + width
-        is_sink = live & (entry < num_sinks)
-        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
-        from_pool = live & ~is_sink & (slot >= 0)
-        safe = tl.where(from_pool, slot, 0)
-        page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
-        row = (page * page_size + safe % page_size) * num_kv_heads + head  # [R] int64
-        pos = tl.where(is_sink, entry.to(tl.int64), tl.load(Positions + safe, mask=from_pool, other=0))
-        valid = is_sink | from_pool
-        if HAS_SLOW:
-            in_fast = from_pool & (row < split_row)
-            in_slow = from_pool & (row >= split_row)
-        else:
-            in_fast = from_pool
+        live, is_sink, valid, row, pos, in_fast, in_slow = _entry_sources(
+            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, HAS_SLOW)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < HEAD_DIM
         fast_off = tl.where(in_fast, row, 0)[:, None] * HEAD_DIM
@@ -113,27 +150,16 @@ if triton is not None:
         if HAS_SLOW:
             from_host = in_slow
             if HAS_CACHE:  # host rows held by the device cache are read there (module docstring)
-                cur = tl.load(Epoch) & EPOCH_MASK
-                srow = tl.where(in_slow, row - split_row, 0)
-                # entries without a host row try no line (an exchange that cannot succeed, spread over lines)
-                line = tl.where(in_slow, srow, head * width + entry) % cache_rows
-                word = tl.load(Tags + line, mask=in_slow, other=0)
-                held = (word >> EPOCH_BITS) == srow + 1
-                free = (word & EPOCH_MASK) != cur  # no entry of this launch took the line yet
-                attempt = in_slow & (held | free)
-                old = tl.atomic_cas(Tags + line, tl.where(attempt, word, -1), ((srow + 1) << EPOCH_BITS) | cur)
-                won = attempt & (old == word)  # this entry owns the line for the launch
-                hit = won & held
-                store_line = won & ~held  # a row read from the host that takes over the line
+                line, hit, store_line = _claim_lines(Tags, Epoch, in_slow, row - split_row, head * width + entry,
+                                                     cache_rows, EPOCH_BITS, EPOCH_MASK)
                 from_host = in_slow & ~hit
                 hit_mask = hit[:, None] & col_ok[None, :]
                 k += tl.load(CacheK + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0).to(
                     tl.float32)
                 v += tl.load(CacheV + line[:, None] * HEAD_DIM + cols[None, :], mask=hit_mask, other=0.0)
                 if COUNT:  # one atomic add per host row (no tl.sum: a jit'd helper the interpreter may not patch)
-                    none = entry * 0  # (tl.zeros_like is jit'd too)
-                    tl.atomic_add(Stats + none, hit.to(tl.int64), mask=in_slow)
-                    tl.atomic_add(Stats + 1 + none, in_slow.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + entry * 0, hit.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + 1 + entry * 0, in_slow.to(tl.int64), mask=in_slow)
             slow_mask = from_host[:, None] & col_ok[None, :]
             k += tl.load(SlowK + slow_off + cols[None, :], mask=slow_mask, other=0.0).to(tl.float32)
             v += tl.load(SlowV + slow_off + cols[None, :], mask=slow_mask, other=0.0)
@@ -143,11 +169,7 @@ if triton is not None:
                 tl.store(CacheV + line[:, None] * HEAD_DIM + cols[None, :], v.to(CacheV.dtype.element_ty), mask=put)
         if SCHEME != 2:
             kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
-            if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
-                count = tl.load(Count + head)
-                shift = tl.where(valid, base - count + entry - pos, 0)
-            else:  # fixed: every key at position 0
-                shift = tl.where(valid, -pos, 0)
+            shift = _shift(Count, head, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
             angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
@@ -175,20 +197,8 @@ if triton is not None:
         # computed once per frequency and no partner column is gathered
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
-        live = entry < num_sinks + width
-        is_sink = live & (entry < num_sinks)
-        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
-        from_pool = live & ~is_sink & (slot >= 0)
-        safe = tl.where(from_pool, slot, 0)
-        page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
-        row = (page * page_size + safe % page_size) * num_kv_heads + head  # [R] int64
-        pos = tl.where(is_sink, entry.to(tl.int64), tl.load(Positions + safe, mask=from_pool, other=0))
-        valid = is_sink | from_pool
-        if HAS_SLOW:
-            in_fast = from_pool & (row < split_row)
-            in_slow = from_pool & (row >= split_row)
-        else:
-            in_fast = from_pool
+        live, is_sink, valid, row, pos, in_fast, in_slow = _entry_sources(
+            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, HAS_SLOW)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < HEAD_DIM
         ch = tl.arange(0, BLOCK_H)
@@ -212,17 +222,8 @@ if triton is not None:
         if HAS_SLOW:
             from_host = in_slow
             if HAS_CACHE:  # host rows held by the device cache are read there (module docstring)
-                cur = tl.load(Epoch) & EPOCH_MASK
-                srow = tl.where(in_slow, row - split_row, 0)
-                line = tl.where(in_slow, srow, head * width + entry) % cache_rows
-                word = tl.load(Tags + line, mask=in_slow, other=0)
-                held = (word >> EPOCH_BITS) == srow + 1
-                free = (word & EPOCH_MASK) != cur  # no entry of this launch took the line yet
-                attempt = in_slow & (held | free)
-                old = tl.atomic_cas(Tags + line, tl.where(attempt, word, -1), ((srow + 1) << EPOCH_BITS) | cur)
-                won = attempt & (old == word)  # this entry owns the line for the launch
-                hit = won & held
-                store_line = won & ~held  # a row read from the host that takes over the line
+                line, hit, store_line = _claim_lines(Tags, Epoch, in_slow, row - split_row, head * width + entry,
+                                                     cache_rows, EPOCH_BITS, EPOCH_MASK)
                 from_host = in_slow & ~hit
                 line_row = line[:, None] * HEAD_DIM
                 m = hit[:, None]
@@ -234,9 +235,8 @@ if triton is not None:
                         tl.float32)
                 v += tl.load(CacheV + line_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
                 if COUNT:  # one atomic add per host row (no tl.sum: a jit'd helper the interpreter may not patch)
-                    none = entry * 0  # (tl.zeros_like is jit'd too)
-                    tl.atomic_add(Stats + none, hit.to(tl.int64), mask=in_slow)
-                    tl.atomic_add(Stats + 1 + none, in_slow.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + entry * 0, hit.to(tl.int64), mask=in_slow)
+                    tl.atomic_add(Stats + 1 + entry * 0, in_slow.to(tl.int64), mask=in_slow)
             slow_row = tl.where(from_host, row - split_row, 0)[:, None] * HEAD_DIM
             m = from_host[:, None]
             a += tl.load(SlowK + slow_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
@@ -253,11 +253,7 @@ if triton is not None:
                     tl.store(CacheK + line_row + cols[None, :], r.to(ty), mask=m & past[None, :])
                 tl.store(CacheV + line_row + cols[None, :], v.to(CacheV.dtype.element_ty), mask=m & col_ok[None, :])
         if SCHEME != 2:
-            if SCHEME == 0:  # contiguous: valid entry i of the head at base - count + i
-                count = tl.load(Count + head)
-                shift = tl.where(valid, base - count + entry - pos, 0)
-            else:  # fixed: every key at position 0
-                shift = tl.where(valid, -pos, 0)
+            shift = _shift(Count, head, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
             angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
