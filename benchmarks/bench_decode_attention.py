@@ -8,7 +8,8 @@ Qwen2.5-0.5B (14 / 2, 64) layers. Backends:
 
 * ``torch``: the engine's decode step today (``attention_with_lse`` over the memory, ``local_attention`` over the
   window with ``extra_lse``, ``merge_attention``), computing ``out``, ``lse``, the window's key mass and band;
-* ``triton``: :func:`ltri_rag.kernels.triton_decode.decode_attention_triton`, the same result in two launches;
+* ``triton``: :func:`ltri_rag.kernels.triton_decode.decode_attention_triton`, the same result in two launches
+  (``triton (previous finish)``: its finishing pass in the form before session 22, ``ONE_TILE_FINISH`` off);
 * ``sdpa (out only)``: ``scaled_dot_product_attention`` over the keys concatenated beforehand (GQA native), the
   reference speed of plain decode attention without the statistics.
 
@@ -20,9 +21,9 @@ failed). ``floor %`` = K+V bytes read / 4.3 TB/s / time (graph time where there 
 float32 composition on the same bf16 values.
 
 ``--splits`` / ``--block-n`` add Triton rows with those settings (tuning); ``--grid KEY=V1,V2 ...`` adds one Triton
-row per combination of the listed settings (keys: ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``). Prints a Markdown table and writes
-``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with ``TRITON_INTERPRET=1`` for the Triton
-row) it runs tiny shapes: a check that the script works, not a speed result.
+row per combination of the listed settings (keys: ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``).
+Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
+``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
 """
 
 from __future__ import annotations
@@ -147,6 +148,15 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
     td = _triton_module(device)
     if td is not None:
         backends["triton"] = [lambda c=c: td.decode_attention_triton(*c, **kwargs) for c in copies]
+
+        def previous_finish(c):  # the finishing pass before session 22 (ONE_TILE_FINISH off), for a same-run A/B
+            td.ONE_TILE_FINISH = False
+            try:
+                return td.decode_attention_triton(*c, **kwargs)
+            finally:
+                td.ONE_TILE_FINISH = True
+
+        backends["triton (previous finish)"] = [lambda c=c: previous_finish(c) for c in copies]
         for t in tuning:
             label = "triton (" + ", ".join(f"{k}={v}" for k, v in t.items()) + ")"
             backends[label] = [lambda c=c, t=t: td.decode_attention_triton(*c, **kwargs, **t) for c in copies]

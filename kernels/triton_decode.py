@@ -37,12 +37,14 @@ Design (two kernels, no atomics, deterministic, no host sync: graph-capturable):
 
 * **Finish pass** (``_decode_finish_kernel``), one launch, a flat grid of ``B * Hkv * wblocks`` programs, plus
   ``B`` band programs with ``band_width > 0``. Program ``(b, kvh, wblock)`` combines the partial LSEs of its rows
-  into the total LSE (one ``[G, splits]`` tile); block 0 also merges the partial outputs (split chunks of a
-  ``[G, chunk, D]`` tile) and writes ``out`` and ``lse``; with ``want_key_mass`` each program writes
+  into the total LSE (one ``[G, splits]`` tile); the first ``num_merge`` blocks each merge a slice of ``MERGE_D``
+  columns of the partial outputs (a ``[G, chunk, MERGE_D]`` tile, chunk = every split where it fits) and write
+  those columns of ``out`` (block 0 also ``lse``); with ``want_key_mass`` each program writes
   ``key_mass = sum over the group's heads of exp2(score - total)`` for its ``BLOCK_W`` window keys (one owner per
-  key). Band program ``b`` walks the KV heads of sequence ``b``, recomputes their total LSEs (tiny) and sums the
-  probabilities of keys ``W - 1 - o`` over all ``H`` heads: ``band[b, 0, o]`` is that sum over ``H`` (0 where
-  ``W - 1 - o < 0``). With ``q_len = 1``, band is the head mean of the last ``band_width`` columns.
+  key). Band program ``b`` reads the partial LSEs and the scores of keys ``W - 1 - o`` of all ``H`` heads of
+  sequence ``b`` as two tiles and sums the probabilities over the heads: ``band[b, 0, o]`` is that sum over ``H``
+  (0 where ``W - 1 - o < 0``). With ``q_len = 1``, band is the head mean of the last ``band_width`` columns.
+  (``ONE_TILE_FINISH = False``: the previous form, block 0 merging every column and the band walking the KV heads.)
 
 Window length on the device (``win_len=``, for a decode step replayed as a CUDA graph): ``win_k`` / ``win_v`` are
 then buffers of capacity ``W`` and both kernels read the window's length from a one-element device tensor. Launch
@@ -54,7 +56,7 @@ Dtypes: float16 / bfloat16 inputs of one dtype are multiplied in that dtype on t
 products. Under the interpreter bfloat16 is computed in float32 (its ``tl.dot`` does not support bfloat16, triton
 issue 11584). ``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
 
-Block sizes come from :func:`block_sizes` (small under the interpreter, untuned defaults on CUDA).
+Block sizes come from :func:`~ltri_rag.kernels.decode_shapes.block_sizes` (small under the interpreter).
 ``TRITON_INTERPRET`` is read when this module is imported (Triton decides then how to build the kernels): set it
 before the import.
 """
@@ -63,8 +65,8 @@ from __future__ import annotations
 
 import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
-                                              multiprocessors as _multiprocessors, next_pow2 as _next_pow2,
-                                              pow2_block as _pow2_block)
+                                              next_pow2 as _next_pow2, pow2_block as _pow2_block)
+from ltri_rag.kernels.decode_shapes import block_sizes, num_splits_for, prev_pow2 as _prev_pow2, stages_that_fit
 from ltri_rag.kernels.attention import LocalAttention, _check_decode, decode_attention
 
 __all__ = ["block_sizes", "decode_attention", "decode_attention_triton", "num_splits_for", "triton_available"]
@@ -72,68 +74,21 @@ __all__ = ["block_sizes", "decode_attention", "decode_attention_triton", "num_sp
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _MAX_HEAD_DIM = 256
-_MAX_SPLITS = 256
-_MIN_TILES_PER_SPLIT = 2
-_INTERPRETER_SPLITS = 3
 _HALF = (torch.float16, torch.bfloat16)
+
+# The finishing pass's form. With ONE_TILE_FINISH (since session 22) the merge of the partial outputs is spread
+# over column slices of MERGE_D columns, one program each (a [G, splits, MERGE_D] tile of at most MERGE_ELEMENTS
+# values, so usually one load), and the band program reads every head of its sequence in one tile
+# (BAND_TILE_ELEMENTS at most) instead of walking the KV heads one after another. Off, the previous form: block 0
+# merged all columns in chunks of splits and the band walked the KV heads (7.3 µs per call at Llama-3-8B's 8K
+# decode step, session 21's profile, for about 0.6 MB of data).
+ONE_TILE_FINISH = True
+MERGE_ELEMENTS = 4096
+BAND_TILE_ELEMENTS = 8192
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
 INTERPRETED = interpreted()
-
-
-def block_sizes(head_dim: int, device: torch.device,
-                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
-    """``(block_n, block_w, num_warps, num_stages)`` for :func:`decode_attention_triton`.
-
-    ``block_n`` keys per tile of the split pass (its ``num_warps`` / ``num_stages``), ``block_w`` window keys per
-    program of the finishing pass. Off CUDA (the interpreter) small tiles keep the per-program numpy work light.
-    The CUDA values are untuned defaults for about two programs per multiprocessor on sm_90. Compiled ahead of
-    time for sm_90 without a GPU (the launcher's arguments, Triton's runtime specialisation, ptxas): no register
-    spill; the split pass pipelines its K/V loads (cp.async) and takes about 72-76 KiB of shared memory and 100-140
-    registers for 16-bit inputs at head_dim 64/80/128/256 (float32: up to 194 registers, 146 KiB at head_dim 256).
-    Timing and tuning on the GPU are still to do (``benchmarks/bench_decode_attention.py --splits ... --block-n``).
-    """
-    if device.type != "cuda":
-        return 32, 32, 1, 1
-    wide = dtype == torch.float32 or head_dim > 128
-    if head_dim <= 64 and not wide:
-        return 128, 256, 4, 3
-    return (32 if wide else 64), 256, 4, 3
-
-
-# sm_90 gives a block at most 227 KiB of shared memory; leave room for the compiler's own scratch
-_SHARED_BYTES = 200 * 1024
-
-
-def stages_that_fit(num_stages: int, block_n: int, block_d: int, itemsize: int, device: torch.device) -> int:
-    """``num_stages`` lowered until the split pass's pipelined K and V tiles (``2 * block_n * block_d * itemsize``
-    bytes per stage) fit in a block's shared memory on CUDA (at least 1). An explicit ``block_n`` of 128 in float32
-    at head_dim 128 needs 128 KiB per stage: three stages would not launch. Off CUDA it is returned unchanged."""
-    if device.type != "cuda":
-        return num_stages
-    per_stage = 2 * block_n * block_d * itemsize
-    return max(1, min(num_stages, _SHARED_BYTES // per_stage))
-
-
-def num_splits_for(num_tiles: int, programs: int, device: torch.device, value: int | None = None) -> int:
-    """Splits of ``num_tiles`` key tiles for ``programs = B * Hkv`` (shapes only, no sync).
-
-    ``value`` if given (capped at ``num_tiles`` and 256); else on CUDA about two programs per multiprocessor with
-    at least two tiles per split; else (interpreter) 3. The count is then tightened so that no split is empty.
-    """
-    if value is not None:
-        if value < 1:
-            raise ValueError(f"num_splits must be >= 1, got {value}")
-        splits = value
-    elif device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        splits = min(-(-2 * _multiprocessors(index) // programs), max(1, num_tiles // _MIN_TILES_PER_SPLIT))
-    else:
-        splits = _INTERPRETER_SPLITS
-    splits = max(1, min(splits, num_tiles, _MAX_SPLITS))
-    per_split = -(-num_tiles // splits)
-    return -(-num_tiles // per_split)
 
 
 if triton is not None:
@@ -278,11 +233,12 @@ if triton is not None:
 
     @triton.jit
     def _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
-                     num_wblocks,
-                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     num_wblocks, num_merge,
+                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_D: tl.constexpr,
                      SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, MASS: tl.constexpr):
-        """Program ``(b, kvh, wblock)``: total LSE; block 0 merges ``out`` / ``lse``; key mass of its window keys
-        (rows of ``win_cap``; 0 past ``win_len``)."""
+        """Program ``(b, kvh, wblock)``: total LSE; blocks ``wblock < num_merge`` merge columns
+        ``[wblock * MERGE_D, (wblock + 1) * MERGE_D)`` of ``out`` (block 0 also writes ``lse``); key mass of its
+        window keys (rows of ``win_cap``; 0 past ``win_len``)."""
         g = tl.arange(0, GROUP_P)
         row_ok = g < GROUP
         pid_bh = pid // num_wblocks
@@ -291,11 +247,11 @@ if triton is not None:
         kvh = (pid_bh % num_kv_heads).to(tl.int64)
         head_row = b * (num_kv_heads * GROUP) + kvh * GROUP + g  # int64 rows of [B, H]
         total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
-        if wb == 0:  # merge the partial outputs, SPLIT_CHUNK splits at a time
-            d = tl.arange(0, BLOCK_D)
+        if wb < num_merge:  # merge this program's columns of the partial outputs, SPLIT_CHUNK splits at a time
+            d = wb * MERGE_D + tl.arange(0, MERGE_D)
             d_ok = d < HEAD_DIM
             c = tl.arange(0, SPLIT_CHUNK)
-            acc = tl.full([GROUP_P, BLOCK_D], 0.0, dtype=tl.float32)
+            acc = tl.full([GROUP_P, MERGE_D], 0.0, dtype=tl.float32)
             for s0 in range(0, num_splits, SPLIT_CHUNK):
                 split = s0 + c
                 ok = row_ok[:, None] & (split[None, :] < num_splits)  # [G_P, C]
@@ -306,7 +262,7 @@ if triton is not None:
                             mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [G_P, C, D]
                 acc += tl.reduce(o * w[:, :, None], 1, _sum_combine)
             tl.store(Out + head_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(Lse + head_row, total2 * 0.6931471805599453, mask=row_ok)
+            tl.store(Lse + head_row, total2 * 0.6931471805599453, mask=row_ok & ((g * 0 + wb) == 0))
         if MASS:
             n = wb * BLOCK_W + tl.arange(0, BLOCK_W)
             n_ok = n < win_len
@@ -334,22 +290,55 @@ if triton is not None:
             band += tl.reduce(tl.where(ok, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
         tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
 
-    @triton.jit(do_not_specialize=("win_len", "win_cap", "num_splits", "num_wblocks", "num_main"))
+    @triton.jit
+    def _finish_band_tile(PartLse, Scores, Band, b, num_kv_heads, win_len, win_cap, num_splits, band_width,
+                          inv_heads, GROUP: tl.constexpr, HEADS_P: tl.constexpr, SPLITS_P: tl.constexpr,
+                          BAND_P: tl.constexpr):
+        """Band program of sequence ``b`` with every head of the sequence in one ``[H_P, ...]`` tile: the heads'
+        total LSEs (``[H_P, SPLITS_P]`` partial LSEs) and the band's scores (``[H_P, BAND_P]``) are two loads
+        issued together, with no loop over the KV heads (``ONE_TILE_FINISH``)."""
+        r = tl.arange(0, HEADS_P)  # head index within the sequence, kvh * G + g
+        r_ok = r < num_kv_heads * GROUP
+        kvh = r // GROUP
+        g = r % GROUP
+        s = tl.arange(0, SPLITS_P)
+        ok_s = r_ok[:, None] & (s[None, :] < num_splits)
+        x = tl.load(PartLse + ((b * num_kv_heads + kvh[:, None]) * num_splits + s[None, :]).to(tl.int64) * GROUP
+                    + g[:, None], mask=ok_s, other=float("-inf"))  # [H_P, SPLITS_P]
+        mx = tl.reduce(x, 1, _max_combine)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        total = tl.reduce(tl.exp2(x - safe[:, None]), 1, _sum_combine)
+        total2 = tl.where(total > 0.0, safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+        o = tl.arange(0, BAND_P)
+        col = win_len - 1 - o
+        ok = r_ok[:, None] & ((o < band_width) & (col >= 0))[None, :]
+        head_row = b * (num_kv_heads * GROUP) + r  # int64 rows of [B, H]
+        sc = tl.load(Scores + head_row[:, None] * win_cap + col[None, :], mask=ok, other=float("-inf"))
+        band = tl.reduce(tl.where(ok, tl.exp2(sc - total2[:, None]), 0.0), 0, _sum_combine)
+        tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
+
+    @triton.jit(do_not_specialize=("win_len", "win_cap", "num_splits", "num_wblocks", "num_main", "num_merge"))
     def _decode_finish_kernel(
             PartO, PartLse, Scores, Out, Lse, Mass, Band, WinLen,
-            num_kv_heads, win_len, win_cap, num_splits, num_wblocks, num_main, band_width, inv_heads,
-            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            num_kv_heads, win_len, win_cap, num_splits, num_wblocks, num_merge, num_main, band_width, inv_heads,
+            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_D: tl.constexpr,
             SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BAND_P: tl.constexpr,
-            MASS: tl.constexpr, BAND: tl.constexpr, DEVICE_LEN: tl.constexpr):
+            HEADS_P: tl.constexpr, MASS: tl.constexpr, BAND: tl.constexpr, BAND_TILE: tl.constexpr,
+            DEVICE_LEN: tl.constexpr):
         pid = tl.program_id(0)
         if DEVICE_LEN:
             win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
         if pid < num_main:
             _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
-                         num_wblocks, GROUP, GROUP_P, HEAD_DIM, BLOCK_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W, MASS)
+                         num_wblocks, num_merge, GROUP, GROUP_P, HEAD_DIM, MERGE_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W,
+                         MASS)
         elif BAND:
-            _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, win_cap,
-                         num_splits, band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
+            if BAND_TILE:
+                _finish_band_tile(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len,
+                                  win_cap, num_splits, band_width, inv_heads, GROUP, HEADS_P, SPLITS_P, BAND_P)
+            else:
+                _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, win_cap,
+                             num_splits, band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
 
 
 def decode_attention_triton(
@@ -478,16 +467,23 @@ def decode_attention_triton(
 
     finish_group_p = _next_pow2(group)
     splits_p = _next_pow2(splits)
-    chunk = max(1, min(splits_p, 4096 // (finish_group_p * block_d)))  # [G, chunk, D] tile: powers of two
-    num_wblocks = triton.cdiv(win_cap, block_w) if want_key_mass else 1
+    band_p = max(2, _next_pow2(band_width))
+    heads_p = _next_pow2(num_heads)
+    if ONE_TILE_FINISH:  # the merge spread over column slices, the band in one tile when it fits
+        merge_d = max(16, min(block_d, _prev_pow2(MERGE_ELEMENTS // (finish_group_p * splits_p))))
+        band_tile = heads_p * max(splits_p, band_p) <= BAND_TILE_ELEMENTS
+    else:
+        merge_d, band_tile = block_d, False
+    chunk = max(1, min(splits_p, MERGE_ELEMENTS // (finish_group_p * merge_d)))  # [G, chunk, MERGE_D] tiles
+    num_merge = block_d // merge_d
+    num_wblocks = max(triton.cdiv(win_cap, block_w) if want_key_mass else 1, num_merge)
     num_main = programs * num_wblocks
     grid = (num_main + (batch if band is not None else 0),)
     _decode_finish_kernel[grid](
         part_o, part_lse, scores, out, lse, key_mass if key_mass is not None else lse,
         band if band is not None else lse, len_ptr,
-        num_kv_heads, win_cap, win_cap, splits, num_wblocks, num_main, band_width, 1.0 / num_heads,
-        GROUP=group, GROUP_P=finish_group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P=splits_p,
-        SPLIT_CHUNK=chunk, BLOCK_W=block_w,
-        BAND_P=max(2, _next_pow2(band_width)), MASS=want_key_mass, BAND=band is not None, DEVICE_LEN=device_len,
-        num_warps=4)
+        num_kv_heads, win_cap, win_cap, splits, num_wblocks, num_merge, num_main, band_width, 1.0 / num_heads,
+        GROUP=group, GROUP_P=finish_group_p, HEAD_DIM=head_dim, MERGE_D=merge_d, SPLITS_P=splits_p,
+        SPLIT_CHUNK=chunk, BLOCK_W=block_w, BAND_P=band_p, HEADS_P=heads_p, MASS=want_key_mass,
+        BAND=band is not None, BAND_TILE=band_tile, DEVICE_LEN=device_len, num_warps=4)
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)

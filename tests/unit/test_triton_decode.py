@@ -14,6 +14,7 @@ from tests.unit.triton_modules import DEVICE, kernel_module
 
 triton_decode = kernel_module("triton_decode")
 
+from ltri_rag.kernels import decode_shapes
 from ltri_rag.kernels.attention import attention_with_lse, local_attention, merge_attention
 
 
@@ -114,6 +115,28 @@ def test_splits_agree() -> None:
         torch.testing.assert_close(got.key_mass, results[0].key_mass, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["one_tile", "one_tile_small_slices", "previous"])
+def test_finishing_pass_forms_agree(form, monkeypatch) -> None:
+    """The finishing pass's forms (``ONE_TILE_FINISH``: the merge spread over column slices and the band read in one
+    tile; slices of 16 columns with a few splits per load; the previous form, block 0 merging every column and the
+    band walking the KV heads) match the torch composition over awkward shapes, with and without key mass."""
+    if form == "previous":
+        monkeypatch.setattr(triton_decode, "ONE_TILE_FINISH", False)
+    elif form == "one_tile_small_slices":  # [G, chunk, 16] tiles of at most 64 values: several slices and loads
+        monkeypatch.setattr(triton_decode, "MERGE_ELEMENTS", 64)
+        monkeypatch.setattr(triton_decode, "BAND_TILE_ELEMENTS", 16)  # the band falls back to the walk
+    for case in (CASES[1], CASES[2], CASES[3], CASES[8]):
+        batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_mass, softcap = case
+        q, mem_k, mem_v, mem_mask, win_k, win_v = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len,
+                                                          win_len, mask, seed=3)
+        args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": want_mass,
+                "softcap": softcap}
+        ref = _composition(q, mem_k, mem_v, mem_mask, win_k, win_v, **args)
+        for splits in (None, 5):
+            _assert_matches(decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_splits=splits,
+                                                    block_n=16, **args), ref)
+
+
 def test_launch_settings_change_nothing_but_speed() -> None:
     """Explicit ``num_warps`` / ``num_stages`` (the tuning knobs of bench_decode_attention's ``--grid``) give the
     default's result; bad values are named."""
@@ -169,7 +192,7 @@ def test_window_length_without_memory_and_bad_lengths() -> None:
 
 def test_num_splits_from_shapes_only(monkeypatch) -> None:
     """About two programs per multiprocessor, >= 2 tiles per split, <= 256 splits, no empty split."""
-    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(decode_shapes, "_multiprocessors", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert triton_decode.num_splits_for(2112, 8, cuda) == 33  # Llama-3-8B, 128K + 4K keys, 64-key tiles
     assert triton_decode.num_splits_for(160, 2, cuda) == 80  # Qwen-0.5B, 16K + 4K keys, 128-key tiles
