@@ -10,7 +10,8 @@ more under ``torch.profiler`` (CPU + CUDA) and ``--host-steps`` under cProfile. 
 ``profile.json``): the prompt's time, the unprofiled steps' median, how many of the profiled steps were replays,
 their wall time, the kernels ranked by device time (total, calls, mean), so a step's device time can be split into
 the model's own kernels and the retrieval's, the host functions ranked by own time (the host's share of a step:
-time not spent waiting for the device), and the span memory's size (spans, index vectors, their layout). GPU only;
+time not spent waiting for the device), and the span memory's size (spans, index vectors, their layout); with
+``--sequence`` also ``sequence.txt``, the last profiled step's kernels in the order they ran. GPU only;
 a CPU run would profile the torch path, not graphs.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.e2e.models import BUILTIN_MODELS, build_random_model
 from ltri_rag import LtriConfig, LtriSession
@@ -47,6 +48,21 @@ def kernel_table(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
                      "mean_us": device_us / event.count, "ms_per_step": device_us / 1e3 / steps})
     rows.sort(key=lambda r: -r["total_ms"])
     return rows[:top]
+
+
+def kernel_sequence(prof: Any, since_us: float) -> list[tuple[str, float]]:
+    """The kernels that started on the device after ``since_us`` (the profiler's clock), in the order they ran:
+    ``(name, µs)``. With ``since_us`` the host start of the last profiled step (each step ends synchronised) these
+    are that step's kernels, e.g. one layer's chain of small retrieval kernels after another's."""
+    rows = []
+    for event in prof.events():
+        if "CUDA" not in str(getattr(event, "device_type", "")) or event.name.startswith("ltri."):
+            continue
+        if getattr(event, "is_user_annotation", False) or event.time_range.start < since_us:
+            continue
+        rows.append((event.time_range.start, event.name[:110], event.time_range.elapsed_us()))
+    rows.sort()
+    return [(name, us) for _, name, us in rows]
 
 
 def memory_stats(session: LtriSession) -> dict[str, Any]:
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="decode steps run under cProfile last (the host's share of a step); 0: none")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides (ints)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequence", action="store_true",
+                        help="also write sequence.txt: the last profiled step's kernels in the order they ran")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -143,13 +161,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = (graph.replays, graph.retrieving_replays) if graph is not None else (0, 0)
     times = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+        for i in range(args.steps):
             began = time.perf_counter()
-            token = session.step(token).argmax(-1)
+            if i == args.steps - 1:  # marks where the last step's kernels begin (kernel_sequence)
+                with record_function("ltri.profile_last_step"):
+                    token = session.step(token).argmax(-1)
+            else:
+                token = session.step(token).argmax(-1)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - began) * 1e3)
     replays = (graph.replays - before[0], graph.retrieving_replays - before[1]) if graph is not None else (0, 0)
     table = kernel_table(prof, args.steps, args.top)
+    if args.sequence:
+        last = [e for e in prof.events() if e.name == "ltri.profile_last_step" and
+                "CUDA" not in str(getattr(e, "device_type", ""))]
+        sequence = kernel_sequence(prof, last[-1].time_range.start if last else 0.0)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sequence.txt").write_text(
+            f"# the {len(sequence)} kernels of the last profiled step, in order: µs, name\n"
+            + "".join(f"{us:8.2f}  {name}\n" for name, us in sequence))
     host = host_table(session, token, args.host_steps, args.top) if args.host_steps else []
     memory = memory_stats(session)
     result = {"model": args.model, "length": args.length, "config": overrides, "steps": args.steps,
