@@ -12,8 +12,21 @@ from __future__ import annotations
 import torch
 
 from ltri_rag.kernels.transfer import to_device
+from ltri_rag.kernels.triton_consensus import prior_and_deposit
+from ltri_rag.kernels.triton_consensus import triton_available as _kernel_available
 
 __all__ = ["LayerConsensus"]
+
+FUSED_CONSENSUS = True
+"""Whether a layer selecting on CUDA reads its span prior and deposits its votes in one Triton launch
+(:func:`ltri_rag.kernels.triton_consensus.prior_and_deposit`, the same values bit for bit) instead of eleven torch
+operations (:meth:`LayerConsensus.span_prior` and :meth:`LayerConsensus.deposit`); False keeps the torch path (for
+comparisons)."""
+
+
+def _fused(selected: torch.Tensor) -> bool:
+    """Whether :meth:`LayerConsensus.read_and_vote` takes the one-launch path for ``selected``."""
+    return FUSED_CONSENSUS and selected.is_cuda and _kernel_available()
 
 
 class LayerConsensus:
@@ -100,6 +113,46 @@ class LayerConsensus:
         inside = sums[bounds[0]] - sums[bounds[1]]
         return (inside / lengths_on).to(torch.float32)
 
+    def read_and_vote(self, seq: int, lengths: torch.Tensor, selected: torch.Tensor,
+                      geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """:meth:`span_prior` on ``selected``'s device, then :meth:`deposit` of ``selected.any(dim=0)``: what a layer
+        does with its first selection. Same results; on CUDA with ``geometry`` (``FUSED_CONSENSUS``) in one launch.
+
+        Args:
+            seq, lengths, geometry: As for :meth:`span_prior`.
+            selected: ``[rows, num_spans]`` bool selection of the layer.
+        """
+        if geometry is None or not _fused(selected):
+            prior = self.span_prior(seq, lengths, device=selected.device, geometry=geometry)
+            self.deposit(seq, lengths, selected.any(dim=0), geometry=geometry)
+            return prior
+        device = selected.device
+        prior = self.prior[seq]
+        sums = None
+        if prior is not None and lengths.numel():
+            if prior.device != device:
+                prior = self.prior[seq] = prior.to(device)
+            sums = self._prior_sums(seq, prior)
+        acc = self._grown_acc(seq, lengths, device)
+        lengths_on, bounds = geometry
+        span_prior = prior_and_deposit(selected, bounds[1], bounds[0], lengths_on, sums, acc)
+        self._acc[seq] = acc
+        self._count[seq] += 1
+        return span_prior
+
+    def _grown_acc(self, seq: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The difference array of ``seq`` on ``device``, grown (zeros) to cover spans of ``lengths`` (host)."""
+        total = int(lengths.to("cpu", torch.int64).sum()) if lengths.numel() else 0
+        acc = self._acc[seq]
+        if acc is not None and acc.device != device:
+            acc = acc.to(device)
+        if acc is None or acc.numel() < total + 1:
+            grown = torch.zeros(total + 1, dtype=torch.float64, device=device)
+            if acc is not None:
+                grown[: acc.numel()] = acc
+            acc = grown
+        return acc
+
     def deposit(self, seq: int, lengths: torch.Tensor, votes: torch.Tensor,
                 geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add one layer's votes ``[num_spans]`` (1 = it would load the span) over spans of the given lengths
@@ -109,15 +162,7 @@ class LayerConsensus:
         device = votes.device
         weight = votes.to(torch.float64)
         ends = torch.cumsum(lengths, 0)
-        total = int(ends[-1]) if ends.numel() else 0
-        acc = self._acc[seq]
-        if acc is not None and acc.device != device:
-            acc = acc.to(device)
-        if acc is None or acc.numel() < total + 1:
-            grown = torch.zeros(total + 1, dtype=torch.float64, device=device)
-            if acc is not None:
-                grown[: acc.numel()] = acc
-            acc = grown
+        acc = self._grown_acc(seq, lengths, device)
         if geometry is not None:
             starts_on, ends_on = geometry[1][1], geometry[1][0]
         else:

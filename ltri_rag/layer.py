@@ -165,8 +165,7 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
                       device_lengths=None if geometry is None else geometry[0])
         selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
-            prior = self.consensus.span_prior(seq, table.lengths, device=scores.device, geometry=geometry)
-            self.consensus.deposit(seq, table.lengths, selected.any(dim=0), geometry=geometry)
+            prior = self.consensus.read_and_vote(seq, table.lengths, selected, geometry=geometry)
             if prior is not None:
                 selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
                                         prior_weight=cfg.consensus_weight, **kwargs)

@@ -19,7 +19,8 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_small_tier_zero_copy", "ltri_torch_decode_scoring", "ltri_small_tier_torch_pinned", "ltri_torch_fill",
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
          "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache", "ltri_count_host_cache",
-         "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish")
+         "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
+         "ltri_torch_consensus")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -28,7 +29,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
               "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache",
               "ltri_count_host_cache", "ltri_small_tier_no_cache", "ltri_small_tier_count",
-              "ltri_prev_small_kernels", "ltri_prev_finish")
+              "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -87,6 +88,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_count_host_cache": ("ltri", {}),
                                                    "ltri_prev_small_kernels": ("ltri", {}),
                                                    "ltri_prev_finish": ("ltri", {}),
+                                                   "ltri_torch_consensus": ("ltri", {}),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -111,7 +113,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # forms of three small kernels (session 21): the budget fill's tail walk by a reduction per step, the rotation and the
 # one-launch assembly on one tile with gathered partner columns, a decoded token's queries rotated by one program);
 # ``ltri_prev_finish``: ``ltri`` with the decode attention's finishing pass in its form before session 22 (block 0
-# merging every column, the band walking the KV heads; ``kernels.triton_decode.ONE_TILE_FINISH`` off)
+# merging every column, the band walking the KV heads; ``kernels.triton_decode.ONE_TILE_FINISH`` off);
+# ``ltri_torch_consensus``: ``ltri`` with a device selection's consensus read and vote in eleven torch operations
+# per layer and selection instead of one launch (``consensus.FUSED_CONSENSUS`` off; the default before session 22)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -128,7 +132,8 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
                                 ("ltri_rag.kernels.triton_rope", "HALF_TILES", False),
                                 ("ltri_rag.kernels.triton_rope", "SPREAD_FEW_ROWS", False),
                                 ("ltri_rag.kernels.triton_assemble", "HALF_TILES", False)),
-    "ltri_prev_finish": (("ltri_rag.kernels.triton_decode", "ONE_TILE_FINISH", False),)}
+    "ltri_prev_finish": (("ltri_rag.kernels.triton_decode", "ONE_TILE_FINISH", False),),
+    "ltri_torch_consensus": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),)}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -116,3 +116,36 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
         runs.append(logits)
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"
+
+
+def test_cuda_one_launch_consensus_changes_nothing(monkeypatch) -> None:
+    """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``) against its eleven torch operations:
+    the same logits bit for bit at every step (prompt passes selecting on the device, graph-replayed decode steps),
+    and the kernel ran."""
+    from ltri_rag import LtriConfig
+    from ltri_rag import consensus as consensus_module
+
+    calls = []
+    kernel = consensus_module.prior_and_deposit
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(consensus_module, "prior_and_deposit", spy)
+    model = tiny_model("llama").cuda().to(torch.bfloat16)
+    ids = _ids(1, 400).cuda()
+    cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
+                     span_min_len=2, span_max_len=12)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(consensus_module, "FUSED_CONSENSUS", fused)
+        session = LtriSession(model, cfg)
+        logits = [session.feed(ids)]
+        for _ in range(6):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        runs.append(logits)
+        if fused:
+            assert calls, "the one-launch consensus never ran"
+    for step, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"step {step}"
