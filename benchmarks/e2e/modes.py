@@ -20,7 +20,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
          "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache", "ltri_count_host_cache",
          "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
-         "ltri_torch_consensus")
+         "ltri_torch_consensus", "ltri_torch_slots", "ltri_torch_glue")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -29,7 +29,8 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_torch_rank", "ltri_fused_assembly", "ltri_device_select_fused", "ltri_host_select",
               "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache",
               "ltri_count_host_cache", "ltri_small_tier_no_cache", "ltri_small_tier_count",
-              "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus")
+              "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus", "ltri_torch_slots",
+              "ltri_torch_glue")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -89,6 +90,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_prev_small_kernels": ("ltri", {}),
                                                    "ltri_prev_finish": ("ltri", {}),
                                                    "ltri_torch_consensus": ("ltri", {}),
+                                                   "ltri_torch_slots": ("ltri", {}),
+                                                   "ltri_torch_glue": ("ltri", {}),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -115,7 +118,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # ``ltri_prev_finish``: ``ltri`` with the decode attention's finishing pass in its form before session 22 (block 0
 # merging every column, the band walking the KV heads; ``kernels.triton_decode.ONE_TILE_FINISH`` off);
 # ``ltri_torch_consensus``: ``ltri`` with a device selection's consensus read and vote in eleven torch operations
-# per layer and selection instead of one launch (``consensus.FUSED_CONSENSUS`` off; the default before session 22)
+# per layer and selection instead of one launch (``consensus.FUSED_CONSENSUS`` off; the default before session 22);
+# ``ltri_torch_slots``: the slot matrix of a device selection by a binary search and ten torch operations instead of
+# one launch (``span_memory.FUSED_SLOTS`` off; before session 22); ``ltri_torch_glue``: both off
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -133,7 +138,10 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
                                 ("ltri_rag.kernels.triton_rope", "SPREAD_FEW_ROWS", False),
                                 ("ltri_rag.kernels.triton_assemble", "HALF_TILES", False)),
     "ltri_prev_finish": (("ltri_rag.kernels.triton_decode", "ONE_TILE_FINISH", False),),
-    "ltri_torch_consensus": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),)}
+    "ltri_torch_consensus": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),),
+    "ltri_torch_slots": (("ltri_rag.span_memory", "FUSED_SLOTS", False),),
+    "ltri_torch_glue": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),
+                        ("ltri_rag.span_memory", "FUSED_SLOTS", False))}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -118,34 +118,41 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
         assert torch.equal(a, b), f"step {step}"
 
 
-def test_cuda_one_launch_consensus_changes_nothing(monkeypatch) -> None:
-    """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``) against its eleven torch operations:
-    the same logits bit for bit at every step (prompt passes selecting on the device, graph-replayed decode steps),
-    and the kernel ran."""
-    from ltri_rag import LtriConfig
-    from ltri_rag import consensus as consensus_module
+@pytest.mark.parametrize("switch", ["consensus.FUSED_CONSENSUS:prior_and_deposit",
+                                    "span_memory.FUSED_SLOTS:place_slots"])
+def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
+    """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``, against eleven torch operations) and
+    the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations): the
+    same logits bit for bit at every step (prompt passes selecting on the device, graph-replayed decode steps), and
+    the kernel ran."""
+    import importlib
 
+    from ltri_rag import LtriConfig
+
+    target, kernel_name = switch.split(":")
+    module_name, flag = target.split(".")
+    module = importlib.import_module(f"ltri_rag.{module_name}")
     calls = []
-    kernel = consensus_module.prior_and_deposit
+    kernel = getattr(module, kernel_name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(consensus_module, "prior_and_deposit", spy)
+    monkeypatch.setattr(module, kernel_name, spy)
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = _ids(1, 400).cuda()
     cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
                      span_min_len=2, span_max_len=12)
     runs = []
     for fused in (True, False):
-        monkeypatch.setattr(consensus_module, "FUSED_CONSENSUS", fused)
+        monkeypatch.setattr(module, flag, fused)
         session = LtriSession(model, cfg)
         logits = [session.feed(ids)]
         for _ in range(6):
             logits.append(session.step(logits[-1].argmax(-1)))
         runs.append(logits)
         if fused:
-            assert calls, "the one-launch consensus never ran"
+            assert calls, f"{kernel_name} never ran"
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"
