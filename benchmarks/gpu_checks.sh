@@ -5,6 +5,7 @@
 # time limit, one device call per group (a call may run 10 minutes):
 #
 #   STEPS="tests local" bash benchmarks/gpu_checks.sh            # ~8 min
+#   STEPS="kernels" ...                                           # ~2 min: the other kernels' compiled unit tests
 #   STEPS="scoring decode small e2e" bash benchmarks/gpu_checks.sh   # ~8 min
 #   STEPS="profile" ... ; STEPS="e2e8b" ...                       # ~5 / ~9.5 min
 #
@@ -16,7 +17,7 @@
 # back at most 8 files). Default STEPS: all of them.
 set -uo pipefail
 out=$(mktemp -d)
-steps=${STEPS:-tests local scoring decode small e2e profile e2e8b}
+steps=${STEPS:-tests kernels local scoring decode small e2e profile e2e8b}
 # this checkout's scripts and tests, in their own folder (a grid running from /tmp/run keeps its copy)
 run=/tmp/checks_run
 rm -rf "$run" && mkdir -p "$run" && cp -r benchmarks tests pyproject.toml "$run"/  # pyproject: the pytest marks
@@ -33,6 +34,9 @@ for s in $steps; do
   case $s in
     tests) step tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_triton_local.py \
              tests/unit/test_triton_scoring.py $(ls tests/unit/test_triton_decode.py 2>/dev/null) ;;
+    kernels) step kernels 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_select.py \
+             tests/unit/test_triton_rope.py tests/unit/test_triton_assemble.py tests/unit/test_host_cache.py \
+             tests/unit/test_triton_consensus.py tests/unit/test_triton_slots.py ;;
     local) step local 240 python3 -m benchmarks.bench_local_attention --sweep --out "$out/local_attention" ;;
     scoring) step scoring 90 python3 -m benchmarks.bench_span_scoring --out "$out/span_scoring" ;;
     decode) [ -f benchmarks/bench_decode_attention.py ] && \
