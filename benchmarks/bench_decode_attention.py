@@ -150,11 +150,11 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
         backends["triton"] = [lambda c=c: td.decode_attention_triton(*c, **kwargs) for c in copies]
 
         def previous_finish(c):  # the finishing pass before session 22 (ONE_TILE_FINISH off), for a same-run A/B
-            td.ONE_TILE_FINISH = False
+            current, td.ONE_TILE_FINISH = td.ONE_TILE_FINISH, False
             try:
                 return td.decode_attention_triton(*c, **kwargs)
             finally:
-                td.ONE_TILE_FINISH = True
+                td.ONE_TILE_FINISH = current
 
         backends["triton (previous finish)"] = [lambda c=c: previous_finish(c) for c in copies]
         for t in tuning:

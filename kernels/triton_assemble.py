@@ -183,6 +183,40 @@ if triton is not None:
         tl.store(OutMask + head.to(tl.int64) * stride_mh + entry, valid.to(tl.int8), mask=live)
 
 
+    @triton.jit
+    def _load_halves(K, V, rows, m, ch, cols, h_ok, past, col_ok, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Rows ``rows [R, 1]`` (element offsets) of ``K`` / ``V`` where ``m [R, 1]``, else 0: the key's rotate-half
+        tiles ``a``, ``b`` (float32), its columns past them ``r`` (float32; ``a`` again for a full rotary head,
+        never used then) and the value row ``v``."""
+        a = tl.load(K + rows + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(K + rows + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
+        r = a
+        if 2 * HALF < HEAD_DIM:
+            r = tl.load(K + rows + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
+        v = tl.load(V + rows + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+        return a, b, r, v
+
+    @triton.jit
+    def _add_halves(a, b, r, v, K, V, rows, m, ch, cols, h_ok, past, col_ok, HALF: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+        """``(a, b, r, v)`` plus the rows :func:`_load_halves` reads (each row comes from exactly one source, the
+        others add 0)."""
+        a2, b2, r2, v2 = _load_halves(K, V, rows, m, ch, cols, h_ok, past, col_ok, HALF, HEAD_DIM)
+        if 2 * HALF < HEAD_DIM:
+            r = r + r2
+        return a + a2, b + b2, r, v + v2
+
+    @triton.jit
+    def _store_halves(K, V, rows, m, a, b, r, v, ch, cols, h_ok, past, col_ok, HALF: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
+        """Store ``(a, b, r, v)`` as rows ``rows [R, 1]`` of ``K`` / ``V`` where ``m [R, 1]`` (in their dtypes)."""
+        ty = K.dtype.element_ty
+        tl.store(K + rows + ch[None, :], a.to(ty), mask=m & h_ok[None, :])
+        tl.store(K + rows + HALF + ch[None, :], b.to(ty), mask=m & h_ok[None, :])
+        if 2 * HALF < HEAD_DIM:
+            tl.store(K + rows + cols[None, :], r.to(ty), mask=m & past[None, :])
+        tl.store(V + rows + cols[None, :], v.to(V.dtype.element_ty), mask=m & col_ok[None, :])
+
     @triton.jit(do_not_specialize=("width", "num_sinks", "split_row", "base"))
     def _assemble_halves_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
                                 OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
@@ -206,19 +240,11 @@ if triton is not None:
         past = (cols >= 2 * HALF) & col_ok  # columns past the rotary pairs (none for a full rotary head)
         fast_row = tl.where(in_fast, row, 0)[:, None] * HEAD_DIM
         sink_row = head.to(tl.int64) * stride_sh + tl.where(is_sink, entry, 0).to(tl.int64)[:, None] * stride_sn
-        m = in_fast[:, None]
-        a = tl.load(FastK + fast_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(FastK + fast_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-        if 2 * HALF < HEAD_DIM:
-            r = tl.load(FastK + fast_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
-        v = tl.load(FastV + fast_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+        a, b, r, v = _load_halves(FastK, FastV, fast_row, in_fast[:, None], ch, cols, h_ok, past, col_ok, HALF,
+                                  HEAD_DIM)
         if HAS_SINKS:
-            m = is_sink[:, None]
-            a += tl.load(SinkK + sink_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-            b += tl.load(SinkK + sink_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-            if 2 * HALF < HEAD_DIM:
-                r += tl.load(SinkK + sink_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
-            v += tl.load(SinkV + sink_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+            a, b, r, v = _add_halves(a, b, r, v, SinkK, SinkV, sink_row, is_sink[:, None], ch, cols, h_ok, past,
+                                     col_ok, HALF, HEAD_DIM)
         if HAS_SLOW:
             from_host = in_slow
             if HAS_CACHE:  # host rows held by the device cache are read there (module docstring)
@@ -226,32 +252,17 @@ if triton is not None:
                                                      cache_rows, EPOCH_BITS, EPOCH_MASK)
                 from_host = in_slow & ~hit
                 line_row = line[:, None] * HEAD_DIM
-                m = hit[:, None]
-                a += tl.load(CacheK + line_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-                b += tl.load(CacheK + line_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(
-                    tl.float32)
-                if 2 * HALF < HEAD_DIM:
-                    r += tl.load(CacheK + line_row + cols[None, :], mask=m & past[None, :], other=0.0).to(
-                        tl.float32)
-                v += tl.load(CacheV + line_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+                a, b, r, v = _add_halves(a, b, r, v, CacheK, CacheV, line_row, hit[:, None], ch, cols, h_ok, past,
+                                         col_ok, HALF, HEAD_DIM)
                 if COUNT:  # one atomic add per host row (no tl.sum: a jit'd helper the interpreter may not patch)
                     tl.atomic_add(Stats + entry * 0, hit.to(tl.int64), mask=in_slow)
                     tl.atomic_add(Stats + 1 + entry * 0, in_slow.to(tl.int64), mask=in_slow)
             slow_row = tl.where(from_host, row - split_row, 0)[:, None] * HEAD_DIM
-            m = from_host[:, None]
-            a += tl.load(SlowK + slow_row + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-            b += tl.load(SlowK + slow_row + HALF + ch[None, :], mask=m & h_ok[None, :], other=0.0).to(tl.float32)
-            if 2 * HALF < HEAD_DIM:
-                r += tl.load(SlowK + slow_row + cols[None, :], mask=m & past[None, :], other=0.0).to(tl.float32)
-            v += tl.load(SlowV + slow_row + cols[None, :], mask=m & col_ok[None, :], other=0.0)
+            a, b, r, v = _add_halves(a, b, r, v, SlowK, SlowV, slow_row, from_host[:, None], ch, cols, h_ok, past,
+                                     col_ok, HALF, HEAD_DIM)
             if HAS_CACHE:  # the row as stored (before any rotation) into the line it took over
-                m = store_line[:, None]
-                ty = CacheK.dtype.element_ty
-                tl.store(CacheK + line_row + ch[None, :], a.to(ty), mask=m & h_ok[None, :])
-                tl.store(CacheK + line_row + HALF + ch[None, :], b.to(ty), mask=m & h_ok[None, :])
-                if 2 * HALF < HEAD_DIM:
-                    tl.store(CacheK + line_row + cols[None, :], r.to(ty), mask=m & past[None, :])
-                tl.store(CacheV + line_row + cols[None, :], v.to(CacheV.dtype.element_ty), mask=m & col_ok[None, :])
+                _store_halves(CacheK, CacheV, line_row, store_line[:, None], a, b, r, v, ch, cols, h_ok, past, col_ok,
+                              HALF, HEAD_DIM)
         if SCHEME != 2:
             shift = _shift(Count, head, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
@@ -261,13 +272,7 @@ if triton is not None:
             sin = tl.sin(angle)
             a, b = a * cos - b * sin, b * cos + a * sin
         out = head.to(tl.int64) * stride_oh + entry.to(tl.int64)[:, None] * stride_on
-        m = live[:, None]
-        ty = OutK.dtype.element_ty
-        tl.store(OutK + out + ch[None, :], a.to(ty), mask=m & h_ok[None, :])
-        tl.store(OutK + out + HALF + ch[None, :], b.to(ty), mask=m & h_ok[None, :])
-        if 2 * HALF < HEAD_DIM:
-            tl.store(OutK + out + cols[None, :], r.to(ty), mask=m & past[None, :])
-        tl.store(OutV + out + cols[None, :], v.to(OutV.dtype.element_ty), mask=m & col_ok[None, :])
+        _store_halves(OutK, OutV, out, live[:, None], a, b, r, v, ch, cols, h_ok, past, col_ok, HALF, HEAD_DIM)
         tl.store(OutMask + head.to(tl.int64) * stride_mh + entry, valid.to(tl.int8), mask=live)
 
 

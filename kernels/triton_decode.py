@@ -226,6 +226,12 @@ if triton is not None:
         ok = row_ok[:, None] & (s[None, :] < num_splits)
         x = tl.load(PartLse + (pid_bh * num_splits + s[None, :]).to(tl.int64) * GROUP + g[:, None], mask=ok,
                     other=float("-inf"))  # [G_P, SPLITS_P]
+        return _combine_lse2(x)
+
+    @triton.jit
+    def _combine_lse2(x):
+        """``[rows]`` base-2 LSE of the rows of ``x [rows, SPLITS_P]`` (partial LSEs, -inf where absent); 0 for a row
+        with none (see :func:`_total_lse2`)."""
         mx = tl.reduce(x, 1, _max_combine)
         safe = tl.where(mx == float("-inf"), 0.0, mx)
         total = tl.reduce(tl.exp2(x - safe[:, None]), 1, _sum_combine)
@@ -305,10 +311,7 @@ if triton is not None:
         ok_s = r_ok[:, None] & (s[None, :] < num_splits)
         x = tl.load(PartLse + ((b * num_kv_heads + kvh[:, None]) * num_splits + s[None, :]).to(tl.int64) * GROUP
                     + g[:, None], mask=ok_s, other=float("-inf"))  # [H_P, SPLITS_P]
-        mx = tl.reduce(x, 1, _max_combine)
-        safe = tl.where(mx == float("-inf"), 0.0, mx)
-        total = tl.reduce(tl.exp2(x - safe[:, None]), 1, _sum_combine)
-        total2 = tl.where(total > 0.0, safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+        total2 = _combine_lse2(x)
         o = tl.arange(0, BAND_P)
         col = win_len - 1 - o
         ok = r_ok[:, None] & ((o < band_width) & (col >= 0))[None, :]

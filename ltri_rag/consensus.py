@@ -98,8 +98,7 @@ class LayerConsensus:
         if prior is None or lengths.numel() == 0:
             return None
         device = torch.device("cpu") if device is None else torch.device(device)
-        if prior.device != device:
-            prior = self.prior[seq] = prior.to(device)
+        prior = self.prior_on(seq, device)
         sums = self._prior_sums(seq, prior)
         last = sums.numel() - 1
         if geometry is not None:
@@ -127,12 +126,8 @@ class LayerConsensus:
             self.deposit(seq, lengths, selected.any(dim=0), geometry=geometry)
             return prior
         device = selected.device
-        prior = self.prior[seq]
-        sums = None
-        if prior is not None and lengths.numel():
-            if prior.device != device:
-                prior = self.prior[seq] = prior.to(device)
-            sums = self._prior_sums(seq, prior)
+        prior = self.prior_on(seq, device)
+        sums = self._prior_sums(seq, prior) if prior is not None and lengths.numel() else None
         acc = self._grown_acc(seq, lengths, device)
         lengths_on, bounds = geometry
         span_prior = prior_and_deposit(selected, bounds[1], bounds[0], lengths_on, sums, acc)
