@@ -15,12 +15,16 @@ form:
   ``HALF_TILES`` (the rotate-half pairs as two half tiles) against one tile with gathered partner columns;
 * ``assemble``: :func:`ltri_rag.kernels.triton_assemble.assemble_memory` of ``Hkv x (sinks + W)`` rows from an 8K-token
   pool (device tier; ``--host-share`` of its pages in pinned host memory for the ``host`` rows), contiguous scheme;
-  ``HALF_TILES`` likewise.
+  ``HALF_TILES`` likewise;
+* ``select``: :func:`ltri_rag.retrieval.select_spans_pair`, a layer's two selections under consensus from ``32 x S``
+  span scores (lengths 16-112, budget 2,048, prior, persistence; the ranking, sort and fill of a decode step);
+  ``retrieval.PAIRED_SORT`` (both ranked in one tensor: one sort, one fill) against one after the other.
 
 Each call is captured ``--calls`` times into one CUDA graph over as many separate input sets (so the assembly's pool
 rows are not all in L2), the graph replayed ``--reps`` times; µs per call = replay time / calls (what a captured
 decode step pays, launch gaps included). Both forms must give the same result: the script stops otherwise (equal
-bit for bit for the fill and the values, keys to 1e-2 in bfloat16). Writes ``bench.json`` and ``bench.md``.
+bit for bit for the fill, the selections and the values, keys to 1e-2 in bfloat16). Writes ``bench.json`` and
+``bench.md``.
 """
 
 from __future__ import annotations
@@ -110,10 +114,27 @@ def assemble_case(width: int, host_share: float, calls: int, gen: torch.Generato
     return fns, fns[0]
 
 
+def select_case(num_spans: int, calls: int, gen: torch.Generator):
+    from ltri_rag.retrieval import select_spans_pair
+
+    heads, budget = 32, 2048
+    inputs = []
+    for _ in range(calls):
+        lengths = torch.randint(16, 113, (num_spans,), generator=gen)  # mean 64: 1M tokens in 16K spans
+        inputs.append(dict(
+            scores=torch.randn(heads, num_spans, generator=gen).cuda(), lengths=lengths, budget=budget,
+            prior=(torch.randint(0, 33, (num_spans,), generator=gen).float() / 32).cuda(), prior_weight=0.5,
+            num_kv_heads=8, recency=(torch.rand(num_spans, generator=gen) < 0.1).float().cuda(), bonus=1.0,
+            device_lengths=lengths.cuda()))
+    fns = [lambda i=i: select_spans_pair(**i) for i in inputs]
+    return fns, fns[0]
+
+
 CASES: dict[str, tuple[str, str]] = {  # kind: (module, switch)
-    "fill": ("triton_select", "SCALAR_WALK"),
-    "rotate": ("triton_rope", "HALF_TILES"),
-    "assemble": ("triton_assemble", "HALF_TILES"),
+    "fill": ("ltri_rag.kernels.triton_select", "SCALAR_WALK"),
+    "rotate": ("ltri_rag.kernels.triton_rope", "HALF_TILES"),
+    "assemble": ("ltri_rag.kernels.triton_assemble", "HALF_TILES"),
+    "select": ("ltri_rag.retrieval", "PAIRED_SORT"),
 }
 
 
@@ -125,6 +146,8 @@ def _same(a: Any, b: Any, kind: str) -> bool:
             k[0].float(), k[1].float(), atol=1e-2, rtol=1e-2)
     if kind == "rotate":
         return torch.allclose(pairs[0][0].float(), pairs[0][1].float(), atol=1e-2, rtol=1e-2)
+    if kind == "select":
+        return all(torch.equal(x, y) for x, y in pairs)
     return torch.equal(pairs[0][0], pairs[0][1])
 
 
@@ -136,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[32, 17408], help="rotate: rows (head_dim 128)")
     parser.add_argument("--widths", type=int, nargs="+", default=[2048], help="assemble: slots per KV head")
     parser.add_argument("--host-share", type=float, default=0.5, help="assemble host rows: pages in host memory")
+    parser.add_argument("--select-spans", type=int, nargs="+", default=[128, 2048, 16384, 65536],
+                        help="select: spans of a layer")
+    parser.add_argument("--kinds", nargs="+", default=list(CASES), choices=list(CASES), help="kernels to time")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -144,15 +170,21 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(0)
     cases: list[tuple[str, str, Any]] = []
-    cases += [("fill", f"8 x {s} spans", fill_case(s, args.calls, gen)) for s in args.spans]
-    cases += [("rotate", f"{n} rows x 128", rotate_case(n, 128, args.calls, gen)) for n in args.rows]
-    for w in args.widths:
+    kinds = set(args.kinds)
+    if "fill" in kinds:
+        cases += [("fill", f"8 x {s} spans", fill_case(s, args.calls, gen)) for s in args.spans]
+    if "rotate" in kinds:
+        cases += [("rotate", f"{n} rows x 128", rotate_case(n, 128, args.calls, gen)) for n in args.rows]
+    for w in args.widths if "assemble" in kinds else []:
         cases.append(("assemble", f"8 heads x {128 + w} rows, device tier", assemble_case(w, 0.0, args.calls, gen)))
         cases.append(("assemble", f"8 heads x {128 + w} rows, {args.host_share:.0%} host pages",
                       assemble_case(w, args.host_share, args.calls, gen)))
+    if "select" in kinds:
+        cases += [("select", f"32 heads x {s} spans, both selections", select_case(s, args.calls, gen))
+                  for s in args.select_spans]
     rows = []
     for kind, shape, (fns, probe) in cases:
-        module = importlib.import_module(f"ltri_rag.kernels.{CASES[kind][0]}")
+        module = importlib.import_module(CASES[kind][0])
         switch = CASES[kind][1]
         saved = getattr(module, switch)
         result: dict[str, Any] = {"kernel": kind, "shape": shape, "switch": switch}

@@ -15,10 +15,10 @@ launches per step of a 32-layer model. :func:`prior_and_deposit` does both in on
   (two ``index_add_``), bit for bit, and the same from run to run.
 
 Shapes:
-    selected: ``[R, S]`` bool, the layer's selection rows (1, or one per KV head);
+    selected: ``[R, S]`` bool, the layer's selection rows (1, or one per KV head), or None (no deposit);
     starts / ends / lengths: ``[S]`` int64, each span's first slot, the slot past its last, its length (>= 1);
     sums: ``[last + 1]`` float64, the running sum of the prior (``sums[0] = 0``), or None (no prior yet);
-    acc: ``[T]`` float64 with ``T > max(ends)``, updated in place;
+    acc: ``[T]`` float64 with ``T > max(ends)``, updated in place (None with ``selected``);
     returns ``[S]`` float32 prior per span, or None without ``sums``.
 """
 
@@ -36,7 +36,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=("num_spans", "rows", "last", "row_stride"))
     def _prior_deposit_kernel(Selected, Starts, Ends, Lengths, Sums, Acc, Prior, num_spans, rows, row_stride, last,
-                              HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_PRIOR: tl.constexpr, DEPOSIT: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < num_spans
         start = tl.load(Starts + i, mask=ok, other=0)
@@ -47,18 +47,22 @@ if triton is not None:
             lo = tl.load(Sums + tl.minimum(start, last), mask=ok, other=0.0)
             prior = (hi - lo) / length.to(tl.float64)  # float64 division: rounded to nearest (div.rn.f64)
             tl.store(Prior + i, prior.to(tl.float32), mask=ok)
-        vote = tl.full([BLOCK], 0, dtype=tl.int32)
-        for r in range(rows):
-            vote = vote | tl.load(Selected + r * row_stride + i, mask=ok, other=0).to(tl.int32)
-        voted = ok & (vote != 0)
-        tl.atomic_add(Acc + start, tl.full([BLOCK], 1.0, dtype=tl.float64), mask=voted)
-        tl.atomic_add(Acc + end, tl.full([BLOCK], -1.0, dtype=tl.float64), mask=voted)
+        if DEPOSIT:
+            vote = tl.full([BLOCK], 0, dtype=tl.int32)
+            for r in range(rows):
+                vote = vote | tl.load(Selected + r * row_stride + i, mask=ok, other=0).to(tl.int32)
+            voted = ok & (vote != 0)
+            tl.atomic_add(Acc + start, tl.full([BLOCK], 1.0, dtype=tl.float64), mask=voted)
+            tl.atomic_add(Acc + end, tl.full([BLOCK], -1.0, dtype=tl.float64), mask=voted)
 
 
-def prior_and_deposit(selected: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, lengths: torch.Tensor,
-                      sums: torch.Tensor | None, acc: torch.Tensor) -> torch.Tensor | None:
+def prior_and_deposit(selected: torch.Tensor | None, starts: torch.Tensor, ends: torch.Tensor,
+                      lengths: torch.Tensor, sums: torch.Tensor | None,
+                      acc: torch.Tensor | None) -> torch.Tensor | None:
     """The span prior from ``sums`` and the deposit of ``selected``'s votes into ``acc``, in one launch (module
-    docstring). No host synchronisation: a CUDA graph can capture it.
+    docstring). No host synchronisation: a CUDA graph can capture it. Either half may be left out: ``sums`` None
+    deposits only (and returns None); ``selected`` and ``acc`` None reads only the prior (a layer whose two
+    selections are made together reads the prior before it has votes to deposit).
 
     Raises:
         RuntimeError: triton is not installed.
@@ -66,28 +70,34 @@ def prior_and_deposit(selected: torch.Tensor, starts: torch.Tensor, ends: torch.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if selected.dim() != 2 or selected.dtype != torch.bool:
+    if (selected is None) != (acc is None) or (selected is None and sums is None):
+        raise ValueError("pass selected and acc together (a deposit), sums (a prior read), or all three")
+    if selected is not None and (selected.dim() != 2 or selected.dtype != torch.bool):
         raise ValueError(f"selected must be a [R, S] bool tensor, got {tuple(selected.shape)} {selected.dtype}")
-    num_spans = selected.shape[1]
+    num_spans = selected.shape[1] if selected is not None else lengths.shape[0]
     for name, t in (("starts", starts), ("ends", ends), ("lengths", lengths)):
         if t.shape != (num_spans,) or t.dtype != torch.int64:
             raise ValueError(f"{name} must be [{num_spans}] int64, got {tuple(t.shape)} {t.dtype}")
-    if acc.dim() != 1 or acc.dtype != torch.float64 or (sums is not None and
-                                                        (sums.dim() != 1 or sums.dtype != torch.float64)):
+    arrays = [t for t in (acc, sums) if t is not None]
+    if any(t.dim() != 1 or t.dtype != torch.float64 for t in arrays):
         raise ValueError("acc and sums must be one-dimensional float64 tensors")
-    tensors = [selected, starts, ends, lengths, acc] + ([sums] if sums is not None else [])
-    if any(t.device != acc.device for t in tensors):
-        raise ValueError(f"every tensor must be on {acc.device}")
-    if acc.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the kernel needs CUDA tensors (got {acc.device}), or TRITON_INTERPRET=1 set before "
+    device = arrays[0].device
+    tensors = [t for t in (selected, starts, ends, lengths) if t is not None] + arrays
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"every tensor must be on {device}")
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the kernel needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before "
                          "ltri_rag.kernels.triton_consensus is imported")
-    prior = torch.empty(num_spans, dtype=torch.float32, device=acc.device) if sums is not None else None
+    prior = torch.empty(num_spans, dtype=torch.float32, device=device) if sums is not None else None
     if num_spans == 0:
         return prior
-    selected = selected.contiguous()
     starts, ends, lengths = starts.contiguous(), ends.contiguous(), lengths.contiguous()
+    any_array = arrays[0]  # the pointer of an unused argument
+    sel = selected.contiguous().view(torch.int8) if selected is not None else any_array
     _prior_deposit_kernel[(triton.cdiv(num_spans, _BLOCK),)](
-        selected.view(torch.int8), starts, ends, lengths, sums if sums is not None else acc, acc,
-        prior if prior is not None else acc, num_spans, selected.shape[0], selected.stride(0),
-        (sums.numel() - 1) if sums is not None else 0, HAS_PRIOR=sums is not None, BLOCK=_BLOCK)
+        sel, starts, ends, lengths, sums if sums is not None else any_array,
+        acc if acc is not None else any_array, prior if prior is not None else any_array, num_spans,
+        selected.shape[0] if selected is not None else 0, selected.stride(0) if selected is not None else 0,
+        (sums.numel() - 1) if sums is not None else 0, HAS_PRIOR=sums is not None, DEPOSIT=selected is not None,
+        BLOCK=_BLOCK)
     return prior

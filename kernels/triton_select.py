@@ -1,4 +1,5 @@
-"""Span selection on the device in few launches: the ranking keys in two, the budget fill in one after the sort.
+"""Span selection on the device in few launches: the ranking keys in two, the budget fill in one after the sort,
+the persistence update in one.
 
 **Ranking keys** (:func:`rank_keys`; reference :func:`ltri_rag.retrieval._rank_keys` without votes, some
 twenty-five torch operations): per row ``r`` (one, or one per KV head) the mean of its ``G`` query heads' span
@@ -32,6 +33,9 @@ the sort's order and the running sum of the ranked lengths, everything else is o
 Every span is written at most once and only with True (the output starts all False), so the programs never race.
 The result is the reference's, exactly (integer arithmetic only).
 
+**Persistence update** (:func:`update_recency_triton`): after the fill, ``recency * decay + selected.any(dim=0)``
+in one launch instead of four, bit for bit (compiled without FMA contraction).
+
 Shapes:
     order: ``[R, S]`` int64, each row a permutation of the spans (best first);
     ranked_sums: ``[R, S]`` int64, ``cumsum(lengths[order], dim=1)``;
@@ -44,7 +48,7 @@ from __future__ import annotations
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
 
-__all__ = ["fill_ranked", "rank_keys", "triton_available"]
+__all__ = ["fill_ranked", "rank_keys", "triton_available", "update_recency_triton"]
 
 INTERPRETED = interpreted()
 _PARTIAL_TILE = 128  # spans per tile of the ranking's partial sums
@@ -106,6 +110,16 @@ if triton is not None:
     @triton.jit
     def _minimum(a, b):
         return tl.minimum(a, b)
+
+    @triton.jit(do_not_specialize=("num_spans", "rows", "row_stride"))
+    def _recency_kernel(Recency, Selected, Out, num_spans, rows, row_stride, decay, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < num_spans
+        taken = tl.full([BLOCK], 0, dtype=tl.int32)
+        for r in range(rows):
+            taken = taken | tl.load(Selected + r * row_stride + i, mask=ok, other=0).to(tl.int32)
+        kept = tl.load(Recency + i, mask=ok, other=0.0) * decay  # launched without FMA contraction: two roundings
+        tl.store(Out + i, kept + (taken != 0).to(tl.float32), mask=ok)
 
     @triton.jit(do_not_specialize=("num_spans", "span_chunk"))
     def _rank_partials_kernel(Scores, Prior, Sums, Counts, Part, num_spans, span_chunk,
@@ -245,7 +259,8 @@ def fill_ranked(order: torch.Tensor, ranked: torch.Tensor, ranked_sums: torch.Te
 
 
 def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
-              recency: torch.Tensor | None = None, bonus: float = 0.0, block: int = 1024) -> torch.Tensor:
+              recency: torch.Tensor | None = None, bonus: float = 0.0, block: int = 1024,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, S]`` float32 ranking keys from ``[H, S]`` span scores (module docstring), in two launches.
 
     Args:
@@ -257,6 +272,8 @@ def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None
         recency: ``[S]`` float32 persistence state, added times ``bonus`` when that is > 0.
         bonus: Weight of ``recency``.
         block: Spans per program (a power of two >= 16).
+        out: A contiguous ``[rows, S]`` float32 tensor on the scores' device to write the keys into (e.g. half
+            of a tensor that ranks two selections together); returned.
 
     Raises:
         RuntimeError: triton is not installed.
@@ -274,7 +291,11 @@ def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     num_heads, num_spans = scores.shape
     device = scores.device
-    keys = torch.empty(rows, num_spans, dtype=torch.float32, device=device)
+    if out is not None and (out.shape != (rows, num_spans) or out.dtype != torch.float32 or out.device != device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {num_spans}] tensor on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}")
+    keys = torch.empty(rows, num_spans, dtype=torch.float32, device=device) if out is None else out
     if num_spans == 0:
         return keys
     use_prior = prior is not None and prior_weight > 0
@@ -302,3 +323,48 @@ def rank_keys(scores: torch.Tensor, rows: int, prior: torch.Tensor | None = None
         float(bonus), GROUP=group, HAS_PRIOR=use_prior, HAS_RECENCY=use_recency, BLOCK=block,
         BLOCK_P=max(16, triton.next_power_of_2(rows * _MAX_PARTS)))
     return keys
+
+
+def update_recency_triton(recency: torch.Tensor, selected: torch.Tensor, decay: float,
+                          block: int = 1024) -> torch.Tensor:
+    """The persistence state after a selection, ``recency * decay + selected.any(dim=0)``, in one launch instead of
+    four torch operations (a multiplication, a reduction over the rows, a cast, an addition); the same float32
+    operations, each rounded (the kernel is compiled without FMA contraction), so the reference's bits
+    (:func:`ltri_rag.retrieval.update_recency`). No host synchronisation: a CUDA graph can capture it.
+
+    Args:
+        recency: ``[S]`` float32 persistence state.
+        selected: ``[R, S]`` bool selection rows.
+        decay: In ``[0, 1)``.
+        block: Spans per program (a power of two >= 16).
+
+    Returns:
+        ``[S]`` float32, a new tensor.
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: shapes, dtypes or devices that do not match, or tensors the kernel cannot run on.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if recency.dim() != 1 or recency.dtype != torch.float32:
+        raise ValueError(f"recency must be a [S] float32 tensor, got {tuple(recency.shape)} {recency.dtype}")
+    if selected.dim() != 2 or selected.dtype != torch.bool or selected.shape[1] != recency.shape[0]:
+        raise ValueError(f"selected must be a [R, {recency.shape[0]}] bool tensor, got {tuple(selected.shape)} "
+                         f"{selected.dtype}")
+    if selected.device != recency.device:
+        raise ValueError(f"recency ({recency.device}) and selected ({selected.device}) must be on one device")
+    if recency.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the kernel needs CUDA tensors (got {recency.device}), or TRITON_INTERPRET=1 set before "
+                         "ltri_rag.kernels.triton_select is imported")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    num_spans = recency.shape[0]
+    out = torch.empty_like(recency)
+    if num_spans == 0:
+        return out
+    selected = selected.contiguous()
+    _recency_kernel[(triton.cdiv(num_spans, block),)](
+        recency.contiguous(), selected.view(torch.int8), out, num_spans, selected.shape[0], selected.stride(0),
+        float(decay), BLOCK=block, enable_fp_fusion=False)
+    return out

@@ -18,15 +18,16 @@ from ltri_rag.kernels.triton_consensus import triton_available as _kernel_availa
 __all__ = ["LayerConsensus"]
 
 FUSED_CONSENSUS = True
-"""Whether a layer selecting on CUDA reads its span prior and deposits its votes in one Triton launch
+"""Whether a layer selecting on CUDA reads its span prior in one Triton launch and deposits its votes in another
 (:func:`ltri_rag.kernels.triton_consensus.prior_and_deposit`, the same values bit for bit) instead of eleven torch
 operations (:meth:`LayerConsensus.span_prior` and :meth:`LayerConsensus.deposit`); False keeps the torch path (for
 comparisons)."""
 
 
-def _fused(selected: torch.Tensor) -> bool:
-    """Whether :meth:`LayerConsensus.read_and_vote` takes the one-launch path for ``selected``."""
-    return FUSED_CONSENSUS and selected.is_cuda and _kernel_available()
+def _fused(device: torch.device) -> bool:
+    """Whether :meth:`LayerConsensus.read` and :meth:`LayerConsensus.vote` take their one-launch paths on
+    ``device``."""
+    return FUSED_CONSENSUS and device.type == "cuda" and _kernel_available()
 
 
 class LayerConsensus:
@@ -112,28 +113,33 @@ class LayerConsensus:
         inside = sums[bounds[0]] - sums[bounds[1]]
         return (inside / lengths_on).to(torch.float32)
 
-    def read_and_vote(self, seq: int, lengths: torch.Tensor, selected: torch.Tensor,
-                      geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """:meth:`span_prior` on ``selected``'s device, then :meth:`deposit` of ``selected.any(dim=0)``: what a layer
-        does with its first selection. Same results; on CUDA with ``geometry`` (``FUSED_CONSENSUS``) in one launch.
-
-        Args:
-            seq, lengths, geometry: As for :meth:`span_prior`.
-            selected: ``[rows, num_spans]`` bool selection of the layer.
-        """
-        if geometry is None or not _fused(selected):
-            prior = self.span_prior(seq, lengths, device=selected.device, geometry=geometry)
-            self.deposit(seq, lengths, selected.any(dim=0), geometry=geometry)
-            return prior
-        device = selected.device
-        prior = self.prior_on(seq, device)
-        sums = self._prior_sums(seq, prior) if prior is not None and lengths.numel() else None
-        acc = self._grown_acc(seq, lengths, device)
+    def read(self, seq: int, lengths: torch.Tensor, device: torch.device,
+             geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """:meth:`span_prior` on ``device``: the same values, on CUDA with ``geometry`` (``FUSED_CONSENSUS``) in one
+        launch. A layer reads the prior before it selects (its selection with the prior and the one it votes
+        with are made together: :func:`ltri_rag.retrieval.select_spans_pair`), then votes (:meth:`vote`)."""
+        device = torch.device(device)
+        if geometry is None or not _fused(device):
+            return self.span_prior(seq, lengths, device=device, geometry=geometry)
+        prior = self.prior_on(seq, device) if lengths.numel() else None
+        if prior is None:
+            return None
         lengths_on, bounds = geometry
-        span_prior = prior_and_deposit(selected, bounds[1], bounds[0], lengths_on, sums, acc)
+        return prior_and_deposit(None, bounds[1], bounds[0], lengths_on, self._prior_sums(seq, prior), None)
+
+    def vote(self, seq: int, lengths: torch.Tensor, selected: torch.Tensor,
+             geometry: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """:meth:`deposit` of ``selected.any(dim=0)`` (``selected``: ``[rows, num_spans]`` bool, a layer's selection
+        without the prior): the same evidence, on CUDA with ``geometry`` (``FUSED_CONSENSUS``) in one launch.
+        ``seq``, ``lengths``, ``geometry``: as for :meth:`span_prior`."""
+        if geometry is None or not _fused(selected.device):
+            self.deposit(seq, lengths, selected.any(dim=0), geometry=geometry)
+            return
+        acc = self._grown_acc(seq, lengths, selected.device)
+        lengths_on, bounds = geometry
+        prior_and_deposit(selected, bounds[1], bounds[0], lengths_on, None, acc)
         self._acc[seq] = acc
         self._count[seq] += 1
-        return span_prior
 
     def _grown_acc(self, seq: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The difference array of ``seq`` on ``device``, grown (zeros) to cover spans of ``lengths`` (host)."""

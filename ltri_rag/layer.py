@@ -31,7 +31,7 @@ from ltri_rag.layer_assembly import DeviceAssembly
 from ltri_rag.layer_graph import GraphFormSteps
 from ltri_rag.layer_spans import SpanExchange
 from ltri_rag.pool import PagedKVPool
-from ltri_rag.retrieval import query_summary, scored_queries, select_spans, update_recency
+from ltri_rag.retrieval import query_summary, scored_queries, select_spans, select_spans_pair, update_recency
 from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
 from ltri_rag.window import WindowBuffer
@@ -163,12 +163,15 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         kwargs = dict(num_kv_heads=table.num_kv_heads, scope=cfg.retrieval_scope, voting=cfg.voting,
                       recency=recency, bonus=cfg.persistence_bonus, pinned=None if extra is not None else pinned,
                       device_lengths=None if geometry is None else geometry[0])
-        selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if self.consensus is not None and cfg.consensus_weight > 0:
-            prior = self.consensus.read_and_vote(seq, table.lengths, selected, geometry=geometry)
-            if prior is not None:
-                selected = select_spans(scores, table.lengths, cfg.budget, prior=prior,
-                                        prior_weight=cfg.consensus_weight, **kwargs)
+            # the prior (the previous step's votes) does not depend on this layer's votes: the selection that votes
+            # and the one that loads are made together (one sort), then the first one votes
+            prior = self.consensus.read(seq, table.lengths, scores.device, geometry)
+            own, selected = select_spans_pair(scores, table.lengths, cfg.budget, prior=prior,
+                                              prior_weight=cfg.consensus_weight, **kwargs)
+            self.consensus.vote(seq, table.lengths, own, geometry)
+        else:
+            selected = select_spans(scores, table.lengths, cfg.budget, **kwargs)
         if extra is not None:
             selected = selected | extra.to(selected.device)[None, :]
         if cfg.persistence and not dry:

@@ -119,11 +119,14 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
 
 
 @pytest.mark.parametrize("switch", ["consensus.FUSED_CONSENSUS:prior_and_deposit",
-                                    "span_memory.FUSED_SLOTS:place_slots"])
+                                    "span_memory.FUSED_SLOTS:place_slots", "retrieval.PAIRED_SORT:_fill_budget",
+                                    "retrieval.FUSED_RECENCY:update_recency_triton"])
 def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``, against eleven torch operations) and
-    the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations): the
-    same logits bit for bit at every step (prompt passes selecting on the device, graph-replayed decode steps), and
+    the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations), a
+    layer's two selections ranked and filled together (``retrieval.PAIRED_SORT``, against one after the other), the
+    persistence update in one launch (``retrieval.FUSED_RECENCY``, against four operations): the same logits bit
+    for bit at every step (prompt passes selecting on the device, graph-replayed decode steps), and
     the kernel ran."""
     import importlib
 

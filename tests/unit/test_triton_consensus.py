@@ -1,7 +1,8 @@
-"""The one-launch consensus read and vote (``kernels.triton_consensus.prior_and_deposit``) equals the torch path
-(``LayerConsensus.span_prior`` then ``deposit``) bit for bit: span priors, the difference array, over several
-layers, steps and commits, priors shorter than the slots, spans that fill more than one program, several selection
-rows. On CPU under ``TRITON_INTERPRET`` (set here, before the kernel module is imported); compiled on a GPU."""
+"""The one-launch consensus read and vote (``kernels.triton_consensus.prior_and_deposit``: both in one launch, or
+either alone) equals the torch path (``LayerConsensus.span_prior`` then ``deposit``) bit for bit: span priors, the
+difference array, over several layers, steps and commits, priors shorter than the slots, spans that fill more than
+one program, several selection rows. On CPU under ``TRITON_INTERPRET`` (set here, before the kernel module is
+imported); compiled on a GPU."""
 
 import pytest
 import torch
@@ -49,14 +50,18 @@ def test_kernel_matches_the_torch_read_and_deposit(num_spans: int, rows: int) ->
     acc = acc0.clone()  # no prior yet: the deposit alone
     assert triton_consensus.prior_and_deposit(selected, bounds[1], bounds[0], lengths_on, None, acc) is None
     assert torch.equal(acc, ref._acc[0])
+    # the prior alone (read before the layer has selected)
+    got = triton_consensus.prior_and_deposit(None, bounds[1], bounds[0], lengths_on, sums, None)
+    if num_spans:
+        assert torch.equal(got, want)
 
 
-def test_read_and_vote_over_layers_and_steps(monkeypatch) -> None:
+def test_read_then_vote_over_layers_and_steps(monkeypatch) -> None:
     """Two consensus objects, one on the torch path and one on the kernel, fed the same selections by 4 layers over
     5 steps (spans appended between steps, commits in between) hold the same priors and evidence throughout."""
     fused, torch_path = LayerConsensus(2), LayerConsensus(2)
     use_kernel = {"on": False}
-    monkeypatch.setattr(consensus_module, "_fused", lambda selected: use_kernel["on"])
+    monkeypatch.setattr(consensus_module, "_fused", lambda device: use_kernel["on"])
     gen = torch.Generator().manual_seed(5)
     for step in range(5):
         for seq in range(2):
@@ -65,9 +70,11 @@ def test_read_and_vote_over_layers_and_steps(monkeypatch) -> None:
             for _ in range(4):
                 selected = (torch.rand(1 + seq, len(lengths), generator=gen) < 0.3).to(DEVICE)
                 use_kernel["on"] = True
-                got = fused.read_and_vote(seq, lengths, selected, geometry=geometry)
+                got = fused.read(seq, lengths, DEVICE, geometry=geometry)
+                fused.vote(seq, lengths, selected, geometry=geometry)
                 use_kernel["on"] = False
-                want = torch_path.read_and_vote(seq, lengths, selected, geometry=geometry)
+                want = torch_path.read(seq, lengths, DEVICE, geometry=geometry)
+                torch_path.vote(seq, lengths, selected, geometry=geometry)
                 assert (got is None) == (want is None) == (step == 0)
                 if want is not None:
                     assert torch.equal(got, want)
@@ -89,3 +96,7 @@ def test_bad_inputs_raise() -> None:
         fn(selected, bounds[1].int(), bounds[0], lengths_on, None, acc)
     with pytest.raises(ValueError, match="acc and sums must be one-dimensional float64"):
         fn(selected, bounds[1], bounds[0], lengths_on, None, acc.float())
+    with pytest.raises(ValueError, match="pass selected and acc together"):
+        fn(selected, bounds[1], bounds[0], lengths_on, None, None)
+    with pytest.raises(ValueError, match="pass selected and acc together"):
+        fn(None, bounds[1], bounds[0], lengths_on, None, None)

@@ -126,3 +126,43 @@ def test_rank_keys_without_any_finite_score() -> None:
     assert triton_select.rank_keys(scores[:, :0], 1).shape == (1, 0)
     with pytest.raises(ValueError, match="multiple of rows"):
         triton_select.rank_keys(scores[:3], 2)
+
+
+def test_rank_keys_write_into_out() -> None:
+    """Into half of a two-selection tensor (``retrieval.select_spans_pair``): the same keys, the other half
+    untouched; an ``out`` of the wrong shape, dtype or layout is refused, naming what it got."""
+    scores, prior, _ = _rank_inputs(4, 50, True, seed=7)
+    both = torch.full((4, 50), 7.0, device=DEVICE)
+    got = triton_select.rank_keys(scores, 2, prior=prior, prior_weight=0.5, out=both[2:])
+    assert got.data_ptr() == both[2:].data_ptr()
+    assert torch.equal(both[2:], triton_select.rank_keys(scores, 2, prior=prior, prior_weight=0.5))
+    assert bool((both[:2] == 7.0).all())
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[2, 50\].*\(3, 50\)"):
+        triton_select.rank_keys(scores, 2, out=both[:3])
+    with pytest.raises(ValueError, match="float64"):
+        triton_select.rank_keys(scores, 2, out=both[2:].double())
+    with pytest.raises(ValueError, match="strides"):
+        triton_select.rank_keys(scores, 2, out=torch.zeros(50, 2, device=DEVICE).t())
+
+
+@pytest.mark.parametrize("num_spans,rows", [(1, 1), (37, 2), (1500, 1), (2100, 8)])
+def test_recency_update_matches_torch_bit_for_bit(num_spans: int, rows: int) -> None:
+    """``recency * decay + selected.any(0)`` in one launch: the torch path's float32 bits (a fused multiply-add
+    would round once where torch rounds twice, and differ in the last bit for some of these values)."""
+    gen = torch.Generator().manual_seed(num_spans)
+    recency = (torch.rand(num_spans, generator=gen) * 3).to(DEVICE)
+    selected = (torch.rand(rows, num_spans, generator=gen) < 0.3).to(DEVICE)
+    for decay in (0.9, 0.7071):
+        got = triton_select.update_recency_triton(recency, selected, decay)
+        want = recency * decay + selected.any(dim=0).float()
+        assert torch.equal(got, want)
+        if num_spans > 1000:  # the values tell the two roundings from one: an FMA form would fail above
+            one_rounding = (recency.double() * torch.tensor(decay).float().double()
+                            + selected.any(dim=0).double()).float()
+            assert not torch.equal(one_rounding, want)
+        assert torch.equal(retrieval.update_recency(recency, selected, decay), want)
+    assert triton_select.update_recency_triton(recency[:0], selected[:, :0], 0.9).shape == (0,)
+    with pytest.raises(ValueError, match=r"selected must be a \[R, %d\] bool tensor" % num_spans):
+        triton_select.update_recency_triton(recency, selected.float(), 0.9)
+    with pytest.raises(ValueError, match="recency must be a \\[S\\] float32"):
+        triton_select.update_recency_triton(recency.double(), selected, 0.9)
