@@ -10,7 +10,9 @@ helpers the kernels call stay in each kernel module for the same reason.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import weakref
 
 try:
     import triton
@@ -19,7 +21,8 @@ except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
     triton = None
     tl = None
 
-__all__ = ["interpreted", "multiprocessors", "next_pow2", "pow2_block", "tl", "triton", "triton_available"]
+__all__ = ["interpreted", "multiprocessors", "next_pow2", "pow2_block", "tl", "triton", "triton_available",
+           "turns_per_position"]
 
 
 def interpreted() -> bool:
@@ -54,3 +57,33 @@ def multiprocessors(index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# inverse frequencies -> their turns per position on a device: id(inv_freq) -> (weak reference, version, device,
+# turns); turns made for an older version stay referenced (a CUDA graph captured with them may still read them)
+_TURNS: dict[int, tuple[weakref.ref, int, object, object]] = {}
+_RETIRED: list = []
+
+
+def turns_per_position(inv_freq, device):
+    """``inv_freq / (2 pi)`` in float64 on ``device`` (``[rot_dim / 2]``, contiguous), what the rotating kernels
+    read: made once per inverse-frequency tensor and device (and again after an in-place change of it), so a layer's
+    launch does not pay a cast and a division each time. While a CUDA graph is being captured nothing new is
+    cached (a tensor made inside the capture holds its values only once the graph replays)."""
+    import torch
+
+    device = torch.device(device)
+    key = id(inv_freq)
+    hit = _TURNS.get(key)
+    if hit is not None and hit[0]() is inv_freq and hit[1] == inv_freq._version and hit[2] == device:
+        return hit[3]
+    turns = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous()
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return turns
+    for old_key, entry in list(_TURNS.items()):  # entries of tensors that are gone
+        if entry[0]() is None:
+            del _TURNS[old_key]
+    if hit is not None and hit[0]() is inv_freq:
+        _RETIRED.append(hit[3])
+    _TURNS[key] = (weakref.ref(inv_freq), inv_freq._version, device, turns)
+    return turns

@@ -40,10 +40,9 @@ held as separate tiles (``HALF_TILES``, ``_assemble_halves_kernel``). Reference:
 
 from __future__ import annotations
 
-import math
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available, turns_per_position
 
 __all__ = ["SCHEMES", "assemble_memory", "assemble_memory_torch", "triton_available"]
 
@@ -406,7 +405,7 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_r = BLOCK_ROWS if BLOCK_ROWS is not None else max(1, min(64, 4096 // block_d))
     rotate = scheme != "absolute" and inv_freq.numel() > 0
-    freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else count
+    freq = turns_per_position(inv_freq, device) if rotate else count
     sink_k_, sink_v_ = (sink_k, sink_v) if sink_k is not None else (out_k, out_v)
     args = (slots.contiguous(), count, page_table, positions, fast_k, fast_v,
             slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,

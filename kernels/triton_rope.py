@@ -31,10 +31,10 @@ interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kern
 
 from __future__ import annotations
 
-import math
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, multiprocessors, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import (interpreted, multiprocessors, tl, triton, triton_available,
+                                               turns_per_position)
 
 __all__ = ["gather_rotate_triton", "triton_available"]
 
@@ -231,7 +231,7 @@ def gather_rotate_triton(
         while block_r > 4 and triton.cdiv(n_rows, block_r) < 2 * multiprocessors(device.index or 0):
             block_r //= 2
     # frequencies in turns per position (float64, computed where inv_freq lives: nothing is copied from the host)
-    freq = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous() if rotate else main_k
+    freq = turns_per_position(inv_freq, device) if rotate else main_k
     _gather_rotate_kernel[(triton.cdiv(n_rows, block_r),)](
         main_k, main_k if main_v is None else main_v,
         main_k if aux_k is None else aux_k, main_k if aux_v is None else aux_v,

@@ -203,6 +203,8 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
         if position is None:
             q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
+        elif plan.q_len == 1:  # a decoded token: its position as it is (no arange and addition to launch)
+            q_pos = position.reshape(1)
         else:
             q_pos = position.reshape(1) + torch.arange(plan.q_len, device=position.device)
         if picks is not None:
