@@ -18,7 +18,9 @@ form:
   ``HALF_TILES`` likewise;
 * ``select``: :func:`ltri_rag.retrieval.select_spans_pair`, a layer's two selections under consensus from ``32 x S``
   span scores (lengths 16-112, budget 2,048, prior, persistence; the ranking, sort and fill of a decode step);
-  ``retrieval.PAIRED_SORT`` (both ranked in one tensor: one sort, one fill) against one after the other.
+  ``retrieval.PAIRED_SORT`` (both ranked in one tensor: one sort, one fill) against one after the other;
+* ``row_sums``: the running sums of a paired selection's ``2 x S`` ranked lengths, ``retrieval.FLAT_ROW_SUMS`` (one
+  flat scan, each row's start subtracted) against torch's scan along the rows.
 
 Each call is captured ``--calls`` times into one CUDA graph over as many separate input sets (so the assembly's pool
 rows are not all in L2), the graph replayed ``--reps`` times; µs per call = replay time / calls (what a captured
@@ -130,11 +132,20 @@ def select_case(num_spans: int, calls: int, gen: torch.Generator):
     return fns, fns[0]
 
 
+def row_sums_case(num_spans: int, calls: int, gen: torch.Generator):
+    from ltri_rag import retrieval
+
+    inputs = [torch.randint(16, 113, (2, num_spans), generator=gen).cuda() for _ in range(calls)]
+    fns = [lambda i=i: retrieval._row_sums(i) for i in inputs]
+    return fns, fns[0]
+
+
 CASES: dict[str, tuple[str, str]] = {  # kind: (module, switch)
     "fill": ("ltri_rag.kernels.triton_select", "SCALAR_WALK"),
     "rotate": ("ltri_rag.kernels.triton_rope", "HALF_TILES"),
     "assemble": ("ltri_rag.kernels.triton_assemble", "HALF_TILES"),
     "select": ("ltri_rag.retrieval", "PAIRED_SORT"),
+    "row_sums": ("ltri_rag.retrieval", "FLAT_ROW_SUMS"),
 }
 
 
@@ -148,6 +159,8 @@ def _same(a: Any, b: Any, kind: str) -> bool:
         return torch.allclose(pairs[0][0].float(), pairs[0][1].float(), atol=1e-2, rtol=1e-2)
     if kind == "select":
         return all(torch.equal(x, y) for x, y in pairs)
+    if kind == "row_sums":
+        return torch.equal(a, b)
     return torch.equal(pairs[0][0], pairs[0][1])
 
 
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     if "select" in kinds:
         cases += [("select", f"32 heads x {s} spans, both selections", select_case(s, args.calls, gen))
                   for s in args.select_spans]
+    if "row_sums" in kinds:
+        cases += [("row_sums", f"2 x {s} spans", row_sums_case(s, args.calls, gen)) for s in args.select_spans]
     rows = []
     for kind, shape, (fns, probe) in cases:
         module = importlib.import_module(CASES[kind][0])

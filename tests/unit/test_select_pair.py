@@ -110,3 +110,12 @@ def test_engine_logits_do_not_change_with_the_pairing(monkeypatch) -> None:
             assert 2 in fills, "no pair was ranked together"
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"
+
+
+@pytest.mark.parametrize("rows,num_spans", [(1, 5000), (2, 100), (2, 4096), (3, 5000)])
+def test_row_sums_equal_the_scan_along_rows(rows: int, num_spans: int, monkeypatch) -> None:
+    """Several long rows scanned flat (``retrieval._row_sums``): the integers of ``cumsum`` along each row."""
+    monkeypatch.setattr(retrieval, "_FLAT_FROM", 64)  # the flat path at test sizes too
+    ranked = torch.randint(1, 2**40, (rows, num_spans), generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(retrieval._row_sums(ranked), torch.cumsum(ranked, dim=1))
+    assert torch.equal(retrieval._row_sums(ranked.int()), torch.cumsum(ranked.int(), dim=1, dtype=torch.int64))
