@@ -36,7 +36,8 @@ for s in $steps; do
              tests/unit/test_triton_scoring.py $(ls tests/unit/test_triton_decode.py 2>/dev/null) ;;
     kernels) step kernels 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_select.py \
              tests/unit/test_triton_rope.py tests/unit/test_triton_assemble.py tests/unit/test_host_cache.py \
-             tests/unit/test_triton_consensus.py tests/unit/test_triton_slots.py ;;
+             tests/unit/test_triton_consensus.py tests/unit/test_triton_slots.py tests/unit/test_select_pair.py \
+             tests/unit/test_rotary_turns.py ;;
     local) step local 240 python3 -m benchmarks.bench_local_attention --sweep --out "$out/local_attention" ;;
     scoring) step scoring 90 python3 -m benchmarks.bench_span_scoring --out "$out/span_scoring" ;;
     decode) [ -f benchmarks/bench_decode_attention.py ] && \
