@@ -74,8 +74,12 @@ def turns_per_position(inv_freq, device):
 
     device = torch.device(device)
     key = id(inv_freq)
+    try:
+        version = inv_freq._version
+    except RuntimeError:  # an inference tensor keeps no version counter: it is read as made
+        version = -1
     hit = _TURNS.get(key)
-    if hit is not None and hit[0]() is inv_freq and hit[1] == inv_freq._version and hit[2] == device:
+    if hit is not None and hit[0]() is inv_freq and hit[1] == version and hit[2] == device:
         return hit[3]
     turns = (inv_freq.to(device=device, dtype=torch.float64) / (2 * math.pi)).contiguous()
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -85,5 +89,5 @@ def turns_per_position(inv_freq, device):
             del _TURNS[old_key]
     if hit is not None and hit[0]() is inv_freq:
         _RETIRED.append(hit[3])
-    _TURNS[key] = (weakref.ref(inv_freq), inv_freq._version, device, turns)
+    _TURNS[key] = (weakref.ref(inv_freq), version, device, turns)
     return turns

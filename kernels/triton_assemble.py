@@ -40,7 +40,6 @@ held as separate tiles (``HALF_TILES``, ``_assemble_halves_kernel``). Reference:
 
 from __future__ import annotations
 
-
 import torch
 from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available, turns_per_position
 

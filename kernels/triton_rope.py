@@ -31,7 +31,6 @@ interpreter (``TRITON_INTERPRET=1`` set before this module is imported) the kern
 
 from __future__ import annotations
 
-
 import torch
 from ltri_rag.kernels._triton_support import (interpreted, multiprocessors, tl, triton, triton_available,
                                                turns_per_position)

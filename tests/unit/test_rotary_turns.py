@@ -29,3 +29,12 @@ def test_turns_are_made_once_and_follow_changes() -> None:
     gc.collect()
     support.turns_per_position(torch.ones(3), "cpu")  # an insertion drops the entries of tensors that are gone
     assert key not in support._TURNS or support._TURNS[key][0]() is not None
+
+
+def test_inference_tensors_are_cached_too() -> None:
+    """A tensor made under ``torch.inference_mode`` has no version counter: its turns are made once all the same."""
+    with torch.inference_mode():
+        inv_freq = torch.rand(8)
+    first = support.turns_per_position(inv_freq, "cpu")
+    assert support.turns_per_position(inv_freq, "cpu") is first
+    assert torch.equal(first, inv_freq.double() / (2 * math.pi))
