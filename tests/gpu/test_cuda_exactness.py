@@ -7,7 +7,7 @@ import torch
 
 from ltri_rag import LtriSession
 from tests.unit.test_exactness import _ids, exact_config
-from tests.unit.tiny_models import FAMILIES, reference_logits, tiny_model
+from tests.unit.tiny_models import FAMILIES, greedy_logits, reference_logits, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -109,11 +109,7 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
                      span_min_len=2, span_max_len=12, **POOLS[pool])
     runs = []
     for _ in range(2):
-        session = LtriSession(model, cfg)
-        logits = [session.feed(ids)]
-        for _ in range(6):
-            logits.append(session.step(logits[-1].argmax(-1)))
-        runs.append(logits)
+        runs.append(greedy_logits(LtriSession(model, cfg), ids, 6))
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"
 
@@ -150,11 +146,7 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(module, flag, fused)
-        session = LtriSession(model, cfg)
-        logits = [session.feed(ids)]
-        for _ in range(6):
-            logits.append(session.step(logits[-1].argmax(-1)))
-        runs.append(logits)
+        runs.append(greedy_logits(LtriSession(model, cfg), ids, 6))
         if fused:
             assert calls, f"{kernel_name} never ran"
     for step, (a, b) in enumerate(zip(*runs)):

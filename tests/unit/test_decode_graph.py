@@ -14,7 +14,7 @@ import torch
 
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.decode_graph import DecodeGraph, graph_unsupported
-from tests.unit.tiny_models import random_ids, tiny_model
+from tests.unit.tiny_models import greedy_logits, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -389,10 +389,7 @@ def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> No
         monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", fused)
         session = LtriSession(qwen2, cfg, batch_size=2)
         session.decode_graph = DecodeGraph(qwen2, session.cache, session.cache_kwarg, capture=False, retrieve=True)
-        logits = [session.feed(ids)]
-        for _ in range(12):
-            logits.append(session.step(logits[-1].argmax(-1)))
-        runs.append((session, logits))
+        runs.append((session, greedy_logits(session, ids, 12)))
     (plain, plain_logits), (fused_session, fused_logits) = runs
     for a, b in zip(plain_logits, fused_logits):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

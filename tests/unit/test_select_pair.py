@@ -12,8 +12,8 @@ import torch
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag import retrieval
 from ltri_rag.retrieval import select_spans, select_spans_pair
+from tests.unit.tiny_models import greedy_logits, tiny_model
 from tests.unit.tiny_models import random_ids as _ids
-from tests.unit.tiny_models import tiny_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -101,11 +101,7 @@ def test_engine_logits_do_not_change_with_the_pairing(monkeypatch) -> None:
                         fill(keys, *a, **k))
     for paired in (True, False):
         monkeypatch.setattr(retrieval, "PAIRED_SORT", paired)
-        session = LtriSession(model, cfg)
-        logits = [session.feed(ids)]
-        for _ in range(4):
-            logits.append(session.step(logits[-1].argmax(-1)))
-        runs.append(logits)
+        runs.append(greedy_logits(LtriSession(model, cfg), ids, 4))
         if paired:
             assert 2 in fills, "no pair was ranked together"
     for step, (a, b) in enumerate(zip(*runs)):

@@ -62,6 +62,15 @@ def reference_greedy(model: nn.Module, input_ids: torch.Tensor, num_tokens: int)
     return ids[:, input_ids.shape[1]:]
 
 
+def greedy_logits(session, input_ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The logits of ``session.feed(input_ids)``, then of ``steps`` greedy decode steps (each feeding the argmax of
+    the logits before it)."""
+    logits = [session.feed(input_ids)]
+    for _ in range(steps):
+        logits.append(session.step(logits[-1].argmax(-1)))
+    return logits
+
+
 def exact_config(mode: str, chunk_size: int, **overrides: object) -> "LtriConfig":
     """Every evicted span retrieved at its true position (so the engine must be exact), with a tiny window."""
     from ltri_rag import LtriConfig
