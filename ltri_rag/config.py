@@ -73,7 +73,7 @@ class LtriConfig:
             pages at HBM speed and copies host pages over PCIe); ``True``: all in (pinned) host memory; ``False``:
             all on the model's device, unbounded. On a CPU model the pool is host memory in every case.
         kv_device_gib: With ``kv_offload="auto"`` on a GPU: GiB of device memory the pool may take (every layer's
-            K and V). None: 60% of the device memory free when the cache is built. A prompt's pool is sized
+            K and V). None: 80% of the device memory free when the cache is built. A prompt's pool is sized
             once when it is fed (``LtriCache.expect_tokens``); otherwise the tier grows by doubling, one layer at a
             time (the freed smaller blocks stay in PyTorch's cache, which it empties before it would fail).
             Each cache takes its share of what is free when it is built, so several long sessions alive at once on

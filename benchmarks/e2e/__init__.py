@@ -30,6 +30,10 @@ What it measures, for every model, context length and mode, side by side in one 
   (:data:`benchmarks.profile_engine.STAGES`) and operator names. Each is set against the floors: weight bytes (+ the
   K/V the step must read) / ``--hbm-tbps`` for a decode step, FLOPs / ``--peak-tflops`` for prefill.
 
+Isolation: ``--isolate`` runs each mode in a process of its own and merges the rows (each mode's own result stays
+under ``--out``/``modes``). Without it the modes share a process, and a mode can be slowed by the ones before it:
+in session 24 the second of two identical 128K modes decoded 2-4 ms per token slower (:mod:`benchmarks.e2e.isolate`).
+
 Budget: ``--time-limit`` bounds the whole run. Lengths run in increasing order, each length for every mode (in
 ``--modes`` order) before the next, so every system gets the short lengths. A (model, mode) skips a length when its
 time at the last smaller length, scaled by the growth measured so far (default exponent 2 for ``full``, 1.15 for

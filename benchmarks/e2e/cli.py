@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import e2e
 from benchmarks.e2e.device import GIB, free_memory, host_total_gib
+from benchmarks.e2e.isolate import run_isolated
 from benchmarks.e2e.models import BUILTIN_MODELS, check_model_spec, load_model_info
 from benchmarks.e2e.modes import MODES, engine_config
 from benchmarks.e2e.runs import Bench
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=540.0,
                         help="seconds for the whole run; lengths predicted not to fit are skipped (default 540)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled decode step / prefill chunk")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each mode in a process of its own (see benchmarks.e2e.isolate), then merge")
     parser.add_argument("--hbm-tbps", type=float, default=4.3, help="HBM bandwidth of the decode floor (TB/s)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak of the prefill floor")
     parser.add_argument("--host-mem-gib", type=float, default=None,
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             engine_config(mode, engine, args.backend)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"bad engine setting: {err}") from err
-    meta = run_meta(args, device, dtype, engine, sys.argv[1:] if argv is None else list(argv))
+    words = sys.argv[1:] if argv is None else list(argv)
+    meta = run_meta(args, device, dtype, engine, words)
     bench = Bench(args, device, dtype, engine, meta)
     longest = max(args.lengths + args.decode_lengths)
     max_positions = max(1 << 21, longest + args.decode_tokens + 8 * (engine.get("chunk_size") or 512) + 1024)
@@ -172,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    if args.isolate and len(args.modes) > 1:
+        try:
+            return _isolated(bench, words)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     try:
         for spec in args.model:
             info = None
@@ -197,6 +207,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        text = bench.save(plot=True)
+    print(text)
+    return bench.result()
+
+
+def _isolated(bench: Bench, words: list[str]) -> dict[str, Any]:
+    """``main`` with ``--isolate``: the modes run in child processes; their rows are saved as one result here."""
+    try:
+        run_isolated(bench, words)
+    except KeyboardInterrupt as err:
+        bench.meta["interrupted"] = str(err) or "KeyboardInterrupt"
+        print(f"interrupted ({bench.meta['interrupted']}): writing what was measured", flush=True)
+    finally:
         text = bench.save(plot=True)
     print(text)
     return bench.result()

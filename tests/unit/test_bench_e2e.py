@@ -180,3 +180,42 @@ def test_host_pool_estimate_is_the_reserved_size() -> None:
     assert 80 < host_gib < 90
     assert pool_host_bytes(info, 1 << 20, LtriConfig(mode="ltri", kv_offload=False)) == 0
     assert pool_host_bytes(info, 1000, cfg) == 0  # nothing leaves the window
+
+
+def test_isolated_modes_run_in_processes_of_their_own_and_merge(tmp_path) -> None:
+    """``--isolate``: each mode's rows come from its own child process (its own result folder), and the parent's
+    result holds every (mode, length) row as a run without it would."""
+    main(["--small", "--isolate", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
+          "--no-profile", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    prefill, decode = _rows(result, "prefill"), _rows(result, "decode")
+    assert set(prefill) == set(decode) == {("ltri", 256), ("streaming", 256)}
+    assert all(r["status"] == "ok" for r in [*prefill.values(), *decode.values()])
+    for mode in ("ltri", "streaming"):
+        child = json.loads((tmp_path / "modes" / mode / "bench.json").read_text())
+        assert [r["mode"] for r in child["prefill"]] == [mode]
+        assert child["prefill"][0]["seconds"] == prefill[(mode, 256)]["seconds"]
+        assert result["meta"]["isolated"][mode]["exit_status"] == 0
+    assert [m["name"] for m in result["models"]] == ["tiny-llama-random"]
+    assert "| 256 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_isolated_child_without_a_result_is_an_error_row(tmp_path, monkeypatch) -> None:
+    """A mode whose process writes nothing (here: a command that fails at once) becomes error rows naming the exit
+    status, and the other modes still run."""
+    from benchmarks.e2e import isolate
+
+    real = isolate.child_command
+
+    def broken_for_ltri(words, mode, out, time_limit):
+        command = real(words, mode, out, time_limit)
+        return [command[0], "-c", "raise SystemExit(3)"] if mode == "ltri" else command
+
+    monkeypatch.setattr(isolate, "child_command", broken_for_ltri)
+    main(["--small", "--isolate", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
+          "--no-profile", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    prefill = _rows(result, "prefill")
+    assert prefill[("ltri", 256)]["status"] == "error" and "exit status 3" in prefill[("ltri", 256)]["reason"]
+    assert _rows(result, "decode")[("ltri", 256)]["status"] == "error"
+    assert prefill[("streaming", 256)]["status"] == "ok"
