@@ -1,7 +1,7 @@
 """Where the host (Python) time of an ltri prefill (and decode) goes: cProfile of one prefill per chunk size.
 
     python -m benchmarks.host_profile --length 16384 --chunks 2048 512 [--model llama3-8b-random] [--top 30]
-        [--decode-tokens 16] [--syncs] [--set decode_retrieval_stride=4 ...]
+        [--decode-tokens 16] [--syncs] [--set decode_retrieval_stride=4 ...] [--callers repeat_interleave ...]
 
 For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill
 under cProfile; prints the wall time per layer and pass and the functions with the most internal and cumulative
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--syncs", action="store_true",
                         help="CUDA: count host-device synchronisations per source line (one more prefill per chunk)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides")
+    parser.add_argument("--callers", nargs="*", default=[], metavar="NAME",
+                        help="also list who called the functions matching these names (pstats patterns)")
     args = parser.parse_args(argv)
     overrides = dict(_override(item) for item in args.set)
     device = torch.device(args.device)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         profiler.disable()
         print(f"==== chunk {chunk}: {seconds:.2f} s, {passes} passes, {1000 * seconds / passes / layers:.2f} ms "
               f"per layer and pass", flush=True)
-        _print_stats(profiler, args.top)
+        _print_stats(profiler, args.top, args.callers)
         if args.syncs:
             syncs = count_syncs(model, ids, config, args.top)
             print(f"==== chunk {chunk}: {sum(x['syncs'] for x in syncs)} host-device synchronisations in one prefill "
@@ -97,10 +99,14 @@ def _override(item: str) -> tuple[str, object]:
     return key, value
 
 
-def _print_stats(profiler: cProfile.Profile, top: int) -> None:
+def _print_stats(profiler: cProfile.Profile, top: int, callers: list[str] | None = None) -> None:
     for key in ("tottime", "cumtime"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
+        print(out.getvalue(), flush=True)
+    for name in callers or ():
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_callers(name)
         print(out.getvalue(), flush=True)
 
 
