@@ -30,9 +30,11 @@ What it measures, for every model, context length and mode, side by side in one 
   (:data:`benchmarks.profile_engine.STAGES`) and operator names. Each is set against the floors: weight bytes (+ the
   K/V the step must read) / ``--hbm-tbps`` for a decode step, FLOPs / ``--peak-tflops`` for prefill.
 
-Isolation: ``--isolate`` runs each mode in a process of its own and merges the rows (each mode's own result stays
-under ``--out``/``modes``). Without it the modes share a process, and a mode can be slowed by the ones before it:
-in session 24 the second of two identical 128K modes decoded 2-4 ms per token slower (:mod:`benchmarks.e2e.isolate`).
+Isolation: on CUDA each mode runs in a process of its own and the rows are merged (each mode's own result stays
+under ``--out``/``modes``; ``--isolate on`` / ``off`` forces it either way, ``auto`` is the default). In a shared
+process a mode can be slowed by the ones before it: in session 24 the second of two identical 128K modes decoded
+2-4 ms per token slower (:mod:`benchmarks.e2e.isolate`). Isolated, each mode runs every length in turn within an
+equal share of the time left.
 
 Budget: ``--time-limit`` bounds the whole run. Lengths run in increasing order, each length for every mode (in
 ``--modes`` order) before the next, so every system gets the short lengths. A (model, mode) skips a length when its

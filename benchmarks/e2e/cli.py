@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=540.0,
                         help="seconds for the whole run; lengths predicted not to fit are skipped (default 540)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled decode step / prefill chunk")
-    parser.add_argument("--isolate", action="store_true",
-                        help="run each mode in a process of its own (see benchmarks.e2e.isolate), then merge")
+    parser.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
+                        help="run each mode in a process of its own, then merge the rows (benchmarks.e2e.isolate); "
+                             "auto (default): on CUDA when there are several modes")
     parser.add_argument("--hbm-tbps", type=float, default=4.3, help="HBM bandwidth of the decode floor (TB/s)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak of the prefill floor")
     parser.add_argument("--host-mem-gib", type=float, default=None,
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    if args.isolate and len(args.modes) > 1:
+    if _isolating(args, device):
         try:
             return _isolated(bench, words)
         finally:
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = bench.save(plot=True)
     print(text)
     return bench.result()
+
+
+def _isolating(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the modes run in processes of their own: ``--isolate on``, or ``auto`` on CUDA, with two or more."""
+    wanted = args.isolate == "on" or (args.isolate == "auto" and device.type == "cuda")
+    return wanted and len(args.modes) > 1
 
 
 def _isolated(bench: Bench, words: list[str]) -> dict[str, Any]:

@@ -26,24 +26,26 @@ CHILD_FOLDER = "modes"  # under --out: one folder per mode, each a complete sing
 def child_command(words: list[str], mode: str, out: Path, time_limit: float) -> list[str]:
     """The command line of ``mode``'s child: the parent's own arguments (``words``), then the options it overrides.
 
-    argparse keeps the last value of a repeated option, so ``--modes``, ``--out`` and ``--time-limit`` given again at
-    the end win, and a child with one mode does not isolate again."""
+    argparse keeps the last value of a repeated option, so ``--modes``, ``--out``, ``--time-limit`` and ``--isolate``
+    given again at the end win (a child runs its one mode in its own process)."""
     return [sys.executable, "-m", "benchmarks.bench_e2e", *words, "--modes", mode, "--out", str(out),
-            "--time-limit", f"{max(time_limit, 1.0):.0f}"]
+            "--time-limit", f"{max(time_limit, 1.0):.0f}", "--isolate", "off"]
 
 
 def run_isolated(bench: Bench, words: list[str]) -> None:
-    """Run each of ``bench.args.modes`` in a child process, in order, within the run's time limit, and gather the
-    children's rows into ``bench`` (which the caller saves). A child that fails or is cut short still gives the rows
-    it wrote; one that wrote nothing gives an ``error`` row per length naming its exit status."""
+    """Run each of ``bench.args.modes`` in a child process, in order, each within an equal share of the time left,
+    and gather the children's rows into ``bench`` (which the caller saves). A child that fails or is cut short still
+    gives the rows it wrote; one that wrote nothing gives an ``error`` row per length naming its exit status."""
     args = bench.args
-    for mode in args.modes:
+    for index, mode in enumerate(args.modes):
         out = args.out / CHILD_FOLDER / mode
         left = bench.remaining()
         if left <= 1.0:
             _missing(bench, mode, "time: the run's time limit was reached")
             continue
-        command = child_command(words, mode, out, left)
+        # an equal share of what is left for each mode still to run (in a shared process the lengths go round the
+        # modes, so a slow first mode cannot take every later mode's time either)
+        command = child_command(words, mode, out, left / (len(args.modes) - index))
         print(f"[isolate] {mode}: {' '.join(command[1:])}", flush=True)
         began = time.perf_counter()
         child = subprocess.Popen(command)

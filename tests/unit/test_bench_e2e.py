@@ -185,7 +185,7 @@ def test_host_pool_estimate_is_the_reserved_size() -> None:
 def test_isolated_modes_run_in_processes_of_their_own_and_merge(tmp_path) -> None:
     """``--isolate``: each mode's rows come from its own child process (its own result folder), and the parent's
     result holds every (mode, length) row as a run without it would."""
-    main(["--small", "--isolate", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
+    main(["--small", "--isolate", "on", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
           "--no-profile", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
     prefill, decode = _rows(result, "prefill"), _rows(result, "decode")
@@ -212,10 +212,25 @@ def test_isolated_child_without_a_result_is_an_error_row(tmp_path, monkeypatch) 
         return [command[0], "-c", "raise SystemExit(3)"] if mode == "ltri" else command
 
     monkeypatch.setattr(isolate, "child_command", broken_for_ltri)
-    main(["--small", "--isolate", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
+    main(["--small", "--isolate", "on", "--modes", "ltri", "streaming", "--lengths", "256", "--decode-lengths", "256",
           "--no-profile", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
     prefill = _rows(result, "prefill")
     assert prefill[("ltri", 256)]["status"] == "error" and "exit status 3" in prefill[("ltri", 256)]["reason"]
     assert _rows(result, "decode")[("ltri", 256)]["status"] == "error"
     assert prefill[("streaming", 256)]["status"] == "ok"
+
+
+def test_isolation_by_default_only_on_cuda_with_several_modes() -> None:
+    """``--isolate auto`` isolates on CUDA when there is more than one mode; ``on`` / ``off`` force it."""
+    from argparse import Namespace
+
+    from benchmarks.e2e.cli import _isolating
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    two, one = ["ltri", "full"], ["ltri"]
+    assert _isolating(Namespace(isolate="auto", modes=two), cuda)
+    assert not _isolating(Namespace(isolate="auto", modes=two), cpu)
+    assert not _isolating(Namespace(isolate="auto", modes=one), cuda)
+    assert _isolating(Namespace(isolate="on", modes=two), cpu)
+    assert not _isolating(Namespace(isolate="off", modes=two), cuda)
