@@ -58,7 +58,7 @@ def layer_sliding_windows(model: nn.Module) -> list[int | None]:
 # pool of a Llama-3-8B-shaped model (64 GiB) on an H200 beside the weights (peak 92 GiB; session 15). 0.8 keeps more of
 # a 1M prompt's 128 GiB on the device: decode 18.6 against 20.3 ms per token in one run, peak 124 against 99 GiB, the
 # prompt 136 against 134 s (benchmarks/results/e2e_llama8b_h200/session24). The other fifth holds what grows beside
-# the pool (the index vectors, ~7 GiB at 1M), a prompt pass's activations and the decode graphs.
+# the pool (the index vectors, 8 GiB at 1M), a prompt pass's activations and the decode graphs.
 DEVICE_POOL_SHARE = 0.8
 
 
