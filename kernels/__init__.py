@@ -6,12 +6,47 @@ same signatures. Only torch (and triton) are imported by the kernel modules.
 Exports are resolved lazily: in a source checkout the folder ``kernels/`` is also visible as a top-level name,
 and transformers probes a top-level ``kernels`` package on import; an eager import here would then pull in
 ``ltri_rag`` (and transformers) in the middle of that probe.
+
+That name belongs to another distribution too: Hugging Face's ``kernels``, a dependency of transformers since
+5.25, which imports it (``from kernels import CUDAProperties, ...``) as soon as it is installed. Run from a
+checkout's root (``python -m pytest``, ``python -m ltri_rag.cli``), the folder here would shadow it. So when this
+file is imported under the top-level name and that distribution is installed elsewhere on ``sys.path``, the import
+is handed to it (:func:`_defer_to_installed`): ``import kernels`` then gives the installed package, and this
+library's kernels stay ``ltri_rag.kernels``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
 from typing import Any
+
+
+def _defer_to_installed() -> bool:
+    """Put the installed top-level ``kernels`` package (found on ``sys.path`` outside this checkout) in
+    ``sys.modules`` in place of this folder; False if there is none, or it fails to import (this module stays)."""
+    here = os.path.realpath(__file__)
+    path = [entry for entry in sys.path
+            if os.path.realpath(os.path.join(entry or os.curdir, "kernels", "__init__.py")) != here]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None or os.path.realpath(spec.origin or "") == here:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    mine = sys.modules.get(__name__)
+    sys.modules[__name__] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - a broken install: keep this folder under the name, as before
+        sys.modules[__name__] = mine  # type: ignore[assignment]
+        return False
+    return True  # the import statement returns sys.modules["kernels"]: the installed package
+
+
+if __name__ == "kernels":
+    _defer_to_installed()
 
 _EXPORTS = {
     "LocalAttention": "attention",
