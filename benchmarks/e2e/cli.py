@@ -177,14 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    if _isolating(args, device):
-        try:
-            return _isolated(bench, words)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
     try:
-        for spec in args.model:
+        isolated = _isolating(args, device)
+        if isolated:  # the modes in child processes, their rows gathered into ``bench``
+            run_isolated(bench, words)
+        for spec in ([] if isolated else args.model):
             info = None
             try:
                 info = load_model_info(spec, device, dtype, args.seed, max_positions)
@@ -217,19 +214,6 @@ def _isolating(args: argparse.Namespace, device: torch.device) -> bool:
     """Whether the modes run in processes of their own: ``--isolate on``, or ``auto`` on CUDA, with two or more."""
     wanted = args.isolate == "on" or (args.isolate == "auto" and device.type == "cuda")
     return wanted and len(args.modes) > 1
-
-
-def _isolated(bench: Bench, words: list[str]) -> dict[str, Any]:
-    """``main`` with ``--isolate``: the modes run in child processes; their rows are saved as one result here."""
-    try:
-        run_isolated(bench, words)
-    except KeyboardInterrupt as err:
-        bench.meta["interrupted"] = str(err) or "KeyboardInterrupt"
-        print(f"interrupted ({bench.meta['interrupted']}): writing what was measured", flush=True)
-    finally:
-        text = bench.save(plot=True)
-    print(text)
-    return bench.result()
 
 
 def _main_thread() -> bool:
