@@ -34,7 +34,7 @@ for s in $steps; do
   case $s in
     tests) step tests 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_triton_local.py \
              tests/unit/test_triton_scoring.py $(ls tests/unit/test_triton_decode.py 2>/dev/null) ;;
-    kernels) step kernels 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_select.py tests/unit/test_triton_top.py \
+    kernels) step kernels 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_triton_select.py tests/unit/test_triton_sort_fill.py \
              tests/unit/test_triton_rope.py tests/unit/test_triton_assemble.py tests/unit/test_host_cache.py \
              tests/unit/test_triton_consensus.py tests/unit/test_triton_slots.py tests/unit/test_select_pair.py \
              tests/unit/test_rotary_turns.py ;;

@@ -18,6 +18,7 @@ a CPU run would profile the torch path, not graphs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--host-steps", type=int, default=8,
                         help="decode steps run under cProfile last (the host's share of a step); 0: none")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides (ints)")
+    parser.add_argument("--patch", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
+                        help="library module settings for this run, e.g. ltri_rag.retrieval.SORT_FILL=0 (ints, floats; "
+                             "0 / 1 for switches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequence", action="store_true",
                         help="also write sequence.txt: the last profiled step's kernels in the order they ran")
@@ -134,6 +138,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not sep:
             parser.error(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    for item in args.patch:
+        target, sep, value = item.partition("=")
+        module_name, _, name = target.rpartition(".")
+        if not sep or not module_name:
+            parser.error(f"--patch takes MODULE.NAME=VALUE, got {item!r}")
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            parser.error(f"--patch: {module_name} has no setting {name!r}")
+        old = getattr(module, name)
+        setattr(module, name, type(old)(float(value)) if isinstance(old, (bool, int, float)) else value)
+        print(f"patched {target} = {getattr(module, name)!r} (was {old!r})", flush=True)
     device = torch.device("cuda")
     model = build_random_model(args.model, device, torch.bfloat16, args.seed, args.length + args.warm + args.steps + 64)
     config = LtriConfig(mode="ltri", **overrides)

@@ -135,8 +135,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # running sums by torch's scan along the rows instead of one flat scan (``retrieval.FLAT_ROW_SUMS`` off);
 # ``ltri_share60``: the span pool's device tier sized at 60% of the free device memory (``cache.DEVICE_POOL_SHARE``;
 # the default before session 24, whose run calls 80% ``ltri_share80``, now the default): more of a 1M prompt's pages
-# in host memory; ``ltri_full_sort``: a device selection's budget fill after a segmented sort of every span
-# (``retrieval.TOP_FILL`` off; before session 25) instead of one launch over the best ranks
+# in host memory; ``ltri_full_sort``: a device selection's rows of up to 1,024 spans sorted by torch's segmented sort
+# and filled in further launches (``retrieval.SORT_FILL`` off; before session 25) instead of one launch
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -163,7 +163,7 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
                            ("ltri_rag.retrieval", "FUSED_RECENCY", False)),
     "ltri_row_scan": (("ltri_rag.retrieval", "FLAT_ROW_SUMS", False),),
     "ltri_share60": (("ltri_rag.cache", "DEVICE_POOL_SHARE", 0.6),),
-    "ltri_full_sort": (("ltri_rag.retrieval", "TOP_FILL", False),)}
+    "ltri_full_sort": (("ltri_rag.retrieval", "SORT_FILL", False),)}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:
