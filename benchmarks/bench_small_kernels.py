@@ -19,10 +19,11 @@ form:
 * ``select``: :func:`ltri_rag.retrieval.select_spans_pair`, a layer's two selections under consensus from ``32 x S``
   span scores (lengths 16-112, budget 2,048, prior, persistence; the ranking, sort and fill of a decode step);
   ``retrieval.PAIRED_SORT`` (both ranked in one tensor: one sort, one fill) against one after the other;
-* ``sort_fill``: the same two selections with ``retrieval.SORT_FILL`` (a row sorted and filled in one program,
-  :mod:`ltri_rag.kernels.triton_sort_fill`; ``retrieval.SORT_FILL_MAX_SPANS`` is lifted to the largest size asked
-  for) against torch's segmented sort, a gather, a scan and :func:`fill_ranked`, with ``--short-share`` of the
-  spans 1-7 tokens long (as gap pieces are);
+* ``sort_fill``: the same two selections with ``retrieval.SORT_FILL`` (rows of up to 1,024 spans sorted and filled
+  in one program, longer ones cut to their best ranks by rounds of chunk sorts first,
+  :mod:`ltri_rag.kernels.triton_sort_fill`) against torch's segmented sort, a gather, a scan and :func:`fill_ranked`,
+  with ``--short-share`` of the spans 1-7 tokens long (as gap pieces are: they raise the ranks a fill may read, and
+  past ``MAX_CANDIDATES`` a long row keeps torch's sort);
 * ``row_sums``: the running sums of a paired selection's ``2 x S`` ranked lengths, ``retrieval.FLAT_ROW_SUMS`` (one
   flat scan, each row's start subtracted) against torch's scan along the rows.
 
@@ -203,11 +204,6 @@ def main(argv: list[str] | None = None) -> None:
         cases += [("select", f"32 heads x {s} spans, both selections", select_case(s, args.calls, gen))
                   for s in args.select_spans]
     if "sort_fill" in kinds:
-        from ltri_rag import retrieval
-        from ltri_rag.kernels.triton_sort_fill import MAX_SPANS
-
-        # this process only: every size up to the kernel's limit takes it (larger ones time the same path twice)
-        retrieval.SORT_FILL_MAX_SPANS = min(max(args.select_spans), MAX_SPANS)
         for share in args.short_share:
             cases += [("sort_fill", f"32 heads x {s} spans, {share:.0%} of 1-7 tokens",
                        select_case(s, args.calls, gen, share)) for s in args.select_spans]

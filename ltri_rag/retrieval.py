@@ -27,7 +27,7 @@ from ltri_rag.config import LtriConfig
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.kernels.triton_select import fill_ranked, rank_keys, update_recency_triton
 from ltri_rag.kernels.triton_select import triton_available as _fill_kernel_available
-from ltri_rag.kernels.triton_sort_fill import sort_fill
+from ltri_rag.kernels.triton_sort_fill import MAX_CANDIDATES, candidates_needed, sort_fill
 
 __all__ = ["query_summary", "scored_queries", "select_spans", "select_spans_pair", "update_recency"]
 
@@ -318,6 +318,9 @@ SORT_FILL = True
 (:func:`ltri_rag.kernels.triton_sort_fill.sort_fill`, one program per row; the same spans) instead of torch's segmented
 sort, a gather, a scan and :func:`fill_ranked`; False keeps those (for comparisons)."""
 SORT_FILL_MAX_SPANS = 1024  # H200, a layer's two selections: 1.35-1.72x at 64-1,024 spans, 1.01x at 2,048
+SORT_FILL_ROUNDS = True
+"""With ``SORT_FILL``: longer rows too, cut down to their best ranks by rounds of chunk sorts first (when the fill
+reads at most ``MAX_CANDIDATES`` ranks); False sorts them with torch."""
 _SORT_FILL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # widened to float32 without new ties
 
 FUSED_RANK = True
@@ -363,9 +366,13 @@ def _fill_budget_device(keys: torch.Tensor, lengths: torch.Tensor, budget: int,
     rows, num_spans = keys.shape
     host_lengths = lengths
     lengths = to_device(lengths, keys.device) if device_lengths is None else device_lengths
-    if SORT_FILL and keys.is_cuda and num_spans <= SORT_FILL_MAX_SPANS and keys.dtype in _SORT_FILL_DTYPES \
-            and _fill_kernel_available():
-        return sort_fill(keys.float(), lengths.long(), budget, _TAIL)
+    if SORT_FILL and keys.is_cuda and keys.dtype in _SORT_FILL_DTYPES and _fill_kernel_available():
+        if num_spans <= SORT_FILL_MAX_SPANS:
+            return sort_fill(keys.float(), lengths.long(), budget, _TAIL)
+        if SORT_FILL_ROUNDS and host_lengths.device.type == "cpu":
+            needed = candidates_needed(host_lengths, budget, _TAIL, key=device_lengths)  # host, remembered
+            if needed <= MAX_CANDIDATES:
+                return sort_fill(keys.float(), lengths.long(), budget, _TAIL, candidates=needed)
     order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [R, S]
     ranked = lengths[order]  # [R, S]
     if FUSED_FILL and keys.is_cuda and _fill_kernel_available():

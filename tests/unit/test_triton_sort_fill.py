@@ -28,7 +28,16 @@ CASES = [
     (1, 37, 6, 0, False),  # a budget of 0 takes nothing
     (4, 700, 64, 2048, False),  # long spans the walk skips, then shorter ones it takes
     (2, 16, 1, 16, False),  # the prefix is exactly every span
-    (2, 2048, 112, 2048, True),  # the longest row the kernel takes
+    (2, 1024, 112, 2048, True),  # the longest row one program sorts
+]
+
+# rows longer than MAX_SPANS, with MAX_SPANS, CHUNK and the tail made small here so that the interpreter runs
+# several rounds of several chunks quickly: (rows, num_spans, max_len, budget, ties, extra candidates)
+LONG_CASES = [
+    (2, 300, 30, 100, True, 0),  # 300 -> 2 chunks' best 64 -> 1 chunk's -> one program
+    (1, 1000, 64, 150, False, 5),  # more candidates than needed: the same result
+    (3, 700, 9, 60, True, 0),  # several rows, short spans: 700 -> 3 chunks -> 1 -> one program
+    (1, 129, 40, 0, False, 0),  # a budget of 0
 ]
 
 
@@ -47,6 +56,37 @@ def test_matches_the_reference_fill(case, monkeypatch) -> None:
     assert got.dtype == torch.bool and got.shape == (rows, num_spans)
     assert torch.equal(got, want)
     assert ((got.long() * lengths).sum(dim=1) <= budget).all()
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: "R{}S{}L{}b{}t{}x{}".format(*c))
+def test_long_rows_through_chunk_tops(case, monkeypatch) -> None:
+    rows, num_spans, max_len, budget, ties, extra = case
+    monkeypatch.setattr(triton_sort_fill, "MAX_SPANS", 64)
+    monkeypatch.setattr(triton_sort_fill, "CHUNK", 64)
+    monkeypatch.setattr(retrieval, "_TAIL", 4)  # the reference's tail too
+    gen = torch.Generator().manual_seed(num_spans + rows)
+    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
+    lengths[torch.randint(0, num_spans, (num_spans // 20 + 1,), generator=gen)] = 1
+    keys = torch.randn(rows, num_spans, generator=gen)
+    if ties:
+        keys = (keys * 4).round() / 4
+    keys = keys.to(DEVICE)
+    needed = triton_sort_fill.candidates_needed(lengths, budget, 4)
+    got = triton_sort_fill.sort_fill(keys, lengths.to(DEVICE), budget, 4, candidates=needed + extra).cpu()
+    assert torch.equal(got, _reference(keys, lengths, budget, monkeypatch))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="long rows at the library's own sizes are for the compiled kernels")
+@pytest.mark.parametrize("num_spans", [1025, 20_000, 65_536])
+def test_long_rows_at_the_library_sizes(num_spans, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(num_spans)
+    lengths = torch.randint(16, 113, (num_spans,), generator=gen)
+    lengths[torch.randint(0, num_spans, (num_spans // 200 + 1,), generator=gen)] = 1
+    keys = ((torch.randn(2, num_spans, generator=gen) * 8).round() / 8).to(DEVICE)
+    needed = triton_sort_fill.candidates_needed(lengths, 2048, retrieval._TAIL)
+    assert needed <= triton_sort_fill.MAX_CANDIDATES
+    got = triton_sort_fill.sort_fill(keys, lengths.to(DEVICE), 2048, retrieval._TAIL, candidates=needed).cpu()
+    assert torch.equal(got, _reference(keys, lengths, 2048, monkeypatch))
 
 
 def test_signed_zeros_and_nan_rank_as_torch_sorts_them(monkeypatch) -> None:
@@ -75,6 +115,7 @@ def test_selection_takes_the_kernel_on_cuda_rows_within_the_limit(monkeypatch) -
     real = retrieval.sort_fill
     monkeypatch.setattr(retrieval, "sort_fill", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     gen = torch.Generator().manual_seed(3)
+    monkeypatch.setattr(retrieval, "SORT_FILL_ROUNDS", False)
     for num_spans in (100, retrieval.SORT_FILL_MAX_SPANS + 1):
         lengths = torch.randint(1, 64, (num_spans,), generator=gen)
         keys = torch.randn(2, num_spans, generator=gen).cuda()
@@ -94,7 +135,33 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="budget"):
         triton_sort_fill.sort_fill(keys, lengths, -1, 64)
     too_long = triton_sort_fill.MAX_SPANS + 1
-    with pytest.raises(ValueError, match="num_spans"):
+    with pytest.raises(ValueError, match="needs candidates"):
         triton_sort_fill.sort_fill(torch.zeros(1, too_long, device=DEVICE),
                                    torch.ones(too_long, dtype=torch.int64, device=DEVICE), 4, 64)
     assert triton_sort_fill.sort_fill(keys[:, :0], lengths[:0], 4, 64).shape == (2, 0)
+
+
+def test_candidates_needed() -> None:
+    """The most spans that fit together (the shortest ones), plus the tail, at most the spans; brute force."""
+    import numpy as np
+
+    assert triton_sort_fill.candidates_needed(torch.tensor([5, 1, 1, 3, 9]), 5, 4) == min(5, 3 + 4)
+    assert triton_sort_fill.candidates_needed(torch.full((100,), 4), 10, 8) == 2 + 8
+    assert triton_sort_fill.candidates_needed(torch.full((100,), 4), 0, 8) == 8
+    assert triton_sort_fill.candidates_needed(torch.zeros(0, dtype=torch.int64), 10, 8) == 0
+    gen = np.random.default_rng(0)
+    for _ in range(50):
+        lens = gen.integers(1, 20, size=int(gen.integers(1, 60)))
+        budget = int(gen.integers(0, 200))
+        n_max = int((np.cumsum(np.sort(lens)) <= budget).sum())
+        assert triton_sort_fill.candidates_needed(torch.from_numpy(lens), budget, 5) == min(lens.size, n_max + 5)
+
+
+def test_candidates_needed_remembered_per_key_tensor() -> None:
+    """With a key tensor the count is remembered (other lengths under the same live key are not recounted);
+    another key, budget or tail counts again."""
+    key = torch.zeros(3)
+    assert triton_sort_fill.candidates_needed(torch.tensor([1, 1, 1]), 2, 4, key) == 3
+    assert triton_sort_fill.candidates_needed(torch.full((100,), 50), 2, 4, key) == 3  # remembered for this key
+    assert triton_sort_fill.candidates_needed(torch.full((100,), 50), 100, 4, key) == 6  # another budget: 2 + 4
+    assert triton_sort_fill.candidates_needed(torch.full((100,), 50), 100, 8) == 10  # no key: counted
