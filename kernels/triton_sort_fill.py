@@ -76,10 +76,11 @@ if triton is not None:
         with their index as span (``FLOAT``), or keys packed already (a candidates buffer)."""
         ok = index < n
         lowest = _packed(tl.zeros([BLOCK], tl.int64), tl.full([BLOCK], 4294967295, tl.int64))  # -2^63
-        if FLOAT:
-            u = _ordered(tl.load(Src + row_base + index, mask=ok, other=0.0))
-            return tl.where(ok, _packed(u, index), lowest), lowest
-        return tl.where(ok, tl.load(Src + row_base + index, mask=ok, other=0), lowest), lowest
+        if FLOAT:  # one return after the branches: Triton checks every return of a helper against the others
+            packed = tl.where(ok, _packed(_ordered(tl.load(Src + row_base + index, mask=ok, other=0.0)), index), lowest)
+        else:
+            packed = tl.where(ok, tl.load(Src + row_base + index, mask=ok, other=0), lowest)
+        return packed, lowest
 
     @triton.jit(do_not_specialize=("n", "src_stride", "dst_stride"))
     def _chunk_top_kernel(Src, Dst, n, src_stride, dst_stride, CHUNK: tl.constexpr, KEEP: tl.constexpr,
