@@ -205,7 +205,7 @@ def sort_fill(keys: torch.Tensor, lengths: torch.Tensor, budget: int, tail: int,
         return out
     src, n, is_float = keys.contiguous(), num_spans, True
     if num_spans > MAX_SPANS:  # rounds of chunk tops until the candidates fit one program
-        keep = max(16, next_pow2(candidates))
+        keep = max(256, next_pow2(candidates))  # few sizes: each is a compile of tl.sort on first use
         chunk = max(CHUNK, 4 * keep)
         while n > max(MAX_SPANS, keep):  # each round keeps fewer than it reads (chunk > keep)
             parts = triton.cdiv(n, chunk)
@@ -213,7 +213,7 @@ def sort_fill(keys: torch.Tensor, lengths: torch.Tensor, budget: int, tail: int,
             _chunk_top_kernel[(rows, parts)](src, dst, n, src.stride(0), dst.stride(0), CHUNK=chunk, KEEP=keep,
                                              FLOAT=is_float, num_warps=8 if chunk <= 1024 else 16)
             src, n, is_float = dst, parts * keep, False
-    block = max(16, next_pow2(n))
+    block = max(128, next_pow2(n))  # few sizes to compile (4 from 128 to 1,024)
     scratch = torch.empty(rows, 2 * block, dtype=torch.int64, device=keys.device)
     if num_warps is None:
         num_warps = 4 if block <= 256 else (8 if block <= 1024 else 16)

@@ -3,6 +3,11 @@
 and NaN keys, budgets of 0 and of everything, a walk past a long span, rows up to the kernel's limit. On CPU under
 ``TRITON_INTERPRET`` (small sizes); compiled on a GPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +16,28 @@ from tests.unit.triton_modules import DEVICE, kernel_module
 triton_sort_fill = kernel_module("triton_sort_fill")
 
 from ltri_rag import retrieval
+
+# The kernels call triton's own jit functions (tl.sort, tl.cumsum, tl.sum). The interpreter can run them only if
+# triton was first imported with TRITON_INTERPRET set, which an earlier test file of this process may have
+# prevented. Then the tests below run in a fresh process of their own (test_in_a_fresh_interpreter_process).
+_STANDARD_INTERPRETED = DEVICE == "cuda" or type(pytest.importorskip("triton.language").sort).__name__ != "JITFunction"
+
+
+@pytest.fixture(autouse=True)
+def _interpretable(request):
+    if not _STANDARD_INTERPRETED and request.node.name != "test_in_a_fresh_interpreter_process":
+        pytest.skip("run in a fresh interpreter process instead (test_in_a_fresh_interpreter_process)")
+
+
+@pytest.mark.skipif(_STANDARD_INTERPRETED, reason="this process runs the tests itself")
+@pytest.mark.filterwarnings("ignore")
+def test_in_a_fresh_interpreter_process() -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
 
 
 def _reference(keys, lengths, budget, monkeypatch):
