@@ -51,6 +51,8 @@ MAX_SPANS = 1024
 """The longest row one program sorts in registers; longer rows go through rounds of chunk tops first."""
 MAX_CANDIDATES = 512
 """The most ranks a fill of a longer row may read (:func:`candidates_needed`)."""
+MIN_KEEP = 256
+"""The fewest ranks a chunk keeps: few sizes, since each compiles ``tl.sort`` on first use."""
 CHUNK = 1024
 """Keys per program of a chunk-top round (at least four times the candidates kept)."""
 
@@ -205,7 +207,7 @@ def sort_fill(keys: torch.Tensor, lengths: torch.Tensor, budget: int, tail: int,
         return out
     src, n, is_float = keys.contiguous(), num_spans, True
     if num_spans > MAX_SPANS:  # rounds of chunk tops until the candidates fit one program
-        keep = max(256, next_pow2(candidates))  # few sizes: each is a compile of tl.sort on first use
+        keep = max(MIN_KEEP, next_pow2(candidates))
         chunk = max(CHUNK, 4 * keep)
         while n > max(MAX_SPANS, keep):  # each round keeps fewer than it reads (chunk > keep)
             parts = triton.cdiv(n, chunk)

@@ -90,6 +90,7 @@ def test_long_rows_through_chunk_tops(case, monkeypatch) -> None:
     rows, num_spans, max_len, budget, ties, extra = case
     monkeypatch.setattr(triton_sort_fill, "MAX_SPANS", 64)
     monkeypatch.setattr(triton_sort_fill, "CHUNK", 64)
+    monkeypatch.setattr(triton_sort_fill, "MIN_KEEP", 16)
     monkeypatch.setattr(retrieval, "_TAIL", 4)  # the reference's tail too
     gen = torch.Generator().manual_seed(num_spans + rows)
     lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
