@@ -135,8 +135,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # running sums by torch's scan along the rows instead of one flat scan (``retrieval.FLAT_ROW_SUMS`` off);
 # ``ltri_share60``: the span pool's device tier sized at 60% of the free device memory (``cache.DEVICE_POOL_SHARE``;
 # the default before session 24, whose run calls 80% ``ltri_share80``, now the default): more of a 1M prompt's pages
-# in host memory; ``ltri_full_sort``: a device selection's rows of up to 1,024 spans sorted by torch's segmented sort
-# and filled in further launches (``retrieval.SORT_FILL`` off; before session 25) instead of one launch
+# in host memory; ``ltri_full_sort``: a device selection's rows sorted by torch's segmented sort and filled in
+# further launches (``retrieval.SORT_FILL`` off; before session 25) instead of one program per row (rows of more
+# than 1,024 spans: after rounds of chunk sorts)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
