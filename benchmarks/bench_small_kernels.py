@@ -128,8 +128,9 @@ def select_case(num_spans: int, calls: int, gen: torch.Generator, short_share: f
     inputs = []
     for _ in range(calls):
         lengths = torch.randint(16, 113, (num_spans,), generator=gen)  # mean 64: 1M tokens in 16K spans
-        short = torch.rand(num_spans, generator=gen) < short_share
-        lengths[short] = torch.randint(1, 8, (int(short.sum()),), generator=gen)  # gap pieces of 1-7 tokens
+        if short_share > 0:  # (drawn only then: the other kinds' inputs stay those of earlier sessions)
+            short = torch.rand(num_spans, generator=gen) < short_share
+            lengths[short] = torch.randint(1, 8, (int(short.sum()),), generator=gen)  # gap pieces of 1-7 tokens
         inputs.append(dict(
             scores=torch.randn(heads, num_spans, generator=gen).cuda(), lengths=lengths, budget=budget,
             prior=(torch.randint(0, 33, (num_spans,), generator=gen).float() / 32).cuda(), prior_weight=0.5,

@@ -29,7 +29,8 @@ def _interpretable(request):
         pytest.skip("run in a fresh interpreter process instead (test_in_a_fresh_interpreter_process)")
 
 
-@pytest.mark.skipif(_STANDARD_INTERPRETED, reason="this process runs the tests itself")
+@pytest.mark.skipif(_STANDARD_INTERPRETED, reason="not needed: triton was imported with the interpreter on, so "
+                                                  "this process runs the tests below itself")
 @pytest.mark.filterwarnings("ignore")
 def test_in_a_fresh_interpreter_process() -> None:
     root = Path(__file__).resolve().parents[2]
@@ -44,6 +45,18 @@ def _reference(keys, lengths, budget, monkeypatch):
     monkeypatch.setattr(retrieval, "SORT_FILL", False)
     monkeypatch.setattr(retrieval, "FUSED_FILL", False)  # the torch walk after a full sort, also on a GPU
     return retrieval._fill_budget_device(keys, lengths, budget, device_lengths=lengths.to(keys.device)).cpu()
+
+
+def _inputs(rows, num_spans, max_len, ties, seed):
+    """Host lengths 1..max_len (one in 20 set to 1, as gap-filling pieces are) and ``[rows, S]`` keys on DEVICE
+    (with ``ties``: a few dozen distinct values, ties everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
+    lengths[torch.randint(0, num_spans, (num_spans // 20 + 1,), generator=gen)] = 1
+    keys = torch.randn(rows, num_spans, generator=gen)
+    if ties:
+        keys = (keys * 4).round() / 4
+    return lengths, keys.to(DEVICE)
 
 
 # (rows, num_spans, max_len, budget, ties)
@@ -71,13 +84,7 @@ LONG_CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "R{}S{}L{}b{}t{}".format(*c))
 def test_matches_the_reference_fill(case, monkeypatch) -> None:
     rows, num_spans, max_len, budget, ties = case
-    gen = torch.Generator().manual_seed(num_spans * 7 + rows)
-    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
-    lengths[torch.randint(0, num_spans, (num_spans // 20 + 1,), generator=gen)] = 1  # gap-filling one-token spans
-    keys = torch.randn(rows, num_spans, generator=gen)
-    if ties:
-        keys = (keys * 4).round() / 4  # a few dozen distinct values: ties everywhere
-    keys = keys.to(DEVICE)
+    lengths, keys = _inputs(rows, num_spans, max_len, ties, seed=num_spans * 7 + rows)
     got = triton_sort_fill.sort_fill(keys, lengths.to(DEVICE), budget, retrieval._TAIL).cpu()
     want = _reference(keys, lengths, budget, monkeypatch)
     assert got.dtype == torch.bool and got.shape == (rows, num_spans)
@@ -92,19 +99,14 @@ def test_long_rows_through_chunk_tops(case, monkeypatch) -> None:
     monkeypatch.setattr(triton_sort_fill, "CHUNK", 64)
     monkeypatch.setattr(triton_sort_fill, "MIN_KEEP", 16)
     monkeypatch.setattr(retrieval, "_TAIL", 4)  # the reference's tail too
-    gen = torch.Generator().manual_seed(num_spans + rows)
-    lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
-    lengths[torch.randint(0, num_spans, (num_spans // 20 + 1,), generator=gen)] = 1
-    keys = torch.randn(rows, num_spans, generator=gen)
-    if ties:
-        keys = (keys * 4).round() / 4
-    keys = keys.to(DEVICE)
+    lengths, keys = _inputs(rows, num_spans, max_len, ties, seed=num_spans + rows)
     needed = triton_sort_fill.candidates_needed(lengths, budget, 4)
     got = triton_sort_fill.sort_fill(keys, lengths.to(DEVICE), budget, 4, candidates=needed + extra).cpu()
     assert torch.equal(got, _reference(keys, lengths, budget, monkeypatch))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="long rows at the library's own sizes are for the compiled kernels")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device: rows of 20K-64K spans take too long under the "
+                                              "Triton interpreter (the interpreter runs the same code at small sizes)")
 @pytest.mark.parametrize("num_spans", [1025, 20_000, 65_536])
 def test_long_rows_at_the_library_sizes(num_spans, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(num_spans)
