@@ -8,6 +8,8 @@ heads, head_dim 64), for a prefill chunk of 2,048 queries and a decode step (1 q
 bf16 on the GPU, as in the engine. Times are medians of ``--reps`` runs after a warm-up (CUDA events on the GPU).
 Each backend is timed twice: with the per-span layout of the vectors built once and passed in (``layout=``, what
 the engine's span tables do) and rebuilt on every call (``+ layout`` rows: ``span_layout``, one device sync).
+``int8`` rows read a layout of int8 codes with a scale per vector and KV head (``LtriConfig.index_precision=
+"int8"``: half the bytes); their errors against the float32 reference include the quantisation's.
 TFLOP/s counts one
 score matrix, ``2 * H * q_len * num_vectors_padded * D`` (the Triton kernels compute it twice, the torch path once
 but writes it to memory). ``x layers`` is the time of one call times the model's 24 layers.
@@ -53,7 +55,7 @@ def _triton_scorer(device: torch.device) -> Callable[..., torch.Tensor] | None:
 
 
 def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                reps: int) -> list[dict[str, Any]]:
+                reps: int, sweep: bool = False) -> list[dict[str, Any]]:
     """One row per backend for one shape."""
     num_heads, num_kv_heads, head_dim, num_spans, q_len = shape
     gen = torch.Generator().manual_seed(0)
@@ -64,20 +66,31 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     scaling = head_dim ** -0.5
     flops = 2 * num_heads * q_len * num_spans * int(counts.max()) * head_dim
     layout = span_layout(vectors, owner, num_spans, dtype=dtype)
+    int8 = span_layout(vectors, owner, num_spans, quantize=True)  # LtriConfig.index_precision="int8"
     backends: dict[str, Callable[[], torch.Tensor]] = {
         "torch": lambda: span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout),
         "torch + layout": lambda: span_probabilities(queries, vectors, owner, num_spans, scaling)}
     if dtype != torch.float32:  # the torch path before session 16: the kept layout copied to float32 at every call
         backends["torch, float32 copy"] = lambda: span_probabilities(
             queries, vectors, owner, num_spans, scaling, layout=(layout[0].float(), *layout[1:]))
+    backends["torch, int8"] = lambda: span_probabilities(queries, vectors, owner, num_spans, scaling, layout=int8)
     triton_fn = _triton_scorer(device)
     if triton_fn is not None:
         backends["triton"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout)
         backends["triton + layout"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling)
+        backends["triton, int8"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=int8)
         if q_len == 1:  # the one-query kernel's span tile (the default is block_sizes')
             for block_s in (32, 128):
                 backends[f"triton, block_s {block_s}"] = (
                     lambda b=block_s: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout, block_s=b))
+            for kind, kept in (("bf16", layout), ("int8", int8)) if sweep else ():
+                for block_s in (64, 128, 256):
+                    for warps in (4, 8):
+                        for stages in (2, 3, 4):
+                            backends[f"triton {kind}, s{block_s} w{warps} st{stages}"] = (
+                                lambda k=kept, b=block_s, w=warps, st=stages: triton_fn(
+                                    queries, vectors, owner, num_spans, scaling, layout=k, block_s=b, num_warps=w,
+                                    num_stages=st))
     ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
     rows = []
     for backend, fn in backends.items():
@@ -112,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="one-query shapes: also every launch setting (block_s 64/128/256 x 4/8 warps x 2-4 "
+                             "stages) of the decode kernel, bf16 and int8 layouts")
     parser.add_argument("--shapes", choices=("qwen", "llama8b-decode"), default="qwen",
                         help="qwen: Qwen2.5-0.5B heads, chunks and decode at 1K-16K spans (default); llama8b-decode: "
                              "one decoded token at Llama-3-8B heads, 4K-64K spans")
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     shapes = SMALL if args.small else LLAMA8B_DECODE if args.shapes == "llama8b-decode" else SHAPES
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, device, dtype, args.reps)
+        rows += bench_shape(name, shape, device, dtype, args.reps, args.sweep)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "widths": [MIN_WIDTH, MAX_WIDTH],
             "layers": 32 if shapes is LLAMA8B_DECODE else LAYERS,

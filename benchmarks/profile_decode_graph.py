@@ -77,7 +77,7 @@ def memory_stats(session: LtriSession) -> dict[str, Any]:
             spans += len(table)
             vectors += table.num_vectors
             vector_bytes += table.num_vectors * table.num_kv_heads * table.head_dim * table.dtype.itemsize
-            padded, _, width = table.layout()
+            padded, _, width, _ = table.layout()
             layout_bytes += padded.numel() * padded.element_size()
             widths.add(int(width))
     return {"spans": spans, "vectors": vectors, "vector_gib": vector_bytes / 2**30,

@@ -7,27 +7,57 @@ its ``backend`` argument and imported only when asked for (this module works wit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["SpanLayout", "span_layout", "span_probabilities", "span_scores"]
+__all__ = ["SpanLayout", "dequantize_rows", "quantize_rows", "span_layout", "span_probabilities", "span_scores"]
 
 _BACKENDS = ("torch", "triton", "auto")
 
 
-SpanLayout = tuple[torch.Tensor, torch.Tensor, int]
-"""``(padded, valid, width)``: index vectors laid out densely per span (see :func:`span_layout`)."""
+class SpanLayout(NamedTuple):
+    """Index vectors laid out densely per span (see :func:`span_layout`).
+
+    ``padded [num_spans * width, num_kv_heads, head_dim]``, ``valid [num_spans * width]`` bool, ``width``; and
+    ``scale``: None for vectors kept in a float dtype, or ``[num_spans * width, num_kv_heads]`` float32 when
+    ``padded`` holds int8 codes (:func:`quantize_rows`: vector = code * scale).
+    """
+
+    padded: torch.Tensor
+    valid: torch.Tensor
+    width: int
+    scale: torch.Tensor | None = None
+
+
+def quantize_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, Hkv, D]`` vectors -> int8 codes ``[N, Hkv, D]`` and float32 scales ``[N, Hkv]``, symmetric, one scale
+    per (vector, KV head): ``scale = max |v| / 127``, ``code = round(v / scale)`` (a zero vector: scale 0, codes
+    0). Each coordinate is off by at most ``scale / 2`` (half a step of its own vector's grid)."""
+    x = vectors.float()
+    scale = x.abs().amax(dim=-1) / 127.0  # [N, Hkv]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`quantize_rows` undone: ``codes * scale`` (computed in float32) in ``dtype``."""
+    return (codes.float() * scale[..., None]).to(dtype)
 
 
 def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
-                dtype: torch.dtype = torch.float32, min_width: int = 1) -> SpanLayout:
+                dtype: torch.dtype = torch.float32, min_width: int = 1, quantize: bool = False) -> SpanLayout:
     """Index vectors laid out densely per span, so that the max over a span's vectors is a plain ``amax``.
 
-    Returns ``(padded, valid, width)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` of ``dtype``
+    Returns ``(padded, valid, width, scale)``: ``padded [num_spans * width, num_kv_heads, head_dim]`` of ``dtype``
     (float32 unless asked otherwise; span ``s`` owns rows ``s * width .. s * width + width - 1``, its vectors
     first; padding rows are 0), ``valid [num_spans * width]`` bool, and ``width``, the most vectors any span has
     (at least ``min_width``). A dense layout replaces a ``scatter_reduce`` over every
-    (query, vector) score, the costliest step of scoring a large memory.
+    (query, vector) score, the costliest step of scoring a large memory. With ``quantize`` the rows are int8 codes
+    and ``scale [num_spans * width, num_kv_heads]`` float32 their scales (:func:`quantize_rows`; 0 for padding):
+    half the bytes of 16-bit vectors for scoring to read; else ``scale`` is None.
 
     The index arithmetic runs where ``owner`` lives. Given a device ``owner``, reading the largest span's vector
     count back to the host synchronises the device; given a host ``owner`` (the engine's span tables keep a host
@@ -44,9 +74,16 @@ def span_layout(vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
     valid = torch.zeros(num_spans * width, dtype=torch.bool, device=owner.device)
     valid[rows] = True
     rows, order, valid = (to_device(t, vectors.device) for t in (rows, order, valid))
+    if quantize:
+        codes, scale = quantize_rows(vectors[order])
+        padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=torch.int8)
+        padded[rows] = codes
+        scales = vectors.new_zeros((num_spans * width, vectors.shape[1]), dtype=torch.float32)
+        scales[rows] = scale
+        return SpanLayout(padded, valid, width, scales)
     padded = vectors.new_zeros((num_spans * width, *vectors.shape[1:]), dtype=dtype)
     padded[rows] = vectors[order].to(dtype)
-    return padded, valid, width
+    return SpanLayout(padded, valid, width)
 
 
 _HALF_MATMUL: dict[torch.device, bool] = {}  # device -> whether bmm(..., out_dtype=float32) runs there
@@ -73,15 +110,21 @@ def _half_matmul_ok(queries: torch.Tensor) -> bool:
 
 def _resolve_layout(layout: SpanLayout | None, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
                     dtype: torch.dtype) -> SpanLayout:
-    """``layout`` (checked against ``vectors`` / ``num_spans``, cast to ``dtype``) or a fresh one."""
+    """``layout`` (checked against ``vectors`` / ``num_spans``, cast to ``dtype``) or a fresh one. An int8 layout
+    (with scales) keeps its codes as they are: the caller multiplies by the scales."""
     if layout is None:
         return span_layout(vectors, owner, num_spans, dtype=dtype)
-    padded, valid, width = layout
+    padded, valid, width, scale = SpanLayout(*layout)
     if padded.shape[0] != num_spans * width or valid.shape[0] != padded.shape[0] or \
             padded.shape[1:] != vectors.shape[1:]:
         raise ValueError(f"layout {tuple(padded.shape)} (width {width}) does not fit {num_spans} spans of vectors "
                          f"{tuple(vectors.shape)}")
-    return (padded if padded.dtype == dtype else padded.to(dtype)), valid, width
+    if scale is not None:
+        if padded.dtype != torch.int8 or scale.shape != padded.shape[:2] or scale.dtype != torch.float32:
+            raise ValueError(f"a layout with scales needs int8 rows and [rows, num_kv_heads] float32 scales, got "
+                             f"{padded.dtype} rows and {tuple(scale.shape)} {scale.dtype} scales")
+        return SpanLayout(padded, valid, width, scale)
+    return SpanLayout(padded if padded.dtype == dtype else padded.to(dtype), valid, width)
 
 
 def _span_max(dots: torch.Tensor, valid: torch.Tensor, num_spans: int, width: int) -> torch.Tensor:
@@ -163,9 +206,12 @@ def span_scores(
     group = num_heads // num_kv_heads
     if num_spans == 0:
         return torch.zeros(num_heads, 0, dtype=torch.float32, device=query.device)
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, torch.float32)
+    padded, valid, width, scale = _resolve_layout(layout, vectors, owner, num_spans, torch.float32)
     qg = query.float().view(num_kv_heads, group, head_dim)
-    dots = torch.einsum("hgd,nhd->hgn", qg, padded).reshape(num_heads, -1)  # [H, S * width]
+    dots = torch.einsum("hgd,nhd->hgn", qg, padded.float())  # [Hkv, G, S * width]
+    if scale is not None:  # int8 codes: each column times its vector's scale
+        dots.mul_(scale.t()[:, None, :])
+    dots = dots.reshape(num_heads, -1)  # [H, S * width]
     return _span_max(dots, valid, num_spans, width)
 
 
@@ -246,9 +292,13 @@ def span_probabilities(
     # half-precision queries and kept layout on a GPU: multiplied as they are into float32 sums (the products of
     # half values are exact in float32, so this equals the float32 path up to summation order) instead of copying
     # the whole layout to float32 at every call: at 1M tokens that copy moved ~5x the layout's bytes per layer
-    half = layout is not None and queries.dtype == layout[0].dtype and _half_matmul_ok(queries)
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans,
-                                           queries.dtype if half else torch.float32)
+    quantized = layout is not None and SpanLayout(*layout).scale is not None
+    half = layout is not None and (quantized or queries.dtype == layout[0].dtype) and _half_matmul_ok(queries)
+    padded, valid, width, scale = _resolve_layout(layout, vectors, owner, num_spans,
+                                                  queries.dtype if half else torch.float32)
+    if scale is not None:  # int8 codes, exact in any float dtype; the scales multiply the dot products
+        padded = padded.to(queries.dtype if half else torch.float32)
+        col_scale = scale.t()[:, None, :]  # [Hkv, 1, S * width]
     keys = padded.transpose(0, 1).transpose(1, 2)  # [Hkv, D, S * width]
     for start in range(0, q_len, query_block):
         if half:
@@ -258,9 +308,11 @@ def span_probabilities(
         c = block.shape[1]
         qg = block.reshape(num_kv_heads, group * c, head_dim)
         if half:
-            dots = torch.bmm(qg, keys, out_dtype=torch.float32).view(num_heads * c, -1).mul_(scaling)
+            dots = torch.bmm(qg, keys, out_dtype=torch.float32)
+            dots = (dots.mul_(col_scale) if scale is not None else dots).view(num_heads * c, -1).mul_(scaling)
         else:
-            dots = torch.bmm(qg, keys).view(num_heads * c, -1)  # [H*c, S * width], heads in the group's order
+            dots = torch.bmm(qg, keys)  # [Hkv, G*c, S * width]
+            dots = (dots.mul_(col_scale) if scale is not None else dots).view(num_heads * c, -1)  # heads in order
         scores = _span_max(dots, valid, num_spans, width)  # [H*c, S]
         probs = torch.softmax(scores, dim=-1).view(num_heads, c, num_spans)
         total += probs.sum(dim=1)

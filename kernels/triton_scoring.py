@@ -42,6 +42,10 @@ with float32 accumulation: a product of two 16-bit floats is exact in float32, s
 up to the order of the additions. Anything else is computed in float32: IEEE products, or TF32 when torch's own
 float32 matmuls may use it (``torch.backends.cuda.matmul.allow_tf32``, as the torch path then does). Under the
 interpreter bfloat16 is computed in float32: its ``tl.dot`` does not support bfloat16 (triton issue 11584).
+A layout of int8 codes with scales (:func:`~ltri_rag.kernels.scoring.span_layout` with ``quantize``,
+``LtriConfig.index_precision="int8"``) is read as int8 (half the bytes of 16-bit vectors: decode scoring is bound
+by them), converted in registers to the queries' dtype (exact: codes are at most 127 in magnitude), multiplied
+like 16-bit vectors, and each score column is then multiplied by its vector's scale in float32 (``SCALED``).
 ``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
 
 Block sizes come from :func:`block_sizes`: small ones under the Triton interpreter (``TRITON_INTERPRET=1``, CPU
@@ -63,7 +67,14 @@ __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _HALF = (torch.float16, torch.bfloat16)
-_ONE_QUERY_WIDE_FROM = 16384  # spans from which the one-query kernel takes tiles of 128 spans (64 below)
+ONE_QUERY_LAUNCH = (128, 4, 3)
+"""``(block_s, num_warps, num_stages)`` of the one-query (decode) scoring kernel on CUDA, 16-bit or int8 layouts.
+Session 26's sweep on the H200 (``bench_span_scoring --shapes llama8b-decode --sweep``, 18 settings, eager calls
+with the softmax): against the previous choice (tiles of 64 spans below 16K spans, 128 from there, 8 warps, 2
+stages) 0.094 vs 0.117 ms at 4K spans, 0.165 vs 0.192 at 16K, 0.233 vs 0.246 at 32K, 0.328 vs 0.382 at 64K (bf16);
+int8 layouts 0.143 / 0.199 / 0.299 ms at 16K / 32K / 64K. Heads of at most 128 dimensions (larger ones keep
+:func:`block_sizes`'). None (or 0): the previous choice."""
+_ONE_QUERY_WIDE_FROM = 16384  # (ONE_QUERY_LAUNCH None) spans from which tiles of 128 spans are taken (64 below)
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
@@ -123,11 +134,13 @@ if triton is not None:
         return q, head, qi, row_ok
 
     @triton.jit
-    def _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
-                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
+                          qk_scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
         """``[BLOCK_M, BLOCK_S]`` base-2 scores (``scaling * log2(e) * max_v q . v``) of the rows ``q`` against spans
-        ``s0 .. s0 + BLOCK_S - 1``; ``-inf`` for a span without vectors or past ``num_spans``."""
+        ``s0 .. s0 + BLOCK_S - 1``; ``-inf`` for a span without vectors or past ``num_spans``. ``SCALED``: the
+        vectors are int8 codes, converted to ``q``'s dtype (exactly) for the product, whose columns are then
+        multiplied by the vectors' scales (``scale_base``: the KV head's scales, row stride ``stride_sn``)."""
         span = s0 + tl.arange(0, BLOCK_S)
         span_ok = span < num_spans
         d = tl.arange(0, BLOCK_D)
@@ -136,31 +149,36 @@ if triton is not None:
             row = span.to(tl.int64) * width + w  # the w-th vector slot of each span
             ok = tl.load(Valid + row, mask=span_ok, other=0) != 0
             v_t = tl.load(vec_base + row[None, :] * stride_vn + d[:, None] * stride_vd,
-                          mask=ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)  # [D, S]: transposed
-            s = tl.dot(q, v_t, input_precision=DOT_PRECISION) * qk_scale
+                          mask=ok[None, :] & (d[:, None] < HEAD_DIM), other=0)  # [D, S]: transposed
+            if SCALED:
+                col = tl.load(scale_base + row * stride_sn, mask=ok, other=0.0) * qk_scale  # [S]
+                s = tl.dot(q, v_t.to(q.dtype), input_precision=DOT_PRECISION) * col[None, :]
+            else:
+                s = tl.dot(q, v_t, input_precision=DOT_PRECISION) * qk_scale
             best = tl.maximum(best, tl.where(ok[None, :], s, float("-inf")))
         return best
 
     @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "spans_per_split"))
-    def _span_stats_kernel(Q, Vec, Valid, M, L,
-                           stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
+    def _span_stats_kernel(Q, Vec, Scale, Valid, M, L,
+                           stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd, stride_sn, stride_sh,
                            num_heads, q_len, num_spans, width, spans_per_split, qk_scale,
                            GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         q, head, qi, row_ok = _load_rows(Q, kvh, pid_q * BLOCK_Q, q_len, stride_qh, stride_qm, stride_qd,
                                          GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
         vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        scale_base = Scale + kvh.to(tl.int64) * stride_sh
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         s_begin = split * spans_per_split  # a multiple of BLOCK_S: the splits' tiles do not overlap
         s_end = tl.minimum(s_begin + spans_per_split, num_spans)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
-                                  BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no span with a vector yet: mass stays 0
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.reduce(tl.exp2(s - m_safe[:, None]), 1, _sum_combine)
@@ -170,17 +188,18 @@ if triton is not None:
         tl.store(L + idx, l_i, mask=row_ok)
 
     @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "queries_per_split"))
-    def _span_mass_kernel(Q, Vec, Valid, Lse, Out,
-                          stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd,
+    def _span_mass_kernel(Q, Vec, Scale, Valid, Lse, Out,
+                          stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd, stride_sn, stride_sh,
                           num_heads, q_len, num_spans, width, queries_per_split, qk_scale,
                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
         pid_s = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         s0 = pid_s * BLOCK_S
         vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        scale_base = Scale + kvh.to(tl.int64) * stride_sh
         acc = tl.full([GROUP_P, BLOCK_S], 0.0, dtype=tl.float32)
         q_begin = split * queries_per_split  # a multiple of BLOCK_Q
         q_end = tl.minimum(q_begin + queries_per_split, q_len)
@@ -188,8 +207,8 @@ if triton is not None:
             q, head, qi, row_ok = _load_rows(Q, kvh, q0, q_end, stride_qh, stride_qm, stride_qd,
                                              GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
             lse = tl.load(Lse + head.to(tl.int64) * q_len + qi, mask=row_ok, other=0.0)
-            s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, qk_scale,
-                                  BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
             p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
             acc += tl.reduce(tl.reshape(p, [GROUP_P, BLOCK_Q, BLOCK_S]), 1, _sum_combine)
         g = tl.arange(0, GROUP_P)
@@ -200,12 +219,12 @@ if triton is not None:
 
 
     @triton.jit(do_not_specialize=("num_spans", "width"))
-    def _span_decode_scores_kernel(Q, Vec, Valid, Out,
-                                   stride_qh, stride_qd, stride_vn, stride_vh, stride_vd,
+    def _span_decode_scores_kernel(Q, Vec, Scale, Valid, Out,
+                                   stride_qh, stride_qd, stride_vn, stride_vh, stride_vd, stride_sn, stride_sh,
                                    num_spans, width, scale,
                                    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                   DOT_PRECISION: tl.constexpr):
+                                   DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
         """One query per head: ``Out[h, s] = scale * max_v q_h . v`` (``-inf`` without a vector), one program per
         (tile of ``BLOCK_S`` spans, KV head), each vector tile read once for the group's heads."""
         pid_s = tl.program_id(0)
@@ -213,31 +232,35 @@ if triton is not None:
         q, head, qi, row_ok = _load_rows(Q, kvh, 0, 1, stride_qh, 0, stride_qd,
                                          GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
         vec_base = Vec + kvh.to(tl.int64) * stride_vh
+        scale_base = Scale + kvh.to(tl.int64) * stride_sh
         s0 = pid_s * BLOCK_S
-        s = _span_tile_scores(q, vec_base, Valid, s0, num_spans, width, stride_vn, stride_vd, scale,
-                              BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
+                              scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
         span = s0 + tl.arange(0, BLOCK_S)
         tl.store(Out + head[:, None].to(tl.int64) * num_spans + span[None, :], s,
                  mask=row_ok[:, None] & (span[None, :] < num_spans))
 
 
 def _operands(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
-              layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.dtype, str]:
-    """What the kernels read: ``(queries, padded, valid, width, compute dtype, dot precision)``. 16-bit queries and
-    vectors of one dtype are multiplied in it (float32 sums); anything else in float32 (TF32 where torch's float32
-    matmuls may use it). ``valid`` is viewed as uint8."""
-    half = queries.dtype == vectors.dtype and queries.dtype in _HALF
+              layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int,
+                                                  torch.dtype, str]:
+    """What the kernels read: ``(queries, padded, scale, valid, width, compute dtype, dot precision)``. 16-bit
+    queries and vectors of one dtype are multiplied in it (float32 sums); int8 codes (a layout with scales) in the
+    16-bit queries' dtype (the codes convert exactly); anything else in float32 (TF32 where torch's float32 matmuls
+    may use it). ``valid`` is viewed as uint8; ``scale`` is the layout's ``[rows, Hkv]`` scales, or None."""
+    quantized = layout is not None and SpanLayout(*layout).scale is not None
+    half = (quantized or queries.dtype == vectors.dtype) and queries.dtype in _HALF
     if INTERPRETED and queries.dtype == torch.bfloat16:
         half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
     compute = queries.dtype if half else torch.float32
     if queries.dtype != compute:
         queries = queries.to(compute)
-    padded, valid, width = _resolve_layout(layout, vectors, owner, num_spans, compute)
+    padded, valid, width, scale = _resolve_layout(layout, vectors, owner, num_spans, compute)
     if half or queries.device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
         dot_precision = "ieee"  # ignored for 16-bit inputs
     else:
         dot_precision = "tf32"
-    return queries, padded, valid.view(torch.uint8), width, compute, dot_precision
+    return queries, padded, scale, valid.view(torch.uint8), width, compute, dot_precision
 
 
 def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
@@ -265,6 +288,8 @@ def span_probabilities_triton(
     span_splits: int | None = None,
     query_splits: int | None = None,
     layout: SpanLayout | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`ltri_rag.kernels.scoring.span_probabilities`; same arguments and result.
 
@@ -283,6 +308,8 @@ def span_probabilities_triton(
         query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
         layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one (then
             ``vectors`` and ``owner`` may be None).
+        num_warps, num_stages: Launch settings of the one-query kernel (``q_len == 1``; None: :func:`block_sizes`'
+            or the int8 layout's own), for sweeps.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -307,9 +334,11 @@ def span_probabilities_triton(
     if num_spans == 0 or q_len == 0:  # nothing to launch: the reference handles the empty shapes
         return span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout)
     if q_len == 1:  # a decoded token: one pass writes the scores, a softmax makes them the distribution
-        return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout)
+        return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout,
+                                             num_warps, num_stages)
 
-    queries, padded, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans, layout)
+    queries, padded, scale, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans,
+                                                                             layout)
 
     default_m, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
     block_m = _pow2_block(block_m, default_m, "block_m")
@@ -324,8 +353,10 @@ def span_probabilities_triton(
     num_qblocks = triton.cdiv(q_len, block_q)
     num_sblocks = triton.cdiv(num_spans, block_s)
     common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
-              "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "num_warps": num_warps, "num_stages": num_stages}
-    strides = (*queries.stride(), *padded.stride())
+              "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scale is not None,
+              "num_warps": num_warps, "num_stages": num_stages}
+    scale = valid[:, None] if scale is None else scale  # (without scales a stand-in the kernels never read)
+    strides = (*queries.stride(), *padded.stride(), *scale.stride())
 
     # pass 1: (max, sum-exp) of every (head, query) row over each share of the spans, combined into lse (base 2)
     splits = _num_splits(span_splits, "span_splits", num_sblocks, num_qblocks * num_kv_heads, device)
@@ -334,7 +365,7 @@ def span_probabilities_triton(
     m = torch.empty(splits, num_heads, q_len, dtype=torch.float32, device=device)
     l_ = torch.empty_like(m)
     _span_stats_kernel[(num_qblocks, num_kv_heads, splits)](
-        queries, padded, valid, m, l_, *strides,
+        queries, padded, scale, valid, m, l_, *strides,
         num_heads, q_len, num_spans, width, spans_per_split, qk_scale, **common)
     m_max = m.amax(dim=0)
     m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
@@ -346,7 +377,7 @@ def span_probabilities_triton(
     splits = triton.cdiv(q_len, queries_per_split)
     out = torch.empty(splits, num_heads, num_spans, dtype=torch.float32, device=device)
     _span_mass_kernel[(num_sblocks, num_kv_heads, splits)](
-        queries, padded, valid, lse, out, *strides,
+        queries, padded, scale, valid, lse, out, *strides,
         num_heads, q_len, num_spans, width, queries_per_split, qk_scale, GROUP_P=group_p, **common)
     total = out[0] if splits == 1 else out.sum(dim=0)
     return total / q_len
@@ -354,7 +385,8 @@ def span_probabilities_triton(
 
 def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor,
                                   num_spans: int, scaling: float, block_s: int | None,
-                                  layout: SpanLayout | None) -> torch.Tensor:
+                                  layout: SpanLayout | None, num_warps: int | None = None,
+                                  num_stages: int | None = None) -> torch.Tensor:
     """:func:`span_probabilities_triton` for ``q_len == 1`` (checked inputs, ``num_spans > 0``): one launch of
     ``_span_decode_scores_kernel`` writes the ``[H, S]`` float32 scores (each vector tile read once, from the
     layout as it is kept), then ``torch.softmax`` (spans without vectors get 0; with no vector at all a row is NaN,
@@ -362,19 +394,26 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
     num_heads, _, head_dim = queries.shape
     num_kv_heads = vectors.shape[1]
     group = num_heads // num_kv_heads
-    queries, padded, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans, layout)
+    queries, padded, scale, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans,
+                                                                             layout)
     device = queries.device
-    _, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
-    if device.type == "cuda" and num_spans >= _ONE_QUERY_WIDE_FROM:
+    scaled = scale is not None
+    scale = valid[:, None] if scale is None else scale  # (without scales a stand-in the kernel never reads)
+    _, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute)
+    if device.type == "cuda" and compute != torch.float32 and head_dim <= 128 and ONE_QUERY_LAUNCH:
+        default_s, default_warps, default_stages = ONE_QUERY_LAUNCH
+    elif device.type == "cuda" and num_spans >= _ONE_QUERY_WIDE_FROM:
         default_s = 128  # measured on the H200 (bench_span_scoring --shapes llama8b-decode): 64 wins below
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
     block_s = _pow2_block(block_s, default_s, "block_s")
     group_p = triton.next_power_of_2(group)
     block_q = max(1, 16 // min(group_p, 16))  # tl.dot needs 16 rows: the group's heads, padded
     scores = torch.empty(num_heads, num_spans, dtype=torch.float32, device=device)
     _span_decode_scores_kernel[(triton.cdiv(num_spans, block_s), num_kv_heads)](
-        queries, padded, valid, scores, queries.stride(0), queries.stride(2), *padded.stride(),
-        num_spans, width, float(scaling),
+        queries, padded, scale, valid, scores, queries.stride(0), queries.stride(2), *padded.stride(),
+        *scale.stride(), num_spans, width, float(scaling),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=group_p * block_q, BLOCK_S=block_s, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=dot_precision,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=dot_precision, SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages)
     return torch.softmax(scores, dim=-1)  # no vector at all: a row of -inf, NaN as in the reference

@@ -24,6 +24,7 @@ IndexVectors = Literal["static", "dynamic"]
 RetrievalScope = Literal["shared", "per_kv_head"]
 SpanScoring = Literal["dot", "softmax"]
 Backend = Literal["torch", "triton", "auto"]
+IndexPrecision = Literal["model", "int8"]
 
 _MODES = ("full", "streaming", "infllm", "ltri")
 _POSITION_SCHEMES = ("fixed", "contiguous", "absolute")
@@ -32,6 +33,7 @@ _INDEX_VECTORS = ("static", "dynamic")
 _SCOPES = ("shared", "per_kv_head")
 _SCORINGS = ("dot", "softmax")
 _BACKENDS = ("torch", "triton", "auto")
+_INDEX_PRECISIONS = ("model", "int8")
 
 # Per-mode defaults for the fields declared ``None`` below.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,6 +91,11 @@ class LtriConfig:
         num_index_vectors: Index vectors per span (static), or the base count r0 (dynamic). InfLLM: 4.
         min_index_vectors: Lower clip of the dynamic count.
         max_index_vectors: Upper clip of the dynamic count.
+        index_precision: How the span memory keeps index vectors for scoring: ``model`` (the model's dtype) or
+            ``int8`` (int8 codes with one float32 scale per vector and KV head, each coordinate within half a step
+            of its vector's grid): half the bytes every decoded token's scoring reads (at 1M tokens of an 8B model
+            that is all ~8 GiB of vectors per token) and half their memory, at the cost of small score changes
+            that can move spans at the budget's edge.
         retrieval_scope: ``shared`` (one selection per layer for all heads) or ``per_kv_head``.
         span_scoring: ``dot`` (InfLLM: mean query . best index vector) or ``softmax`` (each query's softmax over
             spans of its best-vector scores, averaged: sharp retrieval heads outweigh diffuse ones).
@@ -186,6 +193,7 @@ class LtriConfig:
     num_index_vectors: int = 4
     min_index_vectors: int = 4
     max_index_vectors: int = 8
+    index_precision: IndexPrecision = "model"
     retrieval_scope: RetrievalScope = "shared"
     span_scoring: SpanScoring | None = None
     score_queries: int | None = 256
@@ -218,6 +226,7 @@ class LtriConfig:
         self._check_choice("retrieval_scope", _SCOPES)
         self._check_choice("span_scoring", _SCORINGS)
         self._check_choice("attention_backend", _BACKENDS)
+        self._check_choice("index_precision", _INDEX_PRECISIONS)
         for name in ("num_sink_tokens", "budget"):
             self._check_int(name, minimum=0)
         for name in ("local_window", "chunk_size", "final_chunk_size", "evict_stride", "page_size", "block_size",

@@ -273,7 +273,7 @@ class GraphFormSteps:
         tensors.extend(self.pool.host_rows(self.layer_idx) or ())  # read in place with zero_copy_host_pages
         tensors.extend(self.pool.host_cache(self.layer_idx, device) or ())
         for seq, table in enumerate(self.tables):
-            padded, valid, _ = table.layout()
-            tensors.extend((padded, valid, table.starts_on(device),
+            padded, valid, _, scale = table.layout()
+            tensors.extend((padded, valid, scale, table.starts_on(device),
                             *table.geometry_on(device), *self.pool.device_lookups(seq)))
         return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors if t is not None)

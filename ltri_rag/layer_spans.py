@@ -13,6 +13,7 @@ from ltri_rag.kernels.transfer import to_device
 from ltri_rag.span_memory import SpanTable
 
 if TYPE_CHECKING:
+    from ltri_rag.config import LtriConfig
     from ltri_rag.pool import PagedKVPool
 
 __all__ = ["SpanExchange"]
@@ -22,6 +23,7 @@ class SpanExchange:
     """Span-table management of one global layer (a base of :class:`~ltri_rag.layer.GlobalLayerState`)."""
 
     layer_idx: int
+    cfg: LtriConfig
     batch_size: int
     pool: PagedKVPool | None
     sink_k: torch.Tensor | None
@@ -31,7 +33,8 @@ class SpanExchange:
         """Create the per-sequence span tables on first use (``keys``: ``[..., num_kv_heads, tokens, head_dim]``
         K of this layer on the compute device)."""
         if not self.tables:
-            self.tables = [SpanTable(keys.shape[-3], keys.shape[-1], keys.dtype, keys.device)
+            quantized = self.cfg.index_precision == "int8"
+            self.tables = [SpanTable(keys.shape[-3], keys.shape[-1], keys.dtype, keys.device, quantized=quantized)
                            for _ in range(self.batch_size)]
 
     def reset_recency(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ltri_rag.kernels.scoring import SpanLayout, span_layout, span_scores
+from ltri_rag.kernels.scoring import SpanLayout, dequantize_rows, span_layout, span_scores
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.kernels.triton_slots import place_slots
 from ltri_rag.kernels.triton_slots import triton_available as _slots_kernel_available
@@ -27,6 +27,9 @@ class SpanTable:
             when the engine selects there: see :meth:`recency_on`).
         num_kv_heads, head_dim, dtype, device: The index vectors' heads, size, dtype and device (the compute
             device).
+        quantized: Whether the layout keeps the vectors as int8 codes with a float32 scale per (vector, KV head)
+            (``LtriConfig.index_precision="int8"``): half the bytes that scoring reads; :attr:`vectors` gives
+            them back dequantized, in ``dtype``.
 
     The index vectors are kept once, in the dense per-span layout that scoring reads
     (:func:`~ltri_rag.kernels.scoring.span_layout`: :meth:`layout`), extended as spans arrive (and widened when a
@@ -36,16 +39,19 @@ class SpanTable:
     tests): at 1M tokens of an 8B model a second, compact copy on the GPU was 8 GiB.
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 quantized: bool = False) -> None:
+        self.num_kv_heads, self.head_dim, self.dtype, self.quantized = num_kv_heads, head_dim, dtype, quantized
         self.device = torch.device(device)
         self.starts = torch.zeros(0, dtype=torch.int64)
         self.ends = torch.zeros(0, dtype=torch.int64)
         self._owner_host = torch.zeros(0, dtype=torch.int64)  # [num_vectors] span of each vector, host, sorted
         self.recency = torch.zeros(0, dtype=torch.float32)
         self._num_tokens = 0
-        self._layout: SpanLayout = (torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=self.device),
-                                    torch.zeros(0, dtype=torch.bool, device=self.device), 1)
+        self._layout = SpanLayout(
+            torch.zeros(0, num_kv_heads, head_dim, dtype=torch.int8 if quantized else dtype, device=self.device),
+            torch.zeros(0, dtype=torch.bool, device=self.device), 1,
+            torch.zeros(0, num_kv_heads, dtype=torch.float32, device=self.device) if quantized else None)
         # device copies of the span geometry (selection on the device), dropped when spans are appended
         self._geometry: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
         self._starts: torch.Tensor | None = None
@@ -81,8 +87,11 @@ class SpanTable:
     def vectors_from(self, first_span: int) -> torch.Tensor:
         """The vectors of spans ``first_span`` onwards (:attr:`vectors`' tail), made from that part of the layout
         only (exporting a document's spans copies that document's vectors, not the whole table's)."""
-        padded, valid, width = self._layout
-        return padded[first_span * width:][valid[first_span * width:]]
+        padded, valid, width, scale = self._layout
+        keep = valid[first_span * width:]
+        if scale is None:
+            return padded[first_span * width:][keep]
+        return dequantize_rows(padded[first_span * width:][keep], scale[first_span * width:][keep], self.dtype)
 
     def owner_from(self, first_span: int) -> torch.Tensor:
         """``[n]`` host int64 owners of :meth:`vectors_from`, counting from ``first_span`` as 0."""
@@ -147,21 +156,26 @@ class SpanTable:
     def _extend_layout(self, vectors: torch.Tensor, owner: torch.Tensor, num_new: int) -> None:
         """Append the new spans' rows to the layout, widening it first when a new span has more vectors than its
         width; ``owner``: ``[num_new_vectors]`` host int64, counting from 0 within the new spans."""
-        padded, valid, width = self._layout
+        padded, valid, width, scale = self._layout
         vectors = vectors.to(self.device, self.dtype)
-        new_padded, new_valid, new_width = span_layout(vectors, owner, num_new, dtype=self.dtype, min_width=width)
-        if new_width != width:  # each span's rows move to the start of a wider group (the rest padding)
+        new = span_layout(vectors, owner, num_new, dtype=self.dtype, min_width=width, quantize=self.quantized)
+        if new.width != width:  # each span's rows move to the start of a wider group (the rest padding)
             num_spans = len(self)
-            wide = padded.new_zeros(num_spans, new_width, self.num_kv_heads, self.head_dim)
-            wide[:, :width] = padded.view(num_spans, width, self.num_kv_heads, self.head_dim)
-            wide_valid = valid.new_zeros(num_spans, new_width)
-            wide_valid[:, :width] = valid.view(num_spans, width)
-            padded, valid = wide.view(-1, self.num_kv_heads, self.head_dim), wide_valid.view(-1)
-        self._layout = (torch.cat([padded, new_padded]), torch.cat([valid, new_valid]), new_width)
+
+            def widen(rows: torch.Tensor) -> torch.Tensor:
+                wide = rows.new_zeros(num_spans, new.width, *rows.shape[1:])
+                wide[:, :width] = rows.view(num_spans, width, *rows.shape[1:])
+                return wide.view(num_spans * new.width, *rows.shape[1:])
+
+            padded, valid = widen(padded), widen(valid)
+            scale = None if scale is None else widen(scale)
+        self._layout = SpanLayout(torch.cat([padded, new.padded]), torch.cat([valid, new.valid]), new.width,
+                                  None if scale is None else torch.cat([scale, new.scale]))
 
     def layout(self) -> SpanLayout:
         """The vectors laid out densely per span (``[num_spans * width, num_kv_heads, head_dim]`` padded rows, their
-        ``[num_spans * width]`` validity, ``width``), in the vectors' dtype on the compute device."""
+        ``[num_spans * width]`` validity, ``width``, and with :attr:`quantized` their scales), in the vectors' dtype
+        (int8 codes when quantized) on the compute device."""
         return self._layout
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:

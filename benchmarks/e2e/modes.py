@@ -21,7 +21,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache", "ltri_count_host_cache",
          "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
          "ltri_torch_consensus", "ltri_torch_slots", "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection",
-         "ltri_row_scan", "ltri_share60", "ltri_full_sort")
+         "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -32,7 +32,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_count_host_cache", "ltri_small_tier_no_cache", "ltri_small_tier_count",
               "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus", "ltri_torch_slots",
               "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection", "ltri_row_scan",
-              "ltri_share60", "ltri_full_sort")
+              "ltri_share60", "ltri_full_sort", "ltri_int8")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -99,6 +99,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_row_scan": ("ltri", {}),
                                                    "ltri_share60": ("ltri", {}),
                                                    "ltri_full_sort": ("ltri", {}),
+                                                   "ltri_int8": ("ltri", {"index_precision": "int8"}),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -137,7 +138,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # the default before session 24, whose run calls 80% ``ltri_share80``, now the default): more of a 1M prompt's pages
 # in host memory; ``ltri_full_sort``: a device selection's rows sorted by torch's segmented sort and filled in
 # further launches (``retrieval.SORT_FILL`` off; before session 25) instead of one program per row (rows of more
-# than 1,024 spans: after rounds of chunk sorts)
+# than 1,024 spans: after rounds of chunk sorts); ``ltri_int8``: index vectors kept as int8 codes with a scale per
+# vector and KV head (``LtriConfig.index_precision="int8"``): half the bytes a decoded token's scoring reads
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),

@@ -33,9 +33,9 @@ def test_patch_rounds_the_stored_vectors_and_is_undone() -> None:
     vectors = torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(1))
     owner = torch.tensor([0, 0, 1, 1, 1, 2])
     with rounded_index_vectors("int8"):
-        padded, valid, width = span_memory.span_layout(vectors, owner, 3)
+        padded, valid, width, _ = span_memory.span_layout(vectors, owner, 3)
     assert span_memory.span_layout is original
-    expected, _, _ = original(round_vectors(vectors, "int8"), owner, 3)
+    expected = original(round_vectors(vectors, "int8"), owner, 3).padded
     assert width == 3 and torch.equal(padded, expected) and int(valid.sum()) == 6
     with rounded_index_vectors(None):
         assert span_memory.span_layout is original
