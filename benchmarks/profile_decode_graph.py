@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="decode steps run under cProfile last (the host's share of a step); 0: none")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides (ints)")
     parser.add_argument("--patch", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
-                        help="library module settings for this run, e.g. ltri_rag.retrieval.SORT_FILL=0 (ints, floats; "
-                             "0 / 1 for switches)")
+                        help="library module settings for this run, e.g. ltri_rag.retrieval.SORT_FILL=0 (ints, "
+                             "floats; 0 / 1 for switches; None; text for anything else)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequence", action="store_true",
                         help="also write sequence.txt: the last profiled step's kernels in the order they ran")
@@ -147,7 +147,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not hasattr(module, name):
             parser.error(f"--patch: {module_name} has no setting {name!r}")
         old = getattr(module, name)
-        setattr(module, name, type(old)(float(value)) if isinstance(old, (bool, int, float)) else value)
+        if value == "None":
+            new = None
+        elif isinstance(old, (bool, int, float)):
+            new = type(old)(float(value))
+        else:
+            new = value
+        setattr(module, name, new)
         print(f"patched {target} = {getattr(module, name)!r} (was {old!r})", flush=True)
     device = torch.device("cuda")
     model = build_random_model(args.model, device, torch.bfloat16, args.seed, args.length + args.warm + args.steps + 64)
