@@ -46,6 +46,18 @@ def test_ltri_finds_passkey_streaming_does_not(qwen, seed: int, depth: float) ->
     assert not passkey_correct(streaming, sample.answer), streaming
 
 
+@pytest.mark.parametrize("seed,depth", [(500, 0.3), (501, 0.6)])
+def test_ltri_with_int8_index_vectors_finds_the_passkey_too(qwen, seed: int, depth: float) -> None:
+    """``index_precision="int8"`` approximates the index vectors; the needle must still come back through retrieval
+    (the same prompts as the default engine above)."""
+    model, tokenizer = qwen
+    sample = passkey_sample(tokenizer, 4000, depth, seed=seed)
+    config = _config("ltri").replace(index_precision="int8")
+    ltri = ltri_rag.generate_ids(model, tokenizer, sample.prompt, config, max_new_tokens=7)
+    assert ltri.usage["memory_tokens"] > 2500
+    assert passkey_correct(ltri.text, sample.answer), ltri.text
+
+
 def test_infllm_path_finds_passkey_when_its_budget_covers_the_memory(qwen) -> None:
     """InfLLM's machinery (fixed blocks, representative keys, fixed-distance positions) on the real model.
 
