@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["SpanLayout", "dequantize_rows", "quantize_rows", "span_layout", "span_probabilities", "span_scores"]
+__all__ = ["SpanLayout", "dequantize_rows", "has_scales", "quantize_rows", "span_layout", "span_probabilities", "span_scores"]
 
 _BACKENDS = ("torch", "triton", "auto")
 
@@ -29,6 +29,12 @@ class SpanLayout(NamedTuple):
     valid: torch.Tensor
     width: int
     scale: torch.Tensor | None = None
+
+
+def has_scales(layout: SpanLayout | tuple | None) -> bool:
+    """Whether ``layout`` (a :class:`SpanLayout` or a plain ``(padded, valid, width)`` tuple) holds int8 codes with
+    scales."""
+    return layout is not None and SpanLayout(*layout).scale is not None
 
 
 def quantize_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,8 +298,8 @@ def span_probabilities(
     # half-precision queries and kept layout on a GPU: multiplied as they are into float32 sums (the products of
     # half values are exact in float32, so this equals the float32 path up to summation order) instead of copying
     # the whole layout to float32 at every call: at 1M tokens that copy moved ~5x the layout's bytes per layer
-    quantized = layout is not None and SpanLayout(*layout).scale is not None
-    half = layout is not None and (quantized or queries.dtype == layout[0].dtype) and _half_matmul_ok(queries)
+    half = layout is not None and (has_scales(layout) or queries.dtype == layout[0].dtype) and \
+        _half_matmul_ok(queries)
     padded, valid, width, scale = _resolve_layout(layout, vectors, owner, num_spans,
                                                   queries.dtype if half else torch.float32)
     if scale is not None:  # int8 codes, exact in any float dtype; the scales multiply the dot products

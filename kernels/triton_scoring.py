@@ -59,7 +59,7 @@ import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
                                               multiprocessors as _multiprocessors,
                                               pow2_block as _pow2_block)
-from ltri_rag.kernels.scoring import (SpanLayout, _check_span_inputs, _from_layout, _resolve_layout,
+from ltri_rag.kernels.scoring import (SpanLayout, _check_span_inputs, _from_layout, _resolve_layout, has_scales,
                                       span_probabilities)
 
 __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
@@ -242,14 +242,14 @@ if triton is not None:
 
 
 def _operands(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
-              layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int,
+              layout: SpanLayout | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.Tensor, int,
                                                   torch.dtype, str]:
-    """What the kernels read: ``(queries, padded, scale, valid, width, compute dtype, dot precision)``. 16-bit
-    queries and vectors of one dtype are multiplied in it (float32 sums); int8 codes (a layout with scales) in the
-    16-bit queries' dtype (the codes convert exactly); anything else in float32 (TF32 where torch's float32 matmuls
-    may use it). ``valid`` is viewed as uint8; ``scale`` is the layout's ``[rows, Hkv]`` scales, or None."""
-    quantized = layout is not None and SpanLayout(*layout).scale is not None
-    half = (quantized or queries.dtype == vectors.dtype) and queries.dtype in _HALF
+    """What the kernels read: ``(queries, padded, scale, scaled, valid, width, compute dtype, dot precision)``.
+    16-bit queries and vectors of one dtype are multiplied in it (float32 sums); int8 codes (a layout with scales)
+    in the 16-bit queries' dtype (the codes convert exactly); anything else in float32 (TF32 where torch's float32
+    matmuls may use it). ``valid`` is viewed as uint8. ``scale`` is the layout's ``[rows, Hkv]`` scales when
+    ``scaled``, else a stand-in the kernels never read (``valid`` as one column)."""
+    half = (has_scales(layout) or queries.dtype == vectors.dtype) and queries.dtype in _HALF
     if INTERPRETED and queries.dtype == torch.bfloat16:
         half = False  # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
     compute = queries.dtype if half else torch.float32
@@ -260,7 +260,9 @@ def _operands(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor,
         dot_precision = "ieee"  # ignored for 16-bit inputs
     else:
         dot_precision = "tf32"
-    return queries, padded, scale, valid.view(torch.uint8), width, compute, dot_precision
+    valid = valid.view(torch.uint8)
+    scaled = scale is not None
+    return queries, padded, scale if scaled else valid[:, None], scaled, valid, width, compute, dot_precision
 
 
 def _num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
@@ -308,8 +310,8 @@ def span_probabilities_triton(
         query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
         layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one (then
             ``vectors`` and ``owner`` may be None).
-        num_warps, num_stages: Launch settings of the one-query kernel (``q_len == 1``; None: :func:`block_sizes`'
-            or the int8 layout's own), for sweeps.
+        num_warps, num_stages: Launch settings of the one-query kernel (``q_len == 1``; None: those of
+            ``ONE_QUERY_LAUNCH``, or :func:`block_sizes`' where it does not apply), for sweeps.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -337,8 +339,8 @@ def span_probabilities_triton(
         return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout,
                                              num_warps, num_stages)
 
-    queries, padded, scale, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans,
-                                                                             layout)
+    queries, padded, scale, scaled, valid, width, compute, dot_precision = _operands(queries, vectors, owner,
+                                                                                     num_spans, layout)
 
     default_m, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
     block_m = _pow2_block(block_m, default_m, "block_m")
@@ -353,9 +355,8 @@ def span_probabilities_triton(
     num_qblocks = triton.cdiv(q_len, block_q)
     num_sblocks = triton.cdiv(num_spans, block_s)
     common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
-              "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scale is not None,
+              "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scaled,
               "num_warps": num_warps, "num_stages": num_stages}
-    scale = valid[:, None] if scale is None else scale  # (without scales a stand-in the kernels never read)
     strides = (*queries.stride(), *padded.stride(), *scale.stride())
 
     # pass 1: (max, sum-exp) of every (head, query) row over each share of the spans, combined into lse (base 2)
@@ -394,11 +395,9 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
     num_heads, _, head_dim = queries.shape
     num_kv_heads = vectors.shape[1]
     group = num_heads // num_kv_heads
-    queries, padded, scale, valid, width, compute, dot_precision = _operands(queries, vectors, owner, num_spans,
-                                                                             layout)
+    queries, padded, scale, scaled, valid, width, compute, dot_precision = _operands(queries, vectors, owner,
+                                                                                     num_spans, layout)
     device = queries.device
-    scaled = scale is not None
-    scale = valid[:, None] if scale is None else scale  # (without scales a stand-in the kernel never reads)
     _, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute)
     if device.type == "cuda" and compute != torch.float32 and head_dim <= 128 and ONE_QUERY_LAUNCH:
         default_s, default_warps, default_stages = ONE_QUERY_LAUNCH
