@@ -58,9 +58,23 @@ def _time(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def load_baseline(path: Path) -> Callable[..., Any]:
+    """``local_attention_triton`` of another copy of ``kernels/triton_local.py`` (e.g. ``git show
+    REV:kernels/triton_local.py > prev.py``), imported from ``path`` beside the installed one, for same-run A/Bs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_triton_local", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import a kernel module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.local_attention_triton
+
+
 def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reps: int,
-                band: int) -> list[dict[str, Any]]:
-    """One row per backend for one shape."""
+                band: int, baseline: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+    """One row per backend for one shape (``baseline``: another ``local_attention_triton``, rows ``baseline``
+    and ``baseline (no key mass)``)."""
     num_heads, num_kv_heads, head_dim, window, chunk = shape
     kv_len = window + chunk
     gen = torch.Generator().manual_seed(0)
@@ -74,6 +88,11 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     triton_fn = local_attention_backend("triton", device) if _triton_runs(device) else None
     if triton_fn is not None:
         backends["triton"] = lambda: triton_fn(q, k, v, **kwargs)
+        # the forward alone (band kept): the difference to the row above is the key-mass pass
+        backends["triton (no key mass)"] = lambda: triton_fn(q, k, v, **{**kwargs, "want_key_mass": False})
+    if baseline is not None:
+        backends["baseline"] = lambda: baseline(q, k, v, **kwargs)
+        backends["baseline (no key mass)"] = lambda: baseline(q, k, v, **{**kwargs, "want_key_mass": False})
     allowed = torch.arange(kv_len, device=device)[None, :] <= torch.arange(chunk, device=device)[:, None] + window
     group = num_heads // num_kv_heads
     k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -87,8 +106,9 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
         if backend != "sdpa (out only)":
             got = fn()
             row["max_err_out"] = float((got.out - ref.out).abs().max())
-            row["max_rel_err_key_mass"] = float(((got.key_mass - ref.key_mass).abs()
-                                                 / ref.key_mass.abs().clamp(min=1e-3)).max())
+            if got.key_mass is not None:
+                row["max_rel_err_key_mass"] = float(((got.key_mass - ref.key_mass).abs()
+                                                     / ref.key_mass.abs().clamp(min=1e-3)).max())
         rows.append(row)
         print(f"{name:14s} {backend:16s} {ms:9.3f} ms {row['tflops']:8.2f} TFLOP/s", flush=True)
     return rows
@@ -131,6 +151,65 @@ def sweep_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     return sorted(rows, key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
 
 
+MASS_SWEEP = {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3)}
+SMALL_MASS_SWEEP = {"block_m": (16, 32), "block_n": (16,), "num_warps": (1,), "num_stages": (1,)}
+
+
+def mass_sweep_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reps: int,
+                     band: int, grid: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The key-mass kernel's launch settings (``triton_local.KEY_MASS_LAUNCH``; the forward keeps its defaults)
+    over ``grid``: one row each, fastest first, timing the whole call (forward and key mass) and checking the key
+    mass against the float32 torch reference; a setting that fails is a row with its error. The first row,
+    ``default``, is the call without an override."""
+    from ltri_rag.kernels import triton_local
+
+    num_heads, num_kv_heads, head_dim, window, chunk = shape
+    kv_len = window + chunk
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
+    kwargs = {"scaling": head_dim ** -0.5, "causal_offset": window, "band_width": band, "want_key_mass": True}
+    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
+    fn = functools.partial(triton_local.local_attention_triton, q, k, v, **kwargs)
+    saved = triton_local.KEY_MASS_LAUNCH
+    rows = []
+    try:
+        for values in [None, *itertools.product(*grid.values())]:
+            setting = {} if values is None else dict(zip(grid, values))
+            row: dict[str, Any] = {"shape": name, "setting": "default" if values is None else "override", **setting}
+            triton_local.KEY_MASS_LAUNCH = None if values is None else tuple(values)
+            try:
+                got = fn()
+                row["max_rel_err_key_mass"] = float(((got.key_mass - ref.key_mass).abs()
+                                                     / ref.key_mass.abs().clamp(min=1e-3)).max())
+                row["ms"] = _time(fn, reps, device.type == "cuda")
+                row["tflops"] = flops / row["ms"] / 1e9
+            except Exception as error:  # noqa: BLE001 - a setting that does not compile or launch is a result
+                row["ms"], row["error"] = None, f"{type(error).__name__}: {str(error)[:200]}"
+            rows.append(row)
+            print(f"{name:14s} key mass {setting or 'default'} "
+                  f"{row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms", flush=True)
+    finally:
+        triton_local.KEY_MASS_LAUNCH = saved
+    return sorted(rows, key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
+
+
+def render_mass_sweep(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown: the key-mass sweep rows, fastest first per shape."""
+    lines = [f"# Key-mass kernel launch settings, {meta['device']} ({meta['dtype']}); ms of the whole call", "",
+             "| shape | block_m | block_n | warps | stages | ms | TFLOP/s | max rel err (key mass) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        timing = (f"{r['ms']:.3f} | {r['tflops']:.1f} | {r['max_rel_err_key_mass']:.1e}" if r["ms"] is not None
+                  else f"- | - | {r['error']}")
+        cells = ("default", "", "", "") if r["setting"] == "default" else (
+            r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
+        lines.append(f"| {r['shape']} | " + " | ".join(str(c) for c in cells) + f" | {timing} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_sweep(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown: the sweep rows, fastest first per shape."""
     lines = [f"# Local attention launch settings, {meta['device']} ({meta['dtype']})", "",
@@ -159,7 +238,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "| shape | backend | ms | TFLOP/s | vs torch path | max abs err (out) | max rel err (key mass) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        err = (f"{r['max_err_out']:.1e} | {r['max_rel_err_key_mass']:.1e}" if "max_err_out" in r else "- | -")
+        mass = f"{r['max_rel_err_key_mass']:.1e}" if "max_rel_err_key_mass" in r else "-"
+        err = f"{r['max_err_out']:.1e} | {mass}" if "max_err_out" in r else "- | -"
         lines.append(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
                      f"{torch_ms[r['shape']] / r['ms']:.2f}x | {err} |")
     return "\n".join(lines) + "\n"
@@ -172,12 +252,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--band", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
+    parser.add_argument("--mass-sweep", action="store_true",
+                        help="also time the key-mass kernel's launch settings (mass_sweep.json / .md)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="FILE",
+                        help="another copy of kernels/triton_local.py to time in the same run (rows 'baseline')")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    baseline = load_baseline(args.baseline) if args.baseline is not None and _triton_runs(device) else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name, shape in (SMALL if args.small else SHAPES).items():
-        rows += bench_shape(name, shape, device, dtype, args.reps, args.band)
+        rows += bench_shape(name, shape, device, dtype, args.reps, args.band, baseline)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "band": args.band}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +277,15 @@ def main(argv: list[str] | None = None) -> None:
                                  SMALL_SWEEP if args.small else SWEEP)
         (args.out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": sweep}, indent=2))
         (args.out / "sweep.md").write_text(render_sweep(sweep, meta), encoding="utf-8")
+    if args.mass_sweep and _triton_runs(device):
+        sweep = []
+        for name, shape in (SMALL if args.small else SHAPES).items():
+            sweep += mass_sweep_shape(name, shape, device, dtype, args.reps, args.band,
+                                      SMALL_MASS_SWEEP if args.small else MASS_SWEEP)
+        (args.out / "mass_sweep.json").write_text(json.dumps({"meta": meta, "rows": sweep}, indent=2))
+        text = render_mass_sweep(sweep, meta)
+        (args.out / "mass_sweep.md").write_text(text, encoding="utf-8")
+        print(text)
 
 
 if __name__ == "__main__":

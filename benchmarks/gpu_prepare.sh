@@ -14,9 +14,9 @@ models=("$@")
 rm -rf .gpu/parts .gpu/whl-newer
 mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
 : > .gpu/meta/SHA256SUMS
-# a call carries the working tree too (about 11 MB of tracked files) within its 64 MiB: 48 MiB parts leave room
-# (55 MiB parts no longer did once the tree passed ~9 MB)
-part=48m
+# a call carries the working tree too (about 22 MB of tracked files by session 27) within its 64 MiB: 40 MiB parts
+# leave room (48 MiB parts no longer did once the tree passed ~17 MB)
+part=40m
 py=python3  # the interpreter whose transformers / regex versions travel: the checkout's venv where there is one
 [ -x .venv/bin/python ] && py=.venv/bin/python
 for name in "${models[@]}"; do

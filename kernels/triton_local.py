@@ -32,7 +32,9 @@ Design (two kernels, no atomics, deterministic):
   B * Hkv)``. It needs the final ``lse`` of every row, hence a second pass: each program holds one K tile and
   walks the packed row blocks (the same ``(query, head)`` packing) from the first query that can see the tile
   to the end, recomputes the scores, and sums ``exp(score - total)``, ``total = logaddexp(lse, extra_lse)``,
-  over rows (queries and the group's heads). Each key column is owned by one program, so no atomics.
+  over rows (queries and the group's heads). The sum runs elementwise into a ``[BLOCK_M, BLOCK_N]`` tile, reduced
+  over its rows once after the loop (a reduction across rows per block would cross warps every step), and only
+  the row blocks on the causal diagonal are masked. Each key column is owned by one program, so no atomics.
 
 Inputs may be float16, bfloat16 or float32 (mixed dtypes are computed in float32); both matrix products take
 the input dtype (``p`` is rounded to it for ``p @ v``, as in flash attention) and accumulate in float32.
@@ -61,6 +63,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
 INTERPRETED = interpreted()
+
+KEY_MASS_LAUNCH: tuple[int, int, int, int] | None = None
+"""``(block_m, block_n, num_warps, num_stages)`` of the key-mass kernel when :func:`local_attention_triton` is
+given no launch settings; None: the forward kernel's (what :func:`block_sizes` returns). For sweeps
+(``benchmarks/bench_local_attention.py --mass-sweep``)."""
 
 
 def _launch_setting(value: int | None, default: int, name: str, allowed) -> int:
@@ -283,6 +290,32 @@ if triton is not None:
             tl.store(Band + row_idx[:, None] * band_width + o[None, :], prob,
                      mask=row_ok[:, None] & (o[None, :] < band_width))
 
+    @triton.jit
+    def _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset, qk_scale,
+                   cap2, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_EXTRA: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """``part [M, N]`` plus one packed row block's ``exp(score - total)`` against the program's key tile;
+        ``MASKED`` blocks apply the causal mask (blocks whose rows all see the tile only the row count's)."""
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len * GROUP
+        qi = rows // GROUP
+        head = (rows % GROUP).to(tl.int64)  # within the KV head's group; q_base / lse_base point at its first
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_base + head[:, None] * stride_qh + qi[:, None].to(tl.int64) * stride_qm + d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        row_idx = head * q_len + qi
+        total2 = tl.load(lse_base + row_idx, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        if HAS_EXTRA:
+            extra = tl.load(extra_base + row_idx, mask=row_ok, other=float("-inf"))
+            total2 = _logaddexp2(total2, extra * 1.4426950408889634)
+        s = _score_tile(q, k_t, qk_scale, cap2, SOFTCAP, DOT_PRECISION)
+        if MASKED:
+            seen = (n[None, :] <= causal_offset + qi[:, None]) & row_ok[:, None] & n_ok[None, :]
+            return part + tl.where(seen, tl.exp2(s - total2[:, None]), 0.0)
+        # every row sees every key of the tile; rows past the end have total -inf: their exp2 would be inf
+        return part + tl.where(row_ok[:, None], tl.exp2(s - total2[:, None]), 0.0)
+
     @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset"))
     def _local_key_mass_kernel(Q, K, Lse, Extra, Mass,
                                stride_qb, stride_qh, stride_qm, stride_qd,
@@ -301,25 +334,27 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         k_t = tl.load(K + b * stride_kb + kvh * stride_kh + n[None, :] * stride_kn + d[:, None] * stride_kd,
                       mask=n_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
-        # first query that sees key pid_n * BLOCK_N, and the packed row block holding its first head
+        q_base = Q + b * stride_qb + (kvh * GROUP) * stride_qh
+        lse_base = Lse + (b * num_heads + kvh * GROUP) * q_len
+        extra_base = Extra + (b * num_heads + kvh * GROUP) * q_len
+        rows_total = q_len * GROUP
+        # the packed row block holding the first query that sees the tile's first key, and the first block whose
+        # rows all see its last key (from there on no causal mask)
         first_q = tl.maximum(pid_n * BLOCK_N - causal_offset, 0)
         row_start = (first_q * GROUP // BLOCK_M) * BLOCK_M
-        mass = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
-        for r0 in range(row_start, q_len * GROUP, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < q_len * GROUP
-            qi = rows // GROUP
-            head = kvh * GROUP + rows % GROUP
-            q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None].to(tl.int64) * stride_qm
-                        + d[None, :] * stride_qd, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-            row_idx = (b * num_heads + head) * q_len + qi
-            total2 = tl.load(Lse + row_idx, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-            if HAS_EXTRA:
-                extra = tl.load(Extra + row_idx, mask=row_ok, other=float("-inf"))
-                total2 = _logaddexp2(total2, extra * 1.4426950408889634)
-            s = _score_tile(q, k_t, qk_scale, cap2, SOFTCAP, DOT_PRECISION)
-            seen = (n[None, :] <= causal_offset + qi[:, None]) & row_ok[:, None] & n_ok[None, :]
-            mass += tl.reduce(tl.where(seen, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
+        full_q = tl.minimum(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - causal_offset, 0), q_len)
+        full_start = tl.maximum((full_q * GROUP + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_start)
+        # exp(score - total) summed elementwise over row blocks; the one reduction over rows comes after the loops
+        part = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+        for r0 in range(row_start, full_start, BLOCK_M):
+            part = _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset,
+                              qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M,
+                              SOFTCAP, HAS_EXTRA, DOT_PRECISION, True)
+        for r0 in range(full_start, rows_total, BLOCK_M):
+            part = _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset,
+                              qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M,
+                              SOFTCAP, HAS_EXTRA, DOT_PRECISION, False)
+        mass = tl.reduce(part, 0, _sum_combine)
         tl.store(Mass + (b * num_kv_heads + kvh) * kv_len + n, mass, mask=n_ok)
 
 
@@ -352,7 +387,8 @@ def local_attention_triton(
         block_m: Packed ``(query, head)`` rows per program (power of two >= 16); None = :func:`block_sizes`.
         block_n: Keys per tile (power of two >= 16); None = :func:`block_sizes`.
         num_warps, num_stages: Launch settings of both kernels; None = :func:`block_sizes` (for tuning sweeps:
-            ``benchmarks/bench_local_attention.py --sweep``).
+            ``benchmarks/bench_local_attention.py --sweep``). With all four None the key-mass kernel takes
+            ``KEY_MASS_LAUNCH`` where it applies.
 
     Returns:
         A :class:`~ltri_rag.kernels.attention.LocalAttention` (float32 tensors on ``q``'s device).
@@ -401,6 +437,7 @@ def local_attention_triton(
         if memory is not None:
             q_mem, mem_k, mem_v = q_mem.float(), mem_k.float(), mem_v.float()
 
+    tuned = block_m is None and block_n is None and num_warps is None and num_stages is None
     default_m, default_n, default_warps, default_stages = block_sizes(head_dim, group, q.device, q.dtype)
     num_warps = _launch_setting(num_warps, default_warps, "num_warps", (1, 2, 4, 8, 16))
     num_stages = _launch_setting(num_stages, default_stages, "num_stages", range(1, 8))
@@ -443,12 +480,19 @@ def local_attention_triton(
     key_mass = None
     if want_key_mass:
         key_mass = torch.empty(batch, num_kv_heads, kv_len, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(kv_len, block_n), batch * num_kv_heads)
+        mass_n, mass = block_n, common
+        if tuned and KEY_MASS_LAUNCH:
+            mass_m, mass_n, mass_warps, mass_stages = KEY_MASS_LAUNCH
+            mass_m, mass_n = _pow2_block(mass_m, 0, "block_m"), _pow2_block(mass_n, 0, "block_n")
+            mass_warps = _launch_setting(mass_warps, 0, "num_warps", (1, 2, 4, 8, 16))
+            mass_stages = _launch_setting(mass_stages, 0, "num_stages", range(1, 8))
+            mass = {**common, "BLOCK_M": mass_m, "num_warps": mass_warps, "num_stages": mass_stages}
+        grid = (triton.cdiv(kv_len, mass_n), batch * num_kv_heads)
         _local_key_mass_kernel[grid](
             q, k, lse, lse if extra is None else extra, key_mass,
             *q.stride(), *k.stride(),
             num_kv_heads, q_len, kv_len, causal_offset, qk_scale, cap2,
-            BLOCK_N=block_n, **common)
+            BLOCK_N=mass_n, **mass)
     band_out = scratch.mean(dim=1) if band else None
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band_out)
 

@@ -131,6 +131,20 @@ def test_small_blocks_split_groups() -> None:
     _assert_matches(got, local_attention(q, k, v, **args))
 
 
+@pytest.mark.parametrize("launch", [(16, 16, 1, 1), (32, 64, 2, 2), (64, 16, 4, 3)])
+def test_key_mass_launch_of_its_own(monkeypatch, launch) -> None:
+    """``KEY_MASS_LAUNCH`` gives the key-mass kernel tiles other than the forward's (its own grid over the keys):
+    the same key mass, G=7 rows split across blocks, row blocks on and off the causal diagonal."""
+    q, k, v, extra_lse = _inputs(1, 7, 1, 29, 37, 32, True, seed=3)
+    args = {"scaling": 0.2, "causal_offset": 37, "extra_lse": extra_lse, "band_width": 6, "want_key_mass": True}
+    ref = local_attention(q, k, v, **args)
+    monkeypatch.setattr(triton_local, "KEY_MASS_LAUNCH", launch)
+    _assert_matches(local_attention_triton(q, k, v, **args), ref)
+    monkeypatch.setattr(triton_local, "KEY_MASS_LAUNCH", (24, 16, 1, 1))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        local_attention_triton(q, k, v, **args)
+
+
 def test_extreme_extra_lse() -> None:
     """Rows whose memory part is empty (-inf) or dominates (lse + 30) keep their probabilities right."""
     q, k, v, _ = _inputs(1, 4, 2, 21, 14, 32, False, seed=2)
