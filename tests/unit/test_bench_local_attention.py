@@ -16,7 +16,7 @@ def test_small_run_writes_rows_for_every_backend(tmp_path) -> None:
     for name, row in rows.items():
         assert row["ms"] > 0 and row["tflops"] > 0
         if name != "sdpa (out only)":  # the kernels that return ltri's statistics match the reference
-            assert row["max_err_out"] < 1e-4
+            assert row["max_err_out"] < (1e-4 if row["dtype"] == "torch.float32" else 2e-3)  # bf16 on a GPU
             assert ("no key mass" in name) == ("max_rel_err_key_mass" not in row)
             assert row.get("max_rel_err_key_mass", 0.0) < 1e-3
     assert "| tiny | torch |" in (tmp_path / "bench.md").read_text()
