@@ -58,6 +58,20 @@ def _time(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def _case(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+          band: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any], int]:
+    """One shape's inputs (seed 0), the call's keyword arguments (key mass and band on) and its causal FLOPs:
+    ``q [1, H, chunk, D]``, ``k, v [1, Hkv, window + chunk, D]``."""
+    num_heads, num_kv_heads, head_dim, window, chunk = shape
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(1, num_kv_heads, window + chunk, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(1, num_kv_heads, window + chunk, head_dim, generator=gen).to(device, dtype)
+    kwargs = {"scaling": head_dim ** -0.5, "causal_offset": window, "band_width": band, "want_key_mass": True}
+    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    return q, k, v, kwargs, flops
+
+
 def load_baseline(path: Path) -> Callable[..., Any]:
     """``local_attention_triton`` of another copy of ``kernels/triton_local.py`` (e.g. ``git show
     REV:kernels/triton_local.py > prev.py``), imported from ``path`` beside the installed one, for same-run A/Bs."""
@@ -75,15 +89,10 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                 band: int, baseline: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
     """One row per backend for one shape (``baseline``: another ``local_attention_triton``, rows ``baseline``
     and ``baseline (no key mass)``)."""
-    num_heads, num_kv_heads, head_dim, window, chunk = shape
+    num_heads, num_kv_heads, _, window, chunk = shape
     kv_len = window + chunk
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    scaling = head_dim ** -0.5
-    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
-    kwargs = dict(scaling=scaling, causal_offset=window, band_width=band, want_key_mass=True)
+    q, k, v, kwargs, flops = _case(shape, device, dtype, band)
+    scaling = kwargs["scaling"]
     backends: dict[str, Callable[[], Any]] = {"torch": lambda: local_attention(q, k, v, **kwargs)}
     triton_fn = local_attention_backend("triton", device) if _triton_runs(device) else None
     if triton_fn is not None:
@@ -125,14 +134,7 @@ def sweep_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     torch reference."""
     from ltri_rag.kernels.triton_local import local_attention_triton
 
-    num_heads, num_kv_heads, head_dim, window, chunk = shape
-    kv_len = window + chunk
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    kwargs = {"scaling": head_dim ** -0.5, "causal_offset": window, "band_width": band, "want_key_mass": True}
-    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    q, k, v, kwargs, flops = _case(shape, device, dtype, band)
     ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
     rows = []
     for values in itertools.product(*grid.values()):
@@ -163,14 +165,7 @@ def mass_sweep_shape(name: str, shape: tuple[int, ...], device: torch.device, dt
     ``default``, is the call without an override."""
     from ltri_rag.kernels import triton_local
 
-    num_heads, num_kv_heads, head_dim, window, chunk = shape
-    kv_len = window + chunk
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, num_heads, chunk, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    v = torch.randn(1, num_kv_heads, kv_len, head_dim, generator=gen).to(device, dtype)
-    kwargs = {"scaling": head_dim ** -0.5, "causal_offset": window, "band_width": band, "want_key_mass": True}
-    flops = 4 * num_heads * head_dim * sum(window + i + 1 for i in range(chunk))
+    q, k, v, kwargs, flops = _case(shape, device, dtype, band)
     ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
     fn = functools.partial(triton_local.local_attention_triton, q, k, v, **kwargs)
     saved = triton_local.KEY_MASS_LAUNCH

@@ -86,7 +86,7 @@ def test_mass_sweep_times_each_key_mass_setting_and_restores_the_default(monkeyp
 
 def test_baseline_module_gets_rows_of_its_own(monkeypatch, tmp_path) -> None:
     """``--baseline FILE`` times another copy of the kernel module in the same run (here the module itself, under
-    the Triton interpreter on CPU): rows ``baseline`` / ``baseline (no key mass)`` checked like the others."""
+    the Triton interpreter on CPU, compiled on a GPU): rows ``baseline`` / ``baseline (no key mass)`` checked like the others."""
     import importlib
     from pathlib import Path
 
@@ -94,14 +94,14 @@ def test_baseline_module_gets_rows_of_its_own(monkeypatch, tmp_path) -> None:
     import torch
 
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("the small shapes run on CPU only")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from ltri_rag.kernels import triton_local
 
-    if not triton_local.INTERPRETED:
-        triton_local = importlib.reload(triton_local)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if not triton_local.INTERPRETED:
+            triton_local = importlib.reload(triton_local)
     main(["--small", "--reps", "1", "--baseline", str(Path(triton_local.__file__)), "--out", str(tmp_path)])
     rows = {r["backend"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert {"triton", "baseline", "baseline (no key mass)"} <= set(rows)
-    assert rows["baseline"]["max_err_out"] < 1e-4 and rows["baseline"]["max_rel_err_key_mass"] < 1e-3
+    tolerance = 1e-4 if rows["baseline"]["dtype"] == "torch.float32" else 2e-3  # bf16 on a GPU
+    assert rows["baseline"]["max_err_out"] < tolerance and rows["baseline"]["max_rel_err_key_mass"] < 1e-3
