@@ -11,6 +11,10 @@ before triton is imported; ``--cache-dir`` keeps one between runs), then for eac
 ``bench_small_kernels``) three times: the first call's time minus the median of the later two is the compile time
 that length added. Also counts the compiled kernels left in the cache. GPU only.
 
+``--precompile`` first runs :func:`ltri_rag.kernels.precompile.precompile_sort_kernels` (every sort variant, in
+parallel child processes) and records its wall time and the device memory the children took (the least free memory
+seen while they ran, against before); the per-length rows then show what compiling is left.
+
 Prints and writes ``bench.json`` / ``bench.md`` under ``--out``.
 """
 
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spans", type=int, nargs="+", default=[64, 100, 200, 400, 800, 1024, 2048, 16384, 65536])
     parser.add_argument("--cache-dir", default=None, help="Triton cache to use (default: a new empty directory)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precompile", action="store_true", help="compile the sort variants ahead first (timed)")
+    parser.add_argument("--workers", type=int, default=None, help="child processes of --precompile")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.spans):
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_compile needs a CUDA device (the CPU path compiles nothing)")
     gen = torch.Generator().manual_seed(args.seed)
+    ahead = _precompile(args.workers) if args.precompile else None
     rows = []
     for spans in args.spans:
         fns, _ = select_case(spans, 3, gen)
@@ -71,14 +78,43 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "cold_cache": args.cache_dir is None}
+            "triton": __import__("triton").__version__, "cold_cache": args.cache_dir is None, "precompile": ahead}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# First calls of a layer's two span selections ({meta['device']}, triton {meta['triton']})", "",
              "| spans | first call, s | later calls, ms | compile, s | kernels compiled |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['spans']} | {r['first_s']:.3f} | {r['steady_s'] * 1e3:.3f} | {r['compile_s']:.3f} | "
               f"{r['new_kernels']} |" for r in rows]
-    lines += ["", f"Total: ~{total:.1f} s of compiling."]
+    lines += ["", f"Total: ~{total:.1f} s of compiling in the calls."]
+    if ahead is not None:
+        lines += ["", f"Compiled ahead first (`--precompile`): {ahead['variants']} variants in {ahead['wall_s']:.1f} s "
+                  f"of wall time over {ahead['workers']} child processes; they took up to "
+                  f"{ahead['device_mib']:.0f} MiB of device memory while running."]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def _precompile(workers: int | None) -> dict:
+    """Run the ahead-of-use compile, timed, watching the device's free memory while its children run."""
+    import torch
+
+    from ltri_rag.kernels.precompile import precompile_sort_kernels
+
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    least = free_before
+    start = time.perf_counter()
+    job = precompile_sort_kernels(workers=workers, wait=False)
+    if job is None:
+        return {"variants": 0, "workers": 0, "wall_s": 0.0, "device_mib": 0.0}
+    while not job.done():
+        least = min(least, torch.cuda.mem_get_info()[0])
+        time.sleep(0.05)
+    job.wait()
+    wall = time.perf_counter() - start
+    row = {"variants": len(job.variants), "workers": len(job.processes), "wall_s": wall,
+           "device_mib": (free_before - least) / 2 ** 20}
+    print(f"precompiled {row['variants']} variants in {wall:.1f} s over {row['workers']} processes "
+          f"(device memory taken while running: {row['device_mib']:.0f} MiB)", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -40,11 +40,13 @@ Shapes:
 from __future__ import annotations
 
 import weakref
+from typing import Any, NamedTuple
 
 import torch
 from ltri_rag.kernels._triton_support import interpreted, next_pow2, tl, triton, triton_available
 
-__all__ = ["MAX_CANDIDATES", "MAX_SPANS", "candidates_needed", "sort_fill", "triton_available"]
+__all__ = ["MAX_CANDIDATES", "MAX_SPANS", "Launch", "candidates_needed", "launch_plan", "launch_variants", "sort_fill",
+           "triton_available"]
 
 INTERPRETED = interpreted()
 MAX_SPANS = 1024
@@ -205,6 +207,66 @@ def sort_fill(keys: torch.Tensor, lengths: torch.Tensor, budget: int, tail: int,
     out = torch.zeros(rows, num_spans, dtype=torch.bool, device=keys.device)
     if rows == 0 or num_spans == 0:
         return out
+    src = keys.contiguous()
+    for step in launch_plan(num_spans, candidates, num_warps):
+        if step.kernel == "chunk_top":
+            dst = torch.empty(rows, step.parts * step.meta["KEEP"], dtype=torch.int64, device=keys.device)
+            _chunk_top_kernel[(rows, step.parts)](src, dst, step.n, src.stride(0), dst.stride(0), **step.meta)
+            src = dst
+        else:
+            scratch = torch.empty(rows, 2 * step.meta["BLOCK"], dtype=torch.int64, device=keys.device)
+            _sort_fill_kernel[(rows,)](src, lengths.contiguous(), out.view(torch.int8), scratch, step.n,
+                                       src.stride(0), num_spans, int(budget), TAIL=tail, **step.meta)
+    return out
+
+
+class Launch(NamedTuple):
+    """One launch of :func:`sort_fill` for a row length: ``kernel`` ``"chunk_top"`` (``parts`` programs per row)
+    or ``"sort_fill"`` (one per row), reading ``n`` keys per row, with its compile-time settings ``meta`` (block
+    sizes, ``FLOAT``, ``num_warps``; the fill's ``TAIL`` is added at launch)."""
+
+    kernel: str
+    n: int
+    parts: int
+    meta: dict[str, Any]
+
+
+def launch_plan(num_spans: int, candidates: int | None = None, num_warps: int | None = None) -> list[Launch]:
+    """The launches :func:`sort_fill` makes for rows of ``num_spans`` keys (>= 1), in order: rounds of chunk tops
+    while the row is longer than :data:`MAX_SPANS` (each keeping ``max(MIN_KEEP, next_pow2(candidates))`` keys
+    per chunk), then the sort and fill. Pure arithmetic (no device work): what :mod:`ltri_rag.kernels.precompile`
+    enumerates to compile every variant ahead of use."""
+    plan: list[Launch] = []
+    n, is_float = num_spans, True
+    if num_spans > MAX_SPANS:  # rounds of chunk tops until the candidates fit one program
+        keep = max(MIN_KEEP, next_pow2(candidates or 1))
+        chunk = max(CHUNK, 4 * keep)
+        while n > max(MAX_SPANS, keep):  # each round keeps fewer than it reads (chunk > keep)
+            parts = -(-n // chunk)
+            plan.append(Launch("chunk_top", n, parts, {"CHUNK": chunk, "KEEP": keep, "FLOAT": is_float,
+                                                       "num_warps": 8 if chunk <= 1024 else 16}))
+            n, is_float = parts * keep, False
+    block = max(128, next_pow2(n))  # few sizes to compile (4 from 128 to 1,024)
+    if num_warps is None:
+        num_warps = 4 if block <= 256 else (8 if block <= 1024 else 16)
+    plan.append(Launch("sort_fill", n, 1, {"BLOCK": block, "FLOAT": is_float, "num_warps": num_warps}))
+    return plan
+
+
+def launch_variants() -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(kernel, meta)`` pair :func:`launch_plan` gives for any row length and candidate count (with the
+    default warps), without repeats, largest blocks first: the variants Triton compiles once each. Row lengths
+    matter only through the rounds they take, so lengths around each power of two up to 2^31 cover them all (a test
+    checks this against random lengths)."""
+    lengths = set(range(1, 2 * MAX_SPANS + 1))
+    for k in range(11, 32):
+        lengths.update({(1 << k) - 1, 1 << k, (1 << k) + 1, 3 << (k - 1)})
+    seen: dict[tuple, tuple[str, dict[str, Any]]] = {}
+    for keep in sorted({MIN_KEEP, next_pow2(MAX_CANDIDATES)}):
+        for num_spans in sorted(length for length in lengths if length < 2 ** 31):
+            for step in launch_plan(num_spans, keep):
+                seen.setdefault((step.kernel, tuple(sorted(step.meta.items()))), (step.kernel, dict(step.meta)))
+    return sorted(seen.values(), key=lambda v: (-v[1].get("BLOCK", v[1].get("CHUNK")), v[0], str(v[1])))
     src, n, is_float = keys.contiguous(), num_spans, True
     if num_spans > MAX_SPANS:  # rounds of chunk tops until the candidates fit one program
         keep = max(MIN_KEEP, next_pow2(candidates))

@@ -306,7 +306,9 @@ def _rank_keys_host(
     return votes + torch.sigmoid(torch.from_numpy(np.ascontiguousarray(z))).numpy()
 
 
-_TAIL = 64  # ranked spans after the prefix that the greedy fill still tries
+FILL_TAIL = 64
+"""Ranked spans after the prefix that the greedy budget fill still tries."""
+_TAIL = FILL_TAIL
 
 FUSED_FILL = True
 """Whether span selection on CUDA runs its budget fill after the sort as one Triton launch
