@@ -130,18 +130,24 @@ class PrecompileJob:
             TimeoutError: ``timeout`` seconds passed first (the children keep running).
             RuntimeError: a child failed; the message names its variants and ends with its error output.
         """
-        from tqdm.auto import tqdm
-
         deadline = None if timeout is None else time.monotonic() + timeout
-        with tqdm(total=len(self.variants), desc="compiling selection kernels", unit="kernel",
-                  disable=not progress) as bar:
-            while not self.done():
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(self.variants) - self.compiled()} of {len(self.variants)} selection "
-                                       f"kernels still compiling after {timeout} s")
-                bar.update(self.compiled() - bar.n)
-                time.sleep(0.1)
-            bar.update(self.compiled() - bar.n)
+        shown = -1
+        while True:
+            finished, compiled = self.done(), self.compiled()
+            if progress and (compiled != shown or finished):  # a one-line bar on stderr (the kernels depend on torch only)
+                shown = compiled
+                filled = (20 * compiled) // max(1, len(self.variants))
+                sys.stderr.write(f"\rcompiling selection kernels [{'#' * filled}{'.' * (20 - filled)}] "
+                                 f"{compiled}/{len(self.variants)}" + ("\n" if finished else ""))
+                sys.stderr.flush()
+            if finished:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                if progress:
+                    sys.stderr.write("\n")
+                raise TimeoutError(f"{len(self.variants) - compiled} of {len(self.variants)} selection kernels "
+                                   f"still compiling after {timeout} s")
+            time.sleep(0.1)
         failed = [i for i, p in enumerate(self.processes) if p.returncode != 0]
         if failed:
             first, err = self.processes[failed[0]], ""

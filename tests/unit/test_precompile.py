@@ -64,11 +64,12 @@ def _job(tmp_path: Path, scripts: list[str]) -> precompile.PrecompileJob:
     return precompile.PrecompileJob([("k", {"i": i}) for i in range(len(scripts))], procs, markers, logs)
 
 
-def test_job_waits_and_counts_markers(tmp_path: Path) -> None:
+def test_job_waits_and_counts_markers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     job = _job(tmp_path, [f"import pathlib, time; time.sleep(0.3); pathlib.Path({str(tmp_path / f'marker{i}')!r})"
                           ".write_text('x')" for i in range(2)])
     assert job.wait(progress=True) >= 0.3
     assert job.done() and job.compiled() == 2
+    assert capsys.readouterr().err.endswith("[" + "#" * 20 + "] 2/2\n")
 
 
 def test_job_reports_a_failed_child_with_its_error_output(tmp_path: Path) -> None:
