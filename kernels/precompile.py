@@ -219,10 +219,13 @@ def precompile_sort_kernels(device: torch.device | str | int | None = None, *, t
 
 def start_in_background(device: torch.device, tail: int) -> PrecompileJob | None:
     """What a session calls on CUDA: start :func:`precompile_sort_kernels` without waiting, once per process and
-    device, unless ``LTRI_PRECOMPILE`` turns it off. Never raises: if the children cannot start, a warning says why
+    device, unless ``LTRI_PRECOMPILE`` turns it off (or the interpreter is embedded in a program not named python*,
+    whose executable could not run the children). Never raises: if the children cannot start, a warning says why
     and kernels compile on first use as before. Children still running when this process exits are stopped."""
     if device.type != "cuda" or not auto_enabled() or triton is None or interpreted():
         return None
+    if not Path(sys.executable).name.lower().startswith("python"):  # an embedding host (a server binary, say): its
+        return None  # executable would not run ``-m ltri_rag.kernels.precompile``; kernels compile on first use
     try:
         index = _device_index(device)
         if index in _JOBS:

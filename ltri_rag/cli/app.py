@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(read over its collection, as `ask --collection` would)")
     p.add_argument("-k", type=_positive_int, default=4, metavar="K", help="cited regions to mark (4)")
 
+    p = command("precompile", "compile span selection's sort kernels for this machine's GPU now (a session on "
+                "CUDA otherwise starts this in the background; LTRI_PRECOMPILE=0 turns that off)", model=False)
+    p.add_argument("--gpu", type=_non_negative_int, default=None, metavar="INDEX",
+                   help="CUDA device index (default: the current device)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="compiling processes (default: one per kernel, at most the CPU count minus one)")
+
     p = command("bench", "plot the benchmark results committed in the repository (benchmarks/results: quality "
                 "samples.jsonl -> accuracy vs length, end-to-end bench.json -> prefill and decode latency vs length) "
                 "into PNG files; it runs no benchmark", model=False)
@@ -212,10 +219,12 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace, Output], int]]:
     from ltri_rag.cli.bench import cmd_bench
     from ltri_rag.cli.demo import cmd_demo
     from ltri_rag.cli.inspection import cmd_inspect
+    from ltri_rag.cli.precompile import cmd_precompile
 
     return {"ingest": commands.cmd_ingest, "ask": commands.cmd_ask, "chat": commands.cmd_chat,
             "ls": commands.cmd_ls, "rm": commands.cmd_rm, "stats": commands.cmd_stats,
-            "verify": commands.cmd_verify, "demo": cmd_demo, "inspect": cmd_inspect, "bench": cmd_bench}
+            "verify": commands.cmd_verify, "demo": cmd_demo, "inspect": cmd_inspect, "bench": cmd_bench,
+            "precompile": cmd_precompile}
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ from tests.unit.tiny_models import tiny_model
 from tests.unit.tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("ingest", "ask", "chat", "ls", "rm", "stats", "verify", "demo", "inspect", "bench")
+COMMANDS = ("ingest", "ask", "chat", "ls", "rm", "stats", "verify", "demo", "inspect", "bench", "precompile")
 TINY_CONFIG = """\
 num_sink_tokens = 8
 local_window = 32
@@ -105,6 +105,8 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str
     (("ask", "q", "--config", "/nonexistent/ltri.toml"), "config file not found: /nonexistent/ltri.toml"),
     (("ls", "extra"), "unrecognized arguments: extra"),
     (("ls", "--model", "x"), "unrecognized arguments: --model x"),  # ls needs no model
+    (("precompile", "--workers", "0"), "argument --workers: expected a positive integer, got 0"),
+    (("precompile", "--gpu", "-1"), "argument --gpu: expected an integer >= 0"),
 ])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
     code, out, err = run(capsys, *argv)
@@ -343,3 +345,44 @@ def test_demo_answers_correctly_on_qwen(capsys: pytest.CaptureFixture[str]) -> N
                   f"{q['retrieve_s'] + q['answer_s']:.0f} s)")
     assert [q["correct"] for q in result["questions"]] == [True] * len(result["questions"]), result["questions"]
     assert result["correct"] == len(demo_questions())
+
+
+# ------------------------------------------------------------------------------------------------- precompile
+def test_precompile_without_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run(capsys, "precompile")
+    assert code == 1 and out == ""
+    assert "no CUDA device here" in err
+
+
+def test_precompile_reports_what_it_compiled(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    import torch
+
+    from ltri_rag.kernels import precompile
+
+    calls = []
+
+    class Job:
+        variants = [("sort_fill", {}), ("chunk_top", {})]
+        processes = [object()]
+
+    def fake(device, *, tail, workers, progress):
+        calls.append((device, tail, workers, progress))
+        return Job() if len(calls) == 1 else None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(precompile, "precompile_sort_kernels", fake)
+    monkeypatch.setattr(precompile, "cache_dir", lambda: tmp_path)
+    code, out, _ = run(capsys, "precompile", "--gpu", "1", "--workers", "3")
+    assert code == 0 and "compiled 2 selection kernels" in out and str(tmp_path) in out
+    code, out, _ = run(capsys, "precompile", "--json")
+    assert code == 0 and json.loads(out) == {"compiled": 0, "seconds": json.loads(out)["seconds"],
+                                             "cache_dir": str(tmp_path), "processes": 0}
+    assert calls == [(1, 64, 3, True), (None, 64, None, False)]
+    code, _, err = run(capsys, "precompile", "--gpu", "2")
+    assert code == 1 and "--gpu 2 is not a CUDA device here (there are 2)" in err

@@ -106,6 +106,10 @@ def test_nothing_starts_without_cuda_or_when_switched_off(monkeypatch: pytest.Mo
         assert precompile.start_in_background(torch.device("cuda", 0), 64) is None
     monkeypatch.setenv(precompile.ENV_SWITCH, "1")
     assert precompile.auto_enabled()
+    # an interpreter embedded in another program: its executable cannot run the children
+    monkeypatch.setattr(precompile.sys, "executable", "/usr/bin/uwsgi")
+    monkeypatch.setattr(precompile, "precompile_sort_kernels", lambda *a, **k: pytest.fail("started children"))
+    assert precompile.start_in_background(torch.device("cuda", 0), 64) is None
 
 
 def test_interpreter_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
