@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir  # before triton is imported
 
     import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("compile_profile needs a CUDA device (the CPU path compiles nothing)")
     import triton.compiler
 
     records: list[dict[str, Any]] = []
@@ -68,8 +71,6 @@ def main(argv: list[str] | None = None) -> None:
                             "seconds": time.perf_counter() - start, "at": time.perf_counter() - began})
 
     triton.compiler.compile = timed
-    if not torch.cuda.is_available():
-        raise SystemExit("compile_profile needs a CUDA device (the CPU path compiles nothing)")
     from transformers import AutoModelForCausalLM
 
     from benchmarks.e2e.models import BUILTIN_MODELS, _config_for
