@@ -134,11 +134,14 @@ class PrecompileJob:
         shown = -1
         while True:
             finished, compiled = self.done(), self.compiled()
-            if progress and (compiled != shown or finished):  # a one-line bar on stderr (the kernels depend on torch only)
+            if progress and compiled != shown:  # a one-line bar on stderr (the kernels depend on torch only)
                 shown = compiled
                 filled = (20 * compiled) // max(1, len(self.variants))
                 sys.stderr.write(f"\rcompiling selection kernels [{'#' * filled}{'.' * (20 - filled)}] "
-                                 f"{compiled}/{len(self.variants)}" + ("\n" if finished else ""))
+                                 f"{compiled}/{len(self.variants)}")
+            if progress and finished:
+                sys.stderr.write("\n")
+            if progress:
                 sys.stderr.flush()
             if finished:
                 break
