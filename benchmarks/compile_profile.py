@@ -8,7 +8,7 @@ keeps one), wraps ``triton.compiler.compile`` with a timer, then runs one short 
 :class:`ltri_rag.engine.LtriSession`: a prompt of ``--prompt`` tokens (long enough to evict, detect spans and
 retrieve) and ``--decode`` decoded tokens (captured decode steps included). The same request then runs again in the
 same process, everything compiled, for comparison. Each compile is recorded with its kernel name, compile-time
-settings and seconds; the table sums them per kernel. Whether the background compile of the selection sorts runs
+settings (constexprs), the arguments Triton specialised (``attrs``: divisibility by 16) and seconds; the table sums them per kernel. Whether the background compile of the selection sorts runs
 (:mod:`ltri_rag.kernels.precompile`) follows ``LTRI_PRECOMPILE`` as in any session. GPU only.
 
 Prints and writes ``bench.json`` / ``bench.md`` under ``--out``.
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             return original(src, *a, **kw)
         finally:
             records.append({"kernel": getattr(src, "name", type(src).__name__), "settings": _settings(src),
+                            "specialised": str(getattr(src, "attrs", ""))[:400],
                             "seconds": time.perf_counter() - start, "at": time.perf_counter() - began})
 
     triton.compiler.compile = timed
