@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
 def _precompile(workers: int | None) -> dict:
     """Run the ahead-of-use compile, timed, watching the device's free memory while its children run."""
     import torch
-
     from ltri_rag.kernels.precompile import precompile_sort_kernels
 
     torch.cuda.synchronize()

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from ltri_rag.kernels import triton_sort_fill
 from ltri_rag.kernels._triton_support import interpreted, triton
 
@@ -234,7 +233,7 @@ def start_in_background(device: torch.device, tail: int) -> PrecompileJob | None
         if index in _JOBS:
             return _JOBS[index]
         job = precompile_sort_kernels(index, tail=tail, wait=False, progress=False)
-    except Exception as exc:  # noqa: BLE001 - an optimisation: never fail a session over it
+    except Exception as exc:
         import warnings
 
         warnings.warn(f"could not start compiling the selection kernels ahead of use ({type(exc).__name__}: "
@@ -256,7 +255,7 @@ def _no_stream_lookup() -> None:
 
     try:
         driver.active.get_current_stream = lambda *args, **kwargs: 0
-    except Exception:  # noqa: BLE001 - another driver layout: compile as before, with the context
+    except Exception:
         pass
 
 

@@ -267,20 +267,3 @@ def launch_variants() -> list[tuple[str, dict[str, Any]]]:
             for step in launch_plan(num_spans, keep):
                 seen.setdefault((step.kernel, tuple(sorted(step.meta.items()))), (step.kernel, dict(step.meta)))
     return sorted(seen.values(), key=lambda v: (-v[1].get("BLOCK", v[1].get("CHUNK")), v[0], str(v[1])))
-    src, n, is_float = keys.contiguous(), num_spans, True
-    if num_spans > MAX_SPANS:  # rounds of chunk tops until the candidates fit one program
-        keep = max(MIN_KEEP, next_pow2(candidates))
-        chunk = max(CHUNK, 4 * keep)
-        while n > max(MAX_SPANS, keep):  # each round keeps fewer than it reads (chunk > keep)
-            parts = triton.cdiv(n, chunk)
-            dst = torch.empty(rows, parts * keep, dtype=torch.int64, device=keys.device)
-            _chunk_top_kernel[(rows, parts)](src, dst, n, src.stride(0), dst.stride(0), CHUNK=chunk, KEEP=keep,
-                                             FLOAT=is_float, num_warps=8 if chunk <= 1024 else 16)
-            src, n, is_float = dst, parts * keep, False
-    block = max(128, next_pow2(n))  # few sizes to compile (4 from 128 to 1,024)
-    scratch = torch.empty(rows, 2 * block, dtype=torch.int64, device=keys.device)
-    if num_warps is None:
-        num_warps = 4 if block <= 256 else (8 if block <= 1024 else 16)
-    _sort_fill_kernel[(rows,)](src, lengths.contiguous(), out.view(torch.int8), scratch, n, src.stride(0),
-                               num_spans, int(budget), BLOCK=block, TAIL=tail, FLOAT=is_float, num_warps=num_warps)
-    return out

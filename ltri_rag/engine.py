@@ -12,11 +12,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ltri_rag import retrieval
 from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.decode_graph import DecodeGraph, graph_unsupported, warn_disabled
 from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
-from ltri_rag import retrieval
 from ltri_rag.kernels.precompile import start_in_background
 from ltri_rag.kernels.transfer import to_device
 

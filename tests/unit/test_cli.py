@@ -361,7 +361,6 @@ def test_precompile_without_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[
 def test_precompile_reports_what_it_compiled(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     import torch
-
     from ltri_rag.kernels import precompile
 
     calls = []

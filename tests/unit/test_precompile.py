@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ltri_rag.kernels import precompile, triton_sort_fill  # noqa: E402
+from ltri_rag.kernels import precompile, triton_sort_fill
 
 
 def _key(step: triton_sort_fill.Launch) -> tuple:
