@@ -21,6 +21,7 @@ Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -39,6 +40,9 @@ SHAPES = {  # name: (num_heads, num_kv_heads, head_dim, num_spans, q_len)
 }
 # a decoded token's scoring at Llama-3-8B heads over the span counts of 128K-2M-token memories (32 layers)
 LLAMA8B_DECODE = {f"llama3-8b S={spans} q=1": (32, 8, 128, spans, 1) for spans in (4000, 16000, 32000, 64000)}
+# a prompt chunk's scoring at Llama-3-8B heads: the engine scores 256 of a chunk's queries (score_queries), over the
+# span counts of 128K-1M-token memories (32 layers)
+LLAMA8B_PREFILL = {f"llama3-8b S={spans} q=256": (32, 8, 128, spans, 256) for spans in (2000, 16000)}
 SMALL = {"tiny S=40 q=16": (4, 2, 32, 40, 16), "tiny S=40 q=1": (4, 2, 32, 40, 1)}
 MIN_WIDTH, MAX_WIDTH = 4, 8
 
@@ -91,11 +95,21 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                                 lambda k=kept, b=block_s, w=warps, st=stages: triton_fn(
                                     queries, vectors, owner, num_spans, scaling, layout=k, block_s=b, num_warps=w,
                                     num_stages=st))
+        if q_len > 1 and sweep:  # the chunk kernels' launch settings (block_sizes' CUDA values were never timed)
+            for block_m, block_s, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+                backends[f"triton, m{block_m} s{block_s} w{warps} st{stages}"] = (
+                    lambda bm=block_m, b=block_s, w=warps, st=stages: triton_fn(
+                        queries, vectors, owner, num_spans, scaling, layout=layout, block_m=bm, block_s=b,
+                        num_warps=w, num_stages=st))
     ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
     rows = []
     for backend, fn in backends.items():
-        ms = _time(fn, reps, device.type == "cuda")
-        got = fn()
+        try:
+            ms = _time(fn, reps, device.type == "cuda")
+            got = fn()
+        except Exception as error:  # noqa: BLE001 - a launch setting that does not compile is a result
+            print(f"{name:28s} {backend:15s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+            continue
         row = {"shape": name, "backend": backend, "ms": ms, "tflops": flops / ms / 1e9, "dtype": str(dtype),
                "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "num_spans": num_spans,
                "q_len": q_len, "num_vectors": int(owner.numel()),
@@ -127,20 +141,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
     parser.add_argument("--sweep", action="store_true",
                         help="one-query shapes: also every launch setting (block_s 64/128/256 x 4/8 warps x 2-4 "
-                             "stages) of the decode kernel, bf16 and int8 layouts")
-    parser.add_argument("--shapes", choices=("qwen", "llama8b-decode"), default="qwen",
+                             "stages) of the decode kernel, bf16 and int8 layouts; chunk shapes: block_m 64/128 x "
+                             "block_s 32/64/128 x 4/8 warps x 2/3 stages of the two chunk kernels (bf16)")
+    parser.add_argument("--shapes", choices=("qwen", "llama8b-decode", "llama8b-prefill"), default="qwen",
                         help="qwen: Qwen2.5-0.5B heads, chunks and decode at 1K-16K spans (default); llama8b-decode: "
-                             "one decoded token at Llama-3-8B heads, 4K-64K spans")
+                             "one decoded token at Llama-3-8B heads, 4K-64K spans; llama8b-prefill: a prompt "
+                             "chunk's 256 scored queries at Llama-3-8B heads, 2K and 16K spans")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    shapes = SMALL if args.small else LLAMA8B_DECODE if args.shapes == "llama8b-decode" else SHAPES
+    shapes = SMALL if args.small else {"llama8b-decode": LLAMA8B_DECODE, "llama8b-prefill": LLAMA8B_PREFILL}.get(
+        args.shapes, SHAPES)
     for name, shape in shapes.items():
         rows += bench_shape(name, shape, device, dtype, args.reps, args.sweep)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "widths": [MIN_WIDTH, MAX_WIDTH],
-            "layers": 32 if shapes is LLAMA8B_DECODE else LAYERS,
+            "layers": 32 if shapes in (LLAMA8B_DECODE, LLAMA8B_PREFILL) else LAYERS,
             "command": " ".join(["python -m benchmarks.bench_span_scoring",
                                  *(argv if argv is not None else sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
