@@ -37,8 +37,8 @@ import torch
 from ltri_rag.kernels import triton_sort_fill
 from ltri_rag.kernels._triton_support import interpreted, triton
 
-__all__ = ["ENV_SWITCH", "PrecompileJob", "auto_enabled", "pending_variants", "precompile_sort_kernels",
-           "start_in_background"]
+__all__ = ["ENV_SWITCH", "PrecompileJob", "auto_enabled", "cache_dir", "pending_variants", "precompile_sort_kernels",
+           "start_in_background", "variant_key"]
 
 ENV_SWITCH = "LTRI_PRECOMPILE"
 """Environment variable that turns the automatic background compile off (``0``, ``off``, ``false``, ``no``)."""
