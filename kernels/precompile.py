@@ -23,6 +23,8 @@ time instead (a container build, a service's start-up), call :func:`precompile_s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -78,12 +80,17 @@ def _capability(index: int) -> str:
     return f"{major}{minor}"
 
 
+@functools.cache
+def _source_digest() -> str:
+    """sha256 of the sort kernels' module source (read once per process)."""
+    return hashlib.sha256(Path(triton_sort_fill.__file__).read_bytes()).hexdigest()
+
+
 def variant_key(variant: Variant, tail: int, capability: str) -> str:
     """Marker name of one compiled variant: a digest of the Triton version, the compute capability, the kernel
     module's source and the variant's settings (any change to these compiles it again)."""
     digest = hashlib.sha256()
-    digest.update(f"{triton.__version__}|{capability}|{tail}|".encode())
-    digest.update(Path(triton_sort_fill.__file__).read_bytes())
+    digest.update(f"{triton.__version__}|{capability}|{tail}|{_source_digest()}|".encode())
     digest.update(json.dumps(variant, sort_keys=True).encode())
     return f"{variant[0]}-{digest.hexdigest()[:24]}"
 
@@ -253,10 +260,10 @@ def _no_stream_lookup() -> None:
     device memory per child (measured on an H200), held while the session's own process sizes its pools."""
     from triton.runtime.driver import driver
 
-    try:
+    # a driver object that refuses the attribute (another Triton layout) keeps its lookup: the child then compiles
+    # the same kernels, holding a context while it runs
+    with contextlib.suppress(AttributeError, TypeError):
         driver.active.get_current_stream = lambda *args, **kwargs: 0
-    except Exception:
-        pass
 
 
 def _compile(variants: list[Variant], tail: int, index: int) -> None:

@@ -28,11 +28,12 @@ def cmd_precompile(args: argparse.Namespace, out: Output) -> int:
     job = precompile_sort_kernels(args.gpu, tail=FILL_TAIL, workers=args.workers, progress=not args.json)
     seconds = time.perf_counter() - start
     compiled = 0 if job is None else len(job.variants)
-    out.json({"compiled": compiled, "seconds": round(seconds, 3), "cache_dir": str(cache_dir()),
+    where = cache_dir()
+    out.json({"compiled": compiled, "seconds": round(seconds, 3), "cache_dir": str(where),
               "processes": 0 if job is None else len(job.processes)})
     if job is None:
-        out.text(f"nothing to compile: every selection kernel is in {cache_dir()} already")
+        out.text(f"nothing to compile: every selection kernel is in {where} already")
     else:
         out.text(f"compiled {compiled} selection kernels in {seconds:.1f} s over {len(job.processes)} processes "
-                 f"into {cache_dir()}")
+                 f"into {where}")
     return 0
