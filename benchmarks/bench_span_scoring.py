@@ -11,8 +11,11 @@ the engine's span tables do) and rebuilt on every call (``+ layout`` rows: ``spa
 ``int8`` rows read a layout of int8 codes with a scale per vector and KV head (``LtriConfig.index_precision=
 "int8"``: half the bytes); their errors against the float32 reference include the quantisation's.
 TFLOP/s counts one
-score matrix, ``2 * H * q_len * num_vectors_padded * D`` (the Triton kernels compute it twice, the torch path once
-but writes it to memory). ``x layers`` is the time of one call times the model's 24 layers.
+score matrix, ``2 * H * q_len * num_vectors_padded * D``. For a chunk the Triton kernels compute it once and keep
+the float32 scores in a buffer (``score_buffer``, 256 MiB by default; ``32 MiB slabs`` rows: a smaller one, the
+queries in more slabs); ``recomputed`` rows compute it twice and keep nothing (``score_buffer=0``, the kernels before
+session 29). The torch path computes it once but writes it to memory. ``x layers`` is the time of one call times
+the model's layers.
 
 Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
 ``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
@@ -95,6 +98,11 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                                 lambda k=kept, b=block_s, w=warps, st=stages: triton_fn(
                                     queries, vectors, owner, num_spans, scaling, layout=k, block_s=b, num_warps=w,
                                     num_stages=st))
+        if q_len > 1:  # a chunk's scores stored once (the default) against recomputed, and in smaller slabs
+            backends["triton, recomputed"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling,
+                                                               layout=layout, score_buffer=0)
+            backends["triton, 32 MiB slabs"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling,
+                                                                 layout=layout, score_buffer=32 << 20)
         if q_len > 1 and sweep:  # the chunk kernels' launch settings (block_sizes' CUDA values were never timed)
             for block_m, block_s, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
                 backends[f"triton, m{block_m} s{block_s} w{warps} st{stages}"] = (

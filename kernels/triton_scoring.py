@@ -18,19 +18,20 @@ loads serves the whole group: ``BLOCK_M = G_P * BLOCK_Q`` rows, ordered head-maj
 (the padded heads are masked; G = 7 wastes 1/8 of the rows). Head-major rows make the sum over a block's queries
 a reduction over the middle axis of ``[G_P, BLOCK_Q, BLOCK_S]``.
 
-Two kernels, no atomics, deterministic:
+A chunk (``Lq > 1``), no atomics, deterministic:
 
-* **Row statistics** (``_span_stats_kernel``), grid ``(cdiv(Lq, BLOCK_Q), Hkv, span_splits)``: each program runs
-  the online max / sum-exp (base 2, float32) of its rows over its share of the spans and writes ``(m, l)`` per
-  row; torch combines the shares into ``lse`` per ``(head, query)`` (a few ``[splits, H, Lq]`` operations).
-  Splitting the spans keeps the GPU busy when there are few queries (decode: ``Lq = 1``).
-* **Span mass** (``_span_mass_kernel``), grid ``(cdiv(S, BLOCK_S), Hkv, query_splits)``: each program owns a tile
-  of spans, walks the query blocks of its share, recomputes the span scores and sums
-  ``exp(s - lse)`` over the queries into a ``[G_P, BLOCK_S]`` accumulator, written once per (split, head, span)
-  into ``[query_splits, H, S]``; torch sums the splits and divides by ``Lq``.
-
-Every score is thus computed twice (as in the two passes of the torch path: one for the normaliser, one for the
-probabilities), and each span column is written by one program per query split.
+* **Row statistics** (``_span_stats_kernel``), grid ``(cdiv(Lq, BLOCK_Q), Hkv, span_splits)``: the online max /
+  sum-exp (base 2, float32) of a program's rows over its share of the spans, ``(m, l)`` per row, combined by torch
+  into ``lse`` per ``(head, query)``. Splitting the spans keeps the GPU busy when there are few queries. With
+  ``STORE`` it also writes the row's base-2 scores into a ``[H, Lq', S]`` float32 buffer.
+* **Span mass from the stored scores** (``_span_mass_stored_kernel``, the default), grid ``(cdiv(S, BLOCK_S), H)``:
+  sums ``exp2(s - lse)`` over the queries. Every score is computed once; reading 4 bytes of it back costs far less
+  than the ``width`` dot products that made it. The queries go in slabs of ``Lq'`` so the buffer stays within
+  ``score_buffer`` bytes (a softmax row needs only its own query's scores), each slab's mass added to the last.
+* **Span mass recomputed** (``_span_mass_kernel``, ``score_buffer=0``), grid ``(cdiv(S, BLOCK_S), Hkv,
+  query_splits)``: each program recomputes its tile of spans' scores over its share of the queries into a
+  ``[G_P, BLOCK_S]`` accumulator, written into ``[query_splits, H, S]`` and summed by torch: every score is
+  computed twice (as in the torch path's two passes), nothing is stored.
 
 A decoded token (``Lq = 1``) takes a third kernel instead (``_span_decode_scores_kernel``), grid
 ``(cdiv(S, BLOCK_S), Hkv)``: the group's heads are the rows (padded to the 16 of ``tl.dot``), each program writes
@@ -48,17 +49,15 @@ by them), converted in registers to the queries' dtype (exact: codes are at most
 like 16-bit vectors, and each score column is then multiplied by its vector's scale in float32 (``SCALED``).
 ``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
 
-Block sizes come from :func:`block_sizes`: small ones under the Triton interpreter (``TRITON_INTERPRET=1``, CPU
-tensors), untuned defaults on CUDA. ``TRITON_INTERPRET`` is read when this module is imported (Triton decides then
-how to build the kernels): set it before the import.
+Block sizes come from :func:`block_sizes` (small ones under the Triton interpreter, ``TRITON_INTERPRET=1``, read
+when this module is imported: set it before the import).
 """
 
 from __future__ import annotations
 
 import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
-                                              multiprocessors as _multiprocessors,
-                                              pow2_block as _pow2_block)
+                                              multiprocessors as _multiprocessors, pow2_block as _pow2_block)
 from ltri_rag.kernels.scoring import (SpanLayout, _check_span_inputs, _from_layout, _resolve_layout, has_scales,
                                       span_probabilities)
 
@@ -75,6 +74,11 @@ stages) 0.094 vs 0.117 ms at 4K spans, 0.165 vs 0.192 at 16K, 0.233 vs 0.246 at 
 int8 layouts 0.143 / 0.199 / 0.299 ms at 16K / 32K / 64K. Heads of at most 128 dimensions (larger ones keep
 :func:`block_sizes`'). None (or 0): the previous choice."""
 _ONE_QUERY_WIDE_FROM = 16384  # (ONE_QUERY_LAUNCH None) spans from which tiles of 128 spans are taken (64 below)
+SCORE_BUFFER_BYTES = 256 * 2 ** 20
+"""Default bytes of the float32 score buffer of a chunk's scoring (``score_buffer`` of
+:func:`span_probabilities_triton`): queries are taken in slabs whose ``[H, slab, S]`` scores fit in it (at least one
+row block, whatever the budget). 0 computes every score twice instead, with no buffer."""
+_MASS_TILE = (16, 256, 4)  # (queries, spans, warps) of a _span_mass_stored_kernel tile on CUDA
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
@@ -165,12 +169,12 @@ if triton is not None:
         return best
 
     @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "spans_per_split"))
-    def _span_stats_kernel(Q, Vec, Scale, Valid, M, L,
+    def _span_stats_kernel(Q, Vec, Scale, Valid, M, L, Scores,
                            stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd, stride_sn, stride_sh,
                            num_heads, q_len, num_spans, width, spans_per_split, qk_scale,
                            GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -185,6 +189,11 @@ if triton is not None:
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
                                   stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
+            if STORE:  # the scores, for _span_mass_stored_kernel: [H, q_len, S] float32 (base 2)
+                span = s0 + tl.arange(0, BLOCK_S)
+                row = (head.to(tl.int64) * q_len + qi) * num_spans
+                tl.store(Scores + row[:, None] + span[None, :], s,
+                         mask=row_ok[:, None] & (span[None, :] < num_spans))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no span with a vector yet: mass stays 0
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.reduce(tl.exp2(s - m_safe[:, None]), 1, _sum_combine)
@@ -223,6 +232,27 @@ if triton is not None:
         tl.store(Out + out_row[:, None] + span[None, :], acc,
                  mask=(g[:, None] < GROUP) & (span[None, :] < num_spans))
 
+    @triton.jit(do_not_specialize=("q_len", "num_spans"))
+    def _span_mass_stored_kernel(Scores, Lse, Out, q_len, num_spans,
+                                 BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """``Out[h, s] (+)= sum_q exp2(Scores[h, q, s] - Lse[h, q])`` for a tile of ``BLOCK_S`` spans of head ``h``
+        (``ACCUMULATE``: added to what ``Out`` holds, the earlier query slabs' mass)."""
+        pid_s = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        span = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        span_ok = span < num_spans
+        acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for q0 in range(0, q_len, BLOCK_Q):
+            qi = q0 + tl.arange(0, BLOCK_Q)
+            q_ok = qi < q_len
+            lse = tl.load(Lse + head * q_len + qi, mask=q_ok, other=0.0)
+            s = tl.load(Scores + (head * q_len + qi)[:, None] * num_spans + span[None, :],
+                        mask=q_ok[:, None] & span_ok[None, :], other=0.0)
+            p = tl.where(q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            acc += tl.reduce(p, 0, _sum_combine)
+        if ACCUMULATE:
+            acc += tl.load(Out + head * num_spans + span, mask=span_ok, other=0.0)
+        tl.store(Out + head * num_spans + span, acc, mask=span_ok)
 
     @triton.jit(do_not_specialize=("num_spans", "width"))
     def _span_decode_scores_kernel(Q, Vec, Scale, Valid, Out,
@@ -298,6 +328,7 @@ def span_probabilities_triton(
     layout: SpanLayout | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    score_buffer: int | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`ltri_rag.kernels.scoring.span_probabilities`; same arguments and result.
 
@@ -313,11 +344,14 @@ def span_probabilities_triton(
         block_s: Spans per tile (power of two >= 16); None = :func:`block_sizes`.
         span_splits: Programs sharing the spans of one row block in the statistics pass (None: enough to fill a
             GPU, 1 off CUDA).
-        query_splits: Programs sharing the queries of one span tile in the probability pass (None: likewise).
+        query_splits: Programs sharing the queries of one span tile in the recomputing probability pass
+            (``score_buffer=0``; None: likewise).
         layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one (then
             ``vectors`` and ``owner`` may be None).
         num_warps, num_stages: Launch settings of the one-query kernel (``q_len == 1``; None: those of
             ``ONE_QUERY_LAUNCH``, or :func:`block_sizes`' where it does not apply), for sweeps.
+        score_buffer: Bytes of float32 scores a chunk (``q_len > 1``) may keep between its two passes (None:
+            ``SCORE_BUFFER_BYTES``); 0 recomputes them instead.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -325,14 +359,19 @@ def span_probabilities_triton(
 
     Raises:
         RuntimeError: triton is not installed.
-        ValueError: inconsistent shapes or devices, or tensors the kernels cannot run on.
+        ValueError: inconsistent shapes or devices, tensors the kernels cannot run on, or a negative
+            ``score_buffer``.
     """
     if triton is None:
         raise RuntimeError("triton is not installed: use ltri_rag.kernels.scoring.span_probabilities instead")
     vectors, owner = _from_layout(vectors, owner, layout)
     group = _check_span_inputs(queries, vectors, owner, num_spans)
     num_heads, q_len, head_dim = queries.shape
-    num_kv_heads = vectors.shape[1]
+    score_buffer = SCORE_BUFFER_BYTES if score_buffer is None else score_buffer
+    if score_buffer < 0:
+        raise ValueError(f"score_buffer must be >= 0 bytes, got {score_buffer}")
+    if query_splits is not None and query_splits < 1:  # read by the recomputing pass only: checked for all
+        raise ValueError(f"query_splits must be >= 1, got {query_splits}")
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the triton kernels")
     device = queries.device
@@ -358,36 +397,75 @@ def span_probabilities_triton(
     block_m = group_p * block_q
     block_d = max(16, triton.next_power_of_2(head_dim))
     qk_scale = float(scaling) * _LOG2E
-    num_qblocks = triton.cdiv(q_len, block_q)
-    num_sblocks = triton.cdiv(num_spans, block_s)
     common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
               "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scaled,
               "num_warps": num_warps, "num_stages": num_stages}
-    strides = (*queries.stride(), *padded.stride(), *scale.stride())
 
-    # pass 1: (max, sum-exp) of every (head, query) row over each share of the spans, combined into lse (base 2)
+    if score_buffer == 0:
+        return _two_pass(queries, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, group_p,
+                         span_splits, query_splits, common) / q_len
+    # queries in slabs whose [H, slab, S] float32 scores fit the buffer (at least one row block)
+    slab = max(block_q, score_buffer // (4 * num_heads * num_spans) // block_q * block_q)
+    slab = min(slab, q_len)
+    scores = torch.empty(num_heads, slab, num_spans, dtype=torch.float32, device=device)
+    out = torch.empty(num_heads, num_spans, dtype=torch.float32, device=device)
+    mass_q, mass_s, mass_warps = _MASS_TILE if device.type == "cuda" else (4, 32, 1)
+    for q_lo in range(0, q_len, slab):
+        part = queries[:, q_lo:q_lo + slab]
+        lse = _row_lse(part, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits,
+                       common, scores=scores)
+        _span_mass_stored_kernel[(triton.cdiv(num_spans, mass_s), num_heads)](
+            scores, lse, out, part.shape[1], num_spans, BLOCK_Q=mass_q, BLOCK_S=mass_s, ACCUMULATE=q_lo > 0,
+            num_warps=mass_warps)
+    return out / q_len
+
+
+def _row_lse(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+             num_spans: int, width: int, qk_scale: float, block_q: int, block_s: int, span_splits: int | None,
+             common: dict, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """``[H, Lq]`` base-2 log-sum-exp of every (head, query) row's span scores (``_span_stats_kernel`` over shares
+    of the spans, combined here; ``-inf`` for a row with no vector at all). ``scores``: a ``[H, >= Lq, S]``
+    float32 buffer that also receives the scores (its first ``Lq`` queries)."""
+    num_heads, q_len, _ = queries.shape
+    num_kv_heads = padded.shape[1]
+    device = queries.device
+    num_qblocks = triton.cdiv(q_len, block_q)
+    num_sblocks = triton.cdiv(num_spans, block_s)
     splits = _num_splits(span_splits, "span_splits", num_sblocks, num_qblocks * num_kv_heads, device)
     spans_per_split = triton.cdiv(num_sblocks, splits) * block_s
     splits = triton.cdiv(num_spans, spans_per_split)
     m = torch.empty(splits, num_heads, q_len, dtype=torch.float32, device=device)
     l_ = torch.empty_like(m)
     _span_stats_kernel[(num_qblocks, num_kv_heads, splits)](
-        queries, padded, scale, valid, m, l_, *strides,
-        num_heads, q_len, num_spans, width, spans_per_split, qk_scale, **common)
+        queries, padded, scale, valid, m, l_, m if scores is None else scores,
+        *queries.stride(), *padded.stride(), *scale.stride(),
+        num_heads, q_len, num_spans, width, spans_per_split, qk_scale, STORE=scores is not None, **common)
+    if splits == 1:
+        return torch.where(torch.isneginf(m[0]), m[0], m[0] + torch.log2(l_[0]))
     m_max = m.amax(dim=0)
     m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
-    lse = (m_safe + torch.log2((l_ * torch.exp2(m - m_safe)).sum(dim=0))).contiguous()  # -inf: no vector at all
+    return (m_safe + torch.log2((l_ * torch.exp2(m - m_safe)).sum(dim=0))).contiguous()  # -inf: no vector at all
 
-    # pass 2: sum over each share of the queries of exp(s - lse), per (head, span)
+
+def _two_pass(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+              num_spans: int, width: int, qk_scale: float, block_q: int, block_s: int, group_p: int,
+              span_splits: int | None, query_splits: int | None, common: dict) -> torch.Tensor:
+    """``[H, S]`` mass summed over the queries with every score computed twice and nothing stored: the row
+    statistics, then ``_span_mass_kernel`` recomputing the scores per tile of spans over shares of the queries."""
+    num_heads, q_len, _ = queries.shape
+    num_kv_heads = padded.shape[1]
+    device = queries.device
+    lse = _row_lse(queries, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits, common)
+    num_qblocks = triton.cdiv(q_len, block_q)
+    num_sblocks = triton.cdiv(num_spans, block_s)
     splits = _num_splits(query_splits, "query_splits", num_qblocks, num_sblocks * num_kv_heads, device)
     queries_per_split = triton.cdiv(num_qblocks, splits) * block_q
     splits = triton.cdiv(q_len, queries_per_split)
     out = torch.empty(splits, num_heads, num_spans, dtype=torch.float32, device=device)
     _span_mass_kernel[(num_sblocks, num_kv_heads, splits)](
-        queries, padded, scale, valid, lse, out, *strides,
+        queries, padded, scale, valid, lse, out, *queries.stride(), *padded.stride(), *scale.stride(),
         num_heads, q_len, num_spans, width, queries_per_split, qk_scale, GROUP_P=group_p, **common)
-    total = out[0] if splits == 1 else out.sum(dim=0)
-    return total / q_len
+    return out[0] if splits == 1 else out.sum(dim=0)
 
 
 def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor,

@@ -87,6 +87,28 @@ def test_splits_and_blocks_agree() -> None:
         torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], (32, 8, 128, 16000, 4, 8, 256)],
+                         ids=["qwen-chunk", "llama-chunk", "llama-chunk-16k-spans"])
+def test_stored_scores_slabs_and_recomputed_agree(case) -> None:
+    """A chunk's scores stored once (the default buffer), in slabs of a small buffer (launches in sequence, each
+    slab's mass added to the last) and recomputed (``score_buffer=0``): bf16 kept layouts, the float32 reference."""
+    from ltri_rag.kernels.scoring import span_layout, span_probabilities
+
+    span_probabilities_triton = _kernel()
+    queries, vectors, owner = _inputs(*case, seed=4)
+    queries, vectors, num_spans = queries.bfloat16(), vectors.bfloat16(), case[3]
+    layout = span_layout(vectors, owner, num_spans, dtype=torch.bfloat16)
+    scaling = case[2] ** -0.5
+    ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
+    base = span_probabilities_triton(queries, vectors, owner, num_spans, scaling, layout=layout)
+    torch.testing.assert_close(base, ref, atol=1e-5, rtol=1e-4)
+    one_query = 4 * case[0] * num_spans  # bytes of one query's scores over all heads
+    for score_buffer in (0, 1, 100 * one_query):
+        got = span_probabilities_triton(queries, vectors, owner, num_spans, scaling, layout=layout,
+                                        score_buffer=score_buffer)
+        torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["qwen-decode", "llama-chunk", "g7-decode"])
 def test_torch_path_multiplies_half_layouts_without_a_float32_copy(case, dtype) -> None:

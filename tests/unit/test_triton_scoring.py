@@ -114,12 +114,49 @@ def test_one_query_reads_a_kept_layout_and_skips_the_two_passes(monkeypatch) -> 
 
 def test_small_blocks_and_splits() -> None:
     """Rows that split the group (block_m 16, G=7: 2 queries a block), several span tiles per split, and both
-    passes split (span shares combined by logsumexp, query shares summed)."""
+    passes split (span shares combined by logsumexp, query shares summed), scores stored or recomputed."""
     counts = _counts(50, 3, empty_every=6)
     queries, vectors, owner = _inputs(7, 1, 9, 32, counts, seed=1)
     for span_splits, query_splits in [(1, 1), (2, 3), (100, 100)]:
-        _check(queries, vectors, owner, 50, 0.25, block_m=16, block_s=16, span_splits=span_splits,
-               query_splits=query_splits)
+        for score_buffer in (None, 0):
+            _check(queries, vectors, owner, 50, 0.25, block_m=16, block_s=16, span_splits=span_splits,
+                   query_splits=query_splits, score_buffer=score_buffer)
+
+
+class _Counting:
+    """Stands in for a kernel: counts its launches and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=["g2", "g7", "g2-one-kv"])
+def test_stored_scores_in_slabs_equal_recomputed(case, monkeypatch) -> None:
+    """A chunk's scores stored once and read back (the default) give the reference, as do slabs of the queries
+    when the buffer is small (each slab's mass added to the last: slabs not dividing ``q_len``) and the
+    recomputing path (``score_buffer=0``, no mass-from-scores launch)."""
+    num_heads, num_kv_heads, q_len, head_dim, num_spans, width, empty_every = case
+    counts = _counts(num_spans, width, seed=11, empty_every=empty_every)
+    queries, vectors, owner = _inputs(num_heads, num_kv_heads, q_len, head_dim, counts, seed=11)
+    block_q = 16 // min(triton_scoring.triton.next_power_of_2(num_heads // num_kv_heads), 16)
+    row_bytes = 4 * num_heads * num_spans  # one query's scores, all heads
+    results = {}
+    cases = [(None, 1), (1, -(-q_len // block_q)), (3 * block_q * row_bytes, -(-q_len // (3 * block_q))), (0, 0)]
+    for score_buffer, slabs in cases:  # (budget, stored-score launches; 0: the recomputing path)
+        stored = _Counting(triton_scoring._span_mass_stored_kernel)
+        recomputed = _Counting(triton_scoring._span_mass_kernel)
+        monkeypatch.setattr(triton_scoring, "_span_mass_stored_kernel", stored)
+        monkeypatch.setattr(triton_scoring, "_span_mass_kernel", recomputed)
+        results[score_buffer] = _check(queries, vectors, owner, num_spans, 0.3, block_m=16, block_s=16,
+                                       score_buffer=score_buffer)
+        assert (stored.launches, recomputed.launches) == ((slabs, 0) if slabs else (0, 1)), score_buffer
+        monkeypatch.undo()
+    for got in results.values():
+        torch.testing.assert_close(got, results[None], atol=1e-6, rtol=0)
 
 
 def test_peaked_scores_and_negative_scaling() -> None:
@@ -156,8 +193,10 @@ def test_empty_shapes_and_spans_without_vectors() -> None:
     none = span_probabilities_triton(queries, vectors[:0], owner[:0], 0, 0.5)
     assert none.shape == (4, 0) and none.dtype == torch.float32
     # spans but not a single vector: every score is -inf, the softmax undefined (NaN), as in the reference
-    got = span_probabilities_triton(queries, vectors[:0], owner[:0], 3, 0.5)
-    torch.testing.assert_close(got, span_probabilities(queries, vectors[:0], owner[:0], 3, 0.5), equal_nan=True)
+    for score_buffer in (None, 0):  # scores stored or recomputed
+        got = span_probabilities_triton(queries, vectors[:0], owner[:0], 3, 0.5, score_buffer=score_buffer)
+        torch.testing.assert_close(got, span_probabilities(queries, vectors[:0], owner[:0], 3, 0.5),
+                                   equal_nan=True)
     # the last spans have no vectors
     got = _check(queries, vectors, owner, 5, 0.5)
     assert (got[:, 2:] == 0).all()
@@ -225,6 +264,10 @@ def test_bad_inputs_raise() -> None:
         span_probabilities_triton(queries, vectors, owner, 3, 1.0, block_s=8)
     with pytest.raises(ValueError, match="span_splits must be >= 1, got 0"):
         span_probabilities_triton(queries, vectors, owner, 3, 1.0, span_splits=0)
+    with pytest.raises(ValueError, match="query_splits must be >= 1, got 0"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, query_splits=0)
+    with pytest.raises(ValueError, match="score_buffer must be >= 0 bytes, got -1"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, score_buffer=-1)
     with pytest.raises(ValueError, match="head_dim 512"):
         big_q, big_v, big_o = _inputs(2, 1, 1, 512, [1], seed=8)
         span_probabilities_triton(big_q, big_v, big_o, 1, 1.0)
