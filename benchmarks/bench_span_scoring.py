@@ -103,7 +103,7 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                                                                layout=layout, score_buffer=0)
             backends["triton, 32 MiB slabs"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling,
                                                                  layout=layout, score_buffer=32 << 20)
-        if q_len > 1 and sweep:  # the chunk kernels' launch settings (block_sizes' CUDA values were never timed)
+        if q_len > 1 and sweep:  # the chunk kernels' launch settings (honoured since session 29)
             for block_m, block_s, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
                 backends[f"triton, m{block_m} s{block_s} w{warps} st{stages}"] = (
                     lambda bm=block_m, b=block_s, w=warps, st=stages: triton_fn(

@@ -49,8 +49,8 @@ by them), converted in registers to the queries' dtype (exact: codes are at most
 like 16-bit vectors, and each score column is then multiplied by its vector's scale in float32 (``SCALED``).
 ``head_dim`` may be any size up to 256 (padded to a power of two >= 16 in registers, masked loads).
 
-Block sizes come from :func:`block_sizes` (small ones under the Triton interpreter, ``TRITON_INTERPRET=1``, read
-when this module is imported: set it before the import).
+Launch settings come from :mod:`ltri_rag.kernels.scoring_launch` (small blocks under the Triton interpreter,
+``TRITON_INTERPRET=1``, read when this module is imported: set it before the import).
 """
 
 from __future__ import annotations
@@ -58,56 +58,20 @@ from __future__ import annotations
 import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
                                               multiprocessors as _multiprocessors, pow2_block as _pow2_block)
+from ltri_rag.kernels import scoring_launch as _launch
 from ltri_rag.kernels.scoring import (SpanLayout, _check_span_inputs, _from_layout, _resolve_layout, has_scales,
                                       span_probabilities)
+from ltri_rag.kernels.scoring_launch import block_sizes
 
 __all__ = ["block_sizes", "span_probabilities_triton", "triton_available"]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _HALF = (torch.float16, torch.bfloat16)
-ONE_QUERY_LAUNCH = (128, 4, 3)
-"""``(block_s, num_warps, num_stages)`` of the one-query (decode) scoring kernel on CUDA, 16-bit or int8 layouts.
-Session 26's sweep on the H200 (``bench_span_scoring --shapes llama8b-decode --sweep``, 18 settings, eager calls
-with the softmax): against the previous choice (tiles of 64 spans below 16K spans, 128 from there, 8 warps, 2
-stages) 0.094 vs 0.117 ms at 4K spans, 0.165 vs 0.192 at 16K, 0.233 vs 0.246 at 32K, 0.328 vs 0.382 at 64K (bf16);
-int8 layouts 0.143 / 0.199 / 0.299 ms at 16K / 32K / 64K. Heads of at most 128 dimensions (larger ones keep
-:func:`block_sizes`'). None (or 0): the previous choice."""
-_ONE_QUERY_WIDE_FROM = 16384  # (ONE_QUERY_LAUNCH None) spans from which tiles of 128 spans are taken (64 below)
-SCORE_BUFFER_BYTES = 256 * 2 ** 20
-"""Default bytes of the float32 score buffer of a chunk's scoring (``score_buffer`` of
-:func:`span_probabilities_triton`): queries are taken in slabs whose ``[H, slab, S]`` scores fit in it (at least one
-row block, whatever the budget). 0 computes every score twice instead, with no buffer."""
-_MASS_TILE = (16, 256, 4)  # (queries, spans, warps) of a _span_mass_stored_kernel tile on CUDA
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
 INTERPRETED = interpreted()
-
-
-def block_sizes(head_dim: int, group: int, device: torch.device,
-                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
-    """``(block_m, block_s, num_warps, num_stages)`` for :func:`span_probabilities_triton`.
-
-    ``block_m`` is the target number of packed ``(head, query)`` rows of a program (the launcher fits it to the
-    group and to short query chunks), ``block_s`` the spans of a tile (each tile is ``width`` products of
-    ``block_m x head_dim x block_s``). Off CUDA (the interpreter) small blocks keep the per-program numpy work
-    light. The CUDA values compile for sm_90 without register spills (checked with ptxas, without a GPU, for both
-    kernels at G = 1 / 7, 64 and 16 rows, head_dim 64 / 128 / 256, bfloat16 and float32 inputs; float32 at
-    head_dim 256 spills up to 76 bytes). Session 28 timed 24 settings on an H200 at Llama-3-8B heads (head_dim 128,
-    group 4; a prompt chunk's 256 scored queries, 2K and 16K spans; ``bench_span_scoring --shapes llama8b-prefill
-    --sweep``): 128 rows x 64 spans, 8 warps, 2 stages was fastest at both (0.415 against 0.468 ms, 2.976 against
-    3.291 ms for the previous 64 x 64), so 16-bit heads of 65-128 dimensions take it; the others keep untimed
-    defaults.
-    """
-    del group  # the launcher fits the rows to the group; kept for tuning by group later
-    if device.type != "cuda":
-        return 32, 32, 1, 1
-    if dtype == torch.float32:
-        return (64, 32, 8, 2) if head_dim > 128 else (64, 32, 4, 1)
-    if head_dim > 128:
-        return 64, 32, 8, 2
-    return (128, 64, 8, 2) if head_dim > 64 else (64, 64, 8, 2)
 
 
 if triton is not None:
@@ -146,7 +110,8 @@ if triton is not None:
     @triton.jit
     def _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
                           qk_scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr,
+                          LOAD_PADDING: tl.constexpr):
         """``[BLOCK_M, BLOCK_S]`` base-2 scores (``scaling * log2(e) * max_v q . v``) of the rows ``q`` against spans
         ``s0 .. s0 + BLOCK_S - 1``; ``-inf`` for a span without vectors or past ``num_spans``. ``SCALED``: the
         vectors are int8 codes, converted to ``q``'s dtype (exactly) for the product, whose columns are then
@@ -158,8 +123,12 @@ if triton is not None:
         for w in range(width):
             row = span.to(tl.int64) * width + w  # the w-th vector slot of each span
             ok = tl.load(Valid + row, mask=span_ok, other=0) != 0
+            if LOAD_PADDING:  # the slot's rows read whether they hold a vector or not (not waiting on ok)
+                load_ok = span_ok
+            else:
+                load_ok = ok
             v_t = tl.load(vec_base + row[None, :] * stride_vn + d[:, None] * stride_vd,
-                          mask=ok[None, :] & (d[:, None] < HEAD_DIM), other=0)  # [D, S]: transposed
+                          mask=load_ok[None, :] & (d[:, None] < HEAD_DIM), other=0)  # [D, S]: transposed
             if SCALED:
                 col = tl.load(scale_base + row * stride_sn, mask=ok, other=0.0) * qk_scale  # [S]
                 s = tl.dot(q, v_t.to(q.dtype), input_precision=DOT_PRECISION) * col[None, :]
@@ -174,7 +143,8 @@ if triton is not None:
                            num_heads, q_len, num_spans, width, spans_per_split, qk_scale,
                            GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr,
+                           LOAD_PADDING: tl.constexpr):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -188,7 +158,8 @@ if triton is not None:
         s_end = tl.minimum(s_begin + spans_per_split, num_spans)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
-                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED,
+                                  LOAD_PADDING)
             if STORE:  # the scores, for _span_mass_stored_kernel: [H, q_len, S] float32 (base 2)
                 span = s0 + tl.arange(0, BLOCK_S)
                 row = (head.to(tl.int64) * q_len + qi) * num_spans
@@ -208,7 +179,8 @@ if triton is not None:
                           num_heads, q_len, num_spans, width, queries_per_split, qk_scale,
                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr,
+                          LOAD_PADDING: tl.constexpr):
         pid_s = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -223,7 +195,8 @@ if triton is not None:
                                              GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
             lse = tl.load(Lse + head.to(tl.int64) * q_len + qi, mask=row_ok, other=0.0)
             s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
-                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED,
+                                  LOAD_PADDING)
             p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
             acc += tl.reduce(tl.reshape(p, [GROUP_P, BLOCK_Q, BLOCK_S]), 1, _sum_combine)
         g = tl.arange(0, GROUP_P)
@@ -260,7 +233,8 @@ if triton is not None:
                                    num_spans, width, scale,
                                    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                   DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+                                   DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr,
+                                   LOAD_PADDING: tl.constexpr):
         """One query per head: ``Out[h, s] = scale * max_v q_h . v`` (``-inf`` without a vector), one program per
         (tile of ``BLOCK_S`` spans, KV head), each vector tile read once for the group's heads."""
         pid_s = tl.program_id(0)
@@ -271,7 +245,7 @@ if triton is not None:
         scale_base = Scale + kvh.to(tl.int64) * stride_sh
         s0 = pid_s * BLOCK_S
         s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
-                              scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED)
+                              scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED, LOAD_PADDING)
         span = s0 + tl.arange(0, BLOCK_S)
         tl.store(Out + head[:, None].to(tl.int64) * num_spans + span[None, :], s,
                  mask=row_ok[:, None] & (span[None, :] < num_spans))
@@ -348,10 +322,11 @@ def span_probabilities_triton(
             (``score_buffer=0``; None: likewise).
         layout: :func:`~ltri_rag.kernels.scoring.span_layout` of these vectors, if the caller keeps one (then
             ``vectors`` and ``owner`` may be None).
-        num_warps, num_stages: Launch settings of the one-query kernel (``q_len == 1``; None: those of
-            ``ONE_QUERY_LAUNCH``, or :func:`block_sizes`' where it does not apply), for sweeps.
+        num_warps, num_stages: Launch settings of the kernels, for sweeps (None: :func:`block_sizes`', or for
+            one query ``scoring_launch.ONE_QUERY_LAUNCH``'s where it applies). The chunk kernels ignored them
+            before session 29.
         score_buffer: Bytes of float32 scores a chunk (``q_len > 1``) may keep between its two passes (None:
-            ``SCORE_BUFFER_BYTES``); 0 recomputes them instead.
+            ``scoring_launch.SCORE_BUFFER_BYTES``); 0 recomputes them instead.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -367,7 +342,7 @@ def span_probabilities_triton(
     vectors, owner = _from_layout(vectors, owner, layout)
     group = _check_span_inputs(queries, vectors, owner, num_spans)
     num_heads, q_len, head_dim = queries.shape
-    score_buffer = SCORE_BUFFER_BYTES if score_buffer is None else score_buffer
+    score_buffer = _launch.SCORE_BUFFER_BYTES if score_buffer is None else score_buffer
     if score_buffer < 0:
         raise ValueError(f"score_buffer must be >= 0 bytes, got {score_buffer}")
     if query_splits is not None and query_splits < 1:  # read by the recomputing pass only: checked for all
@@ -387,7 +362,9 @@ def span_probabilities_triton(
     queries, padded, scale, scaled, valid, width, compute, dot_precision = _operands(queries, vectors, owner,
                                                                                      num_spans, layout)
 
-    default_m, default_s, num_warps, num_stages = block_sizes(head_dim, group, device, compute)
+    default_m, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute)
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
     block_m = _pow2_block(block_m, default_m, "block_m")
     block_s = _pow2_block(block_s, default_s, "block_s")
     # rows: G_P heads x block_q queries, block_q no longer than the chunk (decode), at least 16 rows (tl.dot)
@@ -399,6 +376,7 @@ def span_probabilities_triton(
     qk_scale = float(scaling) * _LOG2E
     common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
               "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scaled,
+              "LOAD_PADDING": _launch.CHUNK_LOAD_PADDING,
               "num_warps": num_warps, "num_stages": num_stages}
 
     if score_buffer == 0:
@@ -409,7 +387,7 @@ def span_probabilities_triton(
     slab = min(slab, q_len)
     scores = torch.empty(num_heads, slab, num_spans, dtype=torch.float32, device=device)
     out = torch.empty(num_heads, num_spans, dtype=torch.float32, device=device)
-    mass_q, mass_s, mass_warps = _MASS_TILE if device.type == "cuda" else (4, 32, 1)
+    mass_q, mass_s, mass_warps = _launch.MASS_TILE if device.type == "cuda" else (4, 32, 1)
     for q_lo in range(0, q_len, slab):
         part = queries[:, q_lo:q_lo + slab]
         lse = _row_lse(part, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits,
@@ -483,9 +461,9 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
                                                                                      num_spans, layout)
     device = queries.device
     _, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute)
-    if device.type == "cuda" and compute != torch.float32 and head_dim <= 128 and ONE_QUERY_LAUNCH:
-        default_s, default_warps, default_stages = ONE_QUERY_LAUNCH
-    elif device.type == "cuda" and num_spans >= _ONE_QUERY_WIDE_FROM:
+    if device.type == "cuda" and compute != torch.float32 and head_dim <= 128 and _launch.ONE_QUERY_LAUNCH:
+        default_s, default_warps, default_stages = _launch.ONE_QUERY_LAUNCH
+    elif device.type == "cuda" and num_spans >= _launch.ONE_QUERY_WIDE_FROM:
         default_s = 128  # measured on the H200 (bench_span_scoring --shapes llama8b-decode): 64 wins below
     num_warps = default_warps if num_warps is None else num_warps
     num_stages = default_stages if num_stages is None else num_stages
@@ -498,5 +476,6 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
         *scale.stride(), num_spans, width, float(scaling),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=group_p * block_q, BLOCK_S=block_s, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=dot_precision, SCALED=scaled,
+        LOAD_PADDING=_launch.DECODE_LOAD_PADDING,
         num_warps=num_warps, num_stages=num_stages)
     return torch.softmax(scores, dim=-1)  # no vector at all: a row of -inf, NaN as in the reference

@@ -21,7 +21,8 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_torch_assembly", "ltri_assemble_r8", "ltri_assemble_r16", "ltri_no_host_cache", "ltri_count_host_cache",
          "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
          "ltri_torch_consensus", "ltri_torch_slots", "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection",
-         "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores")
+         "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
+         "ltri_s28_scoring")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -32,7 +33,8 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_count_host_cache", "ltri_small_tier_no_cache", "ltri_small_tier_count",
               "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus", "ltri_torch_slots",
               "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection", "ltri_row_scan",
-              "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores")
+              "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
+              "ltri_s28_scoring")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -98,6 +100,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_s22_selection": ("ltri", {}),
                                                    "ltri_row_scan": ("ltri", {}),
                                                    "ltri_recomputed_scores": ("ltri", {}),
+                                                   "ltri_s28_scoring": ("ltri", {}),
                                                    "ltri_share60": ("ltri", {}),
                                                    "ltri_full_sort": ("ltri", {}),
                                                    "ltri_int8": ("ltri", {"index_precision": "int8"}),
@@ -142,7 +145,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # than 1,024 spans: after rounds of chunk sorts); ``ltri_int8``: index vectors kept as int8 codes with a scale per
 # vector and KV head (``LtriConfig.index_precision="int8"``): half the bytes a decoded token's scoring reads;
 # ``ltri_recomputed_scores``: a prompt chunk's span scores computed twice by the Triton scorer, nothing kept between
-# its passes (``kernels.triton_scoring.SCORE_BUFFER_BYTES`` 0; before session 29)
+# its passes (``kernels.scoring_launch.SCORE_BUFFER_BYTES`` 0); ``ltri_s28_scoring``: that with session 28's launch
+# of the chunk kernels too (128 x 64 tiles, 8 warps, 2 stages, slot loads masked by the valid bits)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -170,7 +174,10 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_row_scan": (("ltri_rag.retrieval", "FLAT_ROW_SUMS", False),),
     "ltri_share60": (("ltri_rag.cache", "DEVICE_POOL_SHARE", 0.6),),
     "ltri_full_sort": (("ltri_rag.retrieval", "SORT_FILL", False),),
-    "ltri_recomputed_scores": (("ltri_rag.kernels.triton_scoring", "SCORE_BUFFER_BYTES", 0),)}
+    "ltri_recomputed_scores": (("ltri_rag.kernels.scoring_launch", "SCORE_BUFFER_BYTES", 0),),
+    "ltri_s28_scoring": (("ltri_rag.kernels.scoring_launch", "SCORE_BUFFER_BYTES", 0),
+                         ("ltri_rag.kernels.scoring_launch", "CHUNK_LAUNCH", (128, 64, 8, 2)),
+                         ("ltri_rag.kernels.scoring_launch", "CHUNK_LOAD_PADDING", False))}
 
 
 def engine_config(mode: str, engine: dict[str, Any], backend: str) -> LtriConfig:

@@ -25,6 +25,7 @@ def test_small_run_writes_rows_for_every_backend(tmp_path, monkeypatch) -> None:
     chunk = {"torch", "torch + layout", "torch, int8"} | ({"triton", "triton + layout", "triton, int8"}
                                                           if have_triton else set())
     one_query = chunk | ({"triton, block_s 32", "triton, block_s 128"} if have_triton else set())  # the tile sizes
+    chunk |= {"triton, recomputed", "triton, 32 MiB slabs"} if have_triton else set()  # the score buffer's forms
     rows = result["rows"]
     assert {r["backend"] for r in rows if r["q_len"] > 1} == chunk
     assert {r["backend"] for r in rows if r["q_len"] == 1} == one_query

@@ -159,6 +159,59 @@ def test_stored_scores_in_slabs_equal_recomputed(case, monkeypatch) -> None:
         torch.testing.assert_close(got, results[None], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("load_padding", [True, False], ids=["padding-loaded", "padding-masked"])
+@pytest.mark.parametrize("q_len", [9, 1], ids=["chunk", "one-query"])
+def test_slot_loads_with_or_without_the_padding(q_len, load_padding, monkeypatch) -> None:
+    """``scoring_launch.CHUNK_LOAD_PADDING`` / ``DECODE_LOAD_PADDING``: a slot's rows read for every span or only
+    where a vector is. Either way a padding row is dropped from the span max: NaN padding of a kept layout (float
+    and int8 codes with NaN scales) leaves the result equal to the reference."""
+    from ltri_rag.kernels import scoring_launch
+    from ltri_rag.kernels.scoring import span_layout
+
+    monkeypatch.setattr(scoring_launch, "CHUNK_LOAD_PADDING", load_padding)
+    monkeypatch.setattr(scoring_launch, "DECODE_LOAD_PADDING", load_padding)
+    counts = _counts(37, 4, seed=12, empty_every=5)
+    queries, vectors, owner = _inputs(8, 2, q_len, 32, counts, seed=12)
+    layout = span_layout(vectors, owner.cpu(), 37, dtype=torch.float32, min_width=5)
+    padded = layout.padded.clone()
+    padded[~layout.valid] = float("nan")
+    _check(queries, vectors, owner, 37, 0.3, layout=layout._replace(padded=padded))
+    codes = span_layout(vectors, owner.cpu(), 37, quantize=True)
+    scale = codes.scale.clone()
+    scale[~codes.valid] = float("nan")
+    got = span_probabilities_triton(queries, vectors, owner, 37, 0.3, layout=codes._replace(scale=scale))
+    torch.testing.assert_close(got, span_probabilities(queries, vectors, owner, 37, 0.3, layout=codes),
+                               atol=1e-5, rtol=0)
+
+
+def test_chunk_launch_settings_reach_the_kernels(monkeypatch) -> None:
+    """Explicit ``num_warps`` / ``num_stages`` are the chunk kernels' launch settings (they were once dropped for
+    ``block_sizes``' values); None takes ``block_sizes``'."""
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["num_warps"], kwargs["num_stages"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_span_stats_kernel", "_span_mass_kernel"):
+        monkeypatch.setattr(triton_scoring, name, Recording(getattr(triton_scoring, name)))
+    counts = _counts(20, 3, seed=13)
+    queries, vectors, owner = _inputs(4, 2, 7, 32, counts, seed=13)
+    for score_buffer, kernels in ((None, 1), (0, 2)):
+        launches.clear()
+        _check(queries, vectors, owner, 20, 0.3, num_warps=2, num_stages=3, score_buffer=score_buffer)
+        assert launches == [(2, 3)] * kernels
+        launches.clear()
+        _check(queries, vectors, owner, 20, 0.3, score_buffer=score_buffer)
+        assert launches == [triton_scoring.block_sizes(32, 2, queries.device, torch.float32)[2:]] * kernels
+
+
 def test_peaked_scores_and_negative_scaling() -> None:
     """Large scores (softmax dominated by one span, exp underflowing elsewhere) and a negative scaling (the max is
     taken after scaling, as in the reference)."""

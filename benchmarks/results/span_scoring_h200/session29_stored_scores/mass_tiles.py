@@ -1,6 +1,9 @@
-"""Ad-hoc: the stored-score mass kernel's tile, timed inside the whole chunk scoring call (Llama-3-8B heads)."""
+"""Run on the H200 in session 29 (as ``python3 <this file>``, repository on PYTHONPATH), when these settings
+lived in ``kernels/triton_scoring.py``; updated to ``kernels/scoring_launch.py``.
+The stored-score mass kernel's tile, timed inside the whole chunk scoring call (Llama-3-8B heads)."""
 import sys
 import torch
+from ltri_rag.kernels import scoring_launch as launch
 from ltri_rag.kernels import triton_scoring as ts
 from ltri_rag.kernels.scoring import span_layout
 from benchmarks.bench_local_attention import _time
@@ -16,7 +19,7 @@ for num_spans in (2000, 16000):
     base = fn(score_buffer=0)
     print(num_spans, "recomputed", round(_time(lambda: fn(score_buffer=0), 30, True), 4), flush=True)
     for tile in [(16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 8), (4, 1024, 4)]:
-        ts._MASS_TILE = tile
+        launch.MASS_TILE = tile
         got = fn()
         err = float((got - base).abs().max())
         print(num_spans, tile, round(_time(fn, 30, True), 4), "err", err, flush=True)
