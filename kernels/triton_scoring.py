@@ -347,6 +347,10 @@ def span_probabilities_triton(
         raise ValueError(f"score_buffer must be >= 0 bytes, got {score_buffer}")
     if query_splits is not None and query_splits < 1:  # read by the recomputing pass only: checked for all
         raise ValueError(f"query_splits must be >= 1, got {query_splits}")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the triton kernels")
     device = queries.device

@@ -321,6 +321,10 @@ def test_bad_inputs_raise() -> None:
         span_probabilities_triton(queries, vectors, owner, 3, 1.0, query_splits=0)
     with pytest.raises(ValueError, match="score_buffer must be >= 0 bytes, got -1"):
         span_probabilities_triton(queries, vectors, owner, 3, 1.0, score_buffer=-1)
+    with pytest.raises(ValueError, match="num_warps must be a power of two >= 1, got 3"):
+        span_probabilities_triton(queries, vectors, owner, 3, 1.0, num_warps=3)
+    with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
+        span_probabilities_triton(queries[:, :1], vectors, owner, 3, 1.0, num_stages=0)
     with pytest.raises(ValueError, match="head_dim 512"):
         big_q, big_v, big_o = _inputs(2, 1, 1, 512, [1], seed=8)
         span_probabilities_triton(big_q, big_v, big_o, 1, 1.0)
