@@ -4,7 +4,8 @@ Semantics (see the reference's docstring): queries ``[H, Lq, D]``, index vectors
 span ids, ``G = H // Hkv``; query head ``h`` reads KV head ``h // G``. For query ``c`` of head ``h``,
 ``s[h, c, span] = scaling * max_{v in span} q[h, c] . v`` (``-inf`` for a span without vectors), a softmax over
 spans, averaged over the ``Lq`` queries: ``[H, num_spans]`` float32. The torch path materialises
-``[H * block, num_spans * width]`` score matrices; the kernels below never write a score to memory.
+``[H * block, num_spans * width]`` score matrices; the kernels below write at most one float32 score per query
+and span (the span max), within a bounded buffer.
 
 Layout. The vectors are laid out densely per span by :func:`ltri_rag.kernels.scoring.span_layout` (span ``s`` owns
 rows ``s * width .. s * width + width - 1`` and a ``valid`` mask says which hold a vector). A tile of
@@ -334,8 +335,8 @@ def span_probabilities_triton(
 
     Raises:
         RuntimeError: triton is not installed.
-        ValueError: inconsistent shapes or devices, tensors the kernels cannot run on, or a negative
-            ``score_buffer``.
+        ValueError: inconsistent shapes or devices, tensors the kernels cannot run on, or a bad launch setting
+            (block sizes, splits, warps, stages, a negative ``score_buffer``).
     """
     if triton is None:
         raise RuntimeError("triton is not installed: use ltri_rag.kernels.scoring.span_probabilities instead")
