@@ -215,7 +215,7 @@ if triton is not None:
         head = tl.program_id(1).to(tl.int64)
         span = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         span_ok = span < num_spans
-        acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc = tl.full([BLOCK_S], 0.0, dtype=tl.float32)  # not tl.zeros: a jit function of triton (see above)
         for q0 in range(0, q_len, BLOCK_Q):
             qi = q0 + tl.arange(0, BLOCK_Q)
             q_ok = qi < q_len

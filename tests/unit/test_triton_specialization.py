@@ -95,12 +95,13 @@ def test_local_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
 
 def test_scoring_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
     ts = scoring_tests.triton_scoring
-    kernels = [ts._span_stats_kernel, ts._span_mass_kernel]
+    kernels = [ts._span_stats_kernel, ts._span_mass_kernel, ts._span_mass_stored_kernel]
     seen = _record(monkeypatch, kernels)
     for q_len, num_spans, width in ((3, 7, 2), (16, 33, 4)):
         counts = scoring_tests._counts(num_spans, width)
         queries, vectors, owner = scoring_tests._inputs(4, 2, q_len, 16, counts)
-        ts.span_probabilities_triton(queries, vectors, owner, num_spans, 0.25)
+        for score_buffer in (None, 0):  # scores stored (the default) or recomputed
+            ts.span_probabilities_triton(queries, vectors, owner, num_spans, 0.25, score_buffer=score_buffer)
     _check(seen, kernels)
 
 
