@@ -234,3 +234,26 @@ def test_isolation_by_default_only_on_cuda_with_several_modes() -> None:
     assert not _isolating(Namespace(isolate="auto", modes=one), cuda)
     assert _isolating(Namespace(isolate="on", modes=two), cpu)
     assert not _isolating(Namespace(isolate="off", modes=two), cuda)
+
+
+def test_every_mode_is_buildable_and_patches_existing_settings() -> None:
+    """Each mode has an engine configuration, and each module patch of an A/B mode names a setting that exists
+    (``setattr`` on a misspelt name would silently measure the default twice) and is restored afterwards."""
+    import importlib
+
+    from benchmarks.e2e.modes import MODES, MODULE_PATCHES, engine_config, mode_context
+
+    for mode in MODES:
+        engine_config(mode, {}, "torch")
+    assert set(MODULE_PATCHES) <= set(MODES)
+    for mode, patches in MODULE_PATCHES.items():
+        before = []
+        for module_name, name, value in patches:
+            module = importlib.import_module(module_name)
+            assert hasattr(module, name), f"{mode}: {module_name}.{name} does not exist"
+            before.append((module, name, getattr(module, name)))
+        with mode_context(mode, "auto"):
+            for (module, name, _), (_, _, value) in zip(before, patches):
+                assert getattr(module, name) == value
+        for module, name, value in before:
+            assert getattr(module, name) == value
