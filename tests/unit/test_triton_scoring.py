@@ -123,15 +123,18 @@ def test_small_blocks_and_splits() -> None:
                    query_splits=query_splits, score_buffer=score_buffer)
 
 
-class _Counting:
-    """Stands in for a kernel: counts its launches and runs it."""
+class _Recording:
+    """Stands in for a kernel: records the keyword arguments (launch settings, compile-time sizes) of each launch,
+    then runs it."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+    def __init__(self, kernel, launches=None):
+        self.kernel, self.launches = kernel, [] if launches is None else launches
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=["g2", "g7", "g2-one-kv"])
@@ -147,13 +150,14 @@ def test_stored_scores_in_slabs_equal_recomputed(case, monkeypatch) -> None:
     results = {}
     cases = [(None, 1), (1, -(-q_len // block_q)), (3 * block_q * row_bytes, -(-q_len // (3 * block_q))), (0, 0)]
     for score_buffer, slabs in cases:  # (budget, stored-score launches; 0: the recomputing path)
-        stored = _Counting(triton_scoring._span_mass_stored_kernel)
-        recomputed = _Counting(triton_scoring._span_mass_kernel)
+        stored = _Recording(triton_scoring._span_mass_stored_kernel)
+        recomputed = _Recording(triton_scoring._span_mass_kernel)
         monkeypatch.setattr(triton_scoring, "_span_mass_stored_kernel", stored)
         monkeypatch.setattr(triton_scoring, "_span_mass_kernel", recomputed)
         results[score_buffer] = _check(queries, vectors, owner, num_spans, 0.3, block_m=16, block_s=16,
                                        score_buffer=score_buffer)
-        assert (stored.launches, recomputed.launches) == ((slabs, 0) if slabs else (0, 1)), score_buffer
+        counts = (len(stored.launches), len(recomputed.launches))
+        assert counts == ((slabs, 0) if slabs else (0, 1)), score_buffer
         monkeypatch.undo()
     for got in results.values():
         torch.testing.assert_close(got, results[None], atol=1e-6, rtol=0)
@@ -188,28 +192,21 @@ def test_chunk_launch_settings_reach_the_kernels(monkeypatch) -> None:
     """Explicit ``num_warps`` / ``num_stages`` are the chunk kernels' launch settings (they were once dropped for
     ``block_sizes``' values); None takes ``block_sizes``'."""
     launches = []
-
-    class Recording:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((kwargs["num_warps"], kwargs["num_stages"]))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
     for name in ("_span_stats_kernel", "_span_mass_kernel"):
-        monkeypatch.setattr(triton_scoring, name, Recording(getattr(triton_scoring, name)))
+        monkeypatch.setattr(triton_scoring, name, _Recording(getattr(triton_scoring, name), launches))
     counts = _counts(20, 3, seed=13)
     queries, vectors, owner = _inputs(4, 2, 7, 32, counts, seed=13)
+
+    def settings():
+        return [(kwargs["num_warps"], kwargs["num_stages"]) for kwargs in launches]
+
     for score_buffer, kernels in ((None, 1), (0, 2)):
         launches.clear()
         _check(queries, vectors, owner, 20, 0.3, num_warps=2, num_stages=3, score_buffer=score_buffer)
-        assert launches == [(2, 3)] * kernels
+        assert settings() == [(2, 3)] * kernels
         launches.clear()
         _check(queries, vectors, owner, 20, 0.3, score_buffer=score_buffer)
-        assert launches == [triton_scoring.block_sizes(32, 2, queries.device, torch.float32)[2:]] * kernels
+        assert settings() == [triton_scoring.block_sizes(32, 2, queries.device, torch.float32)[2:]] * kernels
 
 
 def test_peaked_scores_and_negative_scaling() -> None:
