@@ -1,6 +1,7 @@
-"""Launch settings and tuning switches of the Triton span scorer (:mod:`ltri_rag.kernels.triton_scoring`).
+"""Launch settings and tuning switches of the Triton span scorer (:mod:`ltri_rag.kernels.triton_scoring`), and the
+launcher's plain-Python helpers (operand dtypes, splits, the padded width).
 
-Plain Python, no kernels: the scorer reads these names at every call, so a benchmark (or a user) may change them
+No kernels here: the scorer reads these names at every call, so a benchmark (or a user) may change them
 on this module (``benchmarks/e2e/modes.py`` does, for its A/B modes). Numbers quoted are H200 timings at
 Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), from ``benchmarks/results/span_scoring_h200/``.
 """
@@ -9,8 +10,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK_LAUNCH", "CHUNK_LOAD_PADDING", "DECODE_LOAD_PADDING", "MASS_TILE", "ONE_QUERY_LAUNCH",
-           "ONE_QUERY_WIDE_FROM", "SCORE_BUFFER_BYTES", "block_sizes"]
+from ltri_rag.kernels._triton_support import multiprocessors, next_pow2
+from ltri_rag.kernels.scoring import SpanLayout, _resolve_layout, has_scales
+
+__all__ = ["CHUNK_LAUNCH", "CHUNK_LOAD_PADDING", "CHUNK_ONE_PRODUCT", "CHUNK_ONE_PRODUCT_LAUNCH", "DECODE_LOAD_PADDING",
+           "DECODE_ONE_PRODUCT", "MASS_TILE", "ONE_PRODUCT_MAX_WIDTH", "ONE_QUERY_LAUNCH", "ONE_QUERY_WIDE_FROM",
+           "SCORE_BUFFER_BYTES", "block_sizes", "num_splits", "operands", "padded_width"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 ONE_QUERY_LAUNCH = (128, 4, 3)
 """``(block_s, num_warps, num_stages)`` of the one-query (decode) scoring kernel on CUDA, 16-bit or int8 layouts.
@@ -38,11 +45,21 @@ the load is masked by the span count only, not by the ``valid`` bits just read, 
 dropped from the maximum after the product. Session 29 on the H200: the compute-bound chunk kernel pipelines
 better that way (16K spans: 1.54-1.73 against 1.70-1.94 ms at the best launches). The bandwidth-bound one-query
 kernel loses by it (64K spans: 0.338 against 0.276 ms, it reads the padding's bytes too)."""
+CHUNK_ONE_PRODUCT = False
+DECODE_ONE_PRODUCT = False
+"""Whether a chunk's / one query's tile of spans is scored in one ``[rows, D] x [D, spans * W]`` product (``W``:
+the layout's width rounded up to a power of two, the span max a reduction of the product) instead of ``width``
+products of ``[rows, D] x [D, spans]``, one per slot. Layouts wider than ``ONE_PRODUCT_MAX_WIDTH`` go slot by
+slot."""
+ONE_PRODUCT_MAX_WIDTH = 16
+CHUNK_ONE_PRODUCT_LAUNCH = (64, 16, 4, 2)
+"""``(block_m, block_s, num_warps, num_stages)`` of the chunk kernels scoring in one product, on CUDA for 16-bit
+heads of 65-128 dimensions (a tile's product has ``block_s * W`` columns)."""
 MASS_TILE = (16, 256, 4)  # (queries, spans, warps) of a _span_mass_stored_kernel tile on CUDA
 
 
-def block_sizes(head_dim: int, group: int, device: torch.device,
-                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+def block_sizes(head_dim: int, group: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                one_product: bool = False) -> tuple[int, int, int, int]:
     """``(block_m, block_s, num_warps, num_stages)`` of the chunk kernels of
     :func:`~ltri_rag.kernels.triton_scoring.span_probabilities_triton`.
 
@@ -53,7 +70,16 @@ def block_sizes(head_dim: int, group: int, device: torch.device,
     29). The other CUDA values are untimed; they compile for sm_90 without register spills (checked with ptxas,
     without a GPU, for both kernels at G = 1 / 7, 64 and 16 rows, head_dim 64 / 128 / 256, bfloat16 and float32
     inputs; float32 at head_dim 256 spills up to 76 bytes).
+
+    ``one_product`` (tiles scored in one product, ``CHUNK_ONE_PRODUCT``): ``CHUNK_ONE_PRODUCT_LAUNCH`` where it was
+    timed (CUDA, 16-bit heads of 65-128 dimensions), else the settings below with the fewest spans a tile may have
+    (16: a tile's product has ``block_s`` times the padded width columns).
     """
+    if one_product:
+        if device.type == "cuda" and dtype != torch.float32 and 64 < head_dim <= 128:
+            return CHUNK_ONE_PRODUCT_LAUNCH
+        block_m, _, num_warps, num_stages = block_sizes(head_dim, group, device, dtype)
+        return block_m, 16, num_warps, num_stages
     del group  # the launcher fits the rows to the group; kept for tuning by group later
     if device.type != "cuda":
         return 32, 32, 1, 1
@@ -62,3 +88,48 @@ def block_sizes(head_dim: int, group: int, device: torch.device,
     if head_dim > 128:
         return 64, 32, 8, 2
     return CHUNK_LAUNCH if head_dim > 64 else (64, 64, 8, 2)
+
+
+def padded_width(one_product: bool, width: int) -> int:
+    """``WIDTH_P`` of the scoring kernels: ``width`` rounded up to a power of two when a tile is scored in one
+    product and the width is at most ``ONE_PRODUCT_MAX_WIDTH``, else 0 (slot by slot)."""
+    return next_pow2(width) if one_product and width <= ONE_PRODUCT_MAX_WIDTH else 0
+
+
+def num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:
+    """Splits of ``work`` tiles (each split a program per ``others`` of the grid): ``value`` if given (capped at
+    ``work``), else on CUDA enough for about two programs per multiprocessor, else 1."""
+    if value is not None:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return min(value, work)
+    if device.type != "cuda":
+        return 1
+    target = 2 * multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(work, -(-target // others)))
+
+
+def operands(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor, num_spans: int,
+             layout: SpanLayout | None, interpreted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool,
+                                                                    torch.Tensor, int, torch.dtype, str]:
+    """What the scoring kernels read: ``(queries, padded, scale, scaled, valid, width, compute dtype, dot
+    precision)``. 16-bit queries and vectors of one dtype are multiplied in it (float32 sums); int8 codes (a layout
+    with scales) in the 16-bit queries' dtype (the codes convert exactly); anything else in float32 (TF32 where
+    torch's float32 matmuls may use it). ``valid`` is viewed as uint8. ``scale`` is the layout's ``[rows, Hkv]``
+    scales when ``scaled``, else a stand-in the kernels never read (``valid`` as one column). ``interpreted``: the
+    kernels were built for the Triton interpreter, whose ``tl.dot`` multiplies bfloat16 bit patterns (triton issue
+    11584), so bfloat16 is computed in float32 there."""
+    half = (has_scales(layout) or queries.dtype == vectors.dtype) and queries.dtype in _HALF
+    if interpreted and queries.dtype == torch.bfloat16:
+        half = False
+    compute = queries.dtype if half else torch.float32
+    if queries.dtype != compute:
+        queries = queries.to(compute)
+    padded, valid, width, scale = _resolve_layout(layout, vectors, owner, num_spans, compute)
+    if half or queries.device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        dot_precision = "ieee"  # ignored for 16-bit inputs
+    else:
+        dot_precision = "tf32"
+    valid = valid.view(torch.uint8)
+    scaled = scale is not None
+    return queries, padded, scale if scaled else valid[:, None], scaled, valid, width, compute, dot_precision
