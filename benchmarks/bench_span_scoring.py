@@ -10,12 +10,12 @@ Each backend is timed twice: with the per-span layout of the vectors built once 
 the engine's span tables do) and rebuilt on every call (``+ layout`` rows: ``span_layout``, one device sync).
 ``int8`` rows read a layout of int8 codes with a scale per vector and KV head (``LtriConfig.index_precision=
 "int8"``: half the bytes); their errors against the float32 reference include the quantisation's.
-TFLOP/s counts one score matrix, ``2 * H * q_len * num_vectors_padded * D``. For a chunk the Triton kernels
-compute it once and keep the float32 scores in a buffer (``score_buffer``, 256 MiB by default; ``32 MiB slabs``
-rows: a smaller one, the queries in more slabs); ``recomputed`` rows compute it twice and keep nothing
-(``score_buffer=0``, the kernels before session 29). ``one product`` rows score a tile of spans in one product
-over all their index-vector slots (``one_product=True``) instead of one product per slot. The torch path
-computes it once but writes it to memory. ``x layers`` is the time of one call times the model's layers.
+TFLOP/s counts one
+score matrix, ``2 * H * q_len * num_vectors_padded * D``. For a chunk the Triton kernels compute it once and keep
+the float32 scores in a buffer (``score_buffer``, 256 MiB by default; ``32 MiB slabs`` rows: a smaller one, the
+queries in more slabs); ``recomputed`` rows compute it twice and keep nothing (``score_buffer=0``, the kernels before
+session 29). The torch path computes it once but writes it to memory. ``x layers`` is the time of one call times
+the model's layers.
 
 Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
 ``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
@@ -86,8 +86,6 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
         backends["triton"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=layout)
         backends["triton + layout"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling)
         backends["triton, int8"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling, layout=int8)
-        backends["triton, one product"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling,
-                                                            layout=layout, one_product=True)
         if q_len == 1:  # the one-query kernel's span tile (the default is block_sizes')
             for block_s in (32, 128):
                 backends[f"triton, block_s {block_s}"] = (
@@ -100,11 +98,6 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                                 lambda k=kept, b=block_s, w=warps, st=stages: triton_fn(
                                     queries, vectors, owner, num_spans, scaling, layout=k, block_s=b, num_warps=w,
                                     num_stages=st))
-            for block_s, warps, stages in itertools.product((16, 32, 64), (4, 8), (2, 3)) if sweep else ():
-                backends[f"triton one product, s{block_s} w{warps} st{stages}"] = (
-                    lambda b=block_s, w=warps, st=stages: triton_fn(
-                        queries, vectors, owner, num_spans, scaling, layout=layout, block_s=b, num_warps=w,
-                        num_stages=st, one_product=True))
         if q_len > 1:  # a chunk's scores stored once (the default) against recomputed, and in smaller slabs
             backends["triton, recomputed"] = lambda: triton_fn(queries, vectors, owner, num_spans, scaling,
                                                                layout=layout, score_buffer=0)
@@ -116,11 +109,6 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
                     lambda bm=block_m, b=block_s, w=warps, st=stages: triton_fn(
                         queries, vectors, owner, num_spans, scaling, layout=layout, block_m=bm, block_s=b,
                         num_warps=w, num_stages=st))
-            for block_m, block_s, warps, stages in itertools.product((64, 128), (16, 32), (4, 8), (2, 3)):
-                backends[f"triton one product, m{block_m} s{block_s} w{warps} st{stages}"] = (
-                    lambda bm=block_m, b=block_s, w=warps, st=stages: triton_fn(
-                        queries, vectors, owner, num_spans, scaling, layout=layout, block_m=bm, block_s=b,
-                        num_warps=w, num_stages=st, one_product=True))
     ref = span_probabilities(queries.float(), vectors.float(), owner, num_spans, scaling)
     rows = []
     for backend, fn in backends.items():
@@ -162,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="one-query shapes: also every launch setting (block_s 64/128/256 x 4/8 warps x 2-4 "
                              "stages) of the decode kernel, bf16 and int8 layouts; chunk shapes: block_m 64/128 x "
-                             "block_s 32/64/128 x 4/8 warps x 2/3 stages of the two chunk kernels (bf16); and the "
-                             "one-product tiles' settings (block_s 16/32 for chunks, 16/32/64 for one query)")
+                             "block_s 32/64/128 x 4/8 warps x 2/3 stages of the two chunk kernels (bf16)")
     parser.add_argument("--shapes", choices=("qwen", "llama8b-decode", "llama8b-prefill"), default="qwen",
                         help="qwen: Qwen2.5-0.5B heads, chunks and decode at 1K-16K spans (default); llama8b-decode: "
                              "one decoded token at Llama-3-8B heads, 4K-64K spans; llama8b-prefill: a prompt "

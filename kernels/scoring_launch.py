@@ -1,5 +1,5 @@
 """Launch settings and tuning switches of the Triton span scorer (:mod:`ltri_rag.kernels.triton_scoring`), and the
-launcher's plain-Python helpers (operand dtypes, splits, the padded width).
+launcher's plain-Python helpers (operand dtypes, splits).
 
 No kernels here: the scorer reads these names at every call, so a benchmark (or a user) may change them
 on this module (``benchmarks/e2e/modes.py`` does, for its A/B modes). Numbers quoted are H200 timings at
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ltri_rag.kernels._triton_support import multiprocessors, next_pow2
+from ltri_rag.kernels._triton_support import multiprocessors
 from ltri_rag.kernels.scoring import SpanLayout, _resolve_layout, has_scales
 
-__all__ = ["CHUNK_LAUNCH", "CHUNK_LOAD_PADDING", "CHUNK_ONE_PRODUCT", "CHUNK_ONE_PRODUCT_LAUNCH", "DECODE_LOAD_PADDING",
-           "DECODE_ONE_PRODUCT", "MASS_TILE", "ONE_PRODUCT_MAX_WIDTH", "ONE_QUERY_LAUNCH", "ONE_QUERY_WIDE_FROM",
-           "SCORE_BUFFER_BYTES", "block_sizes", "num_splits", "operands", "padded_width"]
+__all__ = ["CHUNK_LAUNCH", "CHUNK_LOAD_PADDING", "DECODE_LOAD_PADDING", "MASS_TILE", "ONE_QUERY_LAUNCH",
+           "ONE_QUERY_WIDE_FROM", "SCORE_BUFFER_BYTES", "block_sizes", "num_splits", "operands"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -45,21 +44,11 @@ the load is masked by the span count only, not by the ``valid`` bits just read, 
 dropped from the maximum after the product. Session 29 on the H200: the compute-bound chunk kernel pipelines
 better that way (16K spans: 1.54-1.73 against 1.70-1.94 ms at the best launches). The bandwidth-bound one-query
 kernel loses by it (64K spans: 0.338 against 0.276 ms, it reads the padding's bytes too)."""
-CHUNK_ONE_PRODUCT = False
-DECODE_ONE_PRODUCT = False
-"""Whether a chunk's / one query's tile of spans is scored in one ``[rows, D] x [D, spans * W]`` product (``W``:
-the layout's width rounded up to a power of two, the span max a reduction of the product) instead of ``width``
-products of ``[rows, D] x [D, spans]``, one per slot. Layouts wider than ``ONE_PRODUCT_MAX_WIDTH`` go slot by
-slot."""
-ONE_PRODUCT_MAX_WIDTH = 16
-CHUNK_ONE_PRODUCT_LAUNCH = (64, 16, 4, 2)
-"""``(block_m, block_s, num_warps, num_stages)`` of the chunk kernels scoring in one product, on CUDA for 16-bit
-heads of 65-128 dimensions (a tile's product has ``block_s * W`` columns)."""
 MASS_TILE = (16, 256, 4)  # (queries, spans, warps) of a _span_mass_stored_kernel tile on CUDA
 
 
-def block_sizes(head_dim: int, group: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                one_product: bool = False) -> tuple[int, int, int, int]:
+def block_sizes(head_dim: int, group: int, device: torch.device,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """``(block_m, block_s, num_warps, num_stages)`` of the chunk kernels of
     :func:`~ltri_rag.kernels.triton_scoring.span_probabilities_triton`.
 
@@ -70,16 +59,7 @@ def block_sizes(head_dim: int, group: int, device: torch.device, dtype: torch.dt
     29). The other CUDA values are untimed; they compile for sm_90 without register spills (checked with ptxas,
     without a GPU, for both kernels at G = 1 / 7, 64 and 16 rows, head_dim 64 / 128 / 256, bfloat16 and float32
     inputs; float32 at head_dim 256 spills up to 76 bytes).
-
-    ``one_product`` (tiles scored in one product, ``CHUNK_ONE_PRODUCT``): ``CHUNK_ONE_PRODUCT_LAUNCH`` where it was
-    timed (CUDA, 16-bit heads of 65-128 dimensions), else the settings below with the fewest spans a tile may have
-    (16: a tile's product has ``block_s`` times the padded width columns).
     """
-    if one_product:
-        if device.type == "cuda" and dtype != torch.float32 and 64 < head_dim <= 128:
-            return CHUNK_ONE_PRODUCT_LAUNCH
-        block_m, _, num_warps, num_stages = block_sizes(head_dim, group, device, dtype)
-        return block_m, 16, num_warps, num_stages
     del group  # the launcher fits the rows to the group; kept for tuning by group later
     if device.type != "cuda":
         return 32, 32, 1, 1
@@ -88,12 +68,6 @@ def block_sizes(head_dim: int, group: int, device: torch.device, dtype: torch.dt
     if head_dim > 128:
         return 64, 32, 8, 2
     return CHUNK_LAUNCH if head_dim > 64 else (64, 64, 8, 2)
-
-
-def padded_width(one_product: bool, width: int) -> int:
-    """``WIDTH_P`` of the scoring kernels: ``width`` rounded up to a power of two when a tile is scored in one
-    product and the width is at most ``ONE_PRODUCT_MAX_WIDTH``, else 0 (slot by slot)."""
-    return next_pow2(width) if one_product and width <= ONE_PRODUCT_MAX_WIDTH else 0
 
 
 def num_splits(value: int | None, name: str, work: int, others: int, device: torch.device) -> int:

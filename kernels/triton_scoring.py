@@ -9,9 +9,9 @@ and span (the span max), within a bounded buffer.
 
 Layout. The vectors are laid out densely per span by :func:`ltri_rag.kernels.scoring.span_layout` (span ``s`` owns
 rows ``s * width .. s * width + width - 1`` and a ``valid`` mask says which hold a vector). A tile of
-``BLOCK_S`` spans is scored slot by slot (for ``w < width`` a ``[rows, D] x [D, BLOCK_S]`` product against each
-span's ``w``-th vector, kept as a running max: no reshape, any width) or in one product (``one_product``, ``WIDTH_P``:
-``[rows, D] x [D, BLOCK_S * WIDTH_P]`` over all slots, width padded to a power of two, the max a reduction).
+``BLOCK_S`` spans is scored slot by slot: for ``w < width`` one ``[rows, D] x [D, BLOCK_S]`` product against each
+span's ``w``-th vector, kept as a running max (no reshape, any width). One product over all of a tile's slots with
+the max as a reduction was slower at every engine shape (session 30, ``span_scoring_h200/session30_one_product/``).
 
 Rows. A program holds the ``G`` query heads of one KV head for ``BLOCK_Q`` queries, so every vector tile it
 loads serves the whole group: ``BLOCK_M = G_P * BLOCK_Q`` rows, ordered head-major (row ``r`` = head
@@ -135,52 +135,6 @@ if triton is not None:
             best = tl.maximum(best, tl.where(ok[None, :], s, float("-inf")))
         return best
 
-    @triton.jit
-    def _span_tile_scores_one_product(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
-                                      stride_sn, qk_scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                      SCALED: tl.constexpr, LOAD_PADDING: tl.constexpr, WIDTH_P: tl.constexpr):
-        """:func:`_span_tile_scores` in one ``[rows, D] x [D, BLOCK_S * WIDTH_P]`` product: column ``n`` is slot
-        ``n % WIDTH_P`` of span ``s0 + n // WIDTH_P`` (``WIDTH_P``: the width rounded up to a power of two; slots
-        past the width are masked), and the span max is a reduction over the last axis of the
-        ``[rows, BLOCK_S, WIDTH_P]`` scores."""
-        n = tl.arange(0, BLOCK_S * WIDTH_P)
-        span = s0 + n // WIDTH_P
-        slot = n % WIDTH_P
-        slot_ok = (span < num_spans) & (slot < width)
-        row = span.to(tl.int64) * width + slot
-        ok = tl.load(Valid + row, mask=slot_ok, other=0) != 0
-        if LOAD_PADDING:
-            load_ok = slot_ok
-        else:
-            load_ok = ok
-        d = tl.arange(0, BLOCK_D)
-        v_t = tl.load(vec_base + row[None, :] * stride_vn + d[:, None] * stride_vd,
-                      mask=load_ok[None, :] & (d[:, None] < HEAD_DIM), other=0)  # [D, BLOCK_S * WIDTH_P]
-        if SCALED:
-            col = tl.load(scale_base + row * stride_sn, mask=ok, other=0.0) * qk_scale
-            s = tl.dot(q, v_t.to(q.dtype), input_precision=DOT_PRECISION) * col[None, :]
-        else:
-            s = tl.dot(q, v_t, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        return tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_S, WIDTH_P]), 2, _max_combine)
-
-    @triton.jit
-    def _tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn, qk_scale,
-                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr, LOAD_PADDING: tl.constexpr,
-                     WIDTH_P: tl.constexpr):
-        """A tile's scores slot by slot (``WIDTH_P`` 0) or in one product (``WIDTH_P``: the padded width)."""
-        if WIDTH_P:
-            s = _span_tile_scores_one_product(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn,
-                                              stride_vd, stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D,
-                                              DOT_PRECISION, SCALED, LOAD_PADDING, WIDTH_P)
-        else:
-            s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
-                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED,
-                                  LOAD_PADDING)
-        return s
-
     @triton.jit(do_not_specialize=("q_len", "num_spans", "width", "spans_per_split"))
     def _span_stats_kernel(Q, Vec, Scale, Valid, M, L, Scores,
                            stride_qh, stride_qm, stride_qd, stride_vn, stride_vh, stride_vd, stride_sn, stride_sh,
@@ -188,7 +142,7 @@ if triton is not None:
                            GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr,
-                           LOAD_PADDING: tl.constexpr, WIDTH_P: tl.constexpr):
+                           LOAD_PADDING: tl.constexpr):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -201,9 +155,9 @@ if triton is not None:
         s_begin = split * spans_per_split  # a multiple of BLOCK_S: the splits' tiles do not overlap
         s_end = tl.minimum(s_begin + spans_per_split, num_spans)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            s = _tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
-                             qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED, LOAD_PADDING,
-                             WIDTH_P)
+            s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED,
+                                  LOAD_PADDING)
             if STORE:  # the scores, for _span_mass_stored_kernel: [H, q_len, S] float32 (base 2)
                 span = s0 + tl.arange(0, BLOCK_S)
                 row = (head.to(tl.int64) * q_len + qi) * num_spans
@@ -224,7 +178,7 @@ if triton is not None:
                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr,
-                          LOAD_PADDING: tl.constexpr, WIDTH_P: tl.constexpr):
+                          LOAD_PADDING: tl.constexpr):
         pid_s = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -238,9 +192,9 @@ if triton is not None:
             q, head, qi, row_ok = _load_rows(Q, kvh, q0, q_end, stride_qh, stride_qm, stride_qd,
                                              GROUP, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_D)
             lse = tl.load(Lse + head.to(tl.int64) * q_len + qi, mask=row_ok, other=0.0)
-            s = _tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
-                             qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED, LOAD_PADDING,
-                             WIDTH_P)
+            s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd,
+                                  stride_sn, qk_scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED,
+                                  LOAD_PADDING)
             p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
             acc += tl.reduce(tl.reshape(p, [GROUP_P, BLOCK_Q, BLOCK_S]), 1, _sum_combine)
         g = tl.arange(0, GROUP_P)
@@ -278,7 +232,7 @@ if triton is not None:
                                    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, SCALED: tl.constexpr,
-                                   LOAD_PADDING: tl.constexpr, WIDTH_P: tl.constexpr):
+                                   LOAD_PADDING: tl.constexpr):
         """One query per head: ``Out[h, s] = scale * max_v q_h . v`` (``-inf`` without a vector), one program per
         (tile of ``BLOCK_S`` spans, KV head), each vector tile read once for the group's heads."""
         pid_s = tl.program_id(0)
@@ -288,8 +242,8 @@ if triton is not None:
         vec_base = Vec + kvh.to(tl.int64) * stride_vh
         scale_base = Scale + kvh.to(tl.int64) * stride_sh
         s0 = pid_s * BLOCK_S
-        s = _tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn, scale,
-                         BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED, LOAD_PADDING, WIDTH_P)
+        s = _span_tile_scores(q, vec_base, scale_base, Valid, s0, num_spans, width, stride_vn, stride_vd, stride_sn,
+                              scale, BLOCK_M, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PRECISION, SCALED, LOAD_PADDING)
         span = s0 + tl.arange(0, BLOCK_S)
         tl.store(Out + head[:, None].to(tl.int64) * num_spans + span[None, :], s,
                  mask=row_ok[:, None] & (span[None, :] < num_spans))
@@ -310,7 +264,6 @@ def span_probabilities_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     score_buffer: int | None = None,
-    one_product: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`ltri_rag.kernels.scoring.span_probabilities`; same arguments and result.
 
@@ -335,9 +288,6 @@ def span_probabilities_triton(
             before session 29.
         score_buffer: Bytes of float32 scores a chunk (``q_len > 1``) may keep between its two passes (None:
             ``scoring_launch.SCORE_BUFFER_BYTES``); 0 recomputes them instead.
-        one_product: Score a tile of spans in one product over all their slots instead of one product per slot
-            (widths up to ``scoring_launch.ONE_PRODUCT_MAX_WIDTH``; wider layouts go slot by slot). None:
-            ``scoring_launch.CHUNK_ONE_PRODUCT`` for a chunk, ``DECODE_ONE_PRODUCT`` for one query.
 
     Returns:
         ``[num_heads, num_spans]`` float32 on ``queries``' device, each row summing to 1; 0 for a span without
@@ -372,13 +322,11 @@ def span_probabilities_triton(
         return span_probabilities(queries, vectors, owner, num_spans, scaling, layout=layout)
     if q_len == 1:  # a decoded token: one pass writes the scores, a softmax makes them the distribution
         return _span_probabilities_one_query(queries, vectors, owner, num_spans, scaling, block_s, layout,
-                                             num_warps, num_stages, one_product)
+                                             num_warps, num_stages)
 
     queries, padded, scale, scaled, valid, width, compute, dot_precision = _launch.operands(
         queries, vectors, owner, num_spans, layout, INTERPRETED)
-    width_p = _launch.padded_width(_launch.CHUNK_ONE_PRODUCT if one_product is None else one_product, width)
-    default_m, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute,
-                                                                      one_product=bool(width_p))
+    default_m, default_s, default_warps, default_stages = block_sizes(head_dim, group, device, compute)
     num_warps = default_warps if num_warps is None else num_warps
     num_stages = default_stages if num_stages is None else num_stages
     block_m = _pow2_block(block_m, default_m, "block_m")
@@ -392,7 +340,7 @@ def span_probabilities_triton(
     qk_scale = float(scaling) * _LOG2E
     common = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_S": block_s, "HEAD_DIM": head_dim,
               "BLOCK_D": block_d, "DOT_PRECISION": dot_precision, "SCALED": scaled,
-              "LOAD_PADDING": _launch.CHUNK_LOAD_PADDING, "WIDTH_P": width_p,
+              "LOAD_PADDING": _launch.CHUNK_LOAD_PADDING,
               "num_warps": num_warps, "num_stages": num_stages}
 
     if score_buffer == 0:
@@ -465,7 +413,7 @@ def _two_pass(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, 
 def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, owner: torch.Tensor,
                                   num_spans: int, scaling: float, block_s: int | None,
                                   layout: SpanLayout | None, num_warps: int | None = None,
-                                  num_stages: int | None = None, one_product: bool | None = None) -> torch.Tensor:
+                                  num_stages: int | None = None) -> torch.Tensor:
     """:func:`span_probabilities_triton` for ``q_len == 1`` (checked inputs, ``num_spans > 0``): one launch of
     ``_span_decode_scores_kernel`` writes the ``[H, S]`` float32 scores (each vector tile read once, from the
     layout as it is kept), then ``torch.softmax`` (spans without vectors get 0; with no vector at all a row is NaN,
@@ -481,9 +429,6 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
         default_s, default_warps, default_stages = _launch.ONE_QUERY_LAUNCH
     elif device.type == "cuda" and num_spans >= _launch.ONE_QUERY_WIDE_FROM:
         default_s = 128  # measured on the H200 (bench_span_scoring --shapes llama8b-decode): 64 wins below
-    width_p = _launch.padded_width(_launch.DECODE_ONE_PRODUCT if one_product is None else one_product, width)
-    if width_p:  # about as many columns per tile as the slot-by-slot default has spans
-        default_s = max(16, default_s // width_p)
     num_warps = default_warps if num_warps is None else num_warps
     num_stages = default_stages if num_stages is None else num_stages
     block_s = _pow2_block(block_s, default_s, "block_s")
@@ -495,6 +440,6 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
         *scale.stride(), num_spans, width, float(scaling),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=group_p * block_q, BLOCK_S=block_s, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=dot_precision, SCALED=scaled,
-        LOAD_PADDING=_launch.DECODE_LOAD_PADDING, WIDTH_P=width_p,
+        LOAD_PADDING=_launch.DECODE_LOAD_PADDING,
         num_warps=num_warps, num_stages=num_stages)
     return torch.softmax(scores, dim=-1)  # no vector at all: a row of -inf, NaN as in the reference

@@ -22,8 +22,8 @@ def test_small_run_writes_rows_for_every_backend(tmp_path, monkeypatch) -> None:
             importlib.reload(triton_scoring)
     main(["--small", "--reps", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
-    chunk = {"torch", "torch + layout", "torch, int8"} | ({"triton", "triton + layout", "triton, int8",
-                                                           "triton, one product"} if have_triton else set())
+    chunk = {"torch", "torch + layout", "torch, int8"} | ({"triton", "triton + layout", "triton, int8"}
+                                                          if have_triton else set())
     one_query = chunk | ({"triton, block_s 32", "triton, block_s 128"} if have_triton else set())  # the tile sizes
     chunk |= {"triton, recomputed", "triton, 32 MiB slabs"} if have_triton else set()  # the score buffer's forms
     rows = result["rows"]

@@ -59,13 +59,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("one_product", [False, True], ids=["slot-by-slot", "one-product"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}kv{}q{}D{}S{}w{}e{}".format(*c))
-def test_matches_reference(case, one_product) -> None:
+def test_matches_reference(case) -> None:
     num_heads, num_kv_heads, q_len, head_dim, num_spans, width, empty_every = case
     counts = _counts(num_spans, width, seed=num_heads, empty_every=empty_every)
     queries, vectors, owner = _inputs(num_heads, num_kv_heads, q_len, head_dim, counts, seed=q_len)
-    got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 2.0, one_product=one_product)
+    got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 2.0)
     empty = torch.tensor(counts, device=DEVICE) == 0
     assert (got[:, empty] == 0).all()
     torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads, device=DEVICE))
@@ -86,9 +85,8 @@ def test_one_query_matches_reference(case) -> None:
     num_heads, num_kv_heads, head_dim, num_spans, width, empty_every = case
     counts = _counts(num_spans, width, seed=num_spans, empty_every=empty_every)
     queries, vectors, owner = _inputs(num_heads, num_kv_heads, 1, head_dim, counts, seed=num_spans)
-    for block_s, one_product in ((None, False), (16, False), (None, True), (32, True)):
-        got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 3.0, block_s=block_s,
-                     one_product=one_product)
+    for block_s in (None, 16):
+        got = _check(queries, vectors, owner, num_spans, head_dim ** -0.5 * 3.0, block_s=block_s)
         assert (got[:, torch.tensor(counts, device=DEVICE) == 0] == 0).all()
         torch.testing.assert_close(got.sum(dim=1), torch.ones(num_heads, device=DEVICE))
 
@@ -165,10 +163,9 @@ def test_stored_scores_in_slabs_equal_recomputed(case, monkeypatch) -> None:
         torch.testing.assert_close(got, results[None], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("one_product", [False, True], ids=["slot-by-slot", "one-product"])
 @pytest.mark.parametrize("load_padding", [True, False], ids=["padding-loaded", "padding-masked"])
 @pytest.mark.parametrize("q_len", [9, 1], ids=["chunk", "one-query"])
-def test_slot_loads_with_or_without_the_padding(q_len, load_padding, one_product, monkeypatch) -> None:
+def test_slot_loads_with_or_without_the_padding(q_len, load_padding, monkeypatch) -> None:
     """``scoring_launch.CHUNK_LOAD_PADDING`` / ``DECODE_LOAD_PADDING``: a slot's rows read for every span or only
     where a vector is. Either way a padding row is dropped from the span max: NaN padding of a kept layout (float
     and int8 codes with NaN scales) leaves the result equal to the reference."""
@@ -177,8 +174,6 @@ def test_slot_loads_with_or_without_the_padding(q_len, load_padding, one_product
 
     monkeypatch.setattr(scoring_launch, "CHUNK_LOAD_PADDING", load_padding)
     monkeypatch.setattr(scoring_launch, "DECODE_LOAD_PADDING", load_padding)
-    monkeypatch.setattr(scoring_launch, "CHUNK_ONE_PRODUCT", one_product)
-    monkeypatch.setattr(scoring_launch, "DECODE_ONE_PRODUCT", one_product)
     counts = _counts(37, 4, seed=12, empty_every=5)
     queries, vectors, owner = _inputs(8, 2, q_len, 32, counts, seed=12)
     layout = span_layout(vectors, owner.cpu(), 37, dtype=torch.float32, min_width=5)
@@ -212,39 +207,6 @@ def test_chunk_launch_settings_reach_the_kernels(monkeypatch) -> None:
         launches.clear()
         _check(queries, vectors, owner, 20, 0.3, score_buffer=score_buffer)
         assert settings() == [triton_scoring.block_sizes(32, 2, queries.device, torch.float32)[2:]] * kernels
-
-
-def test_one_product_width_and_launch(monkeypatch) -> None:
-    """``one_product`` (or ``scoring_launch.CHUNK_ONE_PRODUCT`` / ``DECODE_ONE_PRODUCT`` when None) scores a
-    tile in one product over the width rounded up to a power of two (``WIDTH_P``), with ``block_sizes``'
-    one-product settings; a width over ``ONE_PRODUCT_MAX_WIDTH`` goes slot by slot (``WIDTH_P`` 0)."""
-    from ltri_rag.kernels import scoring_launch
-
-    launches = []
-    for name in ("_span_stats_kernel", "_span_mass_kernel", "_span_decode_scores_kernel"):
-        monkeypatch.setattr(triton_scoring, name, _Recording(getattr(triton_scoring, name), launches))
-    counts = _counts(21, 5, seed=14)
-    counts[3] = 5  # width 5: padded to 8
-    queries, vectors, owner = _inputs(4, 2, 6, 32, counts, seed=14)
-    for q_len in (6, 1):
-        for setting, explicit, width_p in ((False, None, 0), (True, None, 8), (False, True, 8), (True, False, 0)):
-            monkeypatch.setattr(scoring_launch, "CHUNK_ONE_PRODUCT", setting)
-            monkeypatch.setattr(scoring_launch, "DECODE_ONE_PRODUCT", setting)
-            launches.clear()
-            _check(queries[:, :q_len], vectors, owner, 21, 0.3, one_product=explicit)
-            assert [kwargs["WIDTH_P"] for kwargs in launches] == [width_p], (q_len, setting, explicit)
-            if q_len > 1 and width_p:
-                assert launches[0]["BLOCK_S"] == 16  # block_sizes' one-product tile off CUDA
-    monkeypatch.setattr(scoring_launch, "ONE_PRODUCT_MAX_WIDTH", 4)  # a width of 5 is now too wide
-    launches.clear()
-    _check(queries, vectors, owner, 21, 0.3, one_product=True)
-    assert [kwargs["WIDTH_P"] for kwargs in launches] == [0]
-    cuda = torch.device("cuda")
-    assert scoring_launch.block_sizes(128, 4, cuda, torch.bfloat16, one_product=True) == \
-        scoring_launch.CHUNK_ONE_PRODUCT_LAUNCH
-    assert scoring_launch.block_sizes(64, 4, cuda, torch.bfloat16, one_product=True)[1] == 16
-    assert scoring_launch.padded_width(True, 3) == 4 and scoring_launch.padded_width(True, 1) == 1
-    assert scoring_launch.padded_width(False, 3) == 0
 
 
 def test_peaked_scores_and_negative_scaling() -> None:
