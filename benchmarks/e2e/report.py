@@ -162,6 +162,11 @@ def render(result: dict[str, Any]) -> str:
                 lines.append(f"| {p['mode']} | {p['length']:,} | {p['kind']} ({p['tokens']} tok) | "
                              f"{p['wall_ms']:.1f} | {p['busy_ms']:.1f} | {cats} | {p['unattributed_ms']:.2f} | "
                              f"{p['floor_ms']:.3g} |")
+            for p in profs:
+                if p.get("top_kernels"):
+                    lines += ["", f"Top kernels of that pass, {p['mode']} at {p['length']:,} ({p['kind']}): device ms, "
+                              "launches", "", "| kernel | ms | launches |", "|---|---:|---:|"]
+                    lines += [f"| `{k['name'][:100]}` | {k['ms']:.3f} | {k['launches']} |" for k in p["top_kernels"]]
         lines.append("")
     lines += ["## Targets", ""]
     for model, per_mode in result["summary"].items():

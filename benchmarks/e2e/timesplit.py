@@ -41,6 +41,9 @@ TRITON_CATEGORY = {"_local_fwd_kernel": "attention", "_local_key_mass_kernel": "
                    "_span_stats_kernel": "retrieval: score+select", "_span_mass_kernel": "retrieval: score+select"}
 
 
+TOP_KERNELS = 20
+
+
 def _category(event: Any) -> str:
     """Which part of the work a profiled operator belongs to (by its innermost engine stage, else its name)."""
     names = []
@@ -61,11 +64,13 @@ def _category(event: Any) -> str:
 
 
 def split_time(events: Any, cuda: bool) -> dict[str, Any]:
-    """Milliseconds per category (device time on CUDA, CPU self time elsewhere), plus the stage totals."""
+    """Milliseconds per category (device time on CUDA, CPU self time elsewhere), plus the stage totals and the
+    ``TOP_KERNELS`` kernels (and copies) of the device timeline by time, with their launch counts (empty on CPU)."""
     from torch.autograd import DeviceType
 
     cats: dict[str, float] = defaultdict(float)
     triton: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [ms, launches]
     kernels = 0.0
     stage_ms: dict[str, float] = defaultdict(float)
     for event in events:
@@ -75,6 +80,8 @@ def split_time(events: Any, cuda: bool) -> dict[str, Any]:
                 ("ltri.", "ProfilerStep"))
             if not annotation:
                 kernels += _self_device_time(event) / 1e3
+                by_kernel[event.name][0] += _self_device_time(event) / 1e3
+                by_kernel[event.name][1] += 1
                 if event.name in TRITON_CATEGORY:
                     triton[TRITON_CATEGORY[event.name]] += _self_device_time(event) / 1e3
             continue
@@ -90,9 +97,11 @@ def split_time(events: Any, cuda: bool) -> dict[str, Any]:
         for category, ms in triton.items():
             cats[category] += ms
         busy += triton_ms
+    top = sorted(by_kernel.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
     return {"categories_ms": {c: cats.get(c, 0.0) for c in CATEGORIES}, "busy_ms": busy,
             "kernels_ms": kernels if cuda else None, "unattributed_ms": max(0.0, kernels - busy) if cuda else 0.0,
-            "triton_ms": dict(triton), "stages_ms": dict(stage_ms)}
+            "triton_ms": dict(triton), "stages_ms": dict(stage_ms),
+            "top_kernels": [{"name": name, "ms": ms, "launches": n} for name, (ms, n) in top]}
 
 
 def profile_pass(model: nn.Module, device: torch.device, run: Callable[[], Any], active_pass: int,

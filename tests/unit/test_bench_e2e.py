@@ -153,6 +153,13 @@ def test_time_split_files_triton_kernels_by_name_once():
     assert split["categories_ms"]["attention"] == 4.0
     assert split["categories_ms"]["retrieval: score+select"] == 2.0
     assert split["busy_ms"] == 11.0 and split["kernels_ms"] == 11.0 and split["unattributed_ms"] == 0.0
+    # the device timeline's kernels by time, with launch counts
+    events.append(dev("_local_key_mass_kernel", 3000.0))
+    split = split_time(events, cuda=True)
+    assert [(k["name"], k["ms"], k["launches"]) for k in split["top_kernels"]] == [
+        ("sm90_gemm", 5.0, 1), ("_local_key_mass_kernel", 4.0, 2), ("_local_fwd_kernel", 3.0, 1),
+        ("_span_mass_kernel", 2.0, 1)]
+    events.pop()
     # where a CPU operator already carries the Triton time (busy covers every kernel), it is not counted twice
     events[0] = cpu("aten::linear", 11000.0)
     split = split_time(events, cuda=True)
