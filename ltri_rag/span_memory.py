@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ltri_rag.growing import GrowingRows
 from ltri_rag.kernels.scoring import SpanLayout, dequantize_rows, span_layout, span_scores
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.kernels.triton_slots import place_slots
@@ -32,8 +33,9 @@ class SpanTable:
             them back dequantized, in ``dtype``.
 
     The index vectors are kept once, in the dense per-span layout that scoring reads
-    (:func:`~ltri_rag.kernels.scoring.span_layout`: :meth:`layout`), extended as spans arrive (and widened when a
-    span brings more vectors than any before), so scoring a chunk or a decoded token neither rebuilds it nor waits
+    (:func:`~ltri_rag.kernels.scoring.span_layout`: :meth:`layout`), extended in place as spans arrive (buffers
+    with spare capacity, :class:`~ltri_rag.growing.GrowingRows`; widened when a span brings more vectors than any
+    before), so scoring a chunk or a decoded token neither rebuilds it nor waits
     for the device. Extending it reads a host copy of the vectors' owners, so that does not wait either. The
     vectors in their compact form (:attr:`vectors`, :attr:`owner`) are made from the layout when asked for (export,
     tests): at 1M tokens of an 8B model a second, compact copy on the GPU was 8 GiB.
@@ -43,21 +45,50 @@ class SpanTable:
                  quantized: bool = False) -> None:
         self.num_kv_heads, self.head_dim, self.dtype, self.quantized = num_kv_heads, head_dim, dtype, quantized
         self.device = torch.device(device)
-        self.starts = torch.zeros(0, dtype=torch.int64)
-        self.ends = torch.zeros(0, dtype=torch.int64)
-        self._owner_host = torch.zeros(0, dtype=torch.int64)  # [num_vectors] span of each vector, host, sorted
+        # rows appended in place with spare capacity (ltri_rag.growing): a prompt's appends copy O(n) bytes
+        self._starts_rows = GrowingRows(torch.zeros(0, dtype=torch.int64))
+        self._ends_rows = GrowingRows(torch.zeros(0, dtype=torch.int64))
+        self._owner_rows = GrowingRows(torch.zeros(0, dtype=torch.int64))  # span of each vector, host, sorted
         self.recency = torch.zeros(0, dtype=torch.float32)
         self._num_tokens = 0
-        self._layout = SpanLayout(
-            torch.zeros(0, num_kv_heads, head_dim, dtype=torch.int8 if quantized else dtype, device=self.device),
-            torch.zeros(0, dtype=torch.bool, device=self.device), 1,
-            torch.zeros(0, num_kv_heads, dtype=torch.float32, device=self.device) if quantized else None)
+        self._padded_rows = GrowingRows(
+            torch.zeros(0, num_kv_heads, head_dim, dtype=torch.int8 if quantized else dtype, device=self.device))
+        self._valid_rows = GrowingRows(torch.zeros(0, dtype=torch.bool, device=self.device))
+        self._scale_rows = GrowingRows(torch.zeros(0, num_kv_heads, dtype=torch.float32, device=self.device)) \
+            if quantized else None
+        self._layout = SpanLayout(self._padded_rows.rows, self._valid_rows.rows, 1,
+                                  None if self._scale_rows is None else self._scale_rows.rows)
         # device copies of the span geometry (selection on the device), dropped when spans are appended
         self._geometry: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
         self._starts: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.starts.numel())
+        return len(self._starts_rows)
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """``[num_spans]`` int64 first slot of each span (host), increasing."""
+        return self._starts_rows.rows
+
+    @starts.setter
+    def starts(self, value: torch.Tensor) -> None:
+        self._starts_rows.reset(value.to("cpu", torch.int64))
+        self._geometry = self._starts = None
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """``[num_spans]`` int64 end slot of each span (exclusive, host)."""
+        return self._ends_rows.rows
+
+    @ends.setter
+    def ends(self, value: torch.Tensor) -> None:
+        self._ends_rows.reset(value.to("cpu", torch.int64))
+        self._geometry = None
+
+    @property
+    def _owner_host(self) -> torch.Tensor:
+        """``[num_vectors]`` int64 span of each vector (host), increasing."""
+        return self._owner_rows.rows
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -113,10 +144,10 @@ class SpanTable:
             raise ValueError(f"owner must lie in [0, {num_new}) for {num_new} new spans, got "
                              f"[{int(owner.min())}, {int(owner.max())}]")
         self._extend_layout(vectors, owner, num_new)
-        self.starts = torch.cat([self.starts, starts])
-        self.ends = torch.cat([self.ends, ends])
+        self._starts_rows.append(starts)
+        self._ends_rows.append(ends)
         self._num_tokens += int((ends - starts).sum())
-        self._owner_host = torch.cat([self._owner_host, torch.sort(owner, stable=True).values + offset])
+        self._owner_rows.append(torch.sort(owner, stable=True).values + offset)
         self.recency = torch.cat([self.recency, torch.zeros(num_new, device=self.recency.device)])
         self._geometry = self._starts = None
 
@@ -159,6 +190,9 @@ class SpanTable:
         padded, valid, width, scale = self._layout
         vectors = vectors.to(self.device, self.dtype)
         new = span_layout(vectors, owner, num_new, dtype=self.dtype, min_width=width, quantize=self.quantized)
+        parts = [(self._padded_rows, padded, new.padded), (self._valid_rows, valid, new.valid)]
+        if self._scale_rows is not None:
+            parts.append((self._scale_rows, scale, new.scale))
         if new.width != width:  # each span's rows move to the start of a wider group (the rest padding)
             num_spans = len(self)
 
@@ -167,10 +201,12 @@ class SpanTable:
                 wide[:, :width] = rows.view(num_spans, width, *rows.shape[1:])
                 return wide.view(num_spans * new.width, *rows.shape[1:])
 
-            padded, valid = widen(padded), widen(valid)
-            scale = None if scale is None else widen(scale)
-        self._layout = SpanLayout(torch.cat([padded, new.padded]), torch.cat([valid, new.valid]), new.width,
-                                  None if scale is None else torch.cat([scale, new.scale]))
+            for store, kept, _ in parts:
+                store.reset(widen(kept))
+        for store, _, rows in parts:
+            store.append(rows)
+        self._layout = SpanLayout(self._padded_rows.rows, self._valid_rows.rows, new.width,
+                                  None if self._scale_rows is None else self._scale_rows.rows)
 
     def layout(self) -> SpanLayout:
         """The vectors laid out densely per span (``[num_spans * width, num_kv_heads, head_dim]`` padded rows, their
