@@ -86,9 +86,11 @@ def load_baseline(path: Path) -> Callable[..., Any]:
 
 
 def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reps: int,
-                band: int, baseline: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+                band: int, baseline: Callable[..., Any] | None = None,
+                mass_steps: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """One row per backend for one shape (``baseline``: another ``local_attention_triton``, rows ``baseline``
-    and ``baseline (no key mass)``)."""
+    and ``baseline (no key mass)``; ``mass_steps``: Triton rows whose key mass sums every N-th query only,
+    checked against the torch path with the same sampling)."""
     num_heads, num_kv_heads, _, window, chunk = shape
     kv_len = window + chunk
     q, k, v, kwargs, flops = _case(shape, device, dtype, band)
@@ -99,6 +101,9 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
         backends["triton"] = lambda: triton_fn(q, k, v, **kwargs)
         # the forward alone (band kept): the difference to the row above is the key-mass pass
         backends["triton (no key mass)"] = lambda: triton_fn(q, k, v, **{**kwargs, "want_key_mass": False})
+        for step in mass_steps:
+            backends[f"triton (key mass of 1/{step} queries)"] = functools.partial(
+                triton_fn, q, k, v, **kwargs, mass_step=step)
     if baseline is not None:
         backends["baseline"] = lambda: baseline(q, k, v, **kwargs)
         backends["baseline (no key mass)"] = lambda: baseline(q, k, v, **{**kwargs, "want_key_mass": False})
@@ -108,16 +113,20 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     backends["sdpa (out only)"] = lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k_rep, v_rep, attn_mask=allowed, scale=scaling)
     ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
+    sampled_refs = {step: local_attention(q.float(), k.float(), v.float(), **kwargs, mass_step=step)
+                    for step in mass_steps}
     rows = []
     for backend, fn in backends.items():
         ms = _time(fn, reps, device.type == "cuda")
         row = {"shape": name, "backend": backend, "ms": ms, "tflops": flops / ms / 1e9, "dtype": str(dtype)}
         if backend != "sdpa (out only)":
             got = fn()
-            row["max_err_out"] = float((got.out - ref.out).abs().max())
+            step = next((s for s in mass_steps if backend == f"triton (key mass of 1/{s} queries)"), None)
+            want = ref if step is None else sampled_refs[step]
+            row["max_err_out"] = float((got.out - want.out).abs().max())
             if got.key_mass is not None:
-                row["max_rel_err_key_mass"] = float(((got.key_mass - ref.key_mass).abs()
-                                                     / ref.key_mass.abs().clamp(min=1e-3)).max())
+                row["max_rel_err_key_mass"] = float(((got.key_mass - want.key_mass).abs()
+                                                     / want.key_mass.abs().clamp(min=1e-3)).max())
         rows.append(row)
         print(f"{name:14s} {backend:16s} {ms:9.3f} ms {row['tflops']:8.2f} TFLOP/s", flush=True)
     return rows
@@ -249,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch settings")
     parser.add_argument("--mass-sweep", action="store_true",
                         help="also time the key-mass kernel's launch settings (mass_sweep.json / .md)")
+    parser.add_argument("--mass-step", type=int, nargs="*", default=[], metavar="N",
+                        help="also time the Triton call whose key mass sums every N-th query only (mass_step)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="FILE",
                         help="another copy of kernels/triton_local.py to time in the same run (rows 'baseline')")
     args = parser.parse_args(argv)
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name, shape in (SMALL if args.small else SHAPES).items():
-        rows += bench_shape(name, shape, device, dtype, args.reps, args.band, baseline)
+        rows += bench_shape(name, shape, device, dtype, args.reps, args.band, baseline, tuple(args.mass_step))
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "band": args.band}
     args.out.mkdir(parents=True, exist_ok=True)

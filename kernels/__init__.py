@@ -51,7 +51,7 @@ if __name__ == "kernels":
 _EXPORTS = {
     "LocalAttention": "attention",
     "attention_with_lse": "attention",
-    "decode_attention": "attention",
+    "decode_attention": "attention_decode",
     "decode_attention_triton": "triton_decode",
     "local_attention": "attention",
     "local_attention_backend": "attention",

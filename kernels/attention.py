@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LocalAttention", "attention_with_lse", "decode_attention", "decode_attention_backend", "local_attention",
-           "local_attention_backend", "merge_attention"]
+__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "local_attention_backend", "merge_attention"]
 
 
 @dataclass
@@ -238,6 +237,23 @@ def _check_memory(q: torch.Tensor, k: torch.Tensor, memory: tuple, extra_lse: to
         raise ValueError(f"mem_mask is on {mem_mask.device}, q on {q.device}")
 
 
+def _check_mass_rows(q_len: int, mass_step: int, mass_anchor: int | None) -> int:
+    """Validate :func:`local_attention`'s ``mass_step`` / ``mass_anchor``; return the anchor."""
+    if not isinstance(mass_step, int) or isinstance(mass_step, bool) or mass_step < 1:
+        raise ValueError(f"mass_step must be an int >= 1, got {mass_step!r}")
+    anchor = q_len - 1 if mass_anchor is None else mass_anchor
+    if not isinstance(anchor, int) or isinstance(anchor, bool) or anchor < q_len - 1:
+        raise ValueError(f"mass_anchor must be an int >= q_len - 1 = {q_len - 1}, got {mass_anchor!r}")
+    return anchor
+
+
+def _mass_row_weight(q_len: int, mass_step: int, anchor: int, like: torch.Tensor) -> torch.Tensor:
+    """``[q_len]`` weights of the queries in ``key_mass``: ``mass_step`` for queries ``anchor - j * mass_step``,
+    0 for the others (``like``'s dtype and device)."""
+    sampled = (anchor - torch.arange(q_len, device=like.device)) % mass_step == 0
+    return sampled.to(like.dtype) * mass_step
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,6 +266,8 @@ def local_attention(
     want_key_mass: bool = False,
     softcap: float | None = None,
     memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    mass_step: int = 1,
+    mass_anchor: int | None = None,
 ) -> LocalAttention:
     """Causal attention over the local keys plus the statistics span detection needs, in one pass.
 
@@ -275,20 +293,27 @@ def local_attention(
             head_dim]`` (``q`` itself unless the position scheme moves them), memory keys and values
             ``[batch, num_kv_heads, M, head_dim]`` and their mask ``[batch, num_kv_heads, M]`` bool (False =
             padding); every query sees every real memory key. Excludes ``extra_lse``.
+        mass_step: ``key_mass`` sums the probabilities of every ``mass_step``-th query only, counted back from
+            query ``mass_anchor``, each weighted by ``mass_step`` (an estimate of the sum over every query at
+            ``1 / mass_step`` of the work; 1 = every query, exact). ``out``, ``lse`` and ``band`` are unchanged.
+        mass_anchor: The query index the sampled queries count back from (a sampled one); None = ``q_len - 1``,
+            the last query. Larger values serve a call on the first queries of a longer chunk.
 
     Returns:
         A :class:`LocalAttention`.
     """
+    anchor = _check_mass_rows(q.shape[2], mass_step, mass_anchor)
     if q.device.type == "cpu" and q.shape[2] > CPU_QUERY_BLOCK:
         return _local_attention_blocked(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=extra_lse,
                                         band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
-                                        memory=memory)
+                                        memory=memory, mass_step=mass_step, mass_anchor=anchor)
     if memory is not None:
         _check_memory(q, k, memory, extra_lse)
         q_mem, mem_k, mem_v, mem_mask = memory
         out_m, lse_m = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mem_mask, softcap=softcap)
         local = local_attention(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=lse_m,
-                                band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
+                                band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
+                                mass_step=mass_step, mass_anchor=anchor)
         out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
         return LocalAttention(out=out, lse=lse, key_mass=local.key_mass, band=local.band)
     _check_qkv(q, k, v)
@@ -304,7 +329,8 @@ def local_attention(
     if want_key_mass or band_width > 0:
         weight = _probability_weight(lse, inv_sum, extra_lse)
         if want_key_mass:
-            key_mass = _key_mass(e, weight)
+            sampled = weight if mass_step == 1 else weight * _mass_row_weight(q_len, mass_step, anchor, weight)
+            key_mass = _key_mass(e, sampled)
         if band_width > 0:
             band = _band(e, weight, causal_offset, band_width)
     return LocalAttention(out=out, lse=lse.reshape(q.shape[:3]), key_mass=key_mass, band=band)
@@ -321,7 +347,7 @@ def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              causal_offset: int, extra_lse: torch.Tensor | None, band_width: int,
                              want_key_mass: bool, softcap: float | None,
                              memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                             ) -> LocalAttention:
+                             mass_step: int = 1, mass_anchor: int | None = None) -> LocalAttention:
     """:func:`local_attention` over blocks of ``CPU_QUERY_BLOCK`` queries (same arguments and result): block
     ``[i0, i1)`` sees the local keys up to its last query, ``causal_offset + i1``."""
     _check_qkv(q, k, v)
@@ -340,7 +366,8 @@ def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                causal_offset=causal_offset + i0,
                                extra_lse=None if extra_lse is None else extra_lse[:, :, i0:i1],
                                band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
-                               memory=block_memory)
+                               memory=block_memory, mass_step=mass_step,
+                               mass_anchor=(q_len - 1 if mass_anchor is None else mass_anchor) - i0)
         outs.append(part.out)
         lses.append(part.lse)
         if part.band is not None:
@@ -370,116 +397,6 @@ def local_attention_backend(backend: str, device: torch.device):
     if backend == "triton":
         raise ValueError("backend 'triton' needs the triton package, which did not import")
     return local_attention
-
-
-def _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap) -> tuple[int, bool]:
-    """Validate the inputs of a decode step; return ``(group, has_memory)`` (memory present with ``M > 0``)."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, num_heads, 1, head_dim], got shape {tuple(q.shape)}")
-    if q.shape[2] != 1:
-        raise ValueError(f"q_len must be 1 (one decoded token per sequence), got q_len {q.shape[2]}")
-    group = _check_qkv(q, win_k, win_v)
-    if win_k.shape[2] < 1:
-        raise ValueError(f"win_k must hold at least the new token (W >= 1), got W = {win_k.shape[2]}")
-    if band_width < 0:
-        raise ValueError(f"band_width must be >= 0, got {band_width}")
-    if softcap is not None and softcap == 0:
-        raise ValueError("softcap must be non-zero (or None)")
-    if q_mem is not None and (q_mem.shape != q.shape or q_mem.device != q.device):
-        raise ValueError(f"q_mem must match q {tuple(q.shape)} on {q.device}, got {tuple(q_mem.shape)} on "
-                         f"{q_mem.device}")
-    if (mem_k is None) != (mem_v is None):
-        raise ValueError("mem_k and mem_v must both be given or both be None")
-    if mem_k is None:
-        if mem_mask is not None:
-            raise ValueError("mem_mask given without mem_k / mem_v")
-        return group, False
-    _check_qkv(q, mem_k, mem_v)
-    if mem_k.shape[1] != win_k.shape[1]:
-        raise ValueError(f"num_kv_heads of the memory ({mem_k.shape[1]}) and the window ({win_k.shape[1]}) differ")
-    if mem_mask is not None:
-        if tuple(mem_mask.shape) != tuple(mem_k.shape[:3]):
-            raise ValueError(f"mem_mask must be [batch, num_kv_heads, M]={tuple(mem_k.shape[:3])}, "
-                             f"got {tuple(mem_mask.shape)}")
-        if mem_mask.dtype != torch.bool or mem_mask.device != q.device:
-            raise ValueError(f"mem_mask must be a bool tensor on {q.device}, got {mem_mask.dtype} on {mem_mask.device}")
-    return group, mem_k.shape[2] > 0
-
-
-def decode_attention(
-    q: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    mem_mask: torch.Tensor | None,
-    win_k: torch.Tensor,
-    win_v: torch.Tensor,
-    *,
-    scaling: float,
-    band_width: int = 0,
-    want_key_mass: bool = False,
-    softcap: float | None = None,
-    q_mem: torch.Tensor | None = None,
-    win_len: torch.Tensor | None = None,
-) -> LocalAttention:
-    """Reference (plain torch): one decode step over ``[memory | window]``, the engine's composition today.
-
-    Args:
-        q: ``[batch, num_heads, 1, head_dim]`` the new token's queries.
-        mem_k: ``[batch, num_kv_heads, M, head_dim]`` memory keys (sinks and retrieved spans), or None.
-        mem_v: like ``mem_k``.
-        mem_mask: ``[batch, num_kv_heads, M]`` bool, False for padding; None = all valid.
-        win_k: ``[batch, num_kv_heads, W, head_dim]`` local window, the new token's key last (``W >= 1``).
-        win_v: like ``win_k``.
-        scaling: Multiplier of ``q . k``.
-        band_width: Width of the returned band (head-mean probability of keys ``W - 1 - o``); 0 = none.
-        want_key_mass: Whether to return ``key_mass`` (``[batch, num_kv_heads, W]``).
-        softcap: Optional score soft-capping.
-        q_mem: Queries for the memory keys (a position scheme may rotate them differently); None = ``q``.
-        win_len: A one-element integer tensor, or None: ``win_k`` / ``win_v`` are then buffers of capacity ``W`` whose
-            first ``win_len`` keys (clamped to ``[1, W]``) are the window, as for the Triton kernel. Here the length
-            is read on the host (one synchronisation): the result is the call on ``win_k[:, :, :win_len]``, with
-            ``key_mass`` padded to ``W`` columns with zeros.
-
-    Returns:
-        A :class:`~ltri_rag.kernels.attention.LocalAttention`: ``out`` / ``lse`` over both parts, ``key_mass`` /
-        ``band`` of the window keys normalised by the total LSE.
-    """
-    if win_len is not None:
-        if not isinstance(win_len, torch.Tensor) or win_len.numel() != 1 or win_len.dtype not in (torch.int32,
-                                                                                                   torch.int64):
-            raise ValueError(f"win_len must be a one-element int32 / int64 tensor, got "
-                             f"{getattr(win_len, 'shape', None)} {getattr(win_len, 'dtype', type(win_len).__name__)}")
-        capacity = win_k.shape[2]
-        length = min(max(int(win_len.reshape(())), 1), capacity)
-        part = decode_attention(q, mem_k, mem_v, mem_mask, win_k[:, :, :length], win_v[:, :, :length],
-                                scaling=scaling, band_width=band_width, want_key_mass=want_key_mass, softcap=softcap,
-                                q_mem=q_mem)
-        if part.key_mass is None or length == capacity:
-            return part
-        key_mass = torch.nn.functional.pad(part.key_mass, (0, capacity - length))
-        return LocalAttention(out=part.out, lse=part.lse, key_mass=key_mass, band=part.band)
-    _, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
-    lse_m = out_m = None
-    if has_memory:
-        out_m, lse_m = attention_with_lse(q if q_mem is None else q_mem, mem_k, mem_v, scaling=scaling,
-                                          key_mask=mem_mask, softcap=softcap)
-    local = local_attention(q, win_k, win_v, scaling=scaling, causal_offset=win_k.shape[2] - 1, extra_lse=lse_m,
-                            band_width=band_width, want_key_mass=want_key_mass, softcap=softcap)
-    if out_m is None:
-        return local
-    out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
-    return LocalAttention(out=out, lse=lse, key_mass=local.key_mass, band=local.band)
-
-
-def decode_attention_backend(backend: str, device: torch.device):
-    """The fused decode kernel (``triton_decode.decode_attention_triton``: memory + window + merge in one launch
-    pair) where ``backend`` selects Triton on ``device`` (as :func:`local_attention_backend` decides), else None: the
-    caller then composes :func:`attention_with_lse`, :func:`local_attention` and :func:`merge_attention`."""
-    if local_attention_backend(backend, device) is local_attention:
-        return None
-    from ltri_rag.kernels.triton_decode import decode_attention_triton  # imports this module
-
-    return decode_attention_triton
 
 
 def merge_attention(

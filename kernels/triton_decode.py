@@ -8,7 +8,7 @@ attention probabilities of the window keys (span detection). Today it runs, in t
                             band_width=bw, want_key_mass=wk, softcap=c)
     out, lse = merge_attention(out_m, lse_m, local.out, local.lse)
 
-:func:`~ltri_rag.kernels.attention.decode_attention` is that composition (the torch reference);
+:func:`~ltri_rag.kernels.attention_decode.decode_attention` is that composition (the torch reference);
 :func:`decode_attention_triton` computes the same
 :class:`~ltri_rag.kernels.attention.LocalAttention` (``out``/``lse`` merged over both parts; ``key_mass`` /
 ``band`` of the window keys under the *combined* normaliser) in two Triton launches.
@@ -67,7 +67,8 @@ import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
                                               next_pow2 as _next_pow2, pow2_block as _pow2_block)
 from ltri_rag.kernels.decode_shapes import block_sizes, num_splits_for, prev_pow2 as _prev_pow2, stages_that_fit
-from ltri_rag.kernels.attention import LocalAttention, _check_decode, decode_attention
+from ltri_rag.kernels.attention import LocalAttention
+from ltri_rag.kernels.attention_decode import _check_decode, decode_attention
 
 __all__ = ["block_sizes", "decode_attention", "decode_attention_triton", "num_splits_for", "triton_available"]
 
@@ -388,7 +389,7 @@ def decode_attention_triton(
         ValueError: inconsistent shapes, devices or arguments, or tensors the kernels cannot run on.
     """
     if triton is None:
-        raise RuntimeError("triton is not installed: use ltri_rag.kernels.attention.decode_attention instead")
+        raise RuntimeError("triton is not installed: use ltri_rag.kernels.attention_decode.decode_attention instead")
     group, has_memory = _check_decode(q, mem_k, mem_v, mem_mask, win_k, win_v, q_mem, band_width, softcap)
     batch, num_heads, _, head_dim = q.shape
     num_kv_heads, win_cap = win_k.shape[1], win_k.shape[2]  # the window's length, or its capacity with win_len

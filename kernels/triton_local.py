@@ -52,7 +52,8 @@ CPU tensors), spill-free but untimed defaults on CUDA (8 warps, ``64 x 64``; ``6
 import torch
 from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
                                               pow2_block as _pow2_block)
-from ltri_rag.kernels.attention import LocalAttention, _check_memory, _check_qkv, local_attention
+from ltri_rag.kernels.attention import LocalAttention, _check_mass_rows, _check_memory, _check_qkv, local_attention
+from ltri_rag.kernels.local_launch import block_sizes, launch_setting as _launch_setting
 
 __all__ = ["block_sizes", "local_attention_triton", "triton_available"]
 
@@ -68,38 +69,6 @@ KEY_MASS_LAUNCH: tuple[int, int, int, int] | None = None
 """``(block_m, block_n, num_warps, num_stages)`` of the key-mass kernel when :func:`local_attention_triton` is
 given no launch settings; None: the forward kernel's (what :func:`block_sizes` returns). For sweeps
 (``benchmarks/bench_local_attention.py --mass-sweep``)."""
-
-
-def _launch_setting(value: int | None, default: int, name: str, allowed) -> int:
-    """``value`` checked against ``allowed`` (``default`` when None)."""
-    if value is None:
-        return default
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
-def block_sizes(head_dim: int, group: int, device: torch.device,
-                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
-    """``(block_m, block_n, num_warps, num_stages)`` for :func:`local_attention_triton`.
-
-    ``block_m`` counts packed ``(query, head)`` rows, ``block_n`` keys. Off CUDA (the interpreter) small blocks
-    keep the per-program numpy work light. The 16-bit CUDA values come from the launch-settings sweep on an H200
-    (``benchmarks/bench_local_attention.py --sweep``: 36 settings, one chunk of 2,048 queries against a 4,096-key
-    window, key mass and a band of 64 on; ``benchmarks/results/local_attention_h200/sweep.md``): at head_dim 64
-    (Qwen2.5-0.5B, 7 query heads per KV head) 128 x 32 with 4 warps and 3 stages took 0.44 ms against 0.78 ms for
-    the earlier untuned 64 x 64 / 8 warps / 2 stages; at head_dim 128 (Llama-3-8B, group 4) 64 x 64 / 4 / 3 took
-    1.04 ms against 1.70. Float32 inputs and head_dim 256 keep the untuned settings that compile without register
-    spills (checked with ptxas for sm_90).
-    """
-    del group  # packing makes the row count independent of the group; kept for tuning by group later
-    if device.type != "cuda":
-        return 32, 32, 1, 1
-    if dtype == torch.float32 or head_dim > 128:
-        return 64, 32, 8, 2
-    if head_dim <= 64:
-        return 128, 32, 4, 3
-    return 64, 64, 4, 3
 
 
 if triton is not None:
@@ -291,12 +260,13 @@ if triton is not None:
                      mask=row_ok[:, None] & (o[None, :] < band_width))
 
     @triton.jit
-    def _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset, qk_scale,
-                   cap2, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset, pos_off, pos_step,
+                   qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr,
                    HAS_EXTRA: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
         """``part [M, N]`` plus one packed row block's ``exp(score - total)`` against the program's key tile;
-        ``MASKED`` blocks apply the causal mask (blocks whose rows all see the tile only the row count's)."""
+        ``MASKED`` blocks apply the causal mask (blocks whose rows all see the tile only the row count's). Query
+        ``qi`` of the (sampled) rows sits at chunk position ``pos_off + qi * pos_step``."""
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len * GROUP
         qi = rows // GROUP
@@ -311,16 +281,16 @@ if triton is not None:
             total2 = _logaddexp2(total2, extra * 1.4426950408889634)
         s = _score_tile(q, k_t, qk_scale, cap2, SOFTCAP, DOT_PRECISION)
         if MASKED:
-            seen = (n[None, :] <= causal_offset + qi[:, None]) & row_ok[:, None] & n_ok[None, :]
+            seen = (n[None, :] <= causal_offset + pos_off + qi[:, None] * pos_step) & row_ok[:, None] & n_ok[None, :]
             return part + tl.where(seen, tl.exp2(s - total2[:, None]), 0.0)
         # every row sees every key of the tile; rows past the end have total -inf: their exp2 would be inf
         return part + tl.where(row_ok[:, None], tl.exp2(s - total2[:, None]), 0.0)
 
-    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset"))
+    @triton.jit(do_not_specialize=("q_len", "kv_len", "causal_offset", "pos_off", "pos_step"))
     def _local_key_mass_kernel(Q, K, Lse, Extra, Mass,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,
-                               num_kv_heads, q_len, kv_len, causal_offset, qk_scale, cap2,
+                               num_kv_heads, q_len, kv_len, causal_offset, pos_off, pos_step, qk_scale, cap2,
                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                                HAS_EXTRA: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -338,23 +308,24 @@ if triton is not None:
         lse_base = Lse + (b * num_heads + kvh * GROUP) * q_len
         extra_base = Extra + (b * num_heads + kvh * GROUP) * q_len
         rows_total = q_len * GROUP
-        # the packed row block holding the first query that sees the tile's first key, and the first block whose
-        # rows all see its last key (from there on no causal mask)
-        first_q = tl.maximum(pid_n * BLOCK_N - causal_offset, 0)
+        # the packed row block holding the first (sampled) query that sees the tile's first key, and the first
+        # block whose rows all see its last key (from there on no causal mask); query qi sits at pos_off + qi * step
+        first_q = (tl.maximum(pid_n * BLOCK_N - causal_offset - pos_off, 0) + pos_step - 1) // pos_step
         row_start = (first_q * GROUP // BLOCK_M) * BLOCK_M
-        full_q = tl.minimum(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - causal_offset, 0), q_len)
+        full_q = tl.minimum((tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - causal_offset - pos_off, 0) + pos_step - 1)
+                            // pos_step, q_len)
         full_start = tl.maximum((full_q * GROUP + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_start)
         # exp(score - total) summed elementwise over row blocks; the one reduction over rows comes after the loops
         part = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
         for r0 in range(row_start, full_start, BLOCK_M):
             part = _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset,
-                              qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M,
-                              SOFTCAP, HAS_EXTRA, DOT_PRECISION, True)
+                              pos_off, pos_step, qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM,
+                              BLOCK_D, BLOCK_M, SOFTCAP, HAS_EXTRA, DOT_PRECISION, True)
         for r0 in range(full_start, rows_total, BLOCK_M):
             part = _mass_rows(part, q_base, k_t, lse_base, extra_base, n, n_ok, r0, q_len, causal_offset,
-                              qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M,
-                              SOFTCAP, HAS_EXTRA, DOT_PRECISION, False)
-        mass = tl.reduce(part, 0, _sum_combine)
+                              pos_off, pos_step, qk_scale, cap2, stride_qh, stride_qm, stride_qd, GROUP, HEAD_DIM,
+                              BLOCK_D, BLOCK_M, SOFTCAP, HAS_EXTRA, DOT_PRECISION, False)
+        mass = tl.reduce(part, 0, _sum_combine) * pos_step
         tl.store(Mass + (b * num_kv_heads + kvh) * kv_len + n, mass, mask=n_ok)
 
 
@@ -370,6 +341,8 @@ def local_attention_triton(
     want_key_mass: bool = False,
     softcap: float | None = None,
     memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    mass_step: int = 1,
+    mass_anchor: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -381,9 +354,10 @@ def local_attention_triton(
     module docstring for the grid and the second, key-mass kernel).
 
     Args:
-        q, k, v, scaling, causal_offset, extra_lse, band_width, want_key_mass, softcap, memory: As for the
-            reference. With ``memory`` the forward program first runs its online softmax over the memory keys
-            (key-masked, all visible), then over the local ones, so memory, window and merge are one kernel.
+        q, k, v, scaling, causal_offset, extra_lse, band_width, want_key_mass, softcap, memory, mass_step,
+            mass_anchor: As for the reference. With ``memory`` the forward program first runs its online softmax
+            over the memory keys (key-masked, all visible), then over the local ones, so memory, window and merge
+            are one kernel. With ``mass_step`` > 1 the key-mass kernel walks the sampled queries' rows only.
         block_m: Packed ``(query, head)`` rows per program (power of two >= 16); None = :func:`block_sizes`.
         block_n: Keys per tile (power of two >= 16); None = :func:`block_sizes`.
         num_warps, num_stages: Launch settings of both kernels; None = :func:`block_sizes` (for tuning sweeps:
@@ -401,6 +375,7 @@ def local_attention_triton(
         raise RuntimeError("triton is not installed: use ltri_rag.kernels.attention.local_attention instead")
     group = _check_qkv(q, k, v)
     batch, num_heads, q_len, head_dim = q.shape
+    anchor = _check_mass_rows(q_len, mass_step, mass_anchor)
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if causal_offset + q_len != kv_len:
         raise ValueError(f"causal_offset {causal_offset} + q_len {q_len} must equal kv_len {kv_len}")
@@ -423,7 +398,8 @@ def local_attention_triton(
         _check_memory(q, k, memory, extra_lse)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: the reference handles the empty shapes
         return local_attention(q, k, v, scaling=scaling, causal_offset=causal_offset, extra_lse=extra_lse,
-                               band_width=band_width, want_key_mass=want_key_mass, softcap=softcap, memory=memory)
+                               band_width=band_width, want_key_mass=want_key_mass, softcap=softcap, memory=memory,
+                               mass_step=mass_step, mass_anchor=anchor)
     q_mem = mem_k = mem_v = mem_mask = None
     if memory is not None:
         q_mem, mem_k, mem_v, mem_mask = memory
@@ -487,12 +463,19 @@ def local_attention_triton(
             mass_warps = _launch_setting(mass_warps, 0, "num_warps", (1, 2, 4, 8, 16))
             mass_stages = _launch_setting(mass_stages, 0, "num_stages", range(1, 8))
             mass = {**common, "BLOCK_M": mass_m, "num_warps": mass_warps, "num_stages": mass_stages}
+        # the sampled queries anchor - j * mass_step inside the chunk, as a strided view (their LSEs compacted)
+        first = anchor % mass_step
+        rows_q, rows_lse, rows_extra = q, lse, extra
+        if mass_step > 1:
+            rows_q = q[:, :, first::mass_step]
+            rows_lse = lse[:, :, first::mass_step].contiguous()
+            rows_extra = None if extra is None else extra[:, :, first::mass_step].contiguous()
         grid = (triton.cdiv(kv_len, mass_n), batch * num_kv_heads)
         _local_key_mass_kernel[grid](
-            q, k, lse, lse if extra is None else extra, key_mass,
-            *q.stride(), *k.stride(),
-            num_kv_heads, q_len, kv_len, causal_offset, qk_scale, cap2,
-            BLOCK_N=mass_n, **mass)
+            rows_q, k, rows_lse, rows_lse if rows_extra is None else rows_extra, key_mass,
+            *rows_q.stride(), *k.stride(),
+            num_kv_heads, rows_q.shape[2], kv_len, causal_offset, first if mass_step > 1 else 0, mass_step,
+            qk_scale, cap2, BLOCK_N=mass_n, **mass)
     band_out = scratch.mean(dim=1) if band else None
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band_out)
 

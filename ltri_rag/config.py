@@ -105,6 +105,12 @@ class LtriConfig:
             while scoring every query against every index vector makes a prefill's scoring work quadratic in its
             length (the engine's largest device cost beyond 128K tokens on an H200). Chunks and decoded tokens of at
             most this many queries (the prompt's final chunk, by default 16 tokens) are scored whole.
+        mass_queries: At most this many of a prompt chunk's queries feed the attention mass each window token
+            accumulates (which picks a span's dynamic index vectors): every ``ceil(q_len / mass_queries)``-th query
+            counted back from the chunk's last, each weighted by that spacing; None: every query. The mass needs a
+            second pass over the chunk's scores after the forward (it is normalised by each row's final LSE), which
+            costs about half the forward; sampling cuts that pass by the spacing. Output, band and triangle scores
+            are unchanged.
         consensus_weight: Weight in [0, 1] of the cross-layer evidence (all layers' span distributions, spread
             over tokens) against the layer's own span distribution when ranking spans.
         lookahead: Read the last chunk of each prompt twice: a first pass only gathers every layer's evidence,
@@ -197,6 +203,7 @@ class LtriConfig:
     retrieval_scope: RetrievalScope = "shared"
     span_scoring: SpanScoring | None = None
     score_queries: int | None = 256
+    mass_queries: int | None = None
     consensus_weight: float | None = None
     lookahead: bool | None = None
     voting: bool | None = None
@@ -233,7 +240,7 @@ class LtriConfig:
                      "span_min_len", "decode_retrieval_stride", "num_index_vectors", "min_index_vectors"):
             self._check_int(name, minimum=1)
         self._check_int("span_max_len", minimum=self.span_min_len)
-        for name in ("full_chunk_size", "score_queries"):
+        for name in ("full_chunk_size", "score_queries", "mass_queries"):
             if getattr(self, name) is not None:
                 self._check_int(name, minimum=1)
         self._check_int("max_index_vectors", minimum=self.min_index_vectors)
@@ -283,6 +290,14 @@ class LtriConfig:
     def max_unit_len(self) -> int:
         """Longest unit (span or block) the segmentation can produce."""
         return self.block_size if self.segmentation == "fixed" else self.span_max_len
+
+    def mass_step(self, q_len: int) -> int:
+        """Spacing of the queries of a ``q_len``-query pass whose attention feeds the key mass (``mass_queries``):
+        1 (every query) without a limit or when the pass has at most that many queries."""
+        limit = self.mass_queries
+        if limit is None or q_len <= limit:
+            return 1
+        return -(-q_len // limit)
 
     @property
     def retrieves(self) -> bool:

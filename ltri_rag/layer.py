@@ -21,10 +21,8 @@ from torch.profiler import record_function
 from ltri_rag.assembly import build_memory, plan_memory, position_shifts
 from ltri_rag.config import LtriConfig
 from ltri_rag.consensus import LayerConsensus
-from ltri_rag.kernels.attention import (
-    decode_attention_backend,
-    local_attention_backend,
-)
+from ltri_rag.kernels.attention import local_attention_backend
+from ltri_rag.kernels.attention_decode import decode_attention_backend
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.kernels.transfer import to_device
 from ltri_rag.layer_assembly import DeviceAssembly
@@ -415,7 +413,7 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
             win_k, win_v = self._staged_window(k, v)
             local = local_fn(q, win_k, win_v, scaling=scaling,
                              causal_offset=win_len, band_width=self.band_width, want_key_mass=self.cfg.retrieves,
-                             softcap=softcap, memory=memory)
+                             softcap=softcap, memory=memory, mass_step=self.cfg.mass_step(q.shape[2]))
             out = local.out
         if not plan.dry:
             self._pending = (k, v, local.key_mass, local.band)

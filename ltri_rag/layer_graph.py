@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
-from ltri_rag.kernels.attention import decode_attention, decode_attention_backend
+from ltri_rag.kernels.attention_decode import decode_attention, decode_attention_backend
 
 if TYPE_CHECKING:
     from ltri_rag.config import LtriConfig

@@ -38,7 +38,7 @@ RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_promp
 # Fields added to LtriConfig after stores were first written, with the value a store without the key was ingested
 # with: a fingerprint leaves such a field out at that value (so old stores still match), and reading a config back
 # from a fingerprint without the key gives that value.
-_ADDED_FIELDS: dict[str, Any] = {"score_queries": None}
+_ADDED_FIELDS: dict[str, Any] = {"score_queries": None, "mass_queries": None}
 _ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
                       "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",

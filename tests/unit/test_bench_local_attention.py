@@ -22,6 +22,24 @@ def test_small_run_writes_rows_for_every_backend(tmp_path) -> None:
     assert "| tiny | torch |" in (tmp_path / "bench.md").read_text()
 
 
+def test_sampled_key_mass_rows_are_checked_against_the_same_sampling(tmp_path, monkeypatch) -> None:
+    """``--mass-step N`` adds a Triton row whose key mass sums every N-th query; its error is taken against the
+    torch path with the same sampling (so it stays at rounding level). Interpreted on CPU."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from tests.unit.triton_modules import kernel_module
+
+    kernel_module("triton_local")  # interpreted on CPU (set up before the kernels are built)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    main(["--small", "--reps", "1", "--mass-step", "4", "--out", str(tmp_path)])
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    row = rows["triton (key mass of 1/4 queries)"]
+    assert row["max_err_out"] < 1e-4 and row["max_rel_err_key_mass"] < 1e-3
+
+
 def test_sweep_times_each_setting_and_records_the_ones_that_fail(monkeypatch) -> None:
     """``--sweep``'s rows: one per launch setting, fastest first, each checked against the reference; a setting the
     kernel refuses is a row with its error, not a stop. Runs the kernel under the Triton interpreter on CPU."""
