@@ -37,7 +37,8 @@ def test_sampled_key_mass_rows_are_checked_against_the_same_sampling(tmp_path, m
     main(["--small", "--reps", "1", "--mass-step", "4", "--out", str(tmp_path)])
     rows = {r["backend"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     row = rows["triton (key mass of 1/4 queries)"]
-    assert row["max_err_out"] < 1e-4 and row["max_rel_err_key_mass"] < 1e-3
+    assert row["max_err_out"] < (1e-4 if row["dtype"] == "torch.float32" else 2e-3)  # bf16 on a GPU
+    assert row["max_rel_err_key_mass"] < 1e-3
 
 
 def test_sweep_times_each_setting_and_records_the_ones_that_fail(monkeypatch) -> None:
