@@ -105,7 +105,8 @@ def test_mass_sweep_times_each_key_mass_setting_and_restores_the_default(monkeyp
 
 def test_baseline_module_gets_rows_of_its_own(monkeypatch, tmp_path) -> None:
     """``--baseline FILE`` times another copy of the kernel module in the same run (here the module itself, under
-    the Triton interpreter on CPU, compiled on a GPU): rows ``baseline`` / ``baseline (no key mass)`` checked like the others."""
+    the Triton interpreter on CPU, compiled on a GPU): rows ``baseline`` / ``baseline (no key mass)`` checked like
+    the others."""
     import importlib
     from pathlib import Path
 
