@@ -37,6 +37,16 @@ def test_capacity_grows_by_the_factor_so_copies_stay_linear(monkeypatch) -> None
     assert torch.equal(store.rows, torch.arange(2000).repeat_interleave(3))
     assert copied <= 10 * last  # ~1 / (growth - 1) copies per row, not one per append
     assert store.capacity <= 1.125 * last + 4 and grown < 100
+    # a young buffer: equal appends (a prompt's chunks) grow it once per SPARE_APPENDS appends, not at every one
+    young = GrowingRows(torch.zeros(0, 2), growth=1.125)
+    growths = 0
+    for step in range(30):
+        before = young.capacity
+        young.append(torch.full((700, 2), float(step)))
+        growths += young.capacity != before
+        assert young.capacity <= max(1.125 * len(young), len(young) + growing.SPARE_APPENDS * 700) + 1
+    assert growths <= 30 // growing.SPARE_APPENDS + 1
+    assert torch.equal(young.rows[::700, 0], torch.arange(30.0))
     # exact sizes (growth None, or the module default set to None): every append moves everything (torch.cat)
     monkeypatch.setattr(growing, "GROWTH", None)
     exact = GrowingRows(torch.zeros(0, dtype=torch.int64))
