@@ -13,7 +13,7 @@ own window and are exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
@@ -28,8 +28,9 @@ from ltri_rag.kernels.transfer import to_device
 from ltri_rag.layer_assembly import DeviceAssembly
 from ltri_rag.layer_graph import GraphFormSteps
 from ltri_rag.layer_spans import SpanExchange
+from ltri_rag.pass_rows import scored_rows
 from ltri_rag.pool import PagedKVPool
-from ltri_rag.retrieval import query_summary, scored_queries, select_spans, select_spans_pair, update_recency
+from ltri_rag.retrieval import query_summary, select_spans, select_spans_pair, update_recency
 from ltri_rag.rope import _triton_rotates, rotate
 from ltri_rag.span_memory import SpanTable
 from ltri_rag.window import WindowBuffer
@@ -51,6 +52,8 @@ class StepPlan:
         decode: The pass reads a generated token (not prompt text).
         graph: A decode step in the form a CUDA graph replays (:mod:`ltri_rag.decode_graph`): every layer reuses
             its memory part from fixed buffers and writes the new token into its window at a device index.
+        shared: Scratch the layers of this pass share: values that depend on the pass alone (e.g. the scored
+            queries' indices and positions on the device), made by the first layer that needs them.
     """
 
     pos0: int
@@ -61,6 +64,7 @@ class StepPlan:
     dry: bool = False
     decode: bool = False
     graph: bool = False
+    shared: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -198,22 +202,13 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         device when ``on_device``), or None for a sequence without spans. ``position``: ``[1]`` int64 on ``q``'s
         device holding ``plan.pos0`` (a graph-form step: the queries' positions are then read from the device)."""
         out: list[torch.Tensor | None] = []
-        picks = scored_queries(plan.q_len, self.cfg)  # [c] host, or None: every query
-        if position is None:
-            q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
-        elif plan.q_len == 1:  # a decoded token: its position as it is (no arange and addition to launch)
-            q_pos = position.reshape(1)
-        else:
-            q_pos = position.reshape(1) + torch.arange(plan.q_len, device=position.device)
-        if picks is not None:
-            q_pos = q_pos[picks]
-            picks = to_device(picks, q.device)
+        picks, back = scored_rows(q.device, plan, self.cfg, position)
         for seq, table in enumerate(self.tables):
             if len(table) == 0 or self.pool is None:
                 out.append(None)
                 continue
             q_seq = q[seq] if picks is None else q[seq].index_select(1, picks)
-            q_free = rotate(q_seq, -q_pos, self.inv_freq, self.cfg.attention_backend)  # [H, c, D] position-free
+            q_free = rotate(q_seq, back, self.inv_freq, self.cfg.attention_backend)  # [H, c, D] position-free
             with record_function("ltri.retrieve.score_select"):
                 out.append(self._select(seq, table, q_free, scaling, plan, on_device))
         return out

@@ -98,3 +98,26 @@ def test_stores_written_before_the_field_existed_open_with_every_query_scored(ll
     assert old.diff(memory_fingerprint(llama, tok, config_from_fingerprint(old), sinks)) == {}
     new = memory_fingerprint(llama, tok, _config(), sinks)
     assert old.diff(new) == {"config.score_queries": (None, 256)}
+
+
+def test_scored_rows_made_once_per_pass_and_equal_to_a_fresh_computation() -> None:
+    """Every layer of a pass gets the same device tensors (``StepPlan.shared``); a new pass computes its own; a
+    graph-form step (positions on the device) keeps nothing."""
+    from ltri_rag.layer import StepPlan
+    from ltri_rag.pass_rows import scored_rows
+
+    cfg = LtriConfig(score_queries=4)
+    plan = StepPlan(pos0=100, q_len=10, num_to_sinks=0, num_evict=0, first_slot=0)
+    picks, back = scored_rows(torch.device("cpu"), plan, cfg)
+    again = scored_rows(torch.device("cpu"), plan, cfg)
+    assert again[0] is picks and again[1] is back
+    want = scored_queries(10, cfg)
+    assert torch.equal(picks, want) and torch.equal(back, -(100 + want))
+    other = StepPlan(pos0=110, q_len=10, num_to_sinks=0, num_evict=0, first_slot=0)
+    assert torch.equal(scored_rows(torch.device("cpu"), other, cfg)[1], -(110 + want))
+    fresh = StepPlan(pos0=100, q_len=10, num_to_sinks=0, num_evict=0, first_slot=0)
+    none, back_all = scored_rows(torch.device("cpu"), fresh, LtriConfig(score_queries=None))  # every query
+    assert none is None and torch.equal(back_all, -torch.arange(100, 110))
+    step = StepPlan(pos0=7, q_len=1, num_to_sinks=0, num_evict=0, first_slot=0, decode=True, graph=True)
+    picks1, back1 = scored_rows(torch.device("cpu"), step, cfg, position=torch.tensor([7]))
+    assert picks1 is None and torch.equal(back1, torch.tensor([-7])) and not step.shared
