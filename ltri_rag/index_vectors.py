@@ -12,7 +12,7 @@ import torch
 
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["dynamic_counts", "static_counts", "select_index_tokens", "select_index_tokens_batch"]
+__all__ = ["dynamic_counts", "static_counts", "select_index_tokens", "select_index_tokens_batch", "span_bookkeeping"]
 
 
 def static_counts(lengths: torch.Tensor, num_vectors: int) -> torch.Tensor:
@@ -79,6 +79,41 @@ def select_index_tokens(
     return token_idx, owners[0]
 
 
+def span_bookkeeping(spans: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The host side of :func:`select_index_tokens_batch`: which span each token belongs to and which tokens
+    the spans keep.
+
+    Runs in NumPy: a segment has a few hundred spans, and torch's CPU ``repeat_interleave`` runs a parallel loop of
+    grain 1 that wakes the whole intra-op thread pool at every call (0.22 s of a 32K prefill's host time on a
+    16-core GPU host, ``benchmarks/results/e2e_llama8b_h200/session31/host_profile_32k.txt``;
+    ``python -m benchmarks.bench_index_tokens`` times both forms).
+
+    Args:
+        spans: Per segment ``(starts, ends, counts)`` (any device), covering ``num_tokens`` tokens.
+        num_tokens: Tokens per segment.
+
+    Returns:
+        ``(span_of_token [B, T] int64, kept [num_vectors] int64, owners)``, host tensors: each token's span, the
+        kept tokens' positions in the span-grouped order flat over segments (each span's first ``count``), and per
+        segment the kept tokens' spans.
+    """
+    span_of_token = np.empty((len(spans), num_tokens), dtype=np.int64)
+    kept, owners = [], []
+    for b, (starts, ends, counts) in enumerate(spans):
+        starts, ends, counts = (t.cpu().numpy().astype(np.int64, copy=False) for t in (starts, ends, counts))
+        of_token = np.repeat(np.arange(starts.size), ends - starts)  # [T]
+        if of_token.size != num_tokens:
+            raise ValueError(f"spans cover {of_token.size} tokens, key_mass has {num_tokens}")
+        span_of_token[b] = of_token
+        rank_in_span = np.arange(num_tokens) - starts[of_token]  # [T]
+        keep = np.flatnonzero(rank_in_span < counts[of_token])  # same positions for every head
+        kept.append(keep + b * num_tokens)  # positions in the span-grouped order, flat over segments
+        owners.append(torch.from_numpy(of_token[keep]))
+    flat_kept = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
+    return torch.from_numpy(span_of_token), torch.from_numpy(flat_kept), owners
+
+
 def select_index_tokens_batch(
     key_mass: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -97,26 +132,12 @@ def select_index_tokens_batch(
     batch, num_kv_heads, num_tokens = key_mass.shape
     if len(spans) != batch:
         raise ValueError(f"{len(spans)} span lists for {batch} segments")
-    # the host bookkeeping in NumPy: these are a few hundred elements per segment, and torch's CPU
-    # repeat_interleave runs a parallel loop of grain 1, which wakes the whole intra-op thread pool at every call
-    # (0.2-0.4 s of a 32K prefill's ~3 s of host time on a 16-core host, session 24 and 31 profiles)
-    span_of_token = np.empty((batch, num_tokens), dtype=np.int64)
-    kept, owners = [], []
-    for b, (starts, ends, counts) in enumerate(spans):
-        starts, ends, counts = (t.cpu().numpy().astype(np.int64, copy=False) for t in (starts, ends, counts))
-        of_token = np.repeat(np.arange(starts.size), ends - starts)  # [T]
-        if of_token.size != num_tokens:
-            raise ValueError(f"spans cover {of_token.size} tokens, key_mass has {num_tokens}")
-        span_of_token[b] = of_token
-        rank_in_span = np.arange(num_tokens) - starts[of_token]  # [T]
-        keep = np.flatnonzero(rank_in_span < counts[of_token])  # same positions for every head
-        kept.append(keep + b * num_tokens)  # positions in the span-grouped order, flat over segments
-        owners.append(torch.from_numpy(of_token[keep]))
+    span_of_token, kept, owners = span_bookkeeping(spans, num_tokens)
     # order tokens by (span, -mass): sort by mass first, then stable by span
     by_mass = torch.argsort(key_mass, dim=2, descending=True, stable=True)  # [B, Hkv, T]
-    of_token_dev = to_device(torch.from_numpy(span_of_token), device)[:, None, :].expand(-1, num_kv_heads, -1)
+    of_token_dev = to_device(span_of_token, device)[:, None, :].expand(-1, num_kv_heads, -1)
     by_span = torch.argsort(torch.gather(of_token_dev, 2, by_mass), dim=2, stable=True)
     order = torch.gather(by_mass, 2, by_span)  # [B, Hkv, T] tokens grouped by span, best first
     flat = order.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads)
-    token_idx = flat.index_select(0, to_device(torch.from_numpy(np.concatenate(kept)), device))  # [num_vectors, Hkv]
+    token_idx = flat.index_select(0, to_device(kept, device))  # [num_vectors, Hkv]
     return token_idx, owners
