@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -87,8 +88,7 @@ def cut_segments(config: LtriConfig, keys: torch.Tensor, band: torch.Tensor | No
     counts = [_counts(config, s) for s in spans]
     token_idx, owners = select_index_tokens_batch(key_mass, [(s.starts, s.ends, c) for s, c in zip(spans, counts)])
     sizes = [int(o.numel()) for o in owners]
-    layer_of = torch.repeat_interleave(torch.arange(num_layers), torch.tensor(sizes, dtype=torch.int64),
-                                       output_size=sum(sizes))
+    layer_of = torch.from_numpy(np.repeat(np.arange(num_layers), sizes))  # NumPy: see span_bookkeeping
     heads = torch.arange(num_kv_heads, device=keys.device)[None, :]
     vectors = keys[to_device(layer_of, keys.device)[:, None], heads, token_idx]  # [N, Hkv, D]
     shift = -(token_idx + first_pos)  # [N, Hkv]: back to position 0 (position-free)
