@@ -110,7 +110,9 @@ class LtriConfig:
             counted back from the chunk's last, each weighted by that spacing; None: every query. The mass needs a
             second pass over the chunk's scores after the forward (it is normalised by each row's final LSE), which
             costs about half the forward; sampling cuts that pass by the spacing. Output, band and triangle scores
-            are unchanged.
+            are unchanged. 256 on an H200 (session 31): a 128K prompt chunk of an 8B model 101.4 -> 92.7 ms of
+            device time; on the quality grid (Qwen-0.5B, 80 pairs per split) -1.0 points on the dev split, +5.0 on
+            the test split, which misses the rule for a default (``benchmarks/results/key_mass_sampling_h200_qwen``).
         consensus_weight: Weight in [0, 1] of the cross-layer evidence (all layers' span distributions, spread
             over tokens) against the layer's own span distribution when ranking spans.
         lookahead: Read the last chunk of each prompt twice: a first pass only gathers every layer's evidence,
@@ -131,6 +133,8 @@ class LtriConfig:
             retrieval (scoring, selection, gathering, re-rotation) costs several times its attention. A reused
             memory part is exact for the spans it holds: the window only grows between evictions, so the memory's
             positions do not move; an eviction (every ``evict_stride`` tokens) or a prompt pass ends the reuse.
+            Quality grid (session 31, Qwen-0.5B, dev split, 80 pairs): -1.25 points at 4, -0.75 at 8, all in the
+            longest answers (``benchmarks/results/decode_stride_h200_qwen``).
         selection_on_device: Where a layer chooses its spans. ``"auto"`` (the default): on the model's device when
             the attention runs there in Triton (CUDA), on the host otherwise. False: on the host, after one
             read-back of the layer's span scores (ranking a few thousand spans is a few dozen NumPy operations, the
