@@ -19,7 +19,6 @@ checked to return the same tensors, and are timed at each ``--threads`` setting 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.output import save_rows
 from ltri_rag.index_vectors import select_index_tokens_batch, span_bookkeeping
 
 
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args.layers, args.tokens, args.spans, args.kv_heads, args.threads, args.reps)
     meta = {"layers": args.layers, "tokens": args.tokens, "spans": args.spans, "kv_heads": args.kv_heads,
             "reps": args.reps, "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = render(rows, meta)
-    (args.out / "bench.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_rows(args.out, meta, rows, render(rows, meta))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.output import save_rows
 from ltri_rag.kernels.attention import local_attention, local_attention_backend
 
 SHAPES = {  # name: (num_heads, num_kv_heads, head_dim, window, chunk)
@@ -96,12 +97,14 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
     q, k, v, kwargs, flops = _case(shape, device, dtype, band)
     scaling = kwargs["scaling"]
     backends: dict[str, Callable[[], Any]] = {"torch": lambda: local_attention(q, k, v, **kwargs)}
+    sampled: dict[str, int] = {}  # rows whose key mass sums every N-th query: their N
     triton_fn = local_attention_backend("triton", device) if _triton_runs(device) else None
     if triton_fn is not None:
         backends["triton"] = lambda: triton_fn(q, k, v, **kwargs)
         # the forward alone (band kept): the difference to the row above is the key-mass pass
         backends["triton (no key mass)"] = lambda: triton_fn(q, k, v, **{**kwargs, "want_key_mass": False})
         for step in mass_steps:
+            sampled[f"triton (key mass of 1/{step} queries)"] = step
             backends[f"triton (key mass of 1/{step} queries)"] = functools.partial(
                 triton_fn, q, k, v, **kwargs, mass_step=step)
     if baseline is not None:
@@ -114,15 +117,14 @@ def bench_shape(name: str, shape: tuple[int, ...], device: torch.device, dtype: 
         q, k_rep, v_rep, attn_mask=allowed, scale=scaling)
     ref = local_attention(q.float(), k.float(), v.float(), **kwargs)
     sampled_refs = {step: local_attention(q.float(), k.float(), v.float(), **kwargs, mass_step=step)
-                    for step in mass_steps}
+                    for step in set(sampled.values())}
     rows = []
     for backend, fn in backends.items():
         ms = _time(fn, reps, device.type == "cuda")
         row = {"shape": name, "backend": backend, "ms": ms, "tflops": flops / ms / 1e9, "dtype": str(dtype)}
         if backend != "sdpa (out only)":
             got = fn()
-            step = next((s for s in mass_steps if backend == f"triton (key mass of 1/{s} queries)"), None)
-            want = ref if step is None else sampled_refs[step]
+            want = sampled_refs[sampled[backend]] if backend in sampled else ref
             row["max_err_out"] = float((got.out - want.out).abs().max())
             if got.key_mass is not None:
                 row["max_rel_err_key_mass"] = float(((got.key_mass - want.key_mass).abs()
@@ -271,11 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_shape(name, shape, device, dtype, args.reps, args.band, baseline, tuple(args.mass_step))
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "reps": args.reps, "band": args.band}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = render(rows, meta)
-    (args.out / "bench.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_rows(args.out, meta, rows, render(rows, meta))
     if args.sweep and _triton_runs(device):
         sweep = []
         for name, shape in (SMALL if args.small else SHAPES).items():

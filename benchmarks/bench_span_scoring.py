@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.output import save_rows
 from ltri_rag.kernels.scoring import span_layout, span_probabilities
 
 from benchmarks.bench_local_attention import _time
@@ -168,11 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             "layers": 32 if shapes in (LLAMA8B_DECODE, LLAMA8B_PREFILL) else LAYERS,
             "command": " ".join(["python -m benchmarks.bench_span_scoring",
                                  *(argv if argv is not None else sys.argv[1:])])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = render(rows, meta)
-    (args.out / "bench.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_rows(args.out, meta, rows, render(rows, meta))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.output import save_rows
 from ltri_rag import growing
 from ltri_rag.span_memory import SpanTable
 
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
              "| form | seconds | ms per append | all repeats, s |", "|---|---:|---:|---|"]
     lines += [f"| {r['form']} | {r['seconds']:.3f} | {r['ms_per_append']:.2f} | "
               f"{', '.join(f'{t:.3f}' for t in r['all_seconds'])} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = "\n".join(lines) + "\n"
-    (args.out / "bench.md").write_text(text, encoding="utf-8")
-    print(text)
+    save_rows(args.out, meta, rows, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -463,7 +463,8 @@ def local_attention_triton(
             mass_warps = _launch_setting(mass_warps, 0, "num_warps", (1, 2, 4, 8, 16))
             mass_stages = _launch_setting(mass_stages, 0, "num_stages", range(1, 8))
             mass = {**common, "BLOCK_M": mass_m, "num_warps": mass_warps, "num_stages": mass_stages}
-        # the sampled queries anchor - j * mass_step inside the chunk, as a strided view (their LSEs compacted)
+        # the sampled queries anchor - j * mass_step inside the chunk, as a strided view (their LSEs compacted);
+        # first = 0 with every query
         first = anchor % mass_step
         rows_q, rows_lse, rows_extra = q, lse, extra
         if mass_step > 1:
@@ -474,7 +475,7 @@ def local_attention_triton(
         _local_key_mass_kernel[grid](
             rows_q, k, rows_lse, rows_lse if rows_extra is None else rows_extra, key_mass,
             *rows_q.stride(), *k.stride(),
-            num_kv_heads, rows_q.shape[2], kv_len, causal_offset, first if mass_step > 1 else 0, mass_step,
+            num_kv_heads, rows_q.shape[2], kv_len, causal_offset, first, mass_step,
             qk_scale, cap2, BLOCK_N=mass_n, **mass)
     band_out = scratch.mean(dim=1) if band else None
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band_out)
