@@ -35,6 +35,10 @@ _SCORINGS = ("dot", "softmax")
 _BACKENDS = ("torch", "triton", "auto")
 _INDEX_PRECISIONS = ("model", "int8")
 
+#: The opt-in speed preset (:meth:`LtriConfig.fast`): three settings that each cut a cost that grows with the
+#: context, each off by default because its quality, alone, did not pass the rule for a default change.
+FAST_PRESET: dict[str, Any] = {"decode_retrieval_stride": 8, "index_precision": "int8", "mass_queries": 256}
+
 # Per-mode defaults for the fields declared ``None`` below.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": dict(position_scheme="absolute", segmentation="fixed", index_vectors="static",
@@ -302,6 +306,24 @@ class LtriConfig:
         if limit is None or q_len <= limit:
             return 1
         return -(-q_len // limit)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> LtriConfig:
+        """The opt-in speed preset: :data:`FAST_PRESET` on top of the defaults, then ``overrides``.
+
+        - ``decode_retrieval_stride=8``: a decoded token in 8 retrieves; the 7 after it reuse its memory part, so
+          the per-token cost that grows with the context (scoring every index vector, the selection sorts, reading
+          host-tier pages) is paid once in 8 tokens.
+        - ``index_precision="int8"``: index vectors as int8 codes, half the bytes each retrieval reads and half
+          the span table's memory.
+        - ``mass_queries=256``: a prompt chunk's key mass (which only picks each span's index vectors) from 256 of
+          its queries, not all of them: the local attention's second pass gets ~8x cheaper at 2,048-token chunks.
+
+        What it costs and gains is measured in ``benchmarks/results/fast_preset_h200`` (quality on the dev and
+        test splits, time per token from 8K to 1M tokens). Any field can still be set, e.g.
+        ``LtriConfig.fast(budget=4096)``; unknown fields raise ``TypeError`` as in the constructor.
+        """
+        return cls(**{**FAST_PRESET, **overrides})
 
     @property
     def retrieves(self) -> bool:

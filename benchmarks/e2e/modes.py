@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ltri_rag import LtriConfig
+from ltri_rag.config import FAST_PRESET
 
 MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8",
          "ltri_stride8_eager", "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096",
@@ -22,7 +23,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
          "ltri_torch_consensus", "ltri_torch_slots", "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection",
          "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
-         "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all")
+         "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -34,7 +35,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus", "ltri_torch_slots",
               "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection", "ltri_row_scan",
               "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
-              "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all")
+              "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -107,6 +108,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_int8": ("ltri", {"index_precision": "int8"}),
                                                    "ltri_mass256": ("ltri", {"mass_queries": 256}),
                                                    "ltri_mass_all": ("ltri", {"mass_queries": None}),
+                                                   "ltri_fast": ("ltri", dict(FAST_PRESET)),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -152,7 +154,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # of the chunk kernels too (128 x 64 tiles, 8 warps, 2 stages, slot loads masked by the valid bits);
 # ``ltri_pageable_readback``: span segmentation's read-back copied into pageable host memory (``spans.PINNED_READ_BACK``
 # off; before session 30) instead of page-locked buffers; ``ltri_mass256`` / ``ltri_mass_all``: the key mass of a
-# prompt chunk summed over 256 of its queries / over every query (``LtriConfig.mass_queries``)
+# prompt chunk summed over 256 of its queries / over every query (``LtriConfig.mass_queries``); ``ltri_fast``: the
+# opt-in speed preset (``LtriConfig.fast()``: stride 8, int8 index vectors, key mass of 256 queries)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
