@@ -155,7 +155,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # ``ltri_pageable_readback``: span segmentation's read-back copied into pageable host memory (``spans.PINNED_READ_BACK``
 # off; before session 30) instead of page-locked buffers; ``ltri_mass256`` / ``ltri_mass_all``: the key mass of a
 # prompt chunk summed over 256 of its queries / over every query (``LtriConfig.mass_queries``); ``ltri_fast``: the
-# opt-in speed preset (``LtriConfig.fast()``: stride 8, int8 index vectors, key mass of 256 queries)
+# opt-in speed preset (``LtriConfig.fast()``, ``FAST_PRESET``: stride 8 since session 32's quality rule; that
+# session's call e ran it as stride 8 + int8 index vectors + key mass of 256 queries)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),

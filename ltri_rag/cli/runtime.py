@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ltri_rag.config import LtriConfig
+from ltri_rag.config import FAST_PRESET, LtriConfig
 
 __all__ = ["STORE_NOTE", "CliError", "Output", "UsageError", "is_store", "load_config_file", "read_note", "write_note"]
 
@@ -147,6 +147,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(f"{path}: {err}") from None
     return overrides
+
+
+def config_overrides(file_fields: Mapping[str, Any] | None, fast: bool) -> dict[str, Any]:
+    """The LtriConfig fields the command line sets: with ``--fast`` the preset's
+    (:data:`~ltri_rag.config.FAST_PRESET`), then the ``--config`` file's, which win."""
+    return {**(FAST_PRESET if fast else {}), **(file_fields or {})}
 
 
 def make_config(base: LtriConfig | None, overrides: Mapping[str, Any] | None) -> LtriConfig:

@@ -137,6 +137,19 @@ def test_yaml_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert code == 2 and "unknown LtriConfig key 'bogus'" in err
 
 
+def test_fast_flag_sets_the_preset_under_the_config_file() -> None:
+    from ltri_rag.cli.app import build_parser
+    from ltri_rag.cli.runtime import config_overrides
+    from ltri_rag.config import FAST_PRESET
+
+    assert build_parser().parse_args(["ask", "q", "--fast"]).fast
+    assert not build_parser().parse_args(["ask", "q"]).fast
+    assert config_overrides(None, True) == FAST_PRESET
+    assert config_overrides({"budget": 64}, False) == {"budget": 64}
+    assert config_overrides({"budget": 64, "decode_retrieval_stride": 2}, True) == {
+        "budget": 64, "decode_retrieval_stride": 2}
+
+
 def test_subprocess_exit_code(tmp_path: Path) -> None:
     """The real process (``python -m ltri_rag.cli``): a runtime error exits 1 with one line on stderr, no traceback
     (usage errors are argparse's ``SystemExit(2)``, checked in process above)."""
@@ -239,7 +252,7 @@ def test_commands_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     code, out, _ = run(capsys, "ask", "Where does the Seine flow?", "--store", store, "--max-new-tokens", "3",
                        "--filter", "source=nowhere")
     assert code == 0 and "Sources:" in out and "(no spans recalled)" in out
-    code, out, _ = run(capsys, "ask", "What jumps?", "--store", store, "--max-new-tokens", "3")
+    code, out, _ = run(capsys, "ask", "What jumps?", "--store", store, "--max-new-tokens", "3", "--fast")
     assert code == 0 and "Sources:" in out and "chars " in out and "score " in out and "served from memory" in out
 
     # a store made with one config refuses a --config that changes stored data, naming the key
