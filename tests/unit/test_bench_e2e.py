@@ -41,6 +41,10 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
     text = (tmp_path / "bench.md").read_text()
     assert "| 512 |" in text and "Where the time goes" in text and "## Targets" in text
     assert "Time per output token in the generation loop" in text
+    targets = [line for line in text.splitlines() if "median step max/min" in line]
+    assert targets and all("generation loop ms/token (mean) max/min" in line for line in targets)
+    for line in targets:  # the target once, on the generation loop's mean, not on the median step
+        assert line.count("(target <= 1.15)") == 1 and "(target <= 1.15)" in line.split("generation loop")[1]
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -264,3 +268,20 @@ def test_every_mode_is_buildable_and_patches_existing_settings() -> None:
                 assert getattr(module, name) == value
         for module, name, value in before:
             assert getattr(module, name) == value
+
+
+def test_decode_target_is_checked_on_the_per_token_mean_where_there_is_one() -> None:
+    """With a retrieval stride the median step is a reusing step: the 1.15x target goes on the generation loop's
+    mean when the rows have one, on the median otherwise."""
+    from benchmarks.e2e.report import summarize
+
+    def rows(loops):
+        return [{"model": "m", "mode": "ltri_fast", "length": n, "status": "ok", "median_ms": 8.0,
+                 **({"loop_ms": loop} if loop else {})} for n, loop in zip((8192, 1 << 20), loops)]
+
+    prefill = [{"model": "m", "mode": "ltri_fast", "length": n, "status": "ok", "seconds": s}
+               for n, s in ((8192, 1.0), (1 << 20, 120.0))]
+    with_loop = summarize(prefill, rows((10.0, 12.0)))["m"]["ltri_fast"]
+    assert with_loop["decode_max_over_min"] == 1.0 and with_loop["loop_max_over_min"] == pytest.approx(1.2)
+    without = summarize(prefill, rows((None, None)))["m"]["ltri_fast"]
+    assert "loop_max_over_min" not in without and without["decode_max_over_min"] == 1.0
