@@ -203,11 +203,14 @@ if triton is not None:
         tl.store(Out + out_row[:, None] + span[None, :], acc,
                  mask=(g[:, None] < GROUP) & (span[None, :] < num_spans))
 
-    @triton.jit(do_not_specialize=("q_len", "num_spans"))
-    def _span_mass_stored_kernel(Scores, Lse, Out, q_len, num_spans,
+    @triton.jit(do_not_specialize=("q_len", "num_spans", "splits"))
+    def _span_mass_stored_kernel(Scores, M, L, Out, num_heads, q_len, num_spans, splits,
                                  BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, ACCUMULATE: tl.constexpr):
-        """``Out[h, s] (+)= sum_q exp2(Scores[h, q, s] - Lse[h, q])`` for a tile of ``BLOCK_S`` spans of head ``h``
-        (``ACCUMULATE``: added to what ``Out`` holds, the earlier query slabs' mass)."""
+        """``Out[h, s] (+)= sum_q exp2(Scores[h, q, s] - lse[h, q])`` for a tile of ``BLOCK_S`` spans of head ``h``
+        (``ACCUMULATE``: added to what ``Out`` holds, the earlier query slabs' mass). Each row's base-2
+        log-sum-exp is combined here from ``_span_stats_kernel``'s ``[splits, H, Lq]`` running maxima ``M`` and
+        sums ``L`` (as torch would: the largest maximum, each share rescaled to it; ``-inf`` for a row without
+        any vector), so no torch operations run between the two launches."""
         pid_s = tl.program_id(0)
         head = tl.program_id(1).to(tl.int64)
         span = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -216,7 +219,17 @@ if triton is not None:
         for q0 in range(0, q_len, BLOCK_Q):
             qi = q0 + tl.arange(0, BLOCK_Q)
             q_ok = qi < q_len
-            lse = tl.load(Lse + head * q_len + qi, mask=q_ok, other=0.0)
+            m_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+            for part in range(0, splits):
+                m_max = tl.maximum(m_max, tl.load(M + (part * num_heads + head) * q_len + qi, mask=q_ok,
+                                                  other=float("-inf")))
+            m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+            total = tl.full([BLOCK_Q], 0.0, dtype=tl.float32)
+            for part in range(0, splits):
+                at = (part * num_heads + head) * q_len + qi
+                m_part = tl.load(M + at, mask=q_ok, other=float("-inf"))
+                total += tl.load(L + at, mask=q_ok, other=0.0) * tl.exp2(m_part - m_safe)
+            lse = m_safe + tl.log2(total)  # no vector at all: log2(0) = -inf
             s = tl.load(Scores + (head * q_len + qi)[:, None] * num_spans + span[None, :],
                         mask=q_ok[:, None] & span_ok[None, :], other=0.0)
             p = tl.where(q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
@@ -354,20 +367,20 @@ def span_probabilities_triton(
     mass_q, mass_s, mass_warps = _launch.MASS_TILE if device.type == "cuda" else (4, 32, 1)
     for q_lo in range(0, q_len, slab):
         part = queries[:, q_lo:q_lo + slab]
-        lse = _row_lse(part, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits,
-                       common, scores=scores)
+        m, l_ = _row_stats(part, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits,
+                           common, scores=scores)
         _span_mass_stored_kernel[(triton.cdiv(num_spans, mass_s), num_heads)](
-            scores, lse, out, part.shape[1], num_spans, BLOCK_Q=mass_q, BLOCK_S=mass_s, ACCUMULATE=q_lo > 0,
-            num_warps=mass_warps)
+            scores, m, l_, out, num_heads, part.shape[1], num_spans, m.shape[0], BLOCK_Q=mass_q, BLOCK_S=mass_s,
+            ACCUMULATE=q_lo > 0, num_warps=mass_warps)
     return out / q_len
 
 
-def _row_lse(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
-             num_spans: int, width: int, qk_scale: float, block_q: int, block_s: int, span_splits: int | None,
-             common: dict, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """``[H, Lq]`` base-2 log-sum-exp of every (head, query) row's span scores (``_span_stats_kernel`` over shares
-    of the spans, combined here; ``-inf`` for a row with no vector at all). ``scores``: a ``[H, >= Lq, S]``
-    float32 buffer that also receives the scores (its first ``Lq`` queries)."""
+def _row_stats(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+               num_spans: int, width: int, qk_scale: float, block_q: int, block_s: int, span_splits: int | None,
+               common: dict, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_span_stats_kernel`` over shares of the spans: ``[splits, H, Lq]`` float32 running maxima and sums of
+    ``exp2(score - maximum)`` (base 2) of every (head, query) row's span scores, one share per split. ``scores``: a
+    ``[H, >= Lq, S]`` float32 buffer that also receives the scores (its first ``Lq`` queries)."""
     num_heads, q_len, _ = queries.shape
     num_kv_heads = padded.shape[1]
     device = queries.device
@@ -382,7 +395,17 @@ def _row_lse(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, v
         queries, padded, scale, valid, m, l_, m if scores is None else scores,
         *queries.stride(), *padded.stride(), *scale.stride(),
         num_heads, q_len, num_spans, width, spans_per_split, qk_scale, STORE=scores is not None, **common)
-    if splits == 1:
+    return m, l_
+
+
+def _row_lse(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+             num_spans: int, width: int, qk_scale: float, block_q: int, block_s: int, span_splits: int | None,
+             common: dict) -> torch.Tensor:
+    """``[H, Lq]`` base-2 log-sum-exp of every (head, query) row's span scores: :func:`_row_stats`' shares
+    combined in torch (``-inf`` for a row with no vector at all)."""
+    m, l_ = _row_stats(queries, padded, scale, valid, num_spans, width, qk_scale, block_q, block_s, span_splits,
+                       common)
+    if m.shape[0] == 1:
         return torch.where(torch.isneginf(m[0]), m[0], m[0] + torch.log2(l_[0]))
     m_max = m.amax(dim=0)
     m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
