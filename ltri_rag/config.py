@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 Mode = Literal["full", "streaming", "infllm", "ltri"]
@@ -37,7 +39,7 @@ _INDEX_PRECISIONS = ("model", "int8")
 
 #: The opt-in speed preset (:meth:`LtriConfig.fast`): retrieve for one decoded token in 8. Off by default: its
 #: quality did not pass the rule for a default change (a mean >= 0), though it passed the preset's rule.
-FAST_PRESET: dict[str, Any] = {"decode_retrieval_stride": 8}
+FAST_PRESET: Mapping[str, Any] = MappingProxyType({"decode_retrieval_stride": 8})  # read-only
 
 # Per-mode defaults for the fields declared ``None`` below.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {

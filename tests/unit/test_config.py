@@ -204,6 +204,8 @@ def test_fast_preset_changes_only_its_fields():
     default = LtriConfig()
     changed = {k for k, v in fast.to_dict().items() if v != getattr(default, k)}
     assert changed == set(FAST_PRESET)
+    with pytest.raises(TypeError):  # read-only: a caller cannot change what fast() means for everyone
+        FAST_PRESET["budget"] = 1  # type: ignore[index]
 
 
 def test_fast_preset_takes_overrides_and_validates_them():
