@@ -229,7 +229,7 @@ if triton is not None:
                 at = (part * num_heads + head) * q_len + qi
                 m_part = tl.load(M + at, mask=q_ok, other=float("-inf"))
                 total += tl.load(L + at, mask=q_ok, other=0.0) * tl.exp2(m_part - m_safe)
-            lse = m_safe + tl.log2(total)  # no vector at all: log2(0) = -inf
+            lse = m_safe + tl.log2(tl.where(q_ok, total, 1.0))  # no vector at all: log2(0) = -inf
             s = tl.load(Scores + (head * q_len + qi)[:, None] * num_spans + span[None, :],
                         mask=q_ok[:, None] & span_ok[None, :], other=0.0)
             p = tl.where(q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
