@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import ltri_rag
-from benchmarks.long_tasks import TASKS, TaskSample, make_sample, max_new_tokens, score
+from benchmarks.long_tasks import ALL_TASKS, TASKS, TaskSample, make_sample, max_new_tokens, score
 from benchmarks.measure import file_sha256, run_prompt
 from ltri_rag import LtriConfig
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                         help="model to evaluate (Hub id, directory or .gguf); repeat for several")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=ALL_TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--systems", nargs="+", type=parse_system,
                         default=[SYSTEMS[s] for s in DEFAULT_SYSTEMS])

@@ -1,6 +1,6 @@
 """Seeded RULER-style long-context tasks over real text, with scoring.
 
-Seven tasks, each one prompt of a requested token length with the facts to find planted at a requested depth:
+Seven tasks (:data:`TASKS`), each one prompt of a requested token length with the facts to find planted at a requested depth:
 
 * ``niah_single``: one "special magic number" needle in Paul Graham's essays; ask for it.
 * ``niah_multikey``: four needles with different keys (three are distractors); ask for one key's number.
@@ -11,6 +11,14 @@ Seven tasks, each one prompt of a requested token length with the facts to find 
 * ``qa_squad``: a SQuAD v1.1 dev question; its gold paragraph among distractor paragraphs from other articles,
   listed as ``Document i:``.
 * ``book_austen``: a made-up fact (a numbered box) planted in a Jane Austen novel; ask for the number.
+
+One more task is kept out of :data:`TASKS` (so default grids stay what they were) and listed in
+:data:`LONG_ANSWER_TASKS`:
+
+* ``niah_longvalue``: sixteen needles with the same key and different numbers; ask for all sixteen. Its answer
+  (~100-150 tokens) is long enough for the engine to evict while decoding (every ``LtriConfig.evict_stride`` = 64
+  decoded tokens by default) and, with ``decode_retrieval_stride`` > 1, to reuse a memory part across an eviction;
+  the other tasks' answers (at most 48 tokens) end before the first decode-time eviction.
 
 Text comes from the data directory of :func:`benchmarks.tasks.data_dir` (``paul_graham_essays/``, ``squad/``,
 ``austen/``). A sample is a pure function of ``(task, tokenizer, num_tokens, depth, seed)``.
@@ -49,16 +57,19 @@ from benchmarks.haystack import (
 )
 from benchmarks.tasks import data_dir
 
-__all__ = ["TASKS", "TaskSample", "make_sample", "max_new_tokens", "score"]
+__all__ = ["ALL_TASKS", "LONG_ANSWER_TASKS", "TASKS", "TaskSample", "make_sample", "max_new_tokens", "score"]
 
 TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "qa_squad",
                           "book_austen")
+LONG_ANSWER_TASKS: tuple[str, ...] = ("niah_longvalue",)  # answers that outlast decode-time evictions
+ALL_TASKS: tuple[str, ...] = TASKS + LONG_ANSWER_TASKS
 
 _MAX_NEW_TOKENS = {"niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48, "niah_multiquery": 28, "vt": 40,
-                   "qa_squad": 24, "book_austen": 12}
+                   "qa_squad": 24, "book_austen": 12, "niah_longvalue": 192}
 _METRIC = {"qa_squad": "any"}  # every other task: "all"
 
 _NUM_NEEDLES = 4  # needles of the multi-needle NIAH tasks
+_LONG_NEEDLES = 16  # needles of niah_longvalue
 _VT_HOPS = 4
 _MIN_HAYSTACK = 64  # fewer haystack tokens than this left after the needles: num_tokens is too small
 _LOW, _HIGH = 0.04, 48  # accepted prompt length: [target * (1 - _LOW), target + _HIGH]
@@ -237,8 +248,8 @@ _BOOK_PREFIX = " Answer: The {container} in which Mrs. {surname} kept her {item}
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(ALL_TASKS)}")
 
 
 # --------------------------------------------------------------------------------------------------------- builders
@@ -323,13 +334,15 @@ def _build_niah(task: str) -> Callable[..., _Spec]:
             keys = keys[:1]
         elif task == "niah_multivalue":
             keys = [keys[0]] * _NUM_NEEDLES
+        elif task == "niah_longvalue":
+            keys = [keys[0]] * _LONG_NEEDLES
         values = [_fresh_number(rng, 7, taken, corpus) for _ in keys]
         depths = [depth] + [rng.random() for _ in keys[1:]]
         needles = [_NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
         if task in ("niah_single", "niah_multikey"):
             question, prefix = _NIAH_Q_ONE.format(key=keys[0]), _NIAH_P_ONE.format(key=keys[0])
             answers = (values[0],)
-        elif task == "niah_multivalue":
+        elif task in ("niah_multivalue", "niah_longvalue"):
             question, prefix = _NIAH_Q_ALL.format(key=keys[0]), _NIAH_P_ALL.format(key=keys[0])
             answers = tuple(values)
         else:  # niah_multiquery: the first needle's key and one other
@@ -457,6 +470,7 @@ _BUILDERS: dict[str, Callable[..., _Spec]] = {
     "niah_single": _build_niah("niah_single"),
     "niah_multikey": _build_niah("niah_multikey"),
     "niah_multivalue": _build_niah("niah_multivalue"),
+    "niah_longvalue": _build_niah("niah_longvalue"),
     "niah_multiquery": _build_niah("niah_multiquery"),
     "vt": _build_vt,
     "qa_squad": _build_qa,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.evaluate import SYSTEMS, System, add_run_args, parse_models, run_grid, system_config
-from benchmarks.long_tasks import TASKS
+from benchmarks.long_tasks import ALL_TASKS
 from benchmarks.report import bootstrap_ci, fmt_cell, load_rows
 
 
@@ -144,7 +144,7 @@ def render(rows: list[dict[str, Any]], systems: list[System], complete: bool) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
-    parser.add_argument("--tasks", nargs="+", default=["niah_multikey", "vt", "qa_squad"], choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=["niah_multikey", "vt", "qa_squad"], choices=ALL_TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--test", action="store_true", help="after dev is complete, run the choice + default on test")

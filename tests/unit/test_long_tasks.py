@@ -18,7 +18,7 @@ from tests.unit.tiny_tokenizer import tiny_tokenizer  # isort: skip  (imports lt
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from benchmarks.long_tasks import TASKS, TaskSample, make_sample, max_new_tokens, score
+from benchmarks.long_tasks import ALL_TASKS, LONG_ANSWER_TASKS, TASKS, TaskSample, make_sample, max_new_tokens, score
 from benchmarks.tasks import data_dir
 
 LENGTHS = (2048, 8192)
@@ -66,7 +66,7 @@ def tokenizers(root: Path) -> dict:
 def samples(root: Path, tokenizers: dict) -> dict:
     """Every (tokenizer, task, length, depth) at seed 7."""
     return {(name, task, length, depth): make_sample(task, tok, length, depth, seed=7, root=root)
-            for name, tok in tokenizers.items() for task in TASKS for length in LENGTHS for depth in DEPTHS}
+            for name, tok in tokenizers.items() for task in ALL_TASKS for length in LENGTHS for depth in DEPTHS}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def squad_paragraph_of(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_length_needles_and_question(samples: dict, tokenizers: dict, squad_paragraph_of: dict, name: str,
                                      task: str) -> None:
     tok = tokenizers[name]
@@ -115,6 +115,8 @@ def test_needle_counts(samples: dict) -> None:
         vt = get("vt")
         assert vt.context.count("VAR ") == 5 + 4 and len(vt.answers) == 5  # 5 statements, 4 of them hops
         assert len(get("book_austen").answers) == 1 and len(get("book_austen").answers[0]) == 7
+        lv = get("niah_longvalue")
+        assert len(set(lv.answers)) == 16 and lv.context.count(needle) == 16
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -139,7 +141,7 @@ def test_gold_paragraph_and_book_fact_follow_depth(samples: dict) -> None:
 
 def test_deterministic_and_seeded(root: Path, tokenizers: dict, samples: dict) -> None:
     tok = tokenizers["bpe"]
-    for task in TASKS:
+    for task in ALL_TASKS:
         again = make_sample(task, tok, 2048, 0.5, seed=7, root=root)
         assert again == samples["bpe", task, 2048, 0.5], task
         other = make_sample(task, tok, 2048, 0.5, seed=8, root=root)
@@ -148,7 +150,7 @@ def test_deterministic_and_seeded(root: Path, tokenizers: dict, samples: dict) -
 
 
 def test_score(samples: dict) -> None:
-    for task in TASKS:
+    for task in ALL_TASKS:
         s = samples["bpe", task, 2048, 0.5]
         assert score(" " + ", ".join(s.answers) + ".", s) == 1.0
         assert score(", ".join(a.upper() for a in s.answers), s) == 1.0  # case-insensitive
@@ -161,7 +163,7 @@ def test_score(samples: dict) -> None:
 
 
 def test_render_swaps_the_context(samples: dict) -> None:
-    for task in TASKS:
+    for task in ALL_TASKS:
         s = samples["char", task, 2048, 0.0]
         assert s.render(s.context) == s.prompt
         swapped = s.render("[retrieved chunks]")
@@ -174,6 +176,20 @@ def test_max_new_tokens() -> None:
     assert max_new_tokens("niah_multivalue") >= 4 * max_new_tokens("niah_single") - 10
     for task in TASKS:
         assert 8 <= max_new_tokens(task) <= 64
+    assert LONG_ANSWER_TASKS == ("niah_longvalue",) and not set(LONG_ANSWER_TASKS) & set(TASKS)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_long_answers_outlast_a_decode_eviction(samples: dict, tokenizers: dict, name: str) -> None:
+    """The point of niah_longvalue: its full answer is longer than the decoded tokens after which the engine
+    first evicts (``evict_stride``), and the generation budget leaves room for all of it."""
+    from ltri_rag import LtriConfig
+
+    tok = tokenizers[name]
+    s = samples[name, "niah_longvalue", 8192, 0.5]
+    answer_tokens = len(tok(" " + ", ".join(s.answers) + ".", add_special_tokens=False)["input_ids"])
+    assert answer_tokens > LtriConfig().evict_stride, answer_tokens
+    assert max_new_tokens("niah_longvalue") >= 1.2 * answer_tokens
     with pytest.raises(ValueError, match="niah_nope"):
         max_new_tokens("niah_nope")
 
@@ -193,7 +209,7 @@ def test_bad_inputs_need_no_data(kwargs: dict, shown: str) -> None:
         make_sample(**{**args, **kwargs})
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_too_short_for_the_needles(root: Path, tokenizers: dict, task: str) -> None:
     with pytest.raises(ValueError, match="num_tokens=100 "):
         make_sample(task, tokenizers["bpe"], 100, 0.5, seed=0, root=root)
