@@ -164,8 +164,9 @@ def render(result: dict[str, Any]) -> str:
                              f"{p['floor_ms']:.3g} |")
             for p in profs:
                 if p.get("top_kernels"):
-                    lines += ["", f"Top kernels of that pass, {p['mode']} at {p['length']:,} ({p['kind']}): device ms, "
-                              "launches", "", "| kernel | ms | launches |", "|---|---:|---:|"]
+                    title = (f"Top kernels of that pass, {p['mode']} at {p['length']:,} ({p['kind']}): "
+                             "device ms, launches")
+                    lines += ["", title, "", "| kernel | ms | launches |", "|---|---:|---:|"]
                     lines += [f"| `{k['name'][:100]}` | {k['ms']:.3f} | {k['launches']} |" for k in p["top_kernels"]]
         lines.append("")
     lines += ["## Targets", ""]
