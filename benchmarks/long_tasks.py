@@ -1,6 +1,7 @@
 """Seeded RULER-style long-context tasks over real text, with scoring.
 
-Seven tasks (:data:`TASKS`), each one prompt of a requested token length with the facts to find planted at a requested depth:
+Seven tasks (:data:`TASKS`), each one prompt of a requested token length with the facts to find planted at a
+requested depth:
 
 * ``niah_single``: one "special magic number" needle in Paul Graham's essays; ask for it.
 * ``niah_multikey``: four needles with different keys (three are distractors); ask for one key's number.
