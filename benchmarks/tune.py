@@ -8,9 +8,9 @@ persistence, head voting, position scheme). Dev rows go to ``OUT/dev``; ``tuning
 candidates by mean dev score and compare each with the shipped default on the same dev samples (paired differences,
 a seeded bootstrap interval, wins and losses). A candidate replaces the default only if it is complete on dev and
 the lower end of its paired interval is above zero: on a few dozen samples most one-knob differences are noise, and
-a default chosen on noise does not carry to held-out cases. ``--test`` then runs the chosen system and the default on the test split
-(``OUT/test``), so the reported number is on samples the choice never saw. Resumable like :mod:`benchmarks.evaluate`
-(call again until done); ``--report-only`` renders the tables from the rows already there.
+a default chosen on noise does not carry to held-out cases. ``--test`` then runs the chosen system and the default
+on the test split (``OUT/test``), so the reported number is on samples the choice never saw. Resumable like
+:mod:`benchmarks.evaluate` (call again until done); ``--report-only`` renders the tables from the rows already there.
 """
 
 from __future__ import annotations
