@@ -70,7 +70,7 @@ _MAX_NEW_TOKENS = {"niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48
 _METRIC = {"qa_squad": "any"}  # every other task: "all"
 
 _NUM_NEEDLES = 4  # needles of the multi-needle NIAH tasks
-_LONG_NEEDLES = 16  # needles of niah_longvalue
+_SAME_KEY_NEEDLES = {"niah_multivalue": _NUM_NEEDLES, "niah_longvalue": 16}  # one key, this many values
 _VT_HOPS = 4
 _MIN_HAYSTACK = 64  # fewer haystack tokens than this left after the needles: num_tokens is too small
 _LOW, _HIGH = 0.04, 48  # accepted prompt length: [target * (1 - _LOW), target + _HIGH]
@@ -333,17 +333,15 @@ def _build_niah(task: str) -> Callable[..., _Spec]:
         taken: set[str] = set()
         if task == "niah_single":
             keys = keys[:1]
-        elif task == "niah_multivalue":
-            keys = [keys[0]] * _NUM_NEEDLES
-        elif task == "niah_longvalue":
-            keys = [keys[0]] * _LONG_NEEDLES
+        elif task in _SAME_KEY_NEEDLES:
+            keys = [keys[0]] * _SAME_KEY_NEEDLES[task]
         values = [_fresh_number(rng, 7, taken, corpus) for _ in keys]
         depths = [depth] + [rng.random() for _ in keys[1:]]
         needles = [_NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
         if task in ("niah_single", "niah_multikey"):
             question, prefix = _NIAH_Q_ONE.format(key=keys[0]), _NIAH_P_ONE.format(key=keys[0])
             answers = (values[0],)
-        elif task in ("niah_multivalue", "niah_longvalue"):
+        elif task in _SAME_KEY_NEEDLES:
             question, prefix = _NIAH_Q_ALL.format(key=keys[0]), _NIAH_P_ALL.format(key=keys[0])
             answers = tuple(values)
         else:  # niah_multiquery: the first needle's key and one other
