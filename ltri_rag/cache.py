@@ -202,10 +202,17 @@ class LtriCache(Cache):
         if graph and (not decode or num_tokens != 1 or to_sinks):
             raise ValueError(f"a graph-form step decodes one token once the sinks are full, got {num_tokens} "
                              f"token(s), decode={decode}, {to_sinks} going to the sinks")
-        first_slot = self._reserve_stream(evict, to_sinks)
+        # a graph-form step reserves its evicted tokens' pool slots at end_step, after its forward (which reads no
+        # reserved slot): the page tables and slot positions a captured graph reads then stay as they were, so an
+        # evicting step can replay the graph of its span set (decode_graph.REPLAY_EVICTING_STEPS)
+        first_slot = self._next_slot() if graph else self._reserve_stream(evict, to_sinks)
         self.plan = StepPlan(pos0=self.seen_tokens, q_len=num_tokens, num_to_sinks=to_sinks, num_evict=evict,
                              first_slot=first_slot, decode=decode, graph=graph)
         return self.plan
+
+    def _next_slot(self) -> int:
+        """The pool slot the next reservation starts at (0 without a pool)."""
+        return 0 if self.pool is None else self.pool.num_slots[0]
 
     def _reserve_stream(self, num_evict: int, to_sinks: int = 0) -> int:
         """Pool slots for the ``num_evict`` oldest window tokens of a step whose first ``to_sinks`` tokens become
@@ -313,6 +320,11 @@ class LtriCache(Cache):
         if plan.dry:
             self.plan = None
             return
+        if plan.graph and plan.num_evict and self.pool is not None:  # reserved now (see begin_step)
+            first = self._reserve_stream(plan.num_evict)
+            if first != plan.first_slot:
+                raise RuntimeError(f"the pool's slots moved during a step: planned slot {plan.first_slot}, "
+                                   f"reserved {first}")
         for state in self.states:
             state.commit(plan)
         evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch

@@ -13,7 +13,9 @@ model, against a few milliseconds of device time). :class:`DecodeGraph` runs the
   window length from device memory (``win_len=``); the allocations hold a whole eviction cycle
   (:meth:`GlobalLayerState.reserve_window`), so they do not move between evictions;
 * the Python side of a step (the staged changes each layer leaves for :meth:`LtriCache.end_step`) is the same for
-  every replay and is restored after it; the step's commit (window statistics, evictions) stays eager.
+  every replay and is restored after it; the step's commit (window statistics, evictions) stays eager, and the pool
+  slots of the tokens a step evicts are reserved there too, after the forward, so that the page tables a graph
+  reads do not change during a step.
 
 The first graph-form step runs eagerly on a side stream (Triton compiles, libraries initialise), the next one is
 captured with ``torch.cuda.graph`` and replayed, and later ones replay. A graph is captured again when an address it
@@ -39,6 +41,12 @@ from ltri_rag.layer import GlobalLayerState, StepPlan
 __all__ = ["DecodeGraph", "graph_unsupported"]
 
 _MEMORY_ROUND = 256  # memory buffers are at least sinks + budget keys wide, rounded up to this
+
+# Whether a retrieving step that evicts (the last of an eviction cycle, when every decoded token retrieves) replays
+# the graph captured for its span set instead of running eagerly. Its forward reads no pool slot it reserves (the
+# reservation waits for end_step), so the graph of the cycle's steps computes it; the eviction itself stays eager.
+# Off until timed on the GPU (an eager retrieving step costs tens of ms of host time once per evict_stride tokens).
+REPLAY_EVICTING_STEPS = False
 
 
 def graph_unsupported(cache: LtriCache, device: torch.device, capture: bool = True) -> str | None:
@@ -125,6 +133,7 @@ class DecodeGraph:
         self.captures = 0  # graphs captured
         self.retrieving_steps = 0  # graph-form steps that retrieved (replayed or not)
         self.retrieving_replays = 0  # of which replayed
+        self.evicting_replays = 0  # of which evicted after the step (REPLAY_EVICTING_STEPS)
         self.direct_capture_failures = 0  # captures at a span set's first step that failed (that step ran eagerly)
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -221,10 +230,13 @@ class DecodeGraph:
         later ones replay, with the state they read refilled in place (persistence, the cross-layer prior) and what
         they stage restored. A set of spans whose memory parts have the widths of an earlier one (once the memory
         holds a budget's worth of tokens: every set) is captured at its first step; if that capture fails, the
-        step runs eagerly and the next one is captured as usual."""
+        step runs eagerly and the next one is captured as usual. The step that evicts runs eagerly and captures
+        nothing (its spans are about to change); with :data:`REPLAY_EVICTING_STEPS` it replays its span set's
+        graph where one was captured."""
         for state in states:
             state.prepare_graph_retrieval(self._memory_width)
-        if self.cache.plan.num_evict:  # the spans change after this step: a graph of it would serve it alone
+        evicting = bool(self.cache.plan.num_evict)  # the spans change after this step: a graph of it serves it alone
+        if evicting and not (REPLAY_EVICTING_STEPS and self._retrieve_graph is not None):
             return self._forward()
         consensus = self.cache.consensus
         if consensus is not None:  # the prior at the size it has after the next commit: one key per span set
@@ -234,6 +246,8 @@ class DecodeGraph:
         key = (tuple(state._memory_key(self.cache.plan) for state in states),
                tuple(state.graph_addresses() for state in states),
                tuple(None if t is None else (t.dtype, tuple(t.shape)) for t in inputs))
+        if evicting and key != self._retrieve_key:  # no graph of this span set yet: run eagerly, capture nothing
+            return self._forward()
         budget = self.cache.config.budget
         widths = tuple((state.sink_k.shape[2], tuple(min(budget, t.num_tokens) for t in state.tables))
                        for state in states)
@@ -258,6 +272,7 @@ class DecodeGraph:
                 consensus.restore_effects(self._consensus_effects)
             self.replays += 1
             self.retrieving_replays += 1
+            self.evicting_replays += evicting
             return self._retrieve_logits
         if consensus is not None:
             consensus.forget_sums()  # the graph computes the prior's sums from the prior it reads

@@ -47,7 +47,8 @@ class StepPlan:
         q_len: Tokens in the pass.
         num_to_sinks: Leading tokens of the pass that become sink tokens.
         num_evict: Oldest window tokens evicted after the pass.
-        first_slot: Pool slot of the first evicted token.
+        first_slot: Pool slot of the first evicted token (a graph-form step reserves the slots at
+            :meth:`~ltri_rag.cache.LtriCache.end_step`, after its forward).
         dry: A look-ahead pass: attend and gather cross-layer evidence, change no state.
         decode: The pass reads a generated token (not prompt text).
         graph: A decode step in the form a CUDA graph replays (:mod:`ltri_rag.decode_graph`): every layer reuses

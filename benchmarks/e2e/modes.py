@@ -23,7 +23,8 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_small_tier_no_cache", "ltri_small_tier_count", "ltri_prev_small_kernels", "ltri_prev_finish",
          "ltri_torch_consensus", "ltri_torch_slots", "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection",
          "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
-         "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast")
+         "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
+         "ltri_replay_evicting", "ltri_fast_replay_evicting")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -35,7 +36,8 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_prev_small_kernels", "ltri_prev_finish", "ltri_torch_consensus", "ltri_torch_slots",
               "ltri_torch_glue", "ltri_unpaired", "ltri_s22_selection", "ltri_row_scan",
               "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
-              "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast")
+              "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
+              "ltri_replay_evicting", "ltri_fast_replay_evicting")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -109,6 +111,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_mass256": ("ltri", {"mass_queries": 256}),
                                                    "ltri_mass_all": ("ltri", {"mass_queries": None}),
                                                    "ltri_fast": ("ltri", dict(FAST_PRESET)),
+                                                   "ltri_replay_evicting": ("ltri", {}),
+                                                   "ltri_fast_replay_evicting": ("ltri", dict(FAST_PRESET)),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -156,7 +160,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # off; before session 30) instead of page-locked buffers; ``ltri_mass256`` / ``ltri_mass_all``: the key mass of a
 # prompt chunk summed over 256 of its queries / over every query (``LtriConfig.mass_queries``); ``ltri_fast``: the
 # opt-in speed preset (``LtriConfig.fast()``, ``FAST_PRESET``: stride 8 since session 32's quality rule; that
-# session's call e ran it as stride 8 + int8 index vectors + key mass of 256 queries)
+# session's call e ran it as stride 8 + int8 index vectors + key mass of 256 queries); ``ltri_replay_evicting`` /
+# ``ltri_fast_replay_evicting``: ``ltri`` / ``ltri_fast`` with the last retrieving decode step of each eviction
+# cycle replaying its span set's CUDA graph instead of running eagerly (``decode_graph.REPLAY_EVICTING_STEPS``)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -168,6 +174,8 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_torch_rank": (("ltri_rag.retrieval", "FUSED_RANK", False),),
     "ltri_torch_fill": (("ltri_rag.retrieval", "FUSED_FILL", False),),
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),
+    "ltri_replay_evicting": (("ltri_rag.decode_graph", "REPLAY_EVICTING_STEPS", True),),
+    "ltri_fast_replay_evicting": (("ltri_rag.decode_graph", "REPLAY_EVICTING_STEPS", True),),
     "ltri_small_tier_torch_pinned": (("ltri_rag.host_memory", "REGISTER_HOST_MEMORY", False),),
     "ltri_prev_small_kernels": (("ltri_rag.kernels.triton_select", "SCALAR_WALK", False),
                                 ("ltri_rag.kernels.triton_rope", "HALF_TILES", False),

@@ -262,7 +262,8 @@ class Bench:
             if graph is not None:  # steps in graph form / replayed / graphs captured (the rest ran eagerly)
                 row.update(graph_steps=graph.steps, graph_replays=graph.replays, graph_captures=graph.captures,
                            graph_retrieving_steps=graph.retrieving_steps,
-                           graph_retrieving_replays=graph.retrieving_replays)
+                           graph_retrieving_replays=graph.retrieving_replays,
+                           graph_evicting_replays=graph.evicting_replays)
             # (after the counts: those are the timed steps') the generation loop one step at a time, then ahead
             loop_sync_ms, logits = run_generation_loop(session, logits, args.decode_tokens, ahead=False)
             loop_ms, _ = run_generation_loop(session, logits, args.decode_tokens, ahead=True)

@@ -39,6 +39,11 @@ def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtyp
     steps to float rounding; most steps are replays. One graph serves every reuse step; a retrieving step (pool on
     the device) is captured once per set of spans and replayed until the next eviction, its persistence state
     and cross-layer prior refilled in place: with long cycles most retrieving steps are replays too."""
+    _compare_replays(dtype, case)
+
+
+def _compare_replays(dtype, case) -> DecodeGraph:
+    """The body of the test above; returns the captured session's :class:`DecodeGraph`."""
     case = dict(case)
     batch = case.pop("batch", 1)
     model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=3).cuda().to(dtype)
@@ -81,6 +86,26 @@ def test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtyp
             assert (pa is None) == (pb is None)
             if pa is not None:
                 torch.testing.assert_close(pb, pa, atol=0, rtol=0)
+    return graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(evict_stride=24, decode_retrieval_stride=1),
+                                  dict(batch=2, evict_stride=30, decode_retrieval_stride=1, voting=True,
+                                       retrieval_scope="per_kv_head"),
+                                  dict(evict_stride=24, decode_retrieval_stride=1, kv_device_gib=1e-9,
+                                       zero_copy_host_pages=True)],
+                         ids=["ltri-stride1", "batch2-voting-per-kv-head", "ltri-host-tier-read-in-graph"])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_evicting_steps_replayed(dtype, case, monkeypatch) -> None:
+    """``decode_graph.REPLAY_EVICTING_STEPS``: the last retrieving step of an eviction cycle replays the graph of
+    its span set (its pool slots are reserved after the forward) instead of running eagerly; the replays stay
+    bit-for-bit the uncaptured graph form, through the evictions that follow them."""
+    from ltri_rag import decode_graph
+
+    monkeypatch.setattr(decode_graph, "REPLAY_EVICTING_STEPS", True)
+    graph = _compare_replays(dtype, case)
+    assert graph.evicting_replays >= 1
 
 
 def _decodes_eagerly_after_a_failed_capture(match: str, steps: int) -> None:
