@@ -11,7 +11,10 @@ Qwen2.5-0.5B (14 / 2, 64) layers. Backends:
 * ``triton``: :func:`ltri_rag.kernels.triton_decode.decode_attention_triton`, the same result in two launches
   (``triton (previous finish)``: its finishing pass in the form before session 22, ``ONE_TILE_FINISH`` off);
 * ``sdpa (out only)``: ``scaled_dot_product_attention`` over the keys concatenated beforehand (GQA native), the
-  reference speed of plain decode attention without the statistics.
+  reference speed of plain decode attention without the statistics;
+* ``read floor (one launch)``: :func:`benchmarks.decode_read_floor.read_kv`, one Triton launch reading the same K
+  and V in the Triton kernel's split layout and only adding them up: what any one-launch decode kernel of that
+  layout cannot beat (its error column: the relative error of the sum of everything read).
 
 Each backend runs over ``--layers`` separate copies of the inputs, in turn, so that consecutive calls never find
 their K/V in the 60 MB L2 (as the layers of a real step would not). Times are µs per layer: ``us`` the median of
@@ -46,6 +49,7 @@ MODELS = {  # name: (num_heads, num_kv_heads, head_dim)
     "qwen2.5-0.5b": (14, 2, 64),
 }
 CONTEXTS = (4096, 16384, 131072)  # keys per KV head (memory + window)
+READ_FLOOR = "read floor (one launch)"
 SMALL_MODELS = {"tiny": (4, 2, 32)}
 SMALL_CONTEXTS = (48, 96)
 
@@ -160,6 +164,10 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
         for t in tuning:
             label = "triton (" + ", ".join(f"{k}={v}" for k, v in t.items()) + ")"
             backends[label] = [lambda c=c, t=t: td.decode_attention_triton(*c, **kwargs, **t) for c in copies]
+        from benchmarks import decode_read_floor as floor
+
+        if cuda or floor.INTERPRETED:  # K and V read once in the same layout, nothing computed: one launch's floor
+            backends[READ_FLOOR] = [lambda c=c: floor.read_kv(c[1], c[2], c[4], c[5]) for c in copies]
     cat = [(c[0], torch.cat([c[1], c[4]], 2), torch.cat([c[2], c[5]], 2)) for c in copies]
 
     def sdpa(q, k, v):
@@ -177,7 +185,10 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
                "us": us, "us_graph": us_graph, "kv_bytes": kv_bytes, "layers": layers, "dtype": str(dtype),
                "floor_pct": 100.0 * kv_bytes / HBM_BYTES_PER_S / (best * 1e-6)}
         got = fns[0]()
-        if backend.startswith("sdpa"):
+        if backend == READ_FLOOR:  # the partial sums add up to every element read once
+            total = sum(float(t.double().sum()) for t in (copies[0][1], copies[0][2], copies[0][4], copies[0][5]))
+            row["max_err_out"] = abs(float(got.double().sum()) - total) / max(abs(total), 1.0)
+        elif backend.startswith("sdpa"):
             row["max_err_out"] = float((got.float() - ref.out).abs().max())
         else:
             row["max_err_out"] = float((got.out - ref.out).abs().max())
