@@ -279,7 +279,8 @@ class Bench:
             print(f"{tag} decode {median:.1f} ms/token median, {statistics.fmean(times):.1f} mean of {len(times)} "
                   f"(floor {kv_ms:.2f} ms); generation loop {loop_sync_ms:.1f} ms/token one step at a time, "
                   f"{loop_ms:.1f} one step ahead (means of {args.decode_tokens} more each)"
-                  + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving), {graph.captures} captures"
+                  + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving, {graph.evicting_replays} "
+                     f"evicting), {graph.captures} captures"
                      if graph is not None else ""), flush=True)
         except Exception as err:  # noqa: BLE001
             self._failure(row, err, tag + " decode")
