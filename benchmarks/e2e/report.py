@@ -127,6 +127,14 @@ def render(result: dict[str, Any]) -> str:
                                                               ".1f") + [""]
             lines += ["One step ahead:", ""] + _pivot(result["decode"], name, modes, "loop_ms", ".1f",
                                                       ratio_to_full=True) + [""]
+        kinds = [r for r in result["decode"] if r["model"] == name and r.get("step_kinds")]
+        if kinds:  # where the timed steps' time went: evicting steps and graph captures against the rest
+            lines += ["Timed decode steps by kind (steps x median ms; `evict`: the span memory grew after the step, "
+                      "`capture`: a CUDA graph was captured for it):", "",
+                      "| mode | length | by kind |", "|---|---:|---|"]
+            lines += [f"| {r['mode']} | {r['length']:,} | " + ", ".join(
+                f"{kind} {v['steps']} x {v['median_ms']:.1f}" for kind, v in r["step_kinds"].items()) + " |"
+                for r in kinds] + [""]
         lines += ["Peak GPU memory during prefill, GiB (weights included):", ""]
         lines += _pivot(result["prefill"], name, modes, "peak_gib", ".2f") + [""]
         lines += ["Peak GPU memory while decoding, GiB:", ""]

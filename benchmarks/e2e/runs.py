@@ -44,20 +44,53 @@ def run_prefill(session: LtriSession, ids: torch.Tensor) -> tuple[float, torch.T
     return time.perf_counter() - began, logits
 
 
-def run_decode(session: LtriSession, logits: torch.Tensor, num_tokens: int) -> tuple[list[float], torch.Tensor]:
+def run_decode(session: LtriSession, logits: torch.Tensor, num_tokens: int,
+               kinds: list[str] | None = None) -> tuple[list[float], torch.Tensor]:
     """Milliseconds of each of ``num_tokens`` greedy single-token steps (each synchronised), and the last step's
-    ``[1, vocab]`` logits."""
+    ``[1, vocab]`` logits. ``kinds``, when given, receives each step's kind (:func:`step_kind`)."""
     device = session.device
     times = []
     token = logits.argmax(-1)
     for _ in range(num_tokens):
+        before = _step_counters(session)
         sync(device)
         began = time.perf_counter()
         logits = session.step(token)
         token = logits.argmax(-1)
         sync(device)
         times.append((time.perf_counter() - began) * 1e3)
+        if kinds is not None:
+            kinds.append(step_kind(before, _step_counters(session)))
     return times, logits
+
+
+def _step_counters(session: Any) -> tuple[int, int, int]:
+    """``(memory tokens, graphs captured, graph replays)`` of a session (0 where it keeps none)."""
+    cache = getattr(session, "cache", None)
+    memory = cache.memory_tokens() if cache is not None and hasattr(cache, "memory_tokens") else 0
+    graph = getattr(session, "decode_graph", None)
+    return memory, (graph.captures if graph is not None else 0), (graph.replays if graph is not None else 0)
+
+
+def step_kind(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+    """What a decode step did, from :func:`_step_counters` around it: ``"evict"`` (its window's oldest tokens went
+    to the span memory after it), ``"capture"`` (a CUDA graph was captured for it), ``"replay"`` (a captured graph
+    ran it), else ``"eager"``. An evicting step is ``"evict"`` whatever ran it."""
+    if after[0] > before[0]:
+        return "evict"
+    if after[1] > before[1]:
+        return "capture"
+    return "replay" if after[2] > before[2] else "eager"
+
+
+def kind_summary(times: list[float], kinds: list[str]) -> dict[str, dict[str, float]]:
+    """Per step kind: how many timed steps, their median and total ms."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted(set(kinds)):
+        picked = [t for t, k in zip(times, kinds) if k == kind]
+        out[kind] = {"steps": len(picked), "median_ms": round(statistics.median(picked), 3),
+                     "total_ms": round(sum(picked), 3)}
+    return out
 
 
 def run_generation_loop(session: LtriSession, logits: torch.Tensor, num_steps: int, ahead: bool
@@ -251,7 +284,8 @@ class Bench:
             counting = pool is not None and pool.host_cache_tokens > 0 and _counts_host_cache()
             if counting:  # host rows read by the timed steps, and how many came from the device cache
                 pool.host_cache_stats.zero_()
-            times, logits = run_decode(session, logits, args.decode_tokens)
+            kinds: list[str] = []
+            times, logits = run_decode(session, logits, args.decode_tokens, kinds)
             if counting:
                 hits, host_rows = pool.host_cache_stats.tolist()
                 row.update(host_cache_hits=hits, host_cache_rows=host_rows)
@@ -269,6 +303,7 @@ class Bench:
             loop_ms, _ = run_generation_loop(session, logits, args.decode_tokens, ahead=True)
             row.update(status="ok", tokens=len(times), median_ms=median, mean_ms=statistics.fmean(times),
                        min_ms=min(times), max_ms=max(times), times_ms=[round(t, 3) for t in times],
+                       step_kinds=kind_summary(times, kinds),
                        loop_sync_ms=loop_sync_ms, loop_ms=loop_ms, loop_steps=args.decode_tokens,
                        peak_gib=peak_gib(self.device), floor_weights_ms=weights_ms, floor_weights_kv_ms=kv_ms,
                        x_floor=median / kv_ms,
@@ -282,6 +317,9 @@ class Bench:
                   + (f"; {graph.replays} replays ({graph.retrieving_replays} retrieving, {graph.evicting_replays} "
                      f"evicting), {graph.captures} captures"
                      if graph is not None else ""), flush=True)
+            print(f"{tag} timed steps by kind: " + ", ".join(
+                f"{kind} {v['steps']} x {v['median_ms']:.1f} ms median" for kind, v in row["step_kinds"].items()),
+                flush=True)
         except Exception as err:  # noqa: BLE001
             self._failure(row, err, tag + " decode")
 

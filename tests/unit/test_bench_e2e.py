@@ -30,6 +30,11 @@ def test_small_run_writes_a_row_per_mode_and_length(tmp_path) -> None:
         assert row["tokens"] == 4 and len(row["times_ms"]) == 4 and row["median_ms"] > 0
         assert row["loop_steps"] == 4 and row["loop_ms"] > 0 and row["loop_sync_ms"] > 0  # the generation loop
         assert row["floor_weights_kv_ms"] > row["floor_weights_ms"] > 0
+        kinds = row["step_kinds"]  # each timed step counted once, under one kind
+        assert sum(v["steps"] for v in kinds.values()) == 4 and set(kinds) <= {"evict", "capture", "replay", "eager"}
+        assert abs(sum(v["total_ms"] for v in kinds.values()) - sum(row["times_ms"])) < 0.01
+        if row["mode"] == "streaming":
+            assert "evict" not in kinds  # no span memory: nothing is counted as stored
     profiles = {(p["mode"], p["length"], p["kind"]): p for p in result["profile"]}
     assert all(p["status"] == "ok" for p in profiles.values())
     assert {("full", 512, "decode step"), ("ltri", 512, "decode step"), ("ltri", 512, "prefill chunk")} <= set(profiles)
@@ -285,3 +290,17 @@ def test_decode_target_is_checked_on_the_per_token_mean_where_there_is_one() -> 
     assert with_loop["decode_max_over_min"] == 1.0 and with_loop["loop_max_over_min"] == pytest.approx(1.2)
     without = summarize(prefill, rows((None, None)))["m"]["ltri_fast"]
     assert "loop_max_over_min" not in without and without["decode_max_over_min"] == 1.0
+
+
+def test_step_kinds_name_what_a_decode_step_did() -> None:
+    """A step after which the span memory grew is an eviction (whatever ran it); else a capture, a replay or an eager
+    step, from the graph counters around it; the summary counts and times each kind."""
+    from benchmarks.e2e.runs import kind_summary, step_kind
+
+    assert step_kind((100, 1, 5), (164, 2, 6)) == "evict"
+    assert step_kind((164, 1, 5), (164, 2, 5)) == "capture"
+    assert step_kind((164, 2, 5), (164, 2, 6)) == "replay"
+    assert step_kind((0, 0, 0), (0, 0, 0)) == "eager"
+    summary = kind_summary([10.0, 11.0, 150.0, 12.0], ["replay", "replay", "evict", "replay"])
+    assert summary == {"evict": {"steps": 1, "median_ms": 150.0, "total_ms": 150.0},
+                       "replay": {"steps": 3, "median_ms": 11.0, "total_ms": 33.0}}
