@@ -315,16 +315,20 @@ class LtriCache(Cache):
         plan = self.plan
         if plan is None:
             raise RuntimeError("end_step called without begin_step")
+        if plan.graph and plan.num_evict and self.pool is not None:  # reserved now (see begin_step), first
+            try:
+                first = self._reserve_stream(plan.num_evict)
+                if first != plan.first_slot:
+                    raise RuntimeError(f"the pool's slots moved during a step: planned slot {plan.first_slot}, "
+                                       f"reserved {first}")
+            except BaseException:
+                self.abort_step()  # nothing of the step is kept yet: the state is the one before it
+                raise
         if self.consensus is not None:
             self.consensus.commit()
         if plan.dry:
             self.plan = None
             return
-        if plan.graph and plan.num_evict and self.pool is not None:  # reserved now (see begin_step)
-            first = self._reserve_stream(plan.num_evict)
-            if first != plan.first_slot:
-                raise RuntimeError(f"the pool's slots moved during a step: planned slot {plan.first_slot}, "
-                                   f"reserved {first}")
         for state in self.states:
             state.commit(plan)
         evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch

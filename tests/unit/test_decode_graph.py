@@ -474,3 +474,32 @@ def test_evicting_steps_replay_the_graph_of_their_span_set(qwen2, monkeypatch) -
     # every cycle after the first has a captured graph by its last step (captured at its first or second step)
     assert replays >= evicting - 1
     assert counts[True][2] == counts[False][2] + replays
+
+
+def test_a_failed_reservation_at_end_step_leaves_no_trace(qwen2, monkeypatch) -> None:
+    """The pool slots of an evicting graph-form step are reserved at ``end_step``: if that fails (e.g. the pool
+    cannot grow), the step is dropped whole and raises; the next step gives the eager session's logits."""
+    eager, graphed = _pair(qwen2, _config(decode_retrieval_stride=1), retrieve=True)
+    logits = [s.feed(random_ids(1, 45, seed=8)) for s in (eager, graphed)]
+    cache, pool = graphed.cache, graphed.cache.pool
+    while cache.window_len + 1 - cache.config.local_window < cache.config.evict_stride:  # up to an evicting step
+        token = logits[0].argmax(-1)
+        logits = [s.step(token) for s in (eager, graphed)]
+    before = (graphed.num_tokens, cache.window_len, list(pool.num_slots), cache.memory_tokens())
+    original = pool.reserve
+
+    def failing(num_new: int) -> int:
+        raise MemoryError("the pool cannot grow")
+
+    monkeypatch.setattr(pool, "reserve", failing)
+    token = logits[0].argmax(-1)
+    with pytest.raises(MemoryError, match="cannot grow"):
+        graphed.step(token)
+    assert cache.plan is None and cache.graph_window is None
+    assert (graphed.num_tokens, cache.window_len, list(pool.num_slots), cache.memory_tokens()) == before
+    monkeypatch.setattr(pool, "reserve", original)
+    for _ in range(3):  # the evicting step again, then two more
+        logits = [s.step(token) for s in (eager, graphed)]
+        torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+        token = logits[0].argmax(-1)
+    _assert_same_state(eager, graphed)
