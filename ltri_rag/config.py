@@ -324,8 +324,9 @@ class LtriConfig:
           14.7 / 14.6 / 21.6 ms for the defaults, same call: 1.09x from 8K to 1M, against 1.47x.
         - Quality (Qwen2.5-0.5B, ``niah_multikey`` and ``vt`` at 16K / 32K, 80 pairs per split): -0.75 points
           [-3.00, +1.25] on the dev split and -0.75 [-4.75, +3.75] on the test split, all in the longest answers.
-          Those answers are at most 40 tokens: long generations, which also cross decode-time evictions, are not
-          measured yet (``niah_longvalue`` in ``benchmarks/long_tasks.py`` is the task for it).
+          Those answers are at most 40 tokens. Long generations, which also cross decode-time evictions, have a
+          CPU check only: ``niah_longvalue`` (192-token answers), 8 pairs per split at 8K, +7.0 points on dev and
+          +1.6 on test (``benchmarks/results/longvalue_cpu_qwen``); the GPU grid is to come.
 
         Any field can still be set, e.g. ``LtriConfig.fast(budget=4096)``; unknown fields raise ``TypeError`` as
         in the constructor.
