@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from ltri_rag.kernels._triton_support import interpreted, tl, triton
+from ltri_rag.kernels import triton_decode
+from ltri_rag.kernels._triton_support import tl, triton
 from ltri_rag.kernels.decode_shapes import block_sizes, num_splits_for, stages_that_fit
 
 __all__ = ["read_kv"]
 
-INTERPRETED = interpreted()
+# built for the interpreter exactly when the decode kernel it is compared with was (its combine function is reused)
+INTERPRETED = triton_decode.INTERPRETED
 
 if triton is not None:
-    @triton.jit
-    def _add(a, b):
-        return a + b
+    _add = triton_decode._sum_combine
 
     @triton.jit
     def _read_tiles(acc, k_base, v_base, start, length, stride_kn, stride_kd, stride_vn, stride_vd,

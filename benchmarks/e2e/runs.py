@@ -52,7 +52,7 @@ def run_decode(session: LtriSession, logits: torch.Tensor, num_tokens: int,
     times = []
     token = logits.argmax(-1)
     for _ in range(num_tokens):
-        before = _step_counters(session)
+        before = _step_counters(session) if kinds is not None else None
         sync(device)
         began = time.perf_counter()
         logits = session.step(token)
