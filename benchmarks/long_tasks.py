@@ -17,9 +17,11 @@ One more task is kept out of :data:`TASKS` (so default grids stay what they were
 :data:`LONG_ANSWER_TASKS`:
 
 * ``niah_longvalue``: sixteen needles with the same key and different numbers; ask for all sixteen. Its answer
-  (~100-150 tokens) is long enough for the engine to evict while decoding (every ``LtriConfig.evict_stride`` = 64
-  decoded tokens by default) and, with ``decode_retrieval_stride`` > 1, to reuse a memory part across an eviction;
-  the other tasks' answers (at most 48 tokens) end before the first decode-time eviction.
+  (~100-150 tokens) outlasted the engine's first eviction while decoding when ``LtriConfig.evict_stride`` was 64
+  (its default until session 34) and, with ``decode_retrieval_stride`` > 1, reused a memory part across an
+  eviction; the other tasks' answers (at most 48 tokens) end before the first decode-time eviction.
+* ``niah_longvalue48``: the same with forty-eight numbers. Its answer (~400-450 tokens) outlasts the first
+  decode-time eviction at the default ``evict_stride`` of 256 decoded tokens.
 
 Text comes from the data directory of :func:`benchmarks.tasks.data_dir` (``paul_graham_essays/``, ``squad/``,
 ``austen/``). A sample is a pure function of ``(task, tokenizer, num_tokens, depth, seed)``.
@@ -62,15 +64,18 @@ __all__ = ["ALL_TASKS", "LONG_ANSWER_TASKS", "TASKS", "TaskSample", "make_sample
 
 TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "qa_squad",
                           "book_austen")
-LONG_ANSWER_TASKS: tuple[str, ...] = ("niah_longvalue",)  # answers that outlast decode-time evictions
+# answers that outlast decode-time evictions
+LONG_ANSWER_TASKS: tuple[str, ...] = ("niah_longvalue", "niah_longvalue48")
 ALL_TASKS: tuple[str, ...] = TASKS + LONG_ANSWER_TASKS
 
 _MAX_NEW_TOKENS = {"niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48, "niah_multiquery": 28, "vt": 40,
-                   "qa_squad": 24, "book_austen": 12, "niah_longvalue": 192}
+                   "qa_squad": 24, "book_austen": 12, "niah_longvalue": 192,
+                   "niah_longvalue48": 576}
 _METRIC = {"qa_squad": "any"}  # every other task: "all"
 
 _NUM_NEEDLES = 4  # needles of the multi-needle NIAH tasks
-_SAME_KEY_NEEDLES = {"niah_multivalue": _NUM_NEEDLES, "niah_longvalue": 16}  # one key, this many values
+# one key, this many values
+_SAME_KEY_NEEDLES = {"niah_multivalue": _NUM_NEEDLES, "niah_longvalue": 16, "niah_longvalue48": 48}
 _VT_HOPS = 4
 _MIN_HAYSTACK = 64  # fewer haystack tokens than this left after the needles: num_tokens is too small
 _LOW, _HIGH = 0.04, 48  # accepted prompt length: [target * (1 - _LOW), target + _HIGH]
@@ -470,6 +475,7 @@ _BUILDERS: dict[str, Callable[..., _Spec]] = {
     "niah_multikey": _build_niah("niah_multikey"),
     "niah_multivalue": _build_niah("niah_multivalue"),
     "niah_longvalue": _build_niah("niah_longvalue"),
+    "niah_longvalue48": _build_niah("niah_longvalue48"),
     "niah_multiquery": _build_niah("niah_multiquery"),
     "vt": _build_vt,
     "qa_squad": _build_qa,

@@ -74,7 +74,10 @@ class LtriConfig:
             reads a prompt in one pass.
         budget: Tokens of retrieved spans each layer may load per chunk / decoded token (InfLLM: 16 x 128).
         evict_stride: Window overflow (tokens) that triggers an eviction; the window is cut back to
-            ``local_window``. Keeps decode from cutting one-token spans.
+            ``local_window``. Keeps decode from cutting one-token spans. A prompt pass evicts whatever is over, so
+            this acts on decoded tokens only. 256 since session 34 (was 64): each decode-time eviction costs its host
+            work and a CUDA-graph capture (0.16-0.35 s on an H200, Llama-3-8B shape), now spread over 4x more
+            tokens; quality on 192-token answers level (``benchmarks/results/evict_stride_h200``).
         page_size: Tokens per page of the paged K/V pool that holds evicted tokens.
         kv_offload: Where the paged K/V pool of evicted tokens lives. ``"auto"`` (the default): on the model's
             device up to ``kv_device_gib``, pages beyond that in pinned host memory (a retrieval gathers device
@@ -196,7 +199,7 @@ class LtriConfig:
     final_chunk_size: int = 16
     full_chunk_size: int | None = None
     budget: int = 2048
-    evict_stride: int = 64
+    evict_stride: int = 256
     page_size: int = 64
     kv_offload: bool | Literal["auto"] = "auto"
     kv_device_gib: float | None = None
@@ -324,9 +327,11 @@ class LtriConfig:
           14.7 / 14.6 / 21.6 ms for the defaults, same call: 1.09x from 8K to 1M, against 1.47x.
         - Quality (Qwen2.5-0.5B, ``niah_multikey`` and ``vt`` at 16K / 32K, 80 pairs per split): -0.75 points
           [-3.00, +1.25] on the dev split and -0.75 [-4.75, +3.75] on the test split, all in the longest answers.
-          Those answers are at most 40 tokens. Long generations, which also cross decode-time evictions, have a
-          CPU check only: ``niah_longvalue`` (192-token answers), 8 pairs per split at 8K, +7.0 points on dev and
-          +1.6 on test (``benchmarks/results/longvalue_cpu_qwen``); the GPU grid is to come.
+          Those answers are at most 40 tokens.
+        - **Long answers lose quality at 32K** (session 34, ``benchmarks/results/longvalue_h200_qwen``):
+          ``niah_longvalue`` (192-token answers over decode-time evictions, 16K / 32K, 40 pairs per split) gave
+          +0.2 points [-4.7, +5.3] on the dev split but -5.5 [-10.5, 0.0] on the test split, -9.4 [-17.5, -1.3] at
+          32K on test, with decoding 1.6x faster. For long generations over long contexts, prefer the defaults.
 
         Any field can still be set, e.g. ``LtriConfig.fast(budget=4096)``; unknown fields raise ``TypeError`` as
         in the constructor.

@@ -45,8 +45,10 @@ _MEMORY_ROUND = 256  # memory buffers are at least sinks + budget keys wide, rou
 # Whether a retrieving step that evicts (the last of an eviction cycle, when every decoded token retrieves) replays
 # the graph captured for its span set instead of running eagerly. Its forward reads no pool slot it reserves (the
 # reservation waits for end_step), so the graph of the cycle's steps computes it; the eviction itself stays eager.
-# Off until timed on the GPU (an eager retrieving step costs tens of ms of host time once per evict_stride tokens).
-REPLAY_EVICTING_STEPS = False
+# On since session 34: on the H200 (Llama-3-8B shape) the evicting step fell from 144-184 ms to 32-49 ms, and the
+# mean time per token at 8K / 128K from 18.4-18.5 / 18.9-20.0 ms to 14.3-15.9 / 17.3-18.2 ms (two runs);
+# benchmarks/results/evict_stride_h200/README.md.
+REPLAY_EVICTING_STEPS = True
 
 
 def graph_unsupported(cache: LtriCache, device: torch.device, capture: bool = True) -> str | None:

@@ -25,7 +25,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_row_scan", "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
          "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
          "ltri_replay_evicting", "ltri_fast_replay_evicting", "ltri_evict256", "ltri_fast_evict256",
-         "ltri_fast_c8192")
+         "ltri_fast_c8192", "ltri_s33_decode")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -39,7 +39,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_share60", "ltri_full_sort", "ltri_int8", "ltri_recomputed_scores",
               "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
               "ltri_replay_evicting", "ltri_fast_replay_evicting", "ltri_evict256", "ltri_fast_evict256",
-              "ltri_fast_c8192")
+              "ltri_fast_c8192", "ltri_s33_decode")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -118,6 +118,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_evict256": ("ltri", {"evict_stride": 256}),
                                                    "ltri_fast_evict256": ("ltri", {**FAST_PRESET, "evict_stride": 256}),
                                                    "ltri_fast_c8192": ("ltri", {**FAST_PRESET, "chunk_size": 8192}),
+                                                   "ltri_s33_decode": ("ltri", {"evict_stride": 64}),
                                                    "ltri_small_tier_no_cache": ("ltri", {
                                                        "kv_device_gib": 4.0, "zero_copy_host_pages": True,
                                                        "host_cache_tokens": 0}),
@@ -167,10 +168,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # opt-in speed preset (``LtriConfig.fast()``, ``FAST_PRESET``: stride 8 since session 32's quality rule; that
 # session's call e ran it as stride 8 + int8 index vectors + key mass of 256 queries); ``ltri_replay_evicting`` /
 # ``ltri_fast_replay_evicting``: ``ltri`` / ``ltri_fast`` with the last retrieving decode step of each eviction
-# cycle replaying its span set's CUDA graph instead of running eagerly (``decode_graph.REPLAY_EVICTING_STEPS``);
-# ``ltri_evict256`` / ``ltri_fast_evict256``: a decoded sequence's window evicts every 256 tokens instead of 64
-# (``LtriConfig.evict_stride``): a quarter of the evicting steps and graph captures per decoded token;
-# ``ltri_fast_c8192``: the preset with prompts read in chunks of 8,192 tokens (a candidate, session 33's rule)
+# cycle replaying its span set's CUDA graph instead of running eagerly (``decode_graph.REPLAY_EVICTING_STEPS``,
+# the default since session 34); ``ltri_evict256`` / ``ltri_fast_evict256``: a decoded sequence's window
+# evicts every 256 tokens instead of 64 (``LtriConfig.evict_stride``, 256 by default since session 34);
+# ``ltri_fast_c8192``: the preset with prompts read in chunks of 8,192 tokens (a candidate, session 33's rule);
+# ``ltri_s33_decode``: the decode defaults before session 34 (evict stride 64, evicting steps run eagerly)
 MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_fused_assembly": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
     "ltri_device_select_fused": (("ltri_rag.layer_assembly", "FUSED_DEVICE_ASSEMBLY", True),),
@@ -184,6 +186,7 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "ltri_torch_decode_scoring": (("ltri_rag.kernels.scoring", "AUTO_ONE_QUERY_TRITON", False),),
     "ltri_replay_evicting": (("ltri_rag.decode_graph", "REPLAY_EVICTING_STEPS", True),),
     "ltri_fast_replay_evicting": (("ltri_rag.decode_graph", "REPLAY_EVICTING_STEPS", True),),
+    "ltri_s33_decode": (("ltri_rag.decode_graph", "REPLAY_EVICTING_STEPS", False),),
     "ltri_small_tier_torch_pinned": (("ltri_rag.host_memory", "REGISTER_HOST_MEMORY", False),),
     "ltri_prev_small_kernels": (("ltri_rag.kernels.triton_select", "SCALAR_WALK", False),
                                 ("ltri_rag.kernels.triton_rope", "HALF_TILES", False),
