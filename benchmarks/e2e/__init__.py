@@ -34,7 +34,10 @@ Isolation: on CUDA each mode runs in a process of its own and the rows are merge
 under ``--out``/``modes``; ``--isolate on`` / ``off`` forces it either way, ``auto`` is the default). In a shared
 process a mode can be slowed by the ones before it: in session 24 the second of two identical 128K modes decoded
 2-4 ms per token slower (:mod:`benchmarks.e2e.isolate`). Isolated, each mode runs every length in turn within an
-equal share of the time left.
+equal share of the time left. ``--rounds N`` runs every mode N times, each in a process of its own, the order rotated
+each round (each mode first once in every ``len(modes)`` rounds); the tables hold the medians over the rounds and the
+report lists each round (:mod:`benchmarks.e2e.rounds`): in session 34 the first of three processes still prefilled
+128K 0.7-3.0 s slower than the later ones, in the same order in two calls.
 
 Budget: ``--time-limit`` bounds the whole run. Lengths run in increasing order, each length for every mode (in
 ``--modes`` order) before the next, so every system gets the short lengths. A (model, mode) skips a length when its
@@ -60,4 +63,5 @@ works, not a speed result.
 
 # Modules: models (the models under test), modes (per-mode setup), device (memory figures), budget (time limit and
 # skips), floors (FLOP / HBM floors), timesplit (the profiled split), runs (the measurements and the grid), report
-# (summary and Markdown), plot (bench.png), cli (options and main). ``python -m benchmarks.bench_e2e`` runs cli.main.
+# (summary and Markdown), plot (bench.png), isolate (a process per mode), rounds (rotated repeats and their
+# medians), cli (options and main). ``python -m benchmarks.bench_e2e`` runs cli.main.

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sinks", type=int, help="LtriConfig.num_sink_tokens")
     parser.add_argument("--time-limit", type=float, default=540.0,
                         help="seconds for the whole run; lengths predicted not to fit are skipped (default 540)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every mode this many times, each in a process of its own, the order rotated "
+                             "each round; the tables hold the medians, the report every round (needs isolation)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled decode step / prefill chunk")
     parser.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
                         help="run each mode in a process of its own, then merge the rows (benchmarks.e2e.isolate); "
@@ -106,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--decode-tokens must be >= 1, got {args.decode_tokens}")
     if args.prefill_repeats < 1:
         parser.error(f"--prefill-repeats must be >= 1, got {args.prefill_repeats}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and args.isolate == "off":
+        parser.error(f"--rounds {args.rounds} runs each mode in processes of its own: it needs --isolate on or auto")
     if len(set(args.modes)) != len(args.modes):
         parser.error(f"--modes lists a mode twice: {args.modes}")
     for key in ("time_limit", "hbm_tbps", "peak_tflops"):
@@ -135,7 +142,8 @@ def run_meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
             "host_mem_gib": args.host_mem_gib, "command": shlex.join(["python", "-m", "benchmarks.bench_e2e",
                                                                         *words]),
             "modes": args.modes, "lengths": args.lengths, "decode_lengths": args.decode_lengths,
-            "decode_tokens": args.decode_tokens, "prefill_repeats": args.prefill_repeats, "backend": args.backend,
+            "decode_tokens": args.decode_tokens, "prefill_repeats": args.prefill_repeats, "rounds": args.rounds,
+            "backend": args.backend,
             "sdpa_backend": args.sdpa_backend,
             "engine": {k: getattr(shown, k) for k in ("num_sink_tokens", "local_window", "chunk_size",
                                                       "final_chunk_size", "budget", "kv_offload", "page_size")},
@@ -211,9 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _isolating(args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether the modes run in processes of their own: ``--isolate on``, or ``auto`` on CUDA, with two or more."""
-    wanted = args.isolate == "on" or (args.isolate == "auto" and device.type == "cuda")
-    return wanted and len(args.modes) > 1
+    """Whether the modes run in processes of their own: ``--isolate on``, or ``auto`` on CUDA, with two or more
+    modes; with ``--rounds`` > 1 unless ``--isolate off`` (which the parser refuses with rounds)."""
+    rounds = getattr(args, "rounds", 1)
+    wanted = args.isolate == "on" or (args.isolate == "auto" and (device.type == "cuda" or rounds > 1))
+    return wanted and (len(args.modes) > 1 or getattr(args, "rounds", 1) > 1)
 
 
 def _main_thread() -> bool:

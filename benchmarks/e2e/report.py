@@ -7,6 +7,7 @@ import itertools
 import math
 from typing import Any
 
+from benchmarks.e2e.rounds import rounds_table
 from benchmarks.e2e.timesplit import CATEGORIES
 
 # Reference numbers measured on this H200 with Llama-3-8B shape (../shared/performance.md), not by this script.
@@ -108,7 +109,11 @@ def render(result: dict[str, Any]) -> str:
         modes = [m for m in meta["modes"]]
         lines += [(f"## {name} ({model['source']}; {model['layers']} layers, {model['heads']}/{model['kv_heads']} "
                   f"heads x {model['head_dim']}, {model['weight_bytes'] / 1e9:.1f} GB of weights read per token)"), ""]
-        lines += ["Prefill seconds (one timed prefill; `skip` / `OOM`: see below):", ""]
+        repeats, rounds = meta.get("prefill_repeats", 1), meta.get("rounds", 1)
+        what = "one timed prefill" if repeats == 1 else f"the median of {repeats} timed prefills"
+        if rounds > 1:
+            what += f" in each of {rounds} rounds, the median over the rounds"
+        lines += [f"Prefill seconds ({what}; `skip` / `OOM`: see below):", ""]
         lines += _pivot(result["prefill"], name, modes, "seconds", ".2f", ratio_to_full=True) + [""]
         lines += ["Time per output token, ms (median):", ""]
         lines += _pivot(result["decode"], name, modes, "median_ms", ".1f", ratio_to_full=True) + [""]
@@ -135,6 +140,7 @@ def render(result: dict[str, Any]) -> str:
             lines += [f"| {r['mode']} | {r['length']:,} | " + ", ".join(
                 f"{kind} {v['steps']} x {v['median_ms']:.1f}" for kind, v in r["step_kinds"].items()) + " |"
                 for r in kinds] + [""]
+        lines += rounds_table(result["prefill"], result["decode"], name)
         lines += ["Peak GPU memory during prefill, GiB (weights included):", ""]
         lines += _pivot(result["prefill"], name, modes, "peak_gib", ".2f") + [""]
         lines += ["Peak GPU memory while decoding, GiB:", ""]
