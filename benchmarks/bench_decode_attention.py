@@ -24,7 +24,8 @@ failed). ``floor %`` = K+V bytes read / 4.3 TB/s / time (graph time where there 
 float32 composition on the same bf16 values.
 
 ``--splits`` / ``--block-n`` add Triton rows with those settings (tuning); ``--grid KEY=V1,V2 ...`` adds one Triton
-row per combination of the listed settings (keys: ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``).
+row per combination of the listed settings (keys: ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``), and
+a read-floor row with the same settings.
 Prints a Markdown table and writes ``bench.json`` and ``bench.md`` under ``--out``. On CPU (``--small``, with
 ``TRITON_INTERPRET=1`` for the Triton row) it runs tiny shapes: a check that the script works, not a speed result.
 """
@@ -168,6 +169,9 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
 
         if cuda or floor.INTERPRETED:  # K and V read once in the same layout, nothing computed: one launch's floor
             backends[READ_FLOOR] = [lambda c=c: floor.read_kv(c[1], c[2], c[4], c[5]) for c in copies]
+            for t in tuning:  # the same launch settings for the bare read: how fast can one launch read at all
+                label = READ_FLOOR + " (" + ", ".join(f"{k}={v}" for k, v in t.items()) + ")"
+                backends[label] = [lambda c=c, t=t: floor.read_kv(c[1], c[2], c[4], c[5], **t) for c in copies]
     cat = [(c[0], torch.cat([c[1], c[4]], 2), torch.cat([c[2], c[5]], 2)) for c in copies]
 
     def sdpa(q, k, v):
@@ -185,7 +189,7 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
                "us": us, "us_graph": us_graph, "kv_bytes": kv_bytes, "layers": layers, "dtype": str(dtype),
                "floor_pct": 100.0 * kv_bytes / HBM_BYTES_PER_S / (best * 1e-6)}
         got = fns[0]()
-        if backend == READ_FLOOR:  # the partial sums add up to every element read once
+        if backend.startswith(READ_FLOOR):  # the partial sums add up to every element read once
             total = sum(float(t.double().sum()) for t in (copies[0][1], copies[0][2], copies[0][4], copies[0][5]))
             row["max_err_out"] = abs(float(got.double().sum()) - total) / max(abs(total), 1.0)
         elif backend.startswith("sdpa"):

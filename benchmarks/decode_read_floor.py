@@ -68,9 +68,12 @@ if triton is not None:
 
 
 def read_kv(mem_k: torch.Tensor, mem_v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor,
-            num_splits: int | None = None) -> torch.Tensor:
+            num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+            num_stages: int | None = None) -> torch.Tensor:
     """Read every element of the four tensors once, in the decode kernel's split layout; ``[B * Hkv, splits]``
-    float32 partial sums.
+    float32 partial sums. The launch settings default to the decode kernel's
+    (:func:`ltri_rag.kernels.decode_shapes.block_sizes`); each can be given, as for the decode kernel, to find how
+    fast one launch can read these bytes at all (``bench_decode_attention --grid``).
 
     Raises:
         RuntimeError: triton is not installed.
@@ -89,7 +92,15 @@ def read_kv(mem_k: torch.Tensor, mem_v: torch.Tensor, win_k: torch.Tensor, win_v
     if mem_k.shape != mem_v.shape or win_k.shape != win_v.shape:
         raise ValueError(f"K / V shapes differ: {tuple(mem_k.shape)} / {tuple(mem_v.shape)}, "
                          f"{tuple(win_k.shape)} / {tuple(win_v.shape)}")
-    block_n, _, num_warps, num_stages = block_sizes(head_dim, device, win_k.dtype)
+    default_n, _, default_warps, default_stages = block_sizes(head_dim, device, win_k.dtype)
+    block_n = default_n if block_n is None else block_n
+    num_warps = default_warps if num_warps is None else num_warps
+    num_stages = default_stages if num_stages is None else num_stages
+    for name, value in (("block_n", block_n), ("num_warps", num_warps)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_stages = stages_that_fit(num_stages, block_n, block_d, win_k.element_size(), device)
     mem_len = mem_k.shape[2]
