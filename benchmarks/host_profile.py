@@ -2,6 +2,7 @@
 
     python -m benchmarks.host_profile --length 16384 --chunks 2048 512 [--model llama3-8b-random] [--top 30]
         [--decode-tokens 16] [--syncs] [--set decode_retrieval_stride=4 ...] [--callers repeat_interleave ...]
+        [--dump DIR]
 
 For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill
 under cProfile; prints the wall time per layer and pass and the functions with the most internal and cumulative
@@ -21,6 +22,7 @@ import cProfile
 import io
 import pstats
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--syncs", action="store_true",
                         help="CUDA: count host-device synchronisations per source line (one more prefill per chunk)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="LtriConfig overrides")
+    parser.add_argument("--dump", type=Path, default=None, metavar="DIR",
+                        help="also save each profile's full statistics (pstats files prefill_<chunk>.prof, "
+                             "decode_<chunk>.prof) for reading elsewhere with pstats")
     parser.add_argument("--callers", nargs="*", default=[], metavar="NAME",
                         help="also list who called the functions matching these names (pstats patterns)")
     args = parser.parse_args(argv)
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"==== chunk {chunk}: {seconds:.2f} s, {passes} passes, {1000 * seconds / passes / layers:.2f} ms "
               f"per layer and pass", flush=True)
         _print_stats(profiler, args.top, args.callers)
+        _dump(profiler, args.dump, f"prefill_{chunk}.prof")
         if args.syncs:
             syncs = count_syncs(model, ids, config, args.top)
             print(f"==== chunk {chunk}: {sum(x['syncs'] for x in syncs)} host-device synchronisations in one prefill "
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             for row in syncs:
                 print(f"{row['syncs']:8d}  {row['where']}", flush=True)
         if args.decode_tokens > 0:
-            _profile_decode(session, args.decode_tokens, layers, device, args.top)
+            decode = _profile_decode(session, args.decode_tokens, layers, device, args.top)
+            _dump(decode, args.dump, f"decode_{chunk}.prof")
 
 
 def _override(item: str) -> tuple[str, object]:
@@ -110,8 +117,18 @@ def _print_stats(profiler: cProfile.Profile, top: int, callers: list[str] | None
         print(out.getvalue(), flush=True)
 
 
-def _profile_decode(session: LtriSession, tokens: int, layers: int, device: torch.device, top: int) -> None:
-    """Times ``tokens`` decode steps after the prefill, then profiles ``tokens`` more."""
+def _dump(profiler: cProfile.Profile, folder: Path | None, name: str) -> None:
+    """Save ``profiler``'s full statistics as ``folder / name`` (nothing without ``--dump``)."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    profiler.dump_stats(folder / name)
+    print(f"saved {folder / name}", flush=True)
+
+
+def _profile_decode(session: LtriSession, tokens: int, layers: int, device: torch.device,
+                    top: int) -> cProfile.Profile:
+    """Times ``tokens`` decode steps after the prefill, then profiles ``tokens`` more; returns that profile."""
     token = torch.zeros(1, dtype=torch.int64)
     times = []
     for _ in range(tokens):
@@ -131,6 +148,7 @@ def _profile_decode(session: LtriSession, tokens: int, layers: int, device: torc
     print(f"==== decode: {1000 * median:.1f} ms per token (median of {tokens}; min {1000 * times[0]:.1f}, max "
           f"{1000 * times[-1]:.1f}), {1000 * median / layers:.2f} ms per layer", flush=True)
     _print_stats(profiler, top)
+    return profiler
 
 
 if __name__ == "__main__":
