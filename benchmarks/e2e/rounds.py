@@ -13,11 +13,13 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-__all__ = ["PREFILL_KEYS", "DECODE_KEYS", "merge_rounds", "rotated", "rounds_table"]
+__all__ = ["DECODE_KEYS", "DETAIL_KEYS", "PREFILL_KEYS", "merge_rounds", "rotated", "rounds_table"]
 
 # the figures a merged row takes as the median over its rounds (each round's values kept as ``round_<key>``)
 PREFILL_KEYS = ("seconds",)
 DECODE_KEYS = ("median_ms", "mean_ms", "loop_sync_ms", "loop_ms")
+# per-round detail a merged row keeps for every round as ``round_<key>`` (its own value stays the first round's)
+DETAIL_KEYS = ("repeat_seconds", "step_kinds")
 
 
 def rotated(modes: list[str], round_index: int) -> list[str]:
@@ -34,8 +36,10 @@ def merge_rounds(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
     A group's ``ok`` rows are merged: the first of them, with each of ``keys`` replaced by the median over the
     rounds and the per-round values kept as ``round_<key>``, ``rounds`` (how many were ok of how many ran),
     ``peak_gib`` the largest of the rounds, and the figures derived from ``seconds`` / ``median_ms``
-    (``tokens_per_s``, ``x_floor``) recomputed from the medians. A group without an ``ok`` row keeps its first row.
-    Rows without ``round`` pass through unchanged.
+    (``tokens_per_s``, ``x_floor``) recomputed from the medians. Raw per-step detail (``times_ms``,
+    ``repeat_seconds``, ``step_kinds``) stays the first ok round's; the last two are kept for every round too
+    (:data:`DETAIL_KEYS`). A group without an ``ok`` row keeps its first row. Rows without ``round`` pass through
+    unchanged.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     order: list[tuple[Any, ...] | int] = []
@@ -67,6 +71,9 @@ def merge_rounds(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
             if values:
                 merged[key] = statistics.median(values)
                 merged[f"round_{key}"] = values
+        for key in DETAIL_KEYS:  # per-round detail, kept whole (the merged row's own is the first round's)
+            if any(key in r for r in ok):
+                merged[f"round_{key}"] = [r.get(key) for r in ok]
         peaks = [r["peak_gib"] for r in ok if isinstance(r.get("peak_gib"), (int, float))]
         if peaks:
             merged["peak_gib"] = max(peaks)

@@ -49,7 +49,10 @@ def test_merge_of_decode_rows() -> None:
         return {"model": "m", "mode": "ltri", "length": 8, "phase": "decode", "status": "ok", "median_ms": median,
                 "mean_ms": mean, "loop_ms": mean - 1, "floor_weights_kv_ms": 2.0, "x_floor": median / 2.0,
                 "round": r, "position": r + 1}
-    (merged,) = merge_rounds([row(0, 10.0, 14.0), row(1, 12.0, 20.0)], DECODE_KEYS)
+    first, second = row(0, 10.0, 14.0), row(1, 12.0, 20.0)
+    first["step_kinds"], second["step_kinds"] = {"replay": 1}, {"replay": 2}
+    (merged,) = merge_rounds([first, second], DECODE_KEYS)
+    assert merged["step_kinds"] == {"replay": 1} and merged["round_step_kinds"] == [{"replay": 1}, {"replay": 2}]
     assert merged["median_ms"] == 11.0 and merged["mean_ms"] == 17.0 and merged["loop_ms"] == 16.0
     assert merged["round_mean_ms"] == [14.0, 20.0] and merged["x_floor"] == pytest.approx(5.5)
     assert "round_loop_sync_ms" not in merged  # absent from the rows: nothing made up
