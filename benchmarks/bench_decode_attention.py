@@ -122,6 +122,11 @@ def _triton_module(device: torch.device):
     return triton_decode if ok else None
 
 
+def _tuned(backend: str, settings: dict[str, int]) -> str:
+    """The row label of ``backend`` run with explicit launch ``settings``, e.g. ``triton (num_splits=2)``."""
+    return f"{backend} (" + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")"
+
+
 def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torch.device, dtype: torch.dtype,
                 reps: int, band: int, layers: int | None, tuning: list[dict[str, int]]) -> list[dict[str, Any]]:
     """One row per backend for one (model, context)."""
@@ -163,15 +168,15 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
 
         backends["triton (previous finish)"] = [lambda c=c: previous_finish(c) for c in copies]
         for t in tuning:
-            label = "triton (" + ", ".join(f"{k}={v}" for k, v in t.items()) + ")"
-            backends[label] = [lambda c=c, t=t: td.decode_attention_triton(*c, **kwargs, **t) for c in copies]
+            backends[_tuned("triton", t)] = [lambda c=c, t=t: td.decode_attention_triton(*c, **kwargs, **t)
+                                             for c in copies]
         from benchmarks import decode_read_floor as floor
 
         if cuda or floor.INTERPRETED:  # K and V read once in the same layout, nothing computed: one launch's floor
             backends[READ_FLOOR] = [lambda c=c: floor.read_kv(c[1], c[2], c[4], c[5]) for c in copies]
             for t in tuning:  # the same launch settings for the bare read: how fast can one launch read at all
-                label = READ_FLOOR + " (" + ", ".join(f"{k}={v}" for k, v in t.items()) + ")"
-                backends[label] = [lambda c=c, t=t: floor.read_kv(c[1], c[2], c[4], c[5], **t) for c in copies]
+                backends[_tuned(READ_FLOOR, t)] = [lambda c=c, t=t: floor.read_kv(c[1], c[2], c[4], c[5], **t)
+                                                   for c in copies]
     cat = [(c[0], torch.cat([c[1], c[4]], 2), torch.cat([c[2], c[5]], 2)) for c in copies]
 
     def sdpa(q, k, v):

@@ -143,8 +143,7 @@ def run_meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
                                                                         *words]),
             "modes": args.modes, "lengths": args.lengths, "decode_lengths": args.decode_lengths,
             "decode_tokens": args.decode_tokens, "prefill_repeats": args.prefill_repeats, "rounds": args.rounds,
-            "backend": args.backend,
-            "sdpa_backend": args.sdpa_backend,
+            "backend": args.backend, "sdpa_backend": args.sdpa_backend,
             "engine": {k: getattr(shown, k) for k in ("num_sink_tokens", "local_window", "chunk_size",
                                                       "final_chunk_size", "budget", "kv_offload", "page_size")},
             "time_limit": args.time_limit, "hbm_tbps": args.hbm_tbps, "peak_tflops": args.peak_tflops,
@@ -223,7 +222,7 @@ def _isolating(args: argparse.Namespace, device: torch.device) -> bool:
     modes; with ``--rounds`` > 1 unless ``--isolate off`` (which the parser refuses with rounds)."""
     rounds = getattr(args, "rounds", 1)
     wanted = args.isolate == "on" or (args.isolate == "auto" and (device.type == "cuda" or rounds > 1))
-    return wanted and (len(args.modes) > 1 or getattr(args, "rounds", 1) > 1)
+    return wanted and (len(args.modes) > 1 or rounds > 1)
 
 
 def _main_thread() -> bool:

@@ -103,10 +103,13 @@ def rounds_table(prefill: list[dict[str, Any]], decode: list[dict[str, Any]], mo
              "| mode | length | phase | position | prefill s | decode median ms | decode mean ms | "
              "loop one ahead ms |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        def cells(key: str) -> str:
-            values = r.get(f"round_{key}")
-            return " / ".join(f"{v:.2f}" for v in values) if values else "-"
+        figures = " | ".join(_per_round(r, key) for key in ("seconds", "median_ms", "mean_ms", "loop_ms"))
         lines.append(f"| {r['mode']} | {r['length']:,} | {r['phase']} | "
-                     f"{' / '.join(str(i) for i in r['round_position'])} | {cells('seconds')} | {cells('median_ms')} | "
-                     f"{cells('mean_ms')} | {cells('loop_ms')} |")
+                     f"{' / '.join(str(i) for i in r['round_position'])} | {figures} |")
     return lines + [""]
+
+
+def _per_round(row: dict[str, Any], key: str) -> str:
+    """``row``'s ``round_<key>`` values joined with `` / ``, or ``-`` where the row has none."""
+    values = row.get(f"round_{key}")
+    return " / ".join(f"{v:.2f}" for v in values) if values else "-"

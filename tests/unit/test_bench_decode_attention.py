@@ -43,7 +43,8 @@ def test_read_floor_reads_every_element_once() -> None:
     from benchmarks import decode_read_floor as floor
 
     if not floor.INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("triton was imported without the interpreter in this process: nothing can run the kernel here")
+        pytest.skip("no CUDA device, and triton was imported in this test process without TRITON_INTERPRET=1 "
+                    "(another test module loaded it first): nothing here can run the kernel")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     cases = ((1, 45, 21, {}), (2, 0, 33, {"num_splits": 2}), (1, 96, 64, {"num_splits": 5}),
@@ -63,7 +64,7 @@ def test_read_floor_refuses_bad_launch_settings() -> None:
     from benchmarks import decode_read_floor as floor
 
     if not floor.INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("triton was imported without the interpreter in this process")
+        pytest.skip("no CUDA device, and triton was imported in this test process without TRITON_INTERPRET=1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensors = [torch.rand(1, 2, 8, 16).to(device) for _ in range(4)]
     for settings, shown in (({"block_n": 24}, "block_n must be a power of two >= 1, got 24"),
