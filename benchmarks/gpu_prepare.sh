@@ -14,9 +14,11 @@ models=("$@")
 rm -rf .gpu/parts .gpu/whl-newer
 mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
 : > .gpu/meta/SHA256SUMS
-# a call carries the working tree too (about 22 MB of tracked files by session 27) within its 64 MiB: 40 MiB parts
-# leave room (48 MiB parts no longer did once the tree passed ~17 MB)
-part=40m
+# a call carries the working tree too (about 25 MiB of tracked files by session 35) within its 64 MiB: a part is
+# what is left beside the tree, less 4 MiB (fixed 40 MiB parts stopped fitting once the tree passed 24 MiB)
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+part=$(( (64 * 1048576 - tree) / 1048576 - 4 ))m
+echo "parts of $part (tracked tree: $(( tree / 1048576 )) MiB)"
 py=python3  # the interpreter whose transformers / regex versions travel: the checkout's venv where there is one
 [ -x .venv/bin/python ] && py=.venv/bin/python
 for name in "${models[@]}"; do

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The open device work of issue 4, one step per device call (each fits the 10 minutes a call may run). The order
+# and the rules each step decides are in benchmarks/DEVICE_PLAN.md. Committed, so that a fresh checkout has the plan
+# (the git-ignored .gpu/ folder does not survive a session).
+#
+#   bash benchmarks/device_plan.sh STEP      # on the lent GPU, from the checkout; results under $OUT/STEP/
+#
+# Every step first runs benchmarks/gpu_setup.sh (idempotent: it assembles the model parts copied to /tmp/m, installs
+# the package and the staged wheels into /tmp/site once, and copies benchmarks/ and tests/ to /tmp/run), so each call
+# carries .gpu/whl, .gpu/meta and .gpu/data (see benchmarks/gpu_prepare.sh). Steps:
+#
+#   tests        every GPU test (tests/gpu), log in gpu_tests.log
+#   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
+#   lv48_dev     niah_longvalue48 grid, dev split (decides evict_stride; resumable: call again to finish)
+#   lv48_test    the same grid on the test split (reported)
+#   decode_sweep decode attention and its one-launch read floor over launch settings, 16K and 128K keys
+#   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
+#   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
+set -uo pipefail
+step=${1:?usage: bash benchmarks/device_plan.sh STEP}
+: "${OUT:?OUT must name the folder whose files come back}"
+bash benchmarks/gpu_setup.sh > /tmp/gpu_setup.log 2>&1 || { tail -n 20 /tmp/gpu_setup.log; exit 1; }
+rm -rf /tmp/run/benchmarks /tmp/run/tests && cp -r benchmarks tests pyproject.toml /tmp/run/  # this checkout's copy
+export PYTHONPATH=/tmp/site:/tmp/run LTRI_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
+repo=$PWD
+out=$OUT/$step
+mkdir -p "$out"
+cd /tmp/run
+qwen=/tmp/m/qwen2.5-coder-0.5b.gguf
+grid() {  # split: the niah_longvalue48 grid of benchmarks/results/longvalue48_h200_qwen/README.md, resumed
+  local split=$1 res=/tmp/res/lv48-$1 seed=$repo/benchmarks/results/longvalue48_h200_qwen/$1
+  [ -f "$qwen" ] || { echo "no $qwen: copy the model parts first"; exit 1; }
+  mkdir -p "$res"
+  [ -f "$res/samples.jsonl" ] || [ ! -f "$seed/samples.jsonl" ] || cp "$seed/samples.jsonl" "$res/"
+  timeout 570 python3 -m benchmarks.parallel --workers 8 --gpus 0 benchmarks.evaluate --model "qwen=$qwen" \
+    --tasks niah_longvalue48 --lengths 16384 32768 --samples 20 --split "$split" --backend triton \
+    --systems ltri 'ltri_e64={"evict_stride": 64}' --out "$res" --max-seconds 540
+  cp "$res"/samples.jsonl "$res"/meta.json "$out"/ 2>/dev/null
+  wc -l "$out"/samples.jsonl
+}
+case $step in
+  tests)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu_tests.log" 2>&1
+    tail -n 15 "$out/gpu_tests.log" ;;
+  decode_ab)
+    timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
+      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s33_decode --isolate on --rounds 2 \
+      --no-profile --backend auto --time-limit 560 --out "$out" ;;
+  lv48_dev) grid dev ;;
+  lv48_test) grid test ;;
+  decode_sweep)
+    timeout 570 python3 -m benchmarks.bench_decode_attention --models llama3-8b --contexts 16384 131072 \
+      --grid block_n=32,64,128 num_warps=4,8 num_stages=2,3,4 --out "$out" ;;
+  host_profile)
+    timeout 570 python3 -m benchmarks.host_profile --length 32768 --chunks 2048 --decode-tokens 16 --top 45 \
+      --dump "$out/pstats" > "$out/host_profile_32k.txt" 2>&1
+    head -n 3 "$out/host_profile_32k.txt" ;;
+  flat)
+    timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 1048576 \
+      --decode-lengths 8192 131072 1048576 --decode-tokens 256 --modes ltri --isolate off --backend auto \
+      --time-limit 560 --out "$out" ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
