@@ -9,7 +9,8 @@ Qwen2.5-0.5B (14 / 2, 64) layers. Backends:
 * ``torch``: the engine's decode step today (``attention_with_lse`` over the memory, ``local_attention`` over the
   window with ``extra_lse``, ``merge_attention``), computing ``out``, ``lse``, the window's key mass and band;
 * ``triton``: :func:`ltri_rag.kernels.triton_decode.decode_attention_triton`, the same result in two launches
-  (``triton (previous finish)``: its finishing pass in the form before session 22, ``ONE_TILE_FINISH`` off);
+  (``triton (previous finish)``: its finishing pass in the form before session 22, ``ONE_TILE_FINISH`` off;
+  ``triton (finish in the split pass)``: one launch, ``FUSED_FINISH`` on, same results bit for bit);
 * ``sdpa (out only)``: ``scaled_dot_product_attention`` over the keys concatenated beforehand (GQA native), the
   reference speed of plain decode attention without the statistics;
 * ``read floor (one launch)``: :func:`benchmarks.decode_read_floor.read_kv`, one Triton launch reading the same K
@@ -51,6 +52,8 @@ MODELS = {  # name: (num_heads, num_kv_heads, head_dim)
 }
 CONTEXTS = (4096, 16384, 131072)  # keys per KV head (memory + window)
 READ_FLOOR = "read floor (one launch)"
+ONE_LAUNCH = "triton (finish in the split pass)"  # the row of FUSED_FINISH flipped on (off: TWO_LAUNCHES)
+TWO_LAUNCHES = "triton (finish launched apart)"
 SMALL_MODELS = {"tiny": (4, 2, 32)}
 SMALL_CONTEXTS = (48, 96)
 
@@ -159,14 +162,19 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
     if td is not None:
         backends["triton"] = [lambda c=c: td.decode_attention_triton(*c, **kwargs) for c in copies]
 
-        def previous_finish(c):  # the finishing pass before session 22 (ONE_TILE_FINISH off), for a same-run A/B
-            current, td.ONE_TILE_FINISH = td.ONE_TILE_FINISH, False
+        def flipped(c, flag: str):  # the kernel with one of its form switches flipped, for a same-run A/B
+            current = getattr(td, flag)
+            setattr(td, flag, not current)
             try:
                 return td.decode_attention_triton(*c, **kwargs)
             finally:
-                td.ONE_TILE_FINISH = current
+                setattr(td, flag, current)
 
-        backends["triton (previous finish)"] = [lambda c=c: previous_finish(c) for c in copies]
+        # the finishing pass before session 22 (ONE_TILE_FINISH off); the finish in the split pass (FUSED_FINISH)
+        for flag, on_label, off_label in (("ONE_TILE_FINISH", "triton (one-tile finish)", "triton (previous finish)"),
+                                          ("FUSED_FINISH", ONE_LAUNCH, TWO_LAUNCHES)):
+            label = off_label if getattr(td, flag) else on_label  # the row of the flipped form
+            backends[label] = [lambda c=c, flag=flag: flipped(c, flag) for c in copies]
         for t in tuning:
             backends[_tuned("triton", t)] = [lambda c=c, t=t: td.decode_attention_triton(*c, **kwargs, **t)
                                              for c in copies]

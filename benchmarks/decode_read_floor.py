@@ -19,7 +19,7 @@ import torch
 
 from ltri_rag.kernels import triton_decode
 from ltri_rag.kernels._triton_support import tl, triton
-from ltri_rag.kernels.decode_shapes import block_sizes, num_splits_for, stages_that_fit
+from ltri_rag.kernels.decode_shapes import launch_settings, num_splits_for
 
 __all__ = ["read_kv"]
 
@@ -92,17 +92,8 @@ def read_kv(mem_k: torch.Tensor, mem_v: torch.Tensor, win_k: torch.Tensor, win_v
     if mem_k.shape != mem_v.shape or win_k.shape != win_v.shape:
         raise ValueError(f"K / V shapes differ: {tuple(mem_k.shape)} / {tuple(mem_v.shape)}, "
                          f"{tuple(win_k.shape)} / {tuple(win_v.shape)}")
-    default_n, _, default_warps, default_stages = block_sizes(head_dim, device, win_k.dtype)
-    block_n = default_n if block_n is None else block_n
-    num_warps = default_warps if num_warps is None else num_warps
-    num_stages = default_stages if num_stages is None else num_stages
-    for name, value in (("block_n", block_n), ("num_warps", num_warps)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 1, got {value}")
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    num_stages = stages_that_fit(num_stages, block_n, block_d, win_k.element_size(), device)
+    block_n, _, num_warps, num_stages, block_d = launch_settings(head_dim, device, win_k.dtype, block_n, num_warps,
+                                                                 num_stages)
     mem_len = mem_k.shape[2]
     mem_tiles = triton.cdiv(mem_len, block_n)
     total_tiles = mem_tiles + triton.cdiv(win_len, block_n)

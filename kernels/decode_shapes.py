@@ -4,11 +4,14 @@ the launch). Plain Python: no Triton needed to import it."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ltri_rag.kernels._triton_support import multiprocessors as _multiprocessors
 
-__all__ = ["block_sizes", "num_splits_for", "prev_pow2", "stages_that_fit"]
+__all__ = ["FinishShapes", "block_sizes", "finish_shapes", "launch_settings", "num_splits_for", "prev_pow2",
+           "stages_that_fit"]
 
 _MAX_SPLITS = 256
 _MIN_TILES_PER_SPLIT = 2
@@ -56,6 +59,29 @@ def stages_that_fit(num_stages: int, block_n: int, block_d: int, itemsize: int, 
     return max(1, min(num_stages, _SHARED_BYTES // per_stage))
 
 
+def launch_settings(head_dim: int, device: torch.device, dtype: torch.dtype, block_n: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int, int]:
+    """``(block_n, block_w, num_warps, num_stages, block_d)`` of a launch in the decode kernel's split layout: the
+    given settings (checked) or :func:`block_sizes`'s, the pipeline depth lowered to fit (:func:`stages_that_fit`),
+    ``block_d`` the head dimension padded to a power of two >= 16.
+
+    Raises:
+        ValueError: ``block_n`` not a power of two >= 16, ``num_warps`` not a power of two >= 1, ``num_stages`` < 1.
+    """
+    default_n, block_w, default_warps, default_stages = block_sizes(head_dim, device, dtype)
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    block_n = default_n if block_n is None else block_n
+    block_d = max(16, _next_pow2(head_dim))
+    num_stages = stages_that_fit(default_stages if num_stages is None else num_stages, block_n, block_d,
+                                 dtype.itemsize, device)
+    return block_n, block_w, default_warps if num_warps is None else num_warps, num_stages, block_d
+
+
 def num_splits_for(num_tiles: int, programs: int, device: torch.device, value: int | None = None) -> int:
     """Splits of ``num_tiles`` key tiles for ``programs = B * Hkv`` (shapes only, no sync).
 
@@ -74,3 +100,41 @@ def num_splits_for(num_tiles: int, programs: int, device: torch.device, value: i
     splits = max(1, min(splits, num_tiles, _MAX_SPLITS))
     per_split = -(-num_tiles // splits)
     return -(-num_tiles // per_split)
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+class FinishShapes(NamedTuple):
+    """Launch shapes of the decode attention's finishing work (the finishing pass, or the split pass's tail with
+    ``FUSED_FINISH``), from tensor shapes only."""
+
+    group_p: int  # query heads per KV head, rounded up to a power of two
+    splits_p: int  # splits, rounded up to a power of two
+    band_p: int  # band width, rounded up to a power of two (at least 2)
+    heads_p: int  # query heads, rounded up to a power of two
+    merge_d: int  # columns of the partial outputs merged per program (a slice of the head dimension)
+    chunk: int  # splits per load of the merge (a [group_p, chunk, merge_d] tile)
+    num_merge: int  # column slices, one program each
+    num_wblocks: int  # programs per (sequence, KV head): the column slices, or the window's key-mass blocks
+    band_tile: bool  # the band reads every head of its sequence in one tile (else it walks the KV heads)
+
+
+def finish_shapes(group: int, splits: int, num_heads: int, block_d: int, band_width: int, win_cap: int,
+                  block_w: int, want_key_mass: bool, one_tile: bool, merge_elements: int,
+                  band_tile_elements: int) -> FinishShapes:
+    """The finishing work's shapes: the merge spread over column slices of at most ``merge_elements`` values per
+    tile and the band in one tile of at most ``band_tile_elements`` (``one_tile``); otherwise one program merges
+    every column and the band walks the KV heads."""
+    group_p, splits_p = _next_pow2(group), _next_pow2(splits)
+    band_p, heads_p = max(2, _next_pow2(band_width)), _next_pow2(num_heads)
+    if one_tile:
+        merge_d = max(16, min(block_d, prev_pow2(merge_elements // (group_p * splits_p))))
+        band_tile = heads_p * max(splits_p, band_p) <= band_tile_elements
+    else:
+        merge_d, band_tile = block_d, False
+    chunk = max(1, min(splits_p, merge_elements // (group_p * merge_d)))
+    num_merge = block_d // merge_d
+    num_wblocks = max(-(-win_cap // block_w) if want_key_mass else 1, num_merge)
+    return FinishShapes(group_p, splits_p, band_p, heads_p, merge_d, chunk, num_merge, num_wblocks, band_tile)

@@ -19,7 +19,7 @@ Shapes (``G = H // Hkv``, query head ``h`` reads KV head ``h // G``):
     padding; None = all valid; the memory may be absent or ``M = 0``); win_k / win_v ``[B, Hkv, W, D]``, the local
     window *including the new token as its last key* (``W >= 1``; the query sees all ``W`` keys).
 
-Design (two kernels, no atomics, deterministic, no host sync: graph-capturable):
+Design (two kernels, deterministic, no host sync: graph-capturable; the finish is in :mod:`triton_decode_finish`):
 
 * **Split pass** (``_decode_split_kernel``), grid ``(splits, B * Hkv)``. The keys are cut into tiles of
   ``BLOCK_N``: first ``cdiv(M, BLOCK_N)`` memory tiles, then ``cdiv(W, BLOCK_N)`` window tiles (the two tensors are
@@ -46,6 +46,13 @@ Design (two kernels, no atomics, deterministic, no host sync: graph-capturable):
   (0 where ``W - 1 - o < 0``). With ``q_len = 1``, band is the head mean of the last ``band_width`` columns.
   (``ONE_TILE_FINISH = False``: the previous form, block 0 merging every column and the band walking the KV heads.)
 
+* **One launch** (``FUSED_FINISH``, off by default until timed on the GPU): the split pass does the finishing work
+  itself. Each split program counts its arrival on a device counter of its ``(b, kvh)`` (an atomic after a block
+  barrier); the last to arrive, when every partial of that head is written, runs the head's finish programs one
+  after another, and the last head of a sequence to finish runs the band program. The same helpers in the same
+  order: the results equal the two-launch form's. The counters (``B * Hkv + B`` int32, kept per device) are put
+  back to 0 by the programs that used them, so a captured graph replays correctly.
+
 Window length on the device (``win_len=``, for a decode step replayed as a CUDA graph): ``win_k`` / ``win_v`` are
 then buffers of capacity ``W`` and both kernels read the window's length from a one-element device tensor. Launch
 shapes (splits, tiles, window blocks) come from the capacity; split programs skip the tiles past the length, the key
@@ -63,10 +70,11 @@ before the import.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
-from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
-                                              next_pow2 as _next_pow2, pow2_block as _pow2_block)
-from ltri_rag.kernels.decode_shapes import block_sizes, num_splits_for, prev_pow2 as _prev_pow2, stages_that_fit
+from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels.decode_shapes import block_sizes, finish_shapes, launch_settings, num_splits_for
 from ltri_rag.kernels.attention import LocalAttention
 from ltri_rag.kernels.attention_decode import _check_decode, decode_attention
 
@@ -87,9 +95,26 @@ ONE_TILE_FINISH = True
 MERGE_ELEMENTS = 4096
 BAND_TILE_ELEMENTS = 8192
 
+# With FUSED_FINISH the finishing work runs in the split pass itself, so a decode attention is one launch: each split
+# program counts its arrival on a per-(sequence, KV head) device counter, and the last one to arrive (all partials
+# written) does what that head's finishing programs would do, in the same order (same results); the last KV head of
+# a sequence to finish also takes its band. The counters are reset by the programs that used them, so a captured
+# graph replays with them at 0. Off until timed on the GPU: it saves one launch (~3.8 µs of a 16K step's 30 µs in
+# session 34's profile) but serialises a head's finishing work in one program.
+FUSED_FINISH = False
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros between launches (int32)
+
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
 INTERPRETED = interpreted()
+
+# the finishing kernels live in their own module; the split kernel calls one of its jit helpers, so both must be
+# built for the same mode: rebuild it where an earlier import built it for the other one
+_finish = importlib.import_module("ltri_rag.kernels.triton_decode_finish")
+if _finish.INTERPRETED != INTERPRETED:
+    _finish = importlib.reload(_finish)
+if triton is not None:
+    _decode_finish_kernel, _fused_finish = _finish._decode_finish_kernel, _finish._fused_finish
 
 
 if triton is not None:
@@ -153,9 +178,9 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit(do_not_specialize=("mem_len", "win_len", "win_cap", "mem_tiles", "total_tiles", "tiles_per_split",
-                                   "num_splits"))
+                                   "num_splits", "num_wblocks", "num_merge", "num_programs"))
     def _decode_split_kernel(
-            Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores, WinLen,
+            Q, QM, MK, MV, MMask, WK, WV, PartO, PartLse, Scores, WinLen, Out, Lse, Mass, Band, Counters,
             stride_qb, stride_qh, stride_qd, stride_qmb, stride_qmh, stride_qmd,
             stride_mkb, stride_mkh, stride_mkn, stride_mkd,
             stride_mvb, stride_mvh, stride_mvn, stride_mvd,
@@ -163,9 +188,13 @@ if triton is not None:
             stride_wkb, stride_wkh, stride_wkn, stride_wkd,
             stride_wvb, stride_wvh, stride_wvn, stride_wvd,
             num_kv_heads, mem_len, win_len, win_cap, mem_tiles, total_tiles, tiles_per_split, num_splits, qk_scale,
-            cap2, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            cap2, num_wblocks, num_merge, num_programs, band_width, inv_heads,
+            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
-            DEVICE_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            DEVICE_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, FIN_GROUP_P: tl.constexpr,
+            MERGE_D: tl.constexpr, SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
+            BAND_P: tl.constexpr, HEADS_P: tl.constexpr, MASS: tl.constexpr, BAND: tl.constexpr,
+            BAND_TILE: tl.constexpr):
         pid_s = tl.program_id(0)
         if DEVICE_LEN:  # the window's length read from device memory, clamped to [1, win_cap]
             win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
@@ -215,134 +244,11 @@ if triton is not None:
         part_row = (pid_bh * num_splits + pid_s).to(tl.int64) * GROUP + g  # into [B * Hkv, splits, G]
         tl.store(PartLse + part_row, lse2, mask=row_ok)
         tl.store(PartO + part_row[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=q_mask)
-
-    @triton.jit
-    def _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP: tl.constexpr, SPLITS_P: tl.constexpr):
-        """``[G_P]`` base-2 LSE over every split of the rows of KV head ``pid_bh``.
-
-        A real row always sees its window (``W >= 1``), so only padded rows have no key: they get 0, not ``-inf``,
-        so that ``score - total`` stays NaN-free in the (masked) padded rows.
-        """
-        s = tl.arange(0, SPLITS_P)
-        ok = row_ok[:, None] & (s[None, :] < num_splits)
-        x = tl.load(PartLse + (pid_bh * num_splits + s[None, :]).to(tl.int64) * GROUP + g[:, None], mask=ok,
-                    other=float("-inf"))  # [G_P, SPLITS_P]
-        return _combine_lse2(x)
-
-    @triton.jit
-    def _combine_lse2(x):
-        """``[rows]`` base-2 LSE of the rows of ``x [rows, SPLITS_P]`` (partial LSEs, -inf where absent); 0 for a row
-        with none (see :func:`_total_lse2`)."""
-        mx = tl.reduce(x, 1, _max_combine)
-        safe = tl.where(mx == float("-inf"), 0.0, mx)
-        total = tl.reduce(tl.exp2(x - safe[:, None]), 1, _sum_combine)
-        return tl.where(total > 0.0, safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
-
-    @triton.jit
-    def _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
-                     num_wblocks, num_merge,
-                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_D: tl.constexpr,
-                     SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, MASS: tl.constexpr):
-        """Program ``(b, kvh, wblock)``: total LSE; blocks ``wblock < num_merge`` merge columns
-        ``[wblock * MERGE_D, (wblock + 1) * MERGE_D)`` of ``out`` (block 0 also writes ``lse``); key mass of its
-        window keys (rows of ``win_cap``; 0 past ``win_len``)."""
-        g = tl.arange(0, GROUP_P)
-        row_ok = g < GROUP
-        pid_bh = pid // num_wblocks
-        wb = pid % num_wblocks
-        b = (pid_bh // num_kv_heads).to(tl.int64)
-        kvh = (pid_bh % num_kv_heads).to(tl.int64)
-        head_row = b * (num_kv_heads * GROUP) + kvh * GROUP + g  # int64 rows of [B, H]
-        total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
-        if wb < num_merge:  # merge this program's columns of the partial outputs, SPLIT_CHUNK splits at a time
-            d = wb * MERGE_D + tl.arange(0, MERGE_D)
-            d_ok = d < HEAD_DIM
-            c = tl.arange(0, SPLIT_CHUNK)
-            acc = tl.full([GROUP_P, MERGE_D], 0.0, dtype=tl.float32)
-            for s0 in range(0, num_splits, SPLIT_CHUNK):
-                split = s0 + c
-                ok = row_ok[:, None] & (split[None, :] < num_splits)  # [G_P, C]
-                part_row = (pid_bh * num_splits + split[None, :]).to(tl.int64) * GROUP + g[:, None]
-                lse_s = tl.load(PartLse + part_row, mask=ok, other=float("-inf"))
-                w = tl.where(ok, tl.exp2(lse_s - total2[:, None]), 0.0)
-                o = tl.load(PartO + part_row[:, :, None] * HEAD_DIM + d[None, None, :],
-                            mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [G_P, C, D]
-                acc += tl.reduce(o * w[:, :, None], 1, _sum_combine)
-            tl.store(Out + head_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(Lse + head_row, total2 * 0.6931471805599453, mask=row_ok & ((g * 0 + wb) == 0))
-        if MASS:
-            n = wb * BLOCK_W + tl.arange(0, BLOCK_W)
-            n_ok = n < win_len
-            ok = row_ok[:, None] & n_ok[None, :]
-            s = tl.load(Scores + head_row[:, None] * win_cap + n[None, :], mask=ok, other=float("-inf"))
-            p = tl.where(ok, tl.exp2(s - total2[:, None]), 0.0)
-            tl.store(Mass + pid_bh.to(tl.int64) * win_cap + n, tl.reduce(p, 0, _sum_combine), mask=n < win_cap)
-
-    @triton.jit
-    def _finish_band(PartLse, Scores, Band, b, num_kv_heads, win_len, win_cap, num_splits, band_width, inv_heads,
-                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS_P: tl.constexpr, BAND_P: tl.constexpr):
-        """Band program of sequence ``b``: head mean over every KV head's group of the probabilities of keys
-        ``W - 1 - o``."""
-        g = tl.arange(0, GROUP_P)
-        row_ok = g < GROUP
-        o = tl.arange(0, BAND_P)
-        col = win_len - 1 - o
-        ok = row_ok[:, None] & ((o < band_width) & (col >= 0))[None, :]
-        band = tl.full([BAND_P], 0.0, dtype=tl.float32)
-        for kvh in range(num_kv_heads):
-            pid_bh = b * num_kv_heads + kvh
-            total2 = _total_lse2(PartLse, pid_bh, num_splits, g, row_ok, GROUP, SPLITS_P)
-            head_row = pid_bh * GROUP + g  # = b * H + kvh * G + g
-            s = tl.load(Scores + head_row[:, None] * win_cap + col[None, :], mask=ok, other=float("-inf"))
-            band += tl.reduce(tl.where(ok, tl.exp2(s - total2[:, None]), 0.0), 0, _sum_combine)
-        tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
-
-    @triton.jit
-    def _finish_band_tile(PartLse, Scores, Band, b, num_kv_heads, win_len, win_cap, num_splits, band_width,
-                          inv_heads, GROUP: tl.constexpr, HEADS_P: tl.constexpr, SPLITS_P: tl.constexpr,
-                          BAND_P: tl.constexpr):
-        """Band program of sequence ``b`` with every head of the sequence in one ``[H_P, ...]`` tile: the heads'
-        total LSEs (``[H_P, SPLITS_P]`` partial LSEs) and the band's scores (``[H_P, BAND_P]``) are two loads
-        issued together, with no loop over the KV heads (``ONE_TILE_FINISH``)."""
-        r = tl.arange(0, HEADS_P)  # head index within the sequence, kvh * G + g
-        r_ok = r < num_kv_heads * GROUP
-        kvh = r // GROUP
-        g = r % GROUP
-        s = tl.arange(0, SPLITS_P)
-        ok_s = r_ok[:, None] & (s[None, :] < num_splits)
-        x = tl.load(PartLse + ((b * num_kv_heads + kvh[:, None]) * num_splits + s[None, :]).to(tl.int64) * GROUP
-                    + g[:, None], mask=ok_s, other=float("-inf"))  # [H_P, SPLITS_P]
-        total2 = _combine_lse2(x)
-        o = tl.arange(0, BAND_P)
-        col = win_len - 1 - o
-        ok = r_ok[:, None] & ((o < band_width) & (col >= 0))[None, :]
-        head_row = b * (num_kv_heads * GROUP) + r  # int64 rows of [B, H]
-        sc = tl.load(Scores + head_row[:, None] * win_cap + col[None, :], mask=ok, other=float("-inf"))
-        band = tl.reduce(tl.where(ok, tl.exp2(sc - total2[:, None]), 0.0), 0, _sum_combine)
-        tl.store(Band + b * band_width + o, band * inv_heads, mask=o < band_width)
-
-    @triton.jit(do_not_specialize=("win_len", "win_cap", "num_splits", "num_wblocks", "num_main", "num_merge"))
-    def _decode_finish_kernel(
-            PartO, PartLse, Scores, Out, Lse, Mass, Band, WinLen,
-            num_kv_heads, win_len, win_cap, num_splits, num_wblocks, num_merge, num_main, band_width, inv_heads,
-            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_D: tl.constexpr,
-            SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BAND_P: tl.constexpr,
-            HEADS_P: tl.constexpr, MASS: tl.constexpr, BAND: tl.constexpr, BAND_TILE: tl.constexpr,
-            DEVICE_LEN: tl.constexpr):
-        pid = tl.program_id(0)
-        if DEVICE_LEN:
-            win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
-        if pid < num_main:
-            _finish_main(PartO, PartLse, Scores, Out, Lse, Mass, pid, num_kv_heads, win_len, win_cap, num_splits,
-                         num_wblocks, num_merge, GROUP, GROUP_P, HEAD_DIM, MERGE_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W,
-                         MASS)
-        elif BAND:
-            if BAND_TILE:
-                _finish_band_tile(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len,
-                                  win_cap, num_splits, band_width, inv_heads, GROUP, HEADS_P, SPLITS_P, BAND_P)
-            else:
-                _finish_band(PartLse, Scores, Band, (pid - num_main).to(tl.int64), num_kv_heads, win_len, win_cap,
-                             num_splits, band_width, inv_heads, GROUP, GROUP_P, SPLITS_P, BAND_P)
+        if FUSED:
+            _fused_finish(PartO, PartLse, Scores, Out, Lse, Mass, Band, Counters, pid_bh, b, num_kv_heads, win_len,
+                          win_cap, num_splits, num_wblocks, num_merge, num_programs, band_width, inv_heads, GROUP,
+                          FIN_GROUP_P, HEAD_DIM, MERGE_D, SPLITS_P, SPLIT_CHUNK, BLOCK_W, BAND_P, HEADS_P, MASS,
+                          BAND, BAND_TILE)
 
 
 def decode_attention_triton(
@@ -422,16 +328,8 @@ def decode_attention_triton(
         mem_k, mem_v = (t if t.dtype == compute else t.to(compute) for t in (mem_k, mem_v))
     dot_precision = "ieee"  # ignored for 16-bit inputs; float32 inputs take IEEE products (no TF32)
 
-    default_n, block_w, default_warps, default_stages = block_sizes(head_dim, device, compute)
-    block_n = _pow2_block(block_n, default_n, "block_n")
-    for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
-        if value is not None and (value < 1 or (name == "num_warps" and value & (value - 1))):
-            raise ValueError(f"{name} must be {'a power of two' if name == 'num_warps' else 'an int'} >= 1, "
-                             f"got {value}")
-    num_warps = default_warps if num_warps is None else num_warps
-    num_stages = default_stages if num_stages is None else num_stages
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    num_stages = stages_that_fit(num_stages, block_n, block_d, compute.itemsize, device)
+    block_n, block_w, num_warps, num_stages, block_d = launch_settings(head_dim, device, compute, block_n,
+                                                                       num_warps, num_stages)
     group_p = max(16, triton.next_power_of_2(group))
     mem_len = mem_k.shape[2] if has_memory else 0
     mem_tiles = triton.cdiv(mem_len, block_n)
@@ -460,34 +358,39 @@ def decode_attention_triton(
     mask_strides = mem_mask.stride() if mem_mask is not None else (0, 0, 0)
     device_len = win_len is not None
     len_ptr = win_len if device_len else lse  # a dummy pointer without a device length (never read)
+    fin = finish_shapes(group, splits, num_heads, block_d, band_width, win_cap, block_w, want_key_mass,
+                        ONE_TILE_FINISH, MERGE_ELEMENTS, BAND_TILE_ELEMENTS)
+    mass_ptr = key_mass if key_mass is not None else lse
+    band_ptr = band if band is not None else lse
+    fused = FUSED_FINISH
+    counters = _counters(device, programs + batch) if fused else lse
+    finish = {"GROUP": group, "HEAD_DIM": head_dim, "MERGE_D": fin.merge_d, "SPLITS_P": fin.splits_p,
+              "SPLIT_CHUNK": fin.chunk, "BLOCK_W": block_w, "BAND_P": fin.band_p, "HEADS_P": fin.heads_p,
+              "MASS": want_key_mass, "BAND": band is not None, "BAND_TILE": fin.band_tile}
     _decode_split_kernel[(splits, programs)](
-        q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores, len_ptr,
-        q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
+        q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores, len_ptr, out, lse, mass_ptr, band_ptr,
+        counters, q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
         *mk.stride(), *mv.stride(), *mask_strides, *win_k.stride(), *win_v.stride(),
         num_kv_heads, mem_len, win_cap, win_cap, mem_tiles, total_tiles, tiles_per_split, splits, qk_scale, cap2,
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        SOFTCAP=softcap is not None, HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores,
-        DEVICE_LEN=device_len, DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages)
-
-    finish_group_p = _next_pow2(group)
-    splits_p = _next_pow2(splits)
-    band_p = max(2, _next_pow2(band_width))
-    heads_p = _next_pow2(num_heads)
-    if ONE_TILE_FINISH:  # the merge spread over column slices, the band in one tile when it fits
-        merge_d = max(16, min(block_d, _prev_pow2(MERGE_ELEMENTS // (finish_group_p * splits_p))))
-        band_tile = heads_p * max(splits_p, band_p) <= BAND_TILE_ELEMENTS
-    else:
-        merge_d, band_tile = block_d, False
-    chunk = max(1, min(splits_p, MERGE_ELEMENTS // (finish_group_p * merge_d)))  # [G, chunk, MERGE_D] tiles
-    num_merge = block_d // merge_d
-    num_wblocks = max(triton.cdiv(win_cap, block_w) if want_key_mass else 1, num_merge)
-    num_main = programs * num_wblocks
-    grid = (num_main + (batch if band is not None else 0),)
-    _decode_finish_kernel[grid](
-        part_o, part_lse, scores, out, lse, key_mass if key_mass is not None else lse,
-        band if band is not None else lse, len_ptr,
-        num_kv_heads, win_cap, win_cap, splits, num_wblocks, num_merge, num_main, band_width, 1.0 / num_heads,
-        GROUP=group, GROUP_P=finish_group_p, HEAD_DIM=head_dim, MERGE_D=merge_d, SPLITS_P=splits_p,
-        SPLIT_CHUNK=chunk, BLOCK_W=block_w, BAND_P=band_p, HEADS_P=heads_p, MASS=want_key_mass,
-        BAND=band is not None, BAND_TILE=band_tile, DEVICE_LEN=device_len, num_warps=4)
+        fin.num_wblocks, fin.num_merge, programs, band_width, 1.0 / num_heads,
+        GROUP_P=group_p, BLOCK_D=block_d, BLOCK_N=block_n, SOFTCAP=softcap is not None,
+        HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores, DEVICE_LEN=device_len,
+        DOT_PRECISION=dot_precision, FUSED=fused, FIN_GROUP_P=fin.group_p, **finish,
+        num_warps=num_warps, num_stages=num_stages)
+    if not fused:
+        num_main = programs * fin.num_wblocks
+        _decode_finish_kernel[(num_main + (batch if band is not None else 0),)](
+            part_o, part_lse, scores, out, lse, mass_ptr, band_ptr, len_ptr,
+            num_kv_heads, win_cap, win_cap, splits, fin.num_wblocks, fin.num_merge, num_main, band_width,
+            1.0 / num_heads, GROUP_P=fin.group_p, DEVICE_LEN=device_len, **finish, num_warps=4)
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """``FUSED_FINISH``'s arrival counters on ``device``: at least ``size`` int32 zeros, kept between launches (each
+    launch leaves them at 0). Grown outside a graph capture where possible (4,096 at first use)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters

@@ -118,3 +118,38 @@ def test_cuda_graph_capture_and_replay(dtype) -> None:
     expected = td.decode_attention_triton(*fresh, **args)
     for name in ("out", "lse", "key_mass", "band"):
         assert torch.equal(getattr(captured, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[6], CASES[7]], ids=lambda c: c[0])
+def test_one_launch_form_on_cuda(case, monkeypatch) -> None:
+    """``FUSED_FINISH`` compiled: the finishing work done by the last split program of each KV head (an atomic
+    arrival count) gives the two-launch result, also when repeated many times (an ordering bug between the
+    partials' stores and the count would show as a flaky difference), and inside a replayed CUDA graph; the
+    counters are back at 0 after every call. Bit-equality is expected (the same helpers in the same order); the
+    tolerance only covers a compiler choosing another reduction layout in the fused kernel."""
+    td = _module()
+    _, batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, band_width, softcap = case
+    inputs = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, torch.bfloat16, seed=4)
+    args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": True, "softcap": softcap}
+    two = td.decode_attention_triton(*inputs, **args)
+    monkeypatch.setattr(td, "FUSED_FINISH", True)
+
+    def same(got) -> None:
+        for name in ("out", "lse", "key_mass") + (("band",) if band_width else ()):
+            torch.testing.assert_close(getattr(got, name), getattr(two, name), atol=1e-6, rtol=1e-6)
+        assert not td._COUNTERS[inputs[0].device].any()
+
+    for _ in range(20):
+        same(td.decode_attention_triton(*inputs, **args))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        td.decode_attention_triton(*inputs, **args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = td.decode_attention_triton(*inputs, **args)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        same(captured)

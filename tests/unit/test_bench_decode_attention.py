@@ -67,7 +67,7 @@ def test_read_floor_refuses_bad_launch_settings() -> None:
         pytest.skip("no CUDA device, and triton was imported in this test process without TRITON_INTERPRET=1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensors = [torch.rand(1, 2, 8, 16).to(device) for _ in range(4)]
-    for settings, shown in (({"block_n": 24}, "block_n must be a power of two >= 1, got 24"),
+    for settings, shown in (({"block_n": 24}, "block_n must be a power of two >= 16, got 24"),
                             ({"num_warps": 0}, "num_warps must be a power of two >= 1, got 0"),
                             ({"num_stages": 0}, "num_stages must be >= 1, got 0")):
         try:

@@ -137,6 +137,41 @@ def test_finishing_pass_forms_agree(form, monkeypatch) -> None:
                                                     block_n=16, **args), ref)
 
 
+@pytest.mark.parametrize("form", ["one_tile", "band_walk", "previous"])
+def test_one_launch_form_equals_two_launches(form, monkeypatch) -> None:
+    """``FUSED_FINISH``: the split pass's last program per KV head (and per sequence, for the band) does the
+    finishing work in the same order as the finishing launch: the same out / lse / key mass / band bit for bit, in
+    every finishing form, with the window length on the device too; the arrival counters are back at 0 after every
+    call (what a replayed graph relies on); no finishing launch is made."""
+    if form == "previous":
+        monkeypatch.setattr(triton_decode, "ONE_TILE_FINISH", False)
+    elif form == "band_walk":  # small merge slices, several loads; the band walks the KV heads
+        monkeypatch.setattr(triton_decode, "MERGE_ELEMENTS", 64)
+        monkeypatch.setattr(triton_decode, "BAND_TILE_ELEMENTS", 16)
+    finish_kernel = triton_decode._decode_finish_kernel
+    for case in (CASES[0], CASES[1], CASES[2], CASES[3], CASES[6], CASES[7], CASES[8]):
+        batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_mass, softcap = case
+        call = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, seed=5)
+        args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": want_mass,
+                "softcap": softcap}
+        ref = _composition(*call, **args)
+        length = torch.tensor([max(1, win_len - 3)], device=call[0].device)
+        for splits, win in ((None, None), (1, None), (4, length)):
+            monkeypatch.setattr(triton_decode, "FUSED_FINISH", False)
+            monkeypatch.setattr(triton_decode, "_decode_finish_kernel", finish_kernel)
+            two = decode_attention_triton(*call, num_splits=splits, win_len=win, block_n=16, **args)
+            monkeypatch.setattr(triton_decode, "FUSED_FINISH", True)
+            monkeypatch.setattr(triton_decode, "_decode_finish_kernel", None)  # a finishing launch would fail
+            one = decode_attention_triton(*call, num_splits=splits, win_len=win, block_n=16, **args)
+            for name in ("out", "lse", "key_mass", "band"):
+                expected, got = getattr(two, name), getattr(one, name)
+                assert (expected is None) == (got is None), name
+                assert expected is None or torch.equal(expected, got), (case, splits, name)
+            assert not triton_decode._COUNTERS[call[0].device].any()
+            if win is None:
+                _assert_matches(one, ref)
+
+
 def test_launch_settings_change_nothing_but_speed() -> None:
     """Explicit ``num_warps`` / ``num_stages`` (the tuning knobs of bench_decode_attention's ``--grid``) give the
     default's result; bad values are named."""
@@ -150,7 +185,7 @@ def test_launch_settings_change_nothing_but_speed() -> None:
         torch.testing.assert_close(got.key_mass, ref.key_mass, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="num_warps must be a power of two >= 1, got 3"):
         decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_warps=3, **args)
-    with pytest.raises(ValueError, match="num_stages must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
         decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, num_stages=0, **args)
 
 
@@ -209,16 +244,16 @@ def test_pipeline_stages_fit_shared_memory() -> None:
     """An explicit large ``block_n`` lowers the pipeline depth instead of failing to launch: on the H200,
     ``block_n=128`` in float32 at head_dim 128 asked for 272 KiB of shared memory with the default three stages."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert triton_decode.stages_that_fit(3, 128, 128, 4, cuda) == 1  # 128 KiB per stage
-    assert triton_decode.stages_that_fit(3, 64, 128, 4, cuda) == 3  # 64 KiB per stage: the default fits
-    assert triton_decode.stages_that_fit(3, 128, 256, 2, cuda) == 1
-    assert triton_decode.stages_that_fit(3, 256, 256, 4, cuda) == 1  # never below one
-    assert triton_decode.stages_that_fit(3, 128, 128, 4, cpu) == 3  # the interpreter has no such limit
+    assert decode_shapes.stages_that_fit(3, 128, 128, 4, cuda) == 1  # 128 KiB per stage
+    assert decode_shapes.stages_that_fit(3, 64, 128, 4, cuda) == 3  # 64 KiB per stage: the default fits
+    assert decode_shapes.stages_that_fit(3, 128, 256, 2, cuda) == 1
+    assert decode_shapes.stages_that_fit(3, 256, 256, 4, cuda) == 1  # never below one
+    assert decode_shapes.stages_that_fit(3, 128, 128, 4, cpu) == 3  # the interpreter has no such limit
     for head_dim in (64, 80, 128, 256):  # the defaults never lose a stage
         for dtype in (torch.bfloat16, torch.float32):
             block_n, _, _, stages = triton_decode.block_sizes(head_dim, cuda, dtype)
             block_d = max(16, 1 << (head_dim - 1).bit_length())
-            assert triton_decode.stages_that_fit(stages, block_n, block_d, dtype.itemsize, cuda) == stages
+            assert decode_shapes.stages_that_fit(stages, block_n, block_d, dtype.itemsize, cuda) == stages
 
 
 def test_separate_memory_queries() -> None:
@@ -359,3 +394,25 @@ def test_engine_graph_form_decode_through_the_fused_kernel() -> None:
         logits = [s.step(token) for s in (eager, graphed)]
         torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert graphed.decode_graph.steps >= 5
+
+
+def test_engine_decode_in_one_launch_changes_nothing(monkeypatch) -> None:
+    """A session decoding with ``FUSED_FINISH`` (the decode attention in one launch) produces the two-launch
+    session's logits bit for bit, prompt and decoded tokens through a decode-time eviction."""
+    from ltri_rag import LtriConfig, LtriSession
+    from tests.unit.tiny_models import random_ids, tiny_model
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, seed=5).to(DEVICE)
+    cfg = LtriConfig(mode="ltri", num_sink_tokens=3, local_window=16, chunk_size=8, budget=20, page_size=5,
+                     evict_stride=4, span_max_len=8, attention_backend="triton", decode_graph=False)
+    ids = random_ids(1, 30, seed=13).to(DEVICE)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(triton_decode, "FUSED_FINISH", fused)
+        session = LtriSession(model, cfg)
+        logits = [session.feed(ids)]
+        for _ in range(6):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        runs.append(torch.stack(logits))
+    assert torch.equal(runs[0], runs[1])
+    assert not triton_decode._COUNTERS[torch.device(DEVICE)].any()
