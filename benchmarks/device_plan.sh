@@ -11,9 +11,12 @@
 #
 #   tests        every GPU test (tests/gpu), log in gpu_tests.log
 #   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
+#   fused_ab     the decode attention in one launch (FUSED_FINISH) against the default two, end to end, 2 rounds
 #   lv48_dev     niah_longvalue48 grid, dev split (decides evict_stride; resumable: call again to finish)
 #   lv48_test    the same grid on the test split (reported)
-#   decode_sweep decode attention and its one-launch read floor over launch settings, 16K and 128K keys
+#   decode_sweep decode attention (two launches, one launch) and the one-launch read floor over launch settings,
+#                16K and 128K keys
+#   decode_kernel the decode attention benchmark at its default settings, both model shapes, 4K / 16K / 128K
 #   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
 #   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
 set -uo pipefail
@@ -46,11 +49,17 @@ case $step in
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
       --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s33_decode --isolate on --rounds 2 \
       --no-profile --backend auto --time-limit 560 --out "$out" ;;
+  fused_ab)
+    timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
+      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_fused_finish --isolate on --rounds 2 \
+      --no-profile --backend auto --time-limit 560 --out "$out" ;;
   lv48_dev) grid dev ;;
   lv48_test) grid test ;;
   decode_sweep)
     timeout 570 python3 -m benchmarks.bench_decode_attention --models llama3-8b --contexts 16384 131072 \
       --grid block_n=32,64,128 num_warps=4,8 num_stages=2,3,4 --out "$out" ;;
+  decode_kernel)
+    timeout 570 python3 -m benchmarks.bench_decode_attention --out "$out" ;;
   host_profile)
     timeout 570 python3 -m benchmarks.host_profile --length 32768 --chunks 2048 --decode-tokens 16 --top 45 \
       --dump "$out/pstats" > "$out/host_profile_32k.txt" 2>&1
