@@ -103,6 +103,8 @@ BAND_TILE_ELEMENTS = 8192
 # session 34's profile) but serialises a head's finishing work in one program.
 FUSED_FINISH = False
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros between launches (int32)
+_NO_FINISH = {"FIN_GROUP_P": 1, "MERGE_D": 16, "SPLITS_P": 1, "SPLIT_CHUNK": 1, "BLOCK_W": 16, "BAND_P": 2,
+              "HEADS_P": 1, "MASS": False, "BAND": False, "BAND_TILE": False}  # the split pass's, when not fused
 
 
 # whether the kernels below were built for the Triton interpreter (it is decided when they are decorated)
@@ -367,16 +369,18 @@ def decode_attention_triton(
     finish = {"GROUP": group, "HEAD_DIM": head_dim, "MERGE_D": fin.merge_d, "SPLITS_P": fin.splits_p,
               "SPLIT_CHUNK": fin.chunk, "BLOCK_W": block_w, "BAND_P": fin.band_p, "HEADS_P": fin.heads_p,
               "MASS": want_key_mass, "BAND": band is not None, "BAND_TILE": fin.band_tile}
+    # the split pass gets the finishing shapes only when it finishes: otherwise fixed values, so that it is not
+    # compiled again for every split count or band width it will not use
+    in_split = {**finish, "FIN_GROUP_P": fin.group_p} if fused else {**_NO_FINISH, "GROUP": group, "HEAD_DIM": head_dim}
     _decode_split_kernel[(splits, programs)](
         q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores, len_ptr, out, lse, mass_ptr, band_ptr,
         counters, q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
         *mk.stride(), *mv.stride(), *mask_strides, *win_k.stride(), *win_v.stride(),
         num_kv_heads, mem_len, win_cap, win_cap, mem_tiles, total_tiles, tiles_per_split, splits, qk_scale, cap2,
-        fin.num_wblocks, fin.num_merge, programs, band_width, 1.0 / num_heads,
+        fin.num_wblocks, fin.num_merge, programs, band_width if fused else 0, 1.0 / num_heads,
         GROUP_P=group_p, BLOCK_D=block_d, BLOCK_N=block_n, SOFTCAP=softcap is not None,
         HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores, DEVICE_LEN=device_len,
-        DOT_PRECISION=dot_precision, FUSED=fused, FIN_GROUP_P=fin.group_p, **finish,
-        num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=dot_precision, FUSED=fused, **in_split, num_warps=num_warps, num_stages=num_stages)
     if not fused:
         num_main = programs * fin.num_wblocks
         _decode_finish_kernel[(num_main + (batch if band is not None else 0),)](

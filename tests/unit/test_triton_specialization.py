@@ -72,15 +72,19 @@ def _check(seen, kernels) -> None:
         assert not missing, f"{kernel.fn.__name__} specialises on length arguments {sorted(missing)}"
 
 
-def test_decode_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["two_launches", "one_launch"])
+def test_decode_kernels_do_not_specialise_on_lengths(fused, monkeypatch) -> None:
     td = decode_tests.triton_decode
-    kernels = [td._decode_split_kernel, td._decode_finish_kernel]
+    monkeypatch.setattr(td, "FUSED_FINISH", fused)
+    kernels = [td._decode_split_kernel] + ([] if fused else [td._decode_finish_kernel])
     seen = _record(monkeypatch, kernels)
     for mem_len, win_len in ((37, 20), (64, 33)):
         q, mem_k, mem_v, mem_mask, win_k, win_v = decode_tests._inputs(1, 4, 2, 16, mem_len, win_len, "random")
         td.decode_attention_triton(q, mem_k, mem_v, mem_mask, win_k, win_v, scaling=0.25, band_width=4,
                                    want_key_mass=True)
     _check(seen, kernels)
+    if not fused:  # the split pass is not compiled again for finishing shapes it does not use
+        assert {call["SPLITS_P"] for call in seen["_decode_split_kernel"]} == {1}
 
 
 def test_local_kernels_do_not_specialise_on_lengths(monkeypatch) -> None:
