@@ -77,9 +77,9 @@ class LtriConfig:
             ``local_window``. Keeps decode from cutting one-token spans. A prompt pass evicts whatever is over, so
             this acts on decoded tokens only. 256 since session 34 (was 64): each decode-time eviction costs its host
             work and a CUDA-graph capture (0.16-0.35 s on an H200, Llama-3-8B shape), now spread over 4x more
-            tokens; quality on 192-token answers level (``benchmarks/results/evict_stride_h200``). Answers long
-            enough to cross an eviction at 256 are not measured on the GPU yet; a 3-pair CPU look leaned against
-            256 (``benchmarks/results/longvalue48_h200_qwen``).
+            tokens; quality on 192-token answers level (``benchmarks/results/evict_stride_h200``). On ~430-token
+            answers, which cross an eviction at 256, 12 CPU pairs at 8K gave +3.7 points [-1.0, +8.9] for 256
+            against 64 (session 35; ``benchmarks/results/longvalue48_h200_qwen``); not measured on the GPU yet.
         page_size: Tokens per page of the paged K/V pool that holds evicted tokens.
         kv_offload: Where the paged K/V pool of evicted tokens lives. ``"auto"`` (the default): on the model's
             device up to ``kv_device_gib``, pages beyond that in pinned host memory (a retrieval gathers device
