@@ -16,6 +16,7 @@
 #   lv48_test    the same grid on the test split (reported)
 #   decode_sweep decode attention (two launches, one launch) and the one-launch read floor over launch settings,
 #                16K and 128K keys
+#   decode_splits the same over split counts (1, 2, 4 and 8 programs per multiprocessor at 16K) and warps
 #   decode_kernel the decode attention benchmark at its default settings, both model shapes, 4K / 16K / 128K
 #   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
 #   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
@@ -58,6 +59,9 @@ case $step in
   decode_sweep)
     timeout 570 python3 -m benchmarks.bench_decode_attention --models llama3-8b --contexts 16384 131072 \
       --grid block_n=32,64,128 num_warps=4,8 num_stages=2,3,4 --out "$out" ;;
+  decode_splits)
+    timeout 570 python3 -m benchmarks.bench_decode_attention --models llama3-8b --contexts 16384 131072 \
+      --grid num_splits=17,33,66,132 num_warps=4,8 --out "$out" ;;
   decode_kernel)
     timeout 570 python3 -m benchmarks.bench_decode_attention --out "$out" ;;
   host_profile)
