@@ -11,7 +11,8 @@
 #
 #   tests        every GPU test (tests/gpu), log in gpu_tests.log
 #   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
-#   fused_ab     the decode attention in one launch (FUSED_FINISH) against the default two, end to end, 2 rounds
+#   s35_ab       session 35's two candidates together (ltri_s35: FUSED_FINISH, SLOT_GLUE_IN_KERNEL) against the
+#                defaults, end to end, 2 rounds
 #   lv48_dev     niah_longvalue48 grid, dev split (decides evict_stride; resumable: call again to finish)
 #   lv48_test    the same grid on the test split (reported)
 #   decode_sweep decode attention (two launches, one launch) and the one-launch read floor over launch settings,
@@ -44,15 +45,16 @@ grid() {  # split: the niah_longvalue48 grid of benchmarks/results/longvalue48_h
 }
 case $step in
   tests)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu_tests.log" 2>&1
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_triton_decode.py \
+      tests/unit/test_triton_assemble.py tests/unit/test_triton_specialization.py > "$out/gpu_tests.log" 2>&1
     tail -n 15 "$out/gpu_tests.log" ;;
   decode_ab)
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
       --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s33_decode --isolate on --rounds 2 \
       --no-profile --backend auto --time-limit 560 --out "$out" ;;
-  fused_ab)
+  s35_ab)
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
-      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_fused_finish --isolate on --rounds 2 \
+      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s35 --isolate on --rounds 2 \
       --no-profile --backend auto --time-limit 560 --out "$out" ;;
   lv48_dev) grid dev ;;
   lv48_test) grid test ;;

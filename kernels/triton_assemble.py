@@ -9,8 +9,10 @@ table, in the pool's device tier or (read in place) its pinned host tier; its po
 rotated key, the value and the mask bit straight into the destination (the graph buffers, or a fresh part).
 
 Shapes (one sequence):
-    slots: ``[Hkv, W]`` int64 pool slots per KV head, valid ones first, -1 past a row's tokens;
-    count: ``[Hkv]`` int64 valid entries per head including the sinks (``num_sinks + (slots >= 0).sum(1)``);
+    slots: ``[Hkv, W]`` int64 pool slots per KV head, valid ones first, -1 past a row's tokens (any strides with
+        ``SLOT_GLUE_IN_KERNEL``, e.g. one row expanded over the heads; else made contiguous);
+    count: ``[Hkv]`` int64 valid entries per head including the sinks (``num_sinks + (slots >= 0).sum(1)``; with
+        ``SLOT_GLUE_IN_KERNEL`` each program finds its head's by a binary search of the row's valid prefix);
     page_table: ``[P]`` int64 page of each of the sequence's slot pages; positions: ``[num_slots]`` int64;
     fast_k / fast_v: ``[F, D]`` pool rows of the device tier (row ``token * Hkv + head``);
     slow_k / slow_v: ``[R, D]`` rows of the host tier (rows ``>= split_row`` of the two counted as one), or None;
@@ -62,16 +64,24 @@ frequency, no gathered partner columns; ``_assemble_halves_kernel``) instead of 
 (``_assemble_kernel``; kept for timing runs, ``benchmarks.bench_small_kernels``). The same formula either way."""
 INTERPRETED = interpreted()
 
+SLOT_GLUE_IN_KERNEL = False
+"""Whether the kernel reads the slot matrix where it lies (an expanded ``[1, W]`` row included, by its strides) and
+finds each head's valid-entry count itself, by a binary search of the row's valid prefix (slots are -1 past it),
+instead of the launcher copying the slots contiguous and reducing ``(slots >= 0).sum(1) + num_sinks``: five small
+launches per layer and decode step (13.7 µs of a Llama-3-8B 8K step's layer in session 25's profile). The same
+integers either way, so the same output. Off until timed on the GPU (session 35)."""
+
 if triton is not None:
 
     @triton.jit
     def _entry_sources(Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads,
-                       HAS_SLOW: tl.constexpr):
+                       stride_lh, stride_ln, HAS_SLOW: tl.constexpr):
         """Per output entry ``[R]``: ``(live, is_sink, valid, row, pos, in_fast, in_slow)``; ``row`` the pool row of
         a slot through the page table (both tiers counted as one), ``pos`` the position it was read at."""
         live = entry < num_sinks + width
         is_sink = live & (entry < num_sinks)
-        slot = tl.load(Slots + head.to(tl.int64) * width + (entry - num_sinks), mask=live & ~is_sink, other=-1)
+        slot = tl.load(Slots + head.to(tl.int64) * stride_lh + (entry - num_sinks).to(tl.int64) * stride_ln,
+                       mask=live & ~is_sink, other=-1)
         from_pool = live & ~is_sink & (slot >= 0)
         safe = tl.where(from_pool, slot, 0)
         page = tl.load(Table + safe // page_size, mask=from_pool, other=0)
@@ -104,11 +114,33 @@ if triton is not None:
         return line, won & held, won & ~held
 
     @triton.jit
-    def _shift(Count, head, entry, pos, valid, base, SCHEME: tl.constexpr):
-        """Positions each entry's key moves by: ``contiguous`` (0) puts valid entry ``i`` of the head at
-        ``base - count + i``, ``fixed`` (1) every key at 0."""
+    def _valid_prefix(Slots, head, width, stride_lh, stride_ln):
+        """Entries of the head's slot row before its first -1 (the row is valid entries, then -1): a binary
+        search, about log2(width) scalar loads."""
+        lo = 0
+        hi = width
+        while lo < hi:
+            mid = (lo + hi) // 2
+            ok = tl.load(Slots + head.to(tl.int64) * stride_lh + mid.to(tl.int64) * stride_ln) >= 0
+            lo = tl.where(ok, mid + 1, lo)
+            hi = tl.where(ok, hi, mid)
+        return lo
+
+    @triton.jit
+    def _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE: tl.constexpr):
+        """The head's valid entries with the sinks: found in the slot row (``DERIVE``) or read from ``Count``."""
+        if DERIVE:
+            count = _valid_prefix(Slots, head, width, stride_lh, stride_ln) + num_sinks
+        else:
+            count = tl.load(Count + head)
+        return count
+
+    @triton.jit
+    def _shift(count, entry, pos, valid, base, SCHEME: tl.constexpr):
+        """Positions each entry's key moves by: ``contiguous`` (0) puts valid entry ``i`` of the head (``count``
+        valid entries with the sinks) at ``base - count + i``, ``fixed`` (1) every key at 0."""
         if SCHEME == 0:
-            shift = tl.where(valid, base - tl.load(Count + head) + entry - pos, 0)
+            shift = tl.where(valid, base - count + entry - pos, 0)
         else:
             shift = tl.where(valid, -pos, 0)
         return shift
@@ -117,15 +149,16 @@ if triton is not None:
     def _assemble_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
                          OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
                          width, num_sinks, split_row, base, page_size, num_kv_heads, cache_rows,
-                         stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
+                         stride_lh, stride_ln, stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                          SCHEME: tl.constexpr, HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr,
                          HAS_CACHE: tl.constexpr, COUNT: tl.constexpr, EPOCH_BITS: tl.constexpr,
-                         EPOCH_MASK: tl.constexpr):
+                         EPOCH_MASK: tl.constexpr, DERIVE: tl.constexpr):
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
         live, is_sink, valid, row, pos, in_fast, in_slow = _entry_sources(
-            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, HAS_SLOW)
+            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, stride_lh,
+            stride_ln, HAS_SLOW)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < HEAD_DIM
         fast_off = tl.where(in_fast, row, 0)[:, None] * HEAD_DIM
@@ -167,7 +200,8 @@ if triton is not None:
                 tl.store(CacheV + line[:, None] * HEAD_DIM + cols[None, :], v.to(CacheV.dtype.element_ty), mask=put)
         if SCHEME != 2:
             kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
-            shift = _shift(Count, head, entry, pos, valid, base, SCHEME)
+            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE)
+            shift = _shift(count, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
             angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
@@ -219,18 +253,20 @@ if triton is not None:
     def _assemble_halves_kernel(Slots, Count, Table, Positions, FastK, FastV, SlowK, SlowV, SinkK, SinkV, Freq,
                                 OutK, OutV, OutMask, Tags, CacheK, CacheV, Epoch, Stats,
                                 width, num_sinks, split_row, base, page_size, num_kv_heads, cache_rows,
-                                stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
+                                stride_lh, stride_ln, stride_sh, stride_sn, stride_oh, stride_on, stride_mh,
                                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, SCHEME: tl.constexpr,
                                 HAS_SLOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CACHE: tl.constexpr,
-                                COUNT: tl.constexpr, EPOCH_BITS: tl.constexpr, EPOCH_MASK: tl.constexpr):
+                                COUNT: tl.constexpr, EPOCH_BITS: tl.constexpr, EPOCH_MASK: tl.constexpr,
+                                DERIVE: tl.constexpr):
         # _assemble_kernel with the keys held as the rotate-half layout's two halves, ``a`` (columns
         # 0 .. HALF - 1) and ``b`` (HALF .. 2 HALF - 1), plus the columns past them: angles, cosines and sines are
         # computed once per frequency and no partner column is gathered
         head = tl.program_id(0)
         entry = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
         live, is_sink, valid, row, pos, in_fast, in_slow = _entry_sources(
-            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, HAS_SLOW)
+            Slots, Table, Positions, head, entry, width, num_sinks, split_row, page_size, num_kv_heads, stride_lh,
+            stride_ln, HAS_SLOW)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < HEAD_DIM
         ch = tl.arange(0, BLOCK_H)
@@ -262,7 +298,8 @@ if triton is not None:
                 _store_halves(CacheK, CacheV, line_row, store_line[:, None], a, b, r, v, ch, cols, h_ok, past, col_ok,
                               HALF, HEAD_DIM)
         if SCHEME != 2:
-            shift = _shift(Count, head, entry, pos, valid, base, SCHEME)
+            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE)
+            shift = _shift(count, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
             angle = (turns - tl.floor(turns + 0.5)).to(tl.float32) * 6.283185307179586
@@ -341,7 +378,8 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
         inv_freq: ``[rot_dim / 2]`` rotary inverse frequencies.
         scheme: ``contiguous``, ``fixed`` or ``absolute``.
         out: Destination tensors, or None for fresh ones.
-        count: ``[Hkv]`` valid entries per head with the sinks, if the caller has it (else one reduction).
+        count: ``[Hkv]`` valid entries per head with the sinks, if the caller has it (else one reduction, or with
+            ``SLOT_GLUE_IN_KERNEL`` a binary search in the kernel).
         cache: ``(tags [C] int64, cache_k [C, D], cache_v [C, D], epoch [1] int64)``, the device cache of host-tier
             rows (module docstring; tags 0 and any epoch to start), or None; used only with a host tier (updated in
             place: rows read from the host may take lines over).
@@ -391,8 +429,13 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
         out_k[:, :total].copy_(k)
         out_v[:, :total].copy_(v)
         return out_k[:, :total], out_v[:, :total], mask
-    if count is None:
-        count = (slots >= 0).sum(dim=1) + num_sinks
+    derive = SLOT_GLUE_IN_KERNEL and count is None
+    if not derive:
+        slots = slots.contiguous()
+        if count is None:
+            count = (slots >= 0).sum(dim=1) + num_sinks
+    else:
+        count = slots  # a stand-in pointer (int64), never read: each program finds its head's count
     has_slow = slow_k is not None and slow_k.shape[0] > 0
     has_cache = has_slow and cache is not None
     if has_cache:
@@ -406,14 +449,16 @@ def assemble_memory(slots: torch.Tensor, page_table: torch.Tensor, page_size: in
     rotate = scheme != "absolute" and inv_freq.numel() > 0
     freq = turns_per_position(inv_freq, device) if rotate else count
     sink_k_, sink_v_ = (sink_k, sink_v) if sink_k is not None else (out_k, out_v)
-    args = (slots.contiguous(), count, page_table, positions, fast_k, fast_v,
+    args = (slots, count, page_table, positions, fast_k, fast_v,
             slow_k if has_slow else fast_k, slow_v if has_slow else fast_v, sink_k_, sink_v_, freq,
             out_k, out_v, out_mask.view(torch.int8), tags, cache_k, cache_v, epoch, stats if count_hits else count,
             width, num_sinks, int(split_row), int(base), page_size, num_kv_heads, tags.shape[0] if has_cache else 1,
-            sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1), out_mask.stride(0))
+            slots.stride(0), slots.stride(1), sink_k_.stride(0), sink_k_.stride(1), out_k.stride(0), out_k.stride(1),
+            out_mask.stride(0))
     flags = dict(HEAD_DIM=head_dim, HALF=max(inv_freq.numel(), 1), BLOCK_D=block_d, BLOCK_R=block_r,
                  SCHEME=SCHEMES.index(scheme) if rotate else 2, HAS_SLOW=has_slow, HAS_SINKS=sink_k is not None,
-                 HAS_CACHE=has_cache, COUNT=count_hits, EPOCH_BITS=EPOCH_BITS, EPOCH_MASK=(1 << EPOCH_BITS) - 1)
+                 HAS_CACHE=has_cache, COUNT=count_hits, EPOCH_BITS=EPOCH_BITS, EPOCH_MASK=(1 << EPOCH_BITS) - 1,
+                 DERIVE=derive and scheme == "contiguous")
     grid = (num_kv_heads, triton.cdiv(total, block_r))
     if HALF_TILES:
         _assemble_halves_kernel[grid](*args, BLOCK_H=max(16, triton.next_power_of_2(flags["HALF"])), **flags)

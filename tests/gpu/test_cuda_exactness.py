@@ -116,7 +116,9 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
 
 @pytest.mark.parametrize("switch", ["consensus.FUSED_CONSENSUS:prior_and_deposit",
                                     "span_memory.FUSED_SLOTS:place_slots", "retrieval.PAIRED_SORT:_fill_budget",
-                                    "retrieval.FUSED_RECENCY:update_recency_triton"])
+                                    "retrieval.FUSED_RECENCY:update_recency_triton",
+                                    "kernels.triton_assemble.SLOT_GLUE_IN_KERNEL:_valid_prefix",
+                                    "kernels.triton_decode.FUSED_FINISH:_fused_finish"])
 def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``, against eleven torch operations) and
     the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations), a
@@ -129,16 +131,28 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     from ltri_rag import LtriConfig
 
     target, kernel_name = switch.split(":")
-    module_name, flag = target.split(".")
+    module_name, flag = target.rsplit(".", 1)
     module = importlib.import_module(f"ltri_rag.{module_name}")
     calls = []
-    kernel = getattr(module, kernel_name)
+    if module_name.startswith("kernels."):  # a jit helper inside a kernel: spy on the switch's launcher instead
+        launcher = {"SLOT_GLUE_IN_KERNEL": "assemble_memory", "FUSED_FINISH": "decode_attention_triton"}[flag]
+        kernel_name, kernel = launcher, getattr(module, launcher)
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
+        def spy(*args, **kwargs):
+            calls.append(getattr(module, flag))  # the launcher ran with the switch as set
+            return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(module, kernel_name, spy)
+        owners = {"assemble_memory": "ltri_rag.layer_assembly", "decode_attention_triton": None}
+        owner = owners[launcher]
+        monkeypatch.setattr(importlib.import_module(owner) if owner else module, launcher, spy)
+    else:
+        kernel = getattr(module, kernel_name)
+
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, kernel_name, spy)
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = _ids(1, 400).cuda()
     cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,

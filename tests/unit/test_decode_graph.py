@@ -396,3 +396,39 @@ def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> No
     _assert_same_state(plain, fused_session)
     assert fused_session.decode_graph.retrieving_steps >= 4 and fused_session.decode_graph.steps == 12
     assert any(launches)  # the fused assembly ran, into the graph buffers, only with the flag on
+
+
+@pytest.mark.parametrize("switch", ["slot_glue", "fused_finish"])
+def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatch) -> None:
+    """The two switches of session 35, each on against off, in retrieving graph-form steps (Triton backend under
+    the interpreter, the fused assembly, batch of two, decode-time evictions): ``triton_assemble.SLOT_GLUE_IN_KERNEL``
+    (slots read in place, each head's count found in the kernel) and ``triton_decode.FUSED_FINISH`` (the decode
+    attention in one launch) leave every logit bit for bit as it was."""
+    import importlib
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from ltri_rag import layer_assembly as layer_mod
+
+    for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
+                 "triton_decode", "triton_gather"):
+        module = importlib.import_module(f"ltri_rag.kernels.{name}")
+        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
+            importlib.reload(module)
+    module, flag = {"slot_glue": ("triton_assemble", "SLOT_GLUE_IN_KERNEL"),
+                    "fused_finish": ("triton_decode", "FUSED_FINISH")}[switch]
+    module = importlib.import_module(f"ltri_rag.kernels.{module}")
+    monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", True)
+    cfg = _config(attention_backend="triton", evict_stride=5, budget=9, decode_retrieval_stride=2)
+    ids = random_ids(2, 40, seed=13)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(module, flag, on)
+        session = LtriSession(qwen2, cfg, batch_size=2)
+        session.decode_graph = DecodeGraph(qwen2, session.cache, session.cache_kwarg, capture=False, retrieve=True)
+        runs.append((session, greedy_logits(session, ids, 12)))
+    (off, off_logits), (on_session, on_logits) = runs
+    for a, b in zip(off_logits, on_logits):
+        assert torch.equal(a, b)
+    _assert_same_state(off, on_session)
+    assert on_session.decode_graph.retrieving_steps >= 4

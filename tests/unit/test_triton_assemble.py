@@ -117,3 +117,30 @@ def test_bad_arguments() -> None:
              torch.empty(2, 2, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="entries"):
         triton_assemble.assemble_memory(**args, scheme="fixed", out=small)
+
+
+@pytest.mark.parametrize("scheme", ["contiguous", "fixed", "absolute"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}W{}s{}".format(*c[:3]))
+def test_slot_glue_in_the_kernel_changes_nothing(case, scheme, monkeypatch) -> None:
+    """``SLOT_GLUE_IN_KERNEL``: the slots read where they lie (an expanded one-row selection too, stride 0) and each
+    head's valid count found by a binary search in the kernel give exactly the launcher-side copy and reduction's
+    output, for rows with no, some and every slot valid."""
+    args, _ = _case(*case, seed=7 + sum(case[:3]))
+    num_kv_heads, width = args["slots"].shape
+    rows = [args["slots"]]
+    if width:
+        full = args["slots"].clone()
+        full[0] = torch.arange(width, device=full.device)  # every entry valid
+        full[-1] = -1  # none valid
+        rows.append(full)
+        rows.append(args["slots"][:1].expand(num_kv_heads, -1))  # one selection for every head
+    for slots in rows:
+        call = {**args, "slots": slots, "scheme": scheme}
+        monkeypatch.setattr(triton_assemble, "SLOT_GLUE_IN_KERNEL", False)
+        want = triton_assemble.assemble_memory(**call)
+        monkeypatch.setattr(triton_assemble, "SLOT_GLUE_IN_KERNEL", True)
+        got = triton_assemble.assemble_memory(**call)
+        for w, g in zip(want, got):
+            assert torch.equal(w.cpu(), g.cpu())
+        ref = triton_assemble.assemble_memory_torch(**{**call, "slots": slots.contiguous()})
+        assert torch.equal(got[2].cpu(), ref[2].cpu())
