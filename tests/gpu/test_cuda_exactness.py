@@ -117,42 +117,34 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
 @pytest.mark.parametrize("switch", ["consensus.FUSED_CONSENSUS:prior_and_deposit",
                                     "span_memory.FUSED_SLOTS:place_slots", "retrieval.PAIRED_SORT:_fill_budget",
                                     "retrieval.FUSED_RECENCY:update_recency_triton",
-                                    "kernels.triton_assemble.SLOT_GLUE_IN_KERNEL:_valid_prefix",
-                                    "kernels.triton_decode.FUSED_FINISH:_fused_finish"])
+                                    "kernels.triton_assemble.SLOT_GLUE_IN_KERNEL:layer_assembly.assemble_memory",
+                                    "kernels.triton_decode.FUSED_FINISH:kernels.triton_decode.decode_attention_triton"])
 def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``, against eleven torch operations) and
     the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations), a
     layer's two selections ranked and filled together (``retrieval.PAIRED_SORT``, against one after the other), the
-    persistence update in one launch (``retrieval.FUSED_RECENCY``, against four operations): the same logits bit
-    for bit at every step (prompt passes selecting on the device, graph-replayed decode steps), and
-    the kernel ran."""
+    persistence update in one launch (``retrieval.FUSED_RECENCY``, against four operations), the memory assembly
+    finding its counts itself (``triton_assemble.SLOT_GLUE_IN_KERNEL``) and the decode attention in one launch
+    (``triton_decode.FUSED_FINISH``): the same logits bit for bit at every step (prompt passes selecting on the
+    device, graph-replayed decode steps), and the kernel (or the launcher, where ``SWITCH:MODULE.FUNCTION`` names
+    it) ran."""
     import importlib
 
     from ltri_rag import LtriConfig
 
-    target, kernel_name = switch.split(":")
+    target, spied = switch.split(":")
     module_name, flag = target.rsplit(".", 1)
     module = importlib.import_module(f"ltri_rag.{module_name}")
+    owner_name, _, kernel_name = spied.rpartition(".")
+    owner = importlib.import_module(f"ltri_rag.{owner_name}") if owner_name else module
     calls = []
-    if module_name.startswith("kernels."):  # a jit helper inside a kernel: spy on the switch's launcher instead
-        launcher = {"SLOT_GLUE_IN_KERNEL": "assemble_memory", "FUSED_FINISH": "decode_attention_triton"}[flag]
-        kernel_name, kernel = launcher, getattr(module, launcher)
+    kernel = getattr(owner, kernel_name)
 
-        def spy(*args, **kwargs):
-            calls.append(getattr(module, flag))  # the launcher ran with the switch as set
-            return kernel(*args, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
 
-        owners = {"assemble_memory": "ltri_rag.layer_assembly", "decode_attention_triton": None}
-        owner = owners[launcher]
-        monkeypatch.setattr(importlib.import_module(owner) if owner else module, launcher, spy)
-    else:
-        kernel = getattr(module, kernel_name)
-
-        def spy(*args, **kwargs):
-            calls.append(1)
-            return kernel(*args, **kwargs)
-
-        monkeypatch.setattr(module, kernel_name, spy)
+    monkeypatch.setattr(owner, kernel_name, spy)
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = _ids(1, 400).cuda()
     cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
