@@ -392,7 +392,9 @@ def decode_attention_triton(
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
     """``FUSED_FINISH``'s arrival counters on ``device``: at least ``size`` int32 zeros, kept between launches (each
-    launch leaves them at 0). Grown outside a graph capture where possible (4,096 at first use)."""
+    launch leaves them at 0). Grown outside a graph capture where possible (4,096 at first use). One buffer per
+    device: one launch at a time per device may use them (launches on one stream run in turn; the engine runs its
+    decode attention on one stream)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < size:
         counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
