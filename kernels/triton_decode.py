@@ -117,22 +117,13 @@ if _finish.INTERPRETED != INTERPRETED:
     _finish = importlib.reload(_finish)
 if triton is not None:
     _decode_finish_kernel, _fused_finish = _finish._decode_finish_kernel, _finish._fused_finish
+    _sum_combine, _max_combine = _finish._sum_combine, _finish._max_combine  # built for this module's mode
 
 
 if triton is not None:
-    # As in triton_local: only triton *builtins* inside the kernels (plus jit helpers of this module), so that the
-    # kernels also run under the interpreter when triton was imported before TRITON_INTERPRET was set.
-
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
-    def _maximum(a, b):
-        return tl.maximum(a, b)
-
-    _sum_combine = getattr(tl.standard, "_sum_combine", _add)
-    _max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
+    # As in triton_local: only triton *builtins* inside the kernels (plus jit helpers of this module and of the
+    # finish module, built for the same mode above), so that the kernels also run under the interpreter when triton
+    # was imported before TRITON_INTERPRET was set.
 
     @triton.jit
     def _score_tile(q, k_t, qk_scale, cap2, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):

@@ -358,6 +358,20 @@ def test_retrieving_steps_with_host_pages_read_in_place(qwen2, monkeypatch, devi
     assert plain.decode_graph.retrieving_steps == 0
 
 
+def _interpreted_kernels(monkeypatch) -> None:
+    """The engine's Triton kernel modules built for the interpreter (skips without triton): ``TRITON_INTERPRET`` set
+    and each module imported earlier in this process without it rebuilt."""
+    import importlib
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
+                 "triton_decode", "triton_gather"):
+        module = importlib.import_module(f"ltri_rag.kernels.{name}")
+        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
+            importlib.reload(module)
+
+
 def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> None:
     """``layer_assembly.FUSED_DEVICE_ASSEMBLY``: a retrieving graph-form step writes its memory part straight into the
     graph buffers with one Triton launch per sequence (here under the interpreter, Triton backend). Batch of two
@@ -365,15 +379,9 @@ def test_retrieving_graph_form_with_the_fused_assembly(qwen2, monkeypatch) -> No
     the same session with the torch assembly, every step in graph form."""
     import importlib
 
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from ltri_rag import layer_assembly as layer_mod
 
-    for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
-                 "triton_decode", "triton_gather"):
-        module = importlib.import_module(f"ltri_rag.kernels.{name}")
-        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
-            importlib.reload(module)
+    _interpreted_kernels(monkeypatch)
     kernel = importlib.import_module("ltri_rag.kernels.triton_assemble").assemble_memory
     launches = []
 
@@ -406,15 +414,9 @@ def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatc
     attention in one launch) leave every logit bit for bit as it was."""
     import importlib
 
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from ltri_rag import layer_assembly as layer_mod
 
-    for name in ("triton_assemble", "triton_local", "triton_rope", "triton_scoring", "triton_select",
-                 "triton_decode", "triton_gather"):
-        module = importlib.import_module(f"ltri_rag.kernels.{name}")
-        if not module.INTERPRETED:  # imported earlier in this process without the interpreter
-            importlib.reload(module)
+    _interpreted_kernels(monkeypatch)
     module, flag = {"slot_glue": ("triton_assemble", "SLOT_GLUE_IN_KERNEL"),
                     "fused_finish": ("triton_decode", "FUSED_FINISH")}[switch]
     module = importlib.import_module(f"ltri_rag.kernels.{module}")
