@@ -52,22 +52,22 @@ def needle_tokens(tokenizer: Any, text: str, add_special: bool, context: str) ->
 
 @contextmanager
 def recording(log: list[dict]):
-    """Record every global layer's retrieved token positions (``slot + sinks``) per call of ``_retrieved``."""
-    original = GlobalLayerState._retrieved
+    """Record every global layer's retrieved token positions (``slot + sinks``) per call of ``_slot_lists``."""
+    original = GlobalLayerState._slot_lists
 
     def traced(self: GlobalLayerState, q: torch.Tensor, plan: Any, scaling: float, position: Any = None):
-        parts = original(self, q, plan, scaling, position)
-        _, _, slots = parts[0]
+        slot_lists, on_device = original(self, q, plan, scaling, position)
+        slots = slot_lists[0]
         positions = None if slots is None else [
             (row[row >= 0] + self.cfg.num_sink_tokens).tolist() for row in slots]
         log.append({"layer": self.layer_idx, "q_len": plan.q_len, "dry": plan.dry, "positions": positions})
-        return parts
+        return slot_lists, on_device
 
-    GlobalLayerState._retrieved = traced
+    GlobalLayerState._slot_lists = traced
     try:
         yield
     finally:
-        GlobalLayerState._retrieved = original
+        GlobalLayerState._slot_lists = original
 
 
 def coverage(positions: list[list[int]] | None, span: list[int]) -> float:

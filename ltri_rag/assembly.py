@@ -9,7 +9,7 @@ in one asynchronous transfer, and :func:`~ltri_rag.kernels.triton_rope.gather_ro
 values in one launch. Pages in the pool's host tier are first gathered into a staging buffer (one copy per tensor).
 
 Used by :class:`ltri_rag.layer.GlobalLayerState` when the Triton backend runs and spans are selected on the
-host; the torch path (``layer._memory`` / ``layer._place``) computes the same tensors and is the reference.
+host; the torch path (``layer_memory.HostMemory._memory`` / ``_place``) computes the same tensors and is the reference.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from ltri_rag.consensus import LayerConsensus
 from ltri_rag.kernels.attention import local_attention_backend
 from ltri_rag.kernels.attention_decode import decode_attention_backend
 from ltri_rag.kernels.scoring import span_probabilities
-from ltri_rag.kernels.transfer import to_device
 from ltri_rag.layer_assembly import DeviceAssembly
 from ltri_rag.layer_graph import GraphFormSteps
+from ltri_rag.layer_memory import HostMemory
 from ltri_rag.layer_spans import SpanExchange
 from ltri_rag.pass_rows import scored_rows
 from ltri_rag.pool import PagedKVPool
@@ -72,7 +72,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
 
-class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
+class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly, HostMemory):
     """Sinks, local window, and (retrieving modes) span memory of one global-attention layer.
 
     Args:
@@ -113,6 +113,10 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         # key (the memory's position anchor, span counts, sinks) holds: (key, uses, mem_k, mem_v, mask)
         self._decode_memory: tuple | None = None
         self._pending_decode_memory: tuple | None = None
+        # the torch path's placed memory part of the last decode step, reused while it would be built the same
+        # (ltri_rag.layer_memory.REUSE_PLACED_MEMORY)
+        self._placed_reuse: tuple | None = None
+        self.placed_reuses = 0
         # graph-form decode steps: the reused memory part copied into buffers that keep their address
         # ([B, Hkv, M, D] K and V, [B, Hkv, M] mask) and the memory part they hold (the tensors last copied)
         self._graph_memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -214,31 +218,6 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
                 out.append(self._select(seq, table, q_free, scaling, plan, on_device))
         return out
 
-    def _retrieved(self, q: torch.Tensor, plan: StepPlan, scaling: float,
-                   position: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence: ``(k, v, slots)`` of the selected spans, ``[Hkv, n, D]`` and ``[Hkv, n]`` (slots: on the
-        host with ``n`` the most tokens a row selected; or, selecting on the device, there, with ``n`` the most any
-        row can select and -1 past a row's tokens). A graph-form step (``position`` given) selects on the device."""
-        out = []
-        on_device = position is not None or self._selects_on_device(q)
-        num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
-        for seq, selected in enumerate(self._selections(q, plan, scaling, on_device, position)):
-            if selected is None:
-                out.append((None, None, None))
-                continue
-            table = self.tables[seq]
-            if on_device:  # a fixed width: no row selects more than the budget (nor more than the memory holds)
-                width = min(self.cfg.budget, table.num_tokens)
-                slots = table.slot_matrix_fixed(selected, num_kv_heads, width)  # [Hkv, width] on the device
-                with record_function("ltri.retrieve.gather"):
-                    k, v = self.pool.gather_on_device(self.layer_idx, seq, slots.clamp(min=0))
-            else:
-                slots = table.slot_matrix(selected, num_kv_heads)  # [Hkv, n] host, -1 past a row's tokens
-                with record_function("ltri.retrieve.gather"):
-                    k, v = self.pool.gather(self.layer_idx, seq, slots.clamp(min=0), q.device)
-            out.append((k, v, slots))
-        return out
-
     def _assembles_in_one_launch(self, q: torch.Tensor) -> bool:
         """Whether the memory part is planned on the host and built in one Triton launch (:mod:`ltri_rag.assembly`):
         the Triton backend runs on ``q``'s device, spans are selected on the host, and the pool's first tier is on
@@ -272,67 +251,6 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
         self._last_slots = [torch.from_numpy(s) for s in memory_plan.slots if s is not None]
         return self._memory_queries(q, plan), mem_k, mem_v, mask
 
-    def _memory(self, q: torch.Tensor, plan: StepPlan, scaling: float,
-                position: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
-        """Memory K/V ``[B, Hkv, M, D]``, key mask ``[B, Hkv, M]`` (on the device, and where the slot lists were
-        made), positions ``[B, Hkv, M]`` (where the slot lists were made), or None if empty:
-        ``(mem_k, mem_v, mask, pos, slot_mask)``. ``position``: see :meth:`_selections`."""
-        if self.sink_k is None and not any(len(t) for t in self.tables):
-            return None
-        batch = q.shape[0]
-        parts = self._retrieved(q, plan, scaling, position) if self.tables else [(None, None, None)] * batch
-        num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
-        ref = self.sink_k if self.sink_k is not None else self.win_k
-        num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
-        width = num_sinks + max((p[0].shape[1] if p[0] is not None else 0) for p in parts)
-        if width == 0:
-            return None
-        mem_k = ref.new_zeros(batch, num_kv_heads, width, head_dim)
-        mem_v = ref.new_zeros(batch, num_kv_heads, width, head_dim)
-        # built where the slot lists are (the host, or the device when selecting there): no read-back either way
-        where = next((p[2].device for p in parts if p[2] is not None), torch.device("cpu"))
-        host_mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool, device=where)
-        pos = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64, device=where)
-        if num_sinks:
-            mem_k[:, :, :num_sinks] = self.sink_k
-            mem_v[:, :, :num_sinks] = self.sink_v
-            host_mask[:, :, :num_sinks] = True
-            pos[:, :, :num_sinks] = torch.arange(num_sinks, device=where)
-        for seq, (k, v, slots) in enumerate(parts):
-            if k is None:
-                continue
-            n = k.shape[1]
-            mem_k[seq, :, num_sinks:num_sinks + n] = k
-            mem_v[seq, :, num_sinks:num_sinks + n] = v
-            host_mask[seq, :, num_sinks:num_sinks + n] = slots >= 0
-            pos[seq, :, num_sinks:num_sinks + n] = self.pool.positions(seq, slots.clamp(min=0))
-        self._last_slots = [p[2] for p in parts if p[2] is not None]
-        return mem_k, mem_v, to_device(host_mask, q.device), pos, host_mask
-
-    def _place(self, q: torch.Tensor, mem_k: torch.Tensor, host_mask: torch.Tensor, pos: torch.Tensor,
-               plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply the position scheme (``host_mask``, ``pos``: from :meth:`_memory`, where the slot lists were made):
-        returns (queries for the memory part, memory keys)."""
-        scheme = self.cfg.position_scheme
-        if scheme == "absolute":
-            return q, mem_k
-        if scheme == "fixed":  # every memory key at distance local_window from every query
-            return self._memory_queries(q, plan), rotate(mem_k, -pos, self.inv_freq, self.cfg.attention_backend)
-        # contiguous: memory tokens laid in order right before the local window
-        count = host_mask.sum(dim=2, keepdim=True)  # [B, Hkv, 1]
-        rank = torch.cumsum(host_mask.long(), dim=2) - 1
-        win_len = 0 if self.win_k is None else self.win_k.shape[2]
-        new_pos = (plan.pos0 - win_len) - count + rank  # the local part starts at pos0 - win_len
-        delta = torch.where(host_mask, new_pos - pos, torch.zeros_like(pos))
-        return q, rotate(mem_k, delta, self.inv_freq, self.cfg.attention_backend)
-
-    def _memory_queries(self, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """The queries of the memory part (only the ``fixed`` scheme moves them)."""
-        if self.cfg.position_scheme != "fixed":
-            return q
-        q_pos = torch.arange(plan.pos0, plan.pos0 + plan.q_len)
-        return rotate(q, self.cfg.local_window - q_pos, self.inv_freq, self.cfg.attention_backend)
-
     def _placed_memory(self, q: torch.Tensor, plan: StepPlan,
                        scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The memory part of this pass, positioned: ``(q_mem, mem_k, mem_v, mask)`` or None.
@@ -356,11 +274,10 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
                 return None
             q_mem, mem_k, mem_v, mask = placed
         else:
-            memory = self._memory(q, plan, scaling)
-            if memory is None:
+            placed = self._host_placed(q, plan, scaling)
+            if placed is None:
                 return None
-            mem_k, mem_v, mask, pos, host_mask = memory
-            q_mem, mem_k = self._place(q, mem_k, host_mask, pos, plan)
+            q_mem, mem_k, mem_v, mask = placed
         if reusable:
             self._pending_decode_memory = (key, 1, mem_k, mem_v, mask)
         return q_mem, mem_k, mem_v, mask

@@ -2,7 +2,7 @@
 :class:`~ltri_rag.layer.GlobalLayerState`).
 
 Where a layer selects its spans on the device (captured decode steps, ``LtriConfig.selection_on_device``), the torch
-path builds the memory part from the slot lists in some twenty-five launches per layer (``GlobalLayerState._memory``
+path builds the memory part from the slot lists in some twenty-five launches per layer (``HostMemory._memory``
 and ``_place``). With ``FUSED_DEVICE_ASSEMBLY`` each sequence's part is one launch of
 :func:`~ltri_rag.kernels.triton_assemble.assemble_memory`, written straight into the destination (the graph
 buffers of a captured step).

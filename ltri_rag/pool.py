@@ -87,6 +87,7 @@ class PagedKVPool:
         self._device_tables: list[torch.Tensor | None] = [None] * batch_size
         self._device_positions: list[torch.Tensor | None] = [None] * batch_size
         self._positions_synced = [0] * batch_size
+        self.writes = 0  # K/V or position writes so far: what was read from the pool before may have changed since
 
     @property
     def num_pages(self) -> int:
@@ -141,6 +142,7 @@ class PagedKVPool:
         """Give back slots from ``first_slot`` on (a step that reserved them failed); their pages stay for reuse."""
         if any(n < first_slot for n in self.num_slots):
             raise ValueError(f"cannot unreserve from slot {first_slot}: sequences hold {self.num_slots}")
+        self.writes += 1
         self.num_slots = [first_slot] * len(self.num_slots)
 
     def set_positions(self, seq: int, first_slot: int, positions: torch.Tensor) -> None:
@@ -149,6 +151,7 @@ class PagedKVPool:
         end = first_slot + positions.numel()
         if first_slot < 0 or end > self.num_slots[seq]:
             raise IndexError(f"slots {first_slot}..{end - 1} not reserved (sequence {seq} has {self.num_slots[seq]})")
+        self.writes += 1
         self._positions[seq][first_slot:end] = positions
         self._positions_synced[seq] = min(self._positions_synced[seq], first_slot)
 
@@ -337,6 +340,7 @@ class PagedKVPool:
         are done once for every layer (all layers evict the same tokens)."""
         if k.shape[0] != len(layers) or v.shape != k.shape:
             raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match {len(layers)} layers")
+        self.writes += 1
         for layer in layers:
             self._ensure_layer(layer, k[0])
         num_tokens, num_kv_heads, head_dim = k.shape[1:]

@@ -111,9 +111,9 @@ def _sessions(model, config: LtriConfig, batch_size: int = 1) -> list[LtriSessio
             LtriSession(model, config.replace(selection_on_device=True), batch_size=batch_size)]
 
 
-def _record_slots(session: LtriSession, method: str = "_memory") -> list[list[torch.Tensor]]:
-    """Wrap every global layer's ``method`` (``_memory``, or ``_placed_memory``, which either assembly path
-    passes) to record its slot lists (per sequence, ``-1`` columns dropped), and count the session's gathers by
+def _record_slots(session: LtriSession, method: str = "_placed_memory") -> list[list[torch.Tensor]]:
+    """Wrap every global layer's ``method`` (``_placed_memory``, which every assembly path passes, also a decode
+    step that reuses its placed memory) to record its slot lists (per sequence, ``-1`` columns dropped), and count the session's gathers by
     device slot lists in ``session.device_gathers``."""
     seen: list[list[torch.Tensor]] = []
     session.device_gathers = 0  # type: ignore[attr-defined]

@@ -408,13 +408,13 @@ def test_decode_retrieval_stride_reuse_is_exact_for_the_spans_it_holds(llama, sc
     for i, session in enumerate(sessions):
         for state in session.cache.states:
             if isinstance(state, GlobalLayerState):
-                inner = state._memory
+                inner = state._slot_lists
 
                 def counted(*args, _inner=inner, _i=i, **kwargs):
                     retrievals[_i] += 1
                     return _inner(*args, **kwargs)
 
-                state._memory = counted  # type: ignore[method-assign]
+                state._slot_lists = counted  # type: ignore[method-assign]
     logits = [s.feed(ids) for s in sessions]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
     before = list(retrievals)
