@@ -4,7 +4,7 @@ every step, beside Hugging Face's own decode, on real text.
     LTRI_DATA_DIR=DATA python -m benchmarks.bench_cpu_decode --model MODELS/qwen2.5-coder-0.5b.gguf \
         --lengths 8192 16384 --out benchmarks/results/cpu_decode
 
-For each length: a prompt of Paul Graham essays cut to ``length - 24`` tokens, then a question. One ltri session
+For each length: a prompt of Paul Graham essays cut to leave room for a question, then the question. One ltri session
 (the defaults) reads it and decodes ``--tokens`` greedy tokens in segments of ``--segment``, alternating
 ``REUSE_PLACED_MEMORY`` on and off between segments (the same process, the same session: the flag changes no value,
 so both halves continue one generation), each step timed on its own. A second session with the flag off throughout
@@ -17,7 +17,6 @@ part) and writes ``bench.json`` and ``bench.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.output import save_rows
+from benchmarks.tasks import data_dir
 import ltri_rag.layer_memory as layer_memory
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.layer import GlobalLayerState
@@ -34,9 +34,10 @@ from ltri_rag.loading import load_model
 QUESTION = "\n\nQuestion: What does the author say about how startups should choose what to work on? Answer:"
 
 
-def prompt_ids(tokenizer: Any, length: int, data_dir: Path) -> torch.Tensor:
-    """``[1, length]`` ids: essays (sorted by file name) cut to leave room for the question, then the question."""
-    folder = data_dir / "paul_graham_essays"
+def prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
+    """``[1, length]`` ids: essays (sorted by file name, :func:`benchmarks.tasks.data_dir`) cut to leave room for the
+    question, then the question."""
+    folder = data_dir() / "paul_graham_essays"
     text = "".join(p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt")))
     question = tokenizer(QUESTION, return_tensors="pt").input_ids
     body = tokenizer(text, return_tensors="pt").input_ids[:, : length - question.shape[1]]
@@ -110,12 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tokens < 2 * args.segment or args.segment < 1:
         parser.error(f"--tokens ({args.tokens}) must cover two --segment ({args.segment}) segments")
-    data_dir = Path(os.environ.get("LTRI_DATA_DIR", "../shared/data"))
     model, tokenizer = load_model(args.model, device="cpu")
     rows = []
     with torch.no_grad():
         for length in args.lengths:
-            ids = prompt_ids(tokenizer, length, data_dir)
+            ids = prompt_ids(tokenizer, length)
             mixed = ltri_decode(model, ids, args.tokens, args.segment)
             plain = ltri_decode(model, ids, args.tokens, None)
             same = mixed["tokens"] == plain["tokens"]

@@ -26,7 +26,6 @@ from ltri_rag.kernels.attention_decode import decode_attention_backend
 from ltri_rag.kernels.scoring import span_probabilities
 from ltri_rag.layer_assembly import DeviceAssembly
 from ltri_rag.layer_graph import GraphFormSteps
-from ltri_rag.layer_memory import HostMemory
 from ltri_rag.layer_spans import SpanExchange
 from ltri_rag.pass_rows import scored_rows
 from ltri_rag.pool import PagedKVPool
@@ -72,7 +71,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
 
-class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly, HostMemory):
+class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
     """Sinks, local window, and (retrieving modes) span memory of one global-attention layer.
 
     Args:

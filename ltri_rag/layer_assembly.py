@@ -16,13 +16,11 @@ import torch
 
 from ltri_rag.kernels import triton_assemble
 from ltri_rag.kernels.triton_assemble import assemble_memory
+from ltri_rag.layer_memory import HostMemory
 from ltri_rag.rope import _triton_rotates
 
 if TYPE_CHECKING:
-    from ltri_rag.config import LtriConfig
     from ltri_rag.layer import StepPlan
-    from ltri_rag.pool import PagedKVPool
-    from ltri_rag.span_memory import SpanTable
 
 __all__ = ["FUSED_DEVICE_ASSEMBLY", "DeviceAssembly"]
 
@@ -35,19 +33,11 @@ per layer). False keeps the torch path (for comparisons). On an H200 (Llama-3-8B
 selection for prompts too (``benchmarks/results/e2e_llama8b_h200/session18``)."""
 
 
-class DeviceAssembly:
+class DeviceAssembly(HostMemory):
     """The one-launch memory assembly of a device-side selection (a base of
-    :class:`~ltri_rag.layer.GlobalLayerState`, which sets the attributes read here)."""
-
-    layer_idx: int
-    cfg: LtriConfig
-    pool: PagedKVPool | None
-    tables: list[SpanTable]
-    inv_freq: torch.Tensor
-    sink_k: torch.Tensor | None
-    sink_v: torch.Tensor | None
-    win_k: torch.Tensor | None
-    _last_slots: list[torch.Tensor]
+    :class:`~ltri_rag.layer.GlobalLayerState`, which sets the attributes read here; the layer attributes are
+    declared by :class:`~ltri_rag.layer_memory.HostMemory`, whose torch path it replaces and whose
+    ``_memory_queries`` it uses)."""
 
     def _assembles_on_device(self, q: torch.Tensor, position: torch.Tensor | None = None) -> bool:
         """Whether this pass selects on the device and builds its memory part there in one launch per sequence
