@@ -9,7 +9,9 @@ For each length: a prompt of Paul Graham essays cut to leave room for a question
 ``REUSE_PLACED_MEMORY`` on and off between segments (the same process, the same session: the flag changes no value,
 so both halves continue one generation), each step timed on its own. A second session with the flag off throughout
 decodes the same number of tokens: its tokens must equal the first's (``same_tokens``). Hugging Face's forward with a
-``DynamicCache`` (full attention, the model's own SDPA path) reads the same prompt and decodes as many tokens.
+``DynamicCache`` (full attention, the model's own SDPA path) reads the same prompt and decodes as many tokens; its
+row says on how many leading tokens the two greedy decodes agree, and both texts are printed. A session that decodes
+one token id throughout stops the run (a broken greedy loop: session 36's first version fed token 0 at every step).
 Prints a table (median and mean ms per token, prefill seconds, the share of layer-steps that reused their memory
 part) and writes ``bench.json`` and ``bench.md``.
 """
@@ -63,7 +65,7 @@ def ltri_decode(model: Any, ids: torch.Tensor, tokens: int, segment: int | None)
         for i in range(tokens):
             reuse = segment is not None and (i // segment) % 2 == 0
             layer_memory.REUSE_PLACED_MEMORY = reuse
-            token = logits[:, -1].argmax(-1)
+            token = logits.argmax(-1)  # step() and feed() return [batch, vocab]
             out.append(int(token))
             before = _reuses(session)
             start = time.perf_counter()
@@ -92,6 +94,14 @@ def hf_decode(model: Any, ids: torch.Tensor, tokens: int) -> dict[str, Any]:
         out = model(token, past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - start)
     return {"prefill_s": prefill, "times": times, "tokens": toks}
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    """Leading tokens on which two greedy decodes agree."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _row(length: int, mode: str, prefill: float, times: list[float], **extra: Any) -> dict[str, Any]:
@@ -126,16 +136,25 @@ def main(argv: list[str] | None = None) -> None:
                                  reused_share=round(share, 3), same_tokens=same))
             rows.append(_row(length, "ltri, built every step (own session)", plain["prefill_s"],
                              plain["times"][False], reused_share=0.0, same_tokens=same))
+            distinct = len(set(mixed["tokens"]))
+            if distinct < 2:
+                raise RuntimeError(f"the session decoded one token id only ({mixed['tokens'][:8]}...): "
+                                   "a broken greedy loop, not a measurement")
             if not args.no_hf:
                 hf = hf_decode(model, ids, args.tokens)
-                rows.append(_row(length, "Hugging Face, full attention", hf["prefill_s"], hf["times"]))
+                agree = _prefix(mixed["tokens"], hf["tokens"])
+                rows.append(_row(length, "Hugging Face, full attention", hf["prefill_s"], hf["times"],
+                                 ltri_prefix_agrees=agree))
+                print(f"{length}: ltri {tokenizer.decode(mixed['tokens'])!r}\n{length}: HF   "
+                      f"{tokenizer.decode(hf['tokens'])!r}", flush=True)
             for row in rows[-4:]:
                 print(row, flush=True)
-    lines = ["| length | mode | prefill s | steps | ms / token (median) | mean | layer-steps reused | same tokens |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| length | mode | prefill s | steps | ms / token (median) | mean | layer-steps reused | same tokens "
+             "| leading tokens equal to ltri's |", "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['length']} | {r['mode']} | {r['prefill_s']} | {r['steps']} | {r['ms_median']} | "
-                     f"{r['ms_mean']} | {r.get('reused_share', '-')} | {r.get('same_tokens', '-')} |")
+                     f"{r['ms_mean']} | {r.get('reused_share', '-')} | {r.get('same_tokens', '-')} | "
+                     f"{r.get('ltri_prefix_agrees', '-')} |")
     meta = {"model": Path(args.model).name, "tokens": args.tokens, "segment": args.segment,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype)}
     save_rows(args.out, meta, rows, "\n".join(lines) + "\n")
