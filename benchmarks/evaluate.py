@@ -184,7 +184,9 @@ def sample_plan(samples: int, split: str) -> list[tuple[int, float, int]]:
 
 
 def load_done(path: Path) -> set[tuple[Any, ...]]:
-    """Keys of the rows already in ``samples.jsonl`` (a truncated last line is ignored)."""
+    """Keys of the rows already in ``samples.jsonl`` (a truncated last line is ignored): model, system, task,
+    length, seed and depth. The depth belongs to the key because :func:`sample_plan` spreads depths over the sample
+    count: a folder run with another ``--samples`` holds the same seed at another depth, i.e. another prompt."""
     done: set[tuple[Any, ...]] = set()
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -192,7 +194,7 @@ def load_done(path: Path) -> set[tuple[Any, ...]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done.add((row["model"], row["system"], row["task"], row["length"], row["seed"]))
+            done.add((row["model"], row["system"], row["task"], row["length"], row["seed"], row.get("depth")))
     return done
 
 
@@ -320,7 +322,7 @@ def run_grid(models: list[tuple[str, str]], args: argparse.Namespace,
     meta_path = args.out / "meta.json"
     for name, path in models:
         todo = [(length, task, item, system) for length, task, item in groups
-                for system in args.systems if (name, system.name, task, length, item[2]) not in done]
+                for system in args.systems if (name, system.name, task, length, item[2], item[1]) not in done]
         if not todo:
             continue
         if time.perf_counter() - began > args.max_seconds:

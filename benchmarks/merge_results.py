@@ -20,11 +20,12 @@ KEY_FIELDS = ("model", "system", "task", "length", "seed", "index", "split")
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """The identity of a sample row; raises ``ValueError`` naming the field a row lacks."""
+    """The identity of a sample row (``KEY_FIELDS`` and the needle depth where the row has one: the same seed at
+    another depth is another prompt); raises ``ValueError`` naming the field a row lacks."""
     missing = [f for f in KEY_FIELDS if f not in row]
     if missing:
         raise ValueError(f"row lacks {missing}: {json.dumps(row)[:200]}")
-    return tuple(row[f] for f in KEY_FIELDS)
+    return (*(row[f] for f in KEY_FIELDS), row.get("depth"))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -91,7 +91,8 @@ def paired(rows: list[dict[str, Any]], default: str = "ltri", reps: int = 2000, 
     """Each candidate's paired difference with ``default``, best mean difference first."""
     by_system: dict[str, dict[tuple, float]] = defaultdict(dict)
     for r in rows:
-        by_system[r["system"]][(r.get("model"), r["task"], r["length"], r["seed"])] = float(r["score"])
+        # depth too: the same seed at another depth (another --samples) is another prompt, not a pair
+        by_system[r["system"]][(r.get("model"), r["task"], r["length"], r["seed"], r.get("depth"))] = float(r["score"])
     base = by_system.get(default, {})
     out = []
     for name, scores in by_system.items():

@@ -68,9 +68,10 @@ def test_grid_runs_every_cell_once_and_resumes(tmp_path: Path, loaded) -> None:
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["runs"][0]["model"] == "tiny" and meta["runs"][0]["split"] == "dev"
     assert meta["runs"][0]["dtype"] == "float32" and meta["runs"][0]["tf32"] is False
-    # a bigger grid only runs the new cells
+    # a bigger grid runs the new cells and those whose prompt moved: with 3 samples, index 1 (the same seed) sits at
+    # depth 0.5 instead of 0.95, another prompt, so its rows at 0.95 must not stand in for it
     more = run_grid([("tiny", "tiny-path")], _args(tmp_path, samples=3), loader=loader, rag_factory=_fake_rag)
-    assert {r["index"] for r in more} == {2} and len(more) == 2 * 5
+    assert {(r["index"], r["depth"]) for r in more} == {(1, 0.5), (2, 0.95)} and len(more) == 2 * 2 * 5
 
 
 def test_time_budget_stops_cleanly(tmp_path: Path, loaded) -> None:

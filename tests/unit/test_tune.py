@@ -65,6 +65,16 @@ def test_paired_difference_counts_only_shared_samples() -> None:
     assert a.lo <= a.diff <= a.hi and b.lo <= b.diff <= b.hi
 
 
+def test_paired_difference_needs_the_same_depth() -> None:
+    """The same seed at another needle depth (a run with another --samples) is another prompt: no pair."""
+    from benchmarks.tune import paired
+
+    rows = _rows("ltri", [0, 1, 1]) + _rows("a", [1, 1, 1])
+    rows[1]["depth"], rows[4]["depth"] = 0.35, 0.132
+    (a,) = paired(rows)
+    assert (a.n, a.wins, a.losses) == (2, 1, 0)
+
+
 def test_choose_keeps_the_default_unless_the_gain_is_clear() -> None:
     from benchmarks.tune import choose, paired
 
