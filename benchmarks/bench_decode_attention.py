@@ -44,7 +44,9 @@ from typing import Any
 
 import torch
 
-HBM_BYTES_PER_S = 4.3e12  # the lent H200's device-to-device copy rate (../shared/performance.md)
+HBM_BYTES_PER_S = 4.3e12
+"""The floor's bandwidth (``--hbm-tbps``): the lent H200's device-to-device copy rate (performance.md). Another GPU
+needs its own figure; the rate used is written into the results and their header."""
 L2_BYTES = 60e6
 MODELS = {  # name: (num_heads, num_kv_heads, head_dim)
     "llama3-8b": (32, 8, 128),
@@ -131,8 +133,9 @@ def _tuned(backend: str, settings: dict[str, int]) -> str:
 
 
 def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torch.device, dtype: torch.dtype,
-                reps: int, band: int, layers: int | None, tuning: list[dict[str, int]]) -> list[dict[str, Any]]:
-    """One row per backend for one (model, context)."""
+                reps: int, band: int, layers: int | None, tuning: list[dict[str, int]],
+                hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> list[dict[str, Any]]:
+    """One row per backend for one (model, context); ``floor_pct``: K+V bytes / ``hbm_bytes_per_s`` over the time."""
     from ltri_rag.kernels.triton_decode import decode_attention
 
     num_heads, num_kv_heads, head_dim = heads
@@ -200,7 +203,7 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
         best = us_graph if us_graph is not None else us
         row = {"model": model, "keys": keys, "mem_len": mem_len, "win_len": win_len, "backend": backend,
                "us": us, "us_graph": us_graph, "kv_bytes": kv_bytes, "layers": layers, "dtype": str(dtype),
-               "floor_pct": 100.0 * kv_bytes / HBM_BYTES_PER_S / (best * 1e-6)}
+               "floor_pct": 100.0 * kv_bytes / hbm_bytes_per_s / (best * 1e-6)}
         got = fns[0]()
         if backend.startswith(READ_FLOOR):  # the partial sums add up to every element read once
             total = sum(float(t.double().sum()) for t in (copies[0][1], copies[0][2], copies[0][4], copies[0][5]))
@@ -225,7 +228,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
     torch_us = {(r["model"], r["keys"]): best(r) for r in rows if r["backend"] == "torch"}
     lines = [f"# Decode attention over [memory | window], {meta['device']} ({meta['dtype']}, torch {meta['torch']})",
-             "", f"batch 1, band {meta['band']}, key mass on; µs per layer; floor = K+V bytes / 4.3 TB/s.", "",
+             "", f"batch 1, band {meta['band']}, key mass on; µs per layer; floor = K+V bytes / "
+             f"{meta.get('hbm_tbps', 4.3)} TB/s.", "",
              ("| model | keys / KV head | memory + window | backend | µs (events) | µs (graph) | % of floor | "
               "vs torch | max abs err (out) | max rel err (key mass) |"),
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -265,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
                         help="extra Triton rows: every combination of these settings")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")
+    parser.add_argument("--hbm-tbps", type=float, default=HBM_BYTES_PER_S / 1e12,
+                        help="bandwidth of the floor, TB/s (default: the H200's 4.3; give another GPU's own)")
     args = parser.parse_args(argv)
+    if args.hbm_tbps <= 0:
+        parser.error(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = SMALL_MODELS if args.small else {m: MODELS[m] for m in (args.models or MODELS)}
@@ -273,13 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     tuning = [{"num_splits": s} for s in args.splits] + [{"block_n": b} for b in args.block_n] + _grid(args.grid)
     band = min(args.band, 8) if args.small else args.band
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "torch": torch.__version__, "reps": args.reps, "band": band}
+            "torch": torch.__version__, "reps": args.reps, "band": band, "hbm_tbps": args.hbm_tbps}
+    if device.type == "cuda" and "H200" not in meta["device"] and args.hbm_tbps == HBM_BYTES_PER_S / 1e12:
+        print(f"warning: the floor uses the H200's {args.hbm_tbps} TB/s on a {meta['device']}; pass --hbm-tbps",
+              flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for name, heads in models.items():
         for keys in contexts:
             rows += bench_shape(name, heads, keys, device, dtype, args.reps, band,
-                                args.layers if not args.small else 2, tuning)
+                                args.layers if not args.small else 2, tuning, args.hbm_tbps * 1e12)
             # written after every shape: a run cut short by a time limit keeps what it measured
             (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
             text = render(rows, meta)

@@ -47,7 +47,7 @@ import torch
 import ltri_rag
 from benchmarks.evaluate import SYSTEMS, prompt_text, sample_plan, system_config
 from benchmarks.long_tasks import TASKS, make_sample, max_new_tokens, score
-from benchmarks.trace_retrieval import recording
+from benchmarks.trace_retrieval import recording, require_records
 from ltri_rag import LtriSession
 from ltri_rag.generation import eos_token_ids
 from ltri_rag.layer import GlobalLayerState
@@ -120,6 +120,7 @@ def run(model: Any, tokenizer: Any, ids: torch.Tensor, config: ltri_rag.LtriConf
         session = LtriSession(model, config)
         num_global = sum(isinstance(s, GlobalLayerState) for s in session.cache.states)
         logits = session.feed(ids)
+        require_records(log, config)
         question = [e for e in log if not e["dry"]][-num_global:]
         log.clear()
         fed: list[int] = []

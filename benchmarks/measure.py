@@ -51,7 +51,8 @@ def run_prompt(model: Any, tokenizer: Any, prompt: str | torch.Tensor, config: L
         if token in eos:
             break
         out.append(token)
-        logits = session.step(torch.tensor([token]))
+        if len(out) < max_new:  # the last kept token needs no step after it
+            logits = session.step(torch.tensor([token]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     total_s = time.perf_counter() - start

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"prefill {args.length:,} tokens: {prefill_s:.1f} s, peak {peak:.1f} GiB", flush=True)
+    print(f"prefill {args.length:,} tokens: {prefill_s:.1f} s (the process's first: kernel compiles included), "
+          f"peak {peak:.1f} GiB", flush=True)
     token = logits.argmax(-1)
     for _ in range(args.warm):
         token = session.step(token).argmax(-1)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "| kernel | ms per step | calls per step | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls'] / args.steps:.1f} | {r['mean_us']:.1f} |"
               for r in table]
-    lines += ["", (f"Prefill {prefill_s:.1f} s; {args.timed} decode steps without a profiler: "
+    lines += ["", (f"Prefill {prefill_s:.1f} s (compiles included); {args.timed} decode steps without a profiler: "
                    f"{result['plain_median_ms']:.2f} ms median.")]
     if host:
         lines += ["", f"Host functions of {args.host_steps} steps under cProfile, by own time:", "",

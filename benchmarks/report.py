@@ -62,13 +62,29 @@ def _systems(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _table(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Rows grouped by ``key`` x system. Where the rows span several tasks, a cell whose system lacks some of the
+    tasks the row's other systems have is marked (its mean is over another task mix) and the gaps are listed."""
     systems = _systems(rows)
     groups: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    tasks: dict[Any, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
         groups[r[key]][r["system"]].append(float(r["score"]))
+        tasks[r[key]][r["system"]].add(r["task"])
     lines = [f"| {key} | " + " | ".join(systems) + " |", "|---:|" + "---:|" * len(systems)]
+    gaps = []
     for value in sorted(groups):
-        lines.append(f"| {value} | " + " | ".join(fmt_cell(groups[value].get(s, [])) for s in systems) + " |")
+        every = set().union(*tasks[value].values())
+        cells = []
+        for s in systems:
+            cell = fmt_cell(groups[value].get(s, []))
+            lacking = sorted(every - tasks[value][s]) if s in tasks[value] else []
+            if lacking:
+                cell += " *"
+                gaps.append(f"{s} at {key} {value} lacks {', '.join(lacking)}")
+            cells.append(cell)
+        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    if gaps:
+        lines += ["", "\\* a mean over fewer tasks than the other systems': " + "; ".join(gaps) + "."]
     return lines
 
 

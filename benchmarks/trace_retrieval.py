@@ -50,9 +50,19 @@ def needle_tokens(tokenizer: Any, text: str, add_special: bool, context: str) ->
     return torch.tensor(enc["input_ids"], dtype=torch.int64), needles
 
 
+def require_records(log: list[dict], config: Any) -> None:
+    """Raise when a prompt pass recorded no retrieval: :func:`recording` sees the torch path's selections only (a
+    CUDA run with the Triton backend selects on the device and replays captured decode steps)."""
+    if not log:
+        raise RuntimeError("no retrieval was recorded: the trace sees the torch path only (attention_backend="
+                           f"{config.attention_backend!r}); run on a CPU or with attention_backend='torch' and "
+                           "decode_graph=False")
+
+
 @contextmanager
 def recording(log: list[dict]):
-    """Record every global layer's retrieved token positions (``slot + sinks``) per call of ``_slot_lists``."""
+    """Record every global layer's retrieved token positions (``slot + sinks``) per call of ``_slot_lists`` (the
+    torch path; see :func:`require_records`)."""
     original = GlobalLayerState._slot_lists
 
     def traced(self: GlobalLayerState, q: torch.Tensor, plan: Any, scaling: float, position: Any = None):
@@ -101,6 +111,7 @@ def trace(model: Any, tokenizer: Any, sample: Any, system: Any, args: argparse.N
     num_global = sum(isinstance(s, GlobalLayerState) for s in session.cache.states)
     with recording(log):
         logits = session.feed(ids)
+        require_records(log, config)
         question = [e for e in log if not e["dry"]][-num_global:]  # the prompt's last chunk, every layer
         log.clear()
         eos = eos_token_ids(model, tokenizer)

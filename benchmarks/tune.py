@@ -21,7 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.evaluate import SYSTEMS, System, add_run_args, parse_models, run_grid, system_config
+from benchmarks.evaluate import (SYSTEMS, System, add_run_args, parse_models, run_grid, sample_plan,
+                                 system_config)
 from benchmarks.long_tasks import ALL_TASKS
 from benchmarks.report import bootstrap_ci, fmt_cell, load_rows
 
@@ -53,6 +54,19 @@ def candidates(window: int, budget: int) -> list[System]:
         "pos_fixed": {"position_scheme": "fixed"},
     }
     return [SYSTEMS["ltri"]] + [System(f"ltri_{name}", "ltri", overrides) for name, overrides in variants.items()]
+
+
+def grid_rows(rows: list[dict[str, Any]], models: list[str], tasks: list[str], lengths: list[int], samples: int,
+              systems: list[str]) -> tuple[list[dict[str, Any]], bool]:
+    """The dev rows of this grid only (rows an earlier call left for other models, tasks, lengths, systems or sample
+    plans are set aside), and whether every cell of it has its row."""
+    plan = {(seed, depth) for _, depth, seed in sample_plan(samples, "dev")}
+    wanted = [r for r in rows if r.get("model") in models and r["task"] in tasks and r["length"] in lengths
+              and r["system"] in systems and (r["seed"], r.get("depth")) in plan]
+    have = {(r["model"], r["system"], r["task"], r["length"], r["seed"], r.get("depth")) for r in wanted}
+    complete = all((m, s, t, n, seed, depth) in have for m in models for s in systems for t in tasks
+                   for n in lengths for seed, depth in plan)
+    return wanted, complete
 
 
 def rank(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[float]]]:
@@ -159,9 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = argparse.Namespace(**{**vars(args), "systems": systems, "split": "dev", "out": args.out / "dev"})
     if not args.report_only:
         run_grid(models, dev)  # type: ignore[arg-type]
-    rows = load_rows([dev.out])
-    expected = len(models) * len(args.tasks) * len(args.lengths) * args.samples
-    complete = all(sum(1 for r in rows if r["system"] == s.name) >= expected for s in systems)
+    rows, complete = grid_rows(load_rows([dev.out]), [name for name, _ in models], args.tasks, args.lengths,
+                               args.samples, [s.name for s in systems])
     text, data = render(rows, systems, complete)
     (args.out / "tuning.md").write_text(text, encoding="utf-8")
     (args.out / "tuning.json").write_text(json.dumps(data, indent=2))

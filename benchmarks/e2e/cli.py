@@ -151,6 +151,9 @@ def run_meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
             "full_baseline": "engine mode full = HF forward, SDPA, DynamicCache (eager decode)"}
     if device.type == "cuda":
         meta["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB
+        if "H200" not in meta["device"] and (args.hbm_tbps, args.peak_tflops) == (4.3, 790.0):
+            print(f"warning: the floors use the H200's figures (4.3 TB/s, 790 TFLOP/s) on a {meta['device']}; "
+                  "pass --hbm-tbps / --peak-tflops", flush=True)
     meta["host_load"] = host_load()
     return meta
 

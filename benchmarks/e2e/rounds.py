@@ -35,10 +35,10 @@ def merge_rounds(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
 
     A group's ``ok`` rows are merged: the first of them, with each of ``keys`` replaced by the median over the
     rounds and the per-round values kept as ``round_<key>``, ``rounds`` (how many were ok of how many ran),
-    ``peak_gib`` the largest of the rounds, and the figures derived from ``seconds`` / ``median_ms``
-    (``tokens_per_s``, ``x_floor``) recomputed from the medians. Raw per-step detail (``times_ms``,
-    ``repeat_seconds``, ``step_kinds``) stays the first ok round's; the last two are kept for every round too
-    (:data:`DETAIL_KEYS`). A group without an ``ok`` row keeps its first row. Rows without ``round`` pass through
+    ``peak_gib`` the largest of the rounds, ``min_ms`` / ``max_ms`` over every round's steps, and the figures
+    derived from ``seconds`` / ``median_ms`` (``tokens_per_s``, ``x_floor``) recomputed from the medians. Raw
+    per-step detail (``times_ms``, ``repeat_seconds``, ``step_kinds``) stays the first ok round's; the last two are
+    kept for every round too (:data:`DETAIL_KEYS`). A group without an ``ok`` row keeps its first row. Rows without ``round`` pass through
     unchanged.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -77,6 +77,10 @@ def merge_rounds(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
         peaks = [r["peak_gib"] for r in ok if isinstance(r.get("peak_gib"), (int, float))]
         if peaks:
             merged["peak_gib"] = max(peaks)
+        for key, pick in (("min_ms", min), ("max_ms", max)):  # over every round, so that they bound the medians
+            values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+            if values:
+                merged[key] = pick(values)
         _rederive(merged)
         out.append(merged)
     return out

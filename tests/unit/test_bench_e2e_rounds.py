@@ -51,7 +51,9 @@ def test_merge_of_decode_rows() -> None:
                 "round": r, "position": r + 1}
     first, second = row(0, 10.0, 14.0), row(1, 12.0, 20.0)
     first["step_kinds"], second["step_kinds"] = {"replay": 1}, {"replay": 2}
+    first["min_ms"], first["max_ms"], second["min_ms"], second["max_ms"] = 9.0, 30.0, 11.5, 40.0
     (merged,) = merge_rounds([first, second], DECODE_KEYS)
+    assert (merged["min_ms"], merged["max_ms"]) == (9.0, 40.0)  # over every round: they bound the medians
     assert merged["step_kinds"] == {"replay": 1} and merged["round_step_kinds"] == [{"replay": 1}, {"replay": 2}]
     assert merged["median_ms"] == 11.0 and merged["mean_ms"] == 17.0 and merged["loop_ms"] == 16.0
     assert merged["round_mean_ms"] == [14.0, 20.0] and merged["x_floor"] == pytest.approx(5.5)

@@ -290,4 +290,19 @@ def test_inspect_on_qwen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
         assert png_size(Path(file))[0] > 100
     lo, hi = result["window"]
     assert result["window_spans"] == clipped(result["stored_spans"], lo, hi)
-    assert result["cited"] and all(c["doc_id"] == "emma.txt" for c in result["cited"])
+    assert result["cited"] and all(c["doc_id"] == "emma.txt" for c in result["cited"])  # (the store holds one file)
+    # what the citations must show: a cited region reaches into the evidence (tokens as the store encoded them)
+    import torch
+    from transformers import AutoTokenizer
+
+    from ltri_rag.memory_ingest import encode_document
+
+    text = doc.read_text()
+    lo_char = text.index("only sixteen miles off")
+    hi_char = lo_char + len("only sixteen miles off")
+    tokenizer = AutoTokenizer.from_pretrained(str(QWEN.parent), gguf_file=QWEN.name)
+    ids, offsets = encode_document(tokenizer, text)
+    starts = offsets.boundaries(torch.arange(ids.numel() + 1)).tolist()
+    evidence = [i for i in range(ids.numel()) if starts[i] < hi_char and starts[i + 1] > lo_char]
+    assert any(c["token_start"] <= evidence[-1] and evidence[0] < c["token_end"] for c in result["cited"]), \
+        (evidence, result["cited"])

@@ -178,8 +178,9 @@ def test_device_selection_with_other_selection_options(overrides: dict) -> None:
     for token in (5, 6, 7, 8, 9):
         logits = [s.step(torch.tensor([token])) for s in sessions]
         torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    assert len(slots[0]) == len(slots[1]) > 0
     for host, dev in zip(*slots):
-        assert all(torch.equal(a, b) for a, b in zip(host, dev))
+        assert len(host) == len(dev) and all(torch.equal(a, b) for a, b in zip(host, dev))
     assert sessions[0].device_gathers == 0 and sessions[1].device_gathers > 0
 
 

@@ -277,18 +277,29 @@ def test_decoding_ahead_short_runs(model, tok, expected, max_tokens) -> None:
 def test_generation_ahead_stops_at_eos_and_stop_strings(model, tok, expected, monkeypatch) -> None:
     """``generate`` / ``stream_generate`` with decoding ahead forced on (the CUDA default) on a CPU model: the same
     text, tokens and finish reasons as one step at a time."""
+    # a stop string from the long prompt's own continuation (model's end-of-sequence ids as they are), first seen
+    # a few tokens in
+    free = generate_ids(model, tok, LONG_PROMPT, exact_ltri(), max_new_tokens=N)
+    j = next(i for i in range(2, len(free.token_ids) - 2)
+             if (t := tok.decode(free.token_ids[i:i + 2])).strip() and t not in tok.decode(free.token_ids[:i + 1]))
+    stop_text = tok.decode(free.token_ids[j:j + 2])
+    cut = free.text[:free.text.index(stop_text)]
     k = next(i for i in range(3, N) if expected[i] not in expected[:i])
-    stop_text = tok.decode(expected[k:k + 2])
-    monkeypatch.setattr(model.generation_config, "eos_token_id", [expected[k], EOS_ID])
+    eos = model.generation_config.eos_token_id
     runs = {}
     for ahead in (False, True):
         monkeypatch.setattr(generation, "DECODE_AHEAD", ahead)
-        runs[ahead] = (generate_ids(model, tok, PROMPT, FULL, max_new_tokens=N),
-                       generate_ids(model, tok, LONG_PROMPT, exact_ltri(), max_new_tokens=N, stop=[stop_text]),
-                       "".join(stream_generate(model, tok, PROMPT, FULL, max_new_tokens=N)))
+        monkeypatch.setattr(model.generation_config, "eos_token_id", [expected[k], EOS_ID])
+        by_eos = generate_ids(model, tok, PROMPT, FULL, max_new_tokens=N)
+        streamed = "".join(stream_generate(model, tok, PROMPT, FULL, max_new_tokens=N))
+        monkeypatch.setattr(model.generation_config, "eos_token_id", eos)
+        runs[ahead] = (by_eos, generate_ids(model, tok, LONG_PROMPT, exact_ltri(), max_new_tokens=N,
+                                            stop=[stop_text]), streamed)
     for a, b in zip(runs[False][:2], runs[True][:2]):
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
     assert runs[True][0].finish_reason == "stop" and runs[True][0].token_ids == expected[:k]
+    by_stop = runs[True][1]
+    assert by_stop.finish_reason == "stop" and by_stop.text == cut and len(by_stop.token_ids) > j
     assert runs[True][2] == runs[False][2] == tok.decode(expected[:k])
 
 

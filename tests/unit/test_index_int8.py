@@ -99,9 +99,10 @@ def test_triton_int8_scoring_equals_torch(case, dtype) -> None:
     torch.testing.assert_close(got, ref, atol=2e-5 if dtype == torch.float32 else 2e-3, rtol=0)
 
 
-def test_engine_with_int8_vectors_is_exact_when_everything_fits_and_differs_when_it_must_choose() -> None:
+def test_engine_with_int8_vectors_is_exact_when_everything_fits_and_chooses_from_int8_codes() -> None:
     """With a budget that holds every span the scores choose nothing, so the int8 engine is exact (equal to the
-    unmodified model); with a small budget it runs and its span tables hold int8 codes."""
+    unmodified model); with a small budget it must choose (the logits leave the unmodified model's), and it chooses
+    from span tables that hold int8 codes. That int8 scores rank like the float ones is checked per kernel above."""
     from ltri_rag import LtriSession
     from ltri_rag.layer import GlobalLayerState
     from tests.unit.tiny_models import exact_config, greedy_logits, random_ids, reference_logits, tiny_model
@@ -118,4 +119,8 @@ def test_engine_with_int8_vectors_is_exact_when_everything_fits_and_differs_when
         got = session.step(ids[:, step])
         torch.testing.assert_close(got, reference_logits(model, ids[:, :step + 1])[:, -1], atol=2e-4, rtol=0)
     chosen = LtriSession(model, exact_config("ltri", 7, index_precision="int8", budget=8))
-    assert torch.isfinite(greedy_logits(chosen, ids, 4)[-1]).all()
+    last = greedy_logits(chosen, ids[:, :52], 0)[0]
+    assert torch.isfinite(last).all()
+    assert (last - reference_logits(model, ids[:, :52])[:, -1]).abs().max() > 1e-3  # the budget bites
+    tables = [t for s in chosen.cache.states if isinstance(s, GlobalLayerState) for t in s.tables]
+    assert tables and all(t.quantized and t.layout().padded.dtype == torch.int8 for t in tables)

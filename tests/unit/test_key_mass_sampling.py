@@ -119,9 +119,14 @@ TRITON_CASES = [
     (14, 2, 40, 45, 64, 8, 0, True, True),  # Qwen-like G = 7
     (7, 1, 33, 0, 32, 5, 2, False, False),  # offset 0, anchor past the chunk
     (2, 2, 9, 12, 16, 16, 0, True, False),  # one sampled query
-    (2, 2, 6, 12, 16, 8, 3, True, False),  # anchor 8: no query of this part is sampled
+    (2, 2, 6, 12, 16, 8, 1, True, False),  # anchor 6, step 8: no query of this part (0..5) is sampled
     (4, 1, 64, 64, 32, 2, 1, True, True),
 ]
+
+
+def test_the_cases_include_a_part_without_sampled_queries() -> None:
+    """The zero-mass branch below must be reached by some case (a part whose queries are all unsampled)."""
+    assert any((q_len - 1 + past) % step >= q_len for _, _, q_len, _, _, step, past, _, _ in TRITON_CASES)
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "H{}kv{}q{}off{}D{}s{}a{}x{}m{}".format(*c))

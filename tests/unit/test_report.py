@@ -46,6 +46,16 @@ def test_markdown_has_every_system_and_length() -> None:
     assert "### m / niah_single" in text
 
 
+def test_all_task_means_over_another_task_mix_are_marked() -> None:
+    rows = _rows() + [{"model": "m", "system": s, "task": "vt", "length": 4096, "depth": 0.5, "seed": 0,
+                       "score": 0.0, "prefill_s": 1.0} for s in ("full", "ltri")]
+    text = render_markdown(rows)
+    row = next(line for line in text.splitlines() if line.startswith("| 4096 |"))
+    assert row.split("|")[3].strip().endswith("*")  # streaming: niah_single only, the others also vt
+    assert not row.split("|")[2].strip().endswith("*") and "streaming at length 4096 lacks vt" in text
+    assert "| 8192 | 100 [100, 100] (4) | 0 [0, 0] (4) | 50 [" in text  # a complete length: no mark
+
+
 def test_cli_writes_report_and_plots(tmp_path: Path) -> None:
     (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in _rows()) + "\n{truncated", "utf-8")
     assert len(load_rows([tmp_path])) == 24  # the torn last line is skipped

@@ -75,8 +75,10 @@ def test_host_path_selects_what_the_torch_path_does(num_heads, num_kv_heads, num
         inp = _inputs(num_spans, gen)
         lengths = inp["lengths"]
         total = int(lengths.sum())
-        # budgets: nothing, a few spans, about a quarter, everything
-        budget = (0, 100, 2048, total + 1)[trial % 4] if num_spans else 2048
+        # budgets: nothing, a few spans, about a quarter, everything; rotated with the score kind, so that every
+        # option combination meets each budget once over the four kinds (trial % 4 alone tied the budget to the
+        # last two options: no prior and no pins only ever at budget 0)
+        budget = (0, 100, 2048, total + 1)[(trial + trial // len(OPTIONS)) % 4] if num_spans else 2048
         kwargs = {"num_kv_heads": num_kv_heads, "scope": scope, "voting": voting,
                   "recency": inp["recency"] if use_recency else None, "bonus": 0.5 if use_recency else 0.0,
                   "prior": inp["prior"] if use_prior else None, "prior_weight": 0.5 if use_prior else 0.0,

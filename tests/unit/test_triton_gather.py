@@ -61,6 +61,7 @@ def test_scatter_rows_equals_index_copy(dst_rows, n, head_dim, dtype) -> None:
     if DEVICE == "cuda":  # the GPU writes pinned host memory in place
         dst = [t.pin_memory() for t in dst]
     expect = [t.clone() for t in dst]
+    before = [t.cpu().clone() for t in dst]
     rows = torch.randperm(dst_rows, generator=gen)[:n]
     src = [torch.randn(n, head_dim, generator=gen).to(dtype) for _ in range(2)]
     for e, s in zip(expect, src):
@@ -69,8 +70,8 @@ def test_scatter_rows_equals_index_copy(dst_rows, n, head_dim, dtype) -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()  # the kernel's writes land when the stream reaches them
     assert torch.equal(dst[0], expect[0]) and torch.equal(dst[1], expect[1])
-    ref = [t.clone() for t in expect]
-    triton_gather.scatter_rows_torch(ref[0], ref[1], rows, src[0], src[1])  # idempotent on the same rows
+    ref = [t.clone() for t in before]  # the torch fallback on the unwritten rows
+    triton_gather.scatter_rows_torch(ref[0], ref[1], rows, src[0], src[1])
     assert torch.equal(ref[0], expect[0]) and torch.equal(ref[1], expect[1])
 
 

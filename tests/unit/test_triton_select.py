@@ -13,6 +13,16 @@ triton_select = kernel_module("triton_select")
 from ltri_rag import retrieval
 
 
+@pytest.fixture(autouse=True)
+def _torch_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The references are the torch paths, also on a GPU: there ``retrieval._rank_keys`` would call ``rank_keys``
+    itself (``FUSED_RANK``) and ``_fill_budget_device`` the sort-fill kernel (``SORT_FILL``), so a compiled run
+    would compare the kernels with kernels."""
+    monkeypatch.setattr(retrieval, "FUSED_RANK", False)
+    monkeypatch.setattr(retrieval, "SORT_FILL", False)
+    monkeypatch.setattr(retrieval, "FUSED_FILL", False)
+
+
 def _fill(keys, lengths, budget, block):
     order = torch.argsort(keys, dim=1, descending=True, stable=True)
     ranked = lengths.to(keys.device)[order]
@@ -37,7 +47,6 @@ CASES = [
 def test_matches_the_torch_fill(case, scalar_walk, monkeypatch) -> None:
     rows, num_spans, max_len, budget, block = case
     monkeypatch.setattr(triton_select, "SCALAR_WALK", scalar_walk)
-    monkeypatch.setattr(retrieval, "FUSED_FILL", False)  # the reference is the torch walk, also on a GPU
     gen = torch.Generator().manual_seed(num_spans * 7 + rows)
     lengths = torch.randint(1, max_len + 1, (num_spans,), generator=gen)
     keys = torch.randn(rows, num_spans, generator=gen)

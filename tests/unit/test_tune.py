@@ -75,6 +75,22 @@ def test_paired_difference_needs_the_same_depth() -> None:
     assert (a.n, a.wins, a.losses) == (2, 1, 0)
 
 
+def test_grid_rows_keep_this_grid_and_need_every_cell() -> None:
+    from benchmarks.evaluate import sample_plan
+    from benchmarks.tune import grid_rows
+
+    plan = sample_plan(2, "dev")
+    rows = [{"model": "m", "system": s, "task": "t", "length": 8, "seed": seed, "depth": depth, "score": 1.0}
+            for s in ("ltri", "a") for _, depth, seed in plan]
+    stale = [dict(rows[0], task="other"), dict(rows[0], length=16), dict(rows[0], depth=0.5),
+             dict(rows[0], system="old"), dict(rows[0], model="x")]
+    kept, complete = grid_rows(rows + stale, ["m"], ["t"], [8], 2, ["ltri", "a"])
+    assert kept == rows and complete
+    # as many rows as the grid needs, one of them from another sample plan: not complete
+    kept, complete = grid_rows(rows[:-1] + [dict(rows[-1], depth=0.5)], ["m"], ["t"], [8], 2, ["ltri", "a"])
+    assert len(kept) == 3 and not complete
+
+
 def test_choose_keeps_the_default_unless_the_gain_is_clear() -> None:
     from benchmarks.tune import choose, paired
 
