@@ -3,7 +3,7 @@
     python -m benchmarks.profile_engine --model qwen=qwen.gguf --length 8192 --modes ltri infllm streaming \\
         [--backends torch triton] --out results/profile
 
-For each mode (and attention backend): one warm-up prefill at a short length, one timed prefill of a
+For each mode (and attention backend): one warm-up prefill of the same prompt, one timed prefill of a
 ``niah_single`` prompt of ``--length`` tokens without the profiler, then one profiled prefill of it. Prints and
 saves (``profile.json``, ``profile.md``):
 
@@ -70,8 +70,7 @@ def profile_prefill(model: Any, ids: torch.Tensor, config: LtriConfig, top: int)
     # host-side rows only: on CUDA a record_function range also has a device-timeline row of the same key (its
     # span, idle gaps included, and no CPU time), and each kernel a row of its own beside the operator that
     # launched it; a host row carries its kernels' device time (children included for a stage)
-    events = [e for e in prof.key_averages()
-              if e.device_type == DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
     stages = {e.key: {"calls": e.count, "cpu_ms": e.cpu_time_total / 1e3, "device_ms": _device_time(e) / 1e3}
               for e in events if e.key in STAGES}
     key = _self_device_time if cuda else (lambda e: float(e.self_cpu_time_total))
