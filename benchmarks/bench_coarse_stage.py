@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import statistics
@@ -188,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     manifest = args.store / "corpus.json"
     wanted = [doc_id for doc_id, _ in docs]
     config = ltri_rag.LtriConfig(mode="ltri", budget=args.budget)
-    if manifest.is_file() and json.loads(manifest.read_text())["docs"] == wanted:
+    # a store is reused only for the same documents, texts, engine settings and model file
+    built = {"docs": wanted, "texts_sha256": hashlib.sha256("\0".join(t for _, t in docs).encode()).hexdigest(),
+             "config": repr(config), "model": str(args.model)}
+    if manifest.is_file() and {k: json.loads(manifest.read_text()).get(k) for k in built} == built:
         memory = ltri_rag.KVMemory.open(args.store / "memory", model, tokenizer)
         ingest_s = json.loads(manifest.read_text())["ingest_s"]
     else:
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         began = time.perf_counter()
         memory.add_documents([t for _, t in docs], ids=wanted, progress=True)
         ingest_s = time.perf_counter() - began
-        manifest.write_text(json.dumps({"docs": wanted, "ingest_s": ingest_s}))
+        manifest.write_text(json.dumps({**built, "ingest_s": ingest_s}))
     tokens = {info.doc_id: info.num_tokens for info in memory.store.get(wanted)}
 
     neutral = query_vectors(model, memory.config, memory.sink_ids, memory._question_ids(NEUTRAL_QUESTION),

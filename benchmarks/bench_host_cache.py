@@ -46,6 +46,8 @@ def run(model: Any, ids: torch.Tensor, config: LtriConfig, tokens: int, count: b
     from ltri_rag.kernels import triton_assemble
 
     triton_assemble.COUNT_HOST_CACHE = count  # (read when a step is captured: set for the whole session)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # peak_gib: this run's own
     try:
         session = LtriSession(model, config)
         device = session.device
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
+        # a warm-up session first (kernel compiles, allocator growth), so that the no-cache baseline is not the
+        # process's cold run
+        run(model, ids, LtriConfig(kv_device_gib=args.kv_device_gib, host_cache_tokens=0), 2, False)
         runs = [(0, False)] + [(n, count) for n in args.cache_tokens for count in (False, True)]
         for cache_tokens, count in runs:
             config = LtriConfig(kv_device_gib=args.kv_device_gib, host_cache_tokens=cache_tokens)
