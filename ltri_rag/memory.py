@@ -62,6 +62,7 @@ from ltri_rag.store import (
     FingerprintMismatch,
     SpanHit,
     SpanStore,
+    StoreError,
     StoreStats,
     VerifyReport,
 )
@@ -117,18 +118,8 @@ class KVMemory(MemorySearch):
                  host_cache_bytes: int | None = None, prefetch: int = 2, coarse_bytes: int = 4 << 30) -> None:
         if config is None:
             config = config_from_fingerprint(store.fingerprint)
-        if not isinstance(config, LtriConfig):
-            raise TypeError(f"config must be an LtriConfig, got {type(config).__name__}")
-        if not config.retrieves:
-            raise ValueError(f"KVMemory needs a mode with a span memory ('ltri' or 'infllm'), got {config.mode!r}")
-        for name, value in (("max_document_tokens", max_document_tokens), ("max_memory_tokens", max_memory_tokens),
-                            ("batch_bytes", batch_bytes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-            raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
-        if ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+        self._check_arguments(config, max_document_tokens=max_document_tokens, max_memory_tokens=max_memory_tokens,
+                              batch_bytes=batch_bytes, ranking=ranking, prefetch=prefetch)
         self.ranking = ranking
         self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
         self.max_document_tokens, self.max_memory_tokens, self.batch_bytes = (max_document_tokens,
@@ -153,6 +144,30 @@ class KVMemory(MemorySearch):
                         if coarse_bytes else None)
         self._neutral_queries: dict[int, torch.Tensor] | None = None
 
+    _OPTIONS = frozenset({"max_document_tokens", "max_memory_tokens", "batch_bytes", "ranking", "cache_bytes",
+                          "host_cache_bytes", "prefetch", "coarse_bytes"})
+
+    @classmethod
+    def _check_arguments(cls, config: Any, *, max_document_tokens: int = 1 << 20, max_memory_tokens: int = 1 << 17,
+                         batch_bytes: int = 256 << 20, ranking: str = DEFAULT_RANKING, prefetch: int = 2,
+                         **others: Any) -> None:
+        """Raise for a bad configuration or option (before :meth:`create` makes a store that could not be opened)."""
+        unknown = sorted(set(others) - cls._OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown KVMemory option(s) {unknown}; known: {sorted(cls._OPTIONS)}")
+        if not isinstance(config, LtriConfig):
+            raise TypeError(f"config must be an LtriConfig, got {type(config).__name__}")
+        if not config.retrieves:
+            raise ValueError(f"KVMemory needs a mode with a span memory ('ltri' or 'infllm'), got {config.mode!r}")
+        for name, value in (("max_document_tokens", max_document_tokens), ("max_memory_tokens", max_memory_tokens),
+                            ("batch_bytes", batch_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path_or_url: str | os.PathLike[str], model: nn.Module, tokenizer: Any,
@@ -169,6 +184,7 @@ class KVMemory(MemorySearch):
                 ``host_cache_bytes``, ``prefetch``, ``coarse_bytes`` (see the class).
         """
         config = config or LtriConfig()
+        cls._check_arguments(config, **options)  # nothing is created for arguments the memory would refuse
         factory = resolve_store(store)
         fingerprint = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens))
         span_store = factory.create(path_or_url, fingerprint, **dict(store_options or {}))
@@ -241,6 +257,8 @@ class KVMemory(MemorySearch):
         """
         collection = check_collection(collection)
         prepared = prepare_input(texts, metadatas, ids)
+        if not getattr(self.store, "writable", True):  # before the model reads anything
+            raise StoreError("the store is open read-only (or closed): add_documents cannot write to it")
         encoded = [encode_document(self.tokenizer, text) for text in prepared.texts]
         for i, (doc_ids, _) in enumerate(encoded):
             if doc_ids.numel() == 0:

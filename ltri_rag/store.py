@@ -369,6 +369,10 @@ class SpanStore(Protocol):
 
     fingerprint: Fingerprint
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`add` / :meth:`delete` may write (not read-only, not closed)."""
+
     def add(self, documents: DocumentRecord | Sequence[DocumentRecord]) -> list[str]:
         """Add documents atomically (each fully present or absent); an existing (collection, id) is replaced."""
 

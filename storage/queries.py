@@ -14,7 +14,9 @@ from .schema import CollectionRow, DocumentRow, SpanRow, split_vector_ids, vecto
 BATCH = 5000  # ids per IN (...) clause
 
 
-def _batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+def batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """``items`` in runs of ``BATCH`` (SQL drivers cap the parameters of one statement: SQLite at 32,766 by default,
+    psycopg at 65,535)."""
     for i in range(0, len(items), BATCH):
         yield items[i:i + BATCH]
 
@@ -40,7 +42,7 @@ def document_rows(s: Session, collection: str, doc_ids: Sequence[str]) -> dict[s
     if coll is None:
         return {}
     out: dict[str, DocumentRow] = {}
-    for batch in _batches(list(doc_ids)):
+    for batch in batches(list(doc_ids)):
         q = select(DocumentRow).where(DocumentRow.collection_id == coll, DocumentRow.doc_id.in_(batch))
         out.update((r.doc_id, r) for r in s.scalars(q))
     return out
@@ -65,7 +67,7 @@ _VECTOR_COUNT = (SpanRow.vector_end - SpanRow.vector_start)
 def vector_ids_by_layer(s: Session, document_pks: Sequence[int]) -> dict[int, np.ndarray]:
     """``{layer: [n] int64 vector ids}`` of the given documents (primary keys)."""
     parts: dict[int, list[np.ndarray]] = {}
-    for batch in _batches(list(document_pks)):
+    for batch in batches(list(document_pks)):
         q = (select(SpanRow.layer, SpanRow.id, _VECTOR_COUNT).where(SpanRow.document_id.in_(batch))
              .order_by(SpanRow.id))
         for layer, ids in _by_layer(iter(s.execute(q))).items():
@@ -82,7 +84,7 @@ def search_rows(s: Session, vector_ids: Sequence[int], collection_pk: int | None
     ids = np.asarray(vector_ids, dtype=np.int64)
     spans, rows = split_vector_ids(ids)
     by_span: dict[int, Row[Any]] = {}
-    for batch in _batches(sorted(set(spans.tolist()))):
+    for batch in batches(sorted(set(spans.tolist()))):
         q = (select(SpanRow.id.label("span_pk"), _VECTOR_COUNT.label("num_vectors"), SpanRow.span_idx,
                     SpanRow.token_start, SpanRow.token_end, SpanRow.char_start, SpanRow.char_end, text.label("text"),
                     DocumentRow.doc_id, DocumentRow.meta, CollectionRow.name.label("collection"))
@@ -117,7 +119,7 @@ def vector_locations(s: Session, layer: int, vector_ids: Sequence[int]) -> dict[
     ids = np.asarray(vector_ids, dtype=np.int64)
     spans, rows = split_vector_ids(ids)
     where: dict[int, tuple[str, int, int]] = {}
-    for batch in _batches(sorted(set(spans.tolist()))):
+    for batch in batches(sorted(set(spans.tolist()))):
         q = (select(SpanRow.id, DocumentRow.kv_file, SpanRow.vector_start, _VECTOR_COUNT)
              .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
              .where(SpanRow.layer == layer, SpanRow.id.in_(batch)))

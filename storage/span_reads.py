@@ -30,7 +30,7 @@ from ltri_rag.store import (
 from .faiss_index import LayerIndexes
 from .kvfiles import read_layer, sha256_file
 from .prepare import check_ids
-from .queries import collection_id, document_rows, search_rows, vector_counts
+from .queries import batches, collection_id, document_rows, search_rows, vector_counts
 from .schema import CollectionRow, DocumentRow, SpanRow
 
 _MISSING = object()
@@ -54,9 +54,10 @@ class SpanReads:
             if missing:
                 raise DocumentNotFound(missing, collection)
             layers = dict.fromkeys((r.id for r in rows.values()), ())
-            for doc_pk, layer in s.execute(select(SpanRow.document_id, SpanRow.layer).distinct().where(
-                    SpanRow.document_id.in_(list(layers)))):
-                layers[doc_pk] = (*layers[doc_pk], layer)
+            for batch in batches(list(layers)):
+                for doc_pk, layer in s.execute(select(SpanRow.document_id, SpanRow.layer).distinct().where(
+                        SpanRow.document_id.in_(batch))):
+                    layers[doc_pk] = (*layers[doc_pk], layer)
             return [DocumentInfo(doc_id=r.doc_id, collection=collection, text=r.text, metadata=dict(r.meta),
                                  num_tokens=r.num_tokens, layers=tuple(sorted(layers[r.id])), created=r.created)
                     for r in (rows[i] for i in wanted)]

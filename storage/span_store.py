@@ -17,10 +17,13 @@ repairs both (see :mod:`ltri_rag.storage.integrity`).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import delete, inspect, select
@@ -42,6 +45,7 @@ from .faiss_index import LayerIndexes
 from .kvfiles import new_file_name, write_kv_file
 from .prepare import PreparedDocument, check_ids, prepare_document
 from .queries import (
+    batches,
     bulk_insert,
     document_rows,
     ensure_collection,
@@ -69,6 +73,22 @@ INDEX_WRITE_GROWTH = 0.25  # index files are rewritten once the changes since th
 FILE_WRITERS = 4  # K/V files of one add() written at once, at most (and at most one per CPU)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(method: _F) -> _F:
+    """Run ``method`` under the store's lock: one write (or index search) at a time per store object. SQLite's
+    driver begins a transaction only at the first write, so two threads adding at once would read the same next
+    span id; the in-memory FAISS indexes and the pending-change counters are shared too."""
+
+    @functools.wraps(method)
+    def locked(self: SqlSpanStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class SqlSpanStore(SpanReads):
     """A :class:`ltri_rag.store.SpanStore` on SQLAlchemy + FAISS + safetensors. Use :meth:`create` or :meth:`open`.
 
@@ -81,6 +101,7 @@ class SqlSpanStore(SpanReads):
         self.url, self.data_dir, self.db_file, self.read_only = url, data_dir, db_file, read_only
         self.kv_dir, self.faiss_dir = data_dir / "kv", data_dir / "faiss"
         self._lock_fd: int | None = None
+        self._lock = threading.RLock()  # see _serialised
         self.engine = make_engine(url, read_only=read_only)
         self.fingerprint: Fingerprint = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32")
         self.indexes: LayerIndexes | None = None
@@ -108,7 +129,10 @@ class SqlSpanStore(SpanReads):
         try:
             store._take_writer_lock()
             if inspect(store.engine).has_table(StoreMeta.__tablename__):
-                raise StoreError(f"a store already exists at {os.fspath(path_or_url)!r}; use open()")
+                with Session(store.engine) as s:
+                    if s.get(StoreMeta, 1) is not None:
+                        raise StoreError(f"a store already exists at {os.fspath(path_or_url)!r}; use open()")
+                # tables without the meta row: a creation that stopped between the two steps; finish it
             Base.metadata.create_all(store.engine)
             fp = fingerprint
             with Session(store.engine) as s, s.begin():
@@ -200,16 +224,20 @@ class SqlSpanStore(SpanReads):
             raise StoreError(f"another process has the store at {str(self.data_dir)!r} open for writing") from None
         self._lock_fd = fd
 
+    @_serialised
     def close(self) -> None:
         """Write pending index changes (:meth:`flush`), release the database connections and the writer lock
-        (idempotent)."""
-        if self._dirty_layers and self.indexes is not None and self._lock_fd is not None:
-            self.flush()
-        if getattr(self, "engine", None) is not None:
-            self.engine.dispose()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        (idempotent). The connections and the lock are released even when the flush fails (its error is raised;
+        the next writer's open repairs the indexes)."""
+        try:
+            if self._dirty_layers and self.indexes is not None and self._lock_fd is not None:
+                self.flush()
+        finally:
+            if getattr(self, "engine", None) is not None:
+                self.engine.dispose()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def __enter__(self) -> Self:
         return self
@@ -217,13 +245,23 @@ class SqlSpanStore(SpanReads):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # an index search must not meet an index change of another thread (FAISS indexes are not safe to mutate while
+    # searched), nor a reader's index reload
+    search = _serialised(SpanReads.search)
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`add` / :meth:`delete` may write (not read-only, not closed)."""
+        return not self.read_only and self._lock_fd is not None
+
     def _writable(self) -> LayerIndexes:
-        if self.read_only or self._lock_fd is None:
+        if not self.writable:
             raise StoreError("the store is open read-only (or closed)")
         assert self.indexes is not None
         return self.indexes
 
     # ----------------------------------------------------------------------------------------------- writes
+    @_serialised
     def add(self, documents: DocumentRecord | Sequence[DocumentRecord]) -> list[str]:
         """Add documents; an existing (collection, doc_id) is replaced atomically. Returns the ids in order.
 
@@ -232,6 +270,8 @@ class SqlSpanStore(SpanReads):
         """
         indexes = self._writable()
         docs = [documents] if isinstance(documents, DocumentRecord) else list(documents)
+        if not docs:  # nothing to write: no generation bump (which would leave the store marked unclean)
+            return []
         prepared = [prepare_document(d, self.fingerprint) for d in docs]
         for coll in {d.collection for d in docs}:
             check_ids([d.doc_id for d in docs if d.collection == coll])
@@ -316,10 +356,13 @@ class SqlSpanStore(SpanReads):
                       for layer, v in new.items()}
         return old_files, merged_old, merged_new
 
+    @_serialised
     def delete(self, ids: Sequence[str], *, collection: str = "default") -> None:
         """Delete documents by id. Unknown ids raise :class:`DocumentNotFound` naming them; nothing is deleted then."""
         indexes = self._writable()
         wanted = check_ids(ids)
+        if not wanted:  # nothing to delete: no generation bump (which would leave the store marked unclean)
+            return
         with Session(self.engine) as s, s.begin():
             rows = document_rows(s, collection, wanted)
             missing = [i for i in wanted if i not in rows]
@@ -327,7 +370,8 @@ class SqlSpanStore(SpanReads):
                 raise DocumentNotFound(missing, collection)
             doc_pks = [r.id for r in rows.values()]
             old_ids = vector_ids_by_layer(s, doc_pks)
-            s.execute(delete(DocumentRow).where(DocumentRow.id.in_(doc_pks)))
+            for batch in batches(doc_pks):
+                s.execute(delete(DocumentRow).where(DocumentRow.id.in_(batch)))
             generation = self._bump(s)
         for layer, vec_ids in old_ids.items():
             indexes.remove(layer, vec_ids)
@@ -358,6 +402,7 @@ class SqlSpanStore(SpanReads):
         if self._pending_changes >= INDEX_WRITE_GROWTH * self._persisted_vectors:
             self.flush()
 
+    @_serialised
     def flush(self) -> None:
         """Write the FAISS files of every layer whose index changed since they were last written (``close`` and
         ``verify`` do it too)."""
@@ -388,6 +433,7 @@ class SqlSpanStore(SpanReads):
             self.flush()
         return integrity.verify(self, deep=True)
 
+    @_serialised
     def repair(self, *, drop_broken: bool = False) -> VerifyReport:
         """Fix what can be fixed: remove orphan files, bring indexes in line with the span rows (rebuilding
         unreadable ones from the files); with ``drop_broken``, delete documents whose file is missing or corrupt.

@@ -1,0 +1,135 @@
+"""The span store and ``KVMemory`` under concurrent writes and at the edges of their life cycle: adds from several
+threads at once (one store object), empty adds / deletes, a ``create`` refused before anything is made, a close
+whose flush fails, a write refused before the model runs, a creation that stopped half-way."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from ltri_rag.storage import SqlSpanStore, faiss_index, integrity
+
+from ltri_rag import KVMemory, LtriConfig
+from ltri_rag.store import StoreError
+from tests.unit.tiny_models import tiny_model
+from tests.unit.tiny_tokenizer import tiny_tokenizer
+
+
+def _config(mode: str = "ltri") -> LtriConfig:
+    return LtriConfig(mode=mode, num_sink_tokens=4, local_window=16, chunk_size=8, budget=12, page_size=5,
+                      evict_stride=4, span_min_len=2, span_max_len=6)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _create(path: Path, model, tok, config: LtriConfig | None = None, **options) -> KVMemory:
+    return KVMemory.create(path, model, tok, config or _config(), store=SqlSpanStore, **options)
+
+
+def test_concurrent_adds_on_one_memory_lose_nothing(tmp_path, llama, tok) -> None:
+    """Async adds into new collections at once (each write batch its own thread): every call succeeds and every
+    document is stored whole (before the store serialised its writes, ~1 call in 3 failed with a duplicate span id
+    and its documents were lost)."""
+    mem = _create(tmp_path / "m", llama, tok, batch_bytes=1)  # every document written by the background thread
+
+    async def rounds() -> list:
+        out = []
+        for r in range(4):
+            out += await asyncio.gather(*[mem.aadd_documents(
+                [f"Doc {r} {c} x y", f"Doc {r} {c} z w", f"Doc {r} {c} q"], ids=[f"a{c}", f"b{c}", f"c{c}"],
+                collection=f"r{r}c{c}") for c in range(3)], return_exceptions=True)
+        return out
+
+    results = asyncio.run(rounds())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert len(mem.list_documents()) == 4 * 3 * 3
+    assert mem.verify().clean
+    for r in range(4):
+        for c in range(3):
+            (info,) = mem.store.get([f"b{c}"], collection=f"r{r}c{c}")
+            assert info.text == f"Doc {r} {c} z w"
+    mem.close()
+
+
+def test_empty_adds_and_deletes_change_nothing(tmp_path, llama, tok) -> None:
+    """Nothing to write bumps no generation: the store still closes clean (before, the next writer's open ran the
+    full repair)."""
+    mem = _create(tmp_path / "m", llama, tok)
+    mem.add_documents(["A short text about rivers."], ids=["r"], progress=False)
+    assert mem.store.add([]) == []
+    mem.delete([])
+    store = mem.store
+    mem.close()
+    assert integrity.closed_cleanly(store)
+
+
+def test_a_refused_create_leaves_nothing_behind(tmp_path, llama, tok) -> None:
+    """Arguments the memory refuses are refused before the store is made, so the same path can be created right."""
+    path = tmp_path / "m"
+    with pytest.raises(ValueError, match="span memory"):
+        _create(path, llama, tok, _config("streaming"))
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        _create(path, llama, tok, ranking="exces")
+    with pytest.raises(TypeError, match="unknown KVMemory option"):
+        _create(path, llama, tok, batch_byte=5)
+    assert not (path / "meta.sqlite").exists()
+    _create(path, llama, tok).close()
+
+
+def test_a_failing_flush_still_releases_the_writer_lock(tmp_path, llama, tok, monkeypatch) -> None:
+    mem = _create(tmp_path / "m", llama, tok)
+    mem.add_documents(["The first text, long enough for a few spans of its own."], ids=["a"], progress=False)
+    mem.add_documents(["A second one."], ids=["b"], progress=False)  # a pending index change
+    store = mem.store
+    if not store._dirty_layers:
+        pytest.skip("no index change pending at close in this configuration")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss_index, "write_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mem.close()
+    monkeypatch.undo()
+    assert store._lock_fd is None
+    with KVMemory.open(tmp_path / "m", llama, tok, store=SqlSpanStore) as again:  # repairs the indexes
+        assert [d for _, d in again.list_documents()] == ["a", "b"]
+        assert again.verify().clean
+
+
+def test_writes_to_a_read_only_memory_are_refused_before_the_model_runs(tmp_path, llama, tok, monkeypatch) -> None:
+    _create(tmp_path / "m", llama, tok).close()
+    reader = KVMemory.open(tmp_path / "m", llama, tok, store=SqlSpanStore, store_options={"read_only": True})
+    import ltri_rag.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "ingest_document", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(StoreError, match="read-only"):
+        reader.add_documents(["Some text."], progress=False)
+    reader.close()
+
+
+def test_a_creation_stopped_before_its_meta_row_can_be_created_again(tmp_path) -> None:
+    from ltri_rag.storage.schema import Base, make_engine
+    from ltri_rag.store import Fingerprint
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    engine = make_engine(f"sqlite:///{folder / 'meta.sqlite'}", read_only=False)
+    Base.metadata.create_all(engine)  # the tables, then a crash before the meta row
+    engine.dispose()
+    fp = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
+    with pytest.raises(StoreError, match="no store"):
+        SqlSpanStore.open(folder, fp)
+    SqlSpanStore.create(folder, fp).close()
+    SqlSpanStore.open(folder, fp).close()
+    with pytest.raises(StoreError, match="already exists"):
+        SqlSpanStore.create(folder, fp)
