@@ -145,6 +145,7 @@ class LtriCache(Cache):
         self.num_sinks = 0
         self.window_len = 0
         self.plan: StepPlan | None = None
+        self.broken: str | None = None  # why a commit failed part-way (the state can no longer be trusted)
         # graph-form decode steps (ltri_rag.decode_graph): one-element int64 device tensors, the window length
         # before the step (where each layer writes the new token), after it, and the step's position
         self.graph_window: tuple[torch.Tensor, ...] | None = None
@@ -186,6 +187,7 @@ class LtriCache(Cache):
         marks a generated token (as opposed to prompt text); ``graph`` a decode step in the form a CUDA graph
         replays (:mod:`ltri_rag.decode_graph`; it needs :attr:`graph_window` set).
         """
+        self._check_whole()
         if self.plan is not None:
             raise RuntimeError("begin_step called twice without end_step")
         if dry:
@@ -240,6 +242,7 @@ class LtriCache(Cache):
             ValueError: the mode keeps no span memory (``streaming``).
             RuntimeError: called inside a step.
         """
+        self._check_whole()
         if self.plan is not None:
             raise RuntimeError("flush inside a step")
         if self.pool is None:
@@ -282,6 +285,9 @@ class LtriCache(Cache):
             raise ValueError(f"import_memory needs a batch of 1, got {self.num_sequences}")
         if self.window_len:
             raise ValueError(f"import_memory needs empty local windows (flush first); {self.window_len} tokens there")
+        if self.num_sinks < self.config.num_sink_tokens:  # later tokens would become sinks past position 0..n-1
+            raise ValueError(f"import_memory needs the {self.config.num_sink_tokens} sink tokens read first, "
+                             f"{self.num_sinks} are")
         num = int(memory.positions.numel())
         globals_ = {s.layer_idx for s in self.states if isinstance(s, GlobalLayerState)}
         if num and set(memory.layers) != globals_:
@@ -329,13 +335,23 @@ class LtriCache(Cache):
         if plan.dry:
             self.plan = None
             return
-        for state in self.states:
-            state.commit(plan)
-        evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch
+        try:
+            for state in self.states:
+                state.commit(plan)
+            evict_layers(self.global_states, plan)  # every global layer's evicted tokens in one batch
+        except BaseException as exc:  # some layers committed, others not: say so from now on, not "twice"
+            self.broken = f"{type(exc).__name__}: {exc}"[:300]
+            self.plan = None
+            raise
         self.seen_tokens += plan.q_len
         self.num_sinks += plan.num_to_sinks
         self.window_len += plan.q_len - plan.num_to_sinks - plan.num_evict
         self.plan = None
+
+    def _check_whole(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(f"this session's state was left part-committed by an error while committing a pass "
+                               f"({self.broken}); its memory cannot be trusted: start a new session")
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                scaling: float, softcap: float | None = None) -> torch.Tensor:

@@ -7,6 +7,8 @@ the other modes run through :class:`~ltri_rag.cache.LtriCache` and the ``ltri`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -89,7 +91,12 @@ class LtriSession:
             if dry:
                 return out.logits
         else:
-            out = self.model(input_ids=input_ids, **kwargs)
+            saved = _cache_snapshot(self.cache)
+            try:
+                out = self.model(input_ids=input_ids, **kwargs)
+            except BaseException:  # the layers that ran appended the chunk's K/V: take them back
+                _cache_restore(self.cache, saved)
+                raise
         self.num_tokens += length
         return out.logits
 
@@ -113,7 +120,9 @@ class LtriSession:
         tokens generated next) can use all layers' evidence.
 
         If a pass fails (any exception, KeyboardInterrupt included), the chunks before it stay read (``num_tokens``
-        says how many tokens are) and the failed chunk leaves no trace, so feeding the rest from there is exact.
+        says how many tokens are) and the failed chunk leaves no trace, so feeding the rest from there is exact. The
+        exception: a failure while a finished pass commits its changes (the eviction into the span memory), which
+        leaves some layers updated; the session then refuses further work with an error that says so.
 
         Returns:
             ``[batch, vocab]`` logits of the last token, or ``[batch, seq_len, vocab]`` with ``return_all_logits``.
@@ -209,3 +218,21 @@ class LtriSession:
         first = cache.import_memory(memory, advance)
         self.num_tokens += cache.seen_tokens - before
         return first
+
+
+def _cache_snapshot(cache: Any) -> tuple[dict[str, Any], list[Any], list[dict[str, Any]]]:
+    """What a failed full-mode pass must put back in a transformers cache: its attributes and each layer's (a
+    ``DynamicCache`` layer replaces its ``keys`` / ``values`` tensors when it appends, so shallow copies suffice)."""
+    layers = list(getattr(cache, "layers", None) or [])
+    return dict(vars(cache)), layers, [dict(vars(layer)) for layer in layers]
+
+
+def _cache_restore(cache: Any, saved: tuple[dict[str, Any], list[Any], list[dict[str, Any]]]) -> None:
+    attrs, layers, layer_attrs = saved
+    vars(cache).clear()
+    vars(cache).update(attrs)
+    if "layers" in attrs:
+        cache.layers = list(layers)
+    for layer, state in zip(layers, layer_attrs):
+        vars(layer).clear()
+        vars(layer).update(state)

@@ -234,19 +234,19 @@ class GlobalLayerState(GraphFormSteps, SpanExchange, DeviceAssembly):
             return None
         batch = q.shape[0]
         selections = self._selections(q, plan, scaling, on_device=False) if self.tables else [None] * batch
-        ref = self.sink_k if self.sink_k is not None else self.win_k
+        num_kv_heads, head_dim, dtype = self._kv_shape(q)
         num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         host = [None if s is None else s.numpy() for s in selections]
         starts = [t.starts.numpy() for t in self.tables] or [None] * batch
         ends = [t.ends.numpy() for t in self.tables] or [None] * batch
-        memory_plan = plan_memory(self.pool, host, starts, ends, num_sinks, ref.shape[1], ref.shape[3])
+        memory_plan = plan_memory(self.pool, host, starts, ends, num_sinks, num_kv_heads, head_dim)
         if memory_plan is None:
             return None
         win_len = 0 if self.win_k is None else self.win_k.shape[2]
         shifts = position_shifts(memory_plan, self.cfg.position_scheme, plan.pos0 - win_len)
         with record_function("ltri.retrieve.gather"):
             mem_k, mem_v, mask = build_memory(memory_plan, shifts, self.pool, self.layer_idx, self.sink_k,
-                                              self.sink_v, self.inv_freq, q.device, ref.dtype)
+                                              self.sink_v, self.inv_freq, q.device, dtype)
         self._last_slots = [torch.from_numpy(s) for s in memory_plan.slots if s is not None]
         return self._memory_queries(q, plan), mem_k, mem_v, mask
 

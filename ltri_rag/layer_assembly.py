@@ -57,8 +57,7 @@ class DeviceAssembly(HostMemory):
             return None
         batch = q.shape[0]
         selections = self._selections(q, plan, scaling, True, position) if self.tables else [None] * batch
-        ref = self.sink_k if self.sink_k is not None else self.win_k
-        num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
+        num_kv_heads, head_dim, dtype = self._kv_shape(q)
         num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         widths = [0 if s is None else min(self.cfg.budget, self.tables[i].num_tokens)
                   for i, s in enumerate(selections)]
@@ -68,8 +67,8 @@ class DeviceAssembly(HostMemory):
         fresh = out is None
         if fresh:
             make = torch.zeros if batch > 1 else torch.empty  # rows a shorter sequence leaves must read as empty
-            out = (make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
-                   make(batch, num_kv_heads, total, head_dim, dtype=ref.dtype, device=q.device),
+            out = (make(batch, num_kv_heads, total, head_dim, dtype=dtype, device=q.device),
+                   make(batch, num_kv_heads, total, head_dim, dtype=dtype, device=q.device),
                    make(batch, num_kv_heads, total, dtype=torch.bool, device=q.device))
         win_len = 0 if self.win_k is None else self.win_k.shape[2]
         empty = torch.full((num_kv_heads, 0), -1, dtype=torch.int64, device=q.device)
@@ -80,7 +79,7 @@ class DeviceAssembly(HostMemory):
             table, positions, fast_k, fast_v, slow_k, slow_v, split_row = self.pool.device_sources(
                 self.layer_idx, seq, q.device)
             if fast_k is None:  # nothing stored yet, so no slot to read: any rows of the right width stand in
-                fast_k = fast_v = ref[seq].reshape(-1, head_dim)
+                fast_k = fast_v = out[0][seq].reshape(-1, head_dim)
             cache = None if slow_k is None else self.pool.host_cache(self.layer_idx, q.device)
             stats = self.pool.host_cache_stats if cache is not None and triton_assemble.COUNT_HOST_CACHE else None
             assemble_memory(slots, table, self.pool.page_size, positions, fast_k, fast_v, slow_k, slow_v, split_row,

@@ -56,6 +56,16 @@ class HostMemory:
     _placed_reuse: tuple | None  # (key, sinks, slot lists, mem_k, mem_v, mask) of the last decode step, or None
     placed_reuses: int  # decode steps that reused the placed memory (for reporting and tests)
 
+    def _kv_shape(self, q: torch.Tensor) -> tuple[int, int, torch.dtype]:
+        """``(num_kv_heads, head_dim, dtype)`` of this layer's K/V: from the sinks or the window, or, in a pass
+        before either holds a token (no sinks configured, memory imported into a fresh session), from the span
+        table and the queries."""
+        ref = self.sink_k if self.sink_k is not None else self.win_k
+        if ref is not None:
+            return ref.shape[1], ref.shape[3], ref.dtype
+        table = self.tables[0]
+        return table.num_kv_heads, table.head_dim, q.dtype
+
     def _slot_lists(self, q: torch.Tensor, plan: StepPlan, scaling: float,
                     position: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], bool]:
         """``(slots, on_device)``: per sequence the ``[Hkv, n]`` slot matrix of its selected spans (-1 past a row's
@@ -63,7 +73,7 @@ class HostMemory:
         selecting on the device (``on_device``), there with ``n`` the most any row can select. A graph-form step
         (``position`` given) selects on the device."""
         on_device = position is not None or self._selects_on_device(q)
-        num_kv_heads = self.win_k.shape[1] if self.win_k is not None else 0
+        num_kv_heads = self._kv_shape(q)[0]
         out: list[torch.Tensor | None] = []
         for seq, selected in enumerate(self._selections(q, plan, scaling, on_device, position)):
             if selected is None:
@@ -107,13 +117,12 @@ class HostMemory:
             slot_lists, on_device = slots if slots is not None else self._slot_lists(q, plan, scaling, position)
             parts = self._retrieved(slot_lists, on_device, q.device)
         num_sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
-        ref = self.sink_k if self.sink_k is not None else self.win_k
-        num_kv_heads, head_dim = ref.shape[1], ref.shape[3]
+        num_kv_heads, head_dim, dtype = self._kv_shape(q)
         width = num_sinks + max((p[0].shape[1] if p[0] is not None else 0) for p in parts)
         if width == 0:
             return None
-        mem_k = ref.new_zeros(batch, num_kv_heads, width, head_dim)
-        mem_v = ref.new_zeros(batch, num_kv_heads, width, head_dim)
+        mem_k = torch.zeros(batch, num_kv_heads, width, head_dim, dtype=dtype, device=q.device)
+        mem_v = torch.zeros(batch, num_kv_heads, width, head_dim, dtype=dtype, device=q.device)
         # built where the slot lists are (the host, or the device when selecting there): no read-back either way
         where = next((p[2].device for p in parts if p[2] is not None), torch.device("cpu"))
         host_mask = torch.zeros(batch, num_kv_heads, width, dtype=torch.bool, device=where)
