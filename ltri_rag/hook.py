@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-__all__ = ["ATTENTION_NAME", "ltri_attention", "ltri_attention_enabled", "cache_kwarg_name"]
+__all__ = ["ATTENTION_NAME", "cache_kwarg_name", "ltri_attention", "ltri_attention_enabled", "model_lock"]
 
 ATTENTION_NAME = "ltri"
 
@@ -46,6 +48,21 @@ def ltri_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, ltri_attention)
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The one lock of ``model`` that every user of it in this process takes around a model call: a session switches
+    the model's attention function for its pass (:func:`ltri_attention_enabled`), so two calls overlapping on one
+    model object would undo each other's switch. ``KVMemory`` and the LangChain / LlamaIndex adapters share it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -34,6 +33,7 @@ from ltri_rag.cache import layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import Prompt, encode_prompt
+from ltri_rag.hook import model_lock
 from ltri_rag.memory_cache import DocumentCache
 from ltri_rag.memory_coarse import CoarseScorer
 from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
@@ -133,7 +133,7 @@ class KVMemory(MemorySearch):
         self.global_layers = [i for i, window in enumerate(layer_sliding_windows(model)) if window is None]
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.scaling = float(getattr(text_config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
-        self._lock = threading.RLock()  # one model call at a time (sessions toggle the model's attention function)
+        self._lock = model_lock(model)  # one model call at a time, shared with every other user of this model
         device = next(model.parameters()).device
         if host_cache_bytes is None:
             host_cache_bytes = 4 << 30 if device.type == "cuda" else 0

@@ -60,24 +60,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 from ltri_rag.generation import encode_prompt
+from ltri_rag.hook import model_lock
 from ltri_rag.memory import KVMemory
+from ltri_rag.memory_fingerprint import weights_sha256
 from ltri_rag.memory_query import decode, stream_pieces
 from ltri_rag.store import SpanHit
 
 __all__ = ["ChatLtri", "LtriLLM", "span_metadata"]
 
 PROVIDER = "ltri_rag"
-_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(model: Any) -> threading.RLock:
-    """One lock per model object: engine sessions swap the model's attention function, one model call at a time."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
 
 
 def span_metadata(hit: SpanHit) -> dict[str, Any]:
@@ -110,6 +101,19 @@ class _Outcome:
                 "prompt_tokens": self.prompt_tokens, "memory_tokens": self.memory_tokens,
                 "spans": [span_metadata(h) for h in self.spans], "documents": [list(d) for d in self.documents]}
 
+
+def _weights_id(model: Any) -> str:
+    """A hash of the model's weights (sampled, :func:`~ltri_rag.memory_fingerprint.weights_sha256`), computed once
+    per model object."""
+    with _WEIGHT_IDS_GUARD:
+        known = _WEIGHT_IDS.get(model)
+        if known is None:
+            known = _WEIGHT_IDS[model] = weights_sha256(model)
+        return known
+
+
+_WEIGHT_IDS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_WEIGHT_IDS_GUARD = threading.Lock()
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "k", "collection", "filter", "max_memory_tokens",
                  "timeout")
@@ -152,6 +156,11 @@ class _LtriParams(BaseModel):
     """Overrides the memory's ``max_memory_tokens`` (tokens imported per question)."""
     streaming: bool = False
     """``invoke`` streams internally (callbacks get every token)."""
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the model's own tokenizer (LangChain's default counts with GPT-2's, which it
+        downloads), so ``get_num_tokens`` and ``trim_messages(token_counter=...)`` count what the model reads."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @model_validator(mode="after")
     def _check(self) -> Any:
@@ -209,9 +218,17 @@ class _LtriParams(BaseModel):
         return opts
 
     def _params(self) -> dict[str, Any]:
-        """The settings that identify this model (LangChain's ``_identifying_params``)."""
+        """The settings that identify this model (LangChain's ``_identifying_params``, also the key of an LLM
+        cache: every setting that changes the answer is in it, and the weights and memory it answers from)."""
+        if self.memory is not None:
+            source = {"memory": str(getattr(self.memory.store, "url", "") or id(self.memory.store)),
+                      "fingerprint": self.memory.fingerprint.to_json()}
+        else:
+            source = {"memory": None, "weights_sha256": _weights_id(self.hf_model),
+                      "config": repr(self.config or LtriConfig())}
         return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "top_p": self.top_p, "k": self.k, "collection": self.collection, "memory": self.memory is not None}
+                "top_p": self.top_p, "seed": self.seed, "stop": self.stop, "k": self.k, "collection": self.collection,
+                "filter": self.filter, "max_memory_tokens": self.max_memory_tokens, **source}
 
     def _ls_params(self, model_type: str, stop: list[str] | None, kwargs: Mapping[str, Any]) -> LangSmithParams:
         """LangSmith's tracing parameters for a call (``model_type``: ``chat`` or ``llm``)."""
@@ -256,7 +273,7 @@ class _LtriParams(BaseModel):
         if isinstance(prompt, str) and chat_template and getattr(self.tokenizer, "chat_template", None):
             prompt = [{"role": "user", "content": prompt}]
         ids = encode_prompt(self.tokenizer, prompt)
-        lock = _model_lock(self.hf_model)
+        lock = model_lock(self.hf_model)
         session = LtriSession(self.hf_model, self.config or LtriConfig())
         with lock:
             logits = session.feed(ids)[0]
@@ -290,6 +307,9 @@ def _text_of(i: int, message: BaseMessage) -> str:
     return "".join(parts)
 
 
+_CHAT_ROLES = {"human": "user", "ai": "assistant"}
+
+
 def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     """LangChain messages as ``[{"role", "content"}]`` for the tokenizer's chat template."""
     if not messages:
@@ -304,8 +324,11 @@ def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             if message.tool_calls:
                 raise ValueError(f"messages[{i}] is an AIMessage with tool calls: ChatLtri has no tool calling")
             role = "assistant"
-        elif isinstance(message, ChatMessage):
-            role = message.role
+        elif isinstance(message, ChatMessage):  # LangChain's own names mapped to the template's
+            role = _CHAT_ROLES.get(message.role, message.role)
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{i}] is a ChatMessage with role {message.role!r}: ChatLtri takes "
+                                 f"system / user / assistant (or human / ai)")
         else:
             raise ValueError(f"messages[{i}] is a {type(message).__name__}: ChatLtri takes system, human, ai and "
                              "chat messages (no tool calling)")

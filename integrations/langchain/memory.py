@@ -5,6 +5,7 @@ LLM are in :mod:`ltri_rag.integrations.langchain.chat`."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,7 @@ class LtriRetriever(DocumentIndex):
         if kwargs:
             raise TypeError(f"get got unsupported keyword arguments {sorted(kwargs)}")
         stored = {doc_id for _, doc_id in self.memory.list_documents(collection)}
-        present = [i for i in ids if i in stored]
+        present = list(dict.fromkeys(i for i in ids if i in stored))  # once each, in the order asked
         if not present:
             return []
         return [Document(id=info.doc_id, page_content=info.text,
@@ -137,6 +138,16 @@ class LtriRetriever(DocumentIndex):
 
 
 # ------------------------------------------------------------------------------------------------ chat history
+_HISTORY_LOCKS: dict[tuple[int, str], threading.Lock] = {}
+_HISTORY_GUARD = threading.Lock()
+
+
+def _history_lock(memory: KVMemory, collection: str) -> threading.Lock:
+    """One lock per (memory object, collection): two exchanges added at once must not take the same turn number."""
+    with _HISTORY_GUARD:
+        return _HISTORY_LOCKS.setdefault((id(memory), collection), threading.Lock())
+
+
 class KVChatMessageHistory(BaseChatMessageHistory):
     """Chat history kept in a :class:`KVMemory`, so old turns are recalled by in-model retrieval.
 
@@ -192,6 +203,10 @@ class KVChatMessageHistory(BaseChatMessageHistory):
                 raise TypeError(f"messages[{i}] must be a BaseMessage, got {type(message).__name__}")
         if not messages:
             return
+        with _history_lock(self.memory, self.collection):  # the next number and its write, one exchange at a time
+            self._add(messages)
+
+    def _add(self, messages: list[BaseMessage]) -> None:
         n = max((self._number(doc_id) for doc_id in self._ids()), default=-1) + 1
         lines, turns, at = [], [], 0
         for message in messages:

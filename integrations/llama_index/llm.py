@@ -21,8 +21,7 @@ Nothing here touches ``Settings.llm`` / ``Settings.embed_model`` (they default t
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from torch import nn
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
+from ltri_rag.hook import model_lock
 from ltri_rag.memory import KVMemory, MemoryAnswer
 from ltri_rag.memory_query import decode, stream_pieces
 
@@ -151,7 +151,7 @@ class LtriLLM(CustomLLM):
         for name in ("num_output", "context_window", "similarity_top_k"):
             _check_positive(name, getattr(self, name))
         self._model, self._tokenizer, self._config, self._memory = model, tokenizer, config, memory
-        self._lock = threading.RLock()
+        self._lock = model_lock(model)  # shared with every other user of this model (KVMemory included)
 
     @classmethod
     def class_name(cls) -> str:
@@ -248,7 +248,10 @@ class LtriLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Generate a completion of ``prompt`` (wrapped by ``completion_to_prompt`` unless ``formatted``)."""
-        args = self._gen_args(kwargs)
+        return self._completion(prompt, formatted, self._gen_args(kwargs))
+
+    def _completion(self, prompt: Any, formatted: bool, args: dict[str, Any]) -> CompletionResponse:
+        """The whole completion of ``prompt`` (text, or chat messages for the memory), with no callback event."""
         steps, raw = self._steps(prompt, formatted, args)
         text = ""
         for _, (_, text, reason) in steps:
@@ -268,27 +271,19 @@ class LtriLLM(CustomLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Chat: with a memory the messages go to :meth:`KVMemory.generate` (the last user message is the question
         recalled against); without one through ``messages_to_prompt``."""
-        if self._memory is None:
-            return super().chat(messages, **kwargs)
         from llama_index.core.base.llms.generic_utils import completion_response_to_chat_response
 
-        args = self._gen_args(kwargs)
-        steps, raw = self._steps(_messages_to_dicts(messages), True, args)
-        text = ""
-        for _, (_, text, reason) in steps:
-            if reason is not None:
-                break
-        return completion_response_to_chat_response(CompletionResponse(text=text, raw=raw()))
+        # one callback event per call (this method's): not CustomLLM.chat -> complete, two more decorated calls
+        prompt = _messages_to_dicts(messages) if self._memory is not None else self.messages_to_prompt(messages)
+        return completion_response_to_chat_response(self._completion(prompt, True, self._gen_args(kwargs)))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Streaming :meth:`chat`."""
-        if self._memory is None:
-            return super().stream_chat(messages, **kwargs)
         from llama_index.core.base.llms.generic_utils import stream_completion_response_to_chat_response
 
-        args = self._gen_args(kwargs)
-        steps, raw = self._steps(_messages_to_dicts(messages), True, args)
+        prompt = _messages_to_dicts(messages) if self._memory is not None else self.messages_to_prompt(messages)
+        steps, raw = self._steps(prompt, True, self._gen_args(kwargs))
         return stream_completion_response_to_chat_response(self._stream_responses(steps, raw))
 
     @staticmethod
@@ -310,6 +305,25 @@ class LtriLLM(CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """:meth:`chat` in a worker thread."""
         return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        """:meth:`stream_complete` with every step (prefill included) in a worker thread: the event loop stays free
+        (CustomLLM's default would run the model in the loop's thread)."""
+        return _in_threads(await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs))
+
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> Any:
+        """:meth:`stream_chat` with every step in a worker thread."""
+        return _in_threads(await asyncio.to_thread(self.stream_chat, messages, **kwargs))
+
+
+async def _in_threads(responses: Iterator[Any]) -> AsyncIterator[Any]:
+    """An async generator over ``responses``, each ``next`` (the model's work) run in a worker thread."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, responses, done)
+        if item is done:
+            return
+        yield item
 
 
 def _answer_raw(answer: MemoryAnswer) -> dict[str, Any]:

@@ -313,3 +313,62 @@ class TestChatLtriStandardUnit(ChatModelUnitTests):
     @property
     def has_structured_output(self) -> bool:
         return False
+
+
+# ------------------------------------------------------------------------------------------ review fixes (37)
+def test_every_user_of_a_model_shares_its_lock(memory) -> None:
+    """A session switches the model's attention function for its pass; ChatLtri, LtriLLM, the LlamaIndex LLM and
+    KVMemory must take one lock per model object, or two calls on one model undo each other's switch."""
+    from ltri_rag.hook import model_lock
+    from ltri_rag.integrations.llama_index import LtriLLM as IndexLLM
+
+    model, tok = tiny()
+    assert memory._lock is model_lock(model)
+    assert IndexLLM(model, tok, CONFIG)._lock is model_lock(model) is IndexLLM(memory=memory)._lock
+
+
+def test_the_cache_key_holds_what_changes_the_answer(memory) -> None:
+    """LangChain keys its LLM cache by ``_identifying_params``: a filter, stop strings, a seed or another memory
+    give another answer, so another key."""
+    base = ChatLtri(memory=memory, max_tokens=6)._identifying_params
+    for change in ({"filter": {"lang": "fr"}}, {"stop": ["x"]}, {"seed": 3}, {"max_memory_tokens": 50},
+                   {"collection": "other"}):
+        assert ChatLtri(memory=memory, max_tokens=6, **change)._identifying_params != base, change
+    model, tok = tiny()
+    plain = plain_chat()._identifying_params
+    assert plain != base and plain["weights_sha256"]
+    other = ChatLtri(hf_model=model, tokenizer=tok, config=CONFIG.replace(budget=40), max_tokens=10)
+    assert other._identifying_params != plain
+
+
+def test_tokens_are_counted_with_the_model_tokenizer() -> None:
+    chat = plain_chat()
+    _, tok = tiny()
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert chat.get_token_ids("hello world") == list(ids) and chat.get_num_tokens("hello world") == len(ids)
+
+
+def test_chat_message_roles_map_to_the_template_roles() -> None:
+    from langchain_core.messages import ChatMessage
+
+    chat = plain_chat(max_tokens=4)
+    assert chat.invoke([ChatMessage(role="human", content="Where is Paris?")]).content == \
+        chat.invoke([HumanMessage("Where is Paris?")]).content
+    with pytest.raises(ValueError, match="role 'wizard'"):
+        chat.invoke([ChatMessage(role="wizard", content="hi")])
+
+
+def test_concurrent_exchanges_in_one_history_are_both_kept(memory) -> None:
+    history = KVChatMessageHistory(memory, session_id="u1")
+
+    async def both() -> None:
+        await asyncio.gather(history.aadd_messages([HumanMessage("first question"), AIMessage("first answer")]),
+                             history.aadd_messages([HumanMessage("second question"), AIMessage("second answer")]))
+
+    asyncio.run(both())
+    texts = [m.content for m in history.messages]
+    assert sorted(texts) == ["first answer", "first question", "second answer", "second question"]
+
+
+def test_retriever_get_returns_each_id_once(retriever) -> None:
+    assert [d.id for d in retriever.get(["fox", "fox", "nope", "paris"])] == ["fox", "paris"]

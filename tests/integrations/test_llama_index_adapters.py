@@ -274,3 +274,44 @@ def test_memory_block_stores_flushed_turns_and_recalls_whole_old_messages(mem) -
     assert recalled in messages[0].content and messages[0].role == "system"
     with pytest.raises(ValueError, match="similarity_top_k must be a positive int, got 0"):
         LtriMemoryBlock(memory=mem, similarity_top_k=0)
+
+
+def test_chat_without_a_memory_is_one_counted_event(llama, tok) -> None:
+    """``chat`` formats the messages and completes them itself: one LLM event per call (through CustomLLM.chat and
+    complete it was three, and TokenCountingHandler counted the prompt three times)."""
+    counter = _counter(tok)
+    llm = LtriLLM(llama, tok, _config(), num_output=6, callback_manager=CallbackManager([counter]))
+    response = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")])
+    assert len(counter.llm_token_counts) == 1
+    assert counter.prompt_llm_token_count == response.raw["usage"]["prompt_tokens"]
+    counter.reset_counts()
+    streamed = "".join(r.delta or "" for r in llm.stream_chat([ChatMessage(role="user", content="Hi")]))
+    assert len(counter.llm_token_counts) == 1 and streamed == llm.chat([ChatMessage(role="user",
+                                                                                     content="Hi")]).message.content
+
+
+def test_async_streams_leave_the_event_loop_free(llama, tok) -> None:
+    """``astream_complete`` / ``astream_chat`` run the model in worker threads: a ticker coroutine keeps running
+    while they stream, and their pieces are the synchronous stream's."""
+    llm = LtriLLM(llama, tok, _config(), num_output=12)
+
+    async def streamed(make) -> tuple[str, int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        text = "".join([r.delta or "" async for r in await make()])
+        stop.set()
+        await task
+        return text, ticks
+
+    text, ticks = asyncio.run(streamed(lambda: llm.astream_complete("The quick brown fox", formatted=True)))
+    assert text == llm.complete("The quick brown fox", formatted=True).text and ticks > 3
+    text, ticks = asyncio.run(streamed(lambda: llm.astream_chat([ChatMessage(role="user", content="Hi")])))
+    assert text == llm.chat([ChatMessage(role="user", content="Hi")]).message.content and ticks > 3
