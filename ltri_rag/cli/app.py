@@ -69,6 +69,14 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _seed(text: str) -> int:
+    """A sampling seed torch accepts (0 .. 2**63 - 1)."""
+    value = _non_negative_int(text)
+    if value >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {value}")
+    return value
+
+
 def _window_tokens(text: str) -> int:
     value = _positive_int(text)
     if not 16 <= value <= 1024:
@@ -84,6 +92,15 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+def _database_error() -> type[Exception]:
+    """SQLAlchemy's base error (a store that is not a database, say), imported when a command has failed."""
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover - a required dependency
+        return CliError
+    return SQLAlchemyError
 
 
 def _default(value: Any, sub: bool) -> Any:
@@ -123,7 +140,7 @@ def _add_answer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N", help="answer length (128)")
     p.add_argument("-k", type=_positive_int, default=4, metavar="K", help="spans to cite (4)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--seed", type=_seed, default=None, help="sampling seed (0 .. 2**63 - 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("chat", "a question-and-answer REPL over the store; each turn is stored in the memory "
                 "(collection chat:SESSION) and can be recalled later", model=True)
     p.add_argument("--session", default=None, help="session name (default: the start time); reuse it to continue")
-    p.add_argument("--history", type=int, default=1, metavar="N",
+    p.add_argument("--history", type=_non_negative_int, default=1, metavar="N",
                    help="earlier turns also put in the prompt (default 1; older ones come from the memory)")
     _add_answer(p)
 
@@ -280,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         sys.stderr.write(f"ltri-rag {args.command}: error: {_one_line(err)}\n")
         return 2
-    except (CliError, OSError, ValueError, TypeError, RuntimeError, KeyError, ImportError) as err:
+    except (CliError, OSError, ValueError, TypeError, RuntimeError, KeyError, ImportError, _database_error()) as err:
         if args.verbose:
             log.exception("ltri-rag %s failed", args.command)
         sys.stderr.write(f"ltri-rag: error: {_one_line(err)}\n")

@@ -161,6 +161,9 @@ def cmd_ask(args: argparse.Namespace, out: Output) -> int:
     try:
         if opened.memory.stats().documents == 0:
             raise CliError(f"the store at {str(opened.path)!r} holds no documents; ingest some first")
+        if args.collection is not None and not opened.memory.list_documents(args.collection):
+            raise CliError(f"the collection {args.collection!r} holds no documents (collections: "
+                           f"{', '.join(repr(c) for c in opened.memory.collections()) or 'none'})")
         result = answer_question(opened, out, question, max_new_tokens=args.max_new_tokens, k=args.k,
                                  collection=args.collection, filter=dict(args.filter) if args.filter else None,
                                  temperature=args.temperature,
@@ -204,7 +207,9 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
     memory = opened.memory
     session = args.session or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     collection = f"chat:{session}"
-    turn = len(memory.list_documents(collection))
+    # after the highest stored turn (a count would reuse a number once any turn was removed, overwriting a later one)
+    turn = 1 + max((int(doc_id[5:]) for _, doc_id in memory.list_documents(collection)
+                    if doc_id.startswith("turn-") and doc_id[5:].isdigit()), default=-1)
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty() and not out.json_mode
     if interactive:

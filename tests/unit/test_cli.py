@@ -269,6 +269,15 @@ def test_commands_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     assert [t["question"] for t in turns] == ["My locker code is 4711.", "And?"] and turns[0]["session"] == "s1"
     code, out, _ = run(capsys, "ls", "--store", store, "--collection", "chat:s1", "--json")
     assert [d["doc_id"] for d in json.loads(out)] == ["turn-00000", "turn-00001"]
+    # a turn removed: the next one comes after the highest (a count would overwrite turn-00001)
+    assert run(capsys, "rm", "turn-00000", "--store", store, "--collection", "chat:s1")[0] == 0
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Third?\n"))
+    assert run(capsys, "chat", "--store", store, "--session", "s1", "--max-new-tokens", "2", "--json")[0] == 0
+    code, out, _ = run(capsys, "ls", "--store", store, "--collection", "chat:s1", "--json")
+    assert [d["doc_id"] for d in json.loads(out)] == ["turn-00001", "turn-00002"]
+    # asked over a collection that holds nothing: refused, naming it
+    code, _, err = run(capsys, "ask", "What jumps?", "--store", store, "--collection", "defualt")
+    assert code == 1 and "collection 'defualt' holds no documents" in err
 
     # rm: an unknown id deletes nothing; known ids go
     before = snapshot(store)
@@ -399,3 +408,15 @@ def test_precompile_reports_what_it_compiled(capsys: pytest.CaptureFixture[str],
     assert calls == [(1, 64, 3, True), (None, 64, None, False)]
     code, _, err = run(capsys, "precompile", "--gpu", "2")
     assert code == 1 and "--gpu 2 is not a CUDA device here (there are 2)" in err
+
+
+def test_bad_stores_and_option_values_give_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.sqlite").write_text("garbage")
+    code, _, err = run(capsys, "ls", "--store", bad)
+    assert code == 1 and err.count("\n") == 1 and "not a database" in err
+    code, _, err = run(capsys, "chat", "--store", bad, "--history", "-1")
+    assert code == 2 and "expected an integer >= 0, got -1" in err
+    code, _, err = run(capsys, "ask", "q", "--store", bad, "--seed", str(1 << 70))
+    assert code == 2 and "expected a seed below 2**63" in err
