@@ -147,15 +147,30 @@ class LayerIndexes:
         if len(ids):
             self.get(layer).remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
 
-    def search(self, layer: int, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` of ``query`` ``[dim]``: ``(scores [<=k], ids [<=k])``, best first (reloads a changed file)."""
+    def search(self, layer: int, query: np.ndarray, k: int, *,
+               exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of ``query`` ``[dim]``: ``(scores [<=k], ids [<=k])``, best first (reloads a changed file).
+
+        An IVF index probes ``nprobe`` of its lists, so fewer than ``k`` ids (with ``k`` below the vector count) do
+        not mean the index was scanned whole; ``exhaustive`` probes every list (exact, slower)."""
         index = self.get(layer, refresh=True)
         k = min(k, index.ntotal)
         if k <= 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        scores, ids = index.search(query.reshape(1, -1).astype(np.float32), k)
+        probes = index.nprobe if exhaustive and is_ivf(index) else None
+        if probes is not None:
+            index.nprobe = index.nlist
+        try:
+            scores, ids = index.search(query.reshape(1, -1).astype(np.float32), k)
+        finally:
+            if probes is not None:
+                index.nprobe = probes
         keep = ids[0] >= 0
         return scores[0][keep], ids[0][keep]
+
+    def probes_part(self, layer: int) -> bool:
+        """Whether a search of ``layer`` probes part of its index only (IVF)."""
+        return is_ivf(self.get(layer))
 
     def persist(self, layers: list[int]) -> None:
         """Write the given layers' in-memory indexes to their files atomically."""

@@ -101,9 +101,9 @@ class SpanReads:
             coll = collection_id(s, collection) if collection is not None else None
             if collection is not None and coll is None:
                 return []
-            fetch, hits, seen = 4 * k + 16, [], set()
+            fetch, hits, seen, exhaustive = 4 * k + 16, [], set(), False
             while True:
-                scores, ids = self.indexes.search(layer, q, fetch)
+                scores, ids = self.indexes.search(layer, q, fetch, exhaustive=exhaustive)
                 rows = search_rows(s, ids.tolist(), coll)
                 hits, seen = [], set()
                 for vid, score in zip(ids.tolist(), scores.tolist()):
@@ -119,8 +119,11 @@ class SpanReads:
                                         score=float(score)))
                     if len(hits) == k:
                         return hits
-                if len(ids) < fetch:  # the whole index was scanned
-                    return hits
+                if len(ids) < fetch:  # every probed list was read: the whole index, unless IVF probed a part
+                    if exhaustive or not self.indexes.probes_part(layer):
+                        return hits
+                    exhaustive = True  # a small collection or a filter: search every list
+                    continue
                 fetch *= 4
 
     def load_spans(self, doc_id: str, layer: int, *, collection: str = "default",

@@ -99,6 +99,24 @@ def test_store_past_the_threshold_verifies_searches_deletes_and_reopens(tmp_path
     assert after == before
 
 
+def test_a_small_collection_in_an_ivf_layer_gets_its_k_hits(tmp_path: Path, monkeypatch) -> None:
+    """IVF probes part of its lists: a collection (or filter) whose few vectors sit in unprobed lists came back
+    short, often empty. A short probed result now searches every list."""
+    monkeypatch.setattr(fi, "IVF_MIN_VECTORS", 700)
+    fp = Fingerprint(fingerprint_items())
+    small = make_doc("s", collection="small", seed=99, num_tokens=60)
+    g = torch.Generator().manual_seed(7)
+    with SqlSpanStore.create(tmp_path / "mem", fp) as store:
+        store.add([make_doc(f"d{i}", seed=i, num_tokens=240) for i in range(250)] + [small])  # ~20K vectors
+        index = store.indexes.get(2)
+        assert fi.is_ivf(index) and index.nprobe * 4 <= index.nlist
+        spans = len(next(layer for layer in small.layers if layer.layer == 2).token_starts)
+        k = min(4, spans)
+        for _ in range(10):
+            hits = store.search(2, torch.randn(HEADS, HEAD_DIM, generator=g), k, collection="small")
+            assert len(hits) == k and all(h.collection == "small" for h in hits)
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_empty_and_tiny_layers_stay_exact(tmp_path: Path, n: int) -> None:
     indexes = fi.LayerIndexes(tmp_path, 8)
