@@ -24,7 +24,7 @@ from torch import nn
 from ltri_rag.cache import MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
-from ltri_rag.store import DocumentRecord, LayerRecord, SpanRecord, SpanStore
+from ltri_rag.store import DocumentRecord, LayerRecord, SpanRecord, SpanStore, StoreError
 
 __all__ = ["SINK_TEXT", "DocumentOffsets", "PreparedInput", "check_collection", "check_ids", "encode_document",
            "ingest_document", "load_document_memory", "prepare_input", "record_bytes", "sink_prefix_ids"]
@@ -256,11 +256,16 @@ def load_document_memory(store: SpanStore, doc_id: str, collection: str, layers:
     Returns:
         ``(memory, {layer: spans in span order})``.
     """
+    for _ in range(3):  # a writer may replace the document between two layers' reads: read it again then
+        loaded = [store.load_spans(doc_id, layer, collection=collection) for layer in layers]
+        if len({spans.version for spans in loaded}) <= 1:
+            break
+    else:
+        raise StoreError(f"document {doc_id!r} kept changing while it was read (a writer replacing it)")
     parts: dict[int, dict[str, torch.Tensor]] = {}
     records: dict[int, tuple[SpanRecord, ...]] = {}
     num_tokens = None
-    for layer in layers:
-        spans = store.load_spans(doc_id, layer, collection=collection)
+    for layer, spans in zip(layers, loaded):
         if num_tokens is None:
             num_tokens = int(spans.keys.shape[0])
         elif spans.keys.shape[0] != num_tokens:

@@ -306,6 +306,8 @@ class LayerSpans:
         values: ``[num_tokens, num_kv_heads, head_dim]``.
         vectors: ``[num_vectors, num_kv_heads, head_dim]`` float32, grouped by span (``spans[i].vector_start`` ...).
         owner: ``[num_vectors]`` int64 span index of each vector.
+        version: What identifies the stored version of the document the layer was read from (a replace writes a
+            new one), so that a reader can tell layers of two versions apart.
     """
 
     doc_id: str
@@ -316,6 +318,7 @@ class LayerSpans:
     values: torch.Tensor
     vectors: torch.Tensor
     owner: torch.Tensor
+    version: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

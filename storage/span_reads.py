@@ -157,7 +157,7 @@ class SpanReads:
                                    char_start=r.char_start, char_end=r.char_end, vector_start=r.vector_start,
                                    vector_end=r.vector_end) for r in spans)
         return LayerSpans(doc_id=doc_id, collection=collection, layer=layer, spans=records, keys=t["k"],
-                          values=t["v"], vectors=t["vectors"], owner=t["owner"])
+                          values=t["v"], vectors=t["vectors"], owner=t["owner"], version=row.kv_file)
 
     def stats(self) -> StoreStats:
         with Session(self.engine) as s:

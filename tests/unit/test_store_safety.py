@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 from ltri_rag.storage import SqlSpanStore, faiss_index, integrity
 
 from ltri_rag import KVMemory, LtriConfig
@@ -133,3 +134,30 @@ def test_a_creation_stopped_before_its_meta_row_can_be_created_again(tmp_path) -
     SqlSpanStore.open(folder, fp).close()
     with pytest.raises(StoreError, match="already exists"):
         SqlSpanStore.create(folder, fp)
+
+
+def test_a_document_replaced_between_two_layer_reads_is_read_again(tmp_path, llama, tok, monkeypatch) -> None:
+    """Loading reads a document layer by layer; a replace landing between two reads mixed two versions' K/V in one
+    imported memory. The reads now carry the version and a mixed set is read again."""
+    from ltri_rag.memory_ingest import load_document_memory
+
+    mem = _create(tmp_path / "m", llama, tok)
+    mem.add_documents(["The quick brown fox jumps over the lazy dog."], ids=["fox"], progress=False)
+    store, layers = mem.store, mem.global_layers
+    original = SqlSpanStore.load_spans
+    calls = []
+
+    def racing(self, doc_id, layer, **kwargs):
+        calls.append(layer)
+        if len(calls) == 2:  # after the first layer's read: the writer replaces the document
+            mem.add_documents(["The quick brown cat jumps over the lazy dog."], ids=["fox"], progress=False)
+        return original(self, doc_id, layer, **kwargs)
+
+    monkeypatch.setattr(SqlSpanStore, "load_spans", racing)
+    memory, _ = load_document_memory(store, "fox", "default", layers, mem.config.num_sink_tokens, torch.float32)
+    monkeypatch.undo()
+    again, _ = load_document_memory(store, "fox", "default", layers, mem.config.num_sink_tokens, torch.float32)
+    assert len(calls) == 2 * len(layers)  # the first, mixed set was read again
+    for layer in layers:
+        assert torch.equal(memory.layers[layer]["keys"], again.layers[layer]["keys"])
+    mem.close()
