@@ -4,11 +4,12 @@
         [--decode-tokens 16] [--syncs] [--set decode_retrieval_stride=4 ...] [--callers repeat_interleave ...]
         [--dump DIR]
 
-For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill
-under cProfile; prints the wall time per layer and pass (every model pass counted: the chunks, the short last
-chunk and the look-ahead's; before session 37 only the chunk-sized ones, which overstated it: 16 of 18 at 32K)
-and the functions with the most internal and cumulative time. On a GPU, calls that read a result back (``.cpu()``, ``.item()``) also carry the time the host waits for the
-device. With ``--decode-tokens N``, N decode steps after each prefill are timed, then N more are profiled.
+For each chunk size: a warm-up prefill (compiles the kernels at the run's shapes), one timed prefill, one prefill under
+cProfile; prints the wall time per layer and pass (every model pass counted: the chunks, the short last chunk and the
+look-ahead's; before session 37 only the chunk-sized ones, which overstated it: 16 of 18 at 32K) and the functions with
+the most internal and cumulative time. On a GPU, calls that read a result back (``.cpu()``, ``.item()``) also carry the
+time the host waits for the device. With ``--decode-tokens N``, N decode steps after each prefill are timed, then N more
+are profiled.
 With ``--syncs`` (CUDA), one more prefill per chunk size runs under ``torch.cuda.set_sync_debug_mode("warn")``
 and the host-device synchronisations are counted by the line of this project that caused them
 (:func:`benchmarks.profile_engine.count_syncs`): each one makes the host wait until the device has drained its

@@ -5,13 +5,13 @@ This is the path of the plain-torch backend (the CPU; a GPU run with ``attention
 reuse steps of captured decode graphs: the selected spans' slot lists are turned into ``[B, Hkv, M, D]`` memory
 K/V (sinks first), a key mask and the keys' positions, and the keys are moved to the positions of the scheme.
 
-**Placed memory reused between decode steps** (``REUSE_PLACED_MEMORY``): a decoded token may select exactly the
-spans the token before it selected (Qwen2.5-0.5B greedy decoding after essays: 23% of layer-steps at 8K, 6% at 16K;
-``benchmarks/results/cpu_decode``), and between two evictions the memory part's position anchor
-(``pos0 - window length``) does not move either. The placed memory is a function of the slot lists, that anchor, the sinks and the pool's contents alone, so
-a decode step whose slot lists and anchor equal the last step's (and whose pool and sinks are unchanged) takes the
-last step's placed K/V and mask instead of gathering and rotating them again: the same tensors, bit for bit. The
-selection itself runs at every step (it decides the slot lists, and its votes and persistence are state).
+**Placed memory reused between decode steps** (``REUSE_PLACED_MEMORY``): a decoded token may select exactly the spans
+the token before it selected (Qwen2.5-0.5B greedy decoding after essays: 23% of layer-steps at 8K, 6% at 16K;
+``benchmarks/results/cpu_decode``), and between two evictions the memory part's position anchor (``pos0 - window
+length``) does not move either. The placed memory is a function of the slot lists, that anchor, the sinks and the pool's
+contents alone, so a decode step whose slot lists and anchor equal the last step's (and whose pool and sinks are
+unchanged) takes the last step's placed K/V and mask instead of gathering and rotating them again: the same tensors, bit
+for bit. The selection itself runs at every step (it decides the slot lists, and its votes and persistence are state).
 """
 
 from __future__ import annotations

@@ -33,12 +33,12 @@ def rotated(modes: list[str], round_index: int) -> list[str]:
 def merge_rounds(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per (model, mode, length, phase) from rows tagged with ``round``, in the order of first appearance.
 
-    A group's ``ok`` rows are merged: the first of them, with each of ``keys`` replaced by the median over the
-    rounds and the per-round values kept as ``round_<key>``, ``rounds`` (how many were ok of how many ran),
-    ``peak_gib`` the largest of the rounds, ``min_ms`` / ``max_ms`` over every round's steps, and the figures
-    derived from ``seconds`` / ``median_ms`` (``tokens_per_s``, ``x_floor``) recomputed from the medians. Raw
-    per-step detail (``times_ms``, ``repeat_seconds``, ``step_kinds``) stays the first ok round's; the last two are
-    kept for every round too (:data:`DETAIL_KEYS`). A group without an ``ok`` row keeps its first row. Rows without ``round`` pass through
+    A group's ``ok`` rows are merged: the first of them, with each of ``keys`` replaced by the median over the rounds
+    and the per-round values kept as ``round_<key>``, ``rounds`` (how many were ok of how many ran), ``peak_gib`` the
+    largest of the rounds, ``min_ms`` / ``max_ms`` over every round's steps, and the figures derived from ``seconds`` /
+    ``median_ms`` (``tokens_per_s``, ``x_floor``) recomputed from the medians. Raw per-step detail (``times_ms``,
+    ``repeat_seconds``, ``step_kinds``) stays the first ok round's; the last two are kept for every round too
+    (:data:`DETAIL_KEYS`). A group without an ``ok`` row keeps its first row. Rows without ``round`` pass through
     unchanged.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
