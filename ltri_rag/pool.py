@@ -120,9 +120,13 @@ class PagedKVPool:
                 self._positions[seq] = buf = grown
             buf[first:first + num_new] = -1
             self._positions_synced[seq] = min(self._positions_synced[seq], first)
-        self._fast.grow(self._next_page)
-        if self._slow is not None:
-            self._slow.grow(max(self._next_page - self._split, 0))
+        try:
+            self._fast.grow(self._next_page)
+            if self._slow is not None:
+                self._slow.grow(max(self._next_page - self._split, 0))
+        except BaseException:  # out of memory, say: no slot is reserved (the new pages stay listed, for reuse)
+            self.num_slots = [first] * len(self.num_slots)
+            raise
         return first
 
     def reserve_capacity(self, num_slots: int) -> None:

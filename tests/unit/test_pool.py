@@ -281,3 +281,21 @@ def test_reserve_capacity_sizes_the_tiers_once_and_keeps_data():
     assert pool._slow.capacity in (52, 104)
     with pytest.raises(ValueError, match="num_slots must be >= 0"):
         pool.reserve_capacity(-1)
+
+
+def test_a_reservation_whose_tier_cannot_grow_reserves_nothing(monkeypatch):
+    """Out of memory while the tiers grow: no slot is reserved (before, the slot counts had moved on, leaving
+    reserved slots no span covers), and the next reservation starts where the failed one would have."""
+    pool = PagedKVPool(batch_size=2, page_size=4, device=CPU)
+    assert pool.reserve(3) == 0
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(pool._fast, "grow", no_memory)
+    with pytest.raises(MemoryError):
+        pool.reserve(6)
+    assert pool.num_slots == [3, 3]
+    monkeypatch.undo()
+    assert pool.reserve(6) == 3 and pool.num_slots == [9, 9]
+    assert all(len(t) == 3 for t in pool.page_tables)
