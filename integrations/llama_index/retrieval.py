@@ -182,7 +182,10 @@ class LtriQueryEngine(CustomQueryEngine):
             raise TypeError(f"memory must be a KVMemory, got {type(self.memory).__name__}")
         _check_positive("max_new_tokens", self.max_new_tokens)
         _check_positive("similarity_top_k", self.similarity_top_k)
-        filters_to_memory_filter(self.filters)  # fail now on a bad filter
+        _, filter_collection = filters_to_memory_filter(self.filters)  # fail now on a bad filter
+        if self.collection is not None and filter_collection is not None and filter_collection != self.collection:
+            raise ValueError(f"collection={self.collection!r} contradicts the filter collection == "
+                             f"{filter_collection!r}")
 
     def custom_query(self, query_str: str) -> Response:
         """Answer ``query_str`` from the memory; ``Response(response, source_nodes, metadata)``."""

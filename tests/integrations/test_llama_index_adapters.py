@@ -232,6 +232,8 @@ def test_kv_query_engine_answers_from_memory_with_the_recalled_spans(mem) -> Non
     with pytest.raises(ValueError, match="operator '!=' is not supported"):
         LtriQueryEngine(memory=mem, filters=MetadataFilters(filters=[
             MetadataFilter(key="lang", value="fr", operator=FilterOperator.NE)]))
+    with pytest.raises(ValueError, match="collection='default' contradicts the filter collection == 'other'"):
+        LtriQueryEngine(memory=mem, collection="default", filters={"collection": "other"})  # (it answered anyway)
 
 
 def test_text_rag_query_engine_pastes_the_spans_into_the_prompt(mem) -> None:
