@@ -241,6 +241,12 @@ class MemorySearch:
         """Hits, misses, entries and bytes of the document cache (see :mod:`ltri_rag.memory_cache`)."""
         return self.document_cache.info()
 
+    def matching_documents(self, collection: str | None = None,
+                           filter: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+        """``(collection, doc_id)`` of the stored documents a question with this ``collection`` / ``filter`` reads
+        from (empty: it would be answered without any memory)."""
+        return [(d.collection, d.doc_id) for d in self._documents(collection, filter)]
+
     def _documents(self, collection: str | None, filter: Mapping[str, Any] | None) -> list[DocumentInfo]:
         """Stored documents of ``collection`` (all when None) matching ``filter``, in (collection, id) order."""
         by_collection: dict[str, list[str]] = {}

@@ -161,8 +161,11 @@ def cmd_ask(args: argparse.Namespace, out: Output) -> int:
     try:
         if opened.memory.stats().documents == 0:
             raise CliError(f"the store at {str(opened.path)!r} holds no documents; ingest some first")
-        if args.collection is not None and not opened.memory.list_documents(args.collection):
-            raise CliError(f"the collection {args.collection!r} holds no documents (collections: "
+        if not opened.memory.matching_documents(args.collection, dict(args.filter) if args.filter else None):
+            where = " and ".join(part for part in (
+                f"the collection {args.collection!r}" if args.collection is not None else "",
+                f"the filter {dict(args.filter)}" if args.filter else "") if part)
+            raise CliError(f"{where} select(s) no documents (collections: "
                            f"{', '.join(repr(c) for c in opened.memory.collections()) or 'none'})")
         result = answer_question(opened, out, question, max_new_tokens=args.max_new_tokens, k=args.k,
                                  collection=args.collection, filter=dict(args.filter) if args.filter else None,

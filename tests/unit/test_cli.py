@@ -249,9 +249,10 @@ def test_commands_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     source = FOX if span["doc_id"] == "docs/fox.txt" else PARIS
     assert 0.0 <= span["score"] <= 1.0 and span["text"] == source[span["char_start"]:span["char_end"]]
     assert answer["generated_tokens"] <= 5 and answer["memory_tokens"] == len(FOX) + len(PARIS)
-    code, out, _ = run(capsys, "ask", "Where does the Seine flow?", "--store", store, "--max-new-tokens", "3",
+    # a filter that selects no document: refused, naming it (it used to answer from no memory at all)
+    code, _, err = run(capsys, "ask", "Where does the Seine flow?", "--store", store, "--max-new-tokens", "3",
                        "--filter", "source=nowhere")
-    assert code == 0 and "Sources:" in out and "(no spans recalled)" in out
+    assert code == 1 and "the filter {'source': 'nowhere'} select(s) no documents" in err
     code, out, _ = run(capsys, "ask", "What jumps?", "--store", store, "--max-new-tokens", "3", "--fast")
     assert code == 0 and "Sources:" in out and "chars " in out and "score " in out and "served from memory" in out
 
@@ -277,7 +278,7 @@ def test_commands_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     assert [d["doc_id"] for d in json.loads(out)] == ["turn-00001", "turn-00002"]
     # asked over a collection that holds nothing: refused, naming it
     code, _, err = run(capsys, "ask", "What jumps?", "--store", store, "--collection", "defualt")
-    assert code == 1 and "collection 'defualt' holds no documents" in err
+    assert code == 1 and "the collection 'defualt' select(s) no documents" in err
 
     # rm: an unknown id deletes nothing; known ids go
     before = snapshot(store)
