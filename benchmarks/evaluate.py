@@ -184,6 +184,11 @@ def sample_plan(samples: int, split: str) -> list[tuple[int, float, int]]:
     return [(i, round(0.05 + 0.9 * i / max(samples - 1, 1), 3), base + i) for i in range(samples)]
 
 
+def sample_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row's cell: ``(model, system, task, length, seed, depth)`` (see :func:`load_done` for why the depth)."""
+    return row["model"], row["system"], row["task"], row["length"], row["seed"], row.get("depth")
+
+
 def load_done(path: Path) -> set[tuple[Any, ...]]:
     """Keys of the rows already in ``samples.jsonl`` (a truncated last line is ignored): model, system, task,
     length, seed and depth. The depth belongs to the key because :func:`sample_plan` spreads depths over the sample
@@ -195,7 +200,7 @@ def load_done(path: Path) -> set[tuple[Any, ...]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done.add((row["model"], row["system"], row["task"], row["length"], row["seed"], row.get("depth")))
+            done.add(sample_key(row))
     return done
 
 

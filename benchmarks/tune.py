@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.evaluate import (SYSTEMS, System, add_run_args, parse_models, run_grid, sample_plan,
+from benchmarks.evaluate import (SYSTEMS, System, add_run_args, parse_models, run_grid, sample_key, sample_plan,
                                  system_config)
 from benchmarks.long_tasks import ALL_TASKS
 from benchmarks.report import bootstrap_ci, fmt_cell, load_rows
@@ -63,7 +63,7 @@ def grid_rows(rows: list[dict[str, Any]], models: list[str], tasks: list[str], l
     plan = {(seed, depth) for _, depth, seed in sample_plan(samples, "dev")}
     wanted = [r for r in rows if r.get("model") in models and r["task"] in tasks and r["length"] in lengths
               and r["system"] in systems and (r["seed"], r.get("depth")) in plan]
-    have = {(r["model"], r["system"], r["task"], r["length"], r["seed"], r.get("depth")) for r in wanted}
+    have = {sample_key(r) for r in wanted}
     complete = all((m, s, t, n, seed, depth) in have for m in models for s in systems for t in tasks
                    for n in lengths for seed, depth in plan)
     return wanted, complete

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -138,14 +139,14 @@ class LtriRetriever(DocumentIndex):
 
 
 # ------------------------------------------------------------------------------------------------ chat history
-_HISTORY_LOCKS: dict[tuple[int, str], threading.Lock] = {}
+_HISTORY_LOCKS: weakref.WeakKeyDictionary[KVMemory, dict[str, threading.Lock]] = weakref.WeakKeyDictionary()
 _HISTORY_GUARD = threading.Lock()
 
 
 def _history_lock(memory: KVMemory, collection: str) -> threading.Lock:
     """One lock per (memory object, collection): two exchanges added at once must not take the same turn number."""
     with _HISTORY_GUARD:
-        return _HISTORY_LOCKS.setdefault((id(memory), collection), threading.Lock())
+        return _HISTORY_LOCKS.setdefault(memory, {}).setdefault(collection, threading.Lock())
 
 
 class KVChatMessageHistory(BaseChatMessageHistory):
