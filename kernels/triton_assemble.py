@@ -64,12 +64,15 @@ frequency, no gathered partner columns; ``_assemble_halves_kernel``) instead of 
 (``_assemble_kernel``; kept for timing runs, ``benchmarks.bench_small_kernels``). The same formula either way."""
 INTERPRETED = interpreted()
 
-SLOT_GLUE_IN_KERNEL = False
+SLOT_GLUE_IN_KERNEL = True
 """Whether the kernel reads the slot matrix where it lies (an expanded ``[1, W]`` row included, by its strides) and
 finds each head's valid-entry count itself, by a binary search of the row's valid prefix (slots are -1 past it),
 instead of the launcher copying the slots contiguous and reducing ``(slots >= 0).sum(1) + num_sinks``: five small
 launches per layer and decode step (13.7 µs of a Llama-3-8B 8K step's layer in session 25's profile). The same
-integers either way, so the same output. Off until timed on the GPU (session 35)."""
+integers either way, so the same output. On since session 38: an H100's end-to-end A/B (Llama-3-8B shape, 2 rounds,
+``benchmarks/results/e2e_llama8b_h100/session38/slot_ab``) had every decode and prefill median at or below the
+switch-off run's (the generation loop 12.24 / 12.46 vs 12.57 / 12.62 ms per token at 8K; 13.49 vs 13.81 / 13.86 at
+128K); ``benchmarks.e2e`` mode ``ltri_s37_assembly`` runs the switch off."""
 
 if triton is not None:
 
