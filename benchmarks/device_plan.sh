@@ -13,6 +13,7 @@
 #   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
 #   s35_ab       session 35's two candidates together (ltri_s35: FUSED_FINISH, SLOT_GLUE_IN_KERNEL) against the
 #                defaults, end to end, 2 rounds
+#   slot_ab      SLOT_GLUE_IN_KERNEL alone (ltri_slot_glue) against the defaults, end to end, 2 rounds
 #   lv48_dev     niah_longvalue48 grid, dev split (decides evict_stride; resumable: call again to finish)
 #   lv48_test    the same grid on the test split (reported)
 #   decode_sweep decode attention (two launches, one launch) and the one-launch read floor over launch settings,
@@ -55,6 +56,10 @@ case $step in
   s35_ab)
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
       --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s35 --isolate on --rounds 2 \
+      --no-profile --backend auto --time-limit 560 --out "$out" ;;
+  slot_ab)
+    timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
+      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_slot_glue --isolate on --rounds 2 \
       --no-profile --backend auto --time-limit 560 --out "$out" ;;
   lv48_dev) grid dev ;;
   lv48_test) grid test ;;

@@ -257,13 +257,15 @@ class Bench:
             if drow is not None:
                 if row["status"] != "ok":
                     drow.update(status=row["status"], reason=f"the prefill before it: {row['status']}")
+                    self.decode.append(drow)
                 else:
                     began = time.perf_counter()
                     self._decode(info, mode, length, config, session, logits, drow, tag)
+                    self.decode.append(drow)
                     if drow["status"] == "ok" and not args.no_profile:
+                        self.save()  # the timed rows kept should the profiled passes outlast the call's time
                         self._profile(info, mode, length, config, session, tag)
                     extra_s = time.perf_counter() - began
-                self.decode.append(drow)
         session = logits = None
         if row["status"] == "ok":
             track.last_length = length
