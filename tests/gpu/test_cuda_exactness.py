@@ -127,8 +127,11 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     finding its counts itself (``triton_assemble.SLOT_GLUE_IN_KERNEL``) and the decode attention in one launch
     (``triton_decode.FUSED_FINISH``): the same logits bit for bit at every step (prompt passes selecting on the
     device, graph-replayed decode steps), and the kernel (or the launcher, where ``SWITCH:MODULE.FUNCTION`` names
-    it) ran."""
+    it) ran. Where the spied launcher runs whichever way the switch is set, the switch's own path is checked too:
+    the assembly was called without counts (so it derived them in the kernel), the one-launch decode attention
+    used its arrival counters and left them at 0, and neither happened with the switch off."""
     import importlib
+    import inspect
 
     from ltri_rag import LtriConfig
 
@@ -137,11 +140,14 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     module = importlib.import_module(f"ltri_rag.{module_name}")
     owner_name, _, kernel_name = spied.rpartition(".")
     owner = importlib.import_module(f"ltri_rag.{owner_name}") if owner_name else module
-    calls = []
+    calls: list[dict[str, bool]] = []  # per call: which arguments were None
     kernel = getattr(owner, kernel_name)
+    signature = inspect.signature(kernel)
 
     def spy(*args, **kwargs):
-        calls.append(1)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append({name: value is None for name, value in bound.arguments.items()})
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(owner, kernel_name, spy)
@@ -152,8 +158,17 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(module, flag, fused)
+        if flag == "FUSED_FINISH":
+            monkeypatch.setattr(module, "_COUNTERS", {})  # made by the one-launch form only
+        calls.clear()
         runs.append(greedy_logits(LtriSession(model, cfg), ids, 6))
         if fused:
             assert calls, f"{kernel_name} never ran"
+        if flag == "SLOT_GLUE_IN_KERNEL":  # counts derived in the kernel only when none is passed
+            assert any(call["count"] for call in calls) == fused
+        if flag == "FUSED_FINISH":
+            counters = list(module._COUNTERS.values())
+            assert bool(counters) == fused
+            assert not any(bool(c.any()) for c in counters)  # every launch left its counters at 0
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"

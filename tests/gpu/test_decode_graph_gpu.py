@@ -159,11 +159,13 @@ def test_a_host_sync_inside_the_captured_step_falls_back_cleanly(monkeypatch) ->
                                   dict(evict_stride=24, decode_retrieval_stride=1, kv_device_gib=1e-9,
                                        zero_copy_host_pages=True)],
                          ids=["ltri-long-cycles", "batch2-voting-per-kv-head", "ltri-host-tier-read-in-graph"])
+@pytest.mark.parametrize("fused", [True, False], ids=["one-launch-assembly", "torch-assembly"])
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_replayed_steps_with_the_fused_device_assembly(dtype, case, monkeypatch) -> None:
-    """The same comparison with ``layer_assembly.FUSED_DEVICE_ASSEMBLY`` on: the retrieving steps build their memory
-    part in one Triton launch per sequence (compiled here), replays bit-for-bit the uncaptured graph form and the
-    eager steps (which select on the host) to float rounding."""
+def test_replayed_steps_with_either_device_assembly(fused, dtype, case, monkeypatch) -> None:
+    """The same comparison with ``layer_assembly.FUSED_DEVICE_ASSEMBLY`` set each way: on (the default), the
+    retrieving steps build their memory part in one Triton launch per sequence (compiled here); off, by torch
+    operations. Either replays bit-for-bit the uncaptured graph form and the eager steps (which select on the host)
+    to float rounding, and the one-launch kernel runs exactly when the switch is on."""
     from ltri_rag import layer_assembly
 
     kernel = layer_assembly.assemble_memory
@@ -173,7 +175,7 @@ def test_replayed_steps_with_the_fused_device_assembly(dtype, case, monkeypatch)
         launches.append(1)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(layer_assembly, "FUSED_DEVICE_ASSEMBLY", True)
+    monkeypatch.setattr(layer_assembly, "FUSED_DEVICE_ASSEMBLY", fused)
     monkeypatch.setattr(layer_assembly, "assemble_memory", counted)
     test_replayed_steps_equal_the_uncaptured_graph_form_and_the_eager_steps(dtype, case)
-    assert launches  # the fused path built the retrieving steps' memory part
+    assert bool(launches) == fused  # the switch chose the path that built the retrieving steps' memory part

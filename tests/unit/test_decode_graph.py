@@ -413,8 +413,11 @@ def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatc
     """The two switches of session 35, each on against off, in retrieving graph-form steps (Triton backend under
     the interpreter, the fused assembly, batch of two, decode-time evictions): ``triton_assemble.SLOT_GLUE_IN_KERNEL``
     (slots read in place, each head's count found in the kernel) and ``triton_decode.FUSED_FINISH`` (the decode
-    attention in one launch) leave every logit bit for bit as it was."""
+    attention in one launch) leave every logit bit for bit as it was; and each switch's own path ran only when on
+    (the assembly called without counts, so it derives them; the one-launch form's arrival counters made and left
+    at 0)."""
     import importlib
+    import inspect
 
     from ltri_rag import layer_assembly as layer_mod
 
@@ -423,14 +426,30 @@ def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatc
                     "fused_finish": ("triton_decode", "FUSED_FINISH")}[switch]
     module = importlib.import_module(f"ltri_rag.kernels.{module}")
     monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", True)
+    assemble = layer_mod.assemble_memory
+    signature = inspect.signature(assemble)
+    counts_passed: list[bool] = []
+
+    def spy(*args, **kwargs):
+        counts_passed.append(signature.bind(*args, **kwargs).arguments.get("count") is not None)
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(layer_mod, "assemble_memory", spy)
     cfg = _config(attention_backend="triton", evict_stride=5, budget=9, decode_retrieval_stride=2)
     ids = random_ids(2, 40, seed=13)
     runs = []
     for on in (False, True):
         monkeypatch.setattr(module, flag, on)
+        if switch == "fused_finish":
+            monkeypatch.setattr(module, "_COUNTERS", {})
+        counts_passed.clear()
         session = LtriSession(qwen2, cfg, batch_size=2)
         session.decode_graph = DecodeGraph(qwen2, session.cache, session.cache_kwarg, capture=False, retrieve=True)
         runs.append((session, greedy_logits(session, ids, 12)))
+        assert counts_passed and not any(counts_passed)  # the assembly ran, left to find its counts when switched
+        if switch == "fused_finish":
+            counters = list(module._COUNTERS.values())
+            assert bool(counters) == on and not any(bool(c.any()) for c in counters)
     (off, off_logits), (on_session, on_logits) = runs
     for a, b in zip(off_logits, on_logits):
         assert torch.equal(a, b)
