@@ -3,9 +3,9 @@
 Run as a script (``python tests/unit/store_worker.py MODE ...``) it loads only the store (``ltri_rag.store`` and
 ``ltri_rag.storage``), not the model stack ``import ltri_rag`` pulls in (seconds of transformers import per process):
 
-- ``zygote STORE``: imports everything once, then for each stdin line ``RUN_ID START`` forks a writer child that
-  opens the store and adds / replaces / deletes documents in a loop until killed; prints ``pid <pid>`` per child,
-  and the child ``writing <pid>`` once it has opened the store.
+- ``zygote STORE``: imports everything once, then for each stdin line ``RUN_ID START [LOG]`` forks a writer child
+  that opens the store and adds / replaces / deletes documents in a loop until killed (logging each call to
+  ``LOG``); prints ``pid <pid>`` per child, and the child ``writing <pid>`` once it has opened the store.
   Forking from a warm process makes 20+ SIGKILLs take seconds instead of minutes.
 - ``reader STORE SECONDS``: opens read-only and searches in a loop; each hit's document must load completely.
 """
@@ -77,18 +77,33 @@ def load_store_modules() -> tuple[types.ModuleType, types.ModuleType]:
     return store_types, storage
 
 
-def writer_loop(path: str, run_id: int, start: int, data_dir: str | None = None) -> None:
-    """Add documents forever; every 3rd step also replaces an earlier one, every 5th deletes one."""
+def writer_loop(path: str, run_id: int, start: int, data_dir: str | None = None, log: str | None = None) -> None:
+    """Add documents forever; every 3rd step also replaces an earlier one, every 5th deletes one. With ``log``, each
+    call is logged as a JSON line before it starts (``begin``) and after it returned (``done``: committed), with
+    the document id and seed (``seed`` None: a delete), so that a test can tell what a kill may have cut short."""
     store_types, storage = load_store_modules()
     store = storage.SqlSpanStore.open(path, storage.Fingerprint(fingerprint_items()), data_dir=data_dir)
     print(f"writing {os.getpid()}", flush=True)  # opened (and repaired): the writes start now
+    out = open(log, "a", buffering=1) if log else None  # line-buffered: each line reaches the file whole
+
+    def logged(ev: str, doc_id: str, seed: int | None) -> None:
+        if out is not None:
+            out.write(json.dumps({"ev": ev, "id": doc_id, "seed": seed}) + "\n")
+
+    def add(doc_id: str, seed: int) -> None:
+        logged("begin", doc_id, seed)
+        store.add(make_doc(doc_id, seed=seed, records=store_types))
+        logged("done", doc_id, seed)
+
     i = start
     while True:
-        store.add(make_doc(f"r{run_id}-d{i}", seed=i, records=store_types))
+        add(f"r{run_id}-d{i}", i)
         if i % 3 == 0 and i > start:
-            store.add(make_doc(f"r{run_id}-d{i - 1}", seed=10_000 + i, records=store_types))  # replace
+            add(f"r{run_id}-d{i - 1}", 10_000 + i)  # replace
         if i % 5 == 0 and i - 2 > start:
+            logged("begin", f"r{run_id}-d{i - 2}", None)
             store.delete([f"r{run_id}-d{i - 2}"])
+            logged("done", f"r{run_id}-d{i - 2}", None)
         i += 1
 
 
@@ -97,11 +112,11 @@ def zygote(path: str, data_dir: str | None = None) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print("zygote-ready", flush=True)
     for line in sys.stdin:
-        run_id, start = (int(x) for x in line.split())
+        run_id, start, *log = line.split()  # RUN_ID START [LOG]
         pid = os.fork()
         if pid == 0:
             try:
-                writer_loop(path, run_id, start, data_dir)
+                writer_loop(path, int(run_id), int(start), data_dir, log[0] if log else None)
             except Exception as exc:  # noqa: BLE001  a writer that cannot run says so (the test must not wait)
                 print(f"failed {os.getpid()} {exc!r}", flush=True)
             finally:

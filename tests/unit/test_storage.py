@@ -408,17 +408,38 @@ def _worker_line(zygote: subprocess.Popen, kind: str, writing: set[int]) -> int:
             return int(parts[1])
 
 
-def test_sigkill_during_writes_leaves_whole_documents(loc: Location) -> None:
+def _committed(log: Path, expected: dict[str, int | None]) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """Replay a writer's log (``store_worker.writer_loop``) onto ``expected`` (document id -> seed, None: deleted);
+    returns it and the call the kill cut short, if any (``{id: seed}``)."""
+    expected, pending = dict(expected), {}
+    lines = log.read_text().split("\n")[:-1] if log.exists() else []  # after the last newline: not a whole line
+    for event in map(json.loads, lines):
+        if event["ev"] == "begin":
+            assert not pending
+            pending = {event["id"]: event["seed"]}
+        else:
+            assert pending == {event["id"]: event["seed"]}
+            expected.update(pending)
+            pending = {}
+    return expected, pending
+
+
+def test_sigkill_during_writes_leaves_whole_documents(loc: Location, tmp_path: Path) -> None:
+    """24 SIGKILLs of a writer at random points (opening and repairing the store too): after each, the store
+    reopens clean, every document loads whole, every call that returned before the kill is there (each committed
+    add with its own seed, each committed delete gone), and the one call cut short left its document old or new."""
     loc.create().close()
     zygote = subprocess.Popen([sys.executable, str(WORKER), "zygote", *loc.worker_args()], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""})
     rng = random.Random(1234)
-    kills, counts = 0, []
+    kills, counts, cut_short = 0, [], 0
     writing: set[int] = set()  # children that have opened the store
+    expected: dict[str, int | None] = {}  # every document id ever written -> its committed seed (None: deleted)
     try:
         assert zygote.stdout.readline().strip() == "zygote-ready"
         for run in range(24):
-            zygote.stdin.write(f"{run} {run * 1000}\n")
+            log = tmp_path / f"writer{run}.jsonl"
+            zygote.stdin.write(f"{run} {run * 1000} {log}\n")
             zygote.stdin.flush()
             pid = _worker_line(zygote, "pid", writing)
             if run % 2 == 0:
@@ -437,14 +458,25 @@ def test_sigkill_during_writes_leaves_whole_documents(loc: Location) -> None:
                     break
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
+            expected, pending = _committed(log, expected)
             with loc.open() as s:  # repairs
                 assert s.verify().clean, s.verify()
                 counts.append(_check_all_complete(s))
+                stored = {doc_id: s.get([doc_id], collection=coll)[0].metadata["seed"]
+                          for coll, doc_id in s.list_documents()}
+            for doc_id in set(expected) | set(pending) | set(stored):
+                allowed = [expected.get(doc_id)] + ([pending[doc_id]] if doc_id in pending else [])
+                assert stored.get(doc_id) in allowed, f"after kill {kills}: {doc_id} holds seed " \
+                                                      f"{stored.get(doc_id)}, expected one of {allowed}"
+            for doc_id in pending:  # what the kill left is what later kills must find
+                expected[doc_id] = stored.get(doc_id)
+            cut_short += bool(pending)
     finally:
         zygote.kill()
         zygote.wait()
-    print(f"kills={kills} documents after each kill={counts}")
-    assert kills >= 20 and counts[-1] > 0
+    print(f"kills={kills} documents after each kill={counts} calls cut short={cut_short}")
+    assert kills >= 20 and counts[-1] > 0 and sum(v is not None for v in expected.values()) == counts[-1]
+    assert cut_short >= 8  # most kills landed inside a call (12 of them wait for the writes to start)
 
 
 def test_readers_while_a_writer_adds(loc: Location) -> None:
