@@ -20,6 +20,7 @@ import fcntl
 import functools
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -89,6 +90,18 @@ def _serialised(method: _F) -> _F:
     return locked  # type: ignore[return-value]
 
 
+_STORES: weakref.WeakSet[SqlSpanStore] = weakref.WeakSet()  # every store object of this process (see _forked)
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class SqlSpanStore(SpanReads):
     """A :class:`ltri_rag.store.SpanStore` on SQLAlchemy + FAISS + safetensors. Use :meth:`create` or :meth:`open`.
 
@@ -102,6 +115,7 @@ class SqlSpanStore(SpanReads):
         self.kv_dir, self.faiss_dir = data_dir / "kv", data_dir / "faiss"
         self._lock_fd: int | None = None
         self._lock = threading.RLock()  # see _serialised
+        self._forked_from_writer = False  # see _forked
         self.engine = make_engine(url, read_only=read_only)
         self.fingerprint: Fingerprint = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32")
         self.indexes: LayerIndexes | None = None
@@ -110,6 +124,7 @@ class SqlSpanStore(SpanReads):
         self._pending_changes = 0  # vectors added or removed since the files were last written
         self._persisted_vectors = 0  # vectors in the indexes when they were last written
         self._pending_generation: int | None = None
+        _STORES.add(self)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -239,6 +254,22 @@ class SqlSpanStore(SpanReads):
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
 
+    def _forked(self) -> None:
+        """Run in a child forked from the process that opened this store object (``os.register_at_fork``): a fresh
+        lock (a thread of the parent may have held it at the fork), the inherited database connections left to the
+        parent (``dispose(close=False)``: the child opens its own), and no writing: the writer lock stays the
+        parent's (closing the child's copy of its descriptor does not release it) and so do its pending index
+        changes. The child may read and search."""
+        self._lock = threading.RLock()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.dispose(close=False)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            self._forked_from_writer = True
+        self._dirty_layers = set()
+
     def __enter__(self) -> Self:
         return self
 
@@ -255,6 +286,10 @@ class SqlSpanStore(SpanReads):
         return not self.read_only and self._lock_fd is not None
 
     def _writable(self) -> LayerIndexes:
+        if self._forked_from_writer:
+            raise StoreError(f"this store object at {str(self.data_dir)!r} was opened for writing by the process this "
+                             "one was forked from, which keeps the writer lock; open the store in this process "
+                             "(read_only=True while the other one writes)")
         if not self.writable:
             raise StoreError("the store is open read-only (or closed)")
         assert self.indexes is not None

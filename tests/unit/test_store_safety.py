@@ -5,6 +5,11 @@ whose flush fails, a write refused before the model runs, a creation that stoppe
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -139,3 +144,67 @@ def test_a_document_replaced_between_two_layer_reads_is_read_again(tmp_path, lla
     for layer in layers:
         assert torch.equal(memory.layers[layer]["keys"], again.layers[layer]["keys"])
     mem.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_path) -> None:
+    """A child forked while the parent has the store open for writing (and another of its threads holds the store's
+    lock) reads with connections of its own, is refused writes with an error that says why, and closing its copy
+    takes neither the writer lock nor the parent's pending index changes: the parent goes on writing."""
+    from ltri_rag.store import Fingerprint
+    from tests.unit.store_worker import fingerprint_items, make_doc
+
+    path = tmp_path / "store"
+    store = SqlSpanStore.create(path, Fingerprint(fingerprint_items()))
+    store.add([make_doc("a", seed=1), make_doc("b", seed=2)])
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        result: dict = {}
+        try:
+            result["docs"] = sorted(doc_id for _, doc_id in store.list_documents())
+            result["text"] = store.get(["a"])[0].text
+            store.flush()  # takes the store's lock: the parent's holder would block it forever
+            try:
+                store.add(make_doc("c", seed=3))
+                result["add"] = "written"
+            except StoreError as err:
+                result["add"] = str(err)
+            store.close()
+        except BaseException as err:  # noqa: BLE001
+            result["error"] = repr(err)
+        finally:
+            os.write(write, json.dumps(result).encode())
+            os._exit(0)
+    os.close(write)
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung (the store's lock inherited held?)")
+        time.sleep(0.01)
+    with os.fdopen(read) as pipe:
+        result = json.loads(pipe.read())
+    assert "error" not in result, result
+    assert result["docs"] == ["a", "b"] and result["text"] == make_doc("a", seed=1).text
+    assert "forked" in result["add"] and str(path.resolve()) in result["add"]
+    store.add(make_doc("d", seed=4))  # the parent still writes: its lock and connections are its own
+    with pytest.raises(StoreError, match="open for writing"):
+        SqlSpanStore.open(path, Fingerprint(fingerprint_items()))
+    store.close()
+    with SqlSpanStore.open(path, Fingerprint(fingerprint_items())) as again:
+        assert sorted(doc_id for _, doc_id in again.list_documents()) == ["a", "b", "d"]
+        assert again.verify().clean
