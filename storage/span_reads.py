@@ -7,6 +7,7 @@ process opened with ``read_only=True`` uses nothing else.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,15 @@ from .schema import CollectionRow, DocumentRow, SpanRow
 
 _MISSING = object()
 
+
+def _file_size(path: Path) -> int:
+    """Bytes of a regular file; 0 for anything else, or for a file gone since its folder was listed (a writer renames
+    its temporary files and removes replaced ones while a reader sums them)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 class SpanReads:
     """Read access to an open span store (see the module docstring for what it relies on)."""
@@ -168,5 +178,5 @@ class SpanReads:
         files = [*self.kv_dir.iterdir(), *self.faiss_dir.iterdir()]
         if self.db_file is not None:
             files += [p for p in self.db_file.parent.glob(self.db_file.name + "*")]
-        size = sum(p.stat().st_size for p in files if p.is_file())
+        size = sum(_file_size(p) for p in files)
         return StoreStats(documents=docs, spans=spans, vectors=vectors, tokens=int(tokens), bytes_on_disk=size)

@@ -208,3 +208,24 @@ def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_
     with SqlSpanStore.open(path, Fingerprint(fingerprint_items())) as again:
         assert sorted(doc_id for _, doc_id in again.list_documents()) == ["a", "b", "d"]
         assert again.verify().clean
+
+
+def test_stats_while_a_writer_renames_and_removes_files(tmp_path, monkeypatch) -> None:
+    """``stats`` lists the store's folders and then sizes each file; a file a writer renamed or removed after the
+    listing (its temporary K/V files, a replaced document's old file), even one still there when first looked at,
+    counts 0 instead of failing the call."""
+    from pathlib import Path
+
+    from ltri_rag.store import Fingerprint
+    from tests.unit.store_worker import fingerprint_items, make_doc
+
+    with SqlSpanStore.create(tmp_path / "store", Fingerprint(fingerprint_items())) as store:
+        store.add([make_doc("a", seed=1), make_doc("b", seed=2)])
+        whole = store.stats().bytes_on_disk
+        gone = store.kv_dir / "renamed-by-the-writer.safetensors.tmp"
+        listing, is_file = Path.iterdir, Path.is_file
+        monkeypatch.setattr(Path, "iterdir",
+                            lambda self: iter([*listing(self), *([gone] if self == store.kv_dir else [])]))
+        monkeypatch.setattr(Path, "is_file", lambda self: self == gone or is_file(self))  # there a moment before
+        stats = store.stats()
+        assert stats.documents == 2 and stats.bytes_on_disk == whole
