@@ -13,8 +13,8 @@ from torch import nn
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
 
-__all__ = ["GenerationResult", "decoded_tokens", "encode_prompt", "eos_token_ids", "generate", "stream_generate",
-           "generate_ids"]
+__all__ = ["GenerationResult", "decoded_tokens", "encode_prompt", "encode_text", "eos_token_ids", "generate",
+           "stream_generate", "generate_ids"]
 
 # Whether greedy decoding runs one step ahead (:func:`decoded_tokens`) when a caller does not say: None = on CUDA.
 DECODE_AHEAD: bool | None = None
@@ -42,8 +42,19 @@ class GenerationResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of prompt text, with the tokenizer's special tokens (its BOS, for a tokenizer that adds one) unless
+    the text already starts with the BOS token (text a chat template formatted), so that it is never doubled. Every
+    adapter encodes its prompt text here, so the same text reads the same ids through any of them."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (isinstance(bos, str) and bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> torch.Tensor:
-    """Token ids ``[seq_len]`` of a string, or of chat messages through the tokenizer's chat template.
+    """Token ids ``[seq_len]`` of a string (:func:`encode_text`), or of chat messages through the tokenizer's chat
+    template (its text as the template wrote it, no special token added, as ``apply_chat_template`` does); for a
+    tokenizer without a template, ``"role: content"`` lines ending in ``"assistant: "``, encoded as a string.
 
     Raises:
         TypeError: for anything but a string or a sequence of ``{"role", "content"}`` dicts.
@@ -52,16 +63,16 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> torch.Tensor:
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty")
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = encode_text(tokenizer, prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(m, dict) and "role" in m and "content" in m
                                                for m in prompt):
         if len(prompt) == 0:
             raise ValueError("messages are empty")
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode_text(tokenizer, "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: ")
     else:
         raise TypeError("prompt must be a str or a list of {'role', 'content'} messages, "
                         f"got {type(prompt).__name__}")

@@ -40,6 +40,7 @@ from torch import nn
 
 from ltri_rag.config import LtriConfig
 from ltri_rag.engine import LtriSession
+from ltri_rag.generation import encode_text
 from ltri_rag.hook import model_lock
 from ltri_rag.memory import KVMemory, MemoryAnswer
 from ltri_rag.memory_query import decode, stream_pieces
@@ -188,9 +189,7 @@ class LtriLLM(CustomLLM):
     def _encode(self, text: str) -> torch.Tensor:
         if not isinstance(text, str) or not text:
             raise ValueError(f"the prompt must be a non-empty string, got {text!r:.60}")
-        bos = getattr(self._tokenizer, "bos_token", None)
-        special = not (bos and text.startswith(bos))  # a chat template already put the BOS token in
-        ids = self._tokenizer(text, add_special_tokens=special)["input_ids"]
+        ids = encode_text(self._tokenizer, text)  # the BOS a chat template put in is not doubled
         if not ids:
             raise ValueError(f"the prompt encodes to no tokens: {text!r:.60}")
         return torch.tensor(ids, dtype=torch.int64)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import ltri_rag.generation as generation
 from ltri_rag import LtriConfig, LtriSession, encode_prompt, generate, generate_ids, stream_generate
-from ltri_rag.generation import _pick, decoded_tokens
+from ltri_rag.generation import _pick, decoded_tokens, encode_text
 from tests.unit.tiny_models import reference_greedy, tiny_model
 from tests.unit.tiny_tokenizer import BOS_ID, EOS_ID, tiny_tokenizer
 
@@ -80,10 +82,26 @@ def test_encode_prompt_messages_use_the_chat_template(tok) -> None:
 
 
 def test_encode_prompt_messages_without_template(tok) -> None:
+    """Without a chat template the messages become ``role: content`` lines, encoded as a string would be: with
+    the tokenizer's BOS (as LlamaIndex's default ``messages_to_prompt`` text gets it through ``LtriLLM``)."""
     plain = tiny_tokenizer(chat_template=None)
     msgs = [{"role": "user", "content": "hi"}]
     ids = encode_prompt(plain, msgs)
-    assert ids.tolist() == plain("user: hi\nassistant: ", add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == [BOS_ID] + plain("user: hi\nassistant: ", add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == encode_prompt(plain, "user: hi\nassistant: ").tolist()
+
+
+def test_encode_prompt_never_doubles_the_bos(tok) -> None:
+    """A string that already starts with the BOS token (a chat template's output passed on as text) keeps that one
+    BOS; the LlamaIndex adapter encodes prompt text the same way."""
+    from integrations.llama_index.llm import LtriLLM
+
+    text = "<s><|user|>hi\n<|assistant|>"
+    ids = encode_prompt(tok, text)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"] and ids.tolist().count(BOS_ID) == 1
+    assert encode_text(tok, text) == ids.tolist()
+    assert LtriLLM._encode(SimpleNamespace(_tokenizer=tok), text).tolist() == ids.tolist()
+    assert LtriLLM._encode(SimpleNamespace(_tokenizer=tok), "ab").tolist() == encode_prompt(tok, "ab").tolist()
 
 
 @pytest.mark.parametrize("bad", [42, None, ["hello"], [{"role": "user"}], [{"content": "x"}],
