@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b)
-rm -rf .gpu/parts .gpu/whl .gpu/whl-newer  # whole: wheels left from an earlier run would install two versions of one package
+# whole folders: wheels left from an earlier run would install two versions of one package
+rm -rf .gpu/parts .gpu/whl .gpu/whl-newer
 mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
 : > .gpu/meta/SHA256SUMS
 # a call carries the working tree too (about 25 MiB of tracked files by session 35) within its 64 MiB: a part is
