@@ -46,6 +46,7 @@ def _file_size(path: Path) -> int:
         return 0
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
+
 class SpanReads:
     """Read access to an open span store (see the module docstring for what it relies on)."""
 

@@ -95,7 +95,10 @@ _STORES: weakref.WeakSet[SqlSpanStore] = weakref.WeakSet()  # every store object
 
 def _after_fork_in_child() -> None:
     for store in list(_STORES):
-        store._forked()
+        try:
+            store._forked()
+        except OSError:  # a descriptor closed by the parent's close() just before the fork: the other stores go on
+            pass
 
 
 if hasattr(os, "register_at_fork"):
@@ -116,6 +119,7 @@ class SqlSpanStore(SpanReads):
         self._lock_fd: int | None = None
         self._lock = threading.RLock()  # see _serialised
         self._forked_from_writer = False  # see _forked
+        self._inherited_pools: list[Any] = []  # see _forked
         self.engine = make_engine(url, read_only=read_only)
         self.fingerprint: Fingerprint = Fingerprint(num_layers=1, num_kv_heads=1, head_dim=1, dtype="float32")
         self.indexes: LayerIndexes | None = None
@@ -251,18 +255,22 @@ class SqlSpanStore(SpanReads):
             if getattr(self, "engine", None) is not None:
                 self.engine.dispose()
             if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
+                fd, self._lock_fd = self._lock_fd, None  # (a fork from here on finds no descriptor to close)
+                os.close(fd)  # releases the flock
 
     def _forked(self) -> None:
         """Run in a child forked from the process that opened this store object (``os.register_at_fork``): a fresh
-        lock (a thread of the parent may have held it at the fork), the inherited database connections left to the
-        parent (``dispose(close=False)``: the child opens its own), and no writing: the writer lock stays the
-        parent's (closing the child's copy of its descriptor does not release it) and so do its pending index
-        changes. The child may read and search."""
+        lock (a thread of the parent may have held it at the fork); database connections of its own (the engine's
+        pool replaced by ``dispose(close=False)``; the inherited pool is kept referenced, so that the child does not
+        close the parent's SQLite connections, which could check point or remove a write-ahead log the parent is
+        using, when the dropped pool would be collected); and no writing: the child's copy of the writer-lock
+        descriptor is closed (that does not release the parent's lock, and the lock no longer outlives the parent's
+        close while this child runs), and the parent's pending index changes stay the parent's to write. The child
+        may read and search (FAISS searches in a forked child are subject to the OpenMP runtime's fork limits)."""
         self._lock = threading.RLock()
         engine = getattr(self, "engine", None)
         if engine is not None:
+            self._inherited_pools.append(engine.pool)
             engine.dispose(close=False)
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -128,29 +128,28 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     (``triton_decode.FUSED_FINISH``): the same logits bit for bit at every step (prompt passes selecting on the
     device, graph-replayed decode steps), and the kernel (or the launcher, where ``SWITCH:MODULE.FUNCTION`` names
     it) ran. Where the spied launcher runs whichever way the switch is set, the switch's own path is checked too:
-    the assembly was called without counts (so it derived them in the kernel), the one-launch decode attention
-    used its arrival counters and left them at 0, and neither happened with the switch off."""
+    the assembly kernel launched to derive its counts, the one-launch decode attention used its arrival counters and
+    left them at 0, and neither happened with the switch off."""
     import importlib
-    import inspect
 
     from ltri_rag import LtriConfig
+    from tests.unit.triton_modules import record_launch_flag
 
     target, spied = switch.split(":")
     module_name, flag = target.rsplit(".", 1)
     module = importlib.import_module(f"ltri_rag.{module_name}")
     owner_name, _, kernel_name = spied.rpartition(".")
     owner = importlib.import_module(f"ltri_rag.{owner_name}") if owner_name else module
-    calls: list[dict[str, bool]] = []  # per call: which arguments were None
+    calls = []
     kernel = getattr(owner, kernel_name)
-    signature = inspect.signature(kernel)
 
     def spy(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append({name: value is None for name, value in bound.arguments.items()})
+        calls.append(1)
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(owner, kernel_name, spy)
+    derived = record_launch_flag(monkeypatch, importlib.import_module("ltri_rag.kernels.triton_assemble"),
+                                 ("_assemble_halves_kernel", "_assemble_kernel"), "DERIVE")
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = _ids(1, 400).cuda()
     cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
@@ -161,11 +160,12 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
         if flag == "FUSED_FINISH":
             monkeypatch.setattr(module, "_COUNTERS", {})  # made by the one-launch form only
         calls.clear()
+        derived.clear()
         runs.append(greedy_logits(LtriSession(model, cfg), ids, 6))
         if fused:
             assert calls, f"{kernel_name} never ran"
-        if flag == "SLOT_GLUE_IN_KERNEL":  # counts derived in the kernel only when none is passed
-            assert any(call["count"] for call in calls) == fused
+        if flag == "SLOT_GLUE_IN_KERNEL":  # the assembly kernel finds its counts itself exactly when switched on
+            assert derived and all(derived) == fused and any(derived) == fused
         if flag == "FUSED_FINISH":
             counters = list(module._COUNTERS.values())
             assert bool(counters) == fused

@@ -112,7 +112,7 @@ def zygote(path: str, data_dir: str | None = None) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print("zygote-ready", flush=True)
     for line in sys.stdin:
-        run_id, start, *log = line.split()  # RUN_ID START [LOG]
+        run_id, start, *log = line.rstrip("\n").split(maxsplit=2)  # RUN_ID START [LOG]
         pid = os.fork()
         if pid == 0:
             try:

@@ -414,27 +414,20 @@ def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatc
     the interpreter, the fused assembly, batch of two, decode-time evictions): ``triton_assemble.SLOT_GLUE_IN_KERNEL``
     (slots read in place, each head's count found in the kernel) and ``triton_decode.FUSED_FINISH`` (the decode
     attention in one launch) leave every logit bit for bit as it was; and each switch's own path ran only when on
-    (the assembly called without counts, so it derives them; the one-launch form's arrival counters made and left
-    at 0)."""
+    (the assembly kernel launched to derive its counts; the one-launch form's arrival counters made and left at
+    0)."""
     import importlib
-    import inspect
 
     from ltri_rag import layer_assembly as layer_mod
+    from tests.unit.triton_modules import record_launch_flag
 
     _interpreted_kernels(monkeypatch)
     module, flag = {"slot_glue": ("triton_assemble", "SLOT_GLUE_IN_KERNEL"),
                     "fused_finish": ("triton_decode", "FUSED_FINISH")}[switch]
     module = importlib.import_module(f"ltri_rag.kernels.{module}")
     monkeypatch.setattr(layer_mod, "FUSED_DEVICE_ASSEMBLY", True)
-    assemble = layer_mod.assemble_memory
-    signature = inspect.signature(assemble)
-    counts_passed: list[bool] = []
-
-    def spy(*args, **kwargs):
-        counts_passed.append(signature.bind(*args, **kwargs).arguments.get("count") is not None)
-        return assemble(*args, **kwargs)
-
-    monkeypatch.setattr(layer_mod, "assemble_memory", spy)
+    assembly = importlib.import_module("ltri_rag.kernels.triton_assemble")
+    derived = record_launch_flag(monkeypatch, assembly, ("_assemble_halves_kernel", "_assemble_kernel"), "DERIVE")
     cfg = _config(attention_backend="triton", evict_stride=5, budget=9, decode_retrieval_stride=2)
     ids = random_ids(2, 40, seed=13)
     runs = []
@@ -442,11 +435,12 @@ def test_retrieving_graph_form_with_session35_switches(qwen2, switch, monkeypatc
         monkeypatch.setattr(module, flag, on)
         if switch == "fused_finish":
             monkeypatch.setattr(module, "_COUNTERS", {})
-        counts_passed.clear()
+        derived.clear()
         session = LtriSession(qwen2, cfg, batch_size=2)
         session.decode_graph = DecodeGraph(qwen2, session.cache, session.cache_kwarg, capture=False, retrieve=True)
         runs.append((session, greedy_logits(session, ids, 12)))
-        assert counts_passed and not any(counts_passed)  # the assembly ran, left to find its counts when switched
+        assert derived  # the one-launch assembly ran; it found its counts itself exactly when the switch says so
+        assert all(derived) == (on or switch != "slot_glue") and any(derived) == all(derived)
         if switch == "fused_finish":
             counters = list(module._COUNTERS.values())
             assert bool(counters) == on and not any(bool(c.any()) for c in counters)

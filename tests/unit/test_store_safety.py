@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import threading
 import time
@@ -148,15 +149,21 @@ def test_a_document_replaced_between_two_layer_reads_is_read_again(tmp_path, lla
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_path) -> None:
-    """A child forked while the parent has the store open for writing (and another of its threads holds the store's
-    lock) reads with connections of its own, is refused writes with an error that says why, and closing its copy
-    takes neither the writer lock nor the parent's pending index changes: the parent goes on writing."""
+    """A child forked while the parent has the store open for writing, with index changes not yet written and the
+    store's lock held by another of its threads: the child reads (connections of its own), is refused writes with
+    an error that says why, and its close writes none of the parent's index changes. While the child still runs,
+    the parent writes, closes, and a new writer can open the store: the child's copy of the lock's descriptor does
+    not keep the store locked."""
     from ltri_rag.store import Fingerprint
     from tests.unit.store_worker import fingerprint_items, make_doc
 
     path = tmp_path / "store"
-    store = SqlSpanStore.create(path, Fingerprint(fingerprint_items()))
-    store.add([make_doc("a", seed=1), make_doc("b", seed=2)])
+    fingerprint = Fingerprint(fingerprint_items())
+    store = SqlSpanStore.create(path, fingerprint)
+    store.add([make_doc(f"seed{i}", seed=i, num_tokens=40) for i in range(12)])
+    store.add(make_doc("a", seed=1, num_tokens=8))  # a small change: its index files are not rewritten yet
+    assert store._dirty_layers
+    index_files = {p.name: p.stat().st_mtime_ns for p in store.faiss_dir.iterdir()}
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -167,12 +174,13 @@ def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(30)
-    read, write = os.pipe()
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report through the pipe, never return into pytest
+    if pid == 0:  # the child: report through the pipe, wait for the parent's word, never return into pytest
         result: dict = {}
         try:
-            result["docs"] = sorted(doc_id for _, doc_id in store.list_documents())
+            result["docs"] = len(store.list_documents())
             result["text"] = store.get(["a"])[0].text
             store.flush()  # takes the store's lock: the parent's holder would block it forever
             try:
@@ -184,30 +192,38 @@ def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_
         except BaseException as err:  # noqa: BLE001
             result["error"] = repr(err)
         finally:
-            os.write(write, json.dumps(result).encode())
+            os.write(report_w, json.dumps(result).encode())
+            os.close(report_w)
+            os.read(go_r, 1)
             os._exit(0)
-    os.close(write)
+    os.close(report_w)
+    os.close(go_r)
     release.set()
     holder.join()
-    deadline = time.monotonic() + 60
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+    try:
+        if not select.select([report_r], [], [], 60)[0]:
             pytest.fail("the forked child hung (the store's lock inherited held?)")
-        time.sleep(0.01)
-    with os.fdopen(read) as pipe:
-        result = json.loads(pipe.read())
-    assert "error" not in result, result
-    assert result["docs"] == ["a", "b"] and result["text"] == make_doc("a", seed=1).text
-    assert "forked" in result["add"] and str(path.resolve()) in result["add"]
-    store.add(make_doc("d", seed=4))  # the parent still writes: its lock and connections are its own
-    with pytest.raises(StoreError, match="open for writing"):
-        SqlSpanStore.open(path, Fingerprint(fingerprint_items()))
-    store.close()
-    with SqlSpanStore.open(path, Fingerprint(fingerprint_items())) as again:
-        assert sorted(doc_id for _, doc_id in again.list_documents()) == ["a", "b", "d"]
-        assert again.verify().clean
+        with os.fdopen(report_r) as pipe:
+            result = json.loads(pipe.read() or "{}")
+        assert "error" not in result and result, result
+        assert result["docs"] == 13 and result["text"] == make_doc("a", seed=1, num_tokens=8).text
+        assert "forked" in result["add"] and str(path.resolve()) in result["add"]
+        assert {p.name: p.stat().st_mtime_ns for p in store.faiss_dir.iterdir()} == index_files
+        store.add(make_doc("d", seed=4))  # the parent still writes: its lock and connections are its own
+        store.close()
+        with SqlSpanStore.open(path, fingerprint) as again:  # the child still runs
+            assert sorted(doc_id for _, doc_id in again.list_documents())[:2] == ["a", "d"]
+            assert len(again.list_documents()) == 14 and again.verify().clean
+    finally:
+        os.write(go_w, b"x")
+        os.close(go_w)
+        deadline = time.monotonic() + 60
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.01)
 
 
 def test_stats_while_a_writer_renames_and_removes_files(tmp_path, monkeypatch) -> None:

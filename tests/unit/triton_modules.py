@@ -26,3 +26,30 @@ def kernel_module(name: str) -> ModuleType:
     if DEVICE == "cpu" and not module.INTERPRETED:  # imported earlier in this process without the interpreter
         module = importlib.reload(module)
     return module
+
+
+class _RecordedLaunches:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **flags)`` launches it as before and notes the
+    value of one constexpr flag."""
+
+    def __init__(self, kernel: object, flag: str, seen: list[object]) -> None:
+        self._kernel, self._flag, self._seen = kernel, flag, seen
+
+    def __getitem__(self, grid: object):
+        launch = self._kernel[grid]  # type: ignore[index]
+
+        def run(*args: object, **flags: object) -> object:
+            self._seen.append(flags.get(self._flag))
+            return launch(*args, **flags)
+
+        return run
+
+
+def record_launch_flag(monkeypatch: pytest.MonkeyPatch, module: ModuleType, kernels: tuple[str, ...],
+                       flag: str) -> list[object]:
+    """Have every launch of ``module``'s ``kernels`` (their module attributes, which the launchers look up at each
+    call) note the value of constexpr ``flag``; returns the list the values go into, in launch order."""
+    seen: list[object] = []
+    for name in kernels:
+        monkeypatch.setattr(module, name, _RecordedLaunches(getattr(module, name), flag, seen))
+    return seen
