@@ -130,9 +130,15 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE: tl.constexpr):
-        """The head's valid entries with the sinks: found in the slot row (``DERIVE``) or read from ``Count``."""
-        if DERIVE:
+    def _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE: tl.constexpr,
+                    SCHEME: tl.constexpr):
+        """The head's valid entries with the sinks: found in the slot row (``DERIVE``) or read from ``Count``; only
+        ``contiguous`` (0) needs it (``fixed`` moves every key to 0 whatever the count), so any other scheme reads
+        nothing: with the glue on, ``Count`` stands in for a tensor that is never read (the launcher passes the
+        slots, which may hold fewer elements than there are heads)."""
+        if SCHEME != 0:
+            count = 0
+        elif DERIVE:
             count = _valid_prefix(Slots, head, width, stride_lh, stride_ln) + num_sinks
         else:
             count = tl.load(Count + head)
@@ -203,7 +209,7 @@ if triton is not None:
                 tl.store(CacheV + line[:, None] * HEAD_DIM + cols[None, :], v.to(CacheV.dtype.element_ty), mask=put)
         if SCHEME != 2:
             kp = tl.gather(k, tl.broadcast_to(partner[None, :], (BLOCK_R, BLOCK_D)), axis=1)
-            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE)
+            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE, SCHEME)
             shift = _shift(count, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + (cols % HALF), mask=in_rot, other=0.0)  # [C] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
@@ -301,7 +307,7 @@ if triton is not None:
                 _store_halves(CacheK, CacheV, line_row, store_line[:, None], a, b, r, v, ch, cols, h_ok, past, col_ok,
                               HALF, HEAD_DIM)
         if SCHEME != 2:
-            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE)
+            count = _head_count(Slots, Count, head, width, num_sinks, stride_lh, stride_ln, DERIVE, SCHEME)
             shift = _shift(count, entry, pos, valid, base, SCHEME)
             freq = tl.load(Freq + ch, mask=h_ok, other=0.0)  # [H] float64, turns per position
             turns = shift.to(tl.float64)[:, None] * freq[None, :]
