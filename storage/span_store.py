@@ -16,6 +16,7 @@ repairs both (see :mod:`ltri_rag.storage.integrity`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -95,10 +96,9 @@ _STORES: weakref.WeakSet[SqlSpanStore] = weakref.WeakSet()  # every store object
 
 def _after_fork_in_child() -> None:
     for store in list(_STORES):
-        try:
+        # a descriptor closed by the parent's close() just before the fork must not stop the other stores
+        with contextlib.suppress(OSError):
             store._forked()
-        except OSError:  # a descriptor closed by the parent's close() just before the fork: the other stores go on
-            pass
 
 
 if hasattr(os, "register_at_fork"):

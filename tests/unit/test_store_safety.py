@@ -11,13 +11,15 @@ import select
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from ltri_rag.storage import SqlSpanStore, faiss_index, integrity
 
 from ltri_rag import KVMemory
-from ltri_rag.store import StoreError
+from ltri_rag.store import Fingerprint, StoreError
+from tests.unit.store_worker import fingerprint_items, make_doc
 from tests.unit.test_kvmemory import _config, _create, llama, tok  # noqa: F401  (fixtures)
 
 
@@ -104,7 +106,6 @@ def test_writes_to_a_read_only_memory_are_refused_before_the_model_runs(tmp_path
 
 def test_a_creation_stopped_before_its_meta_row_can_be_created_again(tmp_path) -> None:
     from ltri_rag.storage.schema import Base, make_engine
-    from ltri_rag.store import Fingerprint
 
     folder = tmp_path / "s"
     folder.mkdir()
@@ -154,8 +155,6 @@ def test_a_forked_child_reads_but_cannot_write_and_the_parent_keeps_writing(tmp_
     an error that says why, and its close writes none of the parent's index changes. While the child still runs,
     the parent writes, closes, and a new writer can open the store: the child's copy of the lock's descriptor does
     not keep the store locked."""
-    from ltri_rag.store import Fingerprint
-    from tests.unit.store_worker import fingerprint_items, make_doc
 
     path = tmp_path / "store"
     fingerprint = Fingerprint(fingerprint_items())
@@ -230,11 +229,6 @@ def test_stats_while_a_writer_renames_and_removes_files(tmp_path, monkeypatch) -
     """``stats`` lists the store's folders and then sizes each file; a file a writer renamed or removed after the
     listing (its temporary K/V files, a replaced document's old file), even one still there when first looked at,
     counts 0 instead of failing the call."""
-    from pathlib import Path
-
-    from ltri_rag.store import Fingerprint
-    from tests.unit.store_worker import fingerprint_items, make_doc
-
     with SqlSpanStore.create(tmp_path / "store", Fingerprint(fingerprint_items())) as store:
         store.add([make_doc("a", seed=1), make_doc("b", seed=2)])
         whole = store.stats().bytes_on_disk
