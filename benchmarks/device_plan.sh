@@ -38,9 +38,10 @@ grid() {  # split: the niah_longvalue48 grid of benchmarks/results/longvalue48_h
   [ -f "$qwen" ] || { echo "no $qwen: copy the model parts first"; exit 1; }
   mkdir -p "$res"
   [ -f "$res/samples.jsonl" ] || [ ! -f "$seed/samples.jsonl" ] || cp "$seed/samples.jsonl" "$res/"
-  timeout 570 python3 -m benchmarks.parallel --workers 8 --gpus 0 benchmarks.evaluate --model "qwen=$qwen" \
+  local secs=${LV48_SECONDS:-540}  # a shorter call leaves partial rows, which the next call (or session) resumes
+  timeout $((secs + 30)) python3 -m benchmarks.parallel --workers 8 --gpus 0 benchmarks.evaluate --model "qwen=$qwen" \
     --tasks niah_longvalue48 --lengths 16384 32768 --samples 20 --split "$split" --backend triton \
-    --systems ltri 'ltri_e64={"evict_stride": 64}' --out "$res" --max-seconds 540
+    --systems ltri 'ltri_e64={"evict_stride": 64}' --out "$res" --max-seconds "$secs"
   cp "$res"/samples.jsonl "$res"/meta.json "$out"/ 2>/dev/null
   wc -l "$out"/samples.jsonl
 }
