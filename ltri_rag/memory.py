@@ -36,7 +36,8 @@ from ltri_rag.generation import Prompt, encode_prompt
 from ltri_rag.hook import model_lock
 from ltri_rag.memory_cache import DocumentCache
 from ltri_rag.memory_coarse import CoarseScorer
-from ltri_rag.memory_fingerprint import config_from_fingerprint, memory_fingerprint, model_shapes
+from ltri_rag.memory_fingerprint import (WEIGHTS_VERSION, config_from_fingerprint, memory_fingerprint, model_shapes,
+                                         stored_weights_version)
 from ltri_rag.memory_ingest import (
     check_collection,
     check_ids,
@@ -125,7 +126,8 @@ class KVMemory(MemorySearch):
         self.max_document_tokens, self.max_memory_tokens, self.batch_bytes = (max_document_tokens,
                                                                                max_memory_tokens, batch_bytes)
         self.sink_ids = sink_prefix_ids(tokenizer, config.num_sink_tokens)  # [num_sink_tokens]
-        self.fingerprint = memory_fingerprint(model, tokenizer, config, self.sink_ids)
+        self.fingerprint = memory_fingerprint(model, tokenizer, config, self.sink_ids,
+                                              stored_weights_version(store.fingerprint))
         differences = store.fingerprint.diff(self.fingerprint)
         if differences:
             raise FingerprintMismatch(differences)
@@ -211,7 +213,16 @@ class KVMemory(MemorySearch):
         expected = None
         if config is not None:
             expected = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens))
-        span_store = factory.open(path_or_url, expected, **dict(store_options or {}))
+        try:
+            span_store = factory.open(path_or_url, expected, **dict(store_options or {}))
+        except FingerprintMismatch as err:
+            stored_version = err.differences.get("model.weights_version", (WEIGHTS_VERSION,))[0]
+            if stored_version is not None:
+                raise
+            # A store written before weights version 2 (no such key): compare under its own scheme.
+            expected = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens),
+                                          weights_version=1)
+            span_store = factory.open(path_or_url, expected, **dict(store_options or {}))
         try:
             return cls(span_store, model, tokenizer, config, **options)
         except BaseException:

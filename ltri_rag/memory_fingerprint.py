@@ -6,9 +6,10 @@ summarised in the store's :class:`~ltri_rag.store.Fingerprint` and compared on o
 
 * shapes: ``num_layers``, ``num_kv_heads``, ``head_dim``, ``dtype`` (the K/V dtype, the model's);
 * model: ``model.class``, ``model.type``, ``model.hidden_size``, ``model.vocab_size``, ``model.architecture_sha256``
-  (the config keys that shape the network) and ``model.weights_sha256`` (a cheap sample of every parameter, rounded to
-  bfloat16 so that loading the same weights in float32 or bfloat16 differs only in ``dtype``). The path the model was
-  loaded from is not part of the identity (moving a checkpoint must not orphan its stores);
+  (the config keys that shape the network) and ``model.weights_sha256`` with ``model.weights_version`` (every value
+  of every parameter, rounded to bfloat16 so that loading the same weights in float32 or bfloat16 differs only in
+  ``dtype``; see :func:`weights_sha256`). The path the model was loaded from is not part of the identity (moving a
+  checkpoint must not orphan its stores);
 * tokenizer: ``tokenizer.vocab_size`` and ``tokenizer.sha256`` (vocabulary, special token ids, encodings of a probe);
 * ``sink.sha256``: the sink prefix's token ids (see :func:`~ltri_rag.memory_ingest.sink_prefix_ids`);
 * ``config.<field>`` for every :class:`~ltri_rag.config.LtriConfig` field that changes what ingest stores (all but
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -28,10 +31,14 @@ from ltri_rag.cache import layer_sliding_windows
 from ltri_rag.config import LtriConfig
 from ltri_rag.store import Fingerprint, JsonScalar
 
-__all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "config_from_fingerprint", "memory_fingerprint", "model_shapes",
-           "tokenizer_sha256", "weights_sha256"]
+__all__ = ["FORMAT_VERSION", "RUNTIME_FIELDS", "WEIGHTS_VERSION", "config_from_fingerprint", "memory_fingerprint",
+           "model_shapes", "stored_weights_version", "tokenizer_sha256", "weights_sha256"]
 
 FORMAT_VERSION = 1
+WEIGHTS_VERSION = 2
+"""The :func:`weights_sha256` scheme new stores are written with. 1 (stores written before it; their fingerprints
+have no ``model.weights_version`` key) hashed 256 sampled values per parameter, and missed a change anywhere
+else, such as one retrained embedding row. Stores of either version open; each is compared under its own."""
 RUNTIME_FIELDS = ("kv_offload", "kv_device_gib", "attention_backend", "pin_prompt_spans", "pin_extra_budget",
                   "full_chunk_size", "page_size", "decode_retrieval_stride", "selection_on_device", "decode_graph",
                   "decode_graph_retrieval", "zero_copy_host_pages", "host_cache_tokens")
@@ -45,7 +52,12 @@ _ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_s
                       "use_sliding_window", "layer_types", "attention_bias", "tie_word_embeddings",
                       "query_pre_attn_scalar", "partial_rotary_factor")
 _PROBE = "KV memory probe: Hello, world! 12345 3.14 naïve café 東京 😀\n\ttabs  and   spaces"
-_SAMPLES_PER_PARAMETER = 256
+_SAMPLES_PER_PARAMETER = 256  # version 1
+_BLOCK = 4096  # version 2: values per block signature
+_CHUNK = 1 << 23  # version 2: values converted at a time (a float64 copy of 64 MiB)
+_WEIGHTS_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[tuple[Any, ...], str]]] = \
+    weakref.WeakKeyDictionary()
+_WEIGHTS_CACHE_LOCK = threading.Lock()
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -66,21 +78,83 @@ def model_shapes(model: nn.Module) -> tuple[int, int, int, torch.dtype]:
     return int(cfg.num_hidden_layers), num_kv_heads, head_dim, next(model.parameters()).dtype
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 over every parameter's name, shape and ``256`` evenly spaced values rounded to bfloat16.
+def _block_signatures(flat: torch.Tensor) -> bytes:
+    """Version 2's signature of one parameter: ``[ceil(n / 4096), 2]`` int64, per block of 4,096 consecutive values
+    (their bfloat16 bit patterns as integers ``b_i``) ``sum(b_i)`` and ``sum((i + 1) * b_i)``.
 
-    Cheap (a few hundred KB hashed whatever the model size) and it tells apart any two differently trained or seeded
-    models; the rounding makes it independent of the dtype the weights were loaded in.
+    Every sum is an integer below 2**40, so the float64 matrix product computing it is exact in any summation order:
+    the bytes are the same on any device. A changed value changes both sums; two swapped values change the second.
     """
+    weights = torch.stack((torch.ones(_BLOCK, dtype=torch.float64, device=flat.device),
+                           torch.arange(1, _BLOCK + 1, dtype=torch.float64, device=flat.device)), dim=1)  # [B, 2]
+    parts = []
+    for start in range(0, flat.numel(), _CHUNK):  # _CHUNK is a multiple of _BLOCK: blocks never straddle chunks
+        bits = flat[start:start + _CHUNK].to(torch.bfloat16).view(torch.int16).to(torch.float64)
+        whole = bits.numel() // _BLOCK * _BLOCK
+        if whole:
+            parts.append(bits[:whole].view(-1, _BLOCK) @ weights)
+        if whole < bits.numel():
+            tail = bits[whole:]
+            parts.append((tail @ weights[:tail.numel()]).view(1, 2))
+    if not parts:
+        return b""
+    return torch.cat(parts).to(torch.int64).cpu().numpy().tobytes()
+
+
+def _weights_digest(model: nn.Module, version: int) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
             flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
-            sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.float32).to(torch.bfloat16)
             digest.update(f"{name}:{tuple(param.shape)}:".encode())
-            digest.update(sample.view(torch.int16).numpy().tobytes())
+            if version == 1:
+                step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+                sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.float32).to(torch.bfloat16)
+                digest.update(sample.view(torch.int16).numpy().tobytes())
+            else:
+                digest.update(_block_signatures(flat))
     return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module, version: int = WEIGHTS_VERSION) -> str:
+    """sha256 over every parameter's name, shape and values, rounded to bfloat16 (loading the same weights in float32
+    or bfloat16 gives the same hash).
+
+    Version 2 (the default) covers every value through :func:`_block_signatures` (about 1 s per billion float32
+    parameters on a 2-core CPU; the hashing of the signatures, 4 bytes per 1,024 values, runs on the host).
+    Version 1 hashed 256 evenly spaced values per parameter; it is kept to open stores written with it. The result
+    is cached per model object and recomputed when a parameter is replaced or changed in place (torch's version
+    counters).
+
+    Raises:
+        ValueError: ``version`` is not 1 or 2.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"weights fingerprint version must be 1 or 2, got {version!r} (a store written by a newer "
+                         f"ltri-rag?)")
+    state = tuple((name, p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                  for name, p in model.named_parameters())
+    with _WEIGHTS_CACHE_LOCK:
+        known = _WEIGHTS_CACHE.get(model, {}).get(version)
+    if known is not None and known[0] == state:
+        return known[1]
+    digest = _weights_digest(model, version)
+    with _WEIGHTS_CACHE_LOCK:
+        _WEIGHTS_CACHE.setdefault(model, {})[version] = (state, digest)
+    return digest
+
+
+def stored_weights_version(fingerprint: Fingerprint) -> int:
+    """The :func:`weights_sha256` version a store's fingerprint was written with (1 when it names none).
+
+    Raises:
+        ValueError: the version is not one this code computes.
+    """
+    version = fingerprint.get("model.weights_version", 1)
+    if version not in (1, 2):
+        raise ValueError(f"the store's weights fingerprint has version {version!r}; this ltri-rag computes 1 and 2 "
+                         f"(was it written by a newer one?)")
+    return int(version)  # type: ignore[arg-type]
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:
@@ -91,7 +165,8 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     return _sha256_json({"vocab": vocab, "specials": specials, "probe": probe})
 
 
-def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sink_ids: torch.Tensor) -> Fingerprint:
+def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sink_ids: torch.Tensor,
+                       weights_version: int = WEIGHTS_VERSION) -> Fingerprint:
     """The fingerprint a store for ``model`` + ``tokenizer`` + ``config`` must carry (see the module docstring).
 
     Args:
@@ -99,6 +174,8 @@ def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sin
         tokenizer: Its tokenizer.
         config: Engine configuration used to ingest (mode ``ltri`` or ``infllm``).
         sink_ids: ``[num_sink_tokens]`` int64 ids of the sink prefix.
+        weights_version: :func:`weights_sha256` version; 1 gives the fingerprint of stores written before version
+            2 (no ``model.weights_version`` key), to compare with such a store.
     """
     num_layers, num_kv_heads, head_dim, dtype = model_shapes(model)
     cfg = _text_config(model)
@@ -115,11 +192,13 @@ def memory_fingerprint(model: nn.Module, tokenizer: Any, config: LtriConfig, sin
         "model.vocab_size": int(cfg.vocab_size),
         "model.global_layers": ",".join(str(i) for i, w in enumerate(layer_sliding_windows(model)) if w is None),
         "model.architecture_sha256": _sha256_json(arch),
-        "model.weights_sha256": weights_sha256(model),
+        "model.weights_sha256": weights_sha256(model, weights_version),
         "tokenizer.vocab_size": len(tokenizer),
         "tokenizer.sha256": tokenizer_sha256(tokenizer),
         "sink.sha256": _sha256_json([int(i) for i in sink_ids.tolist()]),
     }
+    if weights_version != 1:
+        items["model.weights_version"] = weights_version
     for name, value in config.to_dict().items():
         if name in RUNTIME_FIELDS or (name in _ADDED_FIELDS and value == _ADDED_FIELDS[name]):
             continue

@@ -26,9 +26,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,17 +101,9 @@ class _Outcome:
 
 
 def _weights_id(model: Any) -> str:
-    """A hash of the model's weights (sampled, :func:`~ltri_rag.memory_fingerprint.weights_sha256`), computed once
-    per model object."""
-    with _WEIGHT_IDS_GUARD:
-        known = _WEIGHT_IDS.get(model)
-        if known is None:
-            known = _WEIGHT_IDS[model] = weights_sha256(model)
-        return known
-
-
-_WEIGHT_IDS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-_WEIGHT_IDS_GUARD = threading.Lock()
+    """A hash of the model's weights (:func:`~ltri_rag.memory_fingerprint.weights_sha256`, cached per model object
+    until a parameter changes)."""
+    return weights_sha256(model)
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "k", "collection", "filter", "max_memory_tokens",
                  "timeout")

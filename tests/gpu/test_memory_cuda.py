@@ -48,3 +48,17 @@ def test_cuda_memory_agrees_with_the_cpu(tmp_path: Path, max_memory_tokens: int)
         assert g.score == pytest.approx(c.score, abs=1e-4)
     assert gpu_text == cpu_text
     assert gpu_stream == gpu_text and cpu_stream == cpu_text
+
+
+def test_weights_fingerprint_is_the_same_on_the_gpu_as_on_the_cpu(monkeypatch) -> None:
+    """Version 2's block signatures are exact integer sums (a float64 product of bf16 bit patterns), so a store
+    written with the model on one device opens with it on another."""
+    from ltri_rag import memory_fingerprint as mf
+
+    model = tiny_model("llama")
+    on_cpu = {v: mf.weights_sha256(model, v) for v in (1, 2)}
+    monkeypatch.setattr(mf, "_CHUNK", 2 * 4096)  # several chunks per parameter on the GPU
+    model.cuda()
+    assert {v: mf.weights_sha256(model, v) for v in (1, 2)} == on_cpu
+    values = torch.randn(5 * 4096 + 123, generator=torch.Generator().manual_seed(0)) * 1e3
+    assert mf._block_signatures(values.cuda()) == mf._block_signatures(values)
