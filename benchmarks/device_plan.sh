@@ -37,7 +37,7 @@ grid() {  # split: the niah_longvalue48 grid of benchmarks/results/longvalue48_h
   local split=$1 res=/tmp/res/lv48-$1 seed=$repo/benchmarks/results/longvalue48_h200_qwen/$1
   [ -f "$qwen" ] || { echo "no $qwen: copy the model parts first"; exit 1; }
   mkdir -p "$res"
-  [ -f "$res/samples.jsonl" ] || [ ! -f "$seed/samples.jsonl" ] || cp "$seed/samples.jsonl" "$res/"
+  [ -f "$res/samples.jsonl" ] || [ ! -f "$seed/samples.jsonl" ] || cp "$seed/samples.jsonl" "$seed/meta.json" "$res/"
   local secs=${LV48_SECONDS:-540}  # a shorter call leaves partial rows, which the next call (or session) resumes
   timeout $((secs + 30)) python3 -m benchmarks.parallel --workers 8 --gpus 0 benchmarks.evaluate --model "qwen=$qwen" \
     --tasks niah_longvalue48 --lengths 16384 32768 --samples 20 --split "$split" --backend triton \
