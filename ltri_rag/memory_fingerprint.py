@@ -85,11 +85,13 @@ def _block_signatures(flat: torch.Tensor) -> bytes:
     Every sum is an integer below 2**40, so the float64 matrix product computing it is exact in any summation order:
     the bytes are the same on any device. A changed value changes both sums; two swapped values change the second.
     """
-    weights = torch.stack((torch.ones(_BLOCK, dtype=torch.float64, device=flat.device),
-                           torch.arange(1, _BLOCK + 1, dtype=torch.float64, device=flat.device)), dim=1)  # [B, 2]
+    # float64 where the device has it (CUDA, CPU); elsewhere (e.g. MPS) the chunks are summed on the host
+    device = flat.device if flat.device.type in ("cpu", "cuda") else torch.device("cpu")
+    weights = torch.stack((torch.ones(_BLOCK, dtype=torch.float64, device=device),
+                           torch.arange(1, _BLOCK + 1, dtype=torch.float64, device=device)), dim=1)  # [B, 2]
     parts = []
     for start in range(0, flat.numel(), _CHUNK):  # _CHUNK is a multiple of _BLOCK: blocks never straddle chunks
-        bits = flat[start:start + _CHUNK].to(torch.bfloat16).view(torch.int16).to(torch.float64)
+        bits = flat[start:start + _CHUNK].to(torch.bfloat16).view(torch.int16).to(device, torch.float64)
         whole = bits.numel() // _BLOCK * _BLOCK
         if whole:
             parts.append(bits[:whole].view(-1, _BLOCK) @ weights)
