@@ -217,7 +217,7 @@ class KVMemory(MemorySearch):
             span_store = factory.open(path_or_url, expected, **dict(store_options or {}))
         except FingerprintMismatch as err:
             stored_version = err.differences.get("model.weights_version", (WEIGHTS_VERSION,))[0]
-            if stored_version is not None:
+            if stored_version is not None or config is None:
                 raise
             # A store written before weights version 2 (no such key): compare under its own scheme.
             expected = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens),

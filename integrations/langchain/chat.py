@@ -105,6 +105,7 @@ def _weights_id(model: Any) -> str:
     until a parameter changes)."""
     return weights_sha256(model)
 
+
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "k", "collection", "filter", "max_memory_tokens",
                  "timeout")
 
