@@ -57,7 +57,7 @@ def test_weights_fingerprint_is_the_same_on_the_gpu_as_on_the_cpu(monkeypatch) -
 
     model = tiny_model("llama")
     on_cpu = {v: mf.weights_sha256(model, v) for v in (1, 2)}
-    monkeypatch.setattr(mf, "_CHUNK", 2 * 4096)  # several chunks per parameter on the GPU
+    monkeypatch.setattr(mf, "_CUDA_CHUNK", 2 * 4096)  # several chunks per parameter on the GPU
     model.cuda()
     assert {v: mf.weights_sha256(model, v) for v in (1, 2)} == on_cpu
     values = torch.randn(5 * 4096 + 123, generator=torch.Generator().manual_seed(0)) * 1e3
