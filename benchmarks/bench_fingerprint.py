@@ -1,6 +1,7 @@
 """Time of the store fingerprint's weights hash: version 2 (every value) against version 1 (256 samples per parameter).
 
-    python -m benchmarks.bench_fingerprint --model MODELS/qwen2.5-coder-0.5b.gguf --out benchmarks/results/fingerprint_cpu
+    python -m benchmarks.bench_fingerprint --model MODELS/qwen2.5-coder-0.5b.gguf \
+        --out benchmarks/results/fingerprint_cpu_qwen
     python -m benchmarks.bench_fingerprint --random-params 100000000 --device cuda --out OUT
 
 A :class:`~ltri_rag.memory.KVMemory` computes the hash when it creates or opens a store (once per model object: the
