@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.measure import median_seconds
 from benchmarks.output import save_rows
 from ltri_rag.memory_fingerprint import _weights_digest, weights_sha256
 
@@ -44,16 +43,6 @@ def random_model(num_params: int, width: int = 4096, seed: int = 0) -> nn.Module
     return model
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def run(model: nn.Module, reps: int) -> list[dict[str, Any]]:
     """One row per version: median seconds of the uncached hash, and whether the cached call agrees."""
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
@@ -63,7 +52,7 @@ def run(model: nn.Module, reps: int) -> list[dict[str, Any]]:
             digest = _weights_digest(model, v)
             sync()
             return digest
-        seconds = _median_s(once, reps)
+        seconds = median_seconds(once, reps)
         rows.append({"version": version, "seconds": seconds, "cached_agrees": weights_sha256(model, version) == once()})
         print(f"version {version}: {seconds:.4f} s", flush=True)
     return rows

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.measure import median_seconds
 from benchmarks.output import save_rows
 from ltri_rag.index_vectors import select_index_tokens_batch, span_bookkeeping
 
@@ -65,13 +64,7 @@ def make_segments(layers: int, tokens: int, spans: int, kv_heads: int, seed: int
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, reps) * 1e3
 
 
 def _same(a: tuple, b: tuple) -> bool:

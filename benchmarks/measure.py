@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,18 @@ import ltri_rag
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.generation import eos_token_ids
 
-__all__ = ["file_sha256", "run_prompt"]
+__all__ = ["file_sha256", "median_seconds", "run_prompt"]
+
+
+def median_seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one warm-up call (host code: no device synchronisation)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def file_sha256(path: str) -> str | None:
