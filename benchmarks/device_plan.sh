@@ -10,6 +10,7 @@
 # carries .gpu/whl, .gpu/meta and .gpu/data (see benchmarks/gpu_prepare.sh). Steps:
 #
 #   tests        every GPU test (tests/gpu), log in gpu_tests.log
+#   pytest FILE.. the named test files or node ids only (e.g. tests/gpu/test_memory_cuda.py), log in gpu_tests.log
 #   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
 #   s35_ab       session 35's two candidates together (ltri_s35: FUSED_FINISH, SLOT_GLUE_IN_KERNEL) against the
 #                defaults, end to end, 2 rounds
@@ -49,6 +50,10 @@ case $step in
   tests)
     timeout 560 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_triton_decode.py \
       tests/unit/test_triton_assemble.py tests/unit/test_triton_specialization.py > "$out/gpu_tests.log" 2>&1
+    tail -n 15 "$out/gpu_tests.log" ;;
+  pytest)
+    [ $# -gt 1 ] || { echo "usage: bash benchmarks/device_plan.sh pytest FILE..."; exit 2; }
+    timeout 560 python3 -m pytest -q -p no:cacheprovider "${@:2}" > "$out/gpu_tests.log" 2>&1
     tail -n 15 "$out/gpu_tests.log" ;;
   decode_ab)
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
