@@ -10,7 +10,9 @@ Qwen2.5-0.5B (14 / 2, 64) layers. Backends:
   window with ``extra_lse``, ``merge_attention``), computing ``out``, ``lse``, the window's key mass and band;
 * ``triton``: :func:`ltri_rag.kernels.triton_decode.decode_attention_triton`, the same result in two launches
   (``triton (previous finish)``: its finishing pass in the form before session 22, ``ONE_TILE_FINISH`` off;
-  ``triton (finish in the split pass)``: one launch, ``FUSED_FINISH`` on, same results bit for bit);
+  ``triton (finish in the split pass)``: one launch, ``FUSED_FINISH`` on, same results bit for bit;
+  ``triton (finish as a dependent launch)``: ``PDL_FINISH`` on, the finishing launch started while the split pass
+  runs, on compute capability 9.0 and later, the plain launch elsewhere);
 * ``sdpa (out only)``: ``scaled_dot_product_attention`` over the keys concatenated beforehand (GQA native), the
   reference speed of plain decode attention without the statistics;
 * ``read floor (one launch)``: :func:`benchmarks.decode_read_floor.read_kv`, one Triton launch reading the same K
@@ -56,6 +58,8 @@ CONTEXTS = (4096, 16384, 131072)  # keys per KV head (memory + window)
 READ_FLOOR = "read floor (one launch)"
 ONE_LAUNCH = "triton (finish in the split pass)"  # the row of FUSED_FINISH flipped on (off: TWO_LAUNCHES)
 TWO_LAUNCHES = "triton (finish launched apart)"
+DEPENDENT = "triton (finish as a dependent launch)"  # the row of PDL_FINISH flipped on (off: NOT_DEPENDENT)
+NOT_DEPENDENT = "triton (finish launched plainly)"
 SMALL_MODELS = {"tiny": (4, 2, 32)}
 SMALL_CONTEXTS = (48, 96)
 
@@ -174,8 +178,10 @@ def bench_shape(model: str, heads: tuple[int, int, int], keys: int, device: torc
                 setattr(td, flag, current)
 
         # the finishing pass before session 22 (ONE_TILE_FINISH off); the finish in the split pass (FUSED_FINISH)
+        # and the finishing pass as a programmatic dependent launch (PDL_FINISH; Hopper and later, else the same)
         for flag, on_label, off_label in (("ONE_TILE_FINISH", "triton (one-tile finish)", "triton (previous finish)"),
-                                          ("FUSED_FINISH", ONE_LAUNCH, TWO_LAUNCHES)):
+                                          ("FUSED_FINISH", ONE_LAUNCH, TWO_LAUNCHES),
+                                          ("PDL_FINISH", DEPENDENT, NOT_DEPENDENT)):
             label = off_label if getattr(td, flag) else on_label  # the row of the flipped form
             backends[label] = [lambda c=c, flag=flag: flipped(c, flag) for c in copies]
         for t in tuning:

@@ -11,6 +11,8 @@
 #
 #   tests        every GPU test (tests/gpu), log in gpu_tests.log
 #   pytest FILE.. the named test files or node ids only (e.g. tests/gpu/test_memory_cuda.py), log in gpu_tests.log
+#   pdl_ab       PDL_FINISH (ltri_pdl_finish: the decode attention's finish as a dependent launch) against the
+#                defaults, end to end, 2 rounds
 #   decode_ab    the decode defaults against session 33's (evict stride 64, evicting steps eager), 2 rounds
 #   s35_ab       session 35's two candidates together (ltri_s35: FUSED_FINISH, SLOT_GLUE_IN_KERNEL) against the
 #                defaults, end to end, 2 rounds
@@ -55,6 +57,10 @@ case $step in
     [ $# -gt 1 ] || { echo "usage: bash benchmarks/device_plan.sh pytest FILE..."; exit 2; }
     timeout 560 python3 -m pytest -q -p no:cacheprovider "${@:2}" > "$out/gpu_tests.log" 2>&1
     tail -n 15 "$out/gpu_tests.log" ;;
+  pdl_ab)
+    timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
+      --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_pdl_finish --isolate on --rounds 2 \
+      --no-profile --backend auto --time-limit 560 --out "$out" ;;
   decode_ab)
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
       --decode-lengths 8192 131072 --decode-tokens 256 --modes ltri ltri_s33_decode --isolate on --rounds 2 \

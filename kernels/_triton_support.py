@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
     triton = None
     tl = None
 
-__all__ = ["interpreted", "multiprocessors", "next_pow2", "pow2_block", "tl", "triton", "triton_available",
+__all__ = ["dependent_launch", "interpreted", "multiprocessors", "next_pow2", "pow2_block", "tl", "triton", "triton_available",
            "turns_per_position"]
 
 
@@ -57,6 +57,40 @@ def multiprocessors(index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _triton_has_dependent_launch() -> bool:
+    """Whether this triton compiles ``griddepcontrol`` (``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents``) and
+    launches with the programmatic-serialisation attribute (the ``launch_pdl`` launch option)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as extra_cuda
+    except ImportError:  # pragma: no cover - a triton without the NVIDIA backend
+        return False
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return ("launch_pdl" in fields and hasattr(extra_cuda, "gdc_wait")
+            and hasattr(extra_cuda, "gdc_launch_dependents"))
+
+
+def dependent_launch(device) -> bool:
+    """Whether a compiled Triton kernel on ``device`` may run as a *programmatic dependent launch*: started while
+    the kernel before it on the stream is still running, its programs waiting (``gdc_wait``) until that kernel's
+    writes are visible. Needs a CUDA device of compute capability 9.0 or later (Hopper) and a triton that has both
+    halves; never under the interpreter."""
+    if triton is None or interpreted() or getattr(device, "type", None) != "cuda":
+        return False
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _compute_capability(index)[0] >= 9 and _triton_has_dependent_launch()
 
 
 # inverse frequencies -> their turns per position on a device: id(inv_freq) -> (weak reference, version, device,

@@ -53,6 +53,10 @@ Design (two kernels, deterministic, no host sync: graph-capturable; the finish i
   order: the results equal the two-launch form's. The counters (``B * Hkv + B`` int32, kept per device) are put
   back to 0 by the programs that used them, so a captured graph replays correctly.
 
+* **Dependent launch** (``PDL_FINISH``, off by default until timed on the GPU; Hopper and later): the finishing pass
+  is launched as a programmatic dependent launch, scheduled while the split pass runs and waiting on the device for
+  its writes (same kernels, same results).
+
 Window length on the device (``win_len=``, for a decode step replayed as a CUDA graph): ``win_k`` / ``win_v`` are
 then buffers of capacity ``W`` and both kernels read the window's length from a one-element device tensor. Launch
 shapes (splits, tiles, window blocks) come from the capacity; split programs skip the tiles past the length, the key
@@ -73,7 +77,7 @@ from __future__ import annotations
 import importlib
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import dependent_launch, interpreted, tl, triton, triton_available
 from ltri_rag.kernels.decode_shapes import block_sizes, finish_shapes, launch_settings, num_splits_for
 from ltri_rag.kernels.attention import LocalAttention
 from ltri_rag.kernels.attention_decode import _check_decode, decode_attention
@@ -102,6 +106,14 @@ BAND_TILE_ELEMENTS = 8192
 # graph replays with them at 0. Off until timed on the GPU: it saves one launch (~3.8 µs of a 16K step's 30 µs in
 # session 34's profile) but serialises a head's finishing work in one program.
 FUSED_FINISH = False
+
+# With PDL_FINISH (on a GPU of compute capability 9.0 or later) the finishing pass is a *programmatic dependent
+# launch*: the split pass lets it be scheduled as soon as every split program has started
+# (``gdc_launch_dependents``), and its programs wait (``gdc_wait``, before any read or write) until the split
+# pass's writes are visible. The same two kernels compute the same values; only the finishing launch's start-up
+# overlaps the split pass's tail instead of following it. Off until timed on the GPU
+# (``bench_decode_attention``'s row ``triton (finish as a dependent launch)``).
+PDL_FINISH = False
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros between launches (int32)
 _NO_FINISH = {"FIN_GROUP_P": 1, "MERGE_D": 16, "SPLITS_P": 1, "SPLIT_CHUNK": 1, "BLOCK_W": 16, "BAND_P": 2,
               "HEADS_P": 1, "MASS": False, "BAND": False, "BAND_TILE": False}  # the split pass's, when not fused
@@ -187,7 +199,9 @@ if triton is not None:
             DEVICE_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, FIN_GROUP_P: tl.constexpr,
             MERGE_D: tl.constexpr, SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
             BAND_P: tl.constexpr, HEADS_P: tl.constexpr, MASS: tl.constexpr, BAND: tl.constexpr,
-            BAND_TILE: tl.constexpr):
+            BAND_TILE: tl.constexpr, GDC_LAUNCH: tl.constexpr):
+        if GDC_LAUNCH:  # PDL_FINISH: the finishing launch may be scheduled once every split program is here
+            tl.extra.cuda.gdc_launch_dependents()
         pid_s = tl.program_id(0)
         if DEVICE_LEN:  # the window's length read from device memory, clamped to [1, win_cap]
             win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)
@@ -356,6 +370,7 @@ def decode_attention_triton(
     mass_ptr = key_mass if key_mass is not None else lse
     band_ptr = band if band is not None else lse
     fused = FUSED_FINISH
+    pdl = PDL_FINISH and not fused and not INTERPRETED and dependent_launch(device)
     counters = _counters(device, programs + batch) if fused else lse
     finish = {"GROUP": group, "HEAD_DIM": head_dim, "MERGE_D": fin.merge_d, "SPLITS_P": fin.splits_p,
               "SPLIT_CHUNK": fin.chunk, "BLOCK_W": block_w, "BAND_P": fin.band_p, "HEADS_P": fin.heads_p,
@@ -371,13 +386,15 @@ def decode_attention_triton(
         fin.num_wblocks, fin.num_merge, programs, band_width if fused else 0, 1.0 / num_heads,
         GROUP_P=group_p, BLOCK_D=block_d, BLOCK_N=block_n, SOFTCAP=softcap is not None,
         HAS_MASK=mem_mask is not None, STORE_SCORES=store_scores, DEVICE_LEN=device_len,
-        DOT_PRECISION=dot_precision, FUSED=fused, **in_split, num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=dot_precision, FUSED=fused, **in_split, GDC_LAUNCH=pdl, num_warps=num_warps,
+        num_stages=num_stages)
     if not fused:
         num_main = programs * fin.num_wblocks
         _decode_finish_kernel[(num_main + (batch if band is not None else 0),)](
             part_o, part_lse, scores, out, lse, mass_ptr, band_ptr, len_ptr,
             num_kv_heads, win_cap, win_cap, splits, fin.num_wblocks, fin.num_merge, num_main, band_width,
-            1.0 / num_heads, GROUP_P=fin.group_p, DEVICE_LEN=device_len, **finish, num_warps=4)
+            1.0 / num_heads, GROUP_P=fin.group_p, DEVICE_LEN=device_len, **finish, GDC_WAIT=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
     return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=band)
 
 

@@ -175,7 +175,9 @@ if triton is not None:
             GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_D: tl.constexpr,
             SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BAND_P: tl.constexpr,
             HEADS_P: tl.constexpr, MASS: tl.constexpr, BAND: tl.constexpr, BAND_TILE: tl.constexpr,
-            DEVICE_LEN: tl.constexpr):
+            DEVICE_LEN: tl.constexpr, GDC_WAIT: tl.constexpr):
+        if GDC_WAIT:  # a programmatic dependent launch (PDL_FINISH): the split pass's writes visible first
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         if DEVICE_LEN:
             win_len = tl.minimum(tl.maximum(tl.load(WinLen).to(tl.int32), 1), win_cap)

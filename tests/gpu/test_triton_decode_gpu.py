@@ -153,3 +153,45 @@ def test_one_launch_form_on_cuda(case, monkeypatch) -> None:
         graph.replay()
         torch.cuda.synchronize()
         same(captured)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[6], CASES[7]], ids=lambda c: c[0])
+def test_dependent_launch_finish_on_cuda(case, monkeypatch) -> None:
+    """``PDL_FINISH`` compiled (Hopper and later): the finishing pass started as a programmatic dependent launch
+    gives the plain launch's result bit for bit. Two inputs alternate, so a finishing program that read the split
+    pass's partials before they were written would read the other input's values (the allocator hands the same
+    scratch back) and differ; also inside a replayed CUDA graph, with the inputs refilled between replays."""
+    td = _module()
+    from ltri_rag.kernels._triton_support import dependent_launch
+
+    if not dependent_launch(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("no programmatic dependent launch here (compute capability < 9.0 or an older triton)")
+    _, batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, band_width, softcap = case
+    pair = [_inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, torch.bfloat16, seed=s)
+            for s in (5, 6)]
+    args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": True, "softcap": softcap}
+    plain = [td.decode_attention_triton(*inputs, **args) for inputs in pair]
+    monkeypatch.setattr(td, "PDL_FINISH", True)
+    names = ("out", "lse", "key_mass") + (("band",) if band_width else ())
+
+    def same(got, want) -> None:
+        for name in names:
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+    for i in range(20):
+        same(td.decode_attention_triton(*pair[i % 2], **args), plain[i % 2])
+    buffers = [t.clone() for t in pair[0]]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        td.decode_attention_triton(*buffers, **args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = td.decode_attention_triton(*buffers, **args)
+    for i in range(6):
+        for buffer, value in zip(buffers, pair[i % 2]):
+            buffer.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        same(captured, plain[i % 2])

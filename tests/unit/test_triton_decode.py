@@ -172,6 +172,63 @@ def test_one_launch_form_equals_two_launches(form, monkeypatch) -> None:
                 _assert_matches(one, ref)
 
 
+def test_dependent_launch_form_changes_nothing(monkeypatch) -> None:
+    """``PDL_FINISH``: the finishing pass as a programmatic dependent launch (compiled, compute capability >= 9)
+    gives the plain launch's out / lse / key mass / band bit for bit, with the window length on the device too.
+    Under the interpreter or on an older GPU the switch falls back to the plain launch (no ``launch_pdl`` option is
+    passed, which the interpreter's launcher would not take)."""
+    from ltri_rag.kernels._triton_support import dependent_launch
+
+    pdl_here = not triton_decode.INTERPRETED and dependent_launch(torch.device(DEVICE))
+    finish_kernel = triton_decode._decode_finish_kernel
+    options = []
+
+    class Recording:  # the finishing kernel, noting the launch options it is given
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                options.append((kwargs.get("GDC_WAIT"), kwargs.get("launch_pdl")))
+                return finish_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_decode, "_decode_finish_kernel", Recording())
+    for case in (CASES[1], CASES[2], CASES[7]):
+        batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_mass, softcap = case
+        call = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, seed=6)
+        args = {"scaling": head_dim ** -0.5, "band_width": band_width, "want_key_mass": want_mass,
+                "softcap": softcap}
+        length = torch.tensor([max(1, win_len - 2)], device=call[0].device)
+        for win in (None, length):
+            monkeypatch.setattr(triton_decode, "PDL_FINISH", False)
+            plain = decode_attention_triton(*call, win_len=win, block_n=16, **args)
+            monkeypatch.setattr(triton_decode, "PDL_FINISH", True)
+            dependent = decode_attention_triton(*call, win_len=win, block_n=16, **args)
+            for name in ("out", "lse", "key_mass", "band"):
+                expected, got = getattr(plain, name), getattr(dependent, name)
+                assert (expected is None) == (got is None), name
+                assert expected is None or torch.equal(expected, got), (case, name)
+            assert options[-2] == (False, None)
+            assert options[-1] == ((True, True) if pdl_here else (False, None))
+
+
+def test_dependent_launch_needs_hopper_and_a_compiled_kernel(monkeypatch) -> None:
+    """``dependent_launch``: never for a CPU tensor or under the interpreter; on CUDA only from compute capability
+    9.0 and with a triton that has both halves of the mechanism."""
+    from ltri_rag.kernels import _triton_support as support
+
+    assert not support.dependent_launch(torch.device("cpu"))
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(support, "interpreted", lambda: False)
+    monkeypatch.setattr(support, "_triton_has_dependent_launch", lambda: True)
+    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(support, "_compute_capability", lambda index, c=capability: c)
+        assert support.dependent_launch(cuda0) is expected, capability
+    monkeypatch.setattr(support, "_triton_has_dependent_launch", lambda: False)
+    assert not support.dependent_launch(cuda0)
+    monkeypatch.setattr(support, "_triton_has_dependent_launch", lambda: True)
+    monkeypatch.setattr(support, "interpreted", lambda: True)
+    assert not support.dependent_launch(cuda0)
+
+
 def test_launch_settings_change_nothing_but_speed() -> None:
     """Explicit ``num_warps`` / ``num_stages`` (the tuning knobs of bench_decode_attention's ``--grid``) give the
     default's result; bad values are named."""
