@@ -34,8 +34,10 @@ class LtriRetriever(DocumentIndex):
     """The spans a :class:`KVMemory` recalls for a query, as LangChain ``Document`` s, with add / upsert / get /
     delete by id (LangChain's ``DocumentIndex`` shape).
 
-    Each hit is ``Document(id="<doc_id>:<start_char>-<end_char>", page_content=<span text>, metadata={**the
-    document's metadata, "doc_id", "collection", "start_char", "end_char", "score"})``, best first.
+    Each hit is ``Document(id="<collection>/<doc_id>:<start_char>-<end_char>", page_content=<span text>,
+    metadata={**the document's metadata, "doc_id", "collection", "start_char", "end_char", "score"})``, best first:
+    the id names one passage, unique across collections (the LlamaIndex retriever's node ids are the same strings);
+    ``get`` / ``delete`` take the document's own id, ``metadata["doc_id"]``.
 
     ``k``, ``filter`` and ``collection`` are fields and per-call keyword arguments (``invoke(q, k=3)``). Searches
     cover ``collection`` (``None``: every collection); writes go to ``collection`` or ``"default"``.
@@ -76,8 +78,8 @@ class LtriRetriever(DocumentIndex):
                 metas[key] = self.memory.get([hit.doc_id], collection=hit.collection)[0].metadata
             meta = {**metas[key], "doc_id": hit.doc_id, "collection": hit.collection, "start_char": hit.char_start,
                     "end_char": hit.char_end, "score": hit.score}
-            docs.append(Document(id=f"{hit.doc_id}:{hit.char_start}-{hit.char_end}", page_content=hit.text,
-                                 metadata=meta))
+            docs.append(Document(id=f"{hit.collection}/{hit.doc_id}:{hit.char_start}-{hit.char_end}",
+                                 page_content=hit.text, metadata=meta))
         return docs
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,

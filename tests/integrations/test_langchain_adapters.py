@@ -210,7 +210,7 @@ def test_retriever_hits_are_documents_with_offsets_and_metadata(retriever) -> No
             hit.doc_id, hit.char_start, hit.char_end, hit.score)
         assert doc.page_content == DOCS[meta["doc_id"]][meta["start_char"]:meta["end_char"]]
         assert meta["collection"] == "default" and meta["lang"] == META[meta["doc_id"]]["lang"]
-        assert doc.id == f"{hit.doc_id}:{hit.char_start}-{hit.char_end}"
+        assert doc.id == f"default/{hit.doc_id}:{hit.char_start}-{hit.char_end}"
 
 
 def test_retriever_filters_and_collections(retriever) -> None:
@@ -224,6 +224,12 @@ def test_retriever_filters_and_collections(retriever) -> None:
     # without a collection the retriever reads every collection (k covers all regions: a random model's ranking
     # says nothing about which document comes first)
     assert {d.metadata["doc_id"] for d in retriever.invoke("capital", k=64)} >= {"berlin", "paris"}
+    # one document id in two collections: every passage keeps an id of its own (the collection is part of it)
+    other.add_documents([Document(page_content=DOCS["paris"], id="paris")])
+    both = retriever.invoke("capital of France Seine", k=64)
+    assert {d.metadata["collection"] for d in both if d.metadata["doc_id"] == "paris"} == {"default", "other"}
+    assert len({d.id for d in both}) == len(both)
+    assert all(d.id.startswith(d.metadata["collection"] + "/") for d in both)
 
 
 def test_retriever_delete_then_retrieve_and_upsert(retriever) -> None:
