@@ -12,6 +12,7 @@ decodes the same number of tokens: its tokens must equal the first's (``same_tok
 ``DynamicCache`` (full attention, the model's own SDPA path) reads the same prompt and decodes as many tokens; its
 row says on how many leading tokens the two greedy decodes agree, and both texts are printed. A session that decodes
 one token id throughout stops the run (a broken greedy loop: session 36's first version fed token 0 at every step).
+``--flag module:NAME`` alternates another exact switch instead (any module-level boolean).
 Prints a table (median and mean ms per token, prefill seconds, the share of layer-steps that reused their memory
 part) and writes ``bench.json`` and ``bench.md``.
 """
@@ -19,6 +20,7 @@ part) and writes ``bench.json`` and ``bench.md``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +30,6 @@ import torch
 
 from benchmarks.output import save_rows
 from benchmarks.tasks import data_dir
-import ltri_rag.layer_memory as layer_memory
 from ltri_rag import LtriConfig, LtriSession
 from ltri_rag.layer import GlobalLayerState
 from ltri_rag.loading import load_model
@@ -52,8 +53,27 @@ def _reuses(session: LtriSession) -> int:
     return sum(s.placed_reuses for s in session.cache.states if isinstance(s, GlobalLayerState))
 
 
-def ltri_decode(model: Any, ids: torch.Tensor, tokens: int, segment: int | None) -> dict[str, Any]:
-    """Prefill and greedy decode; ``segment``: alternate the reuse flag every ``segment`` steps (None: off)."""
+DEFAULT_FLAG = "ltri_rag.layer_memory:REUSE_PLACED_MEMORY"
+
+
+def _flag(spec: str) -> tuple[Any, str]:
+    """``(module, name)`` of a boolean switch named ``module:NAME`` (``ValueError`` naming a bad one)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--flag {spec!r}: no module {module_name!r}") from exc
+    if not isinstance(getattr(module, name, None), bool):
+        raise ValueError(f"--flag {spec!r}: {module_name}.{name} is not a boolean switch")
+    return module, name
+
+
+def ltri_decode(model: Any, ids: torch.Tensor, tokens: int, segment: int | None,
+                flag: str = DEFAULT_FLAG) -> dict[str, Any]:
+    """Prefill and greedy decode; ``segment``: alternate ``flag`` (``module:NAME``) every ``segment`` steps, on
+    first (None: off throughout). The switch is put back as it was afterwards."""
+    module, name = _flag(flag)
+    initial = getattr(module, name)
     session = LtriSession(model, LtriConfig())
     start = time.perf_counter()
     logits = session.feed(ids)
@@ -64,7 +84,7 @@ def ltri_decode(model: Any, ids: torch.Tensor, tokens: int, segment: int | None)
     try:
         for i in range(tokens):
             reuse = segment is not None and (i // segment) % 2 == 0
-            layer_memory.REUSE_PLACED_MEMORY = reuse
+            setattr(module, name, reuse)
             token = logits.argmax(-1)  # step() and feed() return [batch, vocab]
             out.append(int(token))
             before = _reuses(session)
@@ -73,7 +93,7 @@ def ltri_decode(model: Any, ids: torch.Tensor, tokens: int, segment: int | None)
             times[reuse].append(time.perf_counter() - start)
             reused[reuse] += _reuses(session) - before
     finally:
-        layer_memory.REUSE_PLACED_MEMORY = True
+        setattr(module, name, initial)
     layers = sum(isinstance(s, GlobalLayerState) for s in session.cache.states)
     return {"prefill_s": prefill, "times": times, "reused": reused, "layers": layers, "tokens": out}
 
@@ -117,24 +137,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per session")
     parser.add_argument("--segment", type=int, default=8, help="steps per segment of the alternating session")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's decode")
+    parser.add_argument("--flag", default=DEFAULT_FLAG,
+                        help="the exact switch the sessions alternate, as module:NAME (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.tokens < 2 * args.segment or args.segment < 1:
         parser.error(f"--tokens ({args.tokens}) must cover two --segment ({args.segment}) segments")
+    try:
+        _flag(args.flag)
+    except ValueError as exc:
+        parser.error(str(exc))
+    name = args.flag.partition(":")[2]
+    labels = ((True, "ltri, placed memory reused"), (False, "ltri, built every step")) if args.flag == DEFAULT_FLAG \
+        else ((True, f"ltri, {name} on"), (False, f"ltri, {name} off"))
     model, tokenizer = load_model(args.model, device="cpu")
     rows = []
     with torch.no_grad():
         for length in args.lengths:
             ids = prompt_ids(tokenizer, length)
-            mixed = ltri_decode(model, ids, args.tokens, args.segment)
-            plain = ltri_decode(model, ids, args.tokens, None)
+            mixed = ltri_decode(model, ids, args.tokens, args.segment, args.flag)
+            plain = ltri_decode(model, ids, args.tokens, None, args.flag)
             same = mixed["tokens"] == plain["tokens"]
-            for reuse, mode in ((True, "ltri, placed memory reused"), (False, "ltri, built every step")):
+            for reuse, mode in labels:
                 steps = len(mixed["times"][reuse])
                 share = mixed["reused"][reuse] / (steps * mixed["layers"])
                 rows.append(_row(length, mode, mixed["prefill_s"], mixed["times"][reuse],
                                  reused_share=round(share, 3), same_tokens=same))
-            rows.append(_row(length, "ltri, built every step (own session)", plain["prefill_s"],
+            rows.append(_row(length, f"{labels[1][1]} (own session)", plain["prefill_s"],
                              plain["times"][False], reused_share=0.0, same_tokens=same))
             distinct = len(set(mixed["tokens"]))
             if distinct < 2:
@@ -155,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['length']} | {r['mode']} | {r['prefill_s']} | {r['steps']} | {r['ms_median']} | "
                      f"{r['ms_mean']} | {r.get('reused_share', '-')} | {r.get('same_tokens', '-')} | "
                      f"{r.get('ltri_prefix_agrees', '-')} |")
-    meta = {"model": Path(args.model).name, "tokens": args.tokens, "segment": args.segment,
+    meta = {"model": Path(args.model).name, "tokens": args.tokens, "segment": args.segment, "flag": args.flag,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype)}
     save_rows(args.out, meta, rows, "\n".join(lines) + "\n")
 
