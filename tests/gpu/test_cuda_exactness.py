@@ -118,18 +118,21 @@ def test_cuda_runs_repeat_bit_for_bit(pool: str) -> None:
                                     "span_memory.FUSED_SLOTS:place_slots", "retrieval.PAIRED_SORT:_fill_budget",
                                     "retrieval.FUSED_RECENCY:update_recency_triton",
                                     "kernels.triton_assemble.SLOT_GLUE_IN_KERNEL:layer_assembly.assemble_memory",
-                                    "kernels.triton_decode.FUSED_FINISH:kernels.triton_decode.decode_attention_triton"])
+                                    "kernels.triton_decode.FUSED_FINISH:kernels.triton_decode.decode_attention_triton",
+                                    "kernels.triton_decode.PDL_FINISH:kernels.triton_decode.decode_attention_triton"])
 def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     """The consensus read and vote in one launch (``consensus.FUSED_CONSENSUS``, against eleven torch operations) and
     the slot placement in one launch (``span_memory.FUSED_SLOTS``, against a binary search and ten operations), a
     layer's two selections ranked and filled together (``retrieval.PAIRED_SORT``, against one after the other), the
     persistence update in one launch (``retrieval.FUSED_RECENCY``, against four operations), the memory assembly
     finding its counts itself (``triton_assemble.SLOT_GLUE_IN_KERNEL``) and the decode attention in one launch
-    (``triton_decode.FUSED_FINISH``): the same logits bit for bit at every step (prompt passes selecting on the
+    (``triton_decode.FUSED_FINISH``) or with its finish as a programmatic dependent launch
+    (``triton_decode.PDL_FINISH``): the same logits bit for bit at every step (prompt passes selecting on the
     device, graph-replayed decode steps), and the kernel (or the launcher, where ``SWITCH:MODULE.FUNCTION`` names
     it) ran. Where the spied launcher runs whichever way the switch is set, the switch's own path is checked too:
     the assembly kernel launched to derive its counts, the one-launch decode attention used its arrival counters and
-    left them at 0, and neither happened with the switch off."""
+    left them at 0, the finishing launches waited on the split pass (on compute capability 9.0 and later), and
+    none of these happened with the switch off."""
     import importlib
 
     from ltri_rag import LtriConfig
@@ -150,6 +153,11 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
     monkeypatch.setattr(owner, kernel_name, spy)
     derived = record_launch_flag(monkeypatch, importlib.import_module("ltri_rag.kernels.triton_assemble"),
                                  ("_assemble_halves_kernel", "_assemble_kernel"), "DERIVE")
+    from ltri_rag.kernels._triton_support import dependent_launch
+
+    waited = record_launch_flag(monkeypatch, importlib.import_module("ltri_rag.kernels.triton_decode"),
+                                ("_decode_finish_kernel",), "GDC_WAIT")
+    pdl_here = dependent_launch(torch.device("cuda", torch.cuda.current_device()))
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = _ids(1, 400).cuda()
     cfg = LtriConfig(num_sink_tokens=4, local_window=32, chunk_size=16, budget=24, page_size=8, evict_stride=8,
@@ -161,6 +169,7 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
             monkeypatch.setattr(module, "_COUNTERS", {})  # made by the one-launch form only
         calls.clear()
         derived.clear()
+        waited.clear()
         runs.append(greedy_logits(LtriSession(model, cfg), ids, 6))
         if fused:
             assert calls, f"{kernel_name} never ran"
@@ -170,5 +179,7 @@ def test_cuda_one_launch_glue_changes_nothing(switch: str, monkeypatch) -> None:
             counters = list(module._COUNTERS.values())
             assert bool(counters) == fused
             assert not any(bool(c.any()) for c in counters)  # every launch left its counters at 0
+        if flag == "PDL_FINISH":  # every finishing launch waited on the split pass exactly when switched on
+            assert waited and set(waited) == {fused and pdl_here}
     for step, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"step {step}"

@@ -10,7 +10,7 @@ triton does not import.
 import pytest
 import torch
 
-from tests.unit.triton_modules import DEVICE, kernel_module
+from tests.unit.triton_modules import DEVICE, kernel_module, record_launch_flag
 
 triton_decode = kernel_module("triton_decode")
 
@@ -180,17 +180,8 @@ def test_dependent_launch_form_changes_nothing(monkeypatch) -> None:
     from ltri_rag.kernels._triton_support import dependent_launch
 
     pdl_here = not triton_decode.INTERPRETED and dependent_launch(torch.device(DEVICE))
-    finish_kernel = triton_decode._decode_finish_kernel
-    options = []
-
-    class Recording:  # the finishing kernel, noting the launch options it is given
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                options.append((kwargs.get("GDC_WAIT"), kwargs.get("launch_pdl")))
-                return finish_kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_decode, "_decode_finish_kernel", Recording())
+    waits = record_launch_flag(monkeypatch, triton_decode, ("_decode_finish_kernel",), "GDC_WAIT")
+    dependent = record_launch_flag(monkeypatch, triton_decode, ("_decode_finish_kernel",), "launch_pdl")
     for case in (CASES[1], CASES[2], CASES[7]):
         batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, band_width, want_mass, softcap = case
         call = _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, mask, seed=6)
@@ -201,13 +192,13 @@ def test_dependent_launch_form_changes_nothing(monkeypatch) -> None:
             monkeypatch.setattr(triton_decode, "PDL_FINISH", False)
             plain = decode_attention_triton(*call, win_len=win, block_n=16, **args)
             monkeypatch.setattr(triton_decode, "PDL_FINISH", True)
-            dependent = decode_attention_triton(*call, win_len=win, block_n=16, **args)
+            launched = decode_attention_triton(*call, win_len=win, block_n=16, **args)
             for name in ("out", "lse", "key_mass", "band"):
-                expected, got = getattr(plain, name), getattr(dependent, name)
+                expected, got = getattr(plain, name), getattr(launched, name)
                 assert (expected is None) == (got is None), name
                 assert expected is None or torch.equal(expected, got), (case, name)
-            assert options[-2] == (False, None)
-            assert options[-1] == ((True, True) if pdl_here else (False, None))
+            assert (waits[-2], dependent[-2]) == (False, None)
+            assert (waits[-1], dependent[-1]) == ((True, True) if pdl_here else (False, None))
 
 
 def test_dependent_launch_needs_hopper_and_a_compiled_kernel(monkeypatch) -> None:
