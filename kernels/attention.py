@@ -16,12 +16,14 @@ The plain-torch path is memory-bound on the score tensor ``[batch, num_kv_heads,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LocalAttention", "attention_with_lse", "local_attention", "local_attention_backend", "merge_attention"]
+__all__ = ["AUTO_TRITON_CAPABILITY", "LocalAttention", "attention_with_lse", "auto_uses_triton", "local_attention",
+           "local_attention_backend", "merge_attention"]
 
 
 @dataclass
@@ -380,15 +382,37 @@ def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                           band=torch.cat(bands, dim=1) if bands else None)
 
 
+AUTO_TRITON_CAPABILITY = (8, 0)
+"""The lowest CUDA compute capability on which ``backend="auto"`` takes the Triton kernels (Ampere). They are built
+around tensor-core dots in float16 / bfloat16 and tested compiled on Hopper; Volta and Turing lack bfloat16
+hardware, and Triton's 16-bit ``tl.dot`` does not build on every older GPU, so there ``auto`` keeps the torch path
+(``backend="triton"`` still asks for the kernels)."""
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def auto_uses_triton(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` picks the Triton kernels on ``device``: a CUDA device of compute capability
+    :data:`AUTO_TRITON_CAPABILITY` or later (the torch path elsewhere; whether triton imports is checked apart)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= AUTO_TRITON_CAPABILITY
+
+
 def local_attention_backend(backend: str, device: torch.device):
     """The ``local_attention`` implementation for ``backend`` (``torch``, ``triton`` or ``auto``) on ``device``.
 
-    ``auto`` is Triton on CUDA when triton imports, the torch path elsewhere. Raises ValueError for an unknown
-    backend or ``triton`` where triton is missing.
+    ``auto`` is Triton on a CUDA device of compute capability 8.0 or later (:func:`auto_uses_triton`) when triton
+    imports, the torch path elsewhere. Raises ValueError for an unknown backend or ``triton`` where triton is
+    missing.
     """
     if backend not in ("torch", "triton", "auto"):
         raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch" or (backend == "auto" and not auto_uses_triton(device)):
         return local_attention
     from ltri_rag.kernels.triton_local import local_attention_triton, triton_available  # imports this module
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from ltri_rag.kernels.attention import auto_uses_triton
 from ltri_rag.kernels.transfer import to_device
 
 __all__ = ["SpanLayout", "dequantize_rows", "has_scales", "quantize_rows", "span_layout", "span_probabilities", "span_scores"]
@@ -229,11 +230,12 @@ span_scoring_h200/session17_llama8b_decode``); False restores the torch path for
 
 def scoring_uses_triton(backend: str, queries: torch.Tensor) -> bool:
     """Whether :func:`span_probabilities` takes the Triton kernels for ``queries [H, q_len, D]`` under ``backend``:
-    always for ``triton``; for ``auto`` on CUDA tensors (a single query too, unless ``AUTO_ONE_QUERY_TRITON`` is
-    off; see ``backend`` there)."""
+    always for ``triton``; for ``auto`` on CUDA tensors of a device where ``auto`` takes Triton
+    (:func:`~ltri_rag.kernels.attention.auto_uses_triton`: compute capability 8.0 or later; a single query too,
+    unless ``AUTO_ONE_QUERY_TRITON`` is off; see ``backend`` there)."""
     if backend == "triton":
         return True
-    if backend != "auto" or queries.device.type != "cuda" or queries.dim() != 3:
+    if backend != "auto" or queries.dim() != 3 or not auto_uses_triton(queries.device):
         return False
     return queries.shape[1] > 1 or AUTO_ONE_QUERY_TRITON
 
@@ -265,7 +267,8 @@ def span_probabilities(
             the Triton kernels materialise no score matrix and ignore it).
         backend: ``torch`` (this plain-torch path, everywhere), ``triton`` (the fused kernels of
             :mod:`ltri_rag.kernels.triton_scoring`: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or ``auto``
-            (Triton for CUDA tensors when triton imports, torch elsewhere; a decoded token's single query takes
+            (Triton for CUDA tensors of compute capability 8.0 or later when triton imports, torch elsewhere; a
+            decoded token's single query takes
             a one-pass kernel of its own, 1.6-2.2x faster than the torch path on the H200: see
             ``AUTO_ONE_QUERY_TRITON``). The engine passes ``LtriConfig.attention_backend``.
         layout: :func:`span_layout` of these vectors (any dtype), if the caller keeps one: the engine's span tables

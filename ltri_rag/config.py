@@ -163,8 +163,9 @@ class LtriConfig:
         attention_backend: Kernels of the local attention pass (the engine's largest) and of span scoring
             (``span_scoring="softmax"``, :func:`~ltri_rag.kernels.scoring.span_probabilities`, the largest cost at
             long context): ``torch`` (the plain-torch paths, everywhere), ``triton`` (CUDA tensors, or CPU under
-            ``TRITON_INTERPRET=1``) or ``auto`` (the default: Triton on CUDA when triton imports, torch elsewhere;
-            every compiled-kernel test passed on an H200, and the Triton local attention is 4-5x the torch path).
+            ``TRITON_INTERPRET=1``) or ``auto`` (the default: Triton on a CUDA device of compute capability 8.0 or
+            later when triton imports, torch elsewhere, older GPUs included; every compiled-kernel test passed on an
+            H200 and an H100, and the Triton local attention is 4-5x the torch path).
         decode_graph: On CUDA with the Triton backend, run decode steps as captured CUDA graphs: one replay
             instead of the host launching every layer's kernels (:mod:`ltri_rag.decode_graph`). With
             ``decode_retrieval_stride`` > 1 the steps that reuse the memory part; with ``decode_graph_retrieval`` the

@@ -19,6 +19,7 @@ from ltri_rag.cache import LtriCache, MemoryExport
 from ltri_rag.config import LtriConfig
 from ltri_rag.decode_graph import DecodeGraph, graph_unsupported, warn_disabled
 from ltri_rag.hook import cache_kwarg_name, ltri_attention_enabled
+from ltri_rag.kernels.attention import local_attention, local_attention_backend
 from ltri_rag.kernels.precompile import start_in_background
 from ltri_rag.kernels.transfer import to_device
 
@@ -63,7 +64,8 @@ class LtriSession:
         self.decode_graph: DecodeGraph | None = None
         if isinstance(self.cache, LtriCache) and graph_unsupported(self.cache, self.device) is None:
             self.decode_graph = DecodeGraph(model, self.cache, self._cache_kw)
-        if config.retrieves and config.attention_backend != "torch" and retrieval.SORT_FILL:
+        if config.retrieves and retrieval.SORT_FILL and self.device.type == "cuda" and \
+                local_attention_backend(config.attention_backend, self.device) is not local_attention:
             # the selection sorts' compile variants, in child processes, before the prompt reaches them (CUDA only;
             # LTRI_PRECOMPILE=0 turns it off)
             start_in_background(self.device, retrieval.FILL_TAIL)

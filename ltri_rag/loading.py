@@ -37,9 +37,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``/None -> bfloat16 on CUDA, float32 elsewhere; names like ``"bf16"`` accepted."""
+    """``auto``/None -> bfloat16 on a CUDA device with bfloat16 hardware (compute capability 8.0 or later), float16
+    on an older one (Volta, Turing: bfloat16 there is emulated, far slower), float32 elsewhere; names like
+    ``"bf16"`` accepted."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.bfloat16 if torch.cuda.get_device_capability(index) >= (8, 0) else torch.float16
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -211,7 +216,8 @@ def load_model(
         name_or_path: Hub id (``"Qwen/Qwen2.5-0.5B-Instruct"``), local model directory, a ``.gguf`` file, or a
             directory holding exactly one ``.gguf`` file (GGUF weights are de-quantised by transformers; needs the
             ``gguf`` package: ``pip install "ltri-rag[gguf]"``).
-        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), a name, or a ``torch.dtype``.
+        dtype: ``auto`` (bfloat16 on CUDA, float16 on GPUs older than compute capability 8.0, float32 on CPU),
+            a name, or a ``torch.dtype``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         gguf_file: GGUF file name inside ``name_or_path``.
         gguf_cache: A folder where a GGUF file's de-quantised weights (in ``dtype``) and converted tokenizer are kept

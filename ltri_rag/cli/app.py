@@ -123,7 +123,8 @@ def _add_model(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--device", default=_default("auto", sub), help="auto (CUDA when available), cpu, cuda, cuda:1...")
     g.add_argument("--dtype", default=_default("auto", sub),
                    choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="weights dtype (auto: bfloat16 on CUDA, float16 on GPUs before compute capability 8.0, "
+                        "float32 on CPU)")
     g.add_argument("--config", metavar="FILE", type=load_config_file, default=_default(None, sub),
                    help="TOML (or YAML) file of LtriConfig fields overriding the defaults, e.g. local_window = 2048")
     g.add_argument("--fast", action="store_true", default=_default(False, sub),

@@ -35,12 +35,29 @@ def test_resolve_device_rejects_bad_names(bad: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- dtypes
-def test_resolve_dtype_auto() -> None:
-    for auto in (None, "auto"):
-        assert resolve_dtype(auto, torch.device("cpu")) == torch.float32
-        assert resolve_dtype(auto, torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", resolve_device("auto")) == (torch.bfloat16 if AUTO_DEVICE == "cuda"
-                                                             else torch.float32)
+def test_resolve_dtype_auto(monkeypatch) -> None:
+    """``auto``: float32 on the CPU; on CUDA bfloat16 from compute capability 8.0 (Ampere), float16 before it
+    (Volta, Turing: no bfloat16 hardware). The capability is asked of the named device, or the current one."""
+    if AUTO_DEVICE == "cuda":
+        expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+        assert resolve_dtype("auto", resolve_device("auto")) == expected
+    else:
+        assert resolve_dtype("auto", resolve_device("auto")) == torch.float32
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return current
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for current, expected in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                              ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        for auto in (None, "auto"):
+            assert resolve_dtype(auto, torch.device("cpu")) == torch.float32
+            assert resolve_dtype(auto, torch.device("cuda")) == expected, current
+            assert resolve_dtype(auto, torch.device("cuda", 1)) == expected, current
+    assert set(asked) == {1, 3}
 
 
 @pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),

@@ -211,6 +211,15 @@ def test_engine_with_the_triton_backend_matches_the_torch_backend(family) -> Non
 
     assert local_attention_backend("triton", torch.device(DEVICE)) is triton_local.local_attention_triton
     assert local_attention_backend("auto", torch.device("cpu")) is local_attention
+    from ltri_rag.kernels import attention
+
+    for capability, triton_expected in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        with pytest.MonkeyPatch.context() as patch:  # no GPU needed: the rule reads the device's capability
+            patch.setattr(attention, "_capability", lambda index, c=capability: c)
+            chosen = local_attention_backend("auto", torch.device("cuda", 0))
+            assert (chosen is triton_local.local_attention_triton) is triton_expected, capability
+            assert (chosen is local_attention) is not triton_expected
+            assert local_attention_backend("triton", torch.device("cuda", 0)) is triton_local.local_attention_triton
     with pytest.raises(ValueError, match="nope"):
         local_attention_backend("nope", torch.device("cpu"))
     with pytest.raises(ValueError, match="attention_backend"):

@@ -279,9 +279,12 @@ def test_auto_on_cpu_uses_the_torch_path(monkeypatch) -> None:
 
 def test_auto_takes_triton_on_cuda_for_chunks_and_single_queries(monkeypatch) -> None:
     """``auto`` takes Triton for CUDA queries, a chunk or a decoded token's single query (the one-query kernel; the
-    torch path again with ``AUTO_ONE_QUERY_TRITON`` off); ``triton`` always does, CPU tensors never under ``auto``."""
-    from ltri_rag.kernels import scoring
+    torch path again with ``AUTO_ONE_QUERY_TRITON`` off); ``triton`` always does, CPU tensors never under ``auto``,
+    nor CUDA tensors of a GPU before compute capability 8.0."""
+    from ltri_rag.kernels import attention, scoring
     from ltri_rag.kernels.scoring import scoring_uses_triton
+
+    monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
 
     class FakeCuda:  # shape and device are all the rule reads
         def __init__(self, q_len):
@@ -296,6 +299,8 @@ def test_auto_takes_triton_on_cuda_for_chunks_and_single_queries(monkeypatch) ->
     assert not scoring_uses_triton("auto", FakeCuda(1)) and scoring_uses_triton("auto", FakeCuda(2))
     assert scoring_uses_triton("triton", FakeCuda(1)) and scoring_uses_triton("triton", torch.zeros(4, 1, 16))
     assert not scoring_uses_triton("auto", torch.zeros(4, 9, 16)) and not scoring_uses_triton("torch", FakeCuda(9))
+    monkeypatch.setattr(attention, "_capability", lambda index: (7, 5))  # a Turing GPU: the torch path
+    assert not scoring_uses_triton("auto", FakeCuda(2048)) and scoring_uses_triton("triton", FakeCuda(2048))
 
 
 def test_bad_inputs_raise() -> None:
