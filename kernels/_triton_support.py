@@ -20,9 +20,16 @@ try:
 except ImportError:  # pragma: no cover - triton ships for Linux x86_64 only
     triton = None
     tl = None
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - no triton, or one without the error class
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        """Stands in for triton's error where triton does not provide it (never raised then)."""
 
-__all__ = ["dependent_launch", "interpreted", "multiprocessors", "next_pow2", "pow2_block", "tl", "triton", "triton_available",
-           "turns_per_position"]
+        name = ""
+
+__all__ = ["dependent_launch", "interpreted", "launch_fitting", "multiprocessors", "next_pow2", "pow2_block", "tl",
+           "triton", "triton_available", "turns_per_position"]
 
 
 def interpreted() -> bool:
@@ -91,6 +98,50 @@ def dependent_launch(device) -> bool:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _compute_capability(index)[0] >= 9 and _triton_has_dependent_launch()
+
+
+# launches that needed a shallower pipeline than asked: (kernel, device, compile-time settings, dtypes) -> stages
+_SHALLOWER: dict[tuple, int] = {}
+
+
+def launch_fitting(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, made again one pipeline stage shallower (down to 1) each time Triton finds
+    a block's shared memory too small for ``num_stages``: the kernels' depths were tuned on sm_90, whose blocks may
+    take 227 KiB, and sm_86 / sm_89 GPUs give ~99 KiB. The depth that launched is kept for the same kernel, device,
+    compile-time settings and argument dtypes, so later launches go straight to it. Other errors, and a launch that
+    does not fit at one stage, are raised. Where no launch of the process has needed this, it costs one ``try``."""
+    asked = kwargs.get("num_stages", 3)  # triton's default depth
+    if _SHALLOWER:
+        key = _fitting_key(kernel, args, kwargs)
+        stages = _SHALLOWER.get(key, asked)
+    else:
+        try:
+            return kernel[grid](*args, **kwargs)
+        except OutOfResources as exc:
+            if getattr(exc, "name", "") != "shared memory" or asked <= 1:
+                raise
+        key, stages = _fitting_key(kernel, args, kwargs), asked - 1
+    while True:
+        try:
+            result = kernel[grid](*args, **{**kwargs, "num_stages": stages})
+        except OutOfResources as exc:
+            if getattr(exc, "name", "") != "shared memory" or stages <= 1:
+                raise
+            stages -= 1
+            continue
+        if stages != asked:
+            _SHALLOWER[key] = stages
+        return result
+
+
+def _fitting_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What decides a launch's shared memory: the kernel, the device, its compile-time settings and the dtypes of
+    its tensor arguments (not the run-time sizes)."""
+    tensors = [a for a in args if hasattr(a, "dtype") and hasattr(a, "device")]
+    device = str(tensors[0].device) if tensors else None
+    settings = tuple(sorted((k, v) for k, v in kwargs.items()
+                            if k != "num_stages" and isinstance(v, (bool, int, float, str, type(None)))))
+    return id(kernel), device, settings, tuple(str(t.dtype) for t in tensors)
 
 
 # inverse frequencies -> their turns per position on a device: id(inv_freq) -> (weak reference, version, device,

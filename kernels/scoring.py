@@ -13,7 +13,8 @@ import torch
 from ltri_rag.kernels.attention import auto_uses_triton
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["SpanLayout", "dequantize_rows", "has_scales", "quantize_rows", "span_layout", "span_probabilities", "span_scores"]
+__all__ = ["SpanLayout", "dequantize_rows", "has_scales", "quantize_rows", "span_layout", "span_probabilities",
+           "span_scores"]
 
 _BACKENDS = ("torch", "triton", "auto")
 

@@ -77,7 +77,8 @@ from __future__ import annotations
 import importlib
 
 import torch
-from ltri_rag.kernels._triton_support import dependent_launch, interpreted, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import (dependent_launch, interpreted, launch_fitting, tl, triton,
+                                              triton_available)
 from ltri_rag.kernels.decode_shapes import block_sizes, finish_shapes, launch_settings, num_splits_for
 from ltri_rag.kernels.attention import LocalAttention
 from ltri_rag.kernels.attention_decode import _check_decode, decode_attention
@@ -378,7 +379,7 @@ def decode_attention_triton(
     # the split pass gets the finishing shapes only when it finishes: otherwise fixed values, so that it is not
     # compiled again for every split count or band width it will not use
     in_split = {**finish, "FIN_GROUP_P": fin.group_p} if fused else {**_NO_FINISH, "GROUP": group, "HEAD_DIM": head_dim}
-    _decode_split_kernel[(splits, programs)](
+    launch_fitting(_decode_split_kernel, (splits, programs),
         q, q_mem, mk, mv, mask, win_k, win_v, part_o, part_lse, scores, len_ptr, out, lse, mass_ptr, band_ptr,
         counters, q.stride(0), q.stride(1), q.stride(3), q_mem.stride(0), q_mem.stride(1), q_mem.stride(3),
         *mk.stride(), *mv.stride(), *mask_strides, *win_k.stride(), *win_v.stride(),

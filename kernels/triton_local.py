@@ -50,7 +50,7 @@ CPU tensors), spill-free but untimed defaults on CUDA (8 warps, ``64 x 64``; ``6
 
 
 import torch
-from ltri_rag.kernels._triton_support import (interpreted, tl, triton, triton_available,
+from ltri_rag.kernels._triton_support import (interpreted, launch_fitting, tl, triton, triton_available,
                                               pow2_block as _pow2_block)
 from ltri_rag.kernels.attention import LocalAttention, _check_mass_rows, _check_memory, _check_qkv, local_attention
 from ltri_rag.kernels.local_launch import block_sizes, launch_setting as _launch_setting
@@ -446,7 +446,7 @@ def local_attention_triton(
     else:  # unused pointers and strides
         mem_args, mem_strides, mem_len = (q, k, v, lse), (0,) * 15, 0
     grid = (triton.cdiv(q_len * group, block_m), batch * num_kv_heads)
-    _local_fwd_kernel[grid](
+    launch_fitting(_local_fwd_kernel, grid,
         q, k, v, out, lse, lse if extra is None else extra, scratch, *mem_args,
         *q.stride(), *k.stride(), *v.stride(), *mem_strides,
         num_kv_heads, q_len, kv_len, causal_offset, band_width, mem_len, qk_scale, cap2,
@@ -472,7 +472,7 @@ def local_attention_triton(
             rows_lse = lse[:, :, first::mass_step].contiguous()
             rows_extra = None if extra is None else extra[:, :, first::mass_step].contiguous()
         grid = (triton.cdiv(kv_len, mass_n), batch * num_kv_heads)
-        _local_key_mass_kernel[grid](
+        launch_fitting(_local_key_mass_kernel, grid,
             rows_q, k, rows_lse, rows_lse if rows_extra is None else rows_extra, key_mass,
             *rows_q.stride(), *k.stride(),
             num_kv_heads, rows_q.shape[2], kv_len, causal_offset, first, mass_step,

@@ -57,7 +57,8 @@ Launch settings come from :mod:`ltri_rag.kernels.scoring_launch` (small blocks u
 from __future__ import annotations
 
 import torch
-from ltri_rag.kernels._triton_support import interpreted, tl, triton, triton_available, pow2_block as _pow2_block
+from ltri_rag.kernels._triton_support import interpreted, launch_fitting, tl, triton, triton_available
+from ltri_rag.kernels._triton_support import pow2_block as _pow2_block
 from ltri_rag.kernels import scoring_launch as _launch
 from ltri_rag.kernels.scoring import SpanLayout, _check_span_inputs, _from_layout, span_probabilities
 from ltri_rag.kernels.scoring_launch import block_sizes
@@ -391,7 +392,7 @@ def _row_stats(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor,
     splits = triton.cdiv(num_spans, spans_per_split)
     m = torch.empty(splits, num_heads, q_len, dtype=torch.float32, device=device)
     l_ = torch.empty_like(m)
-    _span_stats_kernel[(num_qblocks, num_kv_heads, splits)](
+    launch_fitting(_span_stats_kernel, (num_qblocks, num_kv_heads, splits),
         queries, padded, scale, valid, m, l_, m if scores is None else scores,
         *queries.stride(), *padded.stride(), *scale.stride(),
         num_heads, q_len, num_spans, width, spans_per_split, qk_scale, STORE=scores is not None, **common)
@@ -427,7 +428,7 @@ def _two_pass(queries: torch.Tensor, padded: torch.Tensor, scale: torch.Tensor, 
     queries_per_split = triton.cdiv(num_qblocks, splits) * block_q
     splits = triton.cdiv(q_len, queries_per_split)
     out = torch.empty(splits, num_heads, num_spans, dtype=torch.float32, device=device)
-    _span_mass_kernel[(num_sblocks, num_kv_heads, splits)](
+    launch_fitting(_span_mass_kernel, (num_sblocks, num_kv_heads, splits),
         queries, padded, scale, valid, lse, out, *queries.stride(), *padded.stride(), *scale.stride(),
         num_heads, q_len, num_spans, width, queries_per_split, qk_scale, GROUP_P=group_p, **common)
     return out[0] if splits == 1 else out.sum(dim=0)
@@ -458,7 +459,7 @@ def _span_probabilities_one_query(queries: torch.Tensor, vectors: torch.Tensor, 
     group_p = triton.next_power_of_2(group)
     block_q = max(1, 16 // min(group_p, 16))  # tl.dot needs 16 rows: the group's heads, padded
     scores = torch.empty(num_heads, num_spans, dtype=torch.float32, device=device)
-    _span_decode_scores_kernel[(triton.cdiv(num_spans, block_s), num_kv_heads)](
+    launch_fitting(_span_decode_scores_kernel, (triton.cdiv(num_spans, block_s), num_kv_heads),
         queries, padded, scale, valid, scores, queries.stride(0), queries.stride(2), *padded.stride(),
         *scale.stride(), num_spans, width, float(scaling),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=group_p * block_q, BLOCK_S=block_s, HEAD_DIM=head_dim,
