@@ -23,7 +23,25 @@ from ltri_rag.kernels.attention import local_attention, local_attention_backend
 from ltri_rag.kernels.precompile import start_in_background
 from ltri_rag.kernels.transfer import to_device
 
-__all__ = ["LtriSession"]
+__all__ = ["LtriSession", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The one device holding ``model``'s parameters.
+
+    Raises:
+        ValueError: the parameters are spread over several devices (a ``device_map`` placement or an offload:
+            the engine keeps each layer's window, sinks and span pool beside one device's computation) or not
+            loaded (``meta``), naming the devices; or the model has no parameters.
+    """
+    devices = {p.device for p in model.parameters()}
+    if not devices:
+        raise ValueError(f"{type(model).__name__} has no parameters: not a loaded causal LM")
+    if len(devices) > 1 or next(iter(devices)).type == "meta":
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"the model's parameters are on {names}: ltri_rag runs a model on one device (load it "
+                         "without a device_map that spreads or offloads it, e.g. model.to('cuda'))")
+    return next(iter(devices))
 
 
 class LtriSession:
@@ -54,7 +72,7 @@ class LtriSession:
         self.config = config
         self.batch_size = batch_size
         self.progress = progress
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self._cache_kw = cache_kwarg_name(model)
         if config.mode == "full":
             self.cache: LtriCache | DynamicCache = DynamicCache(config=model.config)

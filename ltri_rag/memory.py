@@ -31,7 +31,7 @@ from typing_extensions import Self
 
 from ltri_rag.cache import layer_sliding_windows
 from ltri_rag.config import LtriConfig
-from ltri_rag.engine import LtriSession
+from ltri_rag.engine import LtriSession, model_device
 from ltri_rag.generation import Prompt, encode_prompt
 from ltri_rag.hook import model_lock
 from ltri_rag.memory_cache import DocumentCache
@@ -125,6 +125,7 @@ class KVMemory(MemorySearch):
         self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
         self.max_document_tokens, self.max_memory_tokens, self.batch_bytes = (max_document_tokens,
                                                                                max_memory_tokens, batch_bytes)
+        device = model_device(model)  # before the fingerprint: a model spread over devices is refused first
         self.sink_ids = sink_prefix_ids(tokenizer, config.num_sink_tokens)  # [num_sink_tokens]
         self.fingerprint = memory_fingerprint(model, tokenizer, config, self.sink_ids,
                                               stored_weights_version(store.fingerprint))
@@ -136,7 +137,6 @@ class KVMemory(MemorySearch):
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.scaling = float(getattr(text_config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self._lock = model_lock(model)  # one model call at a time, shared with every other user of this model
-        device = next(model.parameters()).device
         if host_cache_bytes is None:
             host_cache_bytes = 4 << 30 if device.type == "cuda" else 0
         self.document_cache = DocumentCache(cache_bytes, device, host_cache_bytes)
@@ -187,6 +187,7 @@ class KVMemory(MemorySearch):
         """
         config = config or LtriConfig()
         cls._check_arguments(config, **options)  # nothing is created for arguments the memory would refuse
+        model_device(model)  # nor for a model spread over devices
         factory = resolve_store(store)
         fingerprint = memory_fingerprint(model, tokenizer, config, sink_prefix_ids(tokenizer, config.num_sink_tokens))
         span_store = factory.create(path_or_url, fingerprint, **dict(store_options or {}))
@@ -209,6 +210,7 @@ class KVMemory(MemorySearch):
             FingerprintMismatch: the model, tokenizer or configuration differ from the store's (each differing key
                 is named, e.g. ``model.weights_sha256`` or ``config.span_max_len``).
         """
+        model_device(model)  # a model spread over devices is refused before the store is opened
         factory = resolve_store(store)
         expected = None
         if config is not None:

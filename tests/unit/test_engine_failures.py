@@ -1,5 +1,5 @@
 """The engine at the edges found by review: memory imported into a session without sinks, a failure while a pass
-commits, a failed full-mode pass, an import before the sinks are read."""
+commits, a failed full-mode pass, an import before the sinks are read, a model spread over devices."""
 
 from __future__ import annotations
 
@@ -102,3 +102,30 @@ def test_memory_cannot_be_imported_before_the_sinks_are_read() -> None:
     empty = MemoryExport(positions=torch.zeros(0, dtype=torch.int64), layers={})
     with pytest.raises(ValueError, match="needs the 3 sink tokens read first, 0 are"):
         session.import_memory(empty, advance=50)
+
+
+def test_a_model_spread_over_devices_is_refused_naming_them(tmp_path) -> None:
+    """A model whose parameters are not all on one device (a ``device_map`` placement, an offload, weights not
+    loaded) is refused by the session and by ``KVMemory.create`` / ``open`` with the devices named, before any
+    store is created or opened; a model without parameters is refused too."""
+    from ltri_rag import KVMemory
+    from ltri_rag.storage import SqlSpanStore
+    from tests.unit.tiny_tokenizer import tiny_tokenizer
+
+    model = tiny_model("llama")
+    config = LtriConfig(num_sink_tokens=4, local_window=16, chunk_size=8, budget=12, page_size=5)
+    with KVMemory.create(tmp_path / "kept", model, tiny_tokenizer(), config, store=SqlSpanStore):
+        pass
+    model.model.layers[1].to("meta")  # the second layer "elsewhere": no data, another device
+    with pytest.raises(ValueError, match=r"on cpu, meta: ltri_rag runs a model on one device"):
+        LtriSession(model, config)
+    with pytest.raises(ValueError, match=r"on cpu, meta"):
+        KVMemory.create(tmp_path / "new", model, tiny_tokenizer(), config, store=SqlSpanStore)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=r"on cpu, meta"):
+        KVMemory.open(tmp_path / "kept", model, tiny_tokenizer(), store=SqlSpanStore)
+    model.to("meta")  # nothing loaded at all
+    with pytest.raises(ValueError, match=r"on meta: ltri_rag runs a model on one device"):
+        LtriSession(model, config)
+    with pytest.raises(ValueError, match="has no parameters"):
+        LtriSession(torch.nn.Module(), config)
