@@ -10,6 +10,7 @@ helpers the kernels call stay in each kernel module for the same reason.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import weakref
@@ -131,6 +132,9 @@ def launch_fitting(kernel, grid, *args, **kwargs):
             continue
         if stages != asked:
             _SHALLOWER[key] = stages
+            logging.getLogger("ltri_rag").info(
+                "%s: %d pipeline stages do not fit this GPU's shared memory per block; launched with %d",
+                getattr(getattr(kernel, "fn", kernel), "__name__", type(kernel).__name__), asked, stages)
         return result
 
 

@@ -41,11 +41,14 @@ def test_a_launch_that_fits_is_made_once() -> None:
     assert kernel.launches == [3] and support._SHALLOWER == {}
 
 
-def test_too_deep_a_pipeline_goes_one_stage_shallower_and_is_remembered() -> None:
+def test_too_deep_a_pipeline_goes_one_stage_shallower_and_is_remembered(caplog) -> None:
     kernel = SmallGpuKernel(fits=1)
     x = torch.zeros(3, dtype=torch.bfloat16)
-    assert support.launch_fitting(kernel, (2,), x, 7, BLOCK=64, num_stages=3) == ("ran", (2,), 1)
+    with caplog.at_level("INFO", logger="ltri_rag"):
+        assert support.launch_fitting(kernel, (2,), x, 7, BLOCK=64, num_stages=3) == ("ran", (2,), 1)
     assert kernel.launches == [3, 2, 1]
+    assert "SmallGpuKernel: 3 pipeline stages do not fit this GPU's shared memory per block; launched with 1" in \
+        caplog.text
     kernel.launches.clear()  # the same kernel and settings: straight to the depth that fitted
     assert support.launch_fitting(kernel, (5,), x, 9, BLOCK=64, num_stages=3) == ("ran", (5,), 1)
     assert kernel.launches == [1]
