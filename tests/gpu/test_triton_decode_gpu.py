@@ -41,6 +41,20 @@ def _module():
     return triton_decode
 
 
+def _captured(call):
+    """``(graph, result)``: ``call`` run once on a side stream (compiles, warms the allocator), then captured as a
+    CUDA graph whose replays rewrite ``result``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = call()
+    return graph, result
+
+
 def _inputs(batch, num_heads, num_kv_heads, head_dim, mem_len, win_len, dtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -97,14 +111,7 @@ def test_cuda_graph_capture_and_replay(dtype) -> None:
     args = {"scaling": 0.125, "band_width": 64, "want_key_mass": True}
     eager = td.decode_attention_triton(*inputs, **args)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compilation) outside the capture
-        td.decode_attention_triton(*inputs, **args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = td.decode_attention_triton(*inputs, **args)
+    graph, captured = _captured(lambda: td.decode_attention_triton(*inputs, **args))  # warm-up outside it
     graph.replay()
     torch.cuda.synchronize()
     for name in ("out", "lse", "key_mass", "band"):
@@ -141,14 +148,7 @@ def test_one_launch_form_on_cuda(case, monkeypatch) -> None:
 
     for _ in range(20):
         same(td.decode_attention_triton(*inputs, **args))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        td.decode_attention_triton(*inputs, **args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = td.decode_attention_triton(*inputs, **args)
+    graph, captured = _captured(lambda: td.decode_attention_triton(*inputs, **args))
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
@@ -181,14 +181,7 @@ def test_dependent_launch_finish_on_cuda(case, monkeypatch) -> None:
     for i in range(20):
         same(td.decode_attention_triton(*pair[i % 2], **args), plain[i % 2])
     buffers = [t.clone() for t in pair[0]]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        td.decode_attention_triton(*buffers, **args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = td.decode_attention_triton(*buffers, **args)
+    graph, captured = _captured(lambda: td.decode_attention_triton(*buffers, **args))
     for i in range(6):
         for buffer, value in zip(buffers, pair[i % 2]):
             buffer.copy_(value)

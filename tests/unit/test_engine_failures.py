@@ -114,8 +114,7 @@ def test_a_model_spread_over_devices_is_refused_naming_them(tmp_path) -> None:
 
     model = tiny_model("llama")
     config = LtriConfig(num_sink_tokens=4, local_window=16, chunk_size=8, budget=12, page_size=5)
-    with KVMemory.create(tmp_path / "kept", model, tiny_tokenizer(), config, store=SqlSpanStore):
-        pass
+    KVMemory.create(tmp_path / "kept", model, tiny_tokenizer(), config, store=SqlSpanStore).close()
     model.model.layers[1].to("meta")  # the second layer "elsewhere": no data, another device
     with pytest.raises(ValueError, match=r"on cpu, meta: ltri_rag runs a model on one device"):
         LtriSession(model, config)
