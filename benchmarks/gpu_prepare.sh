@@ -33,6 +33,9 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # small wheels travel whole; their dependency closure too (the device lacks langchain, faiss and sqlalchemy)
 python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu sqlalchemy langchain-text-splitters
 rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
+# the package's build backend: pyproject.toml's SPDX `license` string needs setuptools >= 77, and the device builds
+# without build isolation (no index there), so its own setuptools, of unknown version, must not be the one used
+python3 -m pip download -q --no-deps -d .gpu/whl "setuptools>=77"
 # this machine's transformers goes too, in its own folder (13 MB: with .gpu/whl and .gpu/data it would pass the
 # 64 MiB a call carries): the device's older one mis-converts Gemma 3's GGUF tokenizer
 python3 -m pip download -q --no-deps "${platform[@]}" -d .gpu/whl-newer \

@@ -29,10 +29,17 @@ if [ ! -e /tmp/site/.installed ]; then
   # transformers / regex go to their own folder, put on the path only by grids that need them (Gemma 3: the
   # device's transformers mis-converts its GGUF tokenizer); other models keep the device's version
   newer=$(ls .gpu/whl-newer/*.whl .gpu/whl/transformers-*.whl .gpu/whl/regex-*.whl 2>/dev/null || true)
-  rest=$(ls .gpu/whl/*.whl | grep -v -e '/transformers-' -e '/regex-')
+  rest=$(ls .gpu/whl/*.whl | grep -v -e '/transformers-' -e '/regex-' -e '/setuptools-')
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $rest $(ls /tmp/m/*.whl 2>/dev/null || true)
   [ -z "$newer" ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site-newer $newer
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site .
+  # built with the staged setuptools (gpu_prepare.sh) where there is one, on the path of the build only
+  build_env=
+  if ls .gpu/whl/setuptools-*.whl >/dev/null 2>&1; then
+    build_env=/tmp/build-env
+    python3 -m pip install -q --no-index --no-deps --target "$build_env" .gpu/whl/setuptools-*.whl
+  fi
+  PYTHONPATH=$build_env python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation \
+    --target /tmp/site .
   touch /tmp/site/.installed
 fi
 cd "$repo"
