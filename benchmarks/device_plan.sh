@@ -25,6 +25,8 @@
 #   decode_kernel the decode attention benchmark at its default settings, both model shapes, 4K / 16K / 128K
 #   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
 #   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
+#   full         prefill at 8K / 128K against Hugging Face full attention (SDPA), each mode in its own process,
+#                2 rounds (the 3x-at-128K target), decode at 8K
 set -uo pipefail
 step=${1:?usage: bash benchmarks/device_plan.sh STEP}
 : "${OUT:?OUT must name the folder whose files come back}"
@@ -91,5 +93,9 @@ case $step in
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 1048576 \
       --decode-lengths 8192 131072 1048576 --decode-tokens 256 --modes ltri --isolate off --backend auto \
       --time-limit 560 --out "$out" ;;
+  full)
+    timeout 290 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
+      --decode-lengths 8192 --decode-tokens 64 --modes full ltri --isolate on --rounds 2 --no-profile \
+      --backend auto --time-limit 280 --out "$out" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

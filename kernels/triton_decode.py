@@ -53,9 +53,9 @@ Design (two kernels, deterministic, no host sync: graph-capturable; the finish i
   order: the results equal the two-launch form's. The counters (``B * Hkv + B`` int32, kept per device) are put
   back to 0 by the programs that used them, so a captured graph replays correctly.
 
-* **Dependent launch** (``PDL_FINISH``, off by default until timed on the GPU; Hopper and later): the finishing pass
-  is launched as a programmatic dependent launch, scheduled while the split pass runs and waiting on the device for
-  its writes (same kernels, same results).
+* **Dependent launch** (``PDL_FINISH``, on by default since session 41; Hopper and later): the finishing pass is
+  launched as a programmatic dependent launch, scheduled while the split pass runs and waiting on the device for its
+  writes (same kernels, same results). Elsewhere (older GPUs, an older triton, the interpreter) it is a plain launch.
 
 Window length on the device (``win_len=``, for a decode step replayed as a CUDA graph): ``win_k`` / ``win_v`` are
 then buffers of capacity ``W`` and both kernels read the window's length from a one-element device tensor. Launch
@@ -112,9 +112,11 @@ FUSED_FINISH = False
 # launch*: the split pass lets it be scheduled as soon as every split program has started
 # (``gdc_launch_dependents``), and its programs wait (``gdc_wait``, before any read or write) until the split
 # pass's writes are visible. The same two kernels compute the same values; only the finishing launch's start-up
-# overlaps the split pass's tail instead of following it. Off until timed on the GPU
-# (``bench_decode_attention``'s row ``triton (finish as a dependent launch)``).
-PDL_FINISH = False
+# overlaps the split pass's tail instead of following it. On since session 41 (H100, same call: 33.0-33.1 against
+# 34.5-34.6 µs per layer at 16K keys for Llama-3-8B's shape, 188.7-188.9 against 189.7-190.0 at 128K; Qwen's shape
+# 11.3 against 11.9-12.0 and 36.3 against 36.9-37.1; end to end 11.94 against 11.98 ms/token at 8K, 14.11 against
+# 14.18 at 128K; benchmarks/results/decode_attention_h100/session41).
+PDL_FINISH = True
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros between launches (int32)
 _NO_FINISH = {"FIN_GROUP_P": 1, "MERGE_D": 16, "SPLITS_P": 1, "SPLIT_CHUNK": 1, "BLOCK_W": 16, "BAND_P": 2,
               "HEADS_P": 1, "MASS": False, "BAND": False, "BAND_TILE": False}  # the split pass's, when not fused

@@ -26,7 +26,7 @@ MODES = ("full", "streaming", "infllm", "ltri", "ltri_eager", "ltri_host_pool", 
          "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
          "ltri_replay_evicting", "ltri_fast_replay_evicting", "ltri_evict256", "ltri_fast_evict256",
          "ltri_fast_c8192", "ltri_s33_decode", "ltri_fused_finish", "ltri_slot_glue", "ltri_s35",
-         "ltri_s37_assembly", "ltri_pdl_finish")
+         "ltri_s37_assembly", "ltri_pdl_finish", "ltri_s40_finish")
 RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool", "ltri_stride8", "ltri_stride8_eager",
               "ltri_stride8_reuse_graph", "ltri_stride8_gpu_pool", "ltri_c512", "ltri_c4096", "ltri_c8192",
               "ltri_device_select",
@@ -41,7 +41,7 @@ RETRIEVING = ("infllm", "ltri", "ltri_eager", "ltri_host_pool", "ltri_gpu_pool",
               "ltri_s28_scoring", "ltri_pageable_readback", "ltri_mass256", "ltri_mass_all", "ltri_fast",
               "ltri_replay_evicting", "ltri_fast_replay_evicting", "ltri_evict256", "ltri_fast_evict256",
               "ltri_fast_c8192", "ltri_s33_decode", "ltri_fused_finish", "ltri_slot_glue", "ltri_s35",
-              "ltri_s37_assembly", "ltri_pdl_finish")
+              "ltri_s37_assembly", "ltri_pdl_finish", "ltri_s40_finish")
 # variants: an engine mode with settings of its own. ``ltri`` itself runs LtriConfig's defaults (the span pool on the
 # GPU up to its budget, pinned host memory beyond); ``ltri_host_pool``: the whole pool in pinned host memory (the
 # default before the tiered pool); ``ltri_gpu_pool``: the whole pool in GPU memory, unbounded; ``ltri_stride8``: a
@@ -105,6 +105,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
                                                    "ltri_s35": ("ltri", {}),
                                                    "ltri_s37_assembly": ("ltri", {}),
                                                    "ltri_pdl_finish": ("ltri", {}),
+                                                   "ltri_s40_finish": ("ltri", {}),
                                                    "ltri_torch_consensus": ("ltri", {}),
                                                    "ltri_torch_slots": ("ltri", {}),
                                                    "ltri_torch_glue": ("ltri", {}),
@@ -156,7 +157,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"ltri_host_pool": ("ltri", {"
 # entries itself (``triton_assemble.SLOT_GLUE_IN_KERNEL`` on; the default since session 38, so now ``ltri``);
 # ``ltri_s37_assembly``: ``ltri`` with that switch off (the assembly before session 38: the slots made contiguous and
 # each head's count found by torch operations); ``ltri_s35``: both candidates (session 35's); ``ltri_pdl_finish``:
-# the decode attention's finishing pass as a programmatic dependent launch (``triton_decode.PDL_FINISH`` on);
+# the decode attention's finishing pass as a programmatic dependent launch (``triton_decode.PDL_FINISH`` on; the
+# default since session 41, so now ``ltri``); ``ltri_s40_finish``: ``ltri`` with that switch off (a plain launch);
 # ``ltri_torch_consensus``: ``ltri`` with a device selection's consensus read and vote in eleven torch operations
 # per layer and selection instead of one launch (``consensus.FUSED_CONSENSUS`` off; the default before session 22);
 # ``ltri_torch_slots``: the slot matrix of a device selection by a binary search and ten torch operations instead of
@@ -212,6 +214,7 @@ MODULE_PATCHES: dict[str, tuple[tuple[str, str, Any], ...]] = {
                  ("ltri_rag.kernels.triton_assemble", "SLOT_GLUE_IN_KERNEL", True)),
     "ltri_s37_assembly": (("ltri_rag.kernels.triton_assemble", "SLOT_GLUE_IN_KERNEL", False),),
     "ltri_pdl_finish": (("ltri_rag.kernels.triton_decode", "PDL_FINISH", True),),
+    "ltri_s40_finish": (("ltri_rag.kernels.triton_decode", "PDL_FINISH", False),),
     "ltri_torch_consensus": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),),
     "ltri_torch_slots": (("ltri_rag.span_memory", "FUSED_SLOTS", False),),
     "ltri_torch_glue": (("ltri_rag.consensus", "FUSED_CONSENSUS", False),
