@@ -26,7 +26,7 @@
 #   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
 #   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
 #   full         prefill at 8K / 128K against Hugging Face full attention (SDPA), each mode in its own process,
-#                2 rounds (the 3x-at-128K target), decode at 8K
+#                ROUNDS rounds (default 2; the 3x-at-128K target), decode at 8K
 set -uo pipefail
 step=${1:?usage: bash benchmarks/device_plan.sh STEP}
 : "${OUT:?OUT must name the folder whose files come back}"
@@ -95,7 +95,7 @@ case $step in
       --time-limit 560 --out "$out" ;;
   full)
     timeout 290 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
-      --decode-lengths 8192 --decode-tokens 64 --modes full ltri --isolate on --rounds 2 --no-profile \
+      --decode-lengths 8192 --decode-tokens 64 --modes full ltri --isolate on --rounds "${ROUNDS:-2}" --no-profile \
       --backend auto --time-limit 280 --out "$out" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
