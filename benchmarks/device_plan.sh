@@ -25,6 +25,8 @@
 #   decode_kernel the decode attention benchmark at its default settings, both model shapes, 4K / 16K / 128K
 #   host_profile host profile of a 32K prefill and 16 decode steps, with pstats files
 #   flat         time per token and prefill at 8K / 128K / 1M with the defaults, one process
+#   smem_audit   every kernel variant of a request compiled again for sm_86: does it fit 99 KiB of shared memory
+#                per block (RTX 30xx / 40xx, A10, L4) or launch through launch_fitting (shared_memory_audit.py)
 #   full         prefill at 8K / 128K against Hugging Face full attention (SDPA), each mode in its own process,
 #                ROUNDS rounds (default 2; the 3x-at-128K target), decode at 8K
 set -uo pipefail
@@ -93,6 +95,8 @@ case $step in
     timeout 570 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 1048576 \
       --decode-lengths 8192 131072 1048576 --decode-tokens 256 --modes ltri --isolate off --backend auto \
       --time-limit 560 --out "$out" ;;
+  smem_audit)
+    timeout 570 python3 -m benchmarks.shared_memory_audit --out "$out" ;;
   full)
     timeout 290 python3 -m benchmarks.bench_e2e --model llama3-8b-random --lengths 8192 131072 \
       --decode-lengths 8192 --decode-tokens 64 --modes full ltri --isolate on --rounds "${ROUNDS:-2}" --no-profile \

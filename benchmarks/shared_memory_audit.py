@@ -1,0 +1,178 @@
+"""Whether every Triton kernel a request launches fits the shared memory of GPUs the numbers were not taken on.
+
+    python -m benchmarks.shared_memory_audit --out benchmarks/results/shared_memory_audit_h100
+
+The kernels' pipeline depths were tuned on sm_90, whose blocks may take 227 KiB of shared memory; sm_86 / sm_89
+GPUs (RTX 30xx / 40xx, A10, L4) give a block at most 99 KiB. Launches through
+:func:`ltri_rag.kernels._triton_support.launch_fitting` are made again shallower when they do not fit; the others
+would fail at their first launch. This runs one short request per model shape (``--models``, random weights, two
+decoder layers: every layer launches the same kernels) on the GPU at hand, the way compile_profile does, with the
+decode attention's Hopper-only dependent launch off (the path other GPUs take). Every kernel variant Triton
+compiles for it is compiled once more, ahead of time, for ``--target`` (default sm_86): its shared memory at the
+asked depth against that GPU's per-block limit, and where it does not fit, the deepest depth that does. GPU only
+(the launch settings it audits are the CUDA ones). Prints and writes ``bench.json`` / ``bench.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# a block's shared memory limit (the opt-in maximum Triton compares with), bytes
+LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+# compile options that follow the target, not the launch: left to the target's own defaults
+_TARGET_OPTIONS = ("arch", "supported_fp8_dtypes", "deprecated_fp8_dot_operand_dtypes")
+_KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+
+def fitting_kernels(directory: Path = _KERNEL_DIR) -> set[str]:
+    """Names of the kernels launched through ``launch_fitting`` (their first argument there), read from the
+    kernel modules' source."""
+    names: set[str] = set()
+    for path in sorted(directory.glob("*.py")):
+        names.update(re.findall(r"launch_fitting\(\s*(\w+)\s*,", path.read_text()))
+    return names
+
+
+def target_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A launch's compile options without the ones the target decides."""
+    return {k: v for k, v in options.items() if k not in _TARGET_OPTIONS}
+
+
+def audit_variant(compile_fn, src, options: dict[str, Any], capability: int) -> dict[str, Any]:
+    """Compile ``src`` with ``options`` for CUDA ``capability`` (ahead of time: no such GPU needed): its shared
+    memory at the asked depth, whether it fits the limit, and if not the deepest ``num_stages`` that fits (None when
+    even one stage does not). ``compile_fn``: ``triton.compile``."""
+    from triton.backends.compiler import GPUTarget
+
+    limit = LIMITS[capability]
+    target = GPUTarget("cuda", capability, 32)
+    asked = int(options.get("num_stages", 3))
+    opts = target_options(options)
+
+    def shared(stages: int) -> int:
+        return int(compile_fn(src, target=target, options={**opts, "num_stages": stages}).metadata.shared)
+
+    try:
+        at_asked = shared(asked)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one kernel must not stop the audit
+        return {"asked_stages": asked, "shared": None, "fits": None, "fitting_stages": None,
+                "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    fitting = asked if at_asked <= limit else None
+    stages = asked - 1
+    while fitting is None and stages >= 1:
+        if shared(stages) <= limit:
+            fitting = stages
+        stages -= 1
+    return {"asked_stages": asked, "shared": at_asked, "fits": at_asked <= limit, "fitting_stages": fitting,
+            "error": None}
+
+
+def _settings(src: Any) -> str:
+    constants = getattr(src, "constants", {}) or {}
+    parts = [f"{k if isinstance(k, str) else '/'.join(map(str, k))}={v}" for k, v in constants.items()
+             if isinstance(v, (bool, int, float, str))]
+    return ",".join(parts)[:240]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["llama3-8b-random", "qwen2.5-0.5b-random"])
+    parser.add_argument("--prompt", type=int, default=12288)
+    parser.add_argument("--decode", type=int, default=6)
+    parser.add_argument("--target", type=int, default=86, choices=sorted(LIMITS),
+                        help="compute capability to audit for (x10: 86 = sm_86)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.prompt < 1 or args.decode < 0:
+        parser.error(f"--prompt must be >= 1 and --decode >= 0, got {args.prompt}, {args.decode}")
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-audit-")  # every variant compiled here
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("shared_memory_audit needs a CUDA device (the CUDA launch settings are what it audits)")
+    import triton
+    import triton.compiler
+
+    from benchmarks.e2e.models import BUILTIN_MODELS
+    unknown = [m for m in args.models if m not in BUILTIN_MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(BUILTIN_MODELS)}")
+    captured: list[tuple[Any, dict[str, Any], int]] = []
+    original = triton.compiler.compile
+
+    def recording(src, *a, **kw):  # what JITFunction calls on a kernel-cache miss
+        compiled = original(src, *a, **kw)
+        if kw.get("options") is not None and hasattr(src, "fn"):
+            captured.append((src, dict(kw["options"]), int(compiled.metadata.shared)))
+        return compiled
+
+    triton.compiler.compile = recording
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.e2e.models import _config_for
+    from ltri_rag import LtriConfig, LtriSession
+    from ltri_rag.kernels import triton_decode
+
+    triton_decode.PDL_FINISH = False  # Hopper only: the audited GPUs launch the finish plainly
+    device = torch.device("cuda")
+    for name in args.models:
+        family, fields = BUILTIN_MODELS[name]
+        config = _config_for(family, {**fields, "num_hidden_layers": 2}, args.prompt + args.decode + 64)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        ids = torch.randint(0, config.vocab_size, (1, args.prompt), device=device,
+                            generator=torch.Generator(device=device).manual_seed(0))
+        session = LtriSession(model, LtriConfig())
+        logits = session.feed(ids)
+        for _ in range(args.decode):
+            logits = session.step(logits.argmax(-1))
+        torch.cuda.synchronize()
+        del session, model
+    triton.compiler.compile = original
+
+    wrapped = fitting_kernels()
+    rows = []
+    began = time.perf_counter()
+    for src, options, shared_here in captured:
+        kernel = getattr(src, "name", type(src).__name__)
+        row = {"kernel": kernel, "settings": _settings(src), "num_warps": options.get("num_warps"),
+               "shared_here": shared_here, "launch_fitting": kernel in wrapped,
+               **audit_variant(original, src, options, args.target)}
+        row["launches"] = row["fits"] or (row["launch_fitting"] and row["fitting_stages"] is not None)
+        rows.append(row)
+    failing = [r for r in rows if not r["launches"]]
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "models": args.models, "prompt": args.prompt, "decode": args.decode, "target": f"sm_{args.target}",
+            "limit_bytes": LIMITS[args.target], "audit_seconds": time.perf_counter() - began}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=1))
+    lines = [f"# Shared memory of every compiled kernel variant at sm_{args.target}'s limit "
+             f"({LIMITS[args.target]:,} bytes per block)", "",
+             f"Captured on {meta['device']} (triton {meta['triton']}, torch {meta['torch']}): one request per model "
+             f"({', '.join(args.models)}; 2 layers, {args.prompt:,}-token prompt, {args.decode} decoded tokens), "
+             f"each variant compiled again for sm_{args.target}. {len(rows)} variants, {len(failing)} that would "
+             "not launch there.", "",
+             "| kernel | settings | warps | stages asked | shared here | shared at target | fits | through "
+             "launch_fitting | depth that fits | launches |", "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["launches"], r["kernel"])):
+        shared = r["error"] or r["shared"]
+        lines.append(f"| `{r['kernel']}` | {r['settings'][:80]} | {r['num_warps']} | {r['asked_stages']} | "
+                     f"{r['shared_here']:,} | {shared} | {r['fits']} | {r['launch_fitting']} | "
+                     f"{r['fitting_stages']} | {'yes' if r['launches'] else '**no**'} |")
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    print(f"{len(rows)} variants; {len(failing)} would not launch on sm_{args.target}")
+    for r in failing:
+        print(f"  {r['kernel']} ({r['settings'][:100]}): {r['error'] or r['shared']} bytes at "
+              f"{r['asked_stages']} stages")
+
+
+if __name__ == "__main__":
+    main()
