@@ -1,18 +1,31 @@
 """``benchmarks/shared_memory_audit.py``: a kernel variant compiled ahead of time for another GPU (no such GPU
 needed) reports its shared memory at the asked pipeline depth against that GPU's limit and, when it does not fit,
-the deepest depth that does; the kernels launched through ``launch_fitting`` are found in the kernel sources; the
-script refuses to run without CUDA."""
+the deepest depth that does; every span-selection sort variant is built from its argument types and audited without
+a GPU; the kernels launched through ``launch_fitting`` are found in the kernel sources; the full audit refuses to
+run without CUDA.
+
+The compiles run in a child process without ``TRITON_INTERPRET``: a process that imported triton under the
+interpreter (as this one may have, for the kernel tests) has interpreted standard-library functions and cannot
+compile at all."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 from benchmarks import shared_memory_audit as audit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _matmul(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -30,41 +43,54 @@ def _matmul(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     tl.store(c_ptr + rm[:, None] * BLOCK_N + rn[None, :], acc.to(tl.float16))
 
 
-def _source():
+def matmul_source():
+    """``_matmul`` as a launch with aligned 16-bit tensors would specialise it (compiled, not interpreted)."""
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    kernel = JITFunction(_matmul)  # compiled, whatever TRITON_INTERPRET says
     signature = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "K": "i32", "BLOCK_M": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # as a launch with aligned tensors specialises
-    return ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64},
-                     attrs=aligned)
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    return ASTSource(fn=JITFunction(_matmul), signature=signature,
+                     constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, attrs=aligned)
 
 
-@pytest.mark.skipif(not hasattr(triton, "compile"), reason="no ahead-of-time compiler in this triton")
-def test_a_deep_pipeline_is_lowered_until_it_fits_sm86() -> None:
+def _in_clean_process(code: str, tmp_path: Path) -> None:
+    """Run ``code`` in a child Python at the repository root, without ``TRITON_INTERPRET``, with its own Triton
+    cache; fails the test with the child's output when it fails, skips where the CUDA compiler tools are missing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if "FileNotFoundError" in done.stderr and "ptxas" in done.stderr:  # pragma: no cover - a wheel without tools
+        pytest.skip("no CUDA compiler tools in this triton")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_deep_pipeline_is_lowered_until_it_fits_sm86(tmp_path: Path) -> None:
     """32 KiB of tiles per stage: six stages pass sm_86's 99 KiB, the reported depth fits and one deeper does not;
     the same variant fits sm_90 as asked. The options a launch on another GPU carried (its arch) are dropped."""
-    src = _source()
-    options = {"num_warps": 4, "num_stages": 6, "arch": "sm90"}
-    try:
-        on_86 = audit.audit_variant(triton.compile, src, options, 86)
-    except FileNotFoundError as exc:  # pragma: no cover - a triton wheel without its CUDA tools
-        pytest.skip(f"no CUDA compiler tools here: {exc}")
-    assert on_86["error"] is None, on_86["error"]
-    assert on_86["asked_stages"] == 6 and on_86["shared"] > audit.LIMITS[86] and on_86["fits"] is False
-    depth = on_86["fitting_stages"]
-    assert depth is not None and 1 <= depth < 6
-    from triton.backends.compiler import GPUTarget
+    _in_clean_process("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from benchmarks import shared_memory_audit as audit
+        from tests.unit.test_shared_memory_audit import matmul_source
 
-    def shared(stages: int, capability: int = 86) -> int:
-        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": 4, "num_stages": stages})
-        return int(compiled.metadata.shared)
+        src = matmul_source()
+        on_86 = audit.audit_variant(triton.compile, src, {"num_warps": 4, "num_stages": 6, "arch": "sm90"}, 86)
+        assert on_86["error"] is None, on_86["error"]
+        assert on_86["asked_stages"] == 6 and on_86["shared"] > audit.LIMITS[86] and on_86["fits"] is False, on_86
+        depth = on_86["fitting_stages"]
+        assert depth is not None and 1 <= depth < 6, on_86
 
-    assert shared(depth) <= audit.LIMITS[86] < shared(depth + 1)
-    on_90 = audit.audit_variant(triton.compile, src, options, 90)
-    assert on_90["fits"] is True and on_90["fitting_stages"] == 6 and on_90["shared"] <= audit.LIMITS[90]
+        def shared(stages):
+            options = {"num_warps": 4, "num_stages": stages}
+            return int(triton.compile(src, target=GPUTarget("cuda", 86, 32), options=options).metadata.shared)
+
+        assert shared(depth) <= audit.LIMITS[86] < shared(depth + 1), (depth, shared(depth), shared(depth + 1))
+        on_90 = audit.audit_variant(triton.compile, src, {"num_warps": 4, "num_stages": 6}, 90)
+        assert on_90["fits"] is True and on_90["fitting_stages"] == 6 and on_90["shared"] <= audit.LIMITS[90], on_90
+        """, tmp_path)
 
 
 def test_target_options_and_the_wrapped_kernels() -> None:
@@ -85,7 +111,7 @@ def test_a_variant_that_does_not_compile_is_reported() -> None:
 
 
 def test_bad_arguments_and_no_cuda(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                   tmp_path) -> None:
+                                   tmp_path: Path) -> None:
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # main sets it; restored after the test
     with pytest.raises(SystemExit) as exc:
         audit.main(["--prompt", "0", "--out", str(tmp_path)])
@@ -95,3 +121,43 @@ def test_bad_arguments_and_no_cuda(capsys: pytest.CaptureFixture[str], monkeypat
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             audit.main(["--out", str(tmp_path / "out")])
         assert not (tmp_path / "out").exists()
+
+
+def test_every_sort_variant_is_built_without_a_gpu() -> None:
+    """The span-selection sorts come in ten variants (``launch_variants``), each built here from its argument types
+    with its settings by name (from a compiled copy of the module where this process imported it interpreted)."""
+    from triton.runtime.jit import JITFunction
+
+    from ltri_rag.kernels import triton_sort_fill
+
+    built = audit.sort_variant_sources(tail=64)
+    assert len(built) == len(triton_sort_fill.launch_variants()) == 10
+    for (kernel, src, options), (name, meta) in zip(built, triton_sort_fill.launch_variants()):
+        assert kernel == f"_{name}_kernel" and options == {"num_warps": meta["num_warps"], "num_stages": 3}
+        assert isinstance(src.fn, JITFunction)
+        settings = audit._settings(src)
+        for key, value in meta.items():
+            assert key == "num_warps" or f"{key}={value}" in settings, (settings, meta)
+        assert (name == "sort_fill") == ("TAIL=64" in settings)
+
+
+def test_sort_variants_alone_run_without_a_gpu(tmp_path: Path) -> None:
+    """``--sort-variants``: no request, no GPU; the report names each variant, its settings and whether it launches
+    at sm_86 (the smallest variant only, to keep the test short)."""
+    out = tmp_path / "out"
+    _in_clean_process(f"""
+        from benchmarks import shared_memory_audit as audit
+
+        smallest = audit.sort_variant_sources()[-1:]
+        audit.sort_variant_sources = lambda tail=64: smallest
+        audit.main(["--sort-variants", "--out", {str(out)!r}])
+        """, tmp_path)
+    result = json.loads((out / "bench.json").read_text())
+    assert result["meta"]["target"] == "sm_86" and result["meta"]["models"] == []
+    (row,) = result["variants"]
+    assert row["kernel"] == "_sort_fill_kernel" and "BLOCK=128" in row["settings"]
+    assert row["error"] is None and row["fits"] is True and 0 < row["shared"] <= audit.LIMITS[86]
+    assert row["launches"] is True and row["shared_here"] is None and row["launch_fitting"] is False
+    report = (out / "bench.md").read_text()
+    assert "--sort-variants" in report
+    assert "| `_sort_fill_kernel` | BLOCK=128,TAIL=64,FLOAT=True | 4 | 3 | - |" in report
