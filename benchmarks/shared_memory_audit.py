@@ -203,10 +203,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="compute capability to audit for (x10: 86 = sm_86)")
     parser.add_argument("--sort-variants", action="store_true",
                         help="only the span-selection sort variants (built from their argument types: no GPU needed)")
+    parser.add_argument("--max-seconds", type=float, default=420.0,
+                        help="stop compiling variants after this long from the start (the rest are counted as not "
+                             "audited; the report is written either way)")
     parser.add_argument("--out", required=True)
+    started = time.perf_counter()
     args = parser.parse_args(argv)
     if args.prompt < 1 or args.decode < 0:
         parser.error(f"--prompt must be >= 1 and --decode >= 0, got {args.prompt}, {args.decode}")
+    if args.max_seconds <= 0:
+        parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
     from benchmarks.e2e.models import BUILTIN_MODELS
 
     unknown = [m for m in args.models if m not in BUILTIN_MODELS]
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 for src, options, shared_here in captured]
     variants += [(kernel, src, options, None) for kernel, src, options in sort_variant_sources()]
     for kernel, src, options, shared_here in variants:
+        if time.perf_counter() - started > args.max_seconds:
+            break
         row = {"kernel": kernel, "settings": _settings(src), "num_warps": options.get("num_warps"),
                "shared_here": shared_here, "launch_fitting": kernel in wrapped,
                **audit_variant(triton.compile, src, options, args.target)}
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": where, "torch": torch.__version__, "triton": triton.__version__,
             "models": [] if args.sort_variants else args.models, "prompt": args.prompt, "decode": args.decode,
             "target": f"sm_{args.target}", "limit_bytes": LIMITS[args.target],
-            "audit_seconds": time.perf_counter() - began}
+            "audit_seconds": time.perf_counter() - began, "not_audited": len(variants) - len(rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=1))
@@ -251,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
              "block)", "",
              f"Command: `{command}`", "",
              f"On {where} (triton {meta['triton']}, torch {meta['torch']}): {requests}every span-selection sort "
-             f"variant, each compiled ahead of time for sm_{args.target}. {len(rows)} variants, {len(failing)} that "
-             "would not launch there.", "",
+             f"variant, each compiled ahead of time for sm_{args.target}. {len(rows)} variants audited, "
+             f"{len(failing)} that would not launch there"
+             + (f"; {meta['not_audited']} not audited (--max-seconds {args.max_seconds:g})." if meta["not_audited"]
+                else "."), "",
              "| kernel | settings | warps | stages asked | shared here | shared at target | fits | through "
              "launch_fitting | depth that fits | launches |", "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["launches"], r["kernel"])):
@@ -262,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{here} | {shared} | {r['fits']} | {r['launch_fitting']} | {r['fitting_stages']} | "
                      f"{'yes' if r['launches'] else '**no**'} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
-    print(f"{len(rows)} variants; {len(failing)} would not launch on sm_{args.target}")
+    print(f"{len(rows)} variants audited ({meta['not_audited']} not, for time); {len(failing)} would not launch "
+          f"on sm_{args.target}")
     for r in rows:
         print(f"  {'ok ' if r['launches'] else 'NO '} {r['kernel']:28s} {r['settings'][:60]:60s} "
               f"{r['error'] or r['shared']} bytes at {r['asked_stages']} stages")

@@ -161,3 +161,17 @@ def test_sort_variants_alone_run_without_a_gpu(tmp_path: Path) -> None:
     report = (out / "bench.md").read_text()
     assert "--sort-variants" in report
     assert "| `_sort_fill_kernel` | BLOCK=128,TAIL=64,FLOAT=True | 4 | 3 | - |" in report
+
+
+def test_out_of_time_the_report_still_comes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Past ``--max-seconds`` no further variant is compiled; the report is written and counts the rest as not
+    audited (nothing is called failing for want of time); a limit that is not positive is refused."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # main sets it; restored after the test
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--sort-variants", "--max-seconds", "0", "--out", str(tmp_path / "refused")])
+    assert exc.value.code == 2 and not (tmp_path / "refused").exists()
+    audit.main(["--sort-variants", "--max-seconds", "1e-9", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert result["variants"] == [] and result["meta"]["not_audited"] == 10
+    report = (tmp_path / "out" / "bench.md").read_text()
+    assert "0 variants audited, 0 that would not launch there; 10 not audited (--max-seconds 1e-09)." in report
