@@ -87,8 +87,10 @@ def audit_variant(compile_fn, src, options: dict[str, Any], capability: int) -> 
 
 @contextlib.contextmanager
 def _interpreter_off() -> Iterator[None]:
-    """``TRITON_INTERPRET`` unset for a while (a test process may have set it): Triton decorates kernels and
-    generates code differently under it, so neither a compiled copy nor an ahead-of-time compile would work."""
+    """``TRITON_INTERPRET`` unset for a while (a test process may have set it after importing triton): Triton
+    decorates kernels and generates code differently under it. A process that imported triton itself under the
+    interpreter cannot compile at all (its standard-library functions are interpreted): run the audit in a clean
+    one."""
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         yield
