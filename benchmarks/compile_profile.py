@@ -27,14 +27,17 @@ from typing import Any
 
 
 def _settings(src: Any) -> str:
-    """The compile-time settings of a Triton source object, briefly (its constexprs by value)."""
+    """The compile-time settings of a Triton source object, briefly: its constexprs by value, each named by its
+    argument where the source's function gives the names (``BLOCK=1024,FLOAT=True``), else by its index path."""
     constants = getattr(src, "constants", {}) or {}
-    parts = []
-    for key, value in constants.items():
-        name = key if isinstance(key, str) else "/".join(map(str, key))
-        if isinstance(value, (bool, int, float, str)):
-            parts.append(f"{name}={value}")
-    return ",".join(parts)[:200]
+    names = list(getattr(getattr(src, "fn", None), "arg_names", []))
+
+    def name(key) -> str:
+        if isinstance(key, str):
+            return key
+        return names[key[0]] if len(key) == 1 and key[0] < len(names) else "/".join(map(str, key))
+
+    return ",".join(f"{name(k)}={v}" for k, v in constants.items() if isinstance(v, (bool, int, float, str)))[:200]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
+from benchmarks.compile_profile import _settings
+
 # a block's shared memory limit (the opt-in maximum Triton compares with), bytes
 LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 # compile options that follow the target, not the launch: left to the target's own defaults
@@ -139,19 +141,6 @@ def sort_variant_sources(tail: int = 64) -> list[tuple[str, Any, dict[str, Any]]
                         attrs=attrs)
         out.append((f"_{name}_kernel", src, options))
     return out
-
-
-def _settings(src: Any) -> str:
-    """A source's compile-time settings by argument name (``BLOCK=1024,FLOAT=True``)."""
-    constants = getattr(src, "constants", {}) or {}
-    names = list(getattr(getattr(src, "fn", None), "arg_names", []))
-
-    def name(key) -> str:
-        if isinstance(key, str):
-            return key
-        return names[key[0]] if len(key) == 1 and key[0] < len(names) else "/".join(map(str, key))
-
-    return ",".join(f"{name(k)}={v}" for k, v in constants.items() if isinstance(v, (bool, int, float, str)))[:240]
 
 
 def _captured_requests(models: list[str], prompt: int, decode: int) -> tuple[list[tuple[Any, dict, int]], str]:
