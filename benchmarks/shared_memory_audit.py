@@ -40,15 +40,27 @@ from benchmarks.compile_profile import _settings
 LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 # compile options that follow the target, not the launch: left to the target's own defaults
 _TARGET_OPTIONS = ("arch", "supported_fp8_dtypes", "deprecated_fp8_dot_operand_dtypes")
-_KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 
-def fitting_kernels(directory: Path = _KERNEL_DIR) -> set[str]:
+def kernel_dir() -> Path:
+    """The folder of the kernel modules the engine imports (``ltri_rag.kernels``: installed, or this checkout's
+    ``kernels/``), not a path relative to this script, which a device run copies elsewhere."""
+    spec = importlib.util.find_spec("ltri_rag.kernels")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("ltri_rag.kernels is not importable: install the package first")
+    return Path(spec.origin).resolve().parent
+
+
+def fitting_kernels(directory: Path | None = None) -> set[str]:
     """Names of the kernels launched through ``launch_fitting`` (their first argument there), read from the
-    kernel modules' source."""
+    kernel modules' source (``directory``, default :func:`kernel_dir`). Raises when it finds none: an empty set
+    would mark every kernel as unwrapped."""
+    directory = kernel_dir() if directory is None else directory
     names: set[str] = set()
     for path in sorted(directory.glob("*.py")):
         names.update(re.findall(r"launch_fitting\(\s*(\w+)\s*,", path.read_text()))
+    if not names:
+        raise RuntimeError(f"no launch_fitting call found in {directory}: not the kernel modules' folder")
     return names
 
 

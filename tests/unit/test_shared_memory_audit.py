@@ -10,6 +10,7 @@ compile at all."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -100,6 +101,10 @@ def test_target_options_and_the_wrapped_kernels() -> None:
     assert {"_decode_split_kernel", "_local_fwd_kernel", "_local_key_mass_kernel", "_span_stats_kernel",
             "_span_mass_kernel", "_span_decode_scores_kernel"} <= wrapped
     assert "_decode_finish_kernel" not in wrapped
+    # found through the package, not next to the script (a device run copies benchmarks/ elsewhere)
+    assert audit.kernel_dir() == Path(importlib.util.find_spec("ltri_rag.kernels").origin).resolve().parent
+    with pytest.raises(RuntimeError, match="no launch_fitting"):
+        audit.fitting_kernels(Path(audit.__file__).parent)  # benchmarks/: no kernel module there
 
 
 def test_a_variant_that_does_not_compile_is_reported() -> None:
