@@ -180,9 +180,57 @@ def attention_with_lse(
     if k.shape[2] == 0:
         return (torch.zeros(out_shape, dtype=torch.float32, device=q.device),
                 torch.full(out_shape[:3], -math.inf, dtype=torch.float32, device=q.device))
+    if _flash_cpu_applies(q, causal_offset, softcap):
+        return _attention_flash_cpu(q, k, v, scaling, key_mask)
     e, cap = _masked_scores(q, k, scaling, key_mask, causal_offset, sliding_window, softcap)
     lse, row_sum = _exp_scores_(e, cap)
     return _weighted_values(e, _inverse(row_sum), v, out_shape), lse.reshape(out_shape[:3])
+
+
+CPU_FLASH_MEMORY = True
+"""Whether :func:`attention_with_lse` on a CPU, for keys every query sees (the memory part: no causal mask, no
+soft-capping), runs torch's fused CPU attention (``aten._scaled_dot_product_flash_attention_for_cpu``, which also
+returns the LSE) instead of building the score tensor. The query heads of a KV head are folded into its query rows,
+so that no key is copied per query head. Results equal the score-tensor path to float32 rounding; False keeps that
+path (for comparisons)."""
+
+try:
+    _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # a torch without the op: the score path
+    _FLASH_CPU = None
+
+
+def _flash_cpu_applies(q: torch.Tensor, causal_offset: int | None, softcap: float | None) -> bool:
+    """Whether :func:`attention_with_lse` takes :func:`_attention_flash_cpu` (see :data:`CPU_FLASH_MEMORY`)."""
+    return (CPU_FLASH_MEMORY and _FLASH_CPU is not None and q.device.type == "cpu" and causal_offset is None
+            and softcap is None)
+
+
+def _attention_flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                         key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` without a causal mask or soft-capping, in torch's fused CPU attention (float32).
+
+    ``q`` ``[B, H, Lq, D]`` is read as ``[B, Hkv, G * Lq, D]`` (every query of a KV head's group sees the same keys);
+    ``key_mask`` ``[B, Hkv, Lk]`` becomes an additive bias broadcast over those rows. The fused kernel gives a row
+    without a visible key an output of 0 but an LSE of 0, so such rows get ``-inf`` here, as in the score path.
+    """
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    rows = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
+    bias = None
+    if key_mask is not None:
+        if key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
+            raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
+                             f"got {tuple(key_mask.shape)}")
+        bias = torch.zeros(key_mask.shape, dtype=torch.float32).masked_fill_(~key_mask, -math.inf).unsqueeze(2)
+    out, lse = _FLASH_CPU(rows, k.float(), v.float(), 0.0, False, attn_mask=bias, scale=scaling)
+    lse = lse.reshape(batch, num_heads, q_len)
+    if key_mask is not None:
+        blind = ~key_mask.any(dim=2)  # [B, Hkv]: no visible key for any query of the group
+        if bool(blind.any()):
+            lse = lse.masked_fill(blind.repeat_interleave(group, dim=1)[:, :, None], -math.inf)
+    return out.reshape(batch, num_heads, q_len, head_dim), lse
 
 
 def _probability_weight(lse: torch.Tensor, inv_sum: torch.Tensor, extra_lse: torch.Tensor | None) -> torch.Tensor:
@@ -356,8 +404,13 @@ def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q_len, kv_len = q.shape[2], k.shape[2]
     if causal_offset + q_len != kv_len:
         raise ValueError(f"causal_offset {causal_offset} + q_len {q_len} must equal kv_len {kv_len}")
+    memory_part = None
     if memory is not None:
         _check_memory(q, k, memory, extra_lse)
+        if _flash_cpu_applies(q, None, softcap):  # the memory part in one fused call, merged after the blocks
+            q_mem, mem_k, mem_v, mem_mask = memory
+            memory_part = attention_with_lse(q_mem, mem_k, mem_v, scaling=scaling, key_mask=mem_mask)
+            extra_lse, memory = memory_part[1], None
     outs, lses, bands = [], [], []
     key_mass = None
     for i0 in range(0, q_len, CPU_QUERY_BLOCK):
@@ -378,8 +431,10 @@ def _local_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             if key_mass is None:
                 key_mass = part.key_mass.new_zeros(*part.key_mass.shape[:2], kv_len)
             key_mass[:, :, :end] += part.key_mass
-    return LocalAttention(out=torch.cat(outs, dim=2), lse=torch.cat(lses, dim=2), key_mass=key_mass,
-                          band=torch.cat(bands, dim=1) if bands else None)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    if memory_part is not None:
+        out, lse = merge_attention(memory_part[0], memory_part[1], out, lse)
+    return LocalAttention(out=out, lse=lse, key_mass=key_mass, band=torch.cat(bands, dim=1) if bands else None)
 
 
 AUTO_TRITON_CAPABILITY = (8, 0)
