@@ -43,10 +43,17 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, backend
     cos = torch.cos(angles).to(torch.float32)
     sin = torch.sin(angles).to(torch.float32)
     xf = x.float()
-    x1, x2, rest = xf[..., :half], xf[..., half:rot_dim], xf[..., rot_dim:]
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
-    return torch.cat([y1, y2, rest], dim=-1).to(x.dtype)
+    x1, x2 = xf[..., :half], xf[..., half:rot_dim]
+    # written into one output in place (four elementwise passes instead of six and a concatenation): the same
+    # products and sums in the same order, so the same bits
+    out = torch.empty(torch.broadcast_shapes(xf.shape, (*cos.shape[:-1], xf.shape[-1])), dtype=torch.float32,
+                      device=xf.device)
+    y1, y2 = out[..., :half], out[..., half:rot_dim]
+    torch.mul(x1, cos, out=y1).sub_(x2 * sin)
+    torch.mul(x2, cos, out=y2).add_(x1 * sin)
+    if rot_dim < x.shape[-1]:
+        out[..., rot_dim:] = xf[..., rot_dim:]
+    return out.to(x.dtype)
 
 
 def _triton_rotates(backend: str, device: torch.device) -> bool:

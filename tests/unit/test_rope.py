@@ -121,6 +121,24 @@ def test_rotate_large_positions_stay_accurate():
     torch.testing.assert_close(rotate(x, big, inv_freq).double(), hf_rope(x, big, inv_freq), rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("x_shape,delta_shape,rot_dim", [((2, 3, 7, 16), (2, 3, 7), 16), ((2, 3, 7, 16), (7,), 8),
+                                                          ((3, 7, 12), (2, 3, 7), 12), ((1, 5, 8), (1, 5), 4)])
+def test_rotate_is_bit_for_bit_the_rotate_half_formula(x_shape, delta_shape, rot_dim):
+    """The torch path writes its result in place; it must stay the plain formula's bits (shapes broadcast as
+    before, the dimensions past ``rot_dim`` copied)."""
+    gen = torch.Generator().manual_seed(rot_dim)
+    x = torch.randn(*x_shape, generator=gen)
+    delta = torch.randint(-5000, 5000, delta_shape, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    half = rot_dim // 2
+    angles = delta.double().unsqueeze(-1) * inv_freq.double()
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+    x1, x2, rest = x[..., :half], x[..., half:rot_dim], x[..., rot_dim:]
+    rest = rest.expand(*torch.broadcast_shapes(x.shape[:-1], delta.shape), rest.shape[-1])
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    assert torch.equal(rotate(x, delta, inv_freq), expected)
+
+
 def test_rotate_keeps_dtype():
     gen = torch.Generator().manual_seed(4)
     inv_freq = make_inv_freq(16)
