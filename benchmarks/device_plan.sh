@@ -7,7 +7,10 @@
 #
 # Every step first runs benchmarks/gpu_setup.sh (idempotent: it assembles the model parts copied to /tmp/m, installs
 # the package and the staged wheels into /tmp/site once, and copies benchmarks/ and tests/ to /tmp/run), so each call
-# carries .gpu/whl, .gpu/meta and .gpu/data (see benchmarks/gpu_prepare.sh). Steps:
+# carries .gpu/whl, .gpu/meta and .gpu/data (see benchmarks/gpu_prepare.sh). faiss travels apart (.gpu/whl-faiss: with
+# the tree and .gpu/whl it passes a call's 64 MiB): `tests` and `pytest` of the memory tests need it, so carry it in
+# a call of its own on the warm machine first (e.g. `bash benchmarks/gpu_setup.sh`, carrying .gpu/whl-faiss .gpu/meta).
+# Steps:
 #
 #   tests        every GPU test (tests/gpu), log in gpu_tests.log
 #   pytest FILE.. the named test files or node ids only (e.g. tests/gpu/test_memory_cuda.py), log in gpu_tests.log

@@ -6,14 +6,17 @@
 #
 # Then, on the device: one call per part (`mkdir -p /tmp/m && cp .gpu/parts/NAME /tmp/m/`, carrying that part),
 # and a last call that runs `bash benchmarks/gpu_setup.sh` (carrying .gpu/whl, .gpu/meta and .gpu/data; add
-# .gpu/whl-newer only for a model that needs the newer transformers, e.g. Gemma 3) before the benchmark.
+# .gpu/whl-newer only for a model that needs the newer transformers, e.g. Gemma 3) before the benchmark. The faiss
+# wheel (~19 MB) has a folder of its own, .gpu/whl-faiss: beside the tree and .gpu/whl it would pass a call's 64 MiB
+# (it did in session 42); a later call on the same warm machine that carries it installs it (only what reads a
+# KVMemory needs it: the GPU tests, the memory benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b)
 # whole folders: wheels left from an earlier run would install two versions of one package
-rm -rf .gpu/parts .gpu/whl .gpu/whl-newer
-mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/data .gpu/meta
+rm -rf .gpu/parts .gpu/whl .gpu/whl-newer .gpu/whl-faiss
+mkdir -p .gpu/parts .gpu/whl .gpu/whl-newer .gpu/whl-faiss .gpu/data .gpu/meta
 : > .gpu/meta/SHA256SUMS
 # a call carries the working tree too (about 25 MiB of tracked files by session 35) within its 64 MiB: a part is
 # what is left beside the tree, less 4 MiB (fixed 40 MiB parts stopped fitting once the tree passed 24 MiB)
@@ -33,6 +36,7 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # small wheels travel whole; their dependency closure too (the device lacks langchain, faiss and sqlalchemy)
 python3 -m pip download -q "${platform[@]}" -d .gpu/whl gguf==0.19.0 faiss-cpu sqlalchemy langchain-text-splitters
 rm -f .gpu/whl/numpy-*.whl  # the device's own numpy stays (its scipy / torch are built against it)
+mv .gpu/whl/faiss_cpu-*.whl .gpu/whl-faiss/  # travels apart (see the top)
 # the package's build backend: pyproject.toml's SPDX `license` string needs setuptools >= 77, and the device builds
 # without build isolation (no index there), so its own setuptools, of unknown version, must not be the one used
 python3 -m pip download -q --no-deps -d .gpu/whl "setuptools>=77"

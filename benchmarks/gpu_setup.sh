@@ -43,6 +43,10 @@ if [ ! -e /tmp/site/.installed ]; then
   touch /tmp/site/.installed
 fi
 cd "$repo"
+# faiss travels in a folder of its own (gpu_prepare.sh): installed by the first call that carries it
+if [ ! -e /tmp/site/.faiss ] && ls .gpu/whl-faiss/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl-faiss/*.whl && touch /tmp/site/.faiss
+fi
 # the checkout itself must not be on sys.path (its ltri_rag/ lacks the installed kernels/storage mapping)
 mkdir -p /tmp/run /tmp/data
 rm -rf /tmp/run/benchmarks.new && cp -r benchmarks /tmp/run/benchmarks.new
