@@ -106,10 +106,7 @@ def _masked_scores(
     sliding_window: int | None,
     softcap: float | None,
 ) -> tuple[torch.Tensor, float]:
-    """:func:`_scores` with hidden keys set to ``-inf`` (in place)."""
-    if key_mask is not None and key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
-        raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
-                         f"got {tuple(key_mask.shape)}")
+    """:func:`_scores` with hidden keys set to ``-inf`` (in place; ``key_mask`` checked by the caller)."""
     s, cap = _scores(q, k, scaling, softcap)  # [B, Hkv, G, Lq, Lk]
     if causal_offset is not None:
         _mask_causal_(s, causal_offset, sliding_window)
@@ -180,6 +177,9 @@ def attention_with_lse(
     if k.shape[2] == 0:
         return (torch.zeros(out_shape, dtype=torch.float32, device=q.device),
                 torch.full(out_shape[:3], -math.inf, dtype=torch.float32, device=q.device))
+    if key_mask is not None and key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
+        raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
+                         f"got {tuple(key_mask.shape)}")
     if _flash_cpu_applies(q, causal_offset, softcap):
         return _attention_flash_cpu(q, k, v, scaling, key_mask)
     e, cap = _masked_scores(q, k, scaling, key_mask, causal_offset, sliding_window, softcap)
@@ -219,10 +219,7 @@ def _attention_flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     group = num_heads // num_kv_heads
     rows = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
     bias = None
-    if key_mask is not None:
-        if key_mask.shape != (k.shape[0], k.shape[1], k.shape[2]):
-            raise ValueError(f"key_mask must be [batch, num_kv_heads, kv_len]={tuple(k.shape[:3])}, "
-                             f"got {tuple(key_mask.shape)}")
+    if key_mask is not None:  # its shape checked by attention_with_lse
         bias = torch.zeros(key_mask.shape, dtype=torch.float32).masked_fill_(~key_mask, -math.inf).unsqueeze(2)
     out, lse = _FLASH_CPU(rows, k.float(), v.float(), 0.0, False, attn_mask=bias, scale=scaling)
     lse = lse.reshape(batch, num_heads, q_len)
